@@ -1,0 +1,4 @@
+//! GPU kernels. Each op is a Rust wrapper plus a WGSL file in `shaders/`, with
+//! its plain-Rust CPU reference and its GPU-vs-CPU tests in the same module.
+
+pub mod rmsnorm;
