@@ -78,9 +78,16 @@ pub fn devices(selector: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
     }
     for d in &all {
         let l = &d.limits;
-        let mark = if Some(d.index) == chosen { "  (selected)" } else { "" };
+        let mark = if Some(d.index) == chosen {
+            "  (selected)"
+        } else {
+            ""
+        };
         println!("[{}] {}{}", d.index, d.info.name, mark);
-        println!("    backend: {:?}   type: {:?}", d.info.backend, d.info.device_type);
+        println!(
+            "    backend: {:?}   type: {:?}",
+            d.info.backend, d.info.device_type
+        );
         println!("    driver: {} {}", d.info.driver, d.info.driver_info);
         println!(
             "    subgroup size: {}..{}",

@@ -157,9 +157,8 @@ impl Gpu {
             .clone()
             .or_else(|| std::env::var("WGLLM_ADAPTER").ok());
         let (adapter, desc) = choose(list_adapters(), selector.as_deref())?;
-        let wanted = wgpu::Features::SHADER_F16
-            | wgpu::Features::SUBGROUP
-            | wgpu::Features::TIMESTAMP_QUERY;
+        let wanted =
+            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
         let features = desc.features & wanted;
         let limits = desc.limits.clone();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
@@ -458,10 +457,13 @@ pub struct Kernel {
 /// Copy `data` into a buffer created with `mapped_at_creation`, then unmap.
 fn fill_mapped(buf: &wgpu::Buffer, label: &str, data: &[u8]) -> Result<()> {
     {
-        let mut view = buf.slice(..).get_mapped_range_mut().map_err(|e| Error::Gpu {
-            what: format!("mapping new buffer '{label}'"),
-            msg: e.to_string(),
-        })?;
+        let mut view = buf
+            .slice(..)
+            .get_mapped_range_mut()
+            .map_err(|e| Error::Gpu {
+                what: format!("mapping new buffer '{label}'"),
+                msg: e.to_string(),
+            })?;
         view.slice(..data.len()).copy_from_slice(data);
     }
     buf.unmap();

@@ -2,8 +2,10 @@
 //! and verify every layer against a CPU reference and PyTorch.
 
 pub mod cli;
+pub mod config;
 pub mod error;
 pub mod gpu;
+pub mod loader;
 pub mod ops;
 pub mod tensor;
 

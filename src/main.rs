@@ -3,7 +3,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "wgllm", version, about = "Run Hugging Face LLM checkpoints on any GPU through wgpu, verified against PyTorch")]
+#[command(
+    name = "wgllm",
+    version,
+    about = "Run Hugging Face LLM checkpoints on any GPU through wgpu, verified against PyTorch"
+)]
 struct Cli {
     /// Adapter to use: index or name substring (see `wgllm devices`).
     #[arg(long, global = true, env = "WGLLM_ADAPTER")]

@@ -120,9 +120,8 @@ impl DeviceTensor {
                 bytes.len()
             )));
         }
-        let plan = split_rows(rows, cols, es, gpu.caps.max_binding).map_err(|m| {
-            Error::invalid(format!("tensor `{name}` shape {shape:?}: {m}"))
-        })?;
+        let plan = split_rows(rows, cols, es, gpu.caps.max_binding)
+            .map_err(|m| Error::invalid(format!("tensor `{name}` shape {shape:?}: {m}")))?;
         let row_bytes = cols * es;
         let chunks = plan
             .into_iter()

@@ -9,9 +9,7 @@ use crate::gpu::{Gpu, GpuOptions};
 /// One device shared by all tests in the process (wgpu devices are Sync).
 pub fn gpu() -> &'static Gpu {
     static GPU: OnceLock<Gpu> = OnceLock::new();
-    GPU.get_or_init(|| {
-        Gpu::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("test GPU: {e}"))
-    })
+    GPU.get_or_init(|| Gpu::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("test GPU: {e}")))
 }
 
 /// A device whose storage-binding limit for tensor splitting is capped at
@@ -54,7 +52,11 @@ pub fn assert_close(got: &[f32], want: &[f32], rtol: f32, atol: f32, what: &str)
         let err = (a - b).abs();
         let lim = atol + rtol * b.abs();
         if !(err <= lim) {
-            let excess = if err.is_nan() { f32::INFINITY } else { err / lim };
+            let excess = if err.is_nan() {
+                f32::INFINITY
+            } else {
+                err / lim
+            };
             if worst.is_none_or(|(_, e)| excess > e) {
                 worst = Some((i, excess));
             }
@@ -73,7 +75,10 @@ pub fn assert_close(got: &[f32], want: &[f32], rtol: f32, atol: f32, what: &str)
 /// `nmse(got, want) <= max`, with a message naming the op.
 pub fn assert_nmse(got: &[f32], want: &[f32], max: f64, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite output");
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "{what}: non-finite output"
+    );
     let e = nmse(got, want);
     assert!(e <= max, "{what}: nmse {e:.3e} > {max:.1e}");
 }

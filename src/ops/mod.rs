@@ -1,4 +1,11 @@
 //! GPU kernels. Each op is a Rust wrapper plus a WGSL file in `shaders/`, with
 //! its plain-Rust CPU reference and its GPU-vs-CPU tests in the same module.
 
+pub mod argmax;
+pub mod attention;
+pub mod elementwise;
+pub mod embedding;
+pub mod kv_copy;
+pub mod matmul;
 pub mod rmsnorm;
+pub mod rope;

@@ -115,12 +115,21 @@ mod tests {
         // adds a few ulp. 1e-5 relative (plus a tiny absolute floor for values
         // near zero) is comfortably above that and far below any real bug
         // (eps outside the sqrt or (1 + w) changes outputs by >1e-3).
-        assert_close(&got, &want, 1e-5, 1e-6, &format!("rmsnorm w={width} n={n} {dtype:?}"));
+        assert_close(
+            &got,
+            &want,
+            1e-5,
+            1e-6,
+            &format!("rmsnorm w={width} n={n} {dtype:?}"),
+        );
     }
 
     #[test]
     fn matches_reference_over_shapes() {
-        for (i, &width) in [1usize, 3, 7, 63, 64, 65, 577, 896, 2048].iter().enumerate() {
+        for (i, &width) in [1usize, 3, 7, 63, 64, 65, 577, 896, 2048]
+            .iter()
+            .enumerate()
+        {
             for &n in &[1usize, 3, 17] {
                 for dtype in [WDType::Bf16, WDType::F32] {
                     run(width, n, dtype, 1e-6, (i * 100 + n) as u64);

@@ -1,0 +1,1 @@
+//! Model configuration (config.json). (in progress)
