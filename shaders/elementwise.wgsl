@@ -1,0 +1,46 @@
+// Element-wise kernels over f32 activations `[n_tokens, width]`.
+// One invocation per element; the grid is 1D or 2D (see wg_linear).
+
+struct Params {
+    width: u32,
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
+}
+
+override WG: u32 = 256u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(2) var<storage, read> a: array<f32>;
+@group(0) @binding(3) var<storage, read> b: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+
+fn elem(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return wg_linear(wid, nwg) * WG + lid;
+}
+
+// SwiGLU: y = silu(gate) * up, silu(g) = g / (1 + exp(-g)) as torch computes it.
+@compute @workgroup_size(WG)
+fn swiglu(@builtin(workgroup_id) wid: vec3<u32>,
+          @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let i = elem(wid, nwg, lid);
+    if (i >= step.n_tokens * p.width) {
+        return;
+    }
+    let g = a[i];
+    y[i] = g / (1.0 + exp(-g)) * b[i];
+}
+
+// Residual add: y = a + b.
+@compute @workgroup_size(WG)
+fn add(@builtin(workgroup_id) wid: vec3<u32>,
+       @builtin(num_workgroups) nwg: vec3<u32>,
+       @builtin(local_invocation_index) lid: u32) {
+    let i = elem(wid, nwg, lid);
+    if (i >= step.n_tokens * p.width) {
+        return;
+    }
+    y[i] = a[i] + b[i];
+}
