@@ -2,11 +2,13 @@
 //! and verify every layer against a CPU reference and PyTorch.
 
 pub mod cli;
+pub mod compare;
 pub mod config;
 pub mod error;
 pub mod gpu;
 pub mod loader;
 pub mod ops;
+pub mod taps;
 pub mod tensor;
 
 #[cfg(test)]
