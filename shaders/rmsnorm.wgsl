@@ -13,6 +13,9 @@ struct Params {
 override WG: u32 = 64u;
 // Weight storage: bf16 packed two per u32 (true) or f32 bits (false).
 override W_BF16: bool = true;
+// Deliberate bugs for verify's self-tests (model::Faults); never set in use.
+override FAULT_EPS_OUTSIDE: bool = false;
+override FAULT_ONE_PLUS_W: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<uniform> step: Step;
@@ -52,8 +55,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         }
         workgroupBarrier();
     }
-    let inv = inverseSqrt(partial[0] / f32(p.width) + p.eps);
+    var inv = inverseSqrt(partial[0] / f32(p.width) + p.eps);
+    if (FAULT_EPS_OUTSIDE) {
+        inv = 1.0 / (sqrt(partial[0] / f32(p.width)) + p.eps);
+    }
     for (var i = lid; i < p.width; i += WG) {
-        y[base + i] = load_w(i) * (x[base + i] * inv);
+        var wi = load_w(i);
+        if (FAULT_ONE_PLUS_W) {
+            wi = 1.0 + wi;
+        }
+        y[base + i] = wi * (x[base + i] * inv);
     }
 }

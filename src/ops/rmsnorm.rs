@@ -32,11 +32,28 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(gpu: &Gpu, wdtype: WDType) -> Result<Self> {
+        Self::with_faults(gpu, wdtype, false, false)
+    }
+
+    /// A kernel with deliberate bugs, for verify's self-tests only:
+    /// eps outside the sqrt, and/or the weight applied as `(1 + w)`.
+    #[doc(hidden)]
+    pub fn with_faults(
+        gpu: &Gpu,
+        wdtype: WDType,
+        eps_outside: bool,
+        one_plus_w: bool,
+    ) -> Result<Self> {
+        let b = |v: bool| if v { 1.0 } else { 0.0 };
         let kernel = gpu.kernel(
             "rmsnorm",
             SRC,
             "main",
-            &[("W_BF16", wdtype.is_bf16_const())],
+            &[
+                ("W_BF16", wdtype.is_bf16_const()),
+                ("FAULT_EPS_OUTSIDE", b(eps_outside)),
+                ("FAULT_ONE_PLUS_W", b(one_plus_w)),
+            ],
         )?;
         Ok(RmsNorm { kernel })
     }
@@ -88,6 +105,30 @@ mod tests {
     use crate::testutil::{assert_close, gpu, rand_vec};
 
     fn run(width: usize, n: usize, dtype: WDType, eps: f32, seed: u64) {
+        let (got, want) = run_with(width, n, dtype, eps, seed, (false, false));
+        // Tolerance: the GPU sums `width` squares in f32 in a different order
+        // (strided + tree) than the f64 reference; relative error of that sum
+        // is about width * 2^-24 worst case, ~1e-6 typical, and inverseSqrt
+        // adds a few ulp. 1e-5 relative (plus a tiny absolute floor for values
+        // near zero) is comfortably above that and far below any real bug
+        // (eps outside the sqrt or (1 + w) changes outputs by >1e-3 here).
+        assert_close(
+            &got,
+            &want,
+            1e-5,
+            1e-6,
+            &format!("rmsnorm w={width} n={n} {dtype:?}"),
+        );
+    }
+
+    fn run_with(
+        width: usize,
+        n: usize,
+        dtype: WDType,
+        eps: f32,
+        seed: u64,
+        faults: (bool, bool),
+    ) -> (Vec<f32>, Vec<f32>) {
         let gpu = gpu();
         let x = rand_vec(n * width, 3.0, seed);
         let mut w = rand_vec(width, 1.0, seed + 1);
@@ -95,7 +136,7 @@ mod tests {
             w = round_bf16(&w);
         }
         let wt = DeviceTensor::from_f32(gpu, "w", dtype, &[width], &w).unwrap();
-        let op = RmsNorm::new(gpu, dtype).unwrap();
+        let op = RmsNorm::with_faults(gpu, dtype, faults.0, faults.1).unwrap();
         let params = gpu.uniform("p", &Params::new(width, eps)).unwrap();
         let step = gpu.uniform("step", &Step::new(n as u32, 0)).unwrap();
         let xb = gpu.storage_init("x", bytemuck::cast_slice(&x)).unwrap();
@@ -108,20 +149,7 @@ mod tests {
         }
         gpu.submit_wait(enc).unwrap();
         let got = gpu.read_f32(&yb, n * width).unwrap();
-        let want = reference(&x, &w, width, eps);
-        // Tolerance: the GPU sums `width` squares in f32 in a different order
-        // (strided + tree) than the f64 reference; relative error of that sum
-        // is about width * 2^-24 worst case, ~1e-6 typical, and inverseSqrt
-        // adds a few ulp. 1e-5 relative (plus a tiny absolute floor for values
-        // near zero) is comfortably above that and far below any real bug
-        // (eps outside the sqrt or (1 + w) changes outputs by >1e-3).
-        assert_close(
-            &got,
-            &want,
-            1e-5,
-            1e-6,
-            &format!("rmsnorm w={width} n={n} {dtype:?}"),
-        );
+        (got, reference(&x, &w, width, eps))
     }
 
     #[test]
@@ -143,5 +171,20 @@ mod tests {
         // With eps comparable to mean(x^2), eps placement changes the result;
         // the kernel must match HF's placement.
         run(64, 2, WDType::F32, 0.5, 7);
+    }
+
+    #[test]
+    fn faulty_variants_fail_the_tolerance() {
+        // The deliberate bugs used by verify's self-tests must be visible at
+        // this test's tolerance, or the test above could not catch them.
+        for faults in [(true, false), (false, true)] {
+            let (got, want) = run_with(64, 2, WDType::F32, 0.5, 7, faults);
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs() / (1e-6 + 1e-5 * b.abs()))
+                .fold(0f32, f32::max);
+            assert!(worst > 100.0, "fault {faults:?} within tolerance");
+        }
     }
 }
