@@ -15,7 +15,7 @@ in float32 and then cast to bfloat16 before saving.
 
 Weight scales (chosen so every tap in the reference dump is far from zero and
 logits are spread out):
-  * embed_tokens:          normal(0, 1)
+  * embed_tokens:          normal(0, 1), or normal(0, embed_std) where a fixture sets it
   * linear weights:        normal(0, gain / sqrt(in_features))
   * untied lm_head:        normal(0, head_gain / sqrt(hidden))
   * RMSNorm weights:       1 + 0.2 * normal(0, 1)   (never all ones, so a
@@ -124,6 +124,11 @@ FIXTURES = {
         prompt_len=12,
         gain=1.5,
         head_gain=4.0,
+        # Real checkpoints have small token embeddings (HF initializer_range
+        # 0.02): mean(x^2) ~ 4e-4 at layer 0, comparable to eps 1e-5, so an
+        # RMSNorm with eps outside the sqrt is visible (~1% at attn_norm).
+        # With N(0, 1) embeddings that bug would change results by ~1e-6.
+        embed_std=0.02,
     ),
     "llama3_rope_scaling": dict(
         cls=LlamaForCausalLM,
@@ -232,7 +237,7 @@ def init_weights(model, spec):
             shape = tuple(p.shape)
             z = torch.randn(shape, generator=g, dtype=torch.float32)
             if name.endswith("embed_tokens.weight"):
-                val = z
+                val = z * spec.get("embed_std", 1.0)
             elif name == "lm_head.weight":
                 val = z * (spec["head_gain"] / math.sqrt(cfg.hidden_size))
             elif "norm" in name and name.endswith(".weight"):
