@@ -1,0 +1,388 @@
+//! What tensors a config needs, validation of the checkpoint against that
+//! list, the device dtype policy and the memory plan.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use ::safetensors::Dtype;
+
+use super::Checkpoint;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::gpu::{pad4, Caps};
+use crate::tensor::{split_rows, WDType};
+
+/// The part a tensor plays inside one decoder layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LayerRole {
+    AttnNorm,
+    Q,
+    K,
+    V,
+    O,
+    QBias,
+    KBias,
+    VBias,
+    OBias,
+    MlpNorm,
+    Gate,
+    Up,
+    Down,
+    GateBias,
+    UpBias,
+    DownBias,
+}
+
+/// The part a tensor plays in the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Embed,
+    Layer(usize, LayerRole),
+    FinalNorm,
+    LmHead,
+}
+
+/// One tensor the config requires: its Hugging Face name and exact shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub role: Role,
+    /// The shape in config terms, for error messages.
+    pub dims: String,
+}
+
+/// Every tensor `cfg` requires, in a fixed order (embedding, layers in
+/// order, final norm, lm_head unless tied). Shapes follow PyTorch's
+/// `nn.Linear` layout `[out_features, in_features]`.
+pub fn expected_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
+    let h = cfg.hidden_size;
+    let (q, kv, ffn) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    let mut out = Vec::new();
+    let mut push = |name: String, shape: Vec<usize>, role: Role, dims: &str| {
+        out.push(TensorSpec {
+            name,
+            shape,
+            role,
+            dims: dims.to_string(),
+        })
+    };
+    push(
+        "model.embed_tokens.weight".into(),
+        vec![cfg.vocab_size, h],
+        Role::Embed,
+        "[vocab_size, hidden_size]",
+    );
+    let qd = "[num_attention_heads*head_dim, hidden_size]";
+    let kvd = "[num_key_value_heads*head_dim, hidden_size]";
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let l = |r| Role::Layer(i, r);
+        use LayerRole::*;
+        push(
+            format!("{p}.input_layernorm.weight"),
+            vec![h],
+            l(AttnNorm),
+            "[hidden_size]",
+        );
+        push(format!("{p}.self_attn.q_proj.weight"), vec![q, h], l(Q), qd);
+        push(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![kv, h],
+            l(K),
+            kvd,
+        );
+        push(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![kv, h],
+            l(V),
+            kvd,
+        );
+        if cfg.has_qkv_bias() {
+            push(
+                format!("{p}.self_attn.q_proj.bias"),
+                vec![q],
+                l(QBias),
+                "[num_attention_heads*head_dim]",
+            );
+            push(
+                format!("{p}.self_attn.k_proj.bias"),
+                vec![kv],
+                l(KBias),
+                "[num_key_value_heads*head_dim]",
+            );
+            push(
+                format!("{p}.self_attn.v_proj.bias"),
+                vec![kv],
+                l(VBias),
+                "[num_key_value_heads*head_dim]",
+            );
+        }
+        push(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, q],
+            l(O),
+            "[hidden_size, num_attention_heads*head_dim]",
+        );
+        if cfg.has_o_bias() {
+            push(
+                format!("{p}.self_attn.o_proj.bias"),
+                vec![h],
+                l(OBias),
+                "[hidden_size]",
+            );
+        }
+        push(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            l(MlpNorm),
+            "[hidden_size]",
+        );
+        push(
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![ffn, h],
+            l(Gate),
+            "[intermediate_size, hidden_size]",
+        );
+        push(
+            format!("{p}.mlp.up_proj.weight"),
+            vec![ffn, h],
+            l(Up),
+            "[intermediate_size, hidden_size]",
+        );
+        push(
+            format!("{p}.mlp.down_proj.weight"),
+            vec![h, ffn],
+            l(Down),
+            "[hidden_size, intermediate_size]",
+        );
+        if cfg.has_mlp_bias() {
+            push(
+                format!("{p}.mlp.gate_proj.bias"),
+                vec![ffn],
+                l(GateBias),
+                "[intermediate_size]",
+            );
+            push(
+                format!("{p}.mlp.up_proj.bias"),
+                vec![ffn],
+                l(UpBias),
+                "[intermediate_size]",
+            );
+            push(
+                format!("{p}.mlp.down_proj.bias"),
+                vec![h],
+                l(DownBias),
+                "[hidden_size]",
+            );
+        }
+    }
+    push(
+        "model.norm.weight".into(),
+        vec![h],
+        Role::FinalNorm,
+        "[hidden_size]",
+    );
+    if !cfg.tie_word_embeddings {
+        push(
+            "lm_head.weight".into(),
+            vec![cfg.vocab_size, h],
+            Role::LmHead,
+            "[vocab_size, hidden_size]",
+        );
+    }
+    out
+}
+
+/// Which dtype weights get on the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoadDType {
+    /// bf16 stays bf16 (uploaded straight from the mmap), f16 is widened to
+    /// f32 (exact; f16 → bf16 would drop mantissa bits), f32 stays f32.
+    #[default]
+    Auto,
+    /// Everything as bf16 (f16/f32 rounded to nearest even). Lossy for f16
+    /// and f32 files; only on request.
+    Bf16,
+    /// Everything widened to f32 (exact).
+    F32,
+}
+
+impl LoadDType {
+    /// Device dtype for a tensor stored as `file` (one of BF16/F16/F32).
+    pub fn device_dtype(self, file: Dtype) -> WDType {
+        match (self, file) {
+            (LoadDType::Auto, Dtype::BF16) => WDType::Bf16,
+            (LoadDType::Auto, _) => WDType::F32,
+            (LoadDType::Bf16, _) => WDType::Bf16,
+            (LoadDType::F32, _) => WDType::F32,
+        }
+    }
+}
+
+impl std::str::FromStr for LoadDType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(LoadDType::Auto),
+            "bf16" | "bfloat16" => Ok(LoadDType::Bf16),
+            "f32" | "float32" => Ok(LoadDType::F32),
+            _ => Err(Error::invalid(format!(
+                "unknown weight dtype `{s}`; expected auto, bf16 or f32"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for LoadDType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LoadDType::Auto => "auto",
+            LoadDType::Bf16 => "bf16",
+            LoadDType::F32 => "f32",
+        })
+    }
+}
+
+/// File dtypes we can load.
+pub fn supported_dtype(d: Dtype) -> bool {
+    matches!(d, Dtype::BF16 | Dtype::F16 | Dtype::F32)
+}
+
+/// One tensor of the plan: where it comes from and what it becomes.
+#[derive(Clone, Debug)]
+pub struct PlannedTensor {
+    pub spec: TensorSpec,
+    pub file: PathBuf,
+    pub file_dtype: Dtype,
+    pub device_dtype: WDType,
+    /// Device bytes over all chunks (each chunk padded to 4 bytes).
+    pub bytes: u64,
+    /// Number of row chunks (separate buffers).
+    pub chunks: usize,
+    /// Uploaded straight from the memory map without conversion.
+    pub zero_copy: bool,
+}
+
+/// The device-side layout of every weight, computed before any upload.
+#[derive(Clone, Debug)]
+pub struct MemoryPlan {
+    pub policy: LoadDType,
+    /// The split limit the chunk counts were computed with.
+    pub max_binding: u64,
+    pub tensors: Vec<PlannedTensor>,
+    pub total_bytes: u64,
+    /// lm_head is the embedding (no separate upload).
+    pub tied: bool,
+    /// Tensors in the checkpoint that the model does not use (e.g.
+    /// `lm_head.weight` in a tied checkpoint, which transformers also ignores).
+    pub ignored: Vec<String>,
+}
+
+impl MemoryPlan {
+    /// Validate every tensor `cfg` needs (presence, dtype, exact shape) and
+    /// plan its device dtype and row chunks for a device with `caps`.
+    pub fn new(
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        policy: LoadDType,
+        caps: &Caps,
+    ) -> Result<Self> {
+        let specs = expected_tensors(cfg);
+        let mut tensors = Vec::with_capacity(specs.len());
+        let mut total = 0u64;
+        for spec in specs {
+            let meta = ckpt.validate_tensor(&spec, cfg)?;
+            let device_dtype = policy.device_dtype(meta.dtype);
+            let es = device_dtype.bytes_per_elem();
+            let (rows, cols) = match spec.shape[..] {
+                [n] => (1, n),
+                [r, c] => (r, c),
+                _ => unreachable!("expected_tensors yields 1D/2D shapes"),
+            };
+            let split =
+                split_rows(rows, cols, es, caps.max_binding).map_err(|m| Error::Tensor {
+                    path: meta.file.clone(),
+                    tensor: spec.name.clone(),
+                    msg: format!("shape {:?} as {device_dtype:?}: {m}", spec.shape),
+                })?;
+            let mut bytes = 0u64;
+            for &(_, n) in &split {
+                let chunk = pad4((n * cols * es) as u64);
+                if chunk > caps.max_buffer {
+                    return Err(Error::Tensor {
+                        path: meta.file.clone(),
+                        tensor: spec.name.clone(),
+                        msg: format!(
+                            "a chunk of {chunk} bytes exceeds the device's max buffer size of {} bytes",
+                            caps.max_buffer
+                        ),
+                    });
+                }
+                bytes += chunk;
+            }
+            total += bytes;
+            tensors.push(PlannedTensor {
+                file: meta.file.clone(),
+                file_dtype: meta.dtype,
+                zero_copy: matches!(
+                    (meta.dtype, device_dtype),
+                    (Dtype::BF16, WDType::Bf16) | (Dtype::F32, WDType::F32)
+                ),
+                device_dtype,
+                bytes,
+                chunks: split.len(),
+                spec,
+            });
+        }
+        let used: std::collections::HashSet<&str> =
+            tensors.iter().map(|t| t.spec.name.as_str()).collect();
+        let mut ignored: Vec<String> = ckpt
+            .names()
+            .filter(|n| !used.contains(n))
+            .map(str::to_string)
+            .collect();
+        ignored.sort();
+        Ok(MemoryPlan {
+            policy,
+            max_binding: caps.max_binding,
+            tensors,
+            total_bytes: total,
+            tied: cfg.tie_word_embeddings,
+            ignored,
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&PlannedTensor> {
+        self.tensors.iter().find(|t| t.spec.name == name)
+    }
+
+    /// Human-readable summary (totals per device dtype, split tensors).
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{} tensors, {:.1} MiB on the device (policy {}, max binding {} bytes{})",
+            self.tensors.len(),
+            self.total_bytes as f64 / (1024.0 * 1024.0),
+            self.policy,
+            self.max_binding,
+            if self.tied {
+                ", lm_head tied to embed_tokens"
+            } else {
+                ""
+            }
+        );
+        for t in self.tensors.iter().filter(|t| t.chunks > 1) {
+            s += &format!(
+                "\n  {} {:?} split into {} chunks",
+                t.spec.name, t.spec.shape, t.chunks
+            );
+        }
+        if !self.ignored.is_empty() {
+            s += &format!(
+                "\n  unused tensors in the checkpoint: {}",
+                self.ignored.join(", ")
+            );
+        }
+        s
+    }
+}

@@ -1,0 +1,204 @@
+//! The model's weights, on the device ([`Weights`]) or as the f32 values the
+//! device sees, on the host ([`HostWeights`], for the CPU reference).
+
+use std::borrow::Cow;
+
+use ::safetensors::Dtype;
+
+use super::plan::{LayerRole, MemoryPlan, PlannedTensor, Role};
+use super::Checkpoint;
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::tensor::{f32_to_bf16_bytes, round_bf16, DeviceTensor, WDType};
+
+/// One decoder layer's tensors. Biases are present exactly when the config
+/// says so (see `ModelConfig::has_qkv_bias` / `has_o_bias` / `has_mlp_bias`).
+pub struct LayerWeights<T> {
+    pub attn_norm: T,
+    pub q: T,
+    pub k: T,
+    pub v: T,
+    pub o: T,
+    pub q_bias: Option<T>,
+    pub k_bias: Option<T>,
+    pub v_bias: Option<T>,
+    pub o_bias: Option<T>,
+    pub mlp_norm: T,
+    pub gate: T,
+    pub up: T,
+    pub down: T,
+    pub gate_bias: Option<T>,
+    pub up_bias: Option<T>,
+    pub down_bias: Option<T>,
+}
+
+/// All model tensors. `lm_head` is `None` when tied to `embed` (use
+/// [`ModelWeights::lm_head`]).
+pub struct ModelWeights<T> {
+    pub embed: T,
+    pub layers: Vec<LayerWeights<T>>,
+    pub norm: T,
+    pub lm_head: Option<T>,
+}
+
+/// Weights on the device.
+pub type Weights = ModelWeights<DeviceTensor>;
+/// The same weights on the host, as f32 values identical to what the device
+/// holds after the dtype policy (e.g. bf16-rounded when the device keeps bf16).
+pub type HostWeights = ModelWeights<HostTensor>;
+
+/// A host copy of one tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl<T> ModelWeights<T> {
+    /// The output projection: `lm_head.weight`, or the embedding when tied.
+    pub fn lm_head(&self) -> &T {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Build from the plan, producing each tensor with `make` in plan order.
+    fn build(
+        plan: &MemoryPlan,
+        n_layers: usize,
+        mut make: impl FnMut(&PlannedTensor) -> Result<T>,
+    ) -> Result<Self> {
+        let mut embed = None;
+        let mut norm = None;
+        let mut lm_head = None;
+        let mut slots: Vec<[Option<T>; 16]> = (0..n_layers)
+            .map(|_| std::array::from_fn(|_| None))
+            .collect();
+        for t in &plan.tensors {
+            let v = make(t)?;
+            match t.spec.role {
+                Role::Embed => embed = Some(v),
+                Role::FinalNorm => norm = Some(v),
+                Role::LmHead => lm_head = Some(v),
+                Role::Layer(i, r) => {
+                    let slot = slots.get_mut(i).ok_or_else(|| {
+                        Error::invalid(format!("plan names layer {i} of {n_layers}"))
+                    })?;
+                    slot[r as usize] = Some(v);
+                }
+            }
+        }
+        let missing = |what: &str| Error::invalid(format!("memory plan has no {what}"));
+        let layers = slots
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let [attn_norm, q, k, v, o, q_bias, k_bias, v_bias, o_bias, mlp_norm, gate, up, down, gate_bias, up_bias, down_bias] =
+                    s;
+                let req = |x: Option<T>, r: LayerRole| x.ok_or_else(|| missing(&format!("layer {i} {r:?}")));
+                Ok(LayerWeights {
+                    attn_norm: req(attn_norm, LayerRole::AttnNorm)?,
+                    q: req(q, LayerRole::Q)?,
+                    k: req(k, LayerRole::K)?,
+                    v: req(v, LayerRole::V)?,
+                    o: req(o, LayerRole::O)?,
+                    q_bias,
+                    k_bias,
+                    v_bias,
+                    o_bias,
+                    mlp_norm: req(mlp_norm, LayerRole::MlpNorm)?,
+                    gate: req(gate, LayerRole::Gate)?,
+                    up: req(up, LayerRole::Up)?,
+                    down: req(down, LayerRole::Down)?,
+                    gate_bias,
+                    up_bias,
+                    down_bias,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if !plan.tied && lm_head.is_none() {
+            return Err(missing("lm_head"));
+        }
+        Ok(ModelWeights {
+            embed: embed.ok_or_else(|| missing("embedding"))?,
+            layers,
+            norm: norm.ok_or_else(|| missing("final norm"))?,
+            lm_head,
+        })
+    }
+}
+
+// The array slot order in `build` is the declaration order of `LayerRole`.
+const _: () = {
+    assert!(LayerRole::AttnNorm as usize == 0);
+    assert!(LayerRole::DownBias as usize == 15);
+};
+
+fn widen(ckpt: &Checkpoint, t: &PlannedTensor) -> Result<Vec<f32>> {
+    ckpt.tensor_f32(&t.spec.name)
+}
+
+/// The bytes the device gets for `t`: borrowed from the mmap when no
+/// conversion is needed.
+fn device_bytes<'a>(ckpt: &'a Checkpoint, t: &PlannedTensor) -> Result<Cow<'a, [u8]>> {
+    if t.zero_copy {
+        return Ok(Cow::Borrowed(ckpt.tensor_bytes(&t.spec.name)?));
+    }
+    let v = widen(ckpt, t)?;
+    Ok(Cow::Owned(match t.device_dtype {
+        WDType::Bf16 => f32_to_bf16_bytes(&v),
+        WDType::F32 => bytemuck::cast_slice(&v).to_vec(),
+    }))
+}
+
+fn check_plan(ckpt: &Checkpoint, plan: &MemoryPlan) -> Result<()> {
+    for t in &plan.tensors {
+        let m = ckpt.meta(&t.spec.name);
+        if m.map(|m| (m.dtype, &m.shape)) != Some((t.file_dtype, &t.spec.shape)) {
+            return Err(Error::invalid(format!(
+                "memory plan does not match the checkpoint at {} (tensor `{}`); make the plan from this checkpoint",
+                ckpt.dir.display(),
+                t.spec.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Weights {
+    /// Upload every planned tensor. bf16 → bf16 and f32 → f32 go straight
+    /// from the memory map; other conversions go through one host buffer per
+    /// tensor.
+    pub fn upload(gpu: &Gpu, ckpt: &Checkpoint, plan: &MemoryPlan) -> Result<Weights> {
+        if plan.max_binding != gpu.caps.max_binding {
+            return Err(Error::invalid(format!(
+                "memory plan was made for a max binding of {} bytes, but this device splits at {} bytes; make the plan with this device's caps",
+                plan.max_binding, gpu.caps.max_binding
+            )));
+        }
+        check_plan(ckpt, plan)?;
+        ModelWeights::build(plan, ckpt.config.num_hidden_layers, |t| {
+            let bytes = device_bytes(ckpt, t)?;
+            let d = DeviceTensor::upload(gpu, &t.spec.name, t.device_dtype, &t.spec.shape, &bytes)?;
+            debug_assert_eq!(d.chunks.len(), t.chunks);
+            Ok(d)
+        })
+    }
+}
+
+impl HostWeights {
+    /// The f32 values the device holds under `plan`'s dtype policy.
+    pub fn load(ckpt: &Checkpoint, plan: &MemoryPlan) -> Result<HostWeights> {
+        check_plan(ckpt, plan)?;
+        ModelWeights::build(plan, ckpt.config.num_hidden_layers, |t| {
+            let mut data = widen(ckpt, t)?;
+            if t.device_dtype == WDType::Bf16 && t.file_dtype != Dtype::BF16 {
+                data = round_bf16(&data);
+            }
+            Ok(HostTensor {
+                name: t.spec.name.clone(),
+                shape: t.spec.shape.clone(),
+                data,
+            })
+        })
+    }
+}
