@@ -212,6 +212,18 @@ def read_gguf_meta(path):
     }
 
 
+def versions():
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("tokenizers", "transformers", "gguf", "jinja2"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
 def build_upstream(meta):
     """The upstream tokenizer.json pipeline for the GGUF's pre-tokenizer name."""
     if meta["model"] != "gpt2":
@@ -293,7 +305,22 @@ def make_golden(name, path, use_transformers):
             for i, t in enumerate(meta["token_types"]) if t in (3, 4)
         ],
         "cases": cases,
+        # Stored so the chat tests run without the GGUF file.
+        "gguf_chat_template": meta["chat_template"],
+        "versions": versions(),
     }
+    if name == "qwen25":
+        golden["notes"] = [
+            "ids 151665..151935 are llama.cpp filler rows ([PADnnnnnn], type 5 unused): not tokens, "
+            "never produced by encoding and dropped by decoding, as upstream (151643 BPE entries + 22 "
+            "added tokens, embedding padded to 151936 rows)",
+            "the GGUF marks <|fim_*|>, <|repo_name|> and <|file_sep|> as control (llama.cpp's converter "
+            "makes every added token that looks like <|...|> control); upstream Qwen2.5 has them "
+            "special: false. Ids are unaffected; decode(skip_special_tokens=True) drops them here and "
+            "in transformers' GGUF tokenizer, not upstream",
+            "the GGUF has bos_token_id 151643 (<|endoftext|>); upstream Qwen2.5 has bos_token null. "
+            "add_bos_token is false either way",
+        ]
     if not use_transformers:
         return golden
 

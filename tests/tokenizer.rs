@@ -1,0 +1,421 @@
+//! Tokenizers built from real GGUF files' metadata, and chat templates,
+//! against golden data from `tools/tokenizer_reference.py`
+//! (tests/fixtures/tokenizer/*_golden.json): ids from the upstream Hugging
+//! Face pipeline built in Python with the `tokenizers` library, and chat
+//! renderings from transformers' `apply_chat_template`.
+//!
+//! The GGUF files are looked up in `$WGLLM_GGUF_DIR` if set, else in
+//! /work/models/{tok,smollm2,qwen}; tests that need one print a note and
+//! pass when it is missing. The chat-template tests need only the golden
+//! files (they hold the GGUF templates).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use serde_json::Value as Json;
+use wgllm::chat::{render_chat, ChatMessage, ChatTemplate};
+use wgllm::gguf::{GgufFile, GgufTokenizerMeta};
+use wgllm::tokenizer::{build_tokenizer, write_tokenizer_files, Tokenizer, VocabSpec};
+
+const SMOLLM2: Model = Model {
+    golden: "smollm2",
+    file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+};
+const QWEN25: Model = Model {
+    golden: "qwen25",
+    file: "qwen2.5-coder-0.5b-instruct.gguf",
+};
+
+struct Model {
+    golden: &'static str,
+    file: &'static str,
+}
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer")
+}
+
+fn golden(m: &Model) -> Json {
+    let path = fixture_dir().join(format!("{}_golden.json", m.golden));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn find_gguf(m: &Model) -> Option<PathBuf> {
+    // An explicit folder replaces the default places.
+    let dirs: Vec<PathBuf> = match std::env::var_os("WGLLM_GGUF_DIR") {
+        Some(d) => vec![d.into()],
+        None => [
+            "/work/models/tok",
+            "/work/models/smollm2",
+            "/work/models/qwen",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect(),
+    };
+    dirs.into_iter()
+        .map(|d| d.join(m.file))
+        .find(|p| p.is_file())
+}
+
+fn spec_from_meta(meta: GgufTokenizerMeta) -> VocabSpec {
+    VocabSpec {
+        model: meta.model,
+        pre: meta.pre,
+        tokens: meta.tokens,
+        token_types: meta.token_types,
+        merges: meta.merges,
+        bos: meta.bos,
+        eos: meta.eos,
+        padding: meta.padding,
+        add_bos: meta.add_bos,
+        chat_template: meta.chat_template,
+    }
+}
+
+/// The model's vocabulary and tokenizer, built once per test binary.
+struct Loaded {
+    spec: VocabSpec,
+    tok: Tokenizer,
+}
+
+fn load(m: &Model, cell: &'static OnceLock<Option<Loaded>>) -> Option<&'static Loaded> {
+    cell.get_or_init(|| {
+        let path = find_gguf(m)?;
+        let g = GgufFile::open(&path).unwrap();
+        let meta = GgufTokenizerMeta::from_gguf(&g)
+            .unwrap()
+            .expect("tokenizer metadata");
+        let spec = spec_from_meta(meta);
+        let t = std::time::Instant::now();
+        let tok = Tokenizer::from_vocab_spec(&spec).unwrap();
+        eprintln!("built {} tokenizer in {:?}", m.golden, t.elapsed());
+        Some(Loaded { spec, tok })
+    })
+    .as_ref()
+    .or_else(|| {
+        eprintln!(
+            "SKIPPED: {} not found (set WGLLM_GGUF_DIR to the folder holding it)",
+            m.file
+        );
+        None
+    })
+}
+
+fn smollm2() -> Option<&'static Loaded> {
+    static CELL: OnceLock<Option<Loaded>> = OnceLock::new();
+    load(&SMOLLM2, &CELL)
+}
+
+fn qwen25() -> Option<&'static Loaded> {
+    static CELL: OnceLock<Option<Loaded>> = OnceLock::new();
+    load(&QWEN25, &CELL)
+}
+
+fn ids(v: &Json) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn s(v: &Json) -> &str {
+    v.as_str().unwrap()
+}
+
+/// Every golden case: ids, decoded text, decoded text without specials.
+fn check_cases(tok: &Tokenizer, g: &Json) {
+    let mut bad = Vec::new();
+    for c in g["cases"].as_array().unwrap() {
+        let name = s(&c["name"]);
+        let want = ids(&c["ids"]);
+        let got = tok.encode(s(&c["text"])).unwrap();
+        if got != want {
+            bad.push(format!("{name}: got {got:?}, want {want:?}"));
+            continue;
+        }
+        let dec = tok.decode(&got).unwrap();
+        if dec != s(&c["decoded"]) {
+            bad.push(format!("{name}: decoded {dec:?}, want {:?}", c["decoded"]));
+        }
+        let dec = tok.decode_skip_special(&got).unwrap();
+        if dec != s(&c["decoded_skip_special"]) {
+            bad.push(format!(
+                "{name}: decoded without specials {dec:?}, want {:?}",
+                c["decoded_skip_special"]
+            ));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} mismatches:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn smollm2_matches_upstream_pipeline() {
+    let Some(m) = smollm2() else { return };
+    check_cases(&m.tok, &golden(&SMOLLM2));
+}
+
+#[test]
+fn qwen25_matches_upstream_pipeline() {
+    let Some(m) = qwen25() else { return };
+    check_cases(&m.tok, &golden(&QWEN25));
+}
+
+/// The golden cases must be able to fail: transformers' GGUF conversion
+/// (a plausible "almost right" pipeline) differs on some of them, and
+/// rebuilding our tokenizer without the step it drops reproduces exactly
+/// transformers' ids, which confirms where the difference comes from.
+fn check_transformers_difference(tok: &tokenizers::Tokenizer, g: &Json, expect_differ: &[&str]) {
+    let differs: Vec<&str> = g["transformers_gguf"]["differs_on"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(s)
+        .collect();
+    assert_eq!(
+        differs, expect_differ,
+        "cases where transformers' GGUF tokenizer differs"
+    );
+    for c in g["cases"].as_array().unwrap() {
+        let got = tok.encode(s(&c["text"]), false).unwrap();
+        assert_eq!(
+            got.get_ids(),
+            ids(&c["transformers_gguf_ids"]),
+            "case {}: the pipeline without the dropped step should give transformers' ids",
+            s(&c["name"])
+        );
+    }
+}
+
+#[test]
+fn smollm2_without_digits_step_is_transformers_gguf() {
+    let Some(m) = smollm2() else { return };
+    // What transformers builds: plain GPT-2 ByteLevel, no Digits step.
+    let spec = VocabSpec {
+        pre: Some("gpt2".into()),
+        ..m.spec.clone()
+    };
+    let tok = build_tokenizer(&spec).unwrap();
+    check_transformers_difference(&tok, &golden(&SMOLLM2), &["half", "other_numerics"]);
+}
+
+#[test]
+fn qwen25_without_nfc_is_transformers_gguf() {
+    let Some(m) = qwen25() else { return };
+    let mut tok = m.tok.inner.clone();
+    tok.with_normalizer(None::<tokenizers::NormalizerWrapper>);
+    check_transformers_difference(
+        &tok,
+        &golden(&QWEN25),
+        &["combining_accent", "ring_and_ligature", "hangul_jamo"],
+    );
+}
+
+#[test]
+fn qwen25_special_and_filler_tokens() {
+    let Some(m) = qwen25() else { return };
+    let tok = &m.tok;
+    let g = golden(&QWEN25);
+    // 151643 BPE entries + 22 added tokens; rows 151665..151936 are filler.
+    assert_eq!(m.spec.tokens.len(), 151_936);
+    assert_eq!(tok.vocab_size(), 151_665);
+    assert_eq!(g["real_tokens"].as_u64(), Some(151_665));
+    for (t, id) in [
+        ("<|endoftext|>", 151_643),
+        ("<|im_start|>", 151_644),
+        ("<|im_end|>", 151_645),
+        ("<tool_call>", 151_657),
+        ("<|fim_prefix|>", 151_659),
+        ("<|file_sep|>", 151_664),
+    ] {
+        assert_eq!(tok.token_to_id(t), Some(id), "{t}");
+        assert_eq!(tok.encode(t).unwrap(), vec![id], "{t} encodes to one id");
+    }
+    assert_eq!(m.spec.eos, Some(151_645));
+    // Filler rows are not tokens: not encodable, decoded as nothing.
+    assert_eq!(tok.token_to_id("[PAD151665]"), None);
+    assert_eq!(tok.id_to_token(151_665), None);
+    assert_eq!(
+        tok.decode(&[151_644, 151_700, 151_935]).unwrap(),
+        "<|im_start|>"
+    );
+    // Special (control) tokens are dropped by decode_skip_special, the
+    // user-defined <tool_call> is not.
+    let ids = tok.encode("<|im_start|>a<tool_call>b<|im_end|>").unwrap();
+    assert_eq!(tok.decode_skip_special(&ids).unwrap(), "a<tool_call>b");
+    // Added tokens are matched before normalization/pre-tokenization, also
+    // next to text and spaces.
+    let ids = tok.encode("x<|im_end|> y").unwrap();
+    assert_eq!(ids[1], 151_645);
+}
+
+#[test]
+fn smollm2_special_tokens() {
+    let Some(m) = smollm2() else { return };
+    let tok = &m.tok;
+    assert_eq!(tok.vocab_size(), 49_152);
+    assert_eq!((m.spec.bos, m.spec.eos), (Some(1), Some(2)));
+    assert_eq!(tok.token_to_id("<|im_start|>"), Some(1));
+    assert_eq!(tok.encode("<|im_end|><empty_output>").unwrap(), vec![2, 16]);
+    assert_eq!(tok.decode_skip_special(&[1, 28707, 2]).unwrap(), "numbers");
+    // add_bos_token is false in this GGUF: encoding with special tokens
+    // adds nothing either.
+    let enc = tok.inner.encode("hi", true).unwrap();
+    assert_eq!(enc.get_ids(), tok.encode("hi").unwrap().as_slice());
+}
+
+/// Random-ish strings decode back to themselves (byte-level BPE is lossless
+/// without normalization; Qwen's result is the NFC form of the input).
+#[test]
+fn round_trip_decode() {
+    let texts = [
+        "Mixed: \u{1F600} caf\u{e9} \u{4e2d}\u{6587} 3.14 \t\n  end  ",
+        "\u{0}\u{1}\u{7f} control bytes \r\n",
+        "<|im_start|>system\nSei bravo.<|im_end|>\n",
+        "    indented\n\t\ttabbed {}[]();",
+    ];
+    for (name, m) in [("smollm2", smollm2()), ("qwen25", qwen25())] {
+        let Some(m) = m else { continue };
+        for t in texts {
+            let ids = m.tok.encode(t).unwrap();
+            assert_eq!(m.tok.decode(&ids).unwrap(), t, "{name}: {t:?}");
+        }
+    }
+}
+
+fn messages(v: &Json) -> Vec<ChatMessage> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+/// Chat renderings of the GGUF templates against transformers'
+/// apply_chat_template (runs without the GGUF: the golden file holds the
+/// template and the special tokens), and the rendered prompt's ids.
+fn check_gguf_chats(m: &Model, loaded: Option<&Loaded>) {
+    let g = golden(m);
+    let template = ChatTemplate {
+        template: s(&g["gguf_chat_template"]).to_string(),
+        bos_token: s(&g["bos_eos_passed_to_templates"][0]).to_string(),
+        eos_token: s(&g["bos_eos_passed_to_templates"][1]).to_string(),
+    };
+    if let Some(l) = loaded {
+        assert_eq!(ChatTemplate::from_vocab_spec(&l.spec).unwrap(), template);
+    }
+    let mut n = 0;
+    for ch in g["chats"].as_array().unwrap() {
+        if s(&ch["template"]) != "gguf" {
+            continue;
+        }
+        let what = format!(
+            "{} {} add_generation_prompt={}",
+            m.golden, ch["conversation"], ch["add_generation_prompt"]
+        );
+        let msgs = messages(&ch["messages"]);
+        let got = template
+            .render(&msgs, ch["add_generation_prompt"].as_bool().unwrap())
+            .unwrap();
+        assert_eq!(got, s(&ch["rendered"]), "{what}");
+        if let Some(l) = loaded {
+            assert_eq!(l.tok.encode(&got).unwrap(), ids(&ch["ids"]), "{what}: ids");
+        }
+        n += 1;
+    }
+    assert_eq!(n, 8, "4 conversations x add_generation_prompt");
+}
+
+#[test]
+fn smollm2_chat_template_matches_transformers() {
+    check_gguf_chats(&SMOLLM2, smollm2());
+}
+
+#[test]
+fn qwen25_chat_template_matches_transformers() {
+    let g = golden(&QWEN25);
+    check_gguf_chats(&QWEN25, qwen25());
+    // Qwen's template inserts its default system prompt when none is given.
+    let first = &g["chats"][0];
+    assert_eq!(s(&first["conversation"]), "single_user");
+    assert!(s(&first["rendered"]).starts_with(
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    ));
+}
+
+/// Synthetic templates using Python string methods, tojson, namespace, loop
+/// controls, trim/lstrip blocks and `tools is not none`, against jinja2 as
+/// transformers configures it.
+#[test]
+fn synthetic_templates_match_transformers() {
+    let g = golden(&SMOLLM2);
+    let bos = s(&g["bos_eos_passed_to_templates"][0]);
+    let eos = s(&g["bos_eos_passed_to_templates"][1]);
+    let mut n = 0;
+    for ch in g["chats"].as_array().unwrap() {
+        let name = s(&ch["template"]);
+        if name == "gguf" {
+            continue;
+        }
+        let template = s(&g["synthetic_templates"][name]);
+        let got = render_chat(
+            template,
+            &messages(&ch["messages"]),
+            ch["add_generation_prompt"].as_bool().unwrap(),
+            bos,
+            eos,
+        )
+        .unwrap();
+        assert_eq!(got, s(&ch["rendered"]), "{name} {}", ch["conversation"]);
+        n += 1;
+    }
+    assert_eq!(n, 12);
+    let e = render_chat(
+        s(&g["raise_template"]),
+        &[ChatMessage::system("x"), ChatMessage::user("y")],
+        false,
+        bos,
+        eos,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains(s(&g["raise_message"])), "{e}");
+}
+
+/// write_tokenizer_files output loads back (as a model folder would) into
+/// the same tokenizer and chat template. Set WGLLM_TOKENIZER_EXPORT_DIR to
+/// keep the files, e.g. to check them with transformers:
+/// `tools/tokenizer_reference.py --check-export DIR/smollm2 --model smollm2`.
+#[test]
+fn written_files_load_back() {
+    for (m, loaded) in [(&SMOLLM2, smollm2()), (&QWEN25, qwen25())] {
+        let Some(l) = loaded else { continue };
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = match std::env::var_os("WGLLM_TOKENIZER_EXPORT_DIR") {
+            Some(d) => PathBuf::from(d).join(m.golden),
+            None => tmp.path().to_path_buf(),
+        };
+        write_tokenizer_files(&l.spec, &dir).unwrap();
+        let back = Tokenizer::from_dir(&dir).unwrap();
+        let g = golden(m);
+        check_cases(&back, &g);
+        let config: Json = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["eos_token"], g["eos_token"]);
+        assert_eq!(config["bos_token"], g["bos_token"]);
+        let added = config["added_tokens_decoder"].as_object().unwrap();
+        assert_eq!(added.len(), g["added_tokens"].as_array().unwrap().len());
+        for a in g["added_tokens"].as_array().unwrap() {
+            let e = &added[&a["id"].to_string()];
+            assert_eq!(e["content"], a["content"]);
+            assert_eq!(e["special"], a["special"]);
+        }
+        let t = ChatTemplate::from_dir(&dir).unwrap();
+        assert_eq!(t, ChatTemplate::from_vocab_spec(&l.spec).unwrap());
+    }
+}
