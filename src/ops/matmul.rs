@@ -1,4 +1,678 @@
 //! Linear layers: `y = x · Wᵀ (+ b)` with W in nn.Linear layout `[out, in]`.
+//!
+//! Two paths, chosen per call from the token count (`gemv_max_tokens`):
+//! - **GEMV** (decode, few tokens): each output is one dot product over a
+//!   weight row. Its kernel shape is chosen per adapter ([`LinearVariant`]).
+//! - **Prefill** (many tokens), kernel chosen per adapter
+//!   ([`PrefillKernel`]): on GPUs a matmul tiled in workgroup memory, each
+//!   invocation accumulating a register block of outputs; on CPU-type
+//!   adapters, where workgroup memory and barriers are slow, a register-only
+//!   kernel computing 4 rows x 4 tokens per invocation.
+//!
+//! Each kernel has a fast form for `k % 8 == 0` (`vec4<u32>` loads = 8 bf16;
+//! the tiled matmul reads whole bf16 words when k is even) and a generic form
+//! for any k. A weight split by rows into several buffers gets one dispatch
+//! per chunk, each writing its own output columns. The kernels are assembled
+//! from the WGSL pieces in `shaders/matmul*.wgsl` and `shaders/gemv*.wgsl`.
+
+use std::sync::OnceLock;
+
+use crate::error::{Error, Result};
+use crate::gpu::{Caps, Gpu, Kernel, Step};
+use crate::tensor::{DeviceTensor, WDType};
+
+/// Params, bias and output (shared by every linear kernel).
+pub const SRC_COMMON: &str = include_str!("../../shaders/matmul_common.wgsl");
+/// x / W bindings and row dot products for any k.
+pub const SRC_XW: &str = include_str!("../../shaders/matmul_xw.wgsl");
+/// x / W bindings and row dot products for k % 8 == 0 (vec4 loads).
+pub const SRC_XW_VEC: &str = include_str!("../../shaders/matmul_xw_vec.wgsl");
+/// Entry point: invocations over output rows (4 rows x TB tokens each).
+pub const SRC_GEMV_ROWS: &str = include_str!("../../shaders/gemv_rows.wgsl");
+/// GEMV entry point: one workgroup per row, subgroupAdd reduction.
+pub const SRC_GEMV_WG_SUBGROUP: &str = include_str!("../../shaders/gemv_wg_subgroup.wgsl");
+/// GEMV entry point: one workgroup per row, workgroup-memory tree reduction.
+pub const SRC_GEMV_WG_SHARED: &str = include_str!("../../shaders/gemv_wg_shared.wgsl");
+/// Tiled matmul entry point.
+pub const SRC_MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
+
+/// Output rows per invocation of gemv_rows.wgsl.
+const ROWS_PER_INVOCATION: u32 = 4;
+/// Workgroup size of gemv_rows.wgsl.
+const ROWS_WG: u32 = 64;
+/// Tokens per invocation of gemv_rows.wgsl when used for prefill.
+const ROWS_PREFILL_TOKENS: u32 = 4;
+
+/// Mirrors `Params` in matmul_common.wgsl. One per weight chunk.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Params {
+    /// Inner dimension (in_features).
+    pub k: u32,
+    /// Output width (out_features, all chunks together).
+    pub n: u32,
+    /// First weight row (= output column) of this chunk.
+    pub row_start: u32,
+    /// Rows in this chunk.
+    pub rows: u32,
+    /// 0 = no bias, 1 = f32 bias, 2 = bf16 bias.
+    pub bias_mode: u32,
+    pub _p: [u32; 3],
+}
+
+/// Shape of the GEMV (decode) kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LinearVariant {
+    /// Each invocation computes whole output rows (4 of them, sharing the x
+    /// loads), workgroup of 64. Best on CPU-type adapters (lavapipe): lanes
+    /// of a SIMD workgroup walk different rows and no barrier is needed.
+    RowPerThread,
+    /// One workgroup per output row, reduced with `subgroupAdd` and one
+    /// workgroup-memory step. The usual GPU shape (coalesced row reads).
+    WorkgroupSubgroup,
+    /// One workgroup per output row, workgroup-memory tree reduction. For
+    /// GPUs without subgroup operations.
+    WorkgroupShared,
+}
+
+impl LinearVariant {
+    /// The variant for an adapter: row-per-thread on CPU-type adapters,
+    /// workgroup-per-row (subgroup reduction when available) elsewhere.
+    pub fn for_adapter(caps: &Caps) -> Self {
+        if caps.is_cpu {
+            LinearVariant::RowPerThread
+        } else if caps.subgroup {
+            LinearVariant::WorkgroupSubgroup
+        } else {
+            LinearVariant::WorkgroupShared
+        }
+    }
+}
+
+/// Kernel of the prefill (many-token) path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PrefillKernel {
+    /// Matmul tiled in workgroup memory ([`TileConfig`]), register-tiled.
+    /// The GPU shape.
+    Tiled,
+    /// Invocations over rows, each computing 4 rows x 4 tokens in registers
+    /// (gemv_rows.wgsl with TB = 4): no workgroup memory, no barriers. On
+    /// lavapipe this is far faster than the tiled kernel.
+    RowBlocks,
+}
+
+impl PrefillKernel {
+    pub fn for_adapter(caps: &Caps) -> Self {
+        if caps.is_cpu {
+            PrefillKernel::RowBlocks
+        } else {
+            PrefillKernel::Tiled
+        }
+    }
+}
+
+/// Which path [`Linear::encode_path`] records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinearPath {
+    /// GEMV for `n_tokens <= gemv_max_tokens`, prefill above.
+    Auto,
+    Gemv,
+    Prefill,
+}
+
+/// Tile geometry of the tiled matmul (outputs per workgroup BM tokens x BN
+/// rows, k slab BK, per-invocation block TM x TN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TileConfig {
+    pub bm: u32,
+    pub bn: u32,
+    pub bk: u32,
+    pub tm: u32,
+    pub tn: u32,
+}
+
+impl TileConfig {
+    pub fn threads(&self) -> u32 {
+        (self.bm / self.tm) * (self.bn / self.tn)
+    }
+    /// Workgroup memory used (x and W slabs, f32).
+    pub fn shared_bytes(&self) -> u32 {
+        4 * self.bk * (self.bm + self.bn)
+    }
+    fn fits(&self, caps: &Caps) -> bool {
+        self.threads() <= caps.max_invocations && self.shared_bytes() <= caps.max_workgroup_storage
+    }
+
+    /// The largest of a few standard tiles that fits the adapter's limits.
+    pub fn for_adapter(caps: &Caps) -> Result<Self> {
+        let candidates = [
+            // 256 invocations, 4x4 each, 8 KiB of workgroup memory
+            TileConfig {
+                bm: 64,
+                bn: 64,
+                bk: 16,
+                tm: 4,
+                tn: 4,
+            },
+            // 64 invocations, 4x4 each, 4 KiB
+            TileConfig {
+                bm: 32,
+                bn: 32,
+                bk: 16,
+                tm: 4,
+                tn: 4,
+            },
+            // 16 invocations, 4x4 each, 1 KiB
+            TileConfig {
+                bm: 16,
+                bn: 16,
+                bk: 8,
+                tm: 4,
+                tn: 4,
+            },
+        ];
+        candidates
+            .into_iter()
+            .find(|c| c.fits(caps))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "matmul: adapter allows {} invocations and {} bytes of workgroup memory per \
+                     workgroup; the smallest tile needs 16 and 1024",
+                    caps.max_invocations, caps.max_workgroup_storage
+                ))
+            })
+    }
+
+    fn prefix(&self) -> String {
+        format!(
+            "const BM: u32 = {}u;\nconst BN: u32 = {}u;\nconst BK: u32 = {}u;\n\
+             const TM: u32 = {}u;\nconst TN: u32 = {}u;\n",
+            self.bm, self.bn, self.bk, self.tm, self.tn
+        )
+    }
+}
+
+/// Compiled linear-layer kernels for one weight dtype. Kernels are compiled
+/// on first use (a model whose k are all multiples of 8 never builds the
+/// generic ones).
+pub struct Linear {
+    wdtype: WDType,
+    has_bias: bool,
+    variant: LinearVariant,
+    prefill: PrefillKernel,
+    tile: TileConfig,
+    /// Workgroup size of the GEMV kernel.
+    gemv_wg: u32,
+    /// Largest token count that takes the GEMV path in `encode`.
+    pub gemv_max_tokens: u32,
+    gemv_vec: OnceLock<Kernel>,
+    gemv_any: OnceLock<Kernel>,
+    prefill_vec: OnceLock<Kernel>,
+    prefill_any: OnceLock<Kernel>,
+    /// Bound in place of the bias when there is none.
+    dummy_bias: wgpu::Buffer,
+}
+
+/// The bindings of one weight chunk.
+pub struct ChunkBinding {
+    pub params: wgpu::Buffer,
+    pub rows: u32,
+    pub gemv: wgpu::BindGroup,
+    pub prefill: wgpu::BindGroup,
+}
+
+/// Everything [`Linear::encode`] needs for one weight; built once at load.
+pub struct LinearBinding {
+    pub chunks: Vec<ChunkBinding>,
+    pub k: usize,
+    pub n: usize,
+    /// Tokens the x and y buffers can hold.
+    pub max_tokens: u32,
+    /// Name of the weight (for errors).
+    pub name: String,
+    // The kernels and geometry the bind groups were made for.
+    gemv_kernel: Kernel,
+    prefill_kernel: Kernel,
+    variant: LinearVariant,
+    prefill: PrefillKernel,
+    gemv_wg: u32,
+    tile: TileConfig,
+}
+
+fn get_or_compile(cell: &OnceLock<Kernel>, f: impl FnOnce() -> Result<Kernel>) -> Result<&Kernel> {
+    if let Some(k) = cell.get() {
+        return Ok(k);
+    }
+    let k = f()?;
+    Ok(cell.get_or_init(|| k))
+}
+
+impl Linear {
+    /// Kernels for `wdtype` weights, GEMV and prefill kernels chosen from the
+    /// adapter. `has_bias` says whether [`Linear::bind`] will get a bias.
+    pub fn new(gpu: &Gpu, wdtype: WDType, has_bias: bool) -> Result<Self> {
+        Self::with_variant(gpu, wdtype, has_bias, LinearVariant::for_adapter(&gpu.caps))
+    }
+
+    /// As [`Linear::new`] with a forced GEMV variant (tests, benchmarks).
+    pub fn with_variant(
+        gpu: &Gpu,
+        wdtype: WDType,
+        has_bias: bool,
+        variant: LinearVariant,
+    ) -> Result<Self> {
+        let caps = &gpu.caps;
+        if variant == LinearVariant::WorkgroupSubgroup && !caps.subgroup {
+            return Err(Error::invalid(format!(
+                "linear: the subgroup GEMV variant needs subgroup operations, which adapter '{}' \
+                 does not offer",
+                gpu.name()
+            )));
+        }
+        let gemv_wg = match variant {
+            LinearVariant::RowPerThread => ROWS_WG,
+            // A power of two covering whole subgroups of the largest size.
+            _ => 64u32.max(caps.subgroup_max_size.next_power_of_two()),
+        };
+        if gemv_wg > caps.max_invocations {
+            return Err(Error::invalid(format!(
+                "linear: GEMV workgroup of {gemv_wg} exceeds the adapter's max of {} invocations",
+                caps.max_invocations
+            )));
+        }
+        let tile = TileConfig::for_adapter(caps)?;
+        let dummy_bias = gpu.storage("linear.no_bias", 4);
+        // Up to this many tokens, GEMV (one weight pass per token) is used
+        // rather than the prefill kernel (one pass for a block of tokens).
+        // Measured on lavapipe (k=896, n=4864 bf16): GEMV wins at 1 token,
+        // ties at 2 (~5 vs ~6 ms), the 4x4 row-block kernel wins from 3 on
+        // (and is ~2x GEMV per token from 4 on). On GPUs the tiled kernel is
+        // bandwidth-bound from a few tokens; 2 is a guess there, unmeasured.
+        let gemv_max_tokens = 2;
+        Ok(Linear {
+            wdtype,
+            has_bias,
+            variant,
+            prefill: PrefillKernel::for_adapter(caps),
+            tile,
+            gemv_wg,
+            gemv_max_tokens,
+            gemv_vec: OnceLock::new(),
+            gemv_any: OnceLock::new(),
+            prefill_vec: OnceLock::new(),
+            prefill_any: OnceLock::new(),
+            dummy_bias,
+        })
+    }
+
+    /// Use `kernel` for the prefill path (tests, benchmarks).
+    pub fn with_prefill(mut self, kernel: PrefillKernel) -> Self {
+        if kernel != self.prefill {
+            self.prefill = kernel;
+            self.prefill_vec = OnceLock::new();
+            self.prefill_any = OnceLock::new();
+        }
+        self
+    }
+
+    /// Replace the tiled-matmul geometry (benchmarks, tests). Checked against
+    /// the adapter's limits; the tile sizes must be multiples of the
+    /// per-invocation block and BK even.
+    pub fn with_tile(mut self, gpu: &Gpu, tile: TileConfig) -> Result<Self> {
+        let ok_shape = tile.tm > 0
+            && tile.tn > 0
+            && tile.bm % tile.tm == 0
+            && tile.bn % tile.tn == 0
+            && tile.bk >= 2
+            && tile.bk % 2 == 0;
+        if !ok_shape || !tile.fits(&gpu.caps) {
+            return Err(Error::invalid(format!(
+                "matmul: tile {tile:?} is malformed or exceeds the adapter's {} invocations / {} \
+                 bytes of workgroup memory",
+                gpu.caps.max_invocations, gpu.caps.max_workgroup_storage
+            )));
+        }
+        self.tile = tile;
+        if self.prefill == PrefillKernel::Tiled {
+            self.prefill_vec = OnceLock::new();
+            self.prefill_any = OnceLock::new();
+        }
+        Ok(self)
+    }
+
+    pub fn variant(&self) -> LinearVariant {
+        self.variant
+    }
+    pub fn prefill(&self) -> PrefillKernel {
+        self.prefill
+    }
+    pub fn tile(&self) -> TileConfig {
+        self.tile
+    }
+    pub fn wdtype(&self) -> WDType {
+        self.wdtype
+    }
+
+    /// Assemble and compile one kernel: constants, common part, the x/W
+    /// bindings (vec4 or generic) and an entry point.
+    fn compile(
+        &self,
+        gpu: &Gpu,
+        label: &str,
+        consts: &str,
+        vec: bool,
+        entry: &str,
+    ) -> Result<Kernel> {
+        let xw = if vec { SRC_XW_VEC } else { SRC_XW };
+        let src = format!("{consts}{SRC_COMMON}\n{xw}\n{entry}");
+        let label = format!(
+            "{label}.{}.{:?}",
+            if vec { "vec" } else { "any" },
+            self.wdtype
+        );
+        gpu.kernel(
+            &label,
+            &src,
+            "main",
+            &[("W_BF16", self.wdtype.is_bf16_const())],
+        )
+    }
+
+    fn gemv_kernel(&self, gpu: &Gpu, vec: bool) -> Result<&Kernel> {
+        let cell = if vec { &self.gemv_vec } else { &self.gemv_any };
+        get_or_compile(cell, || {
+            let entry = match self.variant {
+                LinearVariant::RowPerThread => SRC_GEMV_ROWS,
+                LinearVariant::WorkgroupSubgroup => SRC_GEMV_WG_SUBGROUP,
+                LinearVariant::WorkgroupShared => SRC_GEMV_WG_SHARED,
+            };
+            let consts = format!("const WG: u32 = {}u;\nconst TB: u32 = 1u;\n", self.gemv_wg);
+            self.compile(
+                gpu,
+                &format!("gemv.{:?}", self.variant),
+                &consts,
+                vec,
+                entry,
+            )
+        })
+    }
+
+    /// `vec`: for RowBlocks the vec4 bindings (k % 8 == 0); for Tiled the
+    /// generic bindings with whole-word bf16 loads (k even).
+    fn prefill_kernel(&self, gpu: &Gpu, vec: bool) -> Result<&Kernel> {
+        let cell = if vec {
+            &self.prefill_vec
+        } else {
+            &self.prefill_any
+        };
+        get_or_compile(cell, || match self.prefill {
+            PrefillKernel::RowBlocks => {
+                let consts = format!(
+                    "const WG: u32 = {ROWS_WG}u;\nconst TB: u32 = {ROWS_PREFILL_TOKENS}u;\n"
+                );
+                self.compile(gpu, "prefill.rows", &consts, vec, SRC_GEMV_ROWS)
+            }
+            PrefillKernel::Tiled => {
+                // W_PAIRS is spelled as a const here (the tiled kernel always
+                // uses the generic bindings).
+                let consts = format!(
+                    "{}const TB: u32 = 1u;\nconst W_PAIRS: bool = {vec};\n",
+                    self.tile.prefix()
+                );
+                let label = if vec { "matmul.pairs" } else { "matmul.elems" };
+                self.compile(gpu, label, &consts, false, SRC_MATMUL)
+            }
+        })
+    }
+    /// Bind one weight: `x` f32 `[tokens, k]`, `weight` `[n, k]`, optional
+    /// `bias` `[n]` (f32 or bf16, one chunk), `y` f32 `[tokens, n]`. Creates
+    /// the per-chunk Params uniforms and bind groups of both paths; call once
+    /// at load. The token capacity is what both x and y can hold.
+    pub fn bind(
+        &self,
+        gpu: &Gpu,
+        step: &wgpu::Buffer,
+        x: &wgpu::Buffer,
+        weight: &DeviceTensor,
+        bias: Option<&DeviceTensor>,
+        y: &wgpu::Buffer,
+    ) -> Result<LinearBinding> {
+        let name = &weight.name;
+        let (n, k) = match weight.shape.as_slice() {
+            [n, k] => (*n, *k),
+            s => {
+                return Err(Error::invalid(format!(
+                    "linear weight `{name}`: expected a 2D [out, in] tensor, got shape {s:?}"
+                )))
+            }
+        };
+        if n == 0 || k == 0 {
+            return Err(Error::invalid(format!(
+                "linear weight `{name}`: empty shape [{n}, {k}]"
+            )));
+        }
+        if weight.dtype != self.wdtype {
+            return Err(Error::invalid(format!(
+                "linear weight `{name}` is {:?} but this Linear was built for {:?}",
+                weight.dtype, self.wdtype
+            )));
+        }
+        if bias.is_some() != self.has_bias {
+            return Err(Error::invalid(format!(
+                "linear weight `{name}`: Linear built {} a bias but bind was given {}",
+                if self.has_bias { "with" } else { "without" },
+                if bias.is_some() { "one" } else { "none" }
+            )));
+        }
+        let covered: usize = weight.chunks.iter().map(|c| c.rows).sum();
+        if covered != n {
+            return Err(Error::invalid(format!(
+                "linear weight `{name}`: chunks cover {covered} rows of {n}"
+            )));
+        }
+        let bias_mode = match bias {
+            None => 0,
+            Some(b) => {
+                if b.numel() != n || b.shape.len() != 1 {
+                    return Err(Error::invalid(format!(
+                        "linear bias `{}`: shape {:?}, expected [{n}] to match weight `{name}`",
+                        b.name, b.shape
+                    )));
+                }
+                if b.chunks.len() != 1 {
+                    return Err(Error::invalid(format!(
+                        "linear bias `{}` is split into {} buffers; a bias must be one buffer",
+                        b.name,
+                        b.chunks.len()
+                    )));
+                }
+                match b.dtype {
+                    WDType::F32 => 1,
+                    WDType::Bf16 => 2,
+                }
+            }
+        };
+        if x == y {
+            return Err(Error::invalid(format!(
+                "linear weight `{name}`: x and y must be different buffers"
+            )));
+        }
+        let x_tokens = x.size() / (4 * k as u64);
+        let y_tokens = y.size() / (4 * n as u64);
+        let max_tokens = x_tokens.min(y_tokens).min(u64::from(u32::MAX)) as u32;
+        if max_tokens == 0 {
+            return Err(Error::invalid(format!(
+                "linear weight `{name}` [{n}, {k}]: x buffer ({} bytes) or y buffer ({} bytes) \
+                 cannot hold one token",
+                x.size(),
+                y.size()
+            )));
+        }
+        // vec4 bindings: whole 8-element groups per row, and x bindable as
+        // array<vec4<f32>>.
+        let vec = k % 8 == 0 && x.size() % 16 == 0;
+        let gemv_k = self.gemv_kernel(gpu, vec)?.clone();
+        let prefill_k = match self.prefill {
+            PrefillKernel::RowBlocks => self.prefill_kernel(gpu, vec)?,
+            // whole-word loads: every bf16 row starts on a word boundary
+            PrefillKernel::Tiled => {
+                self.prefill_kernel(gpu, self.wdtype == WDType::Bf16 && k % 2 == 0)?
+            }
+        }
+        .clone();
+        let bias_buf = bias.map_or(&self.dummy_bias, |b| &b.chunks[0].buffer);
+        let chunks = weight
+            .chunks
+            .iter()
+            .map(|c| {
+                let params = gpu.uniform(
+                    &format!("{name}.params@{}", c.row_start),
+                    &Params {
+                        k: k as u32,
+                        n: n as u32,
+                        row_start: c.row_start as u32,
+                        rows: c.rows as u32,
+                        bias_mode,
+                        _p: [0; 3],
+                    },
+                )?;
+                let bufs = [&params, step, x, &c.buffer, bias_buf, y];
+                Ok(ChunkBinding {
+                    gemv: gpu.bind(&gemv_k, &bufs),
+                    prefill: gpu.bind(&prefill_k, &bufs),
+                    rows: c.rows as u32,
+                    params,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LinearBinding {
+            chunks,
+            k,
+            n,
+            max_tokens,
+            name: name.clone(),
+            gemv_kernel: gemv_k,
+            prefill_kernel: prefill_k,
+            variant: self.variant,
+            prefill: self.prefill,
+            gemv_wg: self.gemv_wg,
+            tile: self.tile,
+        })
+    }
+
+    /// Record `y = x · Wᵀ (+ b)` for `n_tokens` tokens (which must match the
+    /// Step uniform): GEMV up to `gemv_max_tokens` tokens, prefill above.
+    pub fn encode(
+        &self,
+        gpu: &Gpu,
+        pass: &mut wgpu::ComputePass<'_>,
+        b: &LinearBinding,
+        n_tokens: u32,
+    ) -> Result<()> {
+        self.encode_path(gpu, pass, b, n_tokens, LinearPath::Auto)
+    }
+
+    /// [`Linear::encode`] with the path forced.
+    pub fn encode_path(
+        &self,
+        gpu: &Gpu,
+        pass: &mut wgpu::ComputePass<'_>,
+        b: &LinearBinding,
+        n_tokens: u32,
+        path: LinearPath,
+    ) -> Result<()> {
+        if n_tokens > b.max_tokens {
+            return Err(Error::invalid(format!(
+                "linear weight `{}`: {n_tokens} tokens but the bound x/y buffers hold {}",
+                b.name, b.max_tokens
+            )));
+        }
+        let gemv = match path {
+            LinearPath::Auto => n_tokens <= self.gemv_max_tokens,
+            LinearPath::Gemv => true,
+            LinearPath::Prefill => false,
+        };
+        for c in &b.chunks {
+            if gemv {
+                let groups = match b.variant {
+                    LinearVariant::RowPerThread => {
+                        c.rows.div_ceil(ROWS_PER_INVOCATION * b.gemv_wg) * n_tokens
+                    }
+                    _ => c.rows * n_tokens,
+                };
+                gpu.dispatch_in(pass, &b.gemv_kernel, &c.gemv, groups);
+            } else {
+                let groups = match b.prefill {
+                    PrefillKernel::Tiled => {
+                        c.rows.div_ceil(b.tile.bn) * n_tokens.div_ceil(b.tile.bm)
+                    }
+                    PrefillKernel::RowBlocks => {
+                        c.rows.div_ceil(ROWS_PER_INVOCATION * ROWS_WG)
+                            * n_tokens.div_ceil(ROWS_PREFILL_TOKENS)
+                    }
+                };
+                gpu.dispatch_in(pass, &b.prefill_kernel, &c.prefill, groups);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Linear {
+    /// One-shot: upload `x` (`[m, k]`), run with `path`, read back `[m, n]`.
+    pub fn run_once(
+        &self,
+        gpu: &Gpu,
+        x: &[f32],
+        m: usize,
+        weight: &DeviceTensor,
+        bias: Option<&DeviceTensor>,
+        path: LinearPath,
+    ) -> Result<Vec<f32>> {
+        let k = weight.cols();
+        let n = weight.rows();
+        if m == 0 || x.len() != m * k {
+            return Err(Error::invalid(format!(
+                "linear `{}`: x has {} values, expected m x k = {m} x {k} with m > 0",
+                weight.name,
+                x.len()
+            )));
+        }
+        let step = gpu.uniform("linear_once.step", &Step::new(m as u32, 0))?;
+        let xb = gpu.storage_init("linear_once.x", bytemuck::cast_slice(x))?;
+        let yb = gpu.storage("linear_once.y", (m * n * 4) as u64);
+        let binding = self.bind(gpu, &step, &xb, weight, bias, &yb)?;
+        let mut enc = gpu.encoder();
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("linear_once"),
+                timestamp_writes: None,
+            });
+            self.encode_path(gpu, &mut pass, &binding, m as u32, path)?;
+        }
+        gpu.submit_wait(enc)?;
+        gpu.read_f32(&yb, m * n)
+    }
+}
+
+/// One-shot `y = x · Wᵀ (+ b)` for tests and tools: `x` is `[m, k]`, the
+/// weight `[n, k]`; returns `[m, n]`. Compiles kernels each call.
+pub fn linear_once(
+    gpu: &Gpu,
+    x: &[f32],
+    m: usize,
+    weight: &DeviceTensor,
+    bias: Option<&DeviceTensor>,
+) -> Result<Vec<f32>> {
+    Linear::new(gpu, weight.dtype, bias.is_some())?.run_once(
+        gpu,
+        x,
+        m,
+        weight,
+        bias,
+        LinearPath::Auto,
+    )
+}
 
 /// CPU reference: `x` is `[m, k]`, `w` is `[n, k]` (PyTorch `[out, in]`),
 /// `b` is `[n]`; returns `[m, n]`. Dot products accumulate in f64.
@@ -28,4 +702,351 @@ pub fn reference(
         }
     }
     y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::round_bf16;
+    use crate::testutil::{gpu, gpu_with_split, rand_vec};
+
+    const KS: [usize; 9] = [1, 3, 7, 8, 63, 64, 65, 577, 896];
+    const NS: [usize; 6] = [1, 3, 7, 63, 65, 577];
+
+    /// Worst ratio of |got - want| to the error bound of an f32 dot product,
+    /// over all outputs. Bound: any f32 summation order of k products (the
+    /// GPU's strided / tree / vec4 `dot` order, with or without fma) differs
+    /// from the exact sum by at most k·2^-24·Σ|x_i w_i| (the standard γ_k
+    /// bound); the f32 bias add and the reference's own rounding to f32 add
+    /// two more units, so (k + 2)·2^-24·(Σ|x_i w_i| + |b|). Inputs are the
+    /// exact values the device holds (bf16-rounded weights), so this is the
+    /// only difference. A ratio <= 1 passes; it cannot flake, and any real
+    /// bug (wrong row, wrong pairing, transposed weight) is O(1) relative.
+    #[allow(clippy::too_many_arguments)]
+    fn worst_ratio(
+        got: &[f32],
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> (f64, usize) {
+        let want = reference(x, w, b, m, k, n);
+        assert_eq!(got.len(), want.len());
+        let mut worst = (0f64, 0usize);
+        for i in 0..m {
+            for j in 0..n {
+                let mut scale: f64 = (0..k)
+                    .map(|t| (x[i * k + t] as f64 * w[j * k + t] as f64).abs())
+                    .sum();
+                if let Some(b) = b {
+                    scale += (b[j] as f64).abs();
+                }
+                let bound = (k as f64 + 2.0) * 2f64.powi(-24) * scale + 1e-30;
+                let err = (got[i * n + j] as f64 - want[i * n + j] as f64).abs();
+                let r = if err.is_nan() {
+                    f64::INFINITY
+                } else {
+                    err / bound
+                };
+                if r > worst.0 || r.is_nan() {
+                    worst = (r, i * n + j);
+                }
+            }
+        }
+        worst
+    }
+
+    /// Run one case on `gpu` and compare with the reference.
+    #[allow(clippy::too_many_arguments)]
+    fn case(
+        gpu: &Gpu,
+        lin: &Linear,
+        m: usize,
+        k: usize,
+        n: usize,
+        bias: Option<WDType>,
+        path: LinearPath,
+        seed: u64,
+    ) {
+        let dtype = lin.wdtype();
+        let x = rand_vec(m * k, 1.0, seed);
+        let mut w = rand_vec(n * k, 1.0, seed + 1);
+        if dtype == WDType::Bf16 {
+            w = round_bf16(&w);
+        }
+        let wt = DeviceTensor::from_f32(gpu, "w", dtype, &[n, k], &w).unwrap();
+        let b = bias.map(|bd| {
+            let mut b = rand_vec(n, 1.0, seed + 2);
+            if bd == WDType::Bf16 {
+                b = round_bf16(&b);
+            }
+            // Built by hand as one buffer: a bias is never split, and
+            // DeviceTensor::upload would try to under tiny test split caps.
+            let bytes = match bd {
+                WDType::Bf16 => crate::tensor::f32_to_bf16_bytes(&b),
+                WDType::F32 => bytemuck::cast_slice(&b).to_vec(),
+            };
+            let bt = DeviceTensor {
+                name: "b".into(),
+                dtype: bd,
+                shape: vec![n],
+                chunks: vec![crate::tensor::Chunk {
+                    buffer: gpu.storage_init("b", &bytes).unwrap(),
+                    row_start: 0,
+                    rows: 1,
+                }],
+            };
+            (b, bt)
+        });
+        let got = lin
+            .run_once(gpu, &x, m, &wt, b.as_ref().map(|(_, t)| t), path)
+            .unwrap();
+        let (r, at) = worst_ratio(&got, &x, &w, b.as_ref().map(|(v, _)| &v[..]), m, k, n);
+        let what = format!(
+            "{:?} {path:?} {dtype:?} m={m} k={k} n={n} bias={bias:?} chunks={}",
+            lin.variant(),
+            wt.chunks.len()
+        );
+        assert!(
+            r <= 1.0,
+            "{what}: output {at} error is {r:.2}x the f32 accumulation bound"
+        );
+    }
+
+    fn variants(gpu: &Gpu) -> Vec<LinearVariant> {
+        let mut v = vec![LinearVariant::RowPerThread, LinearVariant::WorkgroupShared];
+        if gpu.caps.subgroup {
+            v.push(LinearVariant::WorkgroupSubgroup);
+        }
+        v
+    }
+
+    #[test]
+    fn gemv_variants_over_shapes() {
+        let gpu = gpu();
+        for variant in variants(gpu) {
+            for dtype in [WDType::Bf16, WDType::F32] {
+                let plain = Linear::with_variant(gpu, dtype, false, variant).unwrap();
+                let biased = Linear::with_variant(gpu, dtype, true, variant).unwrap();
+                for (i, &k) in KS.iter().enumerate() {
+                    for (j, &n) in NS.iter().enumerate() {
+                        let m = 1 + (i + j) % 3;
+                        let seed = (i * 10 + j) as u64;
+                        // bias on a third of the cases, alternating f32 / bf16
+                        let (lin, bias) = match (i + 2 * j) % 3 {
+                            0 => (
+                                &biased,
+                                Some(if j % 2 == 0 {
+                                    WDType::F32
+                                } else {
+                                    WDType::Bf16
+                                }),
+                            ),
+                            _ => (&plain, None),
+                        };
+                        case(gpu, lin, m, k, n, bias, LinearPath::Gemv, seed);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn prefill_tiled_over_shapes() {
+        prefill_over_shapes(PrefillKernel::Tiled);
+    }
+
+    #[test]
+    fn prefill_row_blocks_over_shapes() {
+        prefill_over_shapes(PrefillKernel::RowBlocks);
+    }
+
+    fn prefill_over_shapes(kind: PrefillKernel) {
+        let gpu = gpu();
+        for dtype in [WDType::Bf16, WDType::F32] {
+            let plain = Linear::new(gpu, dtype, false).unwrap().with_prefill(kind);
+            let biased = Linear::new(gpu, dtype, true).unwrap().with_prefill(kind);
+            for (mi, &m) in [1usize, 2, 3, 7, 33, 65].iter().enumerate() {
+                for (i, &k) in KS.iter().enumerate() {
+                    // two n per (m, k), rotating through all of NS
+                    for j in [(mi + i) % NS.len(), (mi + i + 3) % NS.len()] {
+                        let n = NS[j];
+                        let seed = (mi * 100 + i * 10 + j) as u64;
+                        let (lin, bias) = match (mi + i + j) % 3 {
+                            0 => (
+                                &biased,
+                                Some(if i % 2 == 0 {
+                                    WDType::Bf16
+                                } else {
+                                    WDType::F32
+                                }),
+                            ),
+                            _ => (&plain, None),
+                        };
+                        case(gpu, lin, m, k, n, bias, LinearPath::Prefill, seed);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn split_weights_every_variant_and_path() {
+        // bf16 k=7: a row is 14 bytes; 224 bytes holds 16 rows (an even count,
+        // so chunks start on whole words) -> n=65 is 16+16+16+16+1 chunks,
+        // rows of odd length straddle u32 words. f32/bf16 k=64: 1024 bytes is
+        // 4 / 8 rows -> n=65 ends with a 1-row chunk.
+        let gpu = gpu_with_split(224);
+        let gpu2 = gpu_with_split(1024);
+        for (g, k) in [(&gpu, 7usize), (&gpu2, 64), (&gpu2, 65)] {
+            for dtype in [WDType::Bf16, WDType::F32] {
+                for variant in variants(g) {
+                    let lin = Linear::with_variant(g, dtype, true, variant).unwrap();
+                    for m in [1, 2] {
+                        let seed = (k + m) as u64;
+                        case(
+                            g,
+                            &lin,
+                            m,
+                            k,
+                            65,
+                            Some(WDType::Bf16),
+                            LinearPath::Gemv,
+                            seed,
+                        );
+                    }
+                }
+                for kind in [PrefillKernel::Tiled, PrefillKernel::RowBlocks] {
+                    let lin = Linear::new(g, dtype, true).unwrap().with_prefill(kind);
+                    let bias = Some(WDType::Bf16);
+                    case(g, &lin, 5, k, 65, bias, LinearPath::Prefill, k as u64);
+                }
+            }
+        }
+        // the split really happened, with an uneven last chunk
+        let w = DeviceTensor::from_f32(&gpu, "w", WDType::Bf16, &[65, 7], &[0.0; 65 * 7]).unwrap();
+        let rows: Vec<usize> = w.chunks.iter().map(|c| c.rows).collect();
+        assert_eq!(rows, [16, 16, 16, 16, 1]);
+    }
+
+    #[test]
+    fn more_than_65535_rows_use_a_2d_grid() {
+        // One workgroup per row and token: 2 x 70000 workgroups exceed the
+        // 65535-per-dimension limit, so dispatch_in uses a 2D grid and the
+        // kernel recovers the linear index. Small k keeps it quick.
+        let gpu = gpu();
+        assert!(70_000 * 2 > gpu.caps.max_workgroups_per_dim);
+        for variant in variants(gpu) {
+            let lin = Linear::with_variant(gpu, WDType::Bf16, false, variant).unwrap();
+            case(gpu, &lin, 2, 8, 70_000, None, LinearPath::Gemv, 5);
+            case(gpu, &lin, 1, 3, 70_000, None, LinearPath::Gemv, 6);
+        }
+    }
+
+    #[test]
+    fn auto_path_and_linear_once() {
+        let gpu = gpu();
+        let (k, n) = (64, 63);
+        let w = round_bf16(&rand_vec(n * k, 1.0, 1));
+        let wt = DeviceTensor::from_f32(gpu, "w", WDType::Bf16, &[n, k], &w).unwrap();
+        let b = rand_vec(n, 1.0, 2);
+        let bt = DeviceTensor::from_f32(gpu, "b", WDType::F32, &[n], &b).unwrap();
+        for m in [1usize, 2, 3, 5, 33] {
+            let x = rand_vec(m * k, 1.0, 3 + m as u64);
+            let got = linear_once(gpu, &x, m, &wt, Some(&bt)).unwrap();
+            let (r, at) = worst_ratio(&got, &x, &w, Some(&b), m, k, n);
+            assert!(
+                r <= 1.0,
+                "linear_once m={m}: output {at} at {r:.2}x the bound"
+            );
+        }
+    }
+
+    #[test]
+    fn tolerance_catches_transposed_and_mispaired_weights() {
+        // The classic porting bug: a square weight fed as Wᵀ ([in, out]) runs
+        // without any shape error. The bound must reject it by a wide margin
+        // on both paths. Likewise swapping the two bf16 halves of each word.
+        let gpu = gpu();
+        let (m, k) = (3usize, 64usize);
+        let x = rand_vec(m * k, 1.0, 11);
+        let w = round_bf16(&rand_vec(k * k, 1.0, 12));
+        let mut wt = vec![0f32; k * k];
+        for i in 0..k {
+            for j in 0..k {
+                wt[j * k + i] = w[i * k + j];
+            }
+        }
+        let swapped: Vec<f32> = w.chunks(2).flat_map(|p| [p[1], p[0]]).collect();
+        let mut runs: Vec<(Linear, LinearPath)> = Vec::new();
+        for variant in variants(gpu) {
+            let lin = Linear::with_variant(gpu, WDType::Bf16, false, variant).unwrap();
+            runs.push((lin, LinearPath::Gemv));
+        }
+        for kind in [PrefillKernel::Tiled, PrefillKernel::RowBlocks] {
+            let lin = Linear::new(gpu, WDType::Bf16, false)
+                .unwrap()
+                .with_prefill(kind);
+            runs.push((lin, LinearPath::Prefill));
+        }
+        for (lin, path) in &runs {
+            let (variant, path) = ((lin.variant(), lin.prefill()), *path);
+            {
+                let dev_t = DeviceTensor::from_f32(gpu, "wT", WDType::Bf16, &[k, k], &wt).unwrap();
+                let got = lin.run_once(gpu, &x, m, &dev_t, None, path).unwrap();
+                let (r, _) = worst_ratio(&got, &x, &w, None, m, k, k);
+                assert!(
+                    r > 1e3,
+                    "{variant:?} {path:?}: transposed W only {r:.1}x the bound"
+                );
+                let dev = DeviceTensor::from_f32(gpu, "w", WDType::Bf16, &[k, k], &w).unwrap();
+                let got = lin.run_once(gpu, &x, m, &dev, None, path).unwrap();
+                let (r, _) = worst_ratio(&got, &x, &swapped, None, m, k, k);
+                assert!(
+                    r > 1e3,
+                    "{variant:?} {path:?}: swapped bf16 halves only {r:.1}x the bound"
+                );
+                let (r, _) = worst_ratio(&got, &x, &w, None, m, k, k);
+                assert!(
+                    r <= 1.0,
+                    "{variant:?} {path:?}: correct W at {r:.2}x the bound"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_bindings_are_errors() {
+        let gpu = gpu();
+        let lin = Linear::new(gpu, WDType::Bf16, false).unwrap();
+        let step = gpu.uniform("s", &Step::new(1, 0)).unwrap();
+        let x = gpu.storage("x", 4 * 64);
+        let y = gpu.storage("y", 4 * 32);
+        let w = DeviceTensor::from_f32(gpu, "layer.w", WDType::Bf16, &[32, 64], &[0.5; 32 * 64])
+            .unwrap();
+        let wf = DeviceTensor::from_f32(gpu, "layer.wf", WDType::F32, &[32, 64], &[0.5; 32 * 64])
+            .unwrap();
+        let w1 = DeviceTensor::from_f32(gpu, "layer.v", WDType::Bf16, &[64], &[0.5; 64]).unwrap();
+        let b = DeviceTensor::from_f32(gpu, "layer.b", WDType::F32, &[31], &[0.5; 31]).unwrap();
+        let small_x = gpu.storage("x", 4 * 63);
+        let msg = |r: Result<LinearBinding>| match r {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("accepted a bad binding"),
+        };
+        assert!(msg(lin.bind(gpu, &step, &x, &wf, None, &y)).contains("layer.wf"));
+        assert!(msg(lin.bind(gpu, &step, &x, &w1, None, &y)).contains("layer.v"));
+        assert!(msg(lin.bind(gpu, &step, &x, &w, Some(&b), &y)).contains("bias"));
+        assert!(msg(lin.bind(gpu, &step, &small_x, &w, None, &y)).contains("layer.w"));
+        let lb = Linear::new(gpu, WDType::Bf16, true).unwrap();
+        assert!(msg(lb.bind(gpu, &step, &x, &w, Some(&b), &y)).contains("[32]"));
+        // n_tokens beyond what x / y hold
+        let bound = lin.bind(gpu, &step, &x, &w, None, &y).unwrap();
+        assert_eq!(bound.max_tokens, 1);
+        let mut enc = gpu.encoder();
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        let e = lin.encode(gpu, &mut pass, &bound, 2).unwrap_err();
+        assert!(e.to_string().contains("layer.w"), "{e}");
+    }
 }

@@ -1,0 +1,109 @@
+// Prefill matmul y[t, n] = x[t, :] · W[n, :] (+ b), tiled in workgroup memory
+// and register-tiled: a workgroup computes a BM x BN block of outputs (tokens
+// x weight rows), each invocation a TM x TN sub-block, stepping over k in
+// slabs of BK staged in workgroup memory (k-major, so the inner loop reads TM
+// and TN consecutive floats).
+// Prepended: `const BM, BN, BK, TM, TN: u32`, `const W_PAIRS: bool`,
+// matmul_common.wgsl and matmul_xw.wgsl. Workgroup g covers token tile
+// g / ncol, row tile g % ncol.
+// W_PAIRS (bf16 weight with even k): every row starts on a word boundary, so
+// a tile row is read one u32 (two elements) at a time. Odd k or f32: element
+// loads.
+
+const NT: u32 = (BM / TM) * (BN / TN);
+
+var<workgroup> xs: array<f32, BK * BM>;
+var<workgroup> ws: array<f32, BK * BN>;
+
+@compute @workgroup_size(NT)
+fn main(@builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let g = wg_linear(wid, nwg);
+    let ncol = (p.rows + BN - 1u) / BN;
+    let m0 = (g / ncol) * BM;
+    let n0 = (g % ncol) * BN;
+    // Uniform across the workgroup.
+    if (m0 >= step.n_tokens) {
+        return;
+    }
+    let k = p.k;
+    let ntok = step.n_tokens;
+    let tx = lid % (BN / TN);
+    let ty = lid / (BN / TN);
+    var acc: array<f32, TM * TN>;
+    for (var i = 0u; i < TM * TN; i++) {
+        acc[i] = 0.0;
+    }
+    for (var k0 = 0u; k0 < k; k0 += BK) {
+        // x tile: consecutive invocations read consecutive k of one token.
+        for (var i = lid; i < BM * BK; i += NT) {
+            let mm = i / BK;
+            let kk = i % BK;
+            let tok = m0 + mm;
+            let gk = k0 + kk;
+            var v = 0.0;
+            if (tok < ntok && gk < k) {
+                v = x[tok * k + gk];
+            }
+            xs[kk * BM + mm] = v;
+        }
+        // weight tile
+        if (W_BF16 && W_PAIRS) {
+            for (var i = lid; i < BN * BK / 2u; i += NT) {
+                let nn = i / (BK / 2u);
+                let kk = 2u * (i % (BK / 2u));
+                let row = n0 + nn;
+                let gk = k0 + kk;
+                var lo = 0.0;
+                var hi = 0.0;
+                // k even: gk < k implies gk + 1 < k
+                if (row < p.rows && gk < k) {
+                    let wd = w[(row * k + gk) >> 1u];
+                    lo = bf16_lo(wd);
+                    hi = bf16_hi(wd);
+                }
+                ws[kk * BN + nn] = lo;
+                ws[(kk + 1u) * BN + nn] = hi;
+            }
+        } else {
+            for (var i = lid; i < BN * BK; i += NT) {
+                let nn = i / BK;
+                let kk = i % BK;
+                let row = n0 + nn;
+                let gk = k0 + kk;
+                var v = 0.0;
+                if (row < p.rows && gk < k) {
+                    v = load_w(row * k + gk);
+                }
+                ws[kk * BN + nn] = v;
+            }
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk++) {
+            var a: array<f32, TM>;
+            var b: array<f32, TN>;
+            for (var i = 0u; i < TM; i++) {
+                a[i] = xs[kk * BM + ty * TM + i];
+            }
+            for (var j = 0u; j < TN; j++) {
+                b[j] = ws[kk * BN + tx * TN + j];
+            }
+            for (var i = 0u; i < TM; i++) {
+                for (var j = 0u; j < TN; j++) {
+                    acc[i * TN + j] += a[i] * b[j];
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < TM; i++) {
+        let tok = m0 + ty * TM + i;
+        for (var j = 0u; j < TN; j++) {
+            let r = n0 + tx * TN + j;
+            if (tok < ntok && r < p.rows) {
+                store(tok, r, acc[i * TN + j]);
+            }
+        }
+    }
+}
