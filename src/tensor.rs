@@ -189,7 +189,8 @@ pub fn split_rows(
     }
     let mut per = (max_bytes / row_bytes) as usize;
     // bf16 rows with an odd element count: pair rows so chunk bytes stay 4-aligned.
-    let need_pairs = elem_bytes == 2 && cols % 2 == 1;
+    // (A single-row tensor has one chunk starting at 0 and needs no pairing.)
+    let need_pairs = elem_bytes == 2 && cols % 2 == 1 && rows > 1;
     if need_pairs {
         per -= per % 2;
     }
@@ -236,5 +237,7 @@ mod tests {
         // the real case from the issue: Qwen2.5-0.5B's embedding needs 3 chunks
         assert_eq!(split_rows(151936, 896, 2, 128 << 20).unwrap().len(), 3);
         assert!(split_rows(2, 100, 4, 16).is_err());
+        // a 1D bf16 tensor of odd length that just fits needs no pairing
+        assert_eq!(split_rows(1, 7, 2, 14).unwrap(), vec![(0, 1)]);
     }
 }
