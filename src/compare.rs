@@ -259,8 +259,8 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "{:<24} {:>12} {:>10} {:>10} {:>10} {:>12}  {}",
-            "tap", "shape", "max_abs", "max_rel", "nmse", "cosine", "result"
+            "{:<24} {:>12} {:>10} {:>10} {:>10} {:>12}  result",
+            "tap", "shape", "max_abs", "max_rel", "nmse", "cosine"
         );
         for r in &self.rows {
             let mark = if Some(&r.tap) == self.first_failure.as_ref() {

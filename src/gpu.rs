@@ -173,10 +173,10 @@ impl Gpu {
             adapter: desc.info.name.clone(),
             msg: e.to_string(),
         })?;
-        // Uncaptured errors are reported through error scopes in `checked`;
-        // anything else would be a bug, and wgpu's default handler panics with
-        // the validation message, which is what we want in that case.
-        let mut max_binding = u64::from(limits.max_storage_buffer_binding_size);
+        // Pipeline creation is checked with an error scope (see `kernel`);
+        // bind groups and dispatches are validated by the ops before they are
+        // made, so a wgpu validation error past that point is a wgllm bug.
+        let mut max_binding = limits.max_storage_buffer_binding_size;
         if let Some(cap) = opts.max_binding_override {
             max_binding = max_binding.min(cap.max(4));
         }
