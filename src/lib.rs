@@ -1,15 +1,24 @@
 //! wgllm: run Hugging Face LLM checkpoints on any GPU through wgpu and WGSL,
 //! and verify every layer against a CPU reference and PyTorch.
 
+pub mod chat;
 pub mod cli;
 pub mod compare;
 pub mod config;
 pub mod error;
+pub mod fetch;
+pub mod generate;
+pub mod gguf;
 pub mod gpu;
 pub mod loader;
+pub mod model;
 pub mod ops;
+pub mod reference;
+pub mod sampling;
 pub mod taps;
 pub mod tensor;
+pub mod tokenizer;
+pub mod verify;
 
 #[cfg(test)]
 pub(crate) mod testutil;

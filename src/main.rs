@@ -2,6 +2,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use wgllm::cli;
+
 #[derive(Parser)]
 #[command(
     name = "wgllm",
@@ -24,12 +26,27 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Compare every layer's outputs on the GPU with the CPU reference and,
+    /// optionally, a PyTorch dump (tools/dump_reference.py).
+    Verify(cli::VerifyArgs),
+    /// Convert a GGUF file to a Hugging Face folder (config.json,
+    /// model.safetensors, tokenizer files).
+    Convert(cli::ConvertArgs),
+    /// Generate text from a prompt (or stdin).
+    Run(cli::RunArgs),
+    /// Interactive multi-turn chat in the terminal.
+    Chat(cli::ChatArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let adapter = cli.adapter.as_deref();
     let res = match cli.cmd {
-        Cmd::Devices { json } => wgllm::cli::devices(cli.adapter.as_deref(), json),
+        Cmd::Devices { json } => cli::devices(adapter, json),
+        Cmd::Verify(a) => cli::verify(adapter, a),
+        Cmd::Convert(a) => cli::convert(a),
+        Cmd::Run(a) => cli::run(adapter, a),
+        Cmd::Chat(a) => cli::chat(adapter, a),
     };
     match res {
         Ok(code) => code,

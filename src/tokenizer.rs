@@ -114,6 +114,17 @@ impl Tokenizer {
 
     /// Text of `ids`, special tokens included. Ids the tokenizer does not
     /// know (e.g. embedding rows past the vocabulary) are skipped.
+    /// Token ids of `text` with the tokenizer's own special tokens added
+    /// (e.g. a BOS where the model's tokenizer adds one), as transformers'
+    /// `encode(text)` does by default; for raw (non-chat) prompts.
+    pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| Error::invalid(format!("tokenizing: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, false)
