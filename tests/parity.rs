@@ -1,0 +1,203 @@
+//! Parity with PyTorch on the tiny fixtures (tests/fixtures, made by
+//! tools/make_tiny_models.py and tools/dump_reference.py): every tap of the
+//! GPU forward and of the CPU reference forward against transformers in f32,
+//! the GPU against transformers' native bf16 run at the bf16 tolerances, and
+//! greedy continuations token for token.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use wgllm::compare::{compare, RefKind, Tolerances};
+use wgllm::loader::{Checkpoint, HostWeights, LoadDType, MemoryPlan};
+use wgllm::model::{Model, ModelOptions};
+use wgllm::reference::CpuModel;
+use wgllm::taps::{read_i32, TapSet};
+use wgllm::{Gpu, GpuOptions};
+
+const FIXTURES: [&str; 5] = [
+    "qwen2_bias_tied",
+    "llama_gqa3_untied",
+    "llama3_rope_scaling",
+    "mistral_head_dim",
+    "qwen2_big_vocab",
+];
+
+fn gpu() -> Arc<Gpu> {
+    static G: OnceLock<Arc<Gpu>> = OnceLock::new();
+    G.get_or_init(|| Arc::new(Gpu::new(&GpuOptions::default()).expect("GPU")))
+        .clone()
+}
+
+fn dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn ints(path: &Path, name: &str) -> Vec<u32> {
+    read_i32(path, name)
+        .unwrap()
+        .unwrap_or_else(|| panic!("{}: no `{name}`", path.display()))
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
+}
+
+fn load(name: &str, max_context: usize, max_batch: usize) -> Model {
+    let opts = ModelOptions {
+        max_context: Some(max_context),
+        max_batch,
+        ..Default::default()
+    };
+    Model::load(gpu(), &dir(name), &opts).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn gpu_taps_match_pytorch_f32_at_every_tap() {
+    for name in FIXTURES {
+        let r = dir(name).join("reference_f32.safetensors");
+        let tokens = ints(&r, "tokens");
+        let mut m = load(name, tokens.len(), tokens.len());
+        let got = m.forward_taps(&tokens).unwrap();
+        let want = TapSet::load(&r).unwrap();
+        // Default F32 tolerances (see compare::Tolerances::defaults).
+        let rep = compare(
+            &got,
+            &want,
+            name,
+            RefKind::F32,
+            &Tolerances::defaults(RefKind::F32),
+        );
+        assert!(rep.pass, "{name}:\n{}", rep.table());
+        // every tap the model produces was compared (no silent gaps)
+        assert_eq!(rep.rows.len(), 2 + 12 * m.cfg.num_hidden_layers + 1);
+    }
+}
+
+#[test]
+fn gpu_taps_match_pytorch_bf16_within_bf16_tolerances() {
+    for name in FIXTURES {
+        let r = dir(name).join("reference_bf16.safetensors");
+        let tokens = ints(&r, "tokens");
+        let mut m = load(name, tokens.len(), tokens.len());
+        let got = m.forward_taps(&tokens).unwrap();
+        let want = TapSet::load(&r).unwrap();
+        let rep = compare(
+            &got,
+            &want,
+            name,
+            RefKind::Bf16,
+            &Tolerances::defaults(RefKind::Bf16),
+        );
+        assert!(rep.pass, "{name}:\n{}", rep.table());
+    }
+}
+
+#[test]
+fn cpu_reference_matches_pytorch_f32_at_every_tap() {
+    for name in FIXTURES {
+        let r = dir(name).join("reference_f32.safetensors");
+        let tokens = ints(&r, "tokens");
+        let ckpt = Checkpoint::open(dir(name)).unwrap();
+        let plan = MemoryPlan::new(&ckpt.config, &ckpt, LoadDType::Auto, &gpu().caps).unwrap();
+        let host = HostWeights::load(&ckpt, &plan).unwrap();
+        let mut cpu = CpuModel::new(&ckpt.config, &host, tokens.len()).unwrap();
+        let got = cpu.forward(&tokens).unwrap();
+        let want = TapSet::load(&r).unwrap();
+        let rep = compare(
+            &got,
+            &want,
+            name,
+            RefKind::F32,
+            &Tolerances::defaults(RefKind::F32),
+        );
+        assert!(rep.pass, "{name}:\n{}", rep.table());
+    }
+}
+
+/// Greedy decoding on the GPU: prefill the prompt in one pass, then one
+/// token per step through the KV cache; must equal transformers' generate.
+#[test]
+fn greedy_continuations_match_transformers_token_for_token() {
+    for name in FIXTURES {
+        let r = dir(name).join("reference_f32.safetensors");
+        let tokens = ints(&r, "tokens");
+        let want = ints(&r, "generated");
+        let mut m = load(name, tokens.len() + want.len(), tokens.len());
+        let mut got = vec![m.forward_next(&tokens).unwrap()];
+        while got.len() < want.len() {
+            let last = *got.last().unwrap();
+            got.push(m.forward_next(&[last]).unwrap());
+        }
+        assert_eq!(got, want, "{name}: GPU greedy");
+        assert_eq!(m.position(), tokens.len() + want.len() - 1);
+    }
+}
+
+#[test]
+fn cpu_reference_greedy_matches_transformers() {
+    for name in ["qwen2_bias_tied", "llama3_rope_scaling"] {
+        let r = dir(name).join("reference_f32.safetensors");
+        let tokens = ints(&r, "tokens");
+        let want = ints(&r, "generated");
+        let ckpt = Checkpoint::open(dir(name)).unwrap();
+        let plan = MemoryPlan::new(&ckpt.config, &ckpt, LoadDType::Auto, &gpu().caps).unwrap();
+        let host = HostWeights::load(&ckpt, &plan).unwrap();
+        let mut cpu = CpuModel::new(&ckpt.config, &host, tokens.len() + want.len()).unwrap();
+        assert_eq!(
+            cpu.generate_greedy(&tokens, want.len()).unwrap(),
+            want,
+            "{name}"
+        );
+    }
+}
+
+/// The same prompt run in one pass, in uneven chunks (max_batch 5), and one
+/// token at a time must give the same last-token logits: positions, the KV
+/// cache and the causal mask are consistent across entry points.
+#[test]
+fn chunked_prefill_and_decode_agree_with_one_pass() {
+    let name = "llama3_rope_scaling"; // 40 tokens: positions pass original_max 32
+    let r = dir(name).join("reference_f32.safetensors");
+    let tokens = ints(&r, "tokens");
+    let want = TapSet::load(&r).unwrap();
+    let wl = want.get("logits").unwrap();
+    let last_ref = &wl.data[(wl.rows - 1) * wl.cols..];
+    for batch in [tokens.len(), 5, 1] {
+        let mut m = load(name, tokens.len(), batch);
+        let got = m.forward_logits(&tokens).unwrap();
+        let met = wgllm::compare::metrics(&got, last_ref);
+        // same f32 bound as the taps
+        assert!(met.nmse < 1e-9, "batch {batch}: nmse {:e}", met.nmse);
+    }
+}
+
+#[test]
+fn reset_and_truncate_reuse_the_cache() {
+    let name = "qwen2_bias_tied";
+    let r = dir(name).join("reference_f32.safetensors");
+    let tokens = ints(&r, "tokens");
+    let mut m = load(name, 64, 16);
+    let a = m.forward_logits(&tokens).unwrap();
+    // a different sequence, then reset: the same prompt must give the same
+    // logits (bit for bit: same kernels, same order)
+    m.reset();
+    m.forward_logits(&[1, 2, 3]).unwrap();
+    m.reset();
+    assert_eq!(m.forward_logits(&tokens).unwrap(), a);
+    // truncate to a prefix and re-run the rest
+    m.truncate(5).unwrap();
+    assert_eq!(m.forward_logits(&tokens[5..]).unwrap(), a);
+    assert!(m.truncate(1000).is_err());
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    let mut m = load("qwen2_bias_tied", 16, 8);
+    let e = m.forward_next(&[]).unwrap_err().to_string();
+    assert!(e.contains("no tokens"), "{e}");
+    let e = m.forward_next(&[512]).unwrap_err().to_string();
+    assert!(e.contains("outside the vocabulary"), "{e}");
+    let e = m.forward_next(&[1; 17]).unwrap_err().to_string();
+    assert!(e.contains("context full"), "{e}");
+}
