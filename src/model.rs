@@ -340,7 +340,7 @@ impl Model {
             norm: Vec::new(),
             linear: Vec::new(),
             embed: Embedding::new(g, weights.embed.dtype)?,
-            rope: Rope::new(g)?,
+            rope: Rope::with_faults(g, f.rope_interleaved)?,
             attention: Attention::new(g, hd)?,
             kv_copy: KvCopy::new(g)?,
             swiglu: Elementwise::new(g, Binary::SwiGlu)?,
