@@ -341,7 +341,7 @@ impl Model {
             linear: Vec::new(),
             embed: Embedding::new(g, weights.embed.dtype)?,
             rope: Rope::with_faults(g, f.rope_interleaved)?,
-            attention: Attention::new(g, hd)?,
+            attention: Attention::with_faults(g, hd, f.gqa_modulo)?,
             kv_copy: KvCopy::new(g)?,
             swiglu: Elementwise::new(g, Binary::SwiGlu)?,
             add: Elementwise::new(g, Binary::Add)?,
