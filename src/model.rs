@@ -65,6 +65,15 @@ impl Default for ModelOptions {
     }
 }
 
+/// What a generation step reads back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Readback {
+    /// The argmax token id (4 bytes).
+    NextId,
+    /// The last token's logits.
+    Logits,
+}
+
 /// Which logits a pass computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -624,55 +633,39 @@ impl Model {
     /// Run `tokens` (appended after the cached ones) and return the greedy
     /// next token after the last of them. Long inputs go in `max_batch` chunks.
     pub fn forward_next(&mut self, tokens: &[u32]) -> Result<u32> {
-        self.check_tokens(tokens, Logits::Last)?;
-        let mut last = 0;
-        let chunks: Vec<&[u32]> = tokens.chunks(self.max_batch).collect();
-        for (ci, chunk) in chunks.iter().enumerate() {
-            let final_chunk = ci + 1 == chunks.len();
-            let (cmd, _) = self.record(chunk, final_chunk.then_some(Logits::Last), false)?;
-            if final_chunk {
-                let mut enc = self.gpu.encoder();
-                enc.copy_buffer_to_buffer(&self.b.next, 0, &self.b.next_staging, 0, 4);
-                self.gpu.queue.submit([cmd, enc.finish()]);
-                let bytes = self.gpu.map_staging(&self.b.next_staging, 4)?;
-                last = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-            } else {
-                self.gpu.queue.submit([cmd]);
-            }
-            self.pos += chunk.len();
-        }
-        Ok(last)
+        let bytes = self.run_last(tokens, Readback::NextId)?;
+        Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
     }
 
     /// Run `tokens` and return the last token's logits (for sampling).
     pub fn forward_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let bytes = self.run_last(tokens, Readback::Logits)?;
+        Ok(bytemuck::cast_slice(&bytes).to_vec())
+    }
+
+    /// Run `tokens` in `max_batch` chunks (one submission each); the last
+    /// chunk computes the last token's logits and argmax and copies what
+    /// `readback` asks for into a persistent staging buffer in the same
+    /// submission.
+    fn run_last(&mut self, tokens: &[u32], readback: Readback) -> Result<Vec<u8>> {
         self.check_tokens(tokens, Logits::Last)?;
-        let vocab = self.cfg.vocab_size;
-        let chunks: Vec<&[u32]> = tokens.chunks(self.max_batch).collect();
-        let mut out = Vec::new();
-        for (ci, chunk) in chunks.iter().enumerate() {
-            let final_chunk = ci + 1 == chunks.len();
-            let (cmd, _) = self.record(chunk, final_chunk.then_some(Logits::Last), false)?;
-            if final_chunk {
-                let mut enc = self.gpu.encoder();
-                enc.copy_buffer_to_buffer(
-                    &self.b.logits,
-                    0,
-                    &self.b.logits_staging,
-                    0,
-                    (vocab * 4) as u64,
-                );
-                self.gpu.queue.submit([cmd, enc.finish()]);
-                let bytes = self
-                    .gpu
-                    .map_staging(&self.b.logits_staging, (vocab * 4) as u64)?;
-                out = bytemuck::cast_slice(&bytes).to_vec();
-            } else {
-                self.gpu.queue.submit([cmd]);
-            }
+        let n_chunks = tokens.len().div_ceil(self.max_batch);
+        for (ci, chunk) in tokens.chunks(self.max_batch).enumerate() {
+            let last = ci + 1 == n_chunks;
+            let (cmd, _) = self.record(
+                chunk,
+                last.then_some(Logits::Last),
+                false,
+                last.then_some(readback),
+            )?;
+            self.gpu.queue.submit([cmd]);
             self.pos += chunk.len();
         }
-        Ok(out)
+        let (staging, len) = match readback {
+            Readback::NextId => (&self.b.next_staging, 4),
+            Readback::Logits => (&self.b.logits_staging, (self.cfg.vocab_size * 4) as u64),
+        };
+        self.gpu.map_staging(staging, len)
     }
 
     /// Run `tokens` in one pass with every tap read back (verification).
@@ -686,7 +679,7 @@ impl Model {
                 self.max_batch
             )));
         }
-        let (cmd, plan) = self.record(tokens, Some(Logits::All), true)?;
+        let (cmd, plan) = self.record(tokens, Some(Logits::All), true, None)?;
         self.gpu.queue.submit([cmd]);
         let plan = plan.expect("taps requested");
         let bytes = self.gpu.map_staging(&plan.staging, plan.offset)?;
@@ -714,6 +707,7 @@ impl Model {
         tokens: &[u32],
         logits: Option<Logits>,
         taps: bool,
+        readback: Option<Readback>,
     ) -> Result<(wgpu::CommandBuffer, Option<TapPlan>)> {
         let g: &Gpu = &self.gpu;
         let n = tokens.len();
@@ -788,6 +782,18 @@ impl Model {
                     .copy_buffer_to_buffer(&b.norm, row, &b.last, 0, (hidden * 4) as u64);
                 lin(&self.head.lm_last, &mut r, 1)?;
                 k.argmax.encode(g, r.pass(), &self.head.argmax_last, 1)?;
+            }
+        }
+        match readback {
+            None => {}
+            Some(Readback::NextId) => {
+                r.enc()
+                    .copy_buffer_to_buffer(&b.next, 0, &b.next_staging, 0, 4);
+            }
+            Some(Readback::Logits) => {
+                let len = (c.vocab_size * 4) as u64;
+                r.enc()
+                    .copy_buffer_to_buffer(&b.logits, 0, &b.logits_staging, 0, len);
             }
         }
         Ok(r.finish())
