@@ -1,6 +1,7 @@
 //! wgllm: run Hugging Face LLM checkpoints on any GPU through wgpu and WGSL,
 //! and verify every layer against a CPU reference and PyTorch.
 
+pub mod bench;
 pub mod chat;
 pub mod cli;
 pub mod compare;

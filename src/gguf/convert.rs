@@ -883,21 +883,12 @@ pub fn convert_file(
     })
 }
 
-/// The default cache folder for converted GGUF files: `$WGLLM_CACHE_DIR`,
-/// else `$XDG_CACHE_HOME/wgllm`, else `$HOME/.cache/wgllm`; then `gguf/`.
+/// The default cache folder for converted GGUF files: `gguf/` under the
+/// wgllm cache ([`crate::fetch::cache_root`]: `$WGLLM_CACHE`, else the older
+/// `$WGLLM_CACHE_DIR`, else `$XDG_CACHE_HOME/wgllm`, else
+/// `$HOME/.cache/wgllm`).
 pub fn default_cache_dir() -> Result<PathBuf> {
-    let base = if let Some(d) = std::env::var_os("WGLLM_CACHE_DIR").filter(|d| !d.is_empty()) {
-        PathBuf::from(d)
-    } else if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-        PathBuf::from(d).join("wgllm")
-    } else if let Some(h) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
-        PathBuf::from(h).join(".cache").join("wgllm")
-    } else {
-        return Err(Error::invalid(
-            "no cache folder for converted GGUF files: set WGLLM_CACHE_DIR (or HOME)",
-        ));
-    };
-    Ok(base.join("gguf"))
+    Ok(crate::fetch::cache_root()?.join("gguf"))
 }
 
 /// Make a `.gguf` file runnable as a Hugging Face folder: convert it once
