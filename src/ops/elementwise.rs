@@ -116,13 +116,22 @@ mod tests {
 
     #[test]
     fn swiglu_matches_reference() {
-        for (i, &(n, w)) in [(1, 1), (1, 7), (3, 65), (5, 577), (2, 4864)].iter().enumerate() {
+        for (i, &(n, w)) in [(1, 1), (1, 7), (3, 65), (5, 577), (2, 4864)]
+            .iter()
+            .enumerate()
+        {
             let (got, a, b) = run(Binary::SwiGlu, n, w, i as u64);
             // exp and the division are a few ulp on the GPU (WGSL allows
             // exp to be off by 3 + 2|x| ulp); 1e-5 relative covers that for
             // |gate| <= 12 while a wrong activation (gelu, plain sigmoid,
             // missing up) is off by far more.
-            assert_close(&got, &swiglu_reference(&a, &b), 1e-5, 1e-6, &format!("swiglu {n}x{w}"));
+            assert_close(
+                &got,
+                &swiglu_reference(&a, &b),
+                1e-5,
+                1e-6,
+                &format!("swiglu {n}x{w}"),
+            );
         }
     }
 

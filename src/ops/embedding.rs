@@ -117,7 +117,9 @@ mod tests {
         }
         let t = DeviceTensor::from_f32(gpu, "embed", dtype, &[vocab, hidden], &table).unwrap();
         let op = Embedding::new(gpu, dtype).unwrap();
-        let step = gpu.uniform("step", &Step::new(ids.len() as u32, 0)).unwrap();
+        let step = gpu
+            .uniform("step", &Step::new(ids.len() as u32, 0))
+            .unwrap();
         let idb = gpu.storage_init("ids", bytemuck::cast_slice(ids)).unwrap();
         let yb = gpu.storage("y", (ids.len() * hidden * 4) as u64);
         let b = op.bind(gpu, &step, &idb, &t, &yb).unwrap();
@@ -129,7 +131,11 @@ mod tests {
         gpu.submit_wait(enc).unwrap();
         let got = gpu.read_f32(&yb, ids.len() * hidden).unwrap();
         // A gather is a copy (bf16 widening is exact): bit-for-bit equality.
-        assert_eq!(got, reference(&table, hidden, ids), "embedding {vocab}x{hidden} {dtype:?}");
+        assert_eq!(
+            got,
+            reference(&table, hidden, ids),
+            "embedding {vocab}x{hidden} {dtype:?}"
+        );
         t.chunks.len()
     }
 
