@@ -35,7 +35,6 @@ use serde_json::json;
 use crate::error::{Error, Result};
 use crate::gguf::sha256::Sha256;
 use crate::gguf::{self, ConvertDType, GgufTokenizerMeta, KnownModel, WheelPart};
-use crate::tokenizer::VocabSpec;
 
 /// The model `wgllm run` / `chat` use without `--model`.
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
@@ -194,28 +193,11 @@ impl Drop for Progress {
 
 // -------------------------------------------------------------- tokenizer
 
-impl From<&GgufTokenizerMeta> for VocabSpec {
-    fn from(m: &GgufTokenizerMeta) -> Self {
-        VocabSpec {
-            model: m.model.clone(),
-            pre: m.pre.clone(),
-            tokens: m.tokens.clone(),
-            token_types: m.token_types.clone(),
-            merges: m.merges.clone(),
-            bos: m.bos,
-            eos: m.eos,
-            padding: m.padding,
-            add_bos: m.add_bos,
-            chat_template: m.chat_template.clone(),
-        }
-    }
-}
-
 /// The tokenizer writer for [`gguf::convert`]: `tokenizer.json` and
 /// `tokenizer_config.json` built from the GGUF vocabulary
 /// ([`crate::tokenizer::write_tokenizer_files`]).
 pub fn tokenizer_writer(meta: &GgufTokenizerMeta, out: &Path) -> Result<()> {
-    crate::tokenizer::write_tokenizer_files(&VocabSpec::from(meta), out)
+    crate::tokenizer::write_tokenizer_files(meta, out)
 }
 
 // ---------------------------------------------------------------- resolve

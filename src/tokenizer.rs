@@ -172,7 +172,7 @@ pub mod token_type {
 
 /// Tokenizer metadata as stored in a GGUF file (`tokenizer.ggml.*` and
 /// `tokenizer.chat_template`), independent of the GGUF reader.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct VocabSpec {
     /// `tokenizer.ggml.model`; only `gpt2` (byte-level BPE) is supported.
     pub model: String,

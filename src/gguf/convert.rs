@@ -83,34 +83,17 @@ impl std::fmt::Display for ConvertDType {
 }
 
 /// The tokenizer metadata of a GGUF file (`tokenizer.ggml.*`,
-/// `tokenizer.chat_template`), handed to the tokenizer writer.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct GgufTokenizerMeta {
-    /// `tokenizer.ggml.model` (`gpt2` for byte-level BPE, `llama` for
-    /// SentencePiece, ...).
-    pub model: String,
-    /// `tokenizer.ggml.pre`: llama.cpp's name for the pre-tokenizer.
-    pub pre: Option<String>,
-    pub tokens: Vec<String>,
-    /// llama.cpp token types (1 normal, 2 unknown, 3 control, 4
-    /// user-defined, 5 unused, 6 byte).
-    pub token_types: Option<Vec<i32>>,
-    /// BPE merges, `"left right"`; empty when the file has none.
-    pub merges: Vec<String>,
-    pub bos: Option<u32>,
-    pub eos: Option<u32>,
-    pub padding: Option<u32>,
-    pub add_bos: Option<bool>,
-    pub chat_template: Option<String>,
-}
+/// `tokenizer.chat_template`), handed to the tokenizer writer: the same type
+/// the tokenizer builder takes.
+pub type GgufTokenizerMeta = crate::tokenizer::VocabSpec;
 
-impl GgufTokenizerMeta {
+impl crate::tokenizer::VocabSpec {
     /// Read from `g`; `None` when the file has no `tokenizer.ggml.model`.
     pub fn from_gguf(g: &GgufFile) -> Result<Option<Self>> {
         let Some(model) = g.opt_str("tokenizer.ggml.model")? else {
             return Ok(None);
         };
-        Ok(Some(GgufTokenizerMeta {
+        Ok(Some(Self {
             model: model.to_string(),
             pre: g.opt_str("tokenizer.ggml.pre")?.map(str::to_string),
             tokens: g.get_str_array("tokenizer.ggml.tokens")?.to_vec(),
