@@ -36,6 +36,9 @@ enum Cmd {
     Run(cli::RunArgs),
     /// Interactive multi-turn chat in the terminal.
     Chat(cli::ChatArgs),
+    /// Prefill and decode speed against the device's own measured read
+    /// bandwidth (a probe kernel in the same run).
+    Bench(wgllm::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Cmd::Convert(a) => cli::convert(a),
         Cmd::Run(a) => cli::run(adapter, a),
         Cmd::Chat(a) => cli::chat(adapter, a),
+        Cmd::Bench(a) => wgllm::bench::bench_cli(adapter, a),
     };
     match res {
         Ok(code) => code,

