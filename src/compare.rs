@@ -100,20 +100,21 @@ impl Tolerances {
     ///
     /// F32 references: both sides hold the same bf16 weights and compute in
     /// f32, so differences are only f32 rounding in a different summation
-    /// order. Measured on the fixtures and the real models, GPU vs PyTorch
-    /// f32 gives NMSE 1e-14..1e-11 and max_rel up to ~1e-5 at the logits;
-    /// the defaults sit about 100x above the worst measurement and still
-    /// far below what any porting bug gives (NMSE >= 1e-4 for every one of
-    /// the six broken variants in tests/broken.rs).
+    /// order. Measured, GPU (lavapipe) vs PyTorch f32: tiny fixtures NMSE
+    /// <= 1.3e-12, max_rel <= 1.4e-6; SmolLM2-135M NMSE <= 1.4e-11; Qwen2.5-0.5B
+    /// NMSE <= 9.5e-10 (an mlp_out tap deep in the model), max_rel <= 8.2e-5.
+    /// NMSE 1e-8 sits 10x above the worst of those and still 10^4 below what
+    /// the mildest porting bug gives (RMSNorm eps outside the sqrt: ~1e-4;
+    /// see tests/broken.rs); max_rel 1e-3 is 12x above the worst measured.
     ///
     /// Bf16 references: PyTorch rounds every activation to bf16 (8 bits of
     /// mantissa, relative step 2^-8), and errors compound over the layers;
-    /// measured NMSE up to ~1e-3 at the logits of the tiny fixtures.
+    /// measured on the fixtures NMSE <= 1.0e-3 and max_rel <= 5.9e-2.
     pub fn defaults(kind: RefKind) -> Self {
         match kind {
             RefKind::F32 => Tolerances {
                 default: Tolerance {
-                    nmse: 1e-9,
+                    nmse: 1e-8,
                     max_rel: 1e-3,
                 },
                 kinds: HashMap::new(),

@@ -168,7 +168,8 @@ fn chunked_prefill_and_decode_agree_with_one_pass() {
         let got = m.forward_logits(&tokens).unwrap();
         let met = wgllm::compare::metrics(&got, last_ref);
         // same f32 bound as the taps
-        assert!(met.nmse < 1e-9, "batch {batch}: nmse {:e}", met.nmse);
+        let bound = Tolerances::defaults(RefKind::F32).default.nmse;
+        assert!(met.nmse < bound, "batch {batch}: nmse {:e}", met.nmse);
     }
 }
 
