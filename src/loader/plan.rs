@@ -31,6 +31,13 @@ pub enum LayerRole {
     GateBias,
     UpBias,
     DownBias,
+    /// Per-head RMSNorm weights on q and k (Qwen3, Gemma 3).
+    QNorm,
+    KNorm,
+    /// Gemma 3's norms on the attention and MLP outputs, before each
+    /// residual add.
+    PostAttnNorm,
+    PostMlpNorm,
 }
 
 /// The part a tensor plays in the model.
@@ -86,6 +93,17 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
             "[hidden_size]",
         );
         push(format!("{p}.self_attn.q_proj.weight"), vec![q, h], l(Q), qd);
+        if cfg.has_qk_norm() {
+            let hd = vec![cfg.head_dim];
+            let d = "[head_dim]";
+            push(
+                format!("{p}.self_attn.q_norm.weight"),
+                hd.clone(),
+                l(QNorm),
+                d,
+            );
+            push(format!("{p}.self_attn.k_norm.weight"), hd, l(KNorm), d);
+        }
         push(
             format!("{p}.self_attn.k_proj.weight"),
             vec![kv, h],
@@ -132,12 +150,31 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
                 "[hidden_size]",
             );
         }
-        push(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            l(MlpNorm),
-            "[hidden_size]",
-        );
+        // Gemma 3 names its MLP input norm pre_feedforward_layernorm and
+        // normalizes each sub-block's output (post_attention_layernorm,
+        // post_feedforward_layernorm); the others' post_attention_layernorm
+        // is the MLP input norm.
+        if cfg.arch == crate::config::Arch::Gemma3 {
+            for (name, role) in [
+                ("post_attention_layernorm", PostAttnNorm),
+                ("pre_feedforward_layernorm", MlpNorm),
+                ("post_feedforward_layernorm", PostMlpNorm),
+            ] {
+                push(
+                    format!("{p}.{name}.weight"),
+                    vec![h],
+                    l(role),
+                    "[hidden_size]",
+                );
+            }
+        } else {
+            push(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                l(MlpNorm),
+                "[hidden_size]",
+            );
+        }
         push(
             format!("{p}.mlp.gate_proj.weight"),
             vec![ffn, h],
