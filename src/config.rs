@@ -1194,4 +1194,90 @@ mod tests {
         let e = msg(parse(with(v, "layer_types", json!(["full_attention"]))));
         assert!(e.contains("layer_types"), "{e}");
     }
+
+    #[test]
+    fn qwen3_defaults() {
+        let mut v = with(base("Qwen3ForCausalLM"), "num_attention_heads", json!(32));
+        v.as_object_mut().unwrap().remove("num_key_value_heads");
+        let c = parse(v).unwrap();
+        // Qwen3Config: head_dim 128 and 32 KV heads when absent (not hidden/heads)
+        assert_eq!((c.head_dim, c.num_key_value_heads), (128, 32));
+        assert!(c.has_qk_norm() && !c.norm_unit_offset() && !c.has_qkv_bias());
+        assert_eq!(c.embed_scale(), None);
+        let c = parse(with(base("Qwen3ForCausalLM"), "attention_bias", json!(true))).unwrap();
+        assert!(c.has_qkv_bias() && c.has_o_bias() && !c.has_mlp_bias());
+    }
+
+    #[test]
+    fn gemma3_defaults_layer_types_and_rope() {
+        let c = parse(base("Gemma3ForCausalLM")).unwrap();
+        assert_eq!(c.arch.model_type(), "gemma3_text");
+        assert_eq!((c.head_dim, c.hidden_act.as_str()), (256, "gelu_pytorch_tanh"));
+        assert!(c.tie_word_embeddings && c.norm_unit_offset() && c.has_qk_norm());
+        assert_eq!(c.attention_scale(), (256f64).powf(-0.5) as f32);
+        assert_eq!(c.embed_scale(), Some(8.0));
+        assert_eq!(c.final_logit_softcapping, None);
+        // no layer_types: sliding unless (i + 1) % 6 == 0; window 4096
+        let mut v = with(base("Gemma3ForCausalLM"), "num_hidden_layers", json!(7));
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(
+            c.layer_is_sliding,
+            [true, true, true, true, true, false, true]
+        );
+        assert_eq!((c.layer_sliding_window(0), c.layer_sliding_window(5)), (Some(4096), None));
+        // legacy keys: rope_theta (global), rope_local_base_freq, rope_scaling on global only
+        v["rope_theta"] = json!(5e5);
+        v["rope_local_base_freq"] = json!(1234.0);
+        v["rope_scaling"] = json!({"rope_type": "linear", "factor": 8.0});
+        let c = parse(v).unwrap();
+        assert_eq!(c.layer_rope(5), (5e5, &RopeScaling::Linear { factor: 8.0 }));
+        assert_eq!(c.layer_rope(0), (1234.0, &RopeScaling::None));
+        // transformers 5 layout
+        let v = with(
+            base("Gemma3ForCausalLM"),
+            "rope_parameters",
+            json!({"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+        );
+        let v = with(v, "layer_types", json!(["sliding_attention", "full_attention"]));
+        let c = parse(v).unwrap();
+        assert_eq!((c.layer_rope(0).0, c.layer_rope(1).0), (1e4, 1e6));
+        let e = msg(parse(with(
+            base("Gemma3ForCausalLM"),
+            "rope_parameters",
+            json!({"rope_type": "default", "rope_theta": 1e6}),
+        )));
+        assert!(e.contains("rope_parameters.rope_t") && e.contains("per layer type"), "{e}");
+    }
+
+    #[test]
+    fn gemma3_refuses_what_it_does_not_implement() {
+        let e = msg(parse(with(
+            base("Gemma3ForCausalLM"),
+            "attn_logit_softcapping",
+            json!(50.0),
+        )));
+        assert!(e.contains("attn_logit_softcapping"), "{e}");
+        let e = msg(parse(with(
+            base("Gemma3ForCausalLM"),
+            "use_bidirectional_attention",
+            json!(true),
+        )));
+        assert!(e.contains("use_bidirectional_attention"), "{e}");
+        let e = msg(parse(with(
+            base("Gemma3ForCausalLM"),
+            "hidden_activation",
+            json!("gelu"),
+        )));
+        assert!(e.contains("hidden_activation") && e.contains("gelu"), "{e}");
+        let c = parse(with(
+            base("Gemma3ForCausalLM"),
+            "final_logit_softcapping",
+            json!(30.0),
+        ))
+        .unwrap();
+        assert_eq!(c.final_logit_softcapping, Some(30.0));
+        let e = msg(parse(with(base("LlamaForCausalLM"), "model_type", json!("gemma2"))));
+        assert!(e.contains("model_type"), "{e}");
+    }
 }
