@@ -1204,7 +1204,12 @@ mod tests {
         assert_eq!((c.head_dim, c.num_key_value_heads), (128, 32));
         assert!(c.has_qk_norm() && !c.norm_unit_offset() && !c.has_qkv_bias());
         assert_eq!(c.embed_scale(), None);
-        let c = parse(with(base("Qwen3ForCausalLM"), "attention_bias", json!(true))).unwrap();
+        let c = parse(with(
+            base("Qwen3ForCausalLM"),
+            "attention_bias",
+            json!(true),
+        ))
+        .unwrap();
         assert!(c.has_qkv_bias() && c.has_o_bias() && !c.has_mlp_bias());
     }
 
@@ -1212,7 +1217,10 @@ mod tests {
     fn gemma3_defaults_layer_types_and_rope() {
         let c = parse(base("Gemma3ForCausalLM")).unwrap();
         assert_eq!(c.arch.model_type(), "gemma3_text");
-        assert_eq!((c.head_dim, c.hidden_act.as_str()), (256, "gelu_pytorch_tanh"));
+        assert_eq!(
+            (c.head_dim, c.hidden_act.as_str()),
+            (256, "gelu_pytorch_tanh")
+        );
         assert!(c.tie_word_embeddings && c.norm_unit_offset() && c.has_qk_norm());
         assert_eq!(c.attention_scale(), (256f64).powf(-0.5) as f32);
         assert_eq!(c.embed_scale(), Some(8.0));
@@ -1224,7 +1232,10 @@ mod tests {
             c.layer_is_sliding,
             [true, true, true, true, true, false, true]
         );
-        assert_eq!((c.layer_sliding_window(0), c.layer_sliding_window(5)), (Some(4096), None));
+        assert_eq!(
+            (c.layer_sliding_window(0), c.layer_sliding_window(5)),
+            (Some(4096), None)
+        );
         // legacy keys: rope_theta (global), rope_local_base_freq, rope_scaling on global only
         v["rope_theta"] = json!(5e5);
         v["rope_local_base_freq"] = json!(1234.0);
@@ -1239,7 +1250,11 @@ mod tests {
             json!({"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
         );
-        let v = with(v, "layer_types", json!(["sliding_attention", "full_attention"]));
+        let v = with(
+            v,
+            "layer_types",
+            json!(["sliding_attention", "full_attention"]),
+        );
         let c = parse(v).unwrap();
         assert_eq!((c.layer_rope(0).0, c.layer_rope(1).0), (1e4, 1e6));
         let e = msg(parse(with(
@@ -1247,7 +1262,10 @@ mod tests {
             "rope_parameters",
             json!({"rope_type": "default", "rope_theta": 1e6}),
         )));
-        assert!(e.contains("rope_parameters.rope_t") && e.contains("per layer type"), "{e}");
+        assert!(
+            e.contains("rope_parameters.rope_t") && e.contains("per layer type"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1277,7 +1295,11 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.final_logit_softcapping, Some(30.0));
-        let e = msg(parse(with(base("LlamaForCausalLM"), "model_type", json!("gemma2"))));
+        let e = msg(parse(with(
+            base("LlamaForCausalLM"),
+            "model_type",
+            json!("gemma2"),
+        )));
         assert!(e.contains("model_type"), "{e}");
     }
 }

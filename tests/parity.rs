@@ -172,31 +172,14 @@ fn cpu_reference_greedy_matches_transformers() {
 
 /// The same prompt run in one pass, in uneven chunks (max_batch 5), and one
 /// token at a time must give the same last-token logits: positions, the KV
-/// cache and the causal mask are consistent across entry points.
+/// cache and the causal mask (and, past the window, the sliding window of
+/// Gemma 3's sliding layers and of every Mistral layer) are consistent across
+/// entry points.
 #[test]
 fn chunked_prefill_and_decode_agree_with_one_pass() {
-    let name = "llama3_rope_scaling"; // 40 tokens: positions pass original_max 32
-    let r = dir(name).join("reference_f32.safetensors");
-    let tokens = ints(&r, "tokens");
-    let want = TapSet::load(&r).unwrap();
-    let wl = want.get("logits").unwrap();
-    let last_ref = &wl.data[(wl.rows - 1) * wl.cols..];
-    for batch in [tokens.len(), 5, 1] {
-        let mut m = load(name, tokens.len(), batch);
-        let got = m.forward_logits(&tokens).unwrap();
-        let met = wgllm::compare::metrics(&got, last_ref);
-        // same f32 bound as the taps
-        let bound = Tolerances::defaults(RefKind::F32).default.nmse;
-        assert!(met.nmse < bound, "batch {batch}: nmse {:e}", met.nmse);
-    }
-}
-
-/// Past the window, chunked prefill and decode must see the same window as
-/// one pass (sliding layers and the global layer of Gemma 3, Mistral's
-/// window on every layer).
-#[test]
-fn windowed_chunked_prefill_and_decode_agree_with_one_pass() {
-    for name in ["gemma3_window", "mistral_window"] {
+    // llama3_rope_scaling: 40 tokens, positions pass original_max 32;
+    // the windowed fixtures: 28 tokens over a window of 8.
+    for name in ["llama3_rope_scaling", "gemma3_window", "mistral_window"] {
         let r = dir(name).join("reference_f32.safetensors");
         let tokens = ints(&r, "tokens");
         let want = TapSet::load(&r).unwrap();
@@ -208,7 +191,11 @@ fn windowed_chunked_prefill_and_decode_agree_with_one_pass() {
             let met = wgllm::compare::metrics(&got, last_ref);
             // same f32 bound as the taps
             let bound = Tolerances::defaults(RefKind::F32).default.nmse;
-            assert!(met.nmse < bound, "{name} batch {batch}: nmse {:e}", met.nmse);
+            assert!(
+                met.nmse < bound,
+                "{name} batch {batch}: nmse {:e}",
+                met.nmse
+            );
         }
     }
 }

@@ -79,9 +79,21 @@ impl Elementwise {
         n_tokens: u32,
         width: usize,
     ) {
-        let n = (n_tokens as usize * width).div_ceil(WG as usize) as u32;
-        gpu.dispatch_in(pass, &self.kernel, bind, n);
+        dispatch_elems(gpu, pass, &self.kernel, bind, n_tokens, width);
     }
+}
+
+/// One invocation per element of `[n_tokens, width]`.
+fn dispatch_elems(
+    gpu: &Gpu,
+    pass: &mut wgpu::ComputePass<'_>,
+    kernel: &Kernel,
+    bind: &wgpu::BindGroup,
+    n_tokens: u32,
+    width: usize,
+) {
+    let n = (n_tokens as usize * width).div_ceil(WG as usize) as u32;
+    gpu.dispatch_in(pass, kernel, bind, n);
 }
 
 /// CPU reference for SwiGLU: `silu(g) * u` with `silu(g) = g / (1 + e^-g)`.
@@ -141,8 +153,7 @@ impl Softcap {
         n_tokens: u32,
         width: usize,
     ) {
-        let n = (n_tokens as usize * width).div_ceil(WG as usize) as u32;
-        gpu.dispatch_in(pass, &self.kernel, bind, n);
+        dispatch_elems(gpu, pass, &self.kernel, bind, n_tokens, width);
     }
 }
 
