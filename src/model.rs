@@ -387,22 +387,13 @@ impl Model {
             faults: f,
         };
         let kv_params = kv_copy::Params::new(nkv, hd, max_context)?;
-        let mut tables: Vec<(RopeTable, RopeTables)> = Vec::new();
-        for (s, o) in program.ops() {
-            if let OpKind::Rope { table, .. } = o.kind {
-                if !tables.iter().any(|(t, _)| *t == table) {
-                    let layer = match s {
-                        Scope::Layer(i) => i,
-                        _ => 0,
-                    };
-                    let (theta, scaling) = cfg.layer_rope(layer);
-                    tables.push((
-                        table,
-                        RopeTables::upload(g, hd, theta, scaling, max_context)?,
-                    ));
-                }
-            }
-        }
+        let tables = program
+            .rope_tables(&cfg)
+            .into_iter()
+            .map(|(t, theta, scaling)| {
+                Ok((t, RopeTables::upload(g, hd, theta, scaling, max_context)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
 
         // Activation buffers: one per program buffer, sized for max_batch
         // tokens (logits for logits_rows), the residual stream twice.
@@ -435,7 +426,7 @@ impl Model {
             logits_staging: g.staging("logits_staging", (vocab * 4) as u64),
             params: Vec::new(),
         };
-        let mut ctx = BindCtx {
+        let ctx = BindCtx {
             g,
             cfg: &cfg,
             weights: &weights,
@@ -853,7 +844,7 @@ impl BindCtx<'_> {
     /// Bind every op of one scope: kernels built on first use, bind groups
     /// and uniforms created once.
     fn bind_all(
-        &mut self,
+        &self,
         k: &mut Kernels,
         b: &mut Buffers,
         ops: &[Op],

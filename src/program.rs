@@ -22,6 +22,7 @@ use crate::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
 use crate::loader::{LayerRole, Role};
 use crate::ops::attention;
+use crate::ops::rope::RopeScaling;
 
 /// A named activation buffer: f32 `[n_tokens, width]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -326,6 +327,21 @@ impl Program {
         self.ops()
             .flat_map(|(_, o)| o.inputs().into_iter().chain(o.output()))
             .collect()
+    }
+
+    /// Each RoPE table the program's ops read, with the (rope_theta,
+    /// scaling) of the layers that read it.
+    pub fn rope_tables<'c>(&self, cfg: &'c ModelConfig) -> Vec<(RopeTable, f64, &'c RopeScaling)> {
+        let mut out: Vec<(RopeTable, f64, &RopeScaling)> = Vec::new();
+        for (s, o) in self.ops() {
+            if let (OpKind::Rope { table, .. }, Scope::Layer(i)) = (&o.kind, s) {
+                if !out.iter().any(|(t, _, _)| t == table) {
+                    let (theta, scaling) = cfg.layer_rope(i);
+                    out.push((*table, theta, scaling));
+                }
+            }
+        }
+        out
     }
 
     /// Every weight the program reads, each once, in first-use order.

@@ -29,20 +29,14 @@ pub struct CpuModel<'w> {
 impl<'w> CpuModel<'w> {
     pub fn new(cfg: &'w ModelConfig, w: &'w HostWeights, max_context: usize) -> Result<Self> {
         let program = Program::new(cfg);
-        let mut tables = Vec::new();
-        for (s, o) in program.ops() {
-            if let OpKind::Rope { table, .. } = o.kind {
-                if !tables.iter().any(|(t, _, _)| *t == table) {
-                    let layer = match s {
-                        Scope::Layer(i) => i,
-                        _ => 0,
-                    };
-                    let (theta, scaling) = cfg.layer_rope(layer);
-                    let (cos, sin) = rope::rope_tables(cfg.head_dim, theta, scaling, max_context)?;
-                    tables.push((table, cos, sin));
-                }
-            }
-        }
+        let tables = program
+            .rope_tables(cfg)
+            .into_iter()
+            .map(|(t, theta, scaling)| {
+                let (cos, sin) = rope::rope_tables(cfg.head_dim, theta, scaling, max_context)?;
+                Ok((t, cos, sin))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let (nkv, hd) = (cfg.num_key_value_heads, cfg.head_dim);
         let per_layer = nkv * max_context * hd;
         Ok(CpuModel {
