@@ -486,7 +486,9 @@ impl Model {
                 kv_copy: k.kv_copy.bind(g, &b.step, &b.k_rope, &b.v, &cache)?,
                 attention: k.attention.bind(
                     g,
-                    &shapes.attention,
+                    &shapes
+                        .attention
+                        .with_window(cfg.layer_sliding_window(i).unwrap_or(0)),
                     &b.step,
                     &b.q_rope,
                     &cache,

@@ -106,8 +106,10 @@ impl<'w> CpuModel<'w> {
                 &self.kvp,
                 self.pos,
             );
-            let a =
-                attention::reference(&q_rope, &self.kv_k[i], &self.kv_v[i], &self.attn, self.pos);
+            let ap = self
+                .attn
+                .with_window(c.layer_sliding_window(i).unwrap_or(0));
+            let a = attention::reference(&q_rope, &self.kv_k[i], &self.kv_v[i], &ap, self.pos);
             taps.push(name("attn"), n, qd, a.clone());
             let o = matmul::reference(&a, &lw.o.data, bias(&lw.o_bias), n, qd, hidden);
             taps.push(name("attn_out"), n, hidden, o.clone());
