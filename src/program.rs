@@ -19,7 +19,7 @@
 use std::collections::BTreeSet;
 
 use crate::config::{Arch, ModelConfig};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::loader::{LayerRole, Role};
 use crate::ops::attention;
 use crate::ops::rope::RopeScaling;
@@ -392,20 +392,14 @@ pub fn attention_params(
     window: usize,
     scale: f32,
 ) -> Result<attention::Params> {
-    let mut p = attention::Params::new(
+    Ok(attention::Params::new(
         c.num_attention_heads,
         c.num_key_value_heads,
         c.head_dim,
         max_context,
-    )?;
-    p.scale = scale;
-    // A window at least as long as the cache never excludes a key.
-    if window != 0 && window < max_context {
-        return Err(Error::invalid(format!(
-            "sliding_window {window}: windowed attention is not implemented yet (context {max_context})"
-        )));
-    }
-    Ok(p)
+    )?
+    .with_window(window)
+    .with_scale(scale)?)
 }
 
 /// Builds one decoder layer's ops in order: the shared blocks every family
