@@ -392,14 +392,14 @@ pub fn attention_params(
     window: usize,
     scale: f32,
 ) -> Result<attention::Params> {
-    Ok(attention::Params::new(
+    attention::Params::new(
         c.num_attention_heads,
         c.num_key_value_heads,
         c.head_dim,
         max_context,
     )?
     .with_window(window)
-    .with_scale(scale)?)
+    .with_scale(scale)
 }
 
 /// Builds one decoder layer's ops in order: the shared blocks every family
