@@ -314,8 +314,24 @@ pub struct ByteCounts {
     /// Weights read by one decode step: every layer, the final norm, the
     /// whole lm_head (the embedding table when tied) and one embedding row.
     pub step_weight_bytes: u64,
-    /// KV cache bytes (K and V, all layers) per cached position.
+    /// KV cache bytes (K and V, all layers) per cached position (what the
+    /// cache grows by; what a step reads is [`Self::kv_bytes_read`]).
     pub kv_bytes_per_position: u64,
+    /// Per attention op: (KV bytes per position, window; 0 = none).
+    #[serde(skip)]
+    pub attention: Vec<(u64, usize)>,
+}
+
+impl ByteCounts {
+    /// KV bytes one decode step reads at a KV length of `kv_len`: a
+    /// windowed layer reads only its window's positions (the kernel reads
+    /// whole blocks, so up to one block more).
+    pub fn kv_bytes_read(&self, kv_len: f64) -> f64 {
+        self.attention
+            .iter()
+            .map(|&(b, w)| b as f64 * if w == 0 { kv_len } else { kv_len.min(w as f64) })
+            .sum()
+    }
 }
 
 /// Derived from the model's program: every weight it reads, and what the ops
@@ -336,6 +352,11 @@ pub fn byte_counts(m: &Model) -> ByteCounts {
         weight_bytes,
         step_weight_bytes: ops.iter().map(|o| o.weight_bytes).sum(),
         kv_bytes_per_position: ops.iter().map(|o| o.kv_bytes_per_position).sum(),
+        attention: ops
+            .iter()
+            .filter(|o| o.kv_bytes_per_position > 0)
+            .map(|o| (o.kv_bytes_per_position, o.window))
+            .collect(),
     }
 }
 
@@ -445,8 +466,7 @@ pub fn run(
 
     // The probe reads what one decode step reads at the mean KV length.
     let mean_kv = o.prompt_tokens as f64 + (o.gen_tokens as f64 + 1.0) / 2.0;
-    let step_bytes =
-        bytes.step_weight_bytes + (bytes.kv_bytes_per_position as f64 * mean_kv) as u64;
+    let step_bytes = bytes.step_weight_bytes + bytes.kv_bytes_read(mean_kv) as u64;
     let probe = Probe::new(&gpu, step_bytes)?;
 
     // Warm-up: first dispatches compile and page in; first buffer use clears.
@@ -601,7 +621,14 @@ mod breakdown {
             let mine = step_ops.iter().filter(|o| o.class == class);
             let bytes = mine
                 .clone()
-                .map(|o| o.weight_bytes + o.kv_bytes_per_position * kv_len as u64)
+                .map(|o| {
+                    let positions = if o.window == 0 {
+                        kv_len
+                    } else {
+                        kv_len.min(o.window)
+                    };
+                    o.weight_bytes + o.kv_bytes_per_position * positions as u64
+                })
                 .sum();
             host_total += t.host;
             ops.push(OpTime {
@@ -657,8 +684,7 @@ impl BenchResult {
     }
     /// Bytes one decode step reads (weights + KV at the mean length).
     pub fn decode_bytes_per_step(&self) -> f64 {
-        self.bytes.step_weight_bytes as f64
-            + self.bytes.kv_bytes_per_position as f64 * self.mean_kv_len()
+        self.bytes.step_weight_bytes as f64 + self.bytes.kv_bytes_read(self.mean_kv_len())
     }
     pub fn decode_gb_s(&self) -> f64 {
         self.decode_bytes_per_step() / self.decode_s_per_token() / 1e9
@@ -1196,6 +1222,19 @@ mod tests {
             .unwrap()
             .is_finite());
         assert!(table(&g, &r).contains("decode, tokens/s"));
+    }
+
+    #[test]
+    fn windowed_layers_read_only_their_window() {
+        // Gemma-like: two sliding layers (window 8) and one global layer.
+        let b = ByteCounts {
+            weight_bytes: 0,
+            step_weight_bytes: 0,
+            kv_bytes_per_position: 30,
+            attention: vec![(10, 8), (10, 8), (10, 0)],
+        };
+        assert_eq!(b.kv_bytes_read(4.0), 120.0);
+        assert_eq!(b.kv_bytes_read(100.0), 2.0 * 10.0 * 8.0 + 10.0 * 100.0);
     }
 
     #[test]

@@ -195,6 +195,8 @@ pub struct StepOp {
     pub weight_bytes: u64,
     /// KV-cache bytes it reads per cached position (attention).
     pub kv_bytes_per_position: u64,
+    /// The attention window (at most this many positions read); 0 = none.
+    pub window: usize,
 }
 
 /// Activation buffers, sized for `max_batch` tokens.
@@ -744,6 +746,7 @@ impl Model {
             dispatches: 1,
             weight_bytes: 0,
             kv_bytes_per_position: 0,
+            window: 0,
         });
         v
     }
@@ -864,6 +867,7 @@ impl BindCtx<'_> {
                 dispatches: 1,
                 weight_bytes: 0,
                 kv_bytes_per_position: 0,
+                window: 0,
             };
             let mut params = Vec::new();
             let bound = match op.kind {
@@ -940,6 +944,7 @@ impl BindCtx<'_> {
                         .attention
                         .bind(g, &params, step, buf(q), cache_of()?, buf(y))?;
                     info.kv_bytes_per_position = (2 * c.kv_dim() * 4) as u64;
+                    info.window = window;
                     Bound::Attention { bg, params }
                 }
                 OpKind::Glu { gate, up, y, act } => {

@@ -205,7 +205,7 @@ impl Op {
         match &self.kind {
             Embed { .. } => "embedding",
             Norm { heads: 1, .. } => "rmsnorm",
-            Norm { .. } => "rmsnorm (per head)",
+            Norm { .. } => "qk_rmsnorm",
             Linear { w, .. } => match w {
                 Role::Layer(_, r) => match r {
                     LayerRole::Q => "q_proj",
@@ -230,7 +230,7 @@ impl Op {
             Glu {
                 act: Activation::GeluTanh,
                 ..
-            } => "gelu_tanh glu",
+            } => "gelu_tanh_glu",
             Add { .. } => "residual add",
             Softcap { .. } => "softcap",
             Copy { .. } => "copy",
