@@ -1,8 +1,9 @@
 //! Proof that `verify` catches the classic porting bugs and names the tap
 //! where they first show. Each case breaks the GPU model on purpose (a
-//! test-only weight transform or kernel variant, `model::Faults`, not
-//! reachable from the CLI), runs verify against both the CPU reference and
-//! the PyTorch f32 dump, and checks the first failing tap of each.
+//! test-only weight transform, edit of the model's layer program or kernel
+//! variant, `model::Faults`, not reachable from the CLI), runs verify against
+//! both the CPU reference and the PyTorch f32 dump, and checks the first
+//! failing tap of each.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
