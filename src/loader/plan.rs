@@ -423,3 +423,62 @@ impl MemoryPlan {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn names(v: serde_json::Value) -> Vec<(String, Vec<usize>)> {
+        let cfg = ModelConfig::from_json_str(&v.to_string(), "/m/config.json").unwrap();
+        expected_tensors(&cfg)
+            .into_iter()
+            .filter(|t| t.name.starts_with("model.layers.0."))
+            .map(|t| (t.name["model.layers.0.".len()..].to_string(), t.shape))
+            .collect()
+    }
+
+    fn cfg(arch: &str) -> serde_json::Value {
+        // head_dim 32 != hidden 64 / 4 heads
+        json!({"architectures": [arch], "vocab_size": 100, "hidden_size": 64,
+               "intermediate_size": 96, "num_hidden_layers": 1,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32})
+    }
+
+    #[test]
+    fn qwen3_and_gemma3_layer_tensors() {
+        // Names and shapes as transformers' Qwen3 / Gemma3 modules save them.
+        let s = |n: &str, shape: &[usize]| (n.to_string(), shape.to_vec());
+        let attn = [
+            s("self_attn.q_proj.weight", &[128, 64]),
+            s("self_attn.q_norm.weight", &[32]),
+            s("self_attn.k_norm.weight", &[32]),
+            s("self_attn.k_proj.weight", &[64, 64]),
+            s("self_attn.v_proj.weight", &[64, 64]),
+            s("self_attn.o_proj.weight", &[64, 128]),
+        ];
+        let mlp = [
+            s("mlp.gate_proj.weight", &[96, 64]),
+            s("mlp.up_proj.weight", &[96, 64]),
+            s("mlp.down_proj.weight", &[64, 96]),
+        ];
+        let mut want = vec![s("input_layernorm.weight", &[64])];
+        want.extend(attn.clone());
+        want.push(s("post_attention_layernorm.weight", &[64]));
+        want.extend(mlp.clone());
+        assert_eq!(names(cfg("Qwen3ForCausalLM")), want);
+
+        let mut want = vec![s("input_layernorm.weight", &[64])];
+        want.extend(attn);
+        want.push(s("post_attention_layernorm.weight", &[64]));
+        want.push(s("pre_feedforward_layernorm.weight", &[64]));
+        want.push(s("post_feedforward_layernorm.weight", &[64]));
+        want.extend(mlp);
+        assert_eq!(names(cfg("Gemma3ForCausalLM")), want);
+
+        // Llama has no q/k norm
+        assert!(!names(cfg("LlamaForCausalLM"))
+            .iter()
+            .any(|(n, _)| n.contains("q_norm")));
+    }
+}
