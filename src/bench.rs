@@ -339,7 +339,7 @@ impl ByteCounts {
 pub fn byte_counts(m: &Model) -> ByteCounts {
     let w = &m.weights;
     let weight_bytes = m
-        .program
+        .program()
         .weights()
         .into_iter()
         // a tied lm_head is the embedding, counted once

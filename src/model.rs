@@ -250,7 +250,7 @@ pub struct Model {
     /// Most tokens whose logits fit the logits buffer at once.
     pub logits_rows: usize,
     /// What this model computes (with any test-only faults applied).
-    pub program: Program,
+    program: Program,
     k: Kernels,
     b: Buffers,
     kv_params: kv_copy::Params,
@@ -496,6 +496,11 @@ impl Model {
             pos: 0,
             faults: f,
         })
+    }
+
+    /// The program this model runs (with any test-only faults applied).
+    pub fn program(&self) -> &Program {
+        &self.program
     }
 
     /// Tokens currently in the KV cache.
