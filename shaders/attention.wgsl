@@ -5,10 +5,22 @@
 //   out:      [n_tokens, n_heads * d]
 // all read as vec4 (d % 4 == 0, checked on the host).
 // Query token t sits at position p = step.pos_offset + t and attends to cache
-// positions 0..=p. Query head h reads KV head h / (n_heads / n_kv_heads)
+// positions 0..=p, or with a sliding window (p.window > 0) to the positions j
+// with p - j < window, i.e. max(0, p + 1 - window)..=p (transformers'
+// sliding_window_overlay: kv_idx > q_idx - sliding_window, AND causal).
+// Query head h reads KV head h / (n_heads / n_kv_heads)
 // (HF's repeat_kv: each KV head serves a contiguous group of query heads).
-// out = softmax(q.K^T * scale) V with scale = d^-0.5, softmax in f32 with
-// max subtraction, computed online (flash style) over blocks of WG positions.
+// out = softmax(q.K^T * scale) V with the host's scale (d^-0.5, or e.g.
+// Gemma's query_pre_attn_scalar^-0.5), softmax in f32 with max subtraction,
+// computed online (flash style) over blocks of WG positions.
+//
+// Windowed queries start at the block holding their first visible position:
+// blocks wholly before the window are skipped, not masked, so a decode step
+// reads about `window` K/V rows whatever the context length. On a real GPU
+// decode attention is bound by memory bandwidth (each K/V row is read once
+// and used for one dot product), so masking alone would still stream the
+// whole cache every step: with a 4096 window at 32k positions that is 8x the
+// necessary traffic and time. (Only the leading partial block is masked.)
 //
 // One workgroup per (token, head). Per block of WG positions:
 //   1. invocation l scores position start + l (a d-long dot product),
@@ -32,7 +44,8 @@ struct Params {
     head_dim: u32,
     max_ctx: u32,
     scale: f32,
-    _p0: u32,
+    // 0 = full causal attention; else the sliding window in positions.
+    window: u32,
     _p1: u32,
     _p2: u32,
 }
@@ -89,8 +102,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     }
     workgroupBarrier();
 
-    // Causal: positions 0..=pos_offset+t, never past the cache.
+    // Causal: positions lo..=pos_offset+t, never past the cache; lo > 0 only
+    // under a sliding window. Both are workgroup-uniform.
     let n = min(step.pos_offset + t + 1u, p.max_ctx);
+    var lo = 0u;
+    if (p.window > 0u && step.pos_offset + t + 1u > p.window) {
+        lo = step.pos_offset + t + 1u - p.window;
+    }
     let kvbase = kvh * p.max_ctx * d4;
     // This invocation's output column(s) and position group.
     let c = lid % d4;
@@ -104,9 +122,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         acc[k] = vec4<f32>(0.0);
     }
 
-    for (var start = 0u; start < n; start += WG) {
+    // The first block is the one holding lo (earlier blocks are never read).
+    for (var start = lo - lo % WG; start < n; start += WG) {
         let j = start + lid;
-        let valid = j < n;
+        let valid = j >= lo && j < n;
         var sc = NEG;
         if (valid) {
             let kb = kvbase + j * d4;
@@ -135,7 +154,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         }
         if (in_group) {
             let cnt = min(WG, n - start);
-            for (var r = g; r < cnt; r += G) {
+            // Skip the leading positions before lo (their weights are 0): the
+            // first r >= lo - start in this invocation's stride g, g + G, ...
+            var r0 = g;
+            if (lo > start + g) {
+                r0 = g + (lo - start - g + G - 1u) / G * G;
+            }
+            for (var r = r0; r < cnt; r += G) {
                 let pr = p_sh[r];
                 l += pr;
                 let vb = kvbase + (start + r) * d4;

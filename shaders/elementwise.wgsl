@@ -33,6 +33,23 @@ fn swiglu(@builtin(workgroup_id) wid: vec3<u32>,
     y[i] = g / (1.0 + exp(-g)) * b[i];
 }
 
+// GeGLU with torch's tanh GELU: y = 0.5 g (1 + tanh(c (g + 0.044715 g^3))) * up,
+// evaluated as g / (1 + exp(-2 c (g + 0.044715 g^3))) (the same function:
+// 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u))), which neither overflows to NaN
+// nor cancels for large |g|.
+@compute @workgroup_size(WG)
+fn gelu_tanh_glu(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let i = elem(wid, nwg, lid);
+    if (i >= step.n_tokens * p.width) {
+        return;
+    }
+    let g = a[i];
+    let u = 0.7978845608028654 * (g + 0.044715 * g * g * g);
+    y[i] = g / (1.0 + exp(-2.0 * u)) * b[i];
+}
+
 // Residual add: y = a + b.
 @compute @workgroup_size(WG)
 fn add(@builtin(workgroup_id) wid: vec3<u32>,

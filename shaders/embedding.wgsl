@@ -7,7 +7,7 @@ struct Params {
     hidden: u32,
     row_start: u32,
     rows: u32,
-    _p0: u32,
+    scale: f32,
 }
 
 override WG: u32 = 256u;
@@ -35,8 +35,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     }
     let e = (id - p.row_start) * p.hidden + c;
     if (W_BF16) {
-        y[i] = bf16_at(table[e >> 1u], e);
+        y[i] = bf16_at(table[e >> 1u], e) * p.scale;
     } else {
-        y[i] = bitcast<f32>(table[e]);
+        y[i] = bitcast<f32>(table[e]) * p.scale;
     }
 }

@@ -1,21 +1,25 @@
 // RMSNorm as in HF (LlamaRMSNorm / Qwen2RMSNorm), all in f32:
 //   y = w * (x * inverseSqrt(mean(x^2) + eps))
-// One workgroup per row; a strided sum of squares then a tree reduction in
+// or, with UNIT_OFFSET (Gemma3RMSNorm), y = (1 + w) * (x * inverseSqrt(...)).
+// One workgroup per row of `width`; a token holds `rows_per_token` rows (a
+// per-head norm). A strided sum of squares then a tree reduction in
 // workgroup memory.
 
 struct Params {
     width: u32,
     eps: f32,
-    _p0: u32,
+    rows_per_token: u32,
     _p1: u32,
 }
 
 override WG: u32 = 64u;
 // Weight storage: bf16 packed two per u32 (true) or f32 bits (false).
 override W_BF16: bool = true;
-// Deliberate bugs for verify's self-tests (model::Faults); never set in use.
+// The weight is an offset from one (Gemma).
+override UNIT_OFFSET: bool = false;
+// A deliberate bug for verify's self-tests (model::Faults); never set in use.
+// Kept as a pipeline constant: see ARCHITECTURE.md "Fault injection".
 override FAULT_EPS_OUTSIDE: bool = false;
-override FAULT_ONE_PLUS_W: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<uniform> step: Step;
@@ -38,7 +42,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let row = wg_linear(wid, nwg);
     // Uniform control flow: the whole workgroup takes the same branch.
-    if (row >= step.n_tokens) {
+    if (row >= step.n_tokens * p.rows_per_token) {
         return;
     }
     let base = row * p.width;
@@ -61,7 +65,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     }
     for (var i = lid; i < p.width; i += WG) {
         var wi = load_w(i);
-        if (FAULT_ONE_PLUS_W) {
+        if (UNIT_OFFSET) {
             wi = 1.0 + wi;
         }
         y[base + i] = wi * (x[base + i] * inv);

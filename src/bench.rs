@@ -22,8 +22,8 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuOptions, Kernel};
+use crate::loader::Role;
 use crate::model::{Model, ModelOptions};
-use crate::tensor::DeviceTensor;
 
 /// The bandwidth probe kernel.
 pub const PROBE_SRC: &str = include_str!("../shaders/probe.wgsl");
@@ -304,10 +304,7 @@ fn min_max(v: &[f64]) -> (f64, f64) {
 
 // ------------------------------------------------------------ byte counts
 
-/// Bytes a tensor occupies on the device.
-pub fn tensor_bytes(t: &DeviceTensor) -> u64 {
-    t.chunks.iter().map(|c| c.buffer.size()).sum()
-}
+pub use crate::model::tensor_bytes;
 
 /// What the model's weights and one decode step weigh.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -317,53 +314,49 @@ pub struct ByteCounts {
     /// Weights read by one decode step: every layer, the final norm, the
     /// whole lm_head (the embedding table when tied) and one embedding row.
     pub step_weight_bytes: u64,
-    /// KV cache bytes (K and V, all layers) per cached position.
+    /// KV cache bytes (K and V, all layers) per cached position (what the
+    /// cache grows by; what a step reads is [`Self::kv_bytes_read`]).
     pub kv_bytes_per_position: u64,
+    /// Per attention op: (KV bytes per position, window; 0 = none).
+    #[serde(skip)]
+    pub attention: Vec<(u64, usize)>,
 }
 
+impl ByteCounts {
+    /// KV bytes one decode step reads at a KV length of `kv_len`: a
+    /// windowed layer reads only its window's positions (the kernel reads
+    /// whole blocks, so up to one block more).
+    pub fn kv_bytes_read(&self, kv_len: f64) -> f64 {
+        self.attention
+            .iter()
+            .map(|&(b, w)| b as f64 * if w == 0 { kv_len } else { kv_len.min(w as f64) })
+            .sum()
+    }
+}
+
+/// Derived from the model's program: every weight it reads, and what the ops
+/// of one decode step read.
 pub fn byte_counts(m: &Model) -> ByteCounts {
     let w = &m.weights;
-    let mut layers = 0u64;
-    for l in &w.layers {
-        for t in [
-            &l.attn_norm,
-            &l.q,
-            &l.k,
-            &l.v,
-            &l.o,
-            &l.mlp_norm,
-            &l.gate,
-            &l.up,
-            &l.down,
-        ] {
-            layers += tensor_bytes(t);
-        }
-        for t in [
-            &l.q_bias,
-            &l.k_bias,
-            &l.v_bias,
-            &l.o_bias,
-            &l.gate_bias,
-            &l.up_bias,
-            &l.down_bias,
-        ]
+    let weight_bytes = m
+        .program()
+        .weights()
         .into_iter()
-        .flatten()
-        {
-            layers += tensor_bytes(t);
-        }
-    }
-    let embed = tensor_bytes(&w.embed);
-    let norm = tensor_bytes(&w.norm);
-    let lm_sep = w.lm_head.as_ref().map_or(0, tensor_bytes);
-    let embed_row = (w.embed.cols() * w.embed.dtype.bytes_per_elem()) as u64;
-    let c = &m.cfg;
+        // a tied lm_head is the embedding, counted once
+        .filter(|r| !(*r == Role::LmHead && w.lm_head.is_none()))
+        .filter_map(|r| w.get(r))
+        .map(tensor_bytes)
+        .sum();
+    let ops = m.decode_ops();
     ByteCounts {
-        weight_bytes: embed + layers + norm + lm_sep,
-        step_weight_bytes: layers + norm + tensor_bytes(w.lm_head()) + embed_row,
-        // K and V, f32, per layer
-        kv_bytes_per_position: (2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4)
-            as u64,
+        weight_bytes,
+        step_weight_bytes: ops.iter().map(|o| o.weight_bytes).sum(),
+        kv_bytes_per_position: ops.iter().map(|o| o.kv_bytes_per_position).sum(),
+        attention: ops
+            .iter()
+            .filter(|o| o.kv_bytes_per_position > 0)
+            .map(|o| (o.kv_bytes_per_position, o.window))
+            .collect(),
     }
 }
 
@@ -403,8 +396,8 @@ pub struct OpTime {
     /// flushed of this op's data, as in a real decode step, which reads more
     /// bytes than a CPU's L3 holds).
     pub ms_cold: f64,
-    /// Weight (linear layers) or KV (attention) bytes they read, for a GB/s
-    /// figure; 0 for the others.
+    /// Weight bytes (linear layers, norms, one embedding row) or KV bytes
+    /// (attention) they read, for a GB/s figure; 0 for the others.
     pub bytes: u64,
 }
 
@@ -473,8 +466,7 @@ pub fn run(
 
     // The probe reads what one decode step reads at the mean KV length.
     let mean_kv = o.prompt_tokens as f64 + (o.gen_tokens as f64 + 1.0) / 2.0;
-    let step_bytes =
-        bytes.step_weight_bytes + (bytes.kv_bytes_per_position as f64 * mean_kv) as u64;
+    let step_bytes = bytes.step_weight_bytes + bytes.kv_bytes_read(mean_kv) as u64;
     let probe = Probe::new(&gpu, step_bytes)?;
 
     // Warm-up: first dispatches compile and page in; first buffer use clears.
@@ -549,26 +541,11 @@ pub fn run(
 }
 
 mod breakdown {
-    //! One decode step's ops, each kind timed in isolation: all layers'
-    //! instances of one kind in one pass and one submission, on scratch
-    //! activations (values do not matter for timing) and the model's own
-    //! weights.
+    //! One decode step's ops (the model's own bind groups, in the order of
+    //! its program), each kind timed in isolation: all of the step's ops of
+    //! one kind in one pass and one submission, at the KV length asked for.
 
     use super::*;
-    use crate::gpu::Step;
-    use crate::ops::argmax::Argmax;
-    use crate::ops::attention::{self, Attention};
-    use crate::ops::elementwise::{self, Binary, Elementwise};
-    use crate::ops::embedding::Embedding;
-    use crate::ops::kv_copy::{self, KvCache, KvCopy};
-    use crate::ops::matmul::{Linear, LinearBinding};
-    use crate::ops::rmsnorm::{self, RmsNorm};
-    use crate::ops::rope::{self, Rope, RopeTables};
-    use crate::tensor::WDType;
-
-    fn buf(g: &Gpu, label: &str, n: usize) -> wgpu::Buffer {
-        g.storage(label, crate::gpu::pad16((n.max(1) * 4) as u64))
-    }
 
     /// Median seconds of one pass recorded by `rec`.
     struct Timing {
@@ -623,267 +600,49 @@ mod breakdown {
         })
     }
 
-    struct Lin {
-        key: (WDType, bool),
-        b: LinearBinding,
-        bytes: u64,
-    }
-
     pub fn run(g: &Gpu, m: &Model, probe: &Probe, kv_len: usize, runs: usize) -> Result<Breakdown> {
-        let c = &m.cfg;
-        let w = &m.weights;
-        let (hidden, inter, qd, kvd) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let ctx = kv_len.max(1);
-        let step = g.uniform("bench.step", &Step::new(1, (ctx - 1) as u32))?;
-        let x_h = buf(g, "bench.x_hidden", hidden);
-        let y_h = buf(g, "bench.y_hidden", hidden);
-        let r_h = buf(g, "bench.r_hidden", hidden);
-        let x_q = buf(g, "bench.x_q", qd);
-        let y_q = buf(g, "bench.y_q", qd);
-        let y_kv = buf(g, "bench.y_kv", kvd);
-        let y_kv2 = buf(g, "bench.y_kv2", kvd);
-        let x_i = buf(g, "bench.x_inter", inter);
-        let y_i = buf(g, "bench.y_inter", inter);
-        let y_i2 = buf(g, "bench.y_inter2", inter);
-        let logits = buf(g, "bench.logits", c.vocab_size);
-        let ids = g.storage("bench.ids", 16);
-        let next = g.storage("bench.next", 16);
-
-        // Linear layers, kernels keyed like the model's.
-        let mut kernels: Vec<((WDType, bool), Linear)> = Vec::new();
-        let mut lin = |wt: &DeviceTensor,
-                       bias: Option<&DeviceTensor>,
-                       x: &wgpu::Buffer,
-                       y: &wgpu::Buffer|
-         -> Result<Lin> {
-            let key = (wt.dtype, bias.is_some());
-            if !kernels.iter().any(|(k, _)| *k == key) {
-                kernels.push((key, Linear::new(g, key.0, key.1)?));
+        let kv_len = kv_len.max(1);
+        m.prepare_decode_step(kv_len)?;
+        let step_ops = m.decode_ops();
+        let mut classes: Vec<&str> = Vec::new();
+        for o in &step_ops {
+            if !classes.contains(&o.class) {
+                classes.push(o.class);
             }
-            let k = &kernels.iter().find(|(k, _)| *k == key).expect("added").1;
-            let b = k.bind(g, &step, x, wt, bias, y)?;
-            let bytes = tensor_bytes(wt) + bias.map_or(0, tensor_bytes);
-            Ok(Lin { key, b, bytes })
-        };
-        let mut classes: Vec<(&str, Vec<Lin>)> = vec![
-            ("q_proj", vec![]),
-            ("k_proj", vec![]),
-            ("v_proj", vec![]),
-            ("o_proj", vec![]),
-            ("gate_proj", vec![]),
-            ("up_proj", vec![]),
-            ("down_proj", vec![]),
-        ];
-        for l in &w.layers {
-            classes[0].1.push(lin(&l.q, l.q_bias.as_ref(), &x_h, &y_q)?);
-            classes[1]
-                .1
-                .push(lin(&l.k, l.k_bias.as_ref(), &x_h, &y_kv)?);
-            classes[2]
-                .1
-                .push(lin(&l.v, l.v_bias.as_ref(), &x_h, &y_kv2)?);
-            classes[3].1.push(lin(&l.o, l.o_bias.as_ref(), &x_q, &y_h)?);
-            classes[4]
-                .1
-                .push(lin(&l.gate, l.gate_bias.as_ref(), &x_h, &y_i)?);
-            classes[5]
-                .1
-                .push(lin(&l.up, l.up_bias.as_ref(), &x_h, &y_i2)?);
-            classes[6]
-                .1
-                .push(lin(&l.down, l.down_bias.as_ref(), &x_i, &y_h)?);
         }
-        classes.push(("lm_head", vec![lin(w.lm_head(), None, &x_h, &logits)?]));
-        let kernels = kernels;
-        let linear_for = |key: (WDType, bool)| -> &Linear {
-            &kernels.iter().find(|(k, _)| *k == key).expect("built").1
-        };
-
         let mut ops = Vec::new();
         let mut host_total = 0.0;
         let empty = time_pass(g, runs, probe, &|_| Ok(()))?.warm;
-        let mut push = |name: &str, n: usize, bytes: u64, t: Timing| {
+        for class in classes {
+            let of_class: Vec<bool> = step_ops.iter().map(|o| o.class == class).collect();
+            let t = time_pass(g, runs, probe, &|pass| {
+                m.encode_decode_ops(pass, &|i| of_class.get(i) == Some(&true))
+            })?;
+            let mine = step_ops.iter().filter(|o| o.class == class);
+            let bytes = mine
+                .clone()
+                .map(|o| {
+                    let positions = if o.window == 0 {
+                        kv_len
+                    } else {
+                        kv_len.min(o.window)
+                    };
+                    o.weight_bytes + o.kv_bytes_per_position * positions as u64
+                })
+                .sum();
             host_total += t.host;
             ops.push(OpTime {
-                op: name.to_string(),
-                dispatches: n,
+                op: class.to_string(),
+                dispatches: mine.map(|o| o.dispatches).sum(),
                 ms_warm: ((t.warm - empty) * 1e3).max(0.0),
                 ms_cold: ((t.cold - empty) * 1e3).max(0.0),
                 bytes,
             });
-        };
-
-        // Norms: two per layer and the final one.
-        let norm_p = g.uniform(
-            "bench.norm.params",
-            &rmsnorm::Params::new(hidden, c.rms_norm_eps as f32),
-        )?;
-        let mut norm_kernels: Vec<(WDType, RmsNorm)> = Vec::new();
-        let mut norms = Vec::new();
-        let norm_ws = w
-            .layers
-            .iter()
-            .flat_map(|l| [&l.attn_norm, &l.mlp_norm])
-            .chain([&w.norm]);
-        for nw in norm_ws {
-            if !norm_kernels.iter().any(|(d, _)| *d == nw.dtype) {
-                norm_kernels.push((nw.dtype, RmsNorm::new(g, nw.dtype)?));
-            }
-            let k = &norm_kernels
-                .iter()
-                .find(|(d, _)| *d == nw.dtype)
-                .expect("added")
-                .1;
-            norms.push((
-                nw.dtype,
-                k.bind(g, &norm_p, &step, &x_h, &nw.chunks[0].buffer, &y_h),
-            ));
         }
-        let t = time_pass(g, runs, probe, &|pass| {
-            for (dt, bg) in &norms {
-                let k = &norm_kernels.iter().find(|(d, _)| d == dt).expect("built").1;
-                k.encode(g, pass, bg, 1);
-            }
-            Ok(())
-        })?;
-        push("rmsnorm", norms.len(), 0, t);
-
-        for (name, ls) in &classes {
-            let bytes = ls.iter().map(|l| l.bytes).sum();
-            let t = time_pass(g, runs, probe, &|pass| {
-                for l in ls {
-                    linear_for(l.key).encode(g, pass, &l.b, 1)?;
-                }
-                Ok(())
-            })?;
-            let n = ls.iter().map(|l| l.b.chunks.len()).sum();
-            push(name, n, bytes, t);
-        }
-
-        // RoPE on q and k.
-        let tables = RopeTables::upload(g, hd, c.rope_theta, &c.rope_scaling, ctx)?;
-        let rope_k = Rope::new(g)?;
-        let qp = rope::Params::new(nh, hd, ctx)?;
-        let kp = rope::Params::new(nkv, hd, ctx)?;
-        let q_bg = rope_k.bind(g, &qp, &step, &x_q, &tables, &y_q)?;
-        let k_bg = rope_k.bind(g, &kp, &step, &y_kv, &tables, &y_kv2)?;
-        let nl = w.layers.len();
-        let t = time_pass(g, runs, probe, &|pass| {
-            for _ in 0..nl {
-                rope_k.encode(g, pass, &q_bg, &qp, 1);
-                rope_k.encode(g, pass, &k_bg, &kp, 1);
-            }
-            Ok(())
-        })?;
-        push("rope (q, k)", 2 * nl, 0, t);
-
-        // KV append and attention, on scratch caches of `ctx` positions.
-        let kvp = kv_copy::Params::new(nkv, hd, ctx)?;
-        let caches = (0..nl)
-            .map(|_| KvCache::new(g, kvp))
-            .collect::<Result<Vec<_>>>()?;
-        let copy_k = KvCopy::new(g)?;
-        let copy_bgs = caches
-            .iter()
-            .map(|cache| copy_k.bind(g, &step, &y_kv, &y_kv2, cache))
-            .collect::<Result<Vec<_>>>()?;
-        let t = time_pass(g, runs, probe, &|pass| {
-            for bg in &copy_bgs {
-                copy_k.encode(g, pass, bg, &kvp, 1);
-            }
-            Ok(())
-        })?;
-        push("kv_copy", nl, 0, t);
-        let att = Attention::new(g, hd)?;
-        let ap = attention::Params::new(nh, nkv, hd, ctx)?;
-        let att_bgs = caches
-            .iter()
-            .map(|cache| att.bind(g, &ap, &step, &y_q, cache, &x_q))
-            .collect::<Result<Vec<_>>>()?;
-        let t = time_pass(g, runs, probe, &|pass| {
-            for bg in &att_bgs {
-                att.encode(g, pass, bg, &ap, 1);
-            }
-            Ok(())
-        })?;
-        push(
-            "attention",
-            nl,
-            (kvp.cache_bytes() as f64 * 2.0 * nl as f64 * kv_len as f64 / ctx as f64) as u64,
-            t,
-        );
-
-        // Element-wise: two residual adds and one SwiGLU per layer.
-        let hid_p = g.uniform("bench.ew.hidden", &elementwise::Params::new(hidden))?;
-        let inter_p = g.uniform("bench.ew.inter", &elementwise::Params::new(inter))?;
-        let add = Elementwise::new(g, Binary::Add)?;
-        let swiglu = Elementwise::new(g, Binary::SwiGlu)?;
-        let add_bg = add.bind(g, &hid_p, &step, &x_h, &y_h, &r_h);
-        let sw_bg = swiglu.bind(g, &inter_p, &step, &y_i, &y_i2, &x_i);
-        let t = time_pass(g, runs, probe, &|pass| {
-            for _ in 0..2 * nl {
-                add.encode(g, pass, &add_bg, 1, hidden);
-            }
-            Ok(())
-        })?;
-        push("residual add", 2 * nl, 0, t);
-        let t = time_pass(g, runs, probe, &|pass| {
-            for _ in 0..nl {
-                swiglu.encode(g, pass, &sw_bg, 1, inter);
-            }
-            Ok(())
-        })?;
-        push("swiglu", nl, 0, t);
-
-        // Embedding row and argmax over the logits.
-        let emb = Embedding::new(g, w.embed.dtype)?;
-        let emb_b = emb.bind(g, &step, &ids, &w.embed, &x_h)?;
-        let t = time_pass(g, runs, probe, &|pass| {
-            emb.encode(g, pass, &emb_b, 1);
-            Ok(())
-        })?;
-        push("embedding", emb_b.groups.len(), 0, t);
-        let am = Argmax::new(g)?;
-        let am_b = am.bind(g, &step, &logits, c.vocab_size, &next)?;
-        let t = time_pass(g, runs, probe, &|pass| am.encode(g, pass, &am_b, 1))?;
-        push("argmax", 1, 0, t);
 
         // Every op in the model's order in one pass: what the sum misses
         // (switching kernels between dispatches) shows as the difference.
-        let norm_enc = |pass: &mut wgpu::ComputePass<'_>, i: usize| {
-            let (dt, bg) = &norms[i];
-            let k = &norm_kernels.iter().find(|(d, _)| d == dt).expect("built").1;
-            k.encode(g, pass, bg, 1);
-        };
-        let lin_enc = |pass: &mut wgpu::ComputePass<'_>, class: usize, i: usize| -> Result<()> {
-            let l = &classes[class].1[i];
-            linear_for(l.key).encode(g, pass, &l.b, 1)
-        };
-        let t = time_pass(g, runs, probe, &|pass| {
-            emb.encode(g, pass, &emb_b, 1);
-            for i in 0..nl {
-                norm_enc(pass, 2 * i);
-                for class in 0..3 {
-                    lin_enc(pass, class, i)?;
-                }
-                rope_k.encode(g, pass, &q_bg, &qp, 1);
-                rope_k.encode(g, pass, &k_bg, &kp, 1);
-                copy_k.encode(g, pass, &copy_bgs[i], &kvp, 1);
-                att.encode(g, pass, &att_bgs[i], &ap, 1);
-                lin_enc(pass, 3, i)?;
-                add.encode(g, pass, &add_bg, 1, hidden);
-                norm_enc(pass, 2 * i + 1);
-                lin_enc(pass, 4, i)?;
-                lin_enc(pass, 5, i)?;
-                swiglu.encode(g, pass, &sw_bg, 1, inter);
-                lin_enc(pass, 6, i)?;
-                add.encode(g, pass, &add_bg, 1, hidden);
-            }
-            norm_enc(pass, 2 * nl);
-            lin_enc(pass, 7, 0)?;
-            am.encode(g, pass, &am_b, 1)
-        })?;
+        let t = time_pass(g, runs, probe, &|pass| m.encode_decode_ops(pass, &|_| true))?;
 
         Ok(Breakdown {
             kv_len,
@@ -925,8 +684,7 @@ impl BenchResult {
     }
     /// Bytes one decode step reads (weights + KV at the mean length).
     pub fn decode_bytes_per_step(&self) -> f64 {
-        self.bytes.step_weight_bytes as f64
-            + self.bytes.kv_bytes_per_position as f64 * self.mean_kv_len()
+        self.bytes.step_weight_bytes as f64 + self.bytes.kv_bytes_read(self.mean_kv_len())
     }
     pub fn decode_gb_s(&self) -> f64 {
         self.decode_bytes_per_step() / self.decode_s_per_token() / 1e9
@@ -1463,6 +1221,19 @@ mod tests {
             .unwrap()
             .is_finite());
         assert!(table(&g, &r).contains("decode, tokens/s"));
+    }
+
+    #[test]
+    fn windowed_layers_read_only_their_window() {
+        // Gemma-like: two sliding layers (window 8) and one global layer.
+        let b = ByteCounts {
+            weight_bytes: 0,
+            step_weight_bytes: 0,
+            kv_bytes_per_position: 30,
+            attention: vec![(10, 8), (10, 8), (10, 0)],
+        };
+        assert_eq!(b.kv_bytes_read(4.0), 120.0);
+        assert_eq!(b.kv_bytes_read(100.0), 2.0 * 10.0 * 8.0 + 10.0 * 100.0);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Model configuration: a Hugging Face `config.json` for `Qwen2ForCausalLM`,
-//! `LlamaForCausalLM` or `MistralForCausalLM`.
+//! `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen3ForCausalLM` or
+//! `Gemma3ForCausalLM` (text only, `model_type` `gemma3_text`).
 //!
 //! Defaults follow the transformers config classes (checked against
 //! transformers 5.x `configuration_{llama,qwen2,mistral}.py` and
@@ -30,6 +31,22 @@
 //!   entry is `sliding_attention` (derived from `max_window_layers` when
 //!   `layer_types` is absent); Mistral applies `sliding_window` to every layer
 //!   when it is non-null; Llama has none.
+//! - Qwen3 (`configuration_qwen3.py`): like Qwen2 for the window, but
+//!   `head_dim` defaults to 128 and `num_key_value_heads` to 32 when absent,
+//!   and `attention_bias` (default false) covers q/k/v **and** o_proj. Every
+//!   layer has a per-head RMSNorm on q and k (`q_norm`, `k_norm`).
+//! - Gemma 3 text (`configuration_gemma3.py`, `Gemma3TextConfig`): defaults
+//!   head_dim 256, num_key_value_heads 4, `hidden_activation`
+//!   `gelu_pytorch_tanh`, tie_word_embeddings true, query_pre_attn_scalar
+//!   256, sliding_window 4096, max_position_embeddings 131072. `layer_types`
+//!   when absent: layer i is sliding unless `(i + 1) % sliding_window_pattern
+//!   == 0` (pattern default 6). RoPE per layer type: transformers 5 writes
+//!   `rope_parameters: {full_attention: {...}, sliding_attention: {...}}`;
+//!   the legacy keys are `rope_theta` (global, default 1e6),
+//!   `rope_local_base_freq` (sliding, default 1e4) and `rope_scaling` (applied
+//!   to full_attention only). `final_logit_softcapping` is applied when set;
+//!   `attn_logit_softcapping` and `use_bidirectional_attention` are not
+//!   implemented and are refused when set.
 
 use std::path::{Path, PathBuf};
 
@@ -44,7 +61,17 @@ pub enum Arch {
     Qwen2,
     Llama,
     Mistral,
+    Qwen3,
+    Gemma3,
 }
+
+const ARCHS: [Arch; 5] = [
+    Arch::Qwen2,
+    Arch::Llama,
+    Arch::Mistral,
+    Arch::Qwen3,
+    Arch::Gemma3,
+];
 
 impl Arch {
     /// The transformers class name (`architectures[0]`).
@@ -53,6 +80,8 @@ impl Arch {
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Llama => "LlamaForCausalLM",
             Arch::Mistral => "MistralForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Gemma3 => "Gemma3ForCausalLM",
         }
     }
     /// The `model_type` string.
@@ -61,17 +90,15 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Llama => "llama",
             Arch::Mistral => "mistral",
+            Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3_text",
         }
     }
     fn from_class(s: &str) -> Option<Self> {
-        [Arch::Qwen2, Arch::Llama, Arch::Mistral]
-            .into_iter()
-            .find(|a| a.hf_class() == s)
+        ARCHS.into_iter().find(|a| a.hf_class() == s)
     }
     fn from_model_type(s: &str) -> Option<Self> {
-        [Arch::Qwen2, Arch::Llama, Arch::Mistral]
-            .into_iter()
-            .find(|a| a.model_type() == s)
+        ARCHS.into_iter().find(|a| a.model_type() == s)
     }
 }
 
@@ -91,8 +118,16 @@ pub struct ModelConfig {
     /// As written in the file; PyTorch adds it to an f32 variance, so kernels
     /// use it as f32.
     pub rms_norm_eps: f64,
+    /// RoPE of every layer (of the full-attention layers when
+    /// [`Self::sliding_rope`] is set).
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
+    /// Gemma 3: (rope_theta, scaling) of the sliding-window layers.
+    pub sliding_rope: Option<(f64, RopeScaling)>,
+    /// Gemma 3: attention scores are scaled by `query_pre_attn_scalar^-0.5`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 3: logits become `tanh(logits / c) * c` when set.
+    pub final_logit_softcapping: Option<f64>,
     pub tie_word_embeddings: bool,
     /// The `attention_bias` key as read (Llama only; see [`Self::has_qkv_bias`]).
     pub attention_bias: bool,
@@ -108,7 +143,7 @@ pub struct ModelConfig {
     pub use_sliding_window: bool,
     /// Qwen2's `max_window_layers` (default 28).
     pub max_window_layers: Option<usize>,
-    /// Per-layer attention kind (Qwen2 `layer_types`; `true` = sliding).
+    /// Per-layer attention kind (`layer_types`; `true` = sliding).
     pub layer_is_sliding: Vec<bool>,
     pub bos_token_id: Option<u32>,
     /// `eos_token_id` as a list (an int becomes one entry; null → empty).
@@ -168,15 +203,44 @@ impl ModelConfig {
     pub fn has_qkv_bias(&self) -> bool {
         match self.arch {
             Arch::Qwen2 => true,
-            Arch::Llama => self.attention_bias,
+            Arch::Llama | Arch::Qwen3 | Arch::Gemma3 => self.attention_bias,
             Arch::Mistral => false,
         }
     }
-    /// o_proj carries a bias (Llama when `attention_bias`).
+    /// o_proj carries a bias (Llama, Qwen3, Gemma 3 when `attention_bias`).
     pub fn has_o_bias(&self) -> bool {
         match self.arch {
-            Arch::Llama => self.attention_bias,
+            Arch::Llama | Arch::Qwen3 | Arch::Gemma3 => self.attention_bias,
             Arch::Qwen2 | Arch::Mistral => false,
+        }
+    }
+    /// A per-head RMSNorm on q and k before RoPE (Qwen3, Gemma 3).
+    pub fn has_qk_norm(&self) -> bool {
+        matches!(self.arch, Arch::Qwen3 | Arch::Gemma3)
+    }
+    /// RMSNorm weights are offsets from one: `x * (1 + w)` (Gemma).
+    pub fn norm_unit_offset(&self) -> bool {
+        self.arch == Arch::Gemma3
+    }
+    /// The factor the embedding rows are multiplied by (Gemma:
+    /// `hidden_size**0.5`, a Python float that `torch.tensor` stores as f32;
+    /// transformers casts it to the weight dtype, which is f32 in the f32
+    /// run this runtime's f32 arithmetic matches).
+    pub fn embed_scale(&self) -> Option<f32> {
+        (self.arch == Arch::Gemma3).then(|| (self.hidden_size as f64).sqrt() as f32)
+    }
+    /// The softmax scale of attention scores: `query_pre_attn_scalar^-0.5`
+    /// when set (Gemma), else `head_dim^-0.5` (a Python float applied to f32
+    /// scores, so rounded to f32 once).
+    pub fn attention_scale(&self) -> f32 {
+        let d = self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64);
+        d.powf(-0.5) as f32
+    }
+    /// (rope_theta, scaling) of `layer`: Gemma's sliding layers have their own.
+    pub fn layer_rope(&self, layer: usize) -> (f64, &RopeScaling) {
+        match &self.sliding_rope {
+            Some((t, s)) if self.layer_is_sliding.get(layer) == Some(&true) => (*t, s),
+            _ => (self.rope_theta, &self.rope_scaling),
         }
     }
     /// gate/up/down projections carry a bias (Llama when `mlp_bias`).
@@ -193,7 +257,14 @@ impl ModelConfig {
         match self.arch {
             Arch::Llama => None,
             Arch::Mistral => self.sliding_window,
-            Arch::Qwen2 => {
+            Arch::Gemma3 => {
+                if self.layer_is_sliding.get(layer) == Some(&true) {
+                    self.sliding_window
+                } else {
+                    None
+                }
+            }
+            Arch::Qwen2 | Arch::Qwen3 => {
                 if self.use_sliding_window && self.layer_is_sliding.get(layer) == Some(&true) {
                     self.sliding_window
                 } else {
@@ -326,7 +397,7 @@ impl Reader<'_> {
     }
 
     fn arch(&self) -> Result<Arch> {
-        let supported = "supported: Qwen2ForCausalLM, LlamaForCausalLM, MistralForCausalLM";
+        let supported = "supported: Qwen2ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM";
         let model_type = self.opt_str("model_type")?;
         let from_archs = match Self::get(self.obj, "architectures") {
             None => None,
@@ -368,7 +439,7 @@ impl Reader<'_> {
             (None, Some(mt)) => Arch::from_model_type(mt).ok_or_else(|| {
                 self.err(
                     "model_type",
-                    format!("unsupported model_type `{mt}` (and no `architectures`); supported: qwen2, llama, mistral"),
+                    format!("unsupported model_type `{mt}` (and no `architectures`); supported: qwen2, llama, mistral, qwen3, gemma3_text"),
                 )
             }),
             (None, None) => Err(self.err(
@@ -403,11 +474,79 @@ impl Reader<'_> {
                 "per-layer-type RoPE parameters are not supported (expected one flat dict)",
             ));
         }
+        self.rope_flat(field, d, top_theta.unwrap_or(10000.0), max_pos)
+    }
+
+    /// Gemma 3's RoPE per layer type: ((global theta, scaling), (sliding
+    /// theta, scaling)), from `rope_parameters.{full,sliding}_attention` or
+    /// the legacy `rope_theta` / `rope_local_base_freq` / `rope_scaling`.
+    #[allow(clippy::type_complexity)]
+    fn rope_gemma(&self, max_pos: usize) -> Result<((f64, RopeScaling), (f64, RopeScaling))> {
+        let obj_or_none =
+            |m: &Map<String, Value>, f: &str, shown: &str| -> Result<Map<String, Value>> {
+                match Self::get(m, f) {
+                    None => Ok(Map::new()),
+                    Some(Value::Object(m)) => Ok(m.clone()),
+                    Some(v) => Err(self.err(
+                        shown,
+                        format!("expected an object or null, got {}", kind(v)),
+                    )),
+                }
+            };
+        let params = obj_or_none(self.obj, "rope_parameters", "rope_parameters")?;
+        if let Some(k) = params
+            .keys()
+            .find(|k| *k != "full_attention" && *k != "sliding_attention")
+        {
+            return Err(self.err(
+                &format!("rope_parameters.{k}"),
+                "Gemma 3 expects RoPE parameters per layer type: {\"full_attention\": {...}, \"sliding_attention\": {...}}",
+            ));
+        }
+        let mut full = obj_or_none(&params, "full_attention", "rope_parameters.full_attention")?;
+        let sliding = obj_or_none(
+            &params,
+            "sliding_attention",
+            "rope_parameters.sliding_attention",
+        )?;
+        // transformers: rope_scaling updates the full-attention parameters.
+        let legacy = obj_or_none(self.obj, "rope_scaling", "rope_scaling")?;
+        let full_field = if legacy.is_empty() {
+            "rope_parameters.full_attention"
+        } else {
+            "rope_scaling"
+        };
+        full.extend(legacy);
+        let global_default = self
+            .positive_float(self.obj, "rope_theta", "rope_theta")?
+            .unwrap_or(1_000_000.0);
+        let local_default = self
+            .positive_float(self.obj, "rope_local_base_freq", "rope_local_base_freq")?
+            .unwrap_or(10_000.0);
+        Ok((
+            self.rope_flat(full_field, &full, global_default, max_pos)?,
+            self.rope_flat(
+                "rope_parameters.sliding_attention",
+                &sliding,
+                local_default,
+                max_pos,
+            )?,
+        ))
+    }
+
+    /// One flat RoPE dict (`{rope_type, rope_theta, factor, ...}`) read as
+    /// field `field`; `default_theta` when it has no `rope_theta`.
+    fn rope_flat(
+        &self,
+        field: &str,
+        d: &Map<String, Value>,
+        default_theta: f64,
+        max_pos: usize,
+    ) -> Result<(f64, RopeScaling)> {
         let f = |k: &str| format!("{field}.{k}");
         let theta = self
             .positive_float(d, "rope_theta", &f("rope_theta"))?
-            .or(top_theta)
-            .unwrap_or(10000.0);
+            .unwrap_or(default_theta);
         let type_key = if d.contains_key("rope_type") {
             "rope_type"
         } else {
@@ -489,8 +628,9 @@ impl Reader<'_> {
         let num_key_value_heads = match self.obj.get("num_key_value_heads") {
             None => match arch {
                 Arch::Llama => num_attention_heads,
-                Arch::Qwen2 => 32,
+                Arch::Qwen2 | Arch::Qwen3 => 32,
                 Arch::Mistral => 8,
+                Arch::Gemma3 => 4,
             },
             Some(Value::Null) => num_attention_heads,
             Some(_) => self.req_pos("num_key_value_heads")?,
@@ -511,9 +651,12 @@ impl Reader<'_> {
                 ),
             ));
         }
-        let head_dim = match self.opt_pos("head_dim")? {
-            Some(d) => d,
-            None => {
+        let head_dim = match (self.opt_pos("head_dim")?, arch) {
+            (Some(d), _) => d,
+            // Qwen3Config / Gemma3TextConfig declare their own defaults.
+            (None, Arch::Qwen3) => 128,
+            (None, Arch::Gemma3) => 256,
+            (None, _) => {
                 if hidden_size % num_attention_heads != 0 {
                     return Err(self.err(
                         "head_dim",
@@ -544,19 +687,32 @@ impl Reader<'_> {
                 .unwrap_or(match arch {
                     Arch::Llama => 2048,
                     Arch::Qwen2 => 32768,
-                    Arch::Mistral => 4096 * 32,
+                    Arch::Mistral | Arch::Gemma3 => 4096 * 32,
+                    Arch::Qwen3 => 32768,
                 });
 
-        let hidden_act = self.opt_str("hidden_act")?.unwrap_or("silu").to_string();
-        // transformers' ACT2FN maps both "silu" and "swish" to SiLU.
-        if hidden_act != "silu" && hidden_act != "swish" {
+        // Gemma's MLP reads `hidden_activation`; the others `hidden_act`.
+        let (act_field, act_default) = match arch {
+            Arch::Gemma3 => ("hidden_activation", "gelu_pytorch_tanh"),
+            _ => ("hidden_act", "silu"),
+        };
+        let hidden_act = self.opt_str(act_field)?.unwrap_or(act_default).to_string();
+        // transformers' ACT2FN maps both "silu" and "swish" to SiLU, and
+        // "gelu_pytorch_tanh" to GELU's tanh approximation.
+        let supported_act = match arch {
+            Arch::Gemma3 => hidden_act == "gelu_pytorch_tanh",
+            _ => hidden_act == "silu" || hidden_act == "swish",
+        };
+        if !supported_act {
             return Err(self.err(
-                "hidden_act",
-                format!("unsupported activation `{hidden_act}`; expected \"silu\""),
+                act_field,
+                format!("unsupported activation `{hidden_act}`; expected \"{act_default}\""),
             ));
         }
 
-        let tie_word_embeddings = self.opt_bool("tie_word_embeddings")?.unwrap_or(false);
+        let tie_word_embeddings = self
+            .opt_bool("tie_word_embeddings")?
+            .unwrap_or(arch == Arch::Gemma3);
         let attention_bias = self.opt_bool("attention_bias")?.unwrap_or(false);
         let mlp_bias = self.opt_bool("mlp_bias")?.unwrap_or(false);
 
@@ -564,19 +720,23 @@ impl Reader<'_> {
         let sliding_window = match arch {
             // Qwen2Config's default is 4096 (only used with use_sliding_window).
             Arch::Qwen2 if !self.obj.contains_key("sliding_window") => Some(4096),
-            // MistralConfig's default is 4096.
-            Arch::Mistral if !self.obj.contains_key("sliding_window") => Some(4096),
+            // MistralConfig's, Qwen3Config's and Gemma3TextConfig's default is 4096.
+            Arch::Mistral | Arch::Qwen3 | Arch::Gemma3
+                if !self.obj.contains_key("sliding_window") =>
+            {
+                Some(4096)
+            }
             _ => match Self::get(self.obj, "sliding_window") {
                 None => None,
                 Some(v) => Some(self.uint_value("sliding_window", v)?),
             },
         };
         let (use_sliding_window, max_window_layers) = match arch {
-            Arch::Qwen2 => (
+            Arch::Qwen2 | Arch::Qwen3 => (
                 self.opt_bool("use_sliding_window")?.unwrap_or(false),
                 Some(self.opt_pos("max_window_layers")?.unwrap_or(28)),
             ),
-            Arch::Mistral => (sliding_window.is_some(), None),
+            Arch::Mistral | Arch::Gemma3 => (sliding_window.is_some(), None),
             Arch::Llama => (false, None),
         };
         if use_sliding_window && sliding_window == Some(0) {
@@ -584,7 +744,7 @@ impl Reader<'_> {
         }
         let mut layer_type_names: Vec<&str> = Vec::new();
         let layer_is_sliding = match (arch, Self::get(self.obj, "layer_types")) {
-            (Arch::Qwen2, Some(Value::Array(a))) => {
+            (Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3, Some(Value::Array(a))) => {
                 if a.len() != num_hidden_layers {
                     return Err(self.err(
                         "layer_types",
@@ -618,10 +778,16 @@ impl Reader<'_> {
                 }
                 out
             }
-            (Arch::Qwen2, Some(v)) => {
+            (Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3, Some(v)) => {
                 return Err(self.err("layer_types", format!("expected a list, got {}", kind(v))))
             }
-            (Arch::Qwen2, None) => {
+            (Arch::Gemma3, None) => {
+                let pattern = self.opt_pos("sliding_window_pattern")?.unwrap_or(6);
+                (0..num_hidden_layers)
+                    .map(|i| (i + 1) % pattern != 0)
+                    .collect()
+            }
+            (Arch::Qwen2 | Arch::Qwen3, None) => {
                 let on = use_sliding_window && sliding_window.is_some();
                 let mwl = max_window_layers.unwrap_or(28);
                 (0..num_hidden_layers).map(|i| on && i >= mwl).collect()
@@ -633,7 +799,47 @@ impl Reader<'_> {
             layer_type_names = vec!["full_attention", "sliding_attention"];
         }
 
-        let (rope_theta, rope_scaling) = self.rope(max_position_embeddings, &layer_type_names)?;
+        let ((rope_theta, rope_scaling), sliding_rope) = match arch {
+            Arch::Gemma3 => {
+                let (global, local) = self.rope_gemma(max_position_embeddings)?;
+                (global, Some(local))
+            }
+            _ => (self.rope(max_position_embeddings, &layer_type_names)?, None),
+        };
+        let (query_pre_attn_scalar, final_logit_softcapping) = match arch {
+            Arch::Gemma3 => {
+                for field in ["attn_logit_softcapping"] {
+                    if Self::get(self.obj, field).is_some() {
+                        return Err(self.err(
+                            field,
+                            "attention logit soft-capping is not implemented (expected null or absent)",
+                        ));
+                    }
+                }
+                if self.opt_bool("use_bidirectional_attention")? == Some(true) {
+                    return Err(self.err(
+                        "use_bidirectional_attention",
+                        "bidirectional attention is not implemented (expected false)",
+                    ));
+                }
+                (
+                    Some(
+                        self.positive_float(
+                            self.obj,
+                            "query_pre_attn_scalar",
+                            "query_pre_attn_scalar",
+                        )?
+                        .unwrap_or(256.0),
+                    ),
+                    self.positive_float(
+                        self.obj,
+                        "final_logit_softcapping",
+                        "final_logit_softcapping",
+                    )?,
+                )
+            }
+            _ => (None, None),
+        };
 
         let bos_token_id = match Self::get(self.obj, "bos_token_id") {
             None => None,
@@ -665,6 +871,9 @@ impl Reader<'_> {
             rms_norm_eps,
             rope_theta,
             rope_scaling,
+            sliding_rope,
+            query_pre_attn_scalar,
+            final_logit_softcapping,
             tie_word_embeddings,
             attention_bias,
             mlp_bias,
@@ -984,5 +1193,113 @@ mod tests {
         );
         let e = msg(parse(with(v, "layer_types", json!(["full_attention"]))));
         assert!(e.contains("layer_types"), "{e}");
+    }
+
+    #[test]
+    fn qwen3_defaults() {
+        let mut v = with(base("Qwen3ForCausalLM"), "num_attention_heads", json!(32));
+        v.as_object_mut().unwrap().remove("num_key_value_heads");
+        let c = parse(v).unwrap();
+        // Qwen3Config: head_dim 128 and 32 KV heads when absent (not hidden/heads)
+        assert_eq!((c.head_dim, c.num_key_value_heads), (128, 32));
+        assert!(c.has_qk_norm() && !c.norm_unit_offset() && !c.has_qkv_bias());
+        assert_eq!(c.embed_scale(), None);
+        let c = parse(with(
+            base("Qwen3ForCausalLM"),
+            "attention_bias",
+            json!(true),
+        ))
+        .unwrap();
+        assert!(c.has_qkv_bias() && c.has_o_bias() && !c.has_mlp_bias());
+    }
+
+    #[test]
+    fn gemma3_defaults_layer_types_and_rope() {
+        let c = parse(base("Gemma3ForCausalLM")).unwrap();
+        assert_eq!(c.arch.model_type(), "gemma3_text");
+        assert_eq!(
+            (c.head_dim, c.hidden_act.as_str()),
+            (256, "gelu_pytorch_tanh")
+        );
+        assert!(c.tie_word_embeddings && c.norm_unit_offset() && c.has_qk_norm());
+        assert_eq!(c.attention_scale(), (256f64).powf(-0.5) as f32);
+        assert_eq!(c.embed_scale(), Some(8.0));
+        assert_eq!(c.final_logit_softcapping, None);
+        // no layer_types: sliding unless (i + 1) % 6 == 0; window 4096
+        let mut v = with(base("Gemma3ForCausalLM"), "num_hidden_layers", json!(7));
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(
+            c.layer_is_sliding,
+            [true, true, true, true, true, false, true]
+        );
+        assert_eq!(
+            (c.layer_sliding_window(0), c.layer_sliding_window(5)),
+            (Some(4096), None)
+        );
+        // legacy keys: rope_theta (global), rope_local_base_freq, rope_scaling on global only
+        v["rope_theta"] = json!(5e5);
+        v["rope_local_base_freq"] = json!(1234.0);
+        v["rope_scaling"] = json!({"rope_type": "linear", "factor": 8.0});
+        let c = parse(v).unwrap();
+        assert_eq!(c.layer_rope(5), (5e5, &RopeScaling::Linear { factor: 8.0 }));
+        assert_eq!(c.layer_rope(0), (1234.0, &RopeScaling::None));
+        // transformers 5 layout
+        let v = with(
+            base("Gemma3ForCausalLM"),
+            "rope_parameters",
+            json!({"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+        );
+        let v = with(
+            v,
+            "layer_types",
+            json!(["sliding_attention", "full_attention"]),
+        );
+        let c = parse(v).unwrap();
+        assert_eq!((c.layer_rope(0).0, c.layer_rope(1).0), (1e4, 1e6));
+        let e = msg(parse(with(
+            base("Gemma3ForCausalLM"),
+            "rope_parameters",
+            json!({"rope_type": "default", "rope_theta": 1e6}),
+        )));
+        assert!(
+            e.contains("rope_parameters.rope_t") && e.contains("per layer type"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn gemma3_refuses_what_it_does_not_implement() {
+        let e = msg(parse(with(
+            base("Gemma3ForCausalLM"),
+            "attn_logit_softcapping",
+            json!(50.0),
+        )));
+        assert!(e.contains("attn_logit_softcapping"), "{e}");
+        let e = msg(parse(with(
+            base("Gemma3ForCausalLM"),
+            "use_bidirectional_attention",
+            json!(true),
+        )));
+        assert!(e.contains("use_bidirectional_attention"), "{e}");
+        let e = msg(parse(with(
+            base("Gemma3ForCausalLM"),
+            "hidden_activation",
+            json!("gelu"),
+        )));
+        assert!(e.contains("hidden_activation") && e.contains("gelu"), "{e}");
+        let c = parse(with(
+            base("Gemma3ForCausalLM"),
+            "final_logit_softcapping",
+            json!(30.0),
+        ))
+        .unwrap();
+        assert_eq!(c.final_logit_softcapping, Some(30.0));
+        let e = msg(parse(with(
+            base("LlamaForCausalLM"),
+            "model_type",
+            json!("gemma2"),
+        )));
+        assert!(e.contains("model_type"), "{e}");
     }
 }

@@ -14,6 +14,7 @@ pub mod gpu;
 pub mod loader;
 pub mod model;
 pub mod ops;
+pub mod program;
 pub mod reference;
 pub mod sampling;
 pub mod taps;

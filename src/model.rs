@@ -1,28 +1,33 @@
-//! The GPU model: weights, preallocated activations and KV cache, bind groups
-//! built once at load, and the per-step command stream (one submission per
-//! step) with optional taps read back for verification.
+//! The GPU model: weights, preallocated activations and KV cache, the
+//! [`Program`]'s ops bound once at load, and the per-step command stream
+//! (the program's ops in order, one submission per step) with optional taps
+//! read back for verification.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Step};
-use crate::loader::{Checkpoint, LoadDType, MemoryPlan, Weights};
+use crate::loader::{Checkpoint, LayerRole, LoadDType, MemoryPlan, Role, Weights};
 use crate::ops::argmax::{Argmax, ArgmaxBinding};
 use crate::ops::attention::{self, Attention};
-use crate::ops::elementwise::{self, Binary, Elementwise};
+use crate::ops::elementwise::{self, Binary, Elementwise, Softcap};
 use crate::ops::embedding::{Embedding, EmbeddingBinding};
 use crate::ops::kv_copy::{self, KvCache, KvCopy};
 use crate::ops::matmul::{Linear, LinearBinding};
 use crate::ops::rmsnorm::{self, RmsNorm};
 use crate::ops::rope::{self, Rope, RopeTables};
+use crate::program::{attention_params, Activation, Buf, Op, OpKind, Program, RopeTable, Scope};
 use crate::taps::TapSet;
 use crate::tensor::{DeviceTensor, WDType};
 
 /// Deliberate bugs for proving that `verify` catches real porting mistakes.
 /// Test-only: not reachable from the CLI. Weight faults are applied to the
-/// uploaded weights; kernel faults compile a wrong kernel variant.
+/// uploaded weights; program faults edit the GPU model's [`Program`] (an op
+/// dropped, a convention or parameter misread); kernel faults compile a
+/// wrong kernel variant (see ARCHITECTURE.md "Fault injection").
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Faults {
@@ -36,10 +41,17 @@ pub struct Faults {
     pub gqa_modulo: bool,
     /// RMSNorm with eps outside the sqrt: x / (sqrt(mean) + eps).
     pub norm_eps_outside: bool,
-    /// RMSNorm weight applied as (1 + w) (Gemma convention).
+    /// RMSNorm weight applied as (1 + w) (Gemma's convention, in a family
+    /// that applies w).
     pub norm_one_plus_w: bool,
+    /// Gemma's (1 + w) RMSNorm weight applied as w.
+    pub norm_plain_w: bool,
     /// q/k/v projection biases dropped.
     pub drop_qkv_bias: bool,
+    /// The per-head q/k RMSNorm forgotten (Qwen3, Gemma 3).
+    pub drop_qk_norm: bool,
+    /// The sliding window ignored: every layer attends to the whole cache.
+    pub ignore_window: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -83,66 +95,108 @@ pub enum Logits {
     All,
 }
 
-/// Kernels, compiled once per weight dtype they meet.
+/// A kernel cache keyed by what the kernel was compiled for.
+struct Cache<K, T>(Vec<(K, T)>);
+
+impl<K: PartialEq + Copy, T> Cache<K, T> {
+    fn get_or(&mut self, key: K, make: impl FnOnce() -> Result<T>) -> Result<&T> {
+        if let Some(i) = self.0.iter().position(|(k, _)| *k == key) {
+            return Ok(&self.0[i].1);
+        }
+        self.0.push((key, make()?));
+        Ok(&self.0.last().expect("pushed").1)
+    }
+    fn get(&self, key: K) -> &T {
+        &self
+            .0
+            .iter()
+            .find(|(k, _)| *k == key)
+            .expect("built at load")
+            .1
+    }
+}
+
+/// Kernels, compiled at load for the variants the program meets.
 struct Kernels {
-    norm: Vec<(WDType, RmsNorm)>,
-    linear: Vec<((WDType, bool), Linear)>,
+    /// By (weight dtype, unit offset).
+    norm: Cache<(WDType, bool), RmsNorm>,
+    /// By (weight dtype, has bias).
+    linear: Cache<(WDType, bool), Linear>,
     embed: Embedding,
     rope: Rope,
     attention: Attention,
     kv_copy: KvCopy,
-    swiglu: Elementwise,
+    glu: Cache<Activation, Elementwise>,
     add: Elementwise,
+    softcap: Cache<(), Softcap>,
     argmax: Argmax,
     faults: Faults,
 }
 
-impl Kernels {
-    fn norm(&mut self, gpu: &Gpu, dt: WDType) -> Result<&RmsNorm> {
-        if let Some(i) = self.norm.iter().position(|(d, _)| *d == dt) {
-            return Ok(&self.norm[i].1);
-        }
-        let f = self.faults;
-        let k = RmsNorm::with_faults(gpu, dt, f.norm_eps_outside, f.norm_one_plus_w)?;
-        self.norm.push((dt, k));
-        Ok(&self.norm.last().expect("pushed").1)
-    }
-    fn linear(&mut self, gpu: &Gpu, dt: WDType, bias: bool) -> Result<&Linear> {
-        if let Some(i) = self.linear.iter().position(|(d, _)| *d == (dt, bias)) {
-            return Ok(&self.linear[i].1);
-        }
-        let k = Linear::new(gpu, dt, bias)?;
-        self.linear.push(((dt, bias), k));
-        Ok(&self.linear.last().expect("pushed").1)
-    }
-    fn norm_for(&self, dt: WDType) -> &RmsNorm {
-        &self
-            .norm
-            .iter()
-            .find(|(d, _)| *d == dt)
-            .expect("built at load")
-            .1
-    }
-    fn linear_for(&self, lb: &Bound) -> &Linear {
-        &self
-            .linear
-            .iter()
-            .find(|(d, _)| *d == lb.key)
-            .expect("built at load")
-            .1
-    }
+/// One program op with its kernel variant, bind group and static sizes.
+enum Bound {
+    Embed(EmbeddingBinding),
+    Norm {
+        key: (WDType, bool),
+        bg: wgpu::BindGroup,
+        rows_per_token: u32,
+    },
+    Linear {
+        key: (WDType, bool),
+        b: LinearBinding,
+    },
+    Rope {
+        bg: wgpu::BindGroup,
+        params: rope::Params,
+    },
+    KvAppend(wgpu::BindGroup),
+    Attention {
+        bg: wgpu::BindGroup,
+        params: attention::Params,
+    },
+    Glu {
+        act: Activation,
+        bg: wgpu::BindGroup,
+        width: usize,
+    },
+    Add {
+        bg: wgpu::BindGroup,
+        width: usize,
+    },
+    Softcap {
+        bg: wgpu::BindGroup,
+        width: usize,
+    },
+    /// Buffer copy (indices into `Buffers::acts`), bytes per token.
+    Copy {
+        x: usize,
+        y: usize,
+        row_bytes: u64,
+    },
 }
 
-/// A linear layer's bindings and the kernel key it was bound with.
-struct Bound {
-    key: (WDType, bool),
-    b: LinearBinding,
+/// A bound op, the tap it feeds and what the bench reports of it.
+struct BoundOp {
+    bound: Bound,
+    /// (full tap name, buffer index, floats per token).
+    tap: Option<(String, usize, usize)>,
+    info: StepOp,
 }
 
-/// A norm's bind group and its weight dtype.
-struct NormBound {
-    dt: WDType,
-    bg: wgpu::BindGroup,
+/// One op of a decode step as the bench reports it.
+#[doc(hidden)]
+#[derive(Clone, Debug)]
+pub struct StepOp {
+    /// The op's kind (`q_proj`, `rmsnorm`, `attention`, ...).
+    pub class: &'static str,
+    /// Dispatches it records.
+    pub dispatches: usize,
+    /// Weight bytes it reads (one row of the embedding table).
+    pub weight_bytes: u64,
+    /// KV-cache bytes it reads per cached position (attention).
+    pub kv_bytes_per_position: u64,
+    /// The attention window (at most this many positions read); 0 = none.
+    pub window: usize,
 }
 
 /// Activation buffers, sized for `max_batch` tokens.
@@ -150,67 +204,38 @@ struct Buffers {
     step: wgpu::Buffer,
     step_one: wgpu::Buffer,
     ids: wgpu::Buffer,
-    h: [wgpu::Buffer; 2],
-    attn_norm: wgpu::Buffer,
-    q: wgpu::Buffer,
-    k: wgpu::Buffer,
-    v: wgpu::Buffer,
-    q_rope: wgpu::Buffer,
-    k_rope: wgpu::Buffer,
-    attn: wgpu::Buffer,
-    attn_out: wgpu::Buffer,
-    resid: wgpu::Buffer,
-    mlp_norm: wgpu::Buffer,
-    gate: wgpu::Buffer,
-    up: wgpu::Buffer,
-    act: wgpu::Buffer,
-    mlp_out: wgpu::Buffer,
-    norm: wgpu::Buffer,
-    last: wgpu::Buffer,
-    logits: wgpu::Buffer,
+    /// Every program buffer, plus the residual stream's two halves and the
+    /// last-row copy (`h0`, `h1`, `last`).
+    acts: Vec<wgpu::Buffer>,
+    /// Index in `acts` of each program buffer (the residual stream aside).
+    index: HashMap<Buf, usize>,
+    h: [usize; 2],
+    last: usize,
     next: wgpu::Buffer,
     /// Persistent readback buffers for generation (no per-token allocation).
     next_staging: wgpu::Buffer,
     logits_staging: wgpu::Buffer,
-    /// Uniforms shared by many bind groups (kept alive here).
-    _params: Vec<wgpu::Buffer>,
+    /// Uniforms of the bind groups (kept alive here).
+    params: Vec<wgpu::Buffer>,
 }
 
-struct LayerBind {
-    attn_norm: NormBound,
-    q: Bound,
-    k: Bound,
-    v: Bound,
-    q_rope: wgpu::BindGroup,
-    k_rope: wgpu::BindGroup,
-    kv_copy: wgpu::BindGroup,
-    attention: wgpu::BindGroup,
-    o: Bound,
-    resid_add: wgpu::BindGroup,
-    mlp_norm: NormBound,
-    gate: Bound,
-    up: Bound,
-    swiglu: wgpu::BindGroup,
-    down: Bound,
-    out_add: wgpu::BindGroup,
+/// Where a scope's residual stream lives.
+#[derive(Clone, Copy)]
+struct Env {
+    stream: usize,
+    stream_out: usize,
+    /// The step uniform its ops bind (`step_one` for the last-row head).
+    one_row: bool,
 }
 
-struct HeadBind {
-    embed: EmbeddingBinding,
-    norm: NormBound,
-    /// lm_head over every token's norm output (n_tokens from `step`).
-    lm_all: Bound,
-    /// lm_head over the last token only (`last` buffer, `step_one`).
-    lm_last: Bound,
-    argmax_last: ArgmaxBinding,
-}
-
-/// Static shapes of the per-head ops.
-struct Shapes {
-    q_rope: rope::Params,
-    k_rope: rope::Params,
-    attention: attention::Params,
-    kv: kv_copy::Params,
+impl Buffers {
+    fn idx(&self, env: Env, b: Buf) -> usize {
+        match b {
+            Buf::Stream => env.stream,
+            Buf::StreamOut => env.stream_out,
+            other => self.index[&other],
+        }
+    }
 }
 
 /// A model on the GPU: weights, KV cache, activations and every bind group,
@@ -224,13 +249,19 @@ pub struct Model {
     pub max_batch: usize,
     /// Most tokens whose logits fit the logits buffer at once.
     pub logits_rows: usize,
+    /// What this model computes (with any test-only faults applied).
+    program: Program,
     k: Kernels,
     b: Buffers,
-    shapes: Shapes,
-    layers: Vec<LayerBind>,
-    head: HeadBind,
+    kv_params: kv_copy::Params,
+    embed: Vec<BoundOp>,
+    layers: Vec<Vec<BoundOp>>,
+    /// The head over every token (taps) and over the last token only.
+    head_all: Vec<BoundOp>,
+    head_last: Vec<BoundOp>,
+    argmax_last: ArgmaxBinding,
     kv: Vec<KvCache>,
-    _rope_tables: RopeTables,
+    _rope_tables: Vec<(RopeTable, RopeTables)>,
     /// Tokens already in the KV cache.
     pos: usize,
     faults: Faults,
@@ -325,13 +356,9 @@ impl Model {
         opts: &ModelOptions,
     ) -> Result<Self> {
         let g: &Gpu = &gpu;
-        let hidden = cfg.hidden_size;
-        let inter = cfg.intermediate_size;
-        let qd = cfg.q_dim();
-        let kvd = cfg.kv_dim();
         let vocab = cfg.vocab_size;
         let hd = cfg.head_dim;
-        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let nkv = cfg.num_key_value_heads;
         let batch = opts.max_batch.max(1);
         // KV cache: one binding per layer for K and for V, [n_kv, ctx, hd] f32.
         let per_pos = (nkv * hd * 4) as u64;
@@ -345,218 +372,109 @@ impl Model {
         }
         let logits_rows = ((g.caps.max_binding / (vocab as u64 * 4)) as usize).clamp(1, batch);
         let f = opts.faults;
+        let mut program = Program::new(&cfg);
+        apply_program_faults(&mut program, &f);
+
         let mut k = Kernels {
-            norm: Vec::new(),
-            linear: Vec::new(),
+            norm: Cache(Vec::new()),
+            linear: Cache(Vec::new()),
             embed: Embedding::new(g, weights.embed.dtype)?,
             rope: Rope::with_faults(g, f.rope_interleaved)?,
             attention: Attention::with_faults(g, hd, f.gqa_modulo)?,
             kv_copy: KvCopy::new(g)?,
-            swiglu: Elementwise::new(g, Binary::SwiGlu)?,
+            glu: Cache(Vec::new()),
             add: Elementwise::new(g, Binary::Add)?,
+            softcap: Cache(Vec::new()),
             argmax: Argmax::new(g)?,
             faults: f,
         };
-        let shapes = Shapes {
-            q_rope: rope::Params::new(nh, hd, max_context)?,
-            k_rope: rope::Params::new(nkv, hd, max_context)?,
-            attention: attention::Params::new(nh, nkv, hd, max_context)?,
-            kv: kv_copy::Params::new(nkv, hd, max_context)?,
-        };
-        let tables = RopeTables::upload(g, hd, cfg.rope_theta, &cfg.rope_scaling, max_context)?;
-        let b = Buffers {
+        let kv_params = kv_copy::Params::new(nkv, hd, max_context)?;
+        let tables = program
+            .rope_tables(&cfg)
+            .into_iter()
+            .map(|(t, theta, scaling)| {
+                Ok((t, RopeTables::upload(g, hd, theta, scaling, max_context)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        // Activation buffers: one per program buffer, sized for max_batch
+        // tokens (logits for logits_rows), the residual stream twice.
+        let mut acts = Vec::new();
+        let mut index = HashMap::new();
+        for b in program.buffers() {
+            if matches!(b, Buf::Stream | Buf::StreamOut) {
+                continue;
+            }
+            let rows = if b == Buf::Logits { logits_rows } else { batch };
+            index.insert(b, acts.len());
+            acts.push(f32_buf(g, &format!("{b:?}"), rows * b.width(&cfg)));
+        }
+        let hidden = cfg.hidden_size;
+        let h = [acts.len(), acts.len() + 1];
+        acts.push(f32_buf(g, "h0", batch * hidden));
+        acts.push(f32_buf(g, "h1", batch * hidden));
+        let last = acts.len();
+        acts.push(f32_buf(g, "last", hidden));
+        let mut b = Buffers {
             step: g.uniform("step", &Step::new(0, 0))?,
             step_one: g.uniform("step_one", &Step::new(1, 0))?,
             ids: g.storage("ids", (batch * 4) as u64),
-            h: [
-                f32_buf(g, "h0", batch * hidden),
-                f32_buf(g, "h1", batch * hidden),
-            ],
-            attn_norm: f32_buf(g, "attn_norm", batch * hidden),
-            q: f32_buf(g, "q", batch * qd),
-            k: f32_buf(g, "k", batch * kvd),
-            v: f32_buf(g, "v", batch * kvd),
-            q_rope: f32_buf(g, "q_rope", batch * qd),
-            k_rope: f32_buf(g, "k_rope", batch * kvd),
-            attn: f32_buf(g, "attn", batch * qd),
-            attn_out: f32_buf(g, "attn_out", batch * hidden),
-            resid: f32_buf(g, "resid", batch * hidden),
-            mlp_norm: f32_buf(g, "mlp_norm", batch * hidden),
-            gate: f32_buf(g, "gate", batch * inter),
-            up: f32_buf(g, "up", batch * inter),
-            act: f32_buf(g, "act", batch * inter),
-            mlp_out: f32_buf(g, "mlp_out", batch * hidden),
-            norm: f32_buf(g, "norm", batch * hidden),
-            last: f32_buf(g, "last", hidden),
-            logits: f32_buf(g, "logits", logits_rows * vocab),
+            acts,
+            index,
+            h,
+            last,
             next: g.storage("next", 4),
             next_staging: g.staging("next_staging", 4),
             logits_staging: g.staging("logits_staging", (vocab * 4) as u64),
-            _params: Vec::new(),
+            params: Vec::new(),
         };
-        let norm_p = g.uniform(
-            "norm.params",
-            &rmsnorm::Params::new(hidden, cfg.rms_norm_eps as f32),
+        let ctx = BindCtx {
+            g,
+            cfg: &cfg,
+            weights: &weights,
+            max_context,
+            tables: &tables,
+        };
+        let nl = program.layers.len();
+        let embed_env = Env {
+            stream: b.h[0],
+            stream_out: b.h[0],
+            one_row: false,
+        };
+        let embed = ctx.bind_all(
+            &mut k,
+            &mut b,
+            &program.embed,
+            Scope::Embed,
+            embed_env,
+            None,
         )?;
-        let hid_p = g.uniform("ew.hidden", &elementwise::Params::new(hidden))?;
-        let inter_p = g.uniform("ew.inter", &elementwise::Params::new(inter))?;
-
-        // Bind helpers: each builds its kernel variant on first use.
-        fn lin(
-            k: &mut Kernels,
-            g: &Gpu,
-            step: &wgpu::Buffer,
-            x: &wgpu::Buffer,
-            w: &DeviceTensor,
-            bias: Option<&DeviceTensor>,
-            y: &wgpu::Buffer,
-        ) -> Result<Bound> {
-            let key = (w.dtype, bias.is_some());
-            let b = k.linear(g, key.0, key.1)?.bind(g, step, x, w, bias, y)?;
-            Ok(Bound { key, b })
-        }
-        fn norm(
-            k: &mut Kernels,
-            g: &Gpu,
-            p: &wgpu::Buffer,
-            step: &wgpu::Buffer,
-            x: &wgpu::Buffer,
-            w: &DeviceTensor,
-            y: &wgpu::Buffer,
-        ) -> Result<NormBound> {
-            let bg = k
-                .norm(g, w.dtype)?
-                .bind(g, p, step, x, &w.chunks[0].buffer, y);
-            Ok(NormBound { dt: w.dtype, bg })
-        }
-
         let mut kv = Vec::new();
         let mut layers = Vec::new();
-        for (i, lw) in weights.layers.iter().enumerate() {
-            let cache = KvCache::new(g, shapes.kv)?;
-            let h_in = &b.h[i % 2];
-            let h_out = &b.h[(i + 1) % 2];
-            fn keep(t: &Option<DeviceTensor>, drop: bool) -> Option<&DeviceTensor> {
-                t.as_ref().filter(|_| !drop)
-            }
-            let qkv_bias = |t| keep(t, f.drop_qkv_bias);
-            let lb = LayerBind {
-                attn_norm: norm(
-                    &mut k,
-                    g,
-                    &norm_p,
-                    &b.step,
-                    h_in,
-                    &lw.attn_norm,
-                    &b.attn_norm,
-                )?,
-                q: lin(
-                    &mut k,
-                    g,
-                    &b.step,
-                    &b.attn_norm,
-                    &lw.q,
-                    qkv_bias(&lw.q_bias),
-                    &b.q,
-                )?,
-                k: lin(
-                    &mut k,
-                    g,
-                    &b.step,
-                    &b.attn_norm,
-                    &lw.k,
-                    qkv_bias(&lw.k_bias),
-                    &b.k,
-                )?,
-                v: lin(
-                    &mut k,
-                    g,
-                    &b.step,
-                    &b.attn_norm,
-                    &lw.v,
-                    qkv_bias(&lw.v_bias),
-                    &b.v,
-                )?,
-                q_rope: k
-                    .rope
-                    .bind(g, &shapes.q_rope, &b.step, &b.q, &tables, &b.q_rope)?,
-                k_rope: k
-                    .rope
-                    .bind(g, &shapes.k_rope, &b.step, &b.k, &tables, &b.k_rope)?,
-                kv_copy: k.kv_copy.bind(g, &b.step, &b.k_rope, &b.v, &cache)?,
-                attention: k.attention.bind(
-                    g,
-                    &shapes.attention,
-                    &b.step,
-                    &b.q_rope,
-                    &cache,
-                    &b.attn,
-                )?,
-                o: lin(
-                    &mut k,
-                    g,
-                    &b.step,
-                    &b.attn,
-                    &lw.o,
-                    lw.o_bias.as_ref(),
-                    &b.attn_out,
-                )?,
-                resid_add: k.add.bind(g, &hid_p, &b.step, h_in, &b.attn_out, &b.resid),
-                mlp_norm: norm(
-                    &mut k,
-                    g,
-                    &norm_p,
-                    &b.step,
-                    &b.resid,
-                    &lw.mlp_norm,
-                    &b.mlp_norm,
-                )?,
-                gate: lin(
-                    &mut k,
-                    g,
-                    &b.step,
-                    &b.mlp_norm,
-                    &lw.gate,
-                    lw.gate_bias.as_ref(),
-                    &b.gate,
-                )?,
-                up: lin(
-                    &mut k,
-                    g,
-                    &b.step,
-                    &b.mlp_norm,
-                    &lw.up,
-                    lw.up_bias.as_ref(),
-                    &b.up,
-                )?,
-                swiglu: k.swiglu.bind(g, &inter_p, &b.step, &b.gate, &b.up, &b.act),
-                down: lin(
-                    &mut k,
-                    g,
-                    &b.step,
-                    &b.act,
-                    &lw.down,
-                    lw.down_bias.as_ref(),
-                    &b.mlp_out,
-                )?,
-                out_add: k.add.bind(g, &hid_p, &b.step, &b.resid, &b.mlp_out, h_out),
+        for (i, ops) in program.layers.iter().enumerate() {
+            let cache = KvCache::new(g, kv_params)?;
+            let env = Env {
+                stream: b.h[i % 2],
+                stream_out: b.h[(i + 1) % 2],
+                one_row: false,
             };
-            layers.push(lb);
+            layers.push(ctx.bind_all(&mut k, &mut b, ops, Scope::Layer(i), env, Some(&cache))?);
             kv.push(cache);
         }
-        let h_last = &b.h[weights.layers.len() % 2];
-        let lm_w = weights.lm_head();
-        let head = HeadBind {
-            embed: k.embed.bind(g, &b.step, &b.ids, &weights.embed, &b.h[0])?,
-            norm: norm(&mut k, g, &norm_p, &b.step, h_last, &weights.norm, &b.norm)?,
-            lm_all: lin(&mut k, g, &b.step, &b.norm, lm_w, None, &b.logits)?,
-            lm_last: lin(&mut k, g, &b.step_one, &b.last, lm_w, None, &b.logits)?,
-            argmax_last: k.argmax.bind(g, &b.step_one, &b.logits, vocab, &b.next)?,
+        let head_env = Env {
+            stream: b.h[nl % 2],
+            stream_out: b.h[nl % 2],
+            one_row: false,
         };
-        let b = Buffers {
-            _params: vec![norm_p, hid_p, inter_p],
-            ..b
+        let head_all = ctx.bind_all(&mut k, &mut b, &program.head, Scope::Head, head_env, None)?;
+        let last_env = Env {
+            stream: b.last,
+            stream_out: b.last,
+            one_row: true,
         };
+        let head_last = ctx.bind_all(&mut k, &mut b, &program.head, Scope::Head, last_env, None)?;
+        let logits = &b.acts[b.index[&Buf::Logits]];
+        let argmax_last = k.argmax.bind(g, &b.step_one, logits, vocab, &b.next)?;
         Ok(Model {
             gpu,
             cfg,
@@ -564,16 +482,25 @@ impl Model {
             max_context,
             max_batch: batch,
             logits_rows,
+            program,
             k,
             b,
-            shapes,
+            kv_params,
+            embed,
             layers,
-            head,
+            head_all,
+            head_last,
+            argmax_last,
             kv,
             _rope_tables: tables,
             pos: 0,
             faults: f,
         })
+    }
+
+    /// The program this model runs (with any test-only faults applied).
+    pub fn program(&self) -> &Program {
+        &self.program
     }
 
     /// Tokens currently in the KV cache.
@@ -693,12 +620,49 @@ impl Model {
     }
 
     fn tap_bytes(&self, n: usize) -> u64 {
-        let c = &self.cfg;
-        // attn_norm, attn_out, resid_attn, mlp_norm, mlp_out, out; q, q_rope,
-        // attn; k, v, k_rope
-        let per_layer = 6 * c.hidden_size + 3 * c.q_dim() + 3 * c.kv_dim();
-        let total = c.hidden_size * 2 + per_layer * c.num_hidden_layers + c.vocab_size;
-        (total * n * 4) as u64
+        (self.program.tap_floats_per_token(&self.cfg) * n * 4) as u64
+    }
+
+    /// Dispatch one bound op over `n` tokens into `pass`.
+    fn dispatch(&self, bound: &Bound, pass: &mut wgpu::ComputePass<'_>, n: u32) -> Result<()> {
+        let (g, k) = (&*self.gpu, &self.k);
+        match bound {
+            Bound::Embed(b) => k.embed.encode(g, pass, b, n),
+            Bound::Norm {
+                key,
+                bg,
+                rows_per_token,
+            } => k.norm.get(*key).encode(g, pass, bg, n * rows_per_token),
+            Bound::Linear { key, b } => k.linear.get(*key).encode(g, pass, b, n)?,
+            Bound::Rope { bg, params } => k.rope.encode(g, pass, bg, params, n),
+            Bound::KvAppend(bg) => k.kv_copy.encode(g, pass, bg, &self.kv_params, n),
+            Bound::Attention { bg, params } => k.attention.encode(g, pass, bg, params, n),
+            Bound::Glu { act, bg, width } => k.glu.get(*act).encode(g, pass, bg, n, *width),
+            Bound::Add { bg, width } => k.add.encode(g, pass, bg, n, *width),
+            Bound::Softcap { bg, width } => k.softcap.get(()).encode(g, pass, bg, n, *width),
+            Bound::Copy { .. } => {
+                return Err(Error::invalid(
+                    "a copy op is a buffer copy, not a dispatch in a compute pass",
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Record one bound op over `n` tokens, then its tap.
+    fn encode_op(&self, op: &BoundOp, r: &mut Rec, n: u32) -> Result<()> {
+        match &op.bound {
+            Bound::Copy { x, y, row_bytes } => {
+                let (x, y) = (&self.b.acts[*x], &self.b.acts[*y]);
+                r.enc()
+                    .copy_buffer_to_buffer(x, 0, y, 0, row_bytes * n as u64);
+            }
+            b => self.dispatch(b, r.pass(), n)?,
+        }
+        if let Some((name, buf, width)) = &op.tap {
+            r.tap(|| name.clone(), &self.b.acts[*buf], n as usize, *width);
+        }
+        Ok(())
     }
 
     /// Encode one pass over `tokens` at the current position.
@@ -726,64 +690,36 @@ impl Model {
             offset: 0,
             entries: Vec::new(),
         });
-        let c = &self.cfg;
-        let (hidden, inter, qd, kvd) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
-        let k = &self.k;
         let b = &self.b;
-        let sh = &self.shapes;
         let mut r = Rec::new(g, plan);
-        let lin = |lb: &Bound, r: &mut Rec, n: u32| k.linear_for(lb).encode(g, r.pass(), &lb.b, n);
-        let norm = |nb: &NormBound, r: &mut Rec| k.norm_for(nb.dt).encode(g, r.pass(), &nb.bg, nu);
-        k.embed.encode(g, r.pass(), &self.head.embed, nu);
-        r.tap(|| "embed".into(), &b.h[0], n, hidden);
-        for (i, l) in self.layers.iter().enumerate() {
-            let h_out = &b.h[(i + 1) % 2];
-            norm(&l.attn_norm, &mut r);
-            r.tap(|| format!("layers.{i}.attn_norm"), &b.attn_norm, n, hidden);
-            lin(&l.q, &mut r, nu)?;
-            r.tap(|| format!("layers.{i}.q"), &b.q, n, qd);
-            lin(&l.k, &mut r, nu)?;
-            r.tap(|| format!("layers.{i}.k"), &b.k, n, kvd);
-            lin(&l.v, &mut r, nu)?;
-            r.tap(|| format!("layers.{i}.v"), &b.v, n, kvd);
-            k.rope.encode(g, r.pass(), &l.q_rope, &sh.q_rope, nu);
-            r.tap(|| format!("layers.{i}.q_rope"), &b.q_rope, n, qd);
-            k.rope.encode(g, r.pass(), &l.k_rope, &sh.k_rope, nu);
-            r.tap(|| format!("layers.{i}.k_rope"), &b.k_rope, n, kvd);
-            k.kv_copy.encode(g, r.pass(), &l.kv_copy, &sh.kv, nu);
-            k.attention
-                .encode(g, r.pass(), &l.attention, &sh.attention, nu);
-            r.tap(|| format!("layers.{i}.attn"), &b.attn, n, qd);
-            lin(&l.o, &mut r, nu)?;
-            r.tap(|| format!("layers.{i}.attn_out"), &b.attn_out, n, hidden);
-            k.add.encode(g, r.pass(), &l.resid_add, nu, hidden);
-            r.tap(|| format!("layers.{i}.resid_attn"), &b.resid, n, hidden);
-            norm(&l.mlp_norm, &mut r);
-            r.tap(|| format!("layers.{i}.mlp_norm"), &b.mlp_norm, n, hidden);
-            lin(&l.gate, &mut r, nu)?;
-            lin(&l.up, &mut r, nu)?;
-            k.swiglu.encode(g, r.pass(), &l.swiglu, nu, inter);
-            lin(&l.down, &mut r, nu)?;
-            r.tap(|| format!("layers.{i}.mlp_out"), &b.mlp_out, n, hidden);
-            k.add.encode(g, r.pass(), &l.out_add, nu, hidden);
-            r.tap(|| format!("layers.{i}.out"), h_out, n, hidden);
+        for op in self.embed.iter().chain(self.layers.iter().flatten()) {
+            self.encode_op(op, &mut r, nu)?;
         }
-        norm(&self.head.norm, &mut r);
-        r.tap(|| "norm".into(), &b.norm, n, hidden);
         match logits {
             None => {}
             Some(Logits::All) => {
-                lin(&self.head.lm_all, &mut r, nu)?;
-                r.tap(|| "logits".into(), &b.logits, n, c.vocab_size);
+                for op in &self.head_all {
+                    self.encode_op(op, &mut r, nu)?;
+                }
             }
             Some(Logits::Last) => {
-                let row = ((n - 1) * hidden * 4) as u64;
-                r.enc()
-                    .copy_buffer_to_buffer(&b.norm, row, &b.last, 0, (hidden * 4) as u64);
-                lin(&self.head.lm_last, &mut r, 1)?;
-                k.argmax.encode(g, r.pass(), &self.head.argmax_last, 1)?;
+                // The head on the last token's row only.
+                let row = (self.cfg.hidden_size * 4) as u64;
+                let stream = &b.acts[b.h[self.layers.len() % 2]];
+                r.enc().copy_buffer_to_buffer(
+                    stream,
+                    row * (n as u64 - 1),
+                    &b.acts[b.last],
+                    0,
+                    row,
+                );
+                for op in &self.head_last {
+                    self.encode_op(op, &mut r, 1)?;
+                }
+                self.k.argmax.encode(g, r.pass(), &self.argmax_last, 1)?;
             }
         }
+        let logits_buf = &b.acts[b.index[&Buf::Logits]];
         match readback {
             None => {}
             Some(Readback::NextId) => {
@@ -791,12 +727,79 @@ impl Model {
                     .copy_buffer_to_buffer(&b.next, 0, &b.next_staging, 0, 4);
             }
             Some(Readback::Logits) => {
-                let len = (c.vocab_size * 4) as u64;
+                let len = (self.cfg.vocab_size * 4) as u64;
                 r.enc()
-                    .copy_buffer_to_buffer(&b.logits, 0, &b.logits_staging, 0, len);
+                    .copy_buffer_to_buffer(logits_buf, 0, &b.logits_staging, 0, len);
             }
         }
         Ok(r.finish())
+    }
+
+    /// Every op of one decode step in order (the embedding, every layer, the
+    /// last-row head, argmax), as the bench reports them.
+    #[doc(hidden)]
+    pub fn decode_ops(&self) -> Vec<StepOp> {
+        let mut v: Vec<StepOp> = self
+            .embed
+            .iter()
+            .chain(self.layers.iter().flatten())
+            .chain(&self.head_last)
+            .map(|o| o.info.clone())
+            .collect();
+        v.push(StepOp {
+            class: "argmax",
+            dispatches: 1,
+            weight_bytes: 0,
+            kv_bytes_per_position: 0,
+            window: 0,
+        });
+        v
+    }
+
+    /// Set the step uniforms for one decode token at position `kv_len - 1`
+    /// (for [`Self::encode_decode_ops`]; the next forward call overwrites
+    /// them).
+    #[doc(hidden)]
+    pub fn prepare_decode_step(&self, kv_len: usize) -> Result<()> {
+        if kv_len == 0 || kv_len > self.max_context {
+            return Err(Error::invalid(format!(
+                "decode step at KV length {kv_len}: expected 1..={}",
+                self.max_context
+            )));
+        }
+        let s = Step::new(1, (kv_len - 1) as u32);
+        for buf in [&self.b.step, &self.b.step_one] {
+            self.gpu.queue.write_buffer(buf, 0, bytemuck::bytes_of(&s));
+        }
+        Ok(())
+    }
+
+    /// Encode the ops of [`Self::decode_ops`] whose index `select` accepts
+    /// into `pass` (no taps, no readback).
+    #[doc(hidden)]
+    pub fn encode_decode_ops(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        select: &dyn Fn(usize) -> bool,
+    ) -> Result<()> {
+        let ops = self
+            .embed
+            .iter()
+            .chain(self.layers.iter().flatten())
+            .chain(&self.head_last);
+        let mut n_ops = 0;
+        for (i, op) in ops.enumerate() {
+            n_ops = i + 1;
+            if select(i) {
+                self.dispatch(&op.bound, pass, 1)?;
+            }
+        }
+        if select(n_ops) {
+            self.k
+                .argmax
+                .encode(&self.gpu, pass, &self.argmax_last, 1)?;
+        }
+        Ok(())
     }
 
     /// The K and V cache of `layer` (`[n_kv, max_context, head_dim]` f32).
@@ -808,6 +811,199 @@ impl Model {
     pub fn faults(&self) -> Faults {
         self.faults
     }
+}
+
+/// Program-level faults: the program a buggy port would run (an op
+/// forgotten, a convention or a parameter misread). Only the GPU model's
+/// program is edited; the CPU reference runs the real one.
+fn apply_program_faults(p: &mut Program, f: &Faults) {
+    if f.drop_qk_norm {
+        p.bypass(|k| matches!(k, OpKind::Norm { heads, .. } if *heads > 1));
+    }
+    p.edit(|k| match k {
+        OpKind::Norm { unit_offset, .. } if f.norm_one_plus_w => *unit_offset = true,
+        OpKind::Norm { unit_offset, .. } if f.norm_plain_w => *unit_offset = false,
+        OpKind::Linear {
+            w: Role::Layer(_, LayerRole::Q | LayerRole::K | LayerRole::V),
+            bias,
+            ..
+        } if f.drop_qkv_bias => *bias = None,
+        OpKind::Attention { window, .. } if f.ignore_window => *window = 0,
+        _ => {}
+    });
+}
+
+/// What binding needs besides the kernels and buffers.
+struct BindCtx<'a> {
+    g: &'a Gpu,
+    cfg: &'a ModelConfig,
+    weights: &'a Weights,
+    max_context: usize,
+    tables: &'a [(RopeTable, RopeTables)],
+}
+
+impl BindCtx<'_> {
+    fn weight(&self, r: Role) -> Result<&DeviceTensor> {
+        self.weights
+            .get(r)
+            .ok_or_else(|| Error::invalid(format!("the model's weights have no {r:?}")))
+    }
+
+    /// Bind every op of one scope: kernels built on first use, bind groups
+    /// and uniforms created once.
+    fn bind_all(
+        &self,
+        k: &mut Kernels,
+        b: &mut Buffers,
+        ops: &[Op],
+        scope: Scope,
+        env: Env,
+        cache: Option<&KvCache>,
+    ) -> Result<Vec<BoundOp>> {
+        let (g, c) = (self.g, self.cfg);
+        let mut out = Vec::new();
+        for op in ops {
+            let step = if env.one_row { &b.step_one } else { &b.step };
+            let buf = |x: Buf| &b.acts[b.idx(env, x)];
+            let cache_of =
+                || cache.ok_or_else(|| Error::invalid("a KV op outside a decoder layer"));
+            let mut info = StepOp {
+                class: op.class(),
+                dispatches: 1,
+                weight_bytes: 0,
+                kv_bytes_per_position: 0,
+                window: 0,
+            };
+            let mut params = Vec::new();
+            let bound = match op.kind {
+                OpKind::Embed { y, scale } => {
+                    let e = &self.weights.embed;
+                    let eb = k.embed.bind(g, step, &b.ids, e, scale, buf(y))?;
+                    info.dispatches = eb.groups.len();
+                    info.weight_bytes = (e.cols() * e.dtype.bytes_per_elem()) as u64;
+                    Bound::Embed(eb)
+                }
+                OpKind::Norm {
+                    x,
+                    w,
+                    y,
+                    heads,
+                    unit_offset,
+                } => {
+                    let w = self.weight(w)?;
+                    let key = (w.dtype, unit_offset);
+                    let kern = k.norm.get_or(key, || {
+                        RmsNorm::with_faults(g, key.0, key.1, k.faults.norm_eps_outside)
+                    })?;
+                    let p = g.uniform(
+                        "norm.params",
+                        &rmsnorm::Params::per_token(
+                            x.width(c) / heads,
+                            heads,
+                            c.rms_norm_eps as f32,
+                        ),
+                    )?;
+                    let bg = kern.bind(g, &p, step, buf(x), &w.chunks[0].buffer, buf(y));
+                    params.push(p);
+                    info.weight_bytes = tensor_bytes(w);
+                    Bound::Norm {
+                        key,
+                        bg,
+                        rows_per_token: heads as u32,
+                    }
+                }
+                OpKind::Linear { x, w, bias, y } => {
+                    let w = self.weight(w)?;
+                    let bias = bias.map(|r| self.weight(r)).transpose()?;
+                    let key = (w.dtype, bias.is_some());
+                    let kern = k.linear.get_or(key, || Linear::new(g, key.0, key.1))?;
+                    let lb = kern.bind(g, step, buf(x), w, bias, buf(y))?;
+                    info.dispatches = lb.chunks.len();
+                    info.weight_bytes = tensor_bytes(w) + bias.map_or(0, tensor_bytes);
+                    Bound::Linear { key, b: lb }
+                }
+                OpKind::Rope { x, y, heads, table } => {
+                    let t = &self
+                        .tables
+                        .iter()
+                        .find(|(t, _)| *t == table)
+                        .expect("a table for every rope op")
+                        .1;
+                    let params = rope::Params::new(heads, c.head_dim, self.max_context)?;
+                    let bg = k.rope.bind(g, &params, step, buf(x), t, buf(y))?;
+                    Bound::Rope { bg, params }
+                }
+                OpKind::KvAppend { k: kb, v } => {
+                    let cache = cache_of()?;
+                    info.dispatches = 1;
+                    Bound::KvAppend(k.kv_copy.bind(g, step, buf(kb), buf(v), cache)?)
+                }
+                OpKind::Attention {
+                    q,
+                    y,
+                    window,
+                    scale,
+                } => {
+                    let params = attention_params(c, self.max_context, window, scale)?;
+                    let bg = k
+                        .attention
+                        .bind(g, &params, step, buf(q), cache_of()?, buf(y))?;
+                    info.kv_bytes_per_position = (2 * c.kv_dim() * 4) as u64;
+                    info.window = window;
+                    Bound::Attention { bg, params }
+                }
+                OpKind::Glu { gate, up, y, act } => {
+                    let width = y.width(c);
+                    let kern = k.glu.get_or(act, || {
+                        Elementwise::new(
+                            g,
+                            match act {
+                                Activation::Silu => Binary::SwiGlu,
+                                Activation::GeluTanh => Binary::GeluTanhGlu,
+                            },
+                        )
+                    })?;
+                    let p = g.uniform("glu.params", &elementwise::Params::new(width))?;
+                    let bg = kern.bind(g, &p, step, buf(gate), buf(up), buf(y));
+                    params.push(p);
+                    Bound::Glu { act, bg, width }
+                }
+                OpKind::Add { a, b: bb, y } => {
+                    let width = y.width(c);
+                    let p = g.uniform("add.params", &elementwise::Params::new(width))?;
+                    let bg = k.add.bind(g, &p, step, buf(a), buf(bb), buf(y));
+                    params.push(p);
+                    Bound::Add { bg, width }
+                }
+                OpKind::Softcap { x, cap } => {
+                    let width = x.width(c);
+                    let kern = k.softcap.get_or((), || Softcap::new(g))?;
+                    let p =
+                        g.uniform("softcap.params", &elementwise::Params::softcap(width, cap))?;
+                    let bg = kern.bind(g, &p, step, buf(x));
+                    params.push(p);
+                    Bound::Softcap { bg, width }
+                }
+                OpKind::Copy { x, y } => Bound::Copy {
+                    x: b.idx(env, x),
+                    y: b.idx(env, y),
+                    row_bytes: (x.width(c) * 4) as u64,
+                },
+            };
+            let tap = match (op.tap, op.output()) {
+                (Some(t), Some(y)) => Some((scope.tap_name(t), b.idx(env, y), y.width(c))),
+                _ => None,
+            };
+            b.params.extend(params);
+            out.push(BoundOp { bound, tap, info });
+        }
+        Ok(out)
+    }
+}
+
+/// Bytes a tensor occupies on the device.
+pub fn tensor_bytes(t: &DeviceTensor) -> u64 {
+    t.chunks.iter().map(|c| c.buffer.size()).sum()
 }
 
 /// Weight-level faults: transform uploaded weights the way a buggy port would.

@@ -1,11 +1,14 @@
-//! The CPU reference forward: the whole model in plain f32 Rust, built only
-//! from the kernels' CPU references, producing the same taps as the GPU.
-//! It is the oracle in tests and in `wgllm verify`; readable over fast.
+//! The CPU reference forward: the model's [`Program`] run op by op in plain
+//! f32 Rust with the kernels' CPU references, producing the same taps as the
+//! GPU. It is the oracle in tests and in `wgllm verify`; readable over fast.
+
+use std::collections::HashMap;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::loader::{HostTensor, HostWeights};
+use crate::loader::{HostTensor, HostWeights, Role};
 use crate::ops::{attention, elementwise, embedding, kv_copy, matmul, rmsnorm, rope};
+use crate::program::{attention_params, Activation, Buf, OpKind, Program, RopeTable, Scope};
 use crate::taps::TapSet;
 
 /// A CPU model with its own KV cache (same layout as the GPU's:
@@ -14,36 +17,34 @@ pub struct CpuModel<'w> {
     pub cfg: &'w ModelConfig,
     pub w: &'w HostWeights,
     pub max_context: usize,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    attn: attention::Params,
+    program: Program,
+    /// (cos, sin) per RoPE table the program uses.
+    tables: Vec<(RopeTable, Vec<f32>, Vec<f32>)>,
     kvp: kv_copy::Params,
     kv_k: Vec<Vec<f32>>,
     kv_v: Vec<Vec<f32>>,
     pos: usize,
 }
 
-fn bias(b: &Option<HostTensor>) -> Option<&[f32]> {
-    b.as_ref().map(|t| t.data.as_slice())
-}
-
 impl<'w> CpuModel<'w> {
     pub fn new(cfg: &'w ModelConfig, w: &'w HostWeights, max_context: usize) -> Result<Self> {
-        let (cos, sin) =
-            rope::rope_tables(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling, max_context)?;
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
+        let program = Program::new(cfg);
+        let tables = program
+            .rope_tables(cfg)
+            .into_iter()
+            .map(|(t, theta, scaling)| {
+                let (cos, sin) = rope::rope_tables(cfg.head_dim, theta, scaling, max_context)?;
+                Ok((t, cos, sin))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (nkv, hd) = (cfg.num_key_value_heads, cfg.head_dim);
         let per_layer = nkv * max_context * hd;
         Ok(CpuModel {
             cfg,
             w,
             max_context,
-            cos,
-            sin,
-            attn: attention::Params::new(nh, nkv, hd, max_context)?,
+            program,
+            tables,
             kvp: kv_copy::Params::new(nkv, hd, max_context)?,
             kv_k: vec![vec![0.0; per_layer]; cfg.num_hidden_layers],
             kv_v: vec![vec![0.0; per_layer]; cfg.num_hidden_layers],
@@ -57,6 +58,12 @@ impl<'w> CpuModel<'w> {
 
     pub fn position(&self) -> usize {
         self.pos
+    }
+
+    fn weight(&self, r: Role) -> Result<&'w HostTensor> {
+        self.w
+            .get(r)
+            .ok_or_else(|| Error::invalid(format!("cpu reference: the weights have no {r:?}")))
     }
 
     /// Run `tokens` after the cached ones; returns every tap (all tokens'
@@ -76,61 +83,129 @@ impl<'w> CpuModel<'w> {
                 c.vocab_size
             )));
         }
-        let (hidden, hd) = (c.hidden_size, c.head_dim);
-        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        let (qd, kvd, inter) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let eps = c.rms_norm_eps as f32;
+        let program = self.program.clone();
         let mut taps = TapSet::default();
-
-        let mut h = embedding::reference(&self.w.embed.data, hidden, tokens);
-        taps.push("embed", n, hidden, h.clone());
-        for (i, lw) in self.w.layers.iter().enumerate() {
-            let name = |k: &str| format!("layers.{i}.{k}");
-            let x = rmsnorm::reference(&h, &lw.attn_norm.data, hidden, eps);
-            taps.push(name("attn_norm"), n, hidden, x.clone());
-            let q = matmul::reference(&x, &lw.q.data, bias(&lw.q_bias), n, hidden, qd);
-            let k = matmul::reference(&x, &lw.k.data, bias(&lw.k_bias), n, hidden, kvd);
-            let v = matmul::reference(&x, &lw.v.data, bias(&lw.v_bias), n, hidden, kvd);
-            taps.push(name("q"), n, qd, q.clone());
-            taps.push(name("k"), n, kvd, k.clone());
-            taps.push(name("v"), n, kvd, v.clone());
-            let q_rope = rope::reference(&q, &self.cos, &self.sin, nh, hd, self.pos);
-            let k_rope = rope::reference(&k, &self.cos, &self.sin, nkv, hd, self.pos);
-            taps.push(name("q_rope"), n, qd, q_rope.clone());
-            taps.push(name("k_rope"), n, kvd, k_rope.clone());
-            kv_copy::reference(
-                &mut self.kv_k[i],
-                &mut self.kv_v[i],
-                &k_rope,
-                &v,
-                &self.kvp,
-                self.pos,
-            );
-            let a =
-                attention::reference(&q_rope, &self.kv_k[i], &self.kv_v[i], &self.attn, self.pos);
-            taps.push(name("attn"), n, qd, a.clone());
-            let o = matmul::reference(&a, &lw.o.data, bias(&lw.o_bias), n, qd, hidden);
-            taps.push(name("attn_out"), n, hidden, o.clone());
-            let resid = elementwise::add_reference(&h, &o);
-            taps.push(name("resid_attn"), n, hidden, resid.clone());
-            let x2 = rmsnorm::reference(&resid, &lw.mlp_norm.data, hidden, eps);
-            taps.push(name("mlp_norm"), n, hidden, x2.clone());
-            let gate = matmul::reference(&x2, &lw.gate.data, bias(&lw.gate_bias), n, hidden, inter);
-            let up = matmul::reference(&x2, &lw.up.data, bias(&lw.up_bias), n, hidden, inter);
-            let act = elementwise::swiglu_reference(&gate, &up);
-            let down =
-                matmul::reference(&act, &lw.down.data, bias(&lw.down_bias), n, inter, hidden);
-            taps.push(name("mlp_out"), n, hidden, down.clone());
-            h = elementwise::add_reference(&resid, &down);
-            taps.push(name("out"), n, hidden, h.clone());
+        let mut acts: HashMap<Buf, Vec<f32>> = HashMap::new();
+        for (scope, op) in program.ops() {
+            let layer = match scope {
+                Scope::Layer(i) => i,
+                _ => 0,
+            };
+            self.run_op(&op.kind, layer, tokens, &mut acts)?;
+            if let (Some(t), Some(b)) = (op.tap, op.output()) {
+                taps.push(scope.tap_name(t), n, b.width(c), acts[&b].clone());
+            }
+            // The layer's output is the next layer's input.
+            if let Some(out) = acts.remove(&Buf::StreamOut) {
+                acts.insert(Buf::Stream, out);
+            }
         }
-        let normed = rmsnorm::reference(&h, &self.w.norm.data, hidden, eps);
-        taps.push("norm", n, hidden, normed.clone());
-        let lm = &self.w.lm_head().data;
-        let logits = matmul::reference(&normed, lm, None, n, hidden, c.vocab_size);
-        taps.push("logits", n, c.vocab_size, logits);
         self.pos += n;
         Ok(taps)
+    }
+
+    fn run_op(
+        &mut self,
+        op: &OpKind,
+        layer: usize,
+        tokens: &[u32],
+        acts: &mut HashMap<Buf, Vec<f32>>,
+    ) -> Result<()> {
+        let c = self.cfg;
+        let n = tokens.len();
+        let (hd, eps) = (c.head_dim, c.rms_norm_eps as f32);
+        let get = |acts: &HashMap<Buf, Vec<f32>>, b: Buf| -> Result<Vec<f32>> {
+            acts.get(&b)
+                .cloned()
+                .ok_or_else(|| Error::invalid(format!("cpu reference: {b:?} read before written")))
+        };
+        let (y, v) = match *op {
+            OpKind::Embed { y, scale } => {
+                let e = self.weight(Role::Embed)?;
+                (
+                    y,
+                    embedding::reference(&e.data, c.hidden_size, tokens, scale),
+                )
+            }
+            OpKind::Norm {
+                x,
+                w,
+                y,
+                heads,
+                unit_offset,
+            } => {
+                let w = &self.weight(w)?.data;
+                let width = x.width(c) / heads;
+                let v = rmsnorm::reference(&get(acts, x)?, w, width, eps, unit_offset);
+                (y, v)
+            }
+            OpKind::Linear { x, w, bias, y } => {
+                let w = &self.weight(w)?.data;
+                let b = bias.map(|b| self.weight(b)).transpose()?;
+                let b = b.map(|t| t.data.as_slice());
+                let v = matmul::reference(&get(acts, x)?, w, b, n, x.width(c), y.width(c));
+                (y, v)
+            }
+            OpKind::Rope { x, y, heads, table } => {
+                let (_, cos, sin) = self
+                    .tables
+                    .iter()
+                    .find(|(t, _, _)| *t == table)
+                    .expect("tables built for every rope op");
+                (
+                    y,
+                    rope::reference(&get(acts, x)?, cos, sin, heads, hd, self.pos),
+                )
+            }
+            OpKind::KvAppend { k, v } => {
+                let (k, v) = (get(acts, k)?, get(acts, v)?);
+                kv_copy::reference(
+                    &mut self.kv_k[layer],
+                    &mut self.kv_v[layer],
+                    &k,
+                    &v,
+                    &self.kvp,
+                    self.pos,
+                );
+                return Ok(());
+            }
+            OpKind::Attention {
+                q,
+                y,
+                window,
+                scale,
+            } => {
+                let p = attention_params(c, self.max_context, window, scale)?;
+                let v = attention::reference(
+                    &get(acts, q)?,
+                    &self.kv_k[layer],
+                    &self.kv_v[layer],
+                    &p,
+                    self.pos,
+                );
+                (y, v)
+            }
+            OpKind::Glu { gate, up, y, act } => {
+                let (g, u) = (get(acts, gate)?, get(acts, up)?);
+                let v = match act {
+                    Activation::Silu => elementwise::swiglu_reference(&g, &u),
+                    Activation::GeluTanh => elementwise::gelu_tanh_glu_reference(&g, &u),
+                };
+                (y, v)
+            }
+            OpKind::Add { a, b, y } => (
+                y,
+                elementwise::add_reference(&get(acts, a)?, &get(acts, b)?),
+            ),
+            OpKind::Softcap { x, cap } => {
+                let mut v = get(acts, x)?;
+                elementwise::softcap_reference(&mut v, cap);
+                (x, v)
+            }
+            OpKind::Copy { x, y } => (y, get(acts, x)?),
+        };
+        acts.insert(y, v);
+        Ok(())
     }
 
     /// Greedy generation of `max_new` tokens after `prompt` (first token

@@ -1,42 +1,14 @@
 //! Taps: named per-layer outputs read back for verification.
 //!
-//! Every tap is an f32 `[tokens, width]` tensor. Names follow the issue's
-//! scheme and PyTorch dumps (`tools/dump_reference.py`) use the same names, so
-//! any two sources can be compared tap by tap.
+//! Every tap is an f32 `[tokens, width]` tensor. Which taps a model has, in
+//! what order and of what width, is its [`crate::program::Program`]'s
+//! (`Program::taps`). PyTorch dumps (`tools/dump_reference.py`) use the same
+//! names, so any two sources can be compared tap by tap.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-
-/// The per-layer tap kinds, in execution order within a layer.
-pub const LAYER_TAPS: [&str; 12] = [
-    "attn_norm",
-    "q",
-    "k",
-    "v",
-    "q_rope",
-    "k_rope",
-    "attn",
-    "attn_out",
-    "resid_attn",
-    "mlp_norm",
-    "mlp_out",
-    "out",
-];
-
-/// All tap names of a model with `n_layers` layers, in execution order.
-pub fn tap_names(n_layers: usize) -> Vec<String> {
-    let mut v = vec!["embed".to_string()];
-    for i in 0..n_layers {
-        for k in LAYER_TAPS {
-            v.push(format!("layers.{i}.{k}"));
-        }
-    }
-    v.push("norm".into());
-    v.push("logits".into());
-    v
-}
 
 /// The kind of a tap name: `layers.3.q_rope` → `q_rope`, `logits` → `logits`.
 pub fn tap_kind(name: &str) -> &str {
@@ -116,7 +88,8 @@ impl TapSet {
             msg: format!("not a valid safetensors file: {e}"),
         })?;
         let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-        // keep a stable, execution-like order: by layer, then kind order
+        // a stable order: embed, layer by layer (by name within a layer),
+        // norm, logits; comparisons follow the model's own (program) order
         names.sort_by_key(|n| order_key(n));
         let mut out = TapSet::default();
         for name in names {
@@ -171,19 +144,15 @@ pub fn read_i32(path: &Path, name: &str) -> Result<Option<Vec<i64>>> {
     Ok(Some(v))
 }
 
-fn order_key(name: &str) -> (usize, usize) {
-    let kind = tap_kind(name);
-    let layer = tap_layer(name);
-    match (name, layer) {
-        ("embed", _) => (0, 0),
-        ("norm", _) => (usize::MAX - 1, 0),
-        ("logits", _) => (usize::MAX, 0),
-        (_, Some(l)) => (
-            1 + l,
-            LAYER_TAPS.iter().position(|k| *k == kind).unwrap_or(99),
-        ),
-        _ => (usize::MAX - 2, 0),
-    }
+fn order_key(name: &str) -> (usize, String) {
+    let bucket = match (name, tap_layer(name)) {
+        ("embed", _) => 0,
+        ("norm", _) => usize::MAX - 1,
+        ("logits", _) => usize::MAX,
+        (_, Some(l)) => 1 + l,
+        _ => usize::MAX - 2,
+    };
+    (bucket, tap_kind(name).to_string())
 }
 
 #[cfg(test)]
@@ -192,30 +161,47 @@ mod tests {
 
     #[test]
     fn names_and_kinds() {
-        let n = tap_names(2);
-        assert_eq!(n.len(), 1 + 2 * 12 + 2);
-        assert_eq!(n[0], "embed");
-        assert_eq!(n[1], "layers.0.attn_norm");
-        assert_eq!(n[12], "layers.0.out");
-        assert_eq!(n.last().unwrap(), "logits");
         assert_eq!(tap_kind("layers.10.q_rope"), "q_rope");
         assert_eq!(tap_layer("layers.10.q_rope"), Some(10));
         assert_eq!(tap_kind("logits"), "logits");
+        assert_eq!(tap_layer("logits"), None);
     }
 
     #[test]
-    fn save_load_roundtrip_keeps_execution_order() {
+    fn save_load_roundtrip_orders_by_layer() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.safetensors");
         let mut s = TapSet::default();
-        for name in tap_names(11) {
-            s.push(name, 2, 3, vec![1.0, 2.0, 3.0, 4.0, 5.0, -6.5]);
+        let mut names = vec!["embed".to_string()];
+        for i in 0..11 {
+            for k in ["attn_norm", "q", "out"] {
+                names.push(format!("layers.{i}.{k}"));
+            }
+        }
+        names.extend(["norm".to_string(), "logits".to_string()]);
+        for (i, name) in names.iter().enumerate() {
+            s.push(
+                name.clone(),
+                2,
+                3,
+                vec![1.0, 2.0, 3.0, 4.0, 5.0, -6.5 + i as f32],
+            );
         }
         s.save(&p, HashMap::new()).unwrap();
         let l = TapSet::load(&p).unwrap();
-        let a: Vec<_> = s.taps.iter().map(|t| &t.name).collect();
-        let b: Vec<_> = l.taps.iter().map(|t| &t.name).collect();
-        assert_eq!(a, b);
-        assert_eq!(l.taps[5].data, s.taps[5].data);
+        let got: Vec<_> = l.taps.iter().map(|t| t.name.clone()).collect();
+        let mut want = names.clone();
+        want.sort_by_key(|n| order_key(n));
+        assert_eq!(got, want);
+        assert_eq!(got[0], "embed");
+        assert_eq!(
+            &got[1..4],
+            ["layers.0.attn_norm", "layers.0.out", "layers.0.q"]
+        );
+        assert_eq!(got[4], "layers.1.attn_norm");
+        assert_eq!(got.last().unwrap(), "logits");
+        for t in &s.taps {
+            assert_eq!(l.get(&t.name).unwrap().data, t.data);
+        }
     }
 }

@@ -1,8 +1,9 @@
 //! Proof that `verify` catches the classic porting bugs and names the tap
 //! where they first show. Each case breaks the GPU model on purpose (a
-//! test-only weight transform or kernel variant, `model::Faults`, not
-//! reachable from the CLI), runs verify against both the CPU reference and
-//! the PyTorch f32 dump, and checks the first failing tap of each.
+//! test-only weight transform, edit of the model's layer program or kernel
+//! variant, `model::Faults`, not reachable from the CLI), runs verify against
+//! both the CPU reference and the PyTorch f32 dump, and checks the first
+//! failing tap of each.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -59,6 +60,42 @@ fn check(name: &str, faults: Faults, first: Option<&str>) {
 fn correct_models_pass() {
     check("qwen2_bias_tied", Faults::default(), None);
     check("llama_gqa3_untied", Faults::default(), None);
+    check("qwen3_qk_norm", Faults::default(), None);
+    check("gemma3_window", Faults::default(), None);
+    check("mistral_window", Faults::default(), None);
+}
+
+#[test]
+fn dropped_qk_norm_is_caught_at_q_norm() {
+    // The program keeps the q_norm tap (it reads the un-normalized q).
+    let f = Faults {
+        drop_qk_norm: true,
+        ..Default::default()
+    };
+    check("qwen3_qk_norm", f, Some("layers.0.q_norm"));
+    check("gemma3_window", f, Some("layers.0.q_norm"));
+}
+
+#[test]
+fn gemma_one_plus_w_read_as_w_is_caught_at_attn_norm() {
+    let f = Faults {
+        norm_plain_w: true,
+        ..Default::default()
+    };
+    check("gemma3_window", f, Some("layers.0.attn_norm"));
+}
+
+#[test]
+fn ignored_window_is_caught_at_the_first_windowed_attn() {
+    // Prompts are 28 tokens over a window of 8: rows 8.. attend to keys
+    // outside the window when it is ignored. Gemma's layer 0 is sliding,
+    // Mistral's every layer.
+    let f = Faults {
+        ignore_window: true,
+        ..Default::default()
+    };
+    check("gemma3_window", f, Some("layers.0.attn"));
+    check("mistral_window", f, Some("layers.0.attn"));
 }
 
 #[test]

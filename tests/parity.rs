@@ -8,19 +8,36 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use wgllm::compare::{compare, RefKind, Tolerances};
+use wgllm::config::Arch;
 use wgllm::loader::{Checkpoint, HostWeights, LoadDType, MemoryPlan};
 use wgllm::model::{Model, ModelOptions};
 use wgllm::reference::CpuModel;
 use wgllm::taps::{read_i32, TapSet};
 use wgllm::{Gpu, GpuOptions};
 
-const FIXTURES: [&str; 5] = [
+const FIXTURES: [&str; 8] = [
     "qwen2_bias_tied",
     "llama_gqa3_untied",
     "llama3_rope_scaling",
     "mistral_head_dim",
     "qwen2_big_vocab",
+    "qwen3_qk_norm",
+    "gemma3_window",
+    "mistral_window",
 ];
+
+/// Taps per layer, counted from each family's modeling code (written out
+/// here, not taken from wgllm's program, so a dropped tap cannot hide).
+fn taps_per_layer(arch: Arch) -> usize {
+    match arch {
+        // attn_norm q k v q_rope k_rope attn attn_out resid_attn mlp_norm mlp_out out
+        Arch::Llama | Arch::Qwen2 | Arch::Mistral => 12,
+        // + q_norm k_norm
+        Arch::Qwen3 => 14,
+        // + q_norm k_norm post_attn_norm post_mlp_norm
+        Arch::Gemma3 => 16,
+    }
+}
 
 fn gpu() -> Arc<Gpu> {
     static G: OnceLock<Arc<Gpu>> = OnceLock::new();
@@ -92,7 +109,8 @@ fn gpu_taps_match_pytorch_f32_at_every_tap() {
         );
         assert!(rep.pass, "{name}:\n{}", rep.table());
         // every tap the model produces was compared (no silent gaps)
-        assert_eq!(rep.rows.len(), 2 + 12 * m.cfg.num_hidden_layers + 1);
+        let per_layer = taps_per_layer(m.cfg.arch);
+        assert_eq!(rep.rows.len(), 2 + per_layer * m.cfg.num_hidden_layers + 1);
     }
 }
 
@@ -158,7 +176,7 @@ fn greedy_continuations_match_transformers_token_for_token() {
 
 #[test]
 fn cpu_reference_greedy_matches_transformers() {
-    for name in ["qwen2_bias_tied", "llama3_rope_scaling"] {
+    for name in ["qwen2_bias_tied", "llama3_rope_scaling", "gemma3_window"] {
         let r = dir(name).join("reference_f32.safetensors");
         let tokens = ints(&r, "tokens");
         let want = ints(&r, "generated");
@@ -176,22 +194,31 @@ fn cpu_reference_greedy_matches_transformers() {
 
 /// The same prompt run in one pass, in uneven chunks (max_batch 5), and one
 /// token at a time must give the same last-token logits: positions, the KV
-/// cache and the causal mask are consistent across entry points.
+/// cache and the causal mask (and, past the window, the sliding window of
+/// Gemma 3's sliding layers and of every Mistral layer) are consistent across
+/// entry points.
 #[test]
 fn chunked_prefill_and_decode_agree_with_one_pass() {
-    let name = "llama3_rope_scaling"; // 40 tokens: positions pass original_max 32
-    let r = dir(name).join("reference_f32.safetensors");
-    let tokens = ints(&r, "tokens");
-    let want = TapSet::load(&r).unwrap();
-    let wl = want.get("logits").unwrap();
-    let last_ref = &wl.data[(wl.rows - 1) * wl.cols..];
-    for batch in [tokens.len(), 5, 1] {
-        let mut m = load(name, tokens.len(), batch);
-        let got = m.forward_logits(&tokens).unwrap();
-        let met = wgllm::compare::metrics(&got, last_ref);
-        // same f32 bound as the taps
-        let bound = Tolerances::defaults(RefKind::F32).default.nmse;
-        assert!(met.nmse < bound, "batch {batch}: nmse {:e}", met.nmse);
+    // llama3_rope_scaling: 40 tokens, positions pass original_max 32;
+    // the windowed fixtures: 28 tokens over a window of 8.
+    for name in ["llama3_rope_scaling", "gemma3_window", "mistral_window"] {
+        let r = dir(name).join("reference_f32.safetensors");
+        let tokens = ints(&r, "tokens");
+        let want = TapSet::load(&r).unwrap();
+        let wl = want.get("logits").unwrap();
+        let last_ref = &wl.data[(wl.rows - 1) * wl.cols..];
+        for batch in [tokens.len(), 5, 1] {
+            let mut m = load(name, tokens.len(), batch);
+            let got = m.forward_logits(&tokens).unwrap();
+            let met = wgllm::compare::metrics(&got, last_ref);
+            // same f32 bound as the taps
+            let bound = Tolerances::defaults(RefKind::F32).default.nmse;
+            assert!(
+                met.nmse < bound,
+                "{name} batch {batch}: nmse {:e}",
+                met.nmse
+            );
+        }
     }
 }
 

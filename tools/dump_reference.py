@@ -29,7 +29,14 @@ head_dim], the layout q_proj's output has):
   layers.{i}.mlp_out      mlp (down_proj) output
   layers.{i}.out          decoder layer output
   norm                    final model.norm output
-  logits                  [tokens, vocab]
+  logits                  [tokens, vocab] (after the final soft-cap where the config sets one)
+
+Family taps (found from the modules: a self_attn.q_norm, a pre_feedforward_layernorm):
+  layers.{i}.q_norm/.k_norm    Qwen3, Gemma 3: per-head norm output, the RoPE input
+  layers.{i}.post_attn_norm    Gemma 3: post_attention_layernorm(attn_out), added to the residual
+  layers.{i}.mlp_norm          Gemma 3: pre_feedforward_layernorm output
+  layers.{i}.post_mlp_norm     Gemma 3: post_feedforward_layernorm(mlp_out), added to the residual
+  embed                        Gemma 3: the scaled embedding (embed_tokens output)
 
 Extra tensors (none of them 2D float32, so wgllm's TapSet::load skips them):
   tokens                  int32 [tokens], the prompt ids
@@ -49,6 +56,10 @@ layers.{i-1}.out for 0 < i < L, and hidden_states[L] == norm (transformers 5.x
 the *normed* last_hidden_state, it is NOT layers.{L-1}.out); q_rope/k_rope
 match an independent float64 RoPE recomputation from q/k; with --generate, the
 greedy tokens are re-derived by a cache-free forward over prompt+generated.
+Where a layer has a sliding window: the logits recomputed with the window
+widened past the prompt equal the dump exactly before the window's edge and
+differ after it (else the fixture could not show the window), and the prompt
+is at least 3 windows long.
 """
 
 import argparse
@@ -86,9 +97,26 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------
 
 
-def rope_inv_freq_f64(config):
-    """inv_freq as transformers 5.23 defines it, but evaluated in float64."""
+def rope_param_sets(config):
+    """{layer_type or None: rope parameter dict}.
+
+    Gemma 3 keys ``rope_parameters`` by layer type (``sliding_attention`` /
+    ``full_attention``, each with its own rope_theta); the other families
+    have one dict for every layer (key None).
+    """
     rp = config.rope_parameters
+    if "rope_theta" in rp:
+        return {None: rp}
+    return dict(rp)
+
+
+def layer_rope_key(config, i):
+    sets = rope_param_sets(config)
+    return None if None in sets else config.layer_types[i]
+
+
+def rope_inv_freq_f64(config, rp):
+    """inv_freq as transformers 5.23 defines it, but evaluated in float64."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     dim = int(head_dim * rp.get("partial_rotary_factor", 1.0))
     base = float(rp["rope_theta"])
@@ -172,6 +200,24 @@ def max_abs(a, b):
     return float((a.float() - b.float()).abs().max())
 
 
+def layer_window(config, attn):
+    """The sliding window of one attention layer, None for full causal attention.
+
+    Mistral applies config.sliding_window to every layer; Gemma 3 (and Qwen3
+    with use_sliding_window) only to layers whose layer_types entry is
+    "sliding_attention" (the attention module records that as is_sliding /
+    sliding_window).
+    """
+    w = getattr(config, "sliding_window", None)
+    if w is None:
+        return None
+    lts = getattr(config, "layer_types", None)
+    if lts is not None:
+        return w if lts[attn.layer_idx] == "sliding_attention" else None
+    return w
+
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(0)
@@ -205,6 +251,11 @@ def main(argv=None):
     hidden = config.hidden_size
     inter = config.intermediate_size
     vocab = config.vocab_size
+    # Family differences, read off the modules themselves (not off model_type):
+    qk_norm = hasattr(attn0, "q_norm")  # Qwen3, Gemma 3: per-head RMSNorm on q and k
+    sandwich = hasattr(layers[0], "pre_feedforward_layernorm")  # Gemma 3: 4 norms per layer
+    softcap = getattr(config, "final_logit_softcapping", None)
+    windows = [layer_window(config, layers[i].self_attn) for i in range(L)]
 
     # -- hooks ---------------------------------------------------------------
     taps = {}
@@ -231,6 +282,26 @@ def main(argv=None):
 
         return h
 
+    def head_norm_hook(name, proj_name, n_heads):
+        """Capture a per-head q/k norm output as [tokens, n_heads*head_dim].
+
+        Qwen3 normalizes the [b, seq, heads, hd] view (before the transpose),
+        Gemma 3 the [b, heads, seq, hd] tensor (after it). The layout is
+        identified by recomputing the norm (mod.forward, no hooks) on the
+        already captured projection output in the [b, seq, heads, hd] view.
+        """
+
+        def h(mod, inp, out):
+            proj = taps[proj_name]  # [S, n*hd], captured by the q/k_proj hook
+            want = mod.forward(proj.reshape(1, proj.shape[0], n_heads, -1))
+            for cand in (out, out.transpose(1, 2)):
+                if tuple(cand.shape) == tuple(want.shape) and torch.equal(cand, want):
+                    store(name, cand.reshape(1, proj.shape[0], -1))
+                    return
+            raise AssertionError(f"{name}: output {tuple(out.shape)} is not the per-head norm of {proj_name}")
+
+        return h
+
     def reg_out(mod, name):
         handles.append(mod.register_forward_hook(out_hook(name)))
 
@@ -254,18 +325,33 @@ def main(argv=None):
         reg_out(sa.v_proj, p + "v")
         reg_in(sa.o_proj, p + "attn")
         reg_out(sa.o_proj, p + "attn_out")
-        reg_in(layer.post_attention_layernorm, p + "resid_attn")
-        reg_out(layer.post_attention_layernorm, p + "mlp_norm")
+        if qk_norm:
+            for nm, nh in (("q", n_heads), ("k", n_kv)):
+                handles.append(getattr(sa, nm + "_norm").register_forward_hook(head_norm_hook(p + nm + "_norm", p + nm, nh)))
+        if sandwich:
+            # Gemma 3: post_attention_layernorm normalizes the attention output
+            # BEFORE the residual add; pre_feedforward_layernorm is the MLP's
+            # input norm (wgllm's mlp_norm); post_feedforward_layernorm
+            # normalizes the MLP output before the second residual add.
+            reg_out(layer.post_attention_layernorm, p + "post_attn_norm")
+            reg_in(layer.pre_feedforward_layernorm, p + "resid_attn")
+            reg_out(layer.pre_feedforward_layernorm, p + "mlp_norm")
+            reg_out(layer.post_feedforward_layernorm, p + "post_mlp_norm")
+        else:
+            reg_in(layer.post_attention_layernorm, p + "resid_attn")
+            reg_out(layer.post_attention_layernorm, p + "mlp_norm")
         reg_out(layer.mlp, p + "mlp_out")
         reg_out(layer, p + "out")
     reg_out(base.norm, "norm")
 
-    def rotary_hook(mod, inp, out):
+    def rotary_hook(mod, inp, kwargs, out):
         cos, sin = out
-        store("rope.cos", cos)
-        store("rope.sin", sin)
+        lt = kwargs.get("layer_type", inp[2] if len(inp) > 2 else None)
+        sfx = "" if lt is None else "." + lt
+        store("rope.cos" + sfx, cos)
+        store("rope.sin" + sfx, sin)
 
-    handles.append(base.rotary_emb.register_forward_hook(rotary_hook))
+    handles.append(base.rotary_emb.register_forward_hook(rotary_hook, with_kwargs=True))
 
     # RoPE outputs: wrap the modeling module's apply_rotary_pos_emb (attention
     # forward looks it up as a module global at call time).
@@ -294,6 +380,7 @@ def main(argv=None):
 
     # -- checks ----------------------------------------------------------------
     notes = {}
+    rope_sets = rope_param_sets(config)
     widths = {"embed": hidden, "norm": hidden, "logits": vocab}
     for i in range(L):
         p = f"layers.{i}."
@@ -314,8 +401,16 @@ def main(argv=None):
                 p + "out": hidden,
             }
         )
-    widths["rope.cos"] = head_dim
-    widths["rope.sin"] = head_dim
+        if qk_norm:
+            widths[p + "q_norm"] = n_heads * head_dim
+            widths[p + "k_norm"] = n_kv * head_dim
+        if sandwich:
+            widths[p + "post_attn_norm"] = hidden
+            widths[p + "post_mlp_norm"] = hidden
+    for key in rope_sets:
+        sfx = "" if key is None else "." + key
+        widths["rope.cos" + sfx] = head_dim
+        widths["rope.sin" + sfx] = head_dim
     assert set(taps) == set(widths), f"taps mismatch: {sorted(set(taps) ^ set(widths))}"
     for name, w in widths.items():
         t = taps[name]
@@ -325,14 +420,29 @@ def main(argv=None):
 
     for i in range(L):
         p = f"layers.{i}."
+        layer = layers[i]
         prev = taps["embed"] if i == 0 else taps[f"layers.{i - 1}.out"]
         assert torch.equal(taps[p + "in"], prev), f"{p}in != previous output"
-        assert torch.equal(taps[p + "resid_attn"], prev + taps[p + "attn_out"]), f"{p}resid_attn"
-        assert torch.equal(taps[p + "out"], taps[p + "resid_attn"] + taps[p + "mlp_out"]), f"{p}out"
-        assert torch.equal(layers[i].input_layernorm(prev[None])[0], taps[p + "attn_norm"]), f"{p}attn_norm"
+        # What the residual adds: the attention / MLP output itself, or (Gemma
+        # 3) its post-norm.
+        attn_add = taps[p + "post_attn_norm"] if sandwich else taps[p + "attn_out"]
+        mlp_add = taps[p + "post_mlp_norm"] if sandwich else taps[p + "mlp_out"]
+        assert torch.equal(taps[p + "resid_attn"], prev + attn_add), f"{p}resid_attn"
+        assert torch.equal(taps[p + "out"], taps[p + "resid_attn"] + mlp_add), f"{p}out"
+        assert torch.equal(layer.input_layernorm(prev[None])[0], taps[p + "attn_norm"]), f"{p}attn_norm"
+        if sandwich:
+            pa = layer.post_attention_layernorm(taps[p + "attn_out"][None])[0]
+            assert torch.equal(pa, taps[p + "post_attn_norm"]), f"{p}post_attn_norm"
+            pm = layer.post_feedforward_layernorm(taps[p + "mlp_out"][None])[0]
+            assert torch.equal(pm, taps[p + "post_mlp_norm"]), f"{p}post_mlp_norm"
     last = taps[f"layers.{L - 1}.out"]
     assert torch.equal(base.norm(last[None])[0], taps["norm"]), "norm != model.norm(layers.last.out)"
-    assert torch.equal(model.lm_head(taps["norm"][None])[0], taps["logits"]), "logits != lm_head(norm)"
+    head_out = model.lm_head(taps["norm"][None])[0]
+    if softcap is not None:
+        # Gemma: logits = cap * tanh(lm_head(norm) / cap), in the compute dtype.
+        notes["logits_max_abs_before_softcap"] = f"{float(head_out.abs().max()):.4g}"
+        head_out = torch.tanh(head_out / softcap) * softcap
+    assert torch.equal(head_out, taps["logits"]), "logits != softcap(lm_head(norm))"
 
     hs = out.hidden_states
     assert len(hs) == L + 1, f"len(hidden_states)={len(hs)}"
@@ -346,35 +456,78 @@ def main(argv=None):
     else:
         raise AssertionError("hidden_states[-1] matches neither norm nor layers.last.out")
 
+    # Embedding scale (Gemma: sqrt(hidden) as an f32 tensor, cast to the
+    # weight dtype, so bf16 compute uses the bf16-rounded value).
+    embed_scale = getattr(base.embed_tokens, "embed_scale", None)
+    if embed_scale is not None:
+        es = embed_scale.to(dtype)
+        want = base.embed_tokens.weight[ids[0]] * es
+        assert torch.equal(taps["embed"], want), "embed != weight[ids] * embed_scale"
+        notes["embed_scale"] = repr(float(es))
+
     # RoPE: model buffer vs documented formula, and taps vs float64 recomputation.
-    inv64, bands = rope_inv_freq_f64(config)
-    inv_model = base.rotary_emb.inv_freq.detach().to(torch.float32).cpu()
-    assert inv_model.dtype == torch.float32
-    inv_rel = float(np.max(np.abs(inv_model.double().numpy() - inv64) / inv64))
-    assert inv_rel < 1e-6, f"inv_freq differs from formula: rel {inv_rel}"
-    notes["inv_freq_max_rel_diff_vs_f64_formula"] = f"{inv_rel:.3e}"
-    if bands is not None:
-        counts = {b: bands.count(b) for b in ("keep", "interp", "scaled")}
-        notes["llama3_bands"] = json.dumps({"per_freq": bands, "counts": counts})
-        assert all(counts.values()), f"llama3: not every band is exercised: {counts}"
-    # cos/sin: float32 angles pos * inv_freq (f32 buffer), cos/sin in f32, then
-    # cast to the compute dtype. Check against float64 cos of the same f32 angles.
-    ang = (torch.arange(S, dtype=torch.float32)[:, None] * inv_model[None, :]).double()
-    ang = torch.cat([ang, ang], dim=-1)
-    cs_err = max(max_abs(taps["rope.cos"].double(), ang.cos()), max_abs(taps["rope.sin"].double(), ang.sin()))
-    assert cs_err < (1e-5 if dtype == torch.float32 else 1e-2), f"rotary cos/sin err {cs_err}"
-    notes["rope_cos_sin_max_abs_err_vs_f64"] = f"{cs_err:.3e}"
-    scaling = float(base.rotary_emb.attention_scaling)
+    inv_models = {}
+    for key, rp in rope_sets.items():
+        sfx = "" if key is None else "." + key
+        inv64, bands = rope_inv_freq_f64(config, rp)
+        buf = base.rotary_emb.inv_freq if key is None else getattr(base.rotary_emb, f"{key}_inv_freq")
+        inv_model = buf.detach().to(torch.float32).cpu()
+        inv_models[key] = (inv_model, inv64)
+        inv_rel = float(np.max(np.abs(inv_model.double().numpy() - inv64) / inv64))
+        assert inv_rel < 1e-6, f"inv_freq{sfx} differs from formula: rel {inv_rel}"
+        notes["inv_freq_max_rel_diff_vs_f64_formula" + sfx] = f"{inv_rel:.3e}"
+        if bands is not None:
+            counts = {b: bands.count(b) for b in ("keep", "interp", "scaled")}
+            notes["llama3_bands"] = json.dumps({"per_freq": bands, "counts": counts})
+            assert all(counts.values()), f"llama3: not every band is exercised: {counts}"
+        # cos/sin: float32 angles pos * inv_freq (f32 buffer), cos/sin in f32, then
+        # cast to the compute dtype. Check against float64 cos of the same f32 angles.
+        ang = (torch.arange(S, dtype=torch.float32)[:, None] * inv_model[None, :]).double()
+        ang = torch.cat([ang, ang], dim=-1)
+        cs_err = max(
+            max_abs(taps["rope.cos" + sfx].double(), ang.cos()), max_abs(taps["rope.sin" + sfx].double(), ang.sin())
+        )
+        assert cs_err < (1e-5 if dtype == torch.float32 else 1e-2), f"rotary cos/sin{sfx} err {cs_err}"
+        notes["rope_cos_sin_max_abs_err_vs_f64" + sfx] = f"{cs_err:.3e}"
+    if None in rope_sets:
+        scaling = float(base.rotary_emb.attention_scaling)
+    else:
+        scalings = {float(getattr(base.rotary_emb, f"{k}_attention_scaling")) for k in rope_sets}
+        assert len(scalings) == 1, f"rope attention_scaling differs per layer type: {scalings}"
+        (scaling,) = scalings
     notes["rope_attention_scaling"] = repr(scaling)
     tol = 2e-5 if dtype == torch.float32 else 0.1
     for i in range(L):
+        inv64 = inv_models[layer_rope_key(config, i)][1]
         for nm, nh in (("q", n_heads), ("k", n_kv)):
-            x = taps[f"layers.{i}.{nm}"].double().numpy()
+            # RoPE input: the q/k norm output where the family has one.
+            src = f"layers.{i}.{nm}_norm" if qk_norm else f"layers.{i}.{nm}"
+            x = taps[src].double().numpy()
             ref = rope_apply_f64(x, inv64, nh) * scaling
             got = taps[f"layers.{i}.{nm}_rope"].double().numpy()
             err = float(np.max(np.abs(ref - got)) / max(1.0, float(np.max(np.abs(ref)))))
             assert err < tol, f"layers.{i}.{nm}_rope vs f64 RoPE: rel err {err}"
             notes[f"rope_check.layers.{i}.{nm}"] = f"{err:.3e}"
+
+    # Sliding window: the same forward with the window widened past the
+    # prompt must agree exactly before the window's edge and differ after it;
+    # otherwise the fixture would not show that the window is applied at all.
+    if any(w is not None for w in windows):
+        w = min(x for x in windows if x is not None)
+        saved = config.sliding_window
+        config.sliding_window = 1 << 20
+        try:
+            wide = model(input_ids=ids, use_cache=False).logits[0]
+        finally:
+            config.sliding_window = saved
+        before = max_abs(wide[:w], taps["logits"][:w])
+        after = max_abs(wide[w:], taps["logits"][w:])
+        notes["window_check"] = (
+            f"window {w}: max|logits - logits(window off)| at positions < {w}: {before:.3e}, at >= {w}: {after:.3e}"
+        )
+        assert before == 0.0, f"window off changed logits before the window edge: {before}"
+        assert S >= 3 * w, f"prompt of {S} tokens is shorter than 3 windows of {w}"
+        assert after > 0.1, f"window off changed logits past the edge by only {after}: window not applied?"
 
     # -- generation ------------------------------------------------------------
     extra = {}
@@ -422,10 +575,12 @@ def main(argv=None):
     # Internal-only captures are not written: the layer inputs (`.in`) and the
     # rotary cos/sin tables (2D F32 tensors would be picked up as taps by
     # wgllm's TapSet::load, which takes every 2D F32 tensor in the file).
-    internal = {k for k in taps if k.endswith(".in")} | {"rope.cos", "rope.sin"}
+    internal = {k for k in taps if k.endswith(".in") or k.startswith(("rope.cos", "rope.sin"))}
     tensors = {k: v.to(torch.float32).contiguous() for k, v in taps.items() if k not in internal}
     tensors["tokens"] = torch.tensor(tokens, dtype=torch.int32)
-    tensors["rope.inv_freq"] = inv_model.contiguous()
+    for key, (inv_model, _) in inv_models.items():
+        # `rope.inv_freq`, or per layer type `rope.inv_freq.sliding_attention` etc.
+        tensors["rope.inv_freq" + ("" if key is None else "." + key)] = inv_model.contiguous()
     tensors.update(extra)
     meta = {
         "dtype": args.dtype,
@@ -446,6 +601,18 @@ def main(argv=None):
         "attn_implementation": "eager",
         "layout": "taps are float32 [tokens, width]; heads flattened head-major like q_proj output",
     }
+    # Family extras, written only where they apply (the files of the older
+    # fixtures stay byte-identical).
+    if any(w is not None for w in windows):
+        meta["layer_windows"] = json.dumps(windows)  # per layer; null = full causal
+    if float(attn0.scaling) != head_dim**-0.5:
+        meta["attn_scale"] = repr(float(attn0.scaling))
+    if qk_norm:
+        meta["qk_norm"] = "per-head RMSNorm on q and k before RoPE (taps q_norm, k_norm)"
+    if sandwich:
+        meta["sandwich_norms"] = "post_attn_norm / post_mlp_norm normalize each block output before its residual add"
+    if softcap is not None:
+        meta["final_logit_softcapping"] = repr(softcap)
     meta.update(notes)
     save_deterministic(tensors, args.out, meta)
 

@@ -38,12 +38,16 @@ import numpy as np
 import torch
 import transformers
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 # ---------------------------------------------------------------------------
@@ -67,6 +71,10 @@ from transformers import (
 #   * qwen2_big_vocab: hidden shrunk 32 -> 16 and prompt 8 -> 6 tokens to stay
 #     under the 10 MB budget; seed 1005 gain 1.5 at that size repeated 56755 x3
 #     with no id > 65535 -> seed 1105 gain 2.0 (3 generated ids > 65535).
+#   * qwen3_qk_norm: seed 1006 gain 1.5 gave 292 x16 -> seed 1016 gain 2.0.
+#   * gemma3_window: every seed with N(0,1) embeddings repeated the last
+#     prompt token (tied head, see the fixture) -> embed_std 0.03 with the
+#     final norm scaled ~50 (seed 1007 unchanged).
 #   Counter-example seen while searching: qwen2_bias_tied seed 1021 gain 2.0
 #   has a step with gap 3e-4 (rejected).
 # ---------------------------------------------------------------------------
@@ -212,6 +220,108 @@ FIXTURES = {
         gain=2.0,
         head_gain=None,
     ),
+    # Qwen3: per-head RMSNorm on q and k (after the projection, before RoPE),
+    # no q/k/v bias, head_dim 32 given explicitly != hidden/heads = 16 (q_proj
+    # is 128x64), tied embeddings like Qwen3-0.6B.
+    "qwen3_qk_norm": dict(
+        cls=Qwen3ForCausalLM,
+        config_cls=Qwen3Config,
+        config=dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=160,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            attention_bias=False,
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+            bos_token_id=None,
+            eos_token_id=None,
+        ),
+        seed=1016,
+        prompt_seed=2006,
+        prompt_len=12,
+        gain=2.0,
+        head_gain=None,
+    ),
+    # Gemma 3 text: 3 layers [sliding, sliding, full] with sliding_window 8 and a
+    # 28-token prompt (3.5 windows; + 16 generated = 44 positions), separate rope
+    # theta per layer kind (1e4 local, 1e6 global), query_pre_attn_scalar 32 !=
+    # head_dim 24 (!= hidden/heads = 12), final logit soft-capping 30, GELU-tanh,
+    # tied embeddings (Gemma always ties). hidden 48 so sqrt(hidden) = 6.928...
+    # is not exactly representable (bf16 rounds the embedding scale to 6.9375).
+    "gemma3_window": dict(
+        cls=Gemma3ForCausalLM,
+        config_cls=Gemma3TextConfig,
+        drop_common=("hidden_act",),
+        config=dict(
+            num_hidden_layers=3,
+            vocab_size=512,
+            hidden_size=48,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=32,
+            sliding_window=8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=None,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            bos_token_id=2,
+            eos_token_id=1,
+            pad_token_id=0,
+        ),
+        seed=1007,
+        prompt_seed=2007,
+        prompt_len=28,
+        gain=1.5,
+        head_gain=None,
+        # Gemma norms compute x_hat * (1 + w): the stored w is an offset around 0.
+        norm_init="gemma_offset",
+        # Tied head + an embedding scaled by sqrt(hidden): with N(0, 1)
+        # embeddings the residual is dominated by the current token's own
+        # embedding and greedy decoding repeats it forever. Small embeddings
+        # (0.03 * 6.93 = 0.2 rms, like real checkpoints) let the layers decide;
+        # the final norm's scale 1 + w ~ 50 then spreads the logits (max
+        # |logit| before soft-capping ~ 40) so the tanh cap at 30 is far from
+        # linear.
+        embed_std=0.03,
+        norm_offsets={"model.norm": 49.0},
+    ),
+    # Mistral with its sliding window switched on: window 8, 28-token prompt.
+    "mistral_window": dict(
+        cls=MistralForCausalLM,
+        config_cls=MistralConfig,
+        config=dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=160,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            sliding_window=8,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        seed=1008,
+        prompt_seed=2008,
+        prompt_len=28,
+        gain=1.5,
+        head_gain=4.0,
+    ),
 }
 
 
@@ -241,7 +351,14 @@ def init_weights(model, spec):
             elif name == "lm_head.weight":
                 val = z * (spec["head_gain"] / math.sqrt(cfg.hidden_size))
             elif "norm" in name and name.endswith(".weight"):
-                val = 1.0 + 0.2 * z
+                if spec.get("norm_init") == "gemma_offset":
+                    # Gemma scales by (1 + w): w = 0.3 N(0,1) gives scales around 1,
+                    # and a runtime that reads the scale as w is off by ~100%.
+                    # norm_offsets shifts w for the named norms (see the fixture).
+                    offs = [v for k, v in spec.get("norm_offsets", {}).items() if k in name]
+                    val = (offs[0] if offs else 0.0) + 0.3 * z
+                else:
+                    val = 1.0 + 0.2 * z
             elif name.endswith(".bias"):
                 val = 0.5 * z
             elif name.endswith(".weight") and len(shape) == 2:
@@ -253,6 +370,8 @@ def init_weights(model, spec):
 
 def build(name, spec, out_dir):
     cfg_kwargs = dict(COMMON)
+    for key in spec.get("drop_common", ()):
+        del cfg_kwargs[key]
     cfg_kwargs.update(spec["config"])
     config = spec["config_cls"](**cfg_kwargs)
     torch.manual_seed(0)  # only affects HF's own init, which we overwrite anyway
@@ -288,7 +407,10 @@ def verify_saved(folder, name, spec, tokens):
     want = spec["config"]
     for key in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "tie_word_embeddings"):
         assert cfg[key] == want[key], f"{name}: config.json {key}={cfg.get(key)} want {want[key]}"
-    assert cfg["num_hidden_layers"] == 2
+    assert cfg["num_hidden_layers"] == want.get("num_hidden_layers", COMMON["num_hidden_layers"])
+    for key in ("sliding_window", "layer_types", "query_pre_attn_scalar", "final_logit_softcapping"):
+        if key in want:
+            assert cfg[key] == want[key], f"{name}: config.json {key}={cfg.get(key)} want {want[key]}"
     if "head_dim" in want:
         assert cfg["head_dim"] == want["head_dim"], f"{name}: head_dim not saved"
     path = os.path.join(folder, "model.safetensors")

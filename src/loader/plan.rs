@@ -31,6 +31,13 @@ pub enum LayerRole {
     GateBias,
     UpBias,
     DownBias,
+    /// Per-head RMSNorm weights on q and k (Qwen3, Gemma 3).
+    QNorm,
+    KNorm,
+    /// Gemma 3's norms on the attention and MLP outputs, before each
+    /// residual add.
+    PostAttnNorm,
+    PostMlpNorm,
 }
 
 /// The part a tensor plays in the model.
@@ -86,6 +93,17 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
             "[hidden_size]",
         );
         push(format!("{p}.self_attn.q_proj.weight"), vec![q, h], l(Q), qd);
+        if cfg.has_qk_norm() {
+            let hd = vec![cfg.head_dim];
+            let d = "[head_dim]";
+            push(
+                format!("{p}.self_attn.q_norm.weight"),
+                hd.clone(),
+                l(QNorm),
+                d,
+            );
+            push(format!("{p}.self_attn.k_norm.weight"), hd, l(KNorm), d);
+        }
         push(
             format!("{p}.self_attn.k_proj.weight"),
             vec![kv, h],
@@ -132,12 +150,31 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
                 "[hidden_size]",
             );
         }
-        push(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            l(MlpNorm),
-            "[hidden_size]",
-        );
+        // Gemma 3 names its MLP input norm pre_feedforward_layernorm and
+        // normalizes each sub-block's output (post_attention_layernorm,
+        // post_feedforward_layernorm); the others' post_attention_layernorm
+        // is the MLP input norm.
+        if cfg.arch == crate::config::Arch::Gemma3 {
+            for (name, role) in [
+                ("post_attention_layernorm", PostAttnNorm),
+                ("pre_feedforward_layernorm", MlpNorm),
+                ("post_feedforward_layernorm", PostMlpNorm),
+            ] {
+                push(
+                    format!("{p}.{name}.weight"),
+                    vec![h],
+                    l(role),
+                    "[hidden_size]",
+                );
+            }
+        } else {
+            push(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                l(MlpNorm),
+                "[hidden_size]",
+            );
+        }
         push(
             format!("{p}.mlp.gate_proj.weight"),
             vec![ffn, h],
@@ -384,5 +421,64 @@ impl MemoryPlan {
             );
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn names(v: serde_json::Value) -> Vec<(String, Vec<usize>)> {
+        let cfg = ModelConfig::from_json_str(&v.to_string(), "/m/config.json").unwrap();
+        expected_tensors(&cfg)
+            .into_iter()
+            .filter(|t| t.name.starts_with("model.layers.0."))
+            .map(|t| (t.name["model.layers.0.".len()..].to_string(), t.shape))
+            .collect()
+    }
+
+    fn cfg(arch: &str) -> serde_json::Value {
+        // head_dim 32 != hidden 64 / 4 heads
+        json!({"architectures": [arch], "vocab_size": 100, "hidden_size": 64,
+               "intermediate_size": 96, "num_hidden_layers": 1,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32})
+    }
+
+    #[test]
+    fn qwen3_and_gemma3_layer_tensors() {
+        // Names and shapes as transformers' Qwen3 / Gemma3 modules save them.
+        let s = |n: &str, shape: &[usize]| (n.to_string(), shape.to_vec());
+        let attn = [
+            s("self_attn.q_proj.weight", &[128, 64]),
+            s("self_attn.q_norm.weight", &[32]),
+            s("self_attn.k_norm.weight", &[32]),
+            s("self_attn.k_proj.weight", &[64, 64]),
+            s("self_attn.v_proj.weight", &[64, 64]),
+            s("self_attn.o_proj.weight", &[64, 128]),
+        ];
+        let mlp = [
+            s("mlp.gate_proj.weight", &[96, 64]),
+            s("mlp.up_proj.weight", &[96, 64]),
+            s("mlp.down_proj.weight", &[64, 96]),
+        ];
+        let mut want = vec![s("input_layernorm.weight", &[64])];
+        want.extend(attn.clone());
+        want.push(s("post_attention_layernorm.weight", &[64]));
+        want.extend(mlp.clone());
+        assert_eq!(names(cfg("Qwen3ForCausalLM")), want);
+
+        let mut want = vec![s("input_layernorm.weight", &[64])];
+        want.extend(attn);
+        want.push(s("post_attention_layernorm.weight", &[64]));
+        want.push(s("pre_feedforward_layernorm.weight", &[64]));
+        want.push(s("post_feedforward_layernorm.weight", &[64]));
+        want.extend(mlp);
+        assert_eq!(names(cfg("Gemma3ForCausalLM")), want);
+
+        // Llama has no q/k norm
+        assert!(!names(cfg("LlamaForCausalLM"))
+            .iter()
+            .any(|(n, _)| n.contains("q_norm")));
     }
 }

@@ -30,6 +30,39 @@ pub struct LayerWeights<T> {
     pub gate_bias: Option<T>,
     pub up_bias: Option<T>,
     pub down_bias: Option<T>,
+    pub q_norm: Option<T>,
+    pub k_norm: Option<T>,
+    pub post_attn_norm: Option<T>,
+    pub post_mlp_norm: Option<T>,
+}
+
+impl<T> LayerWeights<T> {
+    /// The tensor playing `role`, if this layer has one.
+    pub fn get(&self, role: LayerRole) -> Option<&T> {
+        use LayerRole::*;
+        match role {
+            AttnNorm => Some(&self.attn_norm),
+            Q => Some(&self.q),
+            K => Some(&self.k),
+            V => Some(&self.v),
+            O => Some(&self.o),
+            QBias => self.q_bias.as_ref(),
+            KBias => self.k_bias.as_ref(),
+            VBias => self.v_bias.as_ref(),
+            OBias => self.o_bias.as_ref(),
+            MlpNorm => Some(&self.mlp_norm),
+            Gate => Some(&self.gate),
+            Up => Some(&self.up),
+            Down => Some(&self.down),
+            GateBias => self.gate_bias.as_ref(),
+            UpBias => self.up_bias.as_ref(),
+            DownBias => self.down_bias.as_ref(),
+            QNorm => self.q_norm.as_ref(),
+            KNorm => self.k_norm.as_ref(),
+            PostAttnNorm => self.post_attn_norm.as_ref(),
+            PostMlpNorm => self.post_mlp_norm.as_ref(),
+        }
+    }
 }
 
 /// All model tensors. `lm_head` is `None` when tied to `embed` (use
@@ -61,6 +94,16 @@ impl<T> ModelWeights<T> {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
+    /// The tensor playing `role` (`LmHead` is the embedding when tied).
+    pub fn get(&self, role: Role) -> Option<&T> {
+        match role {
+            Role::Embed => Some(&self.embed),
+            Role::FinalNorm => Some(&self.norm),
+            Role::LmHead => Some(self.lm_head()),
+            Role::Layer(i, r) => self.layers.get(i)?.get(r),
+        }
+    }
+
     /// Build from the plan, producing each tensor with `make` in plan order.
     fn build(
         plan: &MemoryPlan,
@@ -70,7 +113,7 @@ impl<T> ModelWeights<T> {
         let mut embed = None;
         let mut norm = None;
         let mut lm_head = None;
-        let mut slots: Vec<[Option<T>; 16]> = (0..n_layers)
+        let mut slots: Vec<[Option<T>; 20]> = (0..n_layers)
             .map(|_| std::array::from_fn(|_| None))
             .collect();
         for t in &plan.tensors {
@@ -92,7 +135,7 @@ impl<T> ModelWeights<T> {
             .into_iter()
             .enumerate()
             .map(|(i, s)| {
-                let [attn_norm, q, k, v, o, q_bias, k_bias, v_bias, o_bias, mlp_norm, gate, up, down, gate_bias, up_bias, down_bias] =
+                let [attn_norm, q, k, v, o, q_bias, k_bias, v_bias, o_bias, mlp_norm, gate, up, down, gate_bias, up_bias, down_bias, q_norm, k_norm, post_attn_norm, post_mlp_norm] =
                     s;
                 let req = |x: Option<T>, r: LayerRole| x.ok_or_else(|| missing(&format!("layer {i} {r:?}")));
                 Ok(LayerWeights {
@@ -112,6 +155,10 @@ impl<T> ModelWeights<T> {
                     gate_bias,
                     up_bias,
                     down_bias,
+                    q_norm,
+                    k_norm,
+                    post_attn_norm,
+                    post_mlp_norm,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -130,7 +177,7 @@ impl<T> ModelWeights<T> {
 // The array slot order in `build` is the declaration order of `LayerRole`.
 const _: () = {
     assert!(LayerRole::AttnNorm as usize == 0);
-    assert!(LayerRole::DownBias as usize == 15);
+    assert!(LayerRole::PostMlpNorm as usize == 19);
 };
 
 fn widen(ckpt: &Checkpoint, t: &PlannedTensor) -> Result<Vec<f32>> {

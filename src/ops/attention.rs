@@ -1,7 +1,16 @@
 //! Causal grouped-query attention over the KV cache, as HF's
 //! `eager_attention_forward` / SDPA compute it in f32:
-//! `softmax(q · Kᵀ · head_dim^-0.5 + causal mask) · V`, where query head `h`
+//! `softmax(q · Kᵀ · scale + causal mask) · V`, where query head `h`
 //! uses KV head `h / (n_heads / n_kv_heads)` (`repeat_kv`, never materialized).
+//! `scale` is `head_dim^-0.5` unless set ([`Params::with_scale`]; Gemma 3:
+//! `query_pre_attn_scalar^-0.5`). An optional sliding window
+//! ([`Params::with_window`]) restricts query position `p` to keys `j` with
+//! `p - j < window` (transformers 5.23 `masking_utils.sliding_window_overlay`,
+//! `kv_idx > q_idx - sliding_window`, intersected with the causal mask): the
+//! `window` positions `p + 1 - window ..= p`. The kernel skips the K/V blocks
+//! wholly before a query's window, so windowed decode reads only the window.
+//! The KV cache is not a ring buffer: windowed layers still keep every
+//! position (memory grows with the context, reads do not).
 //!
 //! Layouts: q and out are `[n_tokens, n_heads * head_dim]`; the cache is the
 //! head-major `[n_kv_heads, max_ctx, head_dim]` of [`crate::ops::kv_copy`],
@@ -30,9 +39,12 @@ pub struct Params {
     pub n_kv_heads: u32,
     pub head_dim: u32,
     pub max_ctx: u32,
-    /// `head_dim^-0.5` (HF's `scaling`, a Python float, applied to f32 scores).
+    /// Softmax scale applied to the f32 scores: `head_dim^-0.5` by default
+    /// (HF's `scaling`, a Python float, used as f32).
     pub scale: f32,
-    pub _p: [u32; 3],
+    /// Sliding window in positions; 0 = full causal attention.
+    pub window: u32,
+    pub _p: [u32; 2],
 }
 
 impl Params {
@@ -60,8 +72,40 @@ impl Params {
             head_dim: head_dim as u32,
             max_ctx: max_ctx as u32,
             scale: (head_dim as f64).powf(-0.5) as f32,
-            _p: [0; 3],
+            window: 0,
+            _p: [0; 2],
         })
+    }
+
+    /// The same attention with a sliding window of `window` positions (query
+    /// at `p` sees keys `p + 1 - window ..= p`); 0 = full causal. A plain
+    /// parameter, independent of any config, so a test can drop a window.
+    /// Windows beyond `u32::MAX` positions are full causal attention anyway.
+    pub fn with_window(self, window: usize) -> Self {
+        Params {
+            window: window.min(u32::MAX as usize) as u32,
+            ..self
+        }
+    }
+
+    /// The same attention with an explicit softmax scale (Gemma 3:
+    /// `query_pre_attn_scalar^-0.5` instead of `head_dim^-0.5`).
+    pub fn with_scale(self, scale: f32) -> Result<Self> {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(Error::invalid(format!(
+                "attention: softmax scale must be a positive finite number, got {scale}"
+            )));
+        }
+        Ok(Params { scale, ..self })
+    }
+
+    /// First cache position visible from query position `pos` (0 without a
+    /// window).
+    pub fn first_visible(&self, pos: usize) -> usize {
+        match self.window as usize {
+            0 => 0,
+            w => (pos + 1).saturating_sub(w),
+        }
     }
 }
 
@@ -168,7 +212,19 @@ impl Attention {
         (n_positions as u64).div_ceil(wg) * per_block + fixed
     }
 
-    /// The longest context llvmpipe's loop limit lets this kernel handle.
+    /// Most positions one query reads under `params`: the whole cache, or
+    /// with a window the blocks holding it (the first one partly before the
+    /// window), since earlier blocks are skipped.
+    pub fn positions_read(&self, params: &Params) -> usize {
+        let ctx = params.max_ctx as usize;
+        match params.window as usize {
+            0 => ctx,
+            w => ctx.min(w + self.wg as usize - 1),
+        }
+    }
+
+    /// The longest context llvmpipe's loop limit lets this kernel handle
+    /// without a window.
     pub fn llvmpipe_max_ctx(&self) -> usize {
         let mut n = 0usize;
         let step = self.wg as usize;
@@ -212,12 +268,14 @@ impl Attention {
             )));
         }
         check_cache_fits(gpu, c)?;
-        if self.llvmpipe && params.max_ctx as usize > self.llvmpipe_max_ctx() {
+        // A windowed layer reads only its window, so only that is bounded.
+        if self.llvmpipe && self.positions_read(params) > self.llvmpipe_max_ctx() {
             return Err(Error::invalid(format!(
-                "attention: max_ctx {} is too long for {}: llvmpipe stops a shader's loops after \
-                 {LLVMPIPE_MAX_LOOP_ITERATIONS} iterations in total, which with head_dim {} and \
-                 workgroup {} allows at most {} positions; use a shorter context",
+                "attention: max_ctx {} (window {}) is too long for {}: llvmpipe stops a shader's \
+                 loops after {LLVMPIPE_MAX_LOOP_ITERATIONS} iterations in total, which with \
+                 head_dim {} and workgroup {} allows at most {} positions; use a shorter context",
                 params.max_ctx,
+                params.window,
                 gpu.name(),
                 self.head_dim,
                 self.wg,
@@ -279,13 +337,14 @@ fn reference_with_map(
     let mut out = vec![0f32; q.len()];
     for t in 0..n_tokens {
         let n = (pos_offset + t + 1).min(ctx);
+        let lo = p.first_visible(pos_offset + t);
         for h in 0..nh {
             let qh = &q[(t * nh + h) * d..][..d];
             let kvh = kv_head_of(h);
             let key = |j: usize| &k_cache[(kvh * ctx + j) * d..][..d];
             let val = |j: usize| &v_cache[(kvh * ctx + j) * d..][..d];
             // scores in f64, scaled by the same f32 scale
-            let scores: Vec<f64> = (0..n)
+            let scores: Vec<f64> = (lo..n)
                 .map(|j| {
                     let dot: f64 = qh
                         .iter()
@@ -300,7 +359,7 @@ fn reference_with_map(
             let sum: f64 = w.iter().sum();
             let o = &mut out[(t * nh + h) * d..][..d];
             for (i, oi) in o.iter_mut().enumerate() {
-                let acc: f64 = (0..n).map(|j| w[j] / sum * val(j)[i] as f64).sum();
+                let acc: f64 = (lo..n).map(|j| w[j - lo] / sum * val(j)[i] as f64).sum();
                 *oi = acc as f32;
             }
         }
@@ -309,7 +368,8 @@ fn reference_with_map(
 }
 
 /// CPU reference: `q` is `[n_tokens, n_heads * head_dim]`, caches are
-/// `[n_kv_heads, max_ctx, head_dim]`; token `t` at position `pos_offset + t`.
+/// `[n_kv_heads, max_ctx, head_dim]`; token `t` at position `pos_offset + t`
+/// attends to `p.first_visible(pos) ..= pos` (`p.window`, `p.scale`).
 /// Scores and softmax (with max subtraction) in f64.
 pub fn reference(
     q: &[f32],
@@ -349,6 +409,8 @@ mod tests {
         steps: Vec<(usize, usize)>,
         fill: Fill,
         seed: u64,
+        /// Sliding window (0 = full causal).
+        window: usize,
     }
 
     fn case(nh: usize, nkv: usize, d: usize, ctx: usize, steps: &[(usize, usize)]) -> Case {
@@ -360,7 +422,14 @@ mod tests {
             steps: steps.to_vec(),
             fill: Fill::Uniform(1.0),
             seed: (nh * 1000 + nkv * 100 + d) as u64,
+            window: 0,
         }
+    }
+
+    fn windowed(mut c: Case, window: usize) -> Case {
+        c.window = window;
+        c.seed += 7 * window as u64;
+        c
     }
 
     fn max_abs(v: &[f32]) -> f32 {
@@ -389,7 +458,7 @@ mod tests {
         let mut m = 0f32;
         for (row, qh) in q.chunks(d).enumerate() {
             let (t, h) = (row / nh, row % nh);
-            for j in 0..=(pos_offset + t).min(ctx - 1) {
+            for j in p.first_visible(pos_offset + t)..=(pos_offset + t).min(ctx - 1) {
                 let k = &kc[((h / group) * ctx + j) * d..][..d];
                 let s: f32 = qh.iter().zip(k).map(|(a, b)| (a * b).abs()).sum();
                 m = m.max(s * p.scale);
@@ -423,37 +492,25 @@ mod tests {
     /// of `h / group`) would fail the same tolerance whenever it differs.
     fn run(gpu: &Gpu, att: &Attention, c: &Case) {
         let (nh, nkv, d, ctx) = (c.n_heads, c.n_kv, c.d, c.ctx);
-        let p = Params::new(nh, nkv, d, ctx).unwrap();
+        let p = Params::new(nh, nkv, d, ctx).unwrap().with_window(c.window);
         let cache = KvCache::new(gpu, kv_copy::Params::new(nkv, d, ctx).unwrap()).unwrap();
         let (a, k_off) = match c.fill {
             Fill::Uniform(a) => (a, 0.0),
             Fill::HugePositive => (1.0, 4.0),
         };
-        let mut kc: Vec<f32> = rand_vec(nkv * ctx * d, a, c.seed)
+        let kc0: Vec<f32> = rand_vec(nkv * ctx * d, a, c.seed)
             .iter()
             .map(|x| x + k_off)
             .collect();
-        let mut vc = rand_vec(nkv * ctx * d, 1.0, c.seed + 1);
-        // Positions at or past the last step's kv_len are poison (large K
-        // and V): any leak through the causal limit dominates the output.
+        let vc0 = rand_vec(nkv * ctx * d, 1.0, c.seed + 1);
+        // Positions at or past the last step's kv_len are poison: V = 1000
+        // and K a copy of a visible row's K, so a leaked position gets a
+        // weight like a visible one and dominates the output (a K chosen
+        // without regard to q could make its own score so negative that
+        // the leak vanishes). So are, per step, the positions before the
+        // window of its first token (visible to none of its queries).
         let kv_len = c.steps.iter().map(|&(n, o)| n + o).max().unwrap();
         assert!(kv_len <= ctx);
-        let mut v_max = 0f32;
-        for h in 0..nkv {
-            for j in 0..ctx {
-                let row = (h * ctx + j) * d..(h * ctx + j + 1) * d;
-                if j < kv_len {
-                    v_max = v_max.max(max_abs(&vc[row]));
-                } else {
-                    kc[row.clone()].fill(100.0);
-                    vc[row].fill(1000.0);
-                }
-            }
-        }
-        gpu.queue
-            .write_buffer(&cache.k, 0, bytemuck::cast_slice(&kc));
-        gpu.queue
-            .write_buffer(&cache.v, 0, bytemuck::cast_slice(&vc));
         let max_n = c.steps.iter().map(|s| s.0).max().unwrap();
         let qb = gpu.storage("q", (max_n * nh * d * 4) as u64);
         let ob = gpu.storage("out", (max_n * nh * d * 4) as u64);
@@ -462,6 +519,26 @@ mod tests {
         let group = nh / nkv;
         let gqa_bug_differs = (0..nh).any(|h| h % nkv != h / group);
         for (i, &(n, off)) in c.steps.iter().enumerate() {
+            let lo = p.first_visible(off);
+            let (mut kc, mut vc) = (kc0.clone(), vc0.clone());
+            let mut v_max = 0f32;
+            for h in 0..nkv {
+                let visible = (h * ctx + lo) * d;
+                let k_vis = kc0[visible..visible + d].to_vec();
+                for j in 0..ctx {
+                    let row = (h * ctx + j) * d..(h * ctx + j + 1) * d;
+                    if (lo..kv_len).contains(&j) {
+                        v_max = v_max.max(max_abs(&vc[row]));
+                    } else {
+                        kc[row.clone()].copy_from_slice(&k_vis);
+                        vc[row].fill(1000.0);
+                    }
+                }
+            }
+            gpu.queue
+                .write_buffer(&cache.k, 0, bytemuck::cast_slice(&kc));
+            gpu.queue
+                .write_buffer(&cache.v, 0, bytemuck::cast_slice(&vc));
             let q = match c.fill {
                 Fill::Uniform(a) => rand_vec(n * nh * d, a, c.seed + 100 + i as u64),
                 Fill::HugePositive => vec![4.0; n * nh * d],
@@ -480,8 +557,8 @@ mod tests {
             let tol = tolerance(score_abs_max(&q, &kc, &p, off), v_max);
             let err = max_err(&got, &want);
             let what = format!(
-                "attention wg {} heads {nh} kv {nkv} d {d} step (n {n}, offset {off})",
-                att.wg
+                "attention wg {} heads {nh} kv {nkv} d {d} window {} step (n {n}, offset {off})",
+                att.wg, c.window
             );
             eprintln!("{what}: max err {err:.2e}, tolerance {tol:.2e}");
             assert!(err <= tol, "{what}: max err {err:e} > tolerance {tol:e}");
@@ -492,6 +569,25 @@ mod tests {
                     bad_err > tol,
                     "{what}: the h % n_kv mapping bug would pass ({bad_err:e} <= {tol:e})"
                 );
+            }
+            // Where the window hides a key from some query, ignoring the
+            // window or widening it by one reads poison and must fail; so
+            // must narrowing it by one, where scores are of order 1 (with
+            // scores of +-30 the dropped key's weight can be ~0).
+            let w = c.window;
+            if w > 0 && off + n > w {
+                let mut wrong = vec![(0, "no window"), (w + 1, "window + 1")];
+                if w > 1 && matches!(c.fill, Fill::Uniform(a) if a <= 1.0) {
+                    wrong.push((w - 1, "window - 1"));
+                }
+                for (bad_w, label) in wrong {
+                    let bad = reference(&q, &kc, &vc, &p.with_window(bad_w), off);
+                    let bad_err = max_err(&got, &bad);
+                    assert!(
+                        bad_err > tol,
+                        "{what}: {label} would pass ({bad_err:e} <= {tol:e})"
+                    );
+                }
             }
         }
     }
@@ -521,6 +617,107 @@ mod tests {
             let att = Attention::with_wg(g, d, 64).unwrap();
             run(g, &att, &case(4, 2, d, 80, &[(1, 0), (3, 30), (1, 79)]));
         }
+    }
+
+    /// Windows 1, 7, 16, one block (64) and one block + 1, and one longer than
+    /// the KV; GQA 3 and 1; decode at kv_len 1, 9 and 1101, prefill from 0
+    /// (40 tokens: every window edge inside one dispatch), a chunked prefill
+    /// at offset 1050 and a decode straddling a block boundary (offset 70).
+    #[test]
+    fn sliding_window() {
+        let g = gpu();
+        let steps = [(1, 0), (1, 8), (40, 0), (1, 70), (7, 1050), (1, 1100)];
+        for &(nh, nkv, d) in &[(6usize, 2usize, 64usize), (4, 4, 24)] {
+            let att = Attention::with_wg(g, d, 64).unwrap();
+            for &w in &[1usize, 7, 16, 64, 65, 5000] {
+                run(g, &att, &windowed(case(nh, nkv, d, 1104, &steps), w));
+            }
+        }
+        // Other workgroup sizes put the window's edge elsewhere in a block.
+        for &(wg, d) in &[(32u32, 128usize), (128, 64), (4, 16)] {
+            let att = Attention::with_wg(g, d, wg).unwrap();
+            for &w in &[7usize, 16, 129] {
+                let c = case(6, 2, d, 400, &[(1, 0), (9, 3), (1, 399), (30, 200)]);
+                run(g, &att, &windowed(c, w));
+            }
+        }
+        // Large scores with a window: the running max starts in the window.
+        let att = Attention::with_wg(g, 64, 64).unwrap();
+        let mut c = windowed(case(6, 2, 64, 1104, &steps), 16);
+        c.fill = Fill::Uniform(7.0);
+        run(g, &att, &c);
+    }
+
+    /// A windowed query reads only the blocks holding its window, so its
+    /// loops do not grow with the context. On llvmpipe this is observable:
+    /// its loop limit truncates any scan of this 4.5M-position cache, even
+    /// one that masks every block before the window (at least the block
+    /// loop's own iteration per block: 70312 > 65535; the constant-count scan
+    /// and rescale loops are unrolled there), so only a kernel that skips
+    /// those blocks comes out right (measured: a masking-only variant gives
+    /// inf here on Mesa 22.3). Elsewhere it is a plain long-context case.
+    /// head_dim 4 keeps the cache at 72 MB per K and V (under the 128 MiB
+    /// binding limit); a few seconds.
+    #[test]
+    fn windowed_decode_skips_blocks_before_the_window() {
+        let g = gpu();
+        let (d, wg, ctx) = (4usize, 64u32, 4_500_000usize);
+        let att = Attention::with_wg(g, d, wg).unwrap();
+        let masked_scan = ctx as u64 / wg as u64;
+        assert!(masked_scan > LLVMPIPE_MAX_LOOP_ITERATIONS);
+        assert!(ctx > att.llvmpipe_max_ctx());
+        let p = Params::new(1, 1, d, ctx).unwrap().with_window(8);
+        assert_eq!(att.positions_read(&p), 8 + 63);
+        // A full scan of this cache is refused on llvmpipe; the window is not.
+        if att.llvmpipe {
+            let cache = KvCache::new(g, kv_copy::Params::new(1, d, ctx).unwrap()).unwrap();
+            let b = g.storage("b", (d * 4) as u64);
+            let step = g.uniform("step", &Step::new(1, 0)).unwrap();
+            let full = Params::new(1, 1, d, ctx).unwrap();
+            assert!(att.bind(g, &full, &step, &b, &cache, &b).is_err());
+            assert!(att.bind(g, &p, &step, &b, &cache, &b).is_ok());
+        }
+        let c = case(2, 1, d, ctx, &[(1, ctx - 1), (3, ctx - 70), (1, 200_000)]);
+        run(g, &att, &windowed(c, 8));
+    }
+
+    #[test]
+    fn explicit_scale() {
+        // Gemma 3: query_pre_attn_scalar^-0.5 (here 32^-0.5 at head_dim 24).
+        let g = gpu();
+        let att = Attention::with_wg(g, 24, 64).unwrap();
+        let p = Params::new(4, 2, 24, 64).unwrap();
+        assert_eq!(p.scale, (24f64).powf(-0.5) as f32);
+        let gemma = p.with_scale((32f64).powf(-0.5) as f32).unwrap();
+        assert_eq!(gemma.window, 0);
+        assert!(p.with_scale(0.0).is_err() && p.with_scale(f32::NAN).is_err());
+        // The kernel uses the uniform's scale: compare with the reference at
+        // both scales, which differ by far more than the tolerance.
+        let cache = KvCache::new(g, kv_copy::Params::new(2, 24, 64).unwrap()).unwrap();
+        let kc = rand_vec(2 * 64 * 24, 2.0, 5);
+        let vc = rand_vec(2 * 64 * 24, 1.0, 6);
+        g.queue.write_buffer(&cache.k, 0, bytemuck::cast_slice(&kc));
+        g.queue.write_buffer(&cache.v, 0, bytemuck::cast_slice(&vc));
+        let q = rand_vec(3 * 4 * 24, 2.0, 7);
+        let qb = g.storage("q", (q.len() * 4) as u64);
+        let ob = g.storage("out", (q.len() * 4) as u64);
+        g.queue.write_buffer(&qb, 0, bytemuck::cast_slice(&q));
+        let stepb = g.uniform("step", &Step::new(3, 40)).unwrap();
+        let bg = att.bind(g, &gemma, &stepb, &qb, &cache, &ob).unwrap();
+        let mut enc = g.encoder();
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            att.encode(g, &mut pass, &bg, &gemma, 3);
+        }
+        g.submit_wait(enc).unwrap();
+        let got = g.read_f32(&ob, q.len()).unwrap();
+        let tol = tolerance(score_abs_max(&q, &kc, &gemma, 40), 1.0);
+        let err = max_err(&got, &reference(&q, &kc, &vc, &gemma, 40));
+        let default_err = max_err(&got, &reference(&q, &kc, &vc, &p, 40));
+        eprintln!(
+            "scale 32^-0.5: err {err:.2e}, vs head_dim^-0.5 {default_err:.2e}, tol {tol:.2e}"
+        );
+        assert!(err <= tol && default_err > 100.0 * tol);
     }
 
     #[test]
@@ -630,6 +827,58 @@ mod tests {
             let m = Attention::with_wg(g, d, wg).unwrap().llvmpipe_max_ctx();
             assert!(m >= at_least, "head_dim {d} wg {wg}: {m}");
         }
+    }
+
+    /// The windowed reference equals the unwindowed one run on a cache that
+    /// holds only the window (an independent statement of the semantics):
+    /// with window w, position p sees exactly the w positions p+1-w..=p.
+    #[test]
+    fn reference_window_is_a_cache_suffix() {
+        let (nh, nkv, d, ctx) = (4usize, 2usize, 8usize, 40usize);
+        let kc = rand_vec(nkv * ctx * d, 1.0, 11);
+        let vc = rand_vec(nkv * ctx * d, 1.0, 12);
+        let q = rand_vec(nh * d, 1.0, 13);
+        for &(w, pos) in &[
+            (1usize, 0usize),
+            (1, 30),
+            (7, 6),
+            (7, 7),
+            (7, 39),
+            (40, 39),
+            (99, 5),
+        ] {
+            let got = reference(
+                &q,
+                &kc,
+                &vc,
+                &Params::new(nh, nkv, d, ctx).unwrap().with_window(w),
+                pos,
+            );
+            let lo = (pos + 1).saturating_sub(w);
+            let n = pos + 1 - lo;
+            // The cache cut to positions lo..=pos, queried at its last position.
+            let cut = |c: &[f32]| -> Vec<f32> {
+                (0..nkv)
+                    .flat_map(|h| c[(h * ctx + lo) * d..(h * ctx + pos + 1) * d].to_vec())
+                    .collect()
+            };
+            let want = reference(
+                &q,
+                &cut(&kc),
+                &cut(&vc),
+                &Params::new(nh, nkv, d, n).unwrap(),
+                n - 1,
+            );
+            assert_eq!(got, want, "window {w} position {pos}");
+        }
+        // Window 1: the output is the position's own V row.
+        let p1 = Params::new(1, 1, 4, 2).unwrap().with_window(1);
+        let k = [1.0f32, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0];
+        let v = [10.0f32, 0.0, 0.0, 0.0, 20.0, 2.0, 0.0, 0.0];
+        assert_eq!(
+            reference(&[1.0, 0.0, 0.0, 0.0], &k, &v, &p1, 1),
+            vec![20.0, 2.0, 0.0, 0.0]
+        );
     }
 
     #[test]

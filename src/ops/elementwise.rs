@@ -1,23 +1,32 @@
-//! Element-wise kernels: SwiGLU (`silu(gate) * up`) and the residual add.
+//! Element-wise kernels: the gated MLP activations (SwiGLU `silu(gate) * up`,
+//! GeGLU-tanh `gelu_tanh(gate) * up`), the residual add, and the in-place
+//! tanh soft-cap `tanh(x / c) * c` (Gemma's final logits).
 
 use crate::error::Result;
 use crate::gpu::{Gpu, Kernel};
 
 pub const SRC: &str = include_str!("../../shaders/elementwise.wgsl");
+pub const SOFTCAP_SRC: &str = include_str!("../../shaders/softcap.wgsl");
 const WG: u32 = 256;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Params {
     pub width: u32,
-    pub _p: [u32; 3],
+    /// The soft-cap `c` (softcap kernel only).
+    pub cap: f32,
+    pub _p: [u32; 2],
 }
 
 impl Params {
     pub fn new(width: usize) -> Self {
+        Self::softcap(width, 0.0)
+    }
+    pub fn softcap(width: usize, cap: f32) -> Self {
         Params {
             width: width as u32,
-            _p: [0; 3],
+            cap,
+            _p: [0; 2],
         }
     }
 }
@@ -26,6 +35,8 @@ impl Params {
 pub enum Binary {
     /// `y = silu(a) * b` (a = gate_proj output, b = up_proj output).
     SwiGlu,
+    /// `y = gelu_tanh(a) * b` (transformers' `gelu_pytorch_tanh`).
+    GeluTanhGlu,
     /// `y = a + b`.
     Add,
 }
@@ -40,6 +51,7 @@ impl Elementwise {
     pub fn new(gpu: &Gpu, op: Binary) -> Result<Self> {
         let entry = match op {
             Binary::SwiGlu => "swiglu",
+            Binary::GeluTanhGlu => "gelu_tanh_glu",
             Binary::Add => "add",
         };
         let kernel = gpu.kernel(entry, SRC, entry, &[("WG", WG as f64)])?;
@@ -67,9 +79,21 @@ impl Elementwise {
         n_tokens: u32,
         width: usize,
     ) {
-        let n = (n_tokens as usize * width).div_ceil(WG as usize) as u32;
-        gpu.dispatch_in(pass, &self.kernel, bind, n);
+        dispatch_elems(gpu, pass, &self.kernel, bind, n_tokens, width);
     }
+}
+
+/// One invocation per element of `[n_tokens, width]`.
+fn dispatch_elems(
+    gpu: &Gpu,
+    pass: &mut wgpu::ComputePass<'_>,
+    kernel: &Kernel,
+    bind: &wgpu::BindGroup,
+    n_tokens: u32,
+    width: usize,
+) {
+    let n = (n_tokens as usize * width).div_ceil(WG as usize) as u32;
+    gpu.dispatch_in(pass, kernel, bind, n);
 }
 
 /// CPU reference for SwiGLU: `silu(g) * u` with `silu(g) = g / (1 + e^-g)`.
@@ -78,6 +102,59 @@ pub fn swiglu_reference(gate: &[f32], up: &[f32]) -> Vec<f32> {
         .zip(up)
         .map(|(&g, &u)| (g as f64 / (1.0 + (-(g as f64)).exp()) * u as f64) as f32)
         .collect()
+}
+
+/// CPU reference for GeGLU with torch's tanh-approximated GELU:
+/// `0.5 * g * (1 + tanh(sqrt(2/pi) * (g + 0.044715 g^3))) * u`, in f64.
+pub fn gelu_tanh_glu_reference(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let k = (2.0 / std::f64::consts::PI).sqrt();
+    gate.iter()
+        .zip(up)
+        .map(|(&g, &u)| {
+            let g = g as f64;
+            (0.5 * g * (1.0 + (k * (g + 0.044715 * g * g * g)).tanh()) * u as f64) as f32
+        })
+        .collect()
+}
+
+/// CPU reference for the soft-cap, in place: `x = tanh(x / cap) * cap`
+/// (f32 division first, as `logits / cap` is an f32 op).
+pub fn softcap_reference(x: &mut [f32], cap: f32) {
+    for v in x {
+        *v = (((*v / cap) as f64).tanh() as f32) * cap;
+    }
+}
+
+/// The in-place soft-cap kernel over `[n_tokens, width]` f32.
+pub struct Softcap {
+    pub kernel: Kernel,
+}
+
+impl Softcap {
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        let kernel = gpu.kernel("softcap", SOFTCAP_SRC, "main", &[("WG", WG as f64)])?;
+        Ok(Softcap { kernel })
+    }
+    /// Bindings: params ([`Params::softcap`]), step, x (read and written).
+    pub fn bind(
+        &self,
+        gpu: &Gpu,
+        params: &wgpu::Buffer,
+        step: &wgpu::Buffer,
+        x: &wgpu::Buffer,
+    ) -> wgpu::BindGroup {
+        gpu.bind(&self.kernel, &[params, step, x])
+    }
+    pub fn encode(
+        &self,
+        gpu: &Gpu,
+        pass: &mut wgpu::ComputePass<'_>,
+        bind: &wgpu::BindGroup,
+        n_tokens: u32,
+        width: usize,
+    ) {
+        dispatch_elems(gpu, pass, &self.kernel, bind, n_tokens, width);
+    }
 }
 
 /// CPU reference for the residual add.
@@ -133,6 +210,51 @@ mod tests {
                 &format!("swiglu {n}x{w}"),
             );
         }
+    }
+
+    #[test]
+    fn gelu_tanh_glu_matches_reference() {
+        for (i, &(n, w)) in [(1, 1), (3, 65), (2, 4864)].iter().enumerate() {
+            let (got, a, b) = run(Binary::GeluTanhGlu, n, w, 20 + i as u64);
+            // The kernel evaluates 0.5 (1 + tanh(u)) as 1 / (1 + exp(-2u)):
+            // the same function, with exp's few-ulp error and a division;
+            // the same bound as SwiGLU's covers it, while the exact GELU
+            // (erf) or SiLU differ by far more at |gate| ~ 1..12.
+            assert_close(
+                &got,
+                &gelu_tanh_glu_reference(&a, &b),
+                1e-5,
+                1e-6,
+                &format!("gelu_tanh_glu {n}x{w}"),
+            );
+        }
+    }
+
+    #[test]
+    fn softcap_matches_reference() {
+        let gpu = gpu();
+        let (n, width, cap) = (3usize, 257usize, 30.0f32);
+        // logits up to +-200: both the linear and the saturated range
+        let x = rand_vec(n * width, 200.0, 31);
+        let k = Softcap::new(gpu).unwrap();
+        let params = gpu.uniform("p", &Params::softcap(width, cap)).unwrap();
+        let step = gpu.uniform("step", &Step::new(n as u32, 0)).unwrap();
+        let xb = gpu.storage_init("x", bytemuck::cast_slice(&x)).unwrap();
+        let bg = k.bind(gpu, &params, &step, &xb);
+        let mut enc = gpu.encoder();
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            k.encode(gpu, &mut pass, &bg, n as u32, width);
+        }
+        gpu.submit_wait(enc).unwrap();
+        let got = gpu.read_f32(&xb, n * width).unwrap();
+        let mut want = x.clone();
+        softcap_reference(&mut want, cap);
+        // tanh from exp(-2|t|) loses relative precision near 0 (1 - e with
+        // e close to 1), an absolute error of a few 1e-8 in tanh, times cap:
+        // 1e-5 absolute over values up to 30; no cap at all, or a cap
+        // applied twice, is off by more than 1.
+        assert_close(&got, &want, 1e-5, 1e-5, "softcap");
     }
 
     #[test]

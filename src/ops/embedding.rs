@@ -1,4 +1,5 @@
-//! Embedding gather from a (possibly row-split) table, widened to f32.
+//! Embedding gather from a (possibly row-split) table, widened to f32 and
+//! multiplied by a scale (1 for most families; Gemma's `sqrt(hidden)`).
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel};
@@ -13,7 +14,9 @@ pub struct Params {
     pub hidden: u32,
     pub row_start: u32,
     pub rows: u32,
-    pub _p: u32,
+    /// Every gathered value is multiplied by this (one f32 product, as
+    /// `embedding * embed_scale` in torch; 1.0 leaves values exact).
+    pub scale: f32,
 }
 
 pub struct Embedding {
@@ -39,13 +42,15 @@ impl Embedding {
         Ok(Embedding { kernel, dtype })
     }
 
-    /// Bindings for `ids` (u32 `[n_tokens]`) → `y` (f32 `[n_tokens, hidden]`).
+    /// Bindings for `ids` (u32 `[n_tokens]`) → `y` (f32 `[n_tokens, hidden]`),
+    /// rows multiplied by `scale`.
     pub fn bind(
         &self,
         gpu: &Gpu,
         step: &wgpu::Buffer,
         ids: &wgpu::Buffer,
         table: &DeviceTensor,
+        scale: f32,
         y: &wgpu::Buffer,
     ) -> Result<EmbeddingBinding> {
         if table.dtype != self.dtype || table.shape.len() != 2 {
@@ -64,7 +69,7 @@ impl Embedding {
                     hidden: hidden as u32,
                     row_start: c.row_start as u32,
                     rows: c.rows as u32,
-                    _p: 0,
+                    scale,
                 },
             )?;
             groups.push(gpu.bind(&self.kernel, &[&p, step, ids, &c.buffer, y]));
@@ -93,12 +98,13 @@ impl Embedding {
     }
 }
 
-/// CPU reference: rows of `table` (`[vocab, hidden]`) for each id.
-pub fn reference(table: &[f32], hidden: usize, ids: &[u32]) -> Vec<f32> {
+/// CPU reference: rows of `table` (`[vocab, hidden]`) for each id, times
+/// `scale`.
+pub fn reference(table: &[f32], hidden: usize, ids: &[u32], scale: f32) -> Vec<f32> {
     ids.iter()
         .flat_map(|&id| {
             let r = id as usize * hidden;
-            table[r..r + hidden].iter().copied()
+            table[r..r + hidden].iter().map(move |v| v * scale)
         })
         .collect()
 }
@@ -111,6 +117,17 @@ mod tests {
     use crate::testutil::{gpu, gpu_with_split, rand_vec};
 
     fn run(gpu: &Gpu, vocab: usize, hidden: usize, ids: &[u32], dtype: WDType) -> usize {
+        run_scaled(gpu, vocab, hidden, ids, dtype, 1.0)
+    }
+
+    fn run_scaled(
+        gpu: &Gpu,
+        vocab: usize,
+        hidden: usize,
+        ids: &[u32],
+        dtype: WDType,
+        scale: f32,
+    ) -> usize {
         let mut table = rand_vec(vocab * hidden, 2.0, (vocab * 31 + hidden) as u64);
         if dtype == WDType::Bf16 {
             table = round_bf16(&table);
@@ -122,7 +139,7 @@ mod tests {
             .unwrap();
         let idb = gpu.storage_init("ids", bytemuck::cast_slice(ids)).unwrap();
         let yb = gpu.storage("y", (ids.len() * hidden * 4) as u64);
-        let b = op.bind(gpu, &step, &idb, &t, &yb).unwrap();
+        let b = op.bind(gpu, &step, &idb, &t, scale, &yb).unwrap();
         let mut enc = gpu.encoder();
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
@@ -130,10 +147,11 @@ mod tests {
         }
         gpu.submit_wait(enc).unwrap();
         let got = gpu.read_f32(&yb, ids.len() * hidden).unwrap();
-        // A gather is a copy (bf16 widening is exact): bit-for-bit equality.
+        // A gather is a copy (bf16 widening is exact) and the scale one
+        // correctly rounded f32 product on both sides: bit-for-bit equality.
         assert_eq!(
             got,
-            reference(&table, hidden, ids),
+            reference(&table, hidden, ids, scale),
             "embedding {vocab}x{hidden} {dtype:?}"
         );
         t.chunks.len()
@@ -147,6 +165,19 @@ mod tests {
             run(g, 100, 7, &[5, 99, 0, 5, 42], dtype);
             run(g, 300, 64, &[299, 1, 150], dtype);
         }
+    }
+
+    #[test]
+    fn scaled_rows() {
+        // Gemma: sqrt(hidden) as f32.
+        run_scaled(
+            gpu(),
+            50,
+            24,
+            &[3, 49, 0],
+            WDType::Bf16,
+            (24f64).sqrt() as f32,
+        );
     }
 
     #[test]

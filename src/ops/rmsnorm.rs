@@ -1,5 +1,8 @@
 //! RMSNorm: `y = w * (x * 1/sqrt(mean(x^2) + eps))`, eps inside the sqrt as
-//! in HF's LlamaRMSNorm / Qwen2RMSNorm, computed in f32.
+//! in HF's LlamaRMSNorm / Qwen2RMSNorm, computed in f32; with `unit_offset`
+//! the weight is applied as `(1 + w)` (Gemma3RMSNorm, also in f32).
+//! Rows are `width` wide; a token may hold several rows (a per-head norm on
+//! q is `n_heads` rows of `head_dim` per token).
 
 use crate::error::Result;
 use crate::gpu::{Gpu, Kernel};
@@ -12,15 +15,23 @@ pub const SRC: &str = include_str!("../../shaders/rmsnorm.wgsl");
 pub struct Params {
     pub width: u32,
     pub eps: f32,
-    pub _p: [u32; 2],
+    /// Rows per token: 1 for a norm over the hidden state, n_heads for a
+    /// per-head norm.
+    pub rows_per_token: u32,
+    pub _p: u32,
 }
 
 impl Params {
     pub fn new(width: usize, eps: f32) -> Self {
+        Self::per_token(width, 1, eps)
+    }
+    /// `rows_per_token` rows of `width` per token.
+    pub fn per_token(width: usize, rows_per_token: usize, eps: f32) -> Self {
         Params {
             width: width as u32,
             eps,
-            _p: [0; 2],
+            rows_per_token: rows_per_token as u32,
+            _p: 0,
         }
     }
 }
@@ -31,18 +42,20 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn new(gpu: &Gpu, wdtype: WDType) -> Result<Self> {
-        Self::with_faults(gpu, wdtype, false, false)
+    /// The kernel for weights of `wdtype`, applied as `w` or, with
+    /// `unit_offset`, as `(1 + w)`.
+    pub fn new(gpu: &Gpu, wdtype: WDType, unit_offset: bool) -> Result<Self> {
+        Self::with_faults(gpu, wdtype, unit_offset, false)
     }
 
-    /// A kernel with deliberate bugs, for verify's self-tests only:
-    /// eps outside the sqrt, and/or the weight applied as `(1 + w)`.
+    /// A kernel with a deliberate bug, for verify's self-tests only: eps
+    /// outside the sqrt.
     #[doc(hidden)]
     pub fn with_faults(
         gpu: &Gpu,
         wdtype: WDType,
+        unit_offset: bool,
         eps_outside: bool,
-        one_plus_w: bool,
     ) -> Result<Self> {
         let b = |v: bool| if v { 1.0 } else { 0.0 };
         let kernel = gpu.kernel(
@@ -51,8 +64,8 @@ impl RmsNorm {
             "main",
             &[
                 ("W_BF16", wdtype.is_bf16_const()),
+                ("UNIT_OFFSET", b(unit_offset)),
                 ("FAULT_EPS_OUTSIDE", b(eps_outside)),
-                ("FAULT_ONE_PLUS_W", b(one_plus_w)),
             ],
         )?;
         Ok(RmsNorm { kernel })
@@ -71,27 +84,30 @@ impl RmsNorm {
         gpu.bind(&self.kernel, &[params, step, x, w, y])
     }
 
-    /// One workgroup per token row.
+    /// One workgroup per row: `n_rows` = tokens x the params' rows per token.
     pub fn encode(
         &self,
         gpu: &Gpu,
         pass: &mut wgpu::ComputePass<'_>,
         bind: &wgpu::BindGroup,
-        n_tokens: u32,
+        n_rows: u32,
     ) {
-        gpu.dispatch_in(pass, &self.kernel, bind, n_tokens);
+        gpu.dispatch_in(pass, &self.kernel, bind, n_rows);
     }
 }
 
-/// CPU reference: f32 throughout, sum of squares accumulated in f64 so the
-/// reference itself carries no f32 ordering error.
-pub fn reference(x: &[f32], w: &[f32], width: usize, eps: f32) -> Vec<f32> {
+/// CPU reference over rows of `width`: f32 throughout, sum of squares
+/// accumulated in f64 so the reference itself carries no f32 ordering error.
+/// With `unit_offset` the weight is `(1 + w)` (rounded to f32, as
+/// `1.0 + weight.float()` is).
+pub fn reference(x: &[f32], w: &[f32], width: usize, eps: f32, unit_offset: bool) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
     for (xr, yr) in x.chunks(width).zip(y.chunks_mut(width)) {
         let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
         let inv = 1.0 / ((ss / width as f64) as f32 + eps).sqrt();
         for i in 0..width {
-            yr[i] = w[i] * (xr[i] * inv);
+            let wi = if unit_offset { 1.0 + w[i] } else { w[i] };
+            yr[i] = wi * (xr[i] * inv);
         }
     }
     y
@@ -105,7 +121,21 @@ mod tests {
     use crate::testutil::{assert_close, gpu, rand_vec};
 
     fn run(width: usize, n: usize, dtype: WDType, eps: f32, seed: u64) {
-        let (got, want) = run_with(width, n, dtype, eps, seed, (false, false));
+        for unit_offset in [false, true] {
+            let (got, want) = run_with(
+                width,
+                n,
+                dtype,
+                eps,
+                seed,
+                (unit_offset, false),
+                unit_offset,
+            );
+            check(&got, &want, width, n, dtype, unit_offset);
+        }
+    }
+
+    fn check(got: &[f32], want: &[f32], width: usize, n: usize, dtype: WDType, unit_offset: bool) {
         // Tolerance: the GPU sums `width` squares in f32 in a different order
         // (strided + tree) than the f64 reference; relative error of that sum
         // is about width * 2^-24 worst case, ~1e-6 typical, and inverseSqrt
@@ -113,11 +143,11 @@ mod tests {
         // near zero) is comfortably above that and far below any real bug
         // (eps outside the sqrt or (1 + w) changes outputs by >1e-3 here).
         assert_close(
-            &got,
-            &want,
+            got,
+            want,
             1e-5,
             1e-6,
-            &format!("rmsnorm w={width} n={n} {dtype:?}"),
+            &format!("rmsnorm w={width} n={n} {dtype:?} unit_offset={unit_offset}"),
         );
     }
 
@@ -127,7 +157,9 @@ mod tests {
         dtype: WDType,
         eps: f32,
         seed: u64,
-        faults: (bool, bool),
+        // kernel: (unit_offset, eps outside the sqrt)
+        variant: (bool, bool),
+        ref_unit_offset: bool,
     ) -> (Vec<f32>, Vec<f32>) {
         let gpu = gpu();
         let x = rand_vec(n * width, 3.0, seed);
@@ -136,7 +168,7 @@ mod tests {
             w = round_bf16(&w);
         }
         let wt = DeviceTensor::from_f32(gpu, "w", dtype, &[width], &w).unwrap();
-        let op = RmsNorm::with_faults(gpu, dtype, faults.0, faults.1).unwrap();
+        let op = RmsNorm::with_faults(gpu, dtype, variant.0, variant.1).unwrap();
         let params = gpu.uniform("p", &Params::new(width, eps)).unwrap();
         let step = gpu.uniform("step", &Step::new(n as u32, 0)).unwrap();
         let xb = gpu.storage_init("x", bytemuck::cast_slice(&x)).unwrap();
@@ -149,7 +181,40 @@ mod tests {
         }
         gpu.submit_wait(enc).unwrap();
         let got = gpu.read_f32(&yb, n * width).unwrap();
-        (got, reference(&x, &w, width, eps))
+        (got, reference(&x, &w, width, eps, ref_unit_offset))
+    }
+
+    #[test]
+    fn per_head_rows() {
+        // 3 tokens x 4 heads of width 8: each head normalized on its own.
+        let gpu = gpu();
+        let (n, heads, d) = (3usize, 4usize, 8usize);
+        let x = rand_vec(n * heads * d, 3.0, 41);
+        let w = round_bf16(&rand_vec(d, 1.0, 42));
+        let wt = DeviceTensor::from_f32(gpu, "w", WDType::Bf16, &[d], &w).unwrap();
+        let op = RmsNorm::new(gpu, WDType::Bf16, false).unwrap();
+        let params = gpu
+            .uniform("p", &Params::per_token(d, heads, 1e-6))
+            .unwrap();
+        let step = gpu.uniform("step", &Step::new(n as u32, 0)).unwrap();
+        let xb = gpu.storage_init("x", bytemuck::cast_slice(&x)).unwrap();
+        let yb = gpu.storage("y", (n * heads * d * 4) as u64);
+        let bg = op.bind(gpu, &params, &step, &xb, &wt.chunks[0].buffer, &yb);
+        let mut enc = gpu.encoder();
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            op.encode(gpu, &mut pass, &bg, (n * heads) as u32);
+        }
+        gpu.submit_wait(enc).unwrap();
+        let got = gpu.read_f32(&yb, n * heads * d).unwrap();
+        // Same bound as `check` (same sums, width 8).
+        assert_close(
+            &got,
+            &reference(&x, &w, d, 1e-6, false),
+            1e-5,
+            1e-6,
+            "per-head",
+        );
     }
 
     #[test]
@@ -175,16 +240,25 @@ mod tests {
 
     #[test]
     fn faulty_variants_fail_the_tolerance() {
-        // The deliberate bugs used by verify's self-tests must be visible at
-        // this test's tolerance, or the test above could not catch them.
-        for faults in [(true, false), (false, true)] {
-            let (got, want) = run_with(64, 2, WDType::F32, 0.5, 7, faults);
+        // The deliberate bug used by verify's self-tests (eps outside the
+        // sqrt), and each weight convention read as the other, must be
+        // visible at this test's tolerance, or the tests above could not
+        // tell them apart.
+        for (kernel, ref_unit_offset) in [
+            ((false, true), false),
+            ((true, false), false),
+            ((false, false), true),
+        ] {
+            let (got, want) = run_with(64, 2, WDType::F32, 0.5, 7, kernel, ref_unit_offset);
             let worst = got
                 .iter()
                 .zip(&want)
                 .map(|(a, b)| (a - b).abs() / (1e-6 + 1e-5 * b.abs()))
                 .fold(0f32, f32::max);
-            assert!(worst > 100.0, "fault {faults:?} within tolerance");
+            assert!(
+                worst > 100.0,
+                "variant {kernel:?} vs unit_offset={ref_unit_offset} within tolerance"
+            );
         }
     }
 }
