@@ -1066,6 +1066,98 @@ fn conversion_errors_name_the_problem() {
     assert!(!tmp.path().join("out16/config.json").exists());
 }
 
+/// Dequantized values that are NaN or infinite are refused at conversion,
+/// naming the GGUF tensor and the element in GGUF terms (row, column), for
+/// plain f32/f16 tensors, a quantized block whose scale is infinite, and a
+/// llama Q tensor whose rows are un-permuted on the way; nothing is left
+/// behind. A finite value beyond bf16's range is refused for a bf16 output.
+#[test]
+fn non_finite_values_are_refused_at_conversion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let set = |g: &mut GgufBuilder, name: &str, at: usize, bytes: &[u8]| {
+        let t = g.tensors.iter_mut().find(|t| t.name == name).unwrap();
+        t.data[at..at + bytes.len()].copy_from_slice(bytes);
+    };
+    let run = |g: &GgufBuilder, dtype: ConvertDType| {
+        let p = write_tmp(tmp.path(), "nf.gguf", &g.build());
+        let out = tmp.path().join("out");
+        let e = convert(&p, &out, dtype, &no_tokenizer, |_, _| {})
+            .unwrap_err()
+            .to_string();
+        println!("{e}");
+        assert!(!out.join("model.safetensors").exists(), "{e}");
+        assert!(!out.join("config.json").exists(), "{e}");
+        e
+    };
+    // F32 [16, 32] (GGUF dims [32, 16]): a NaN at row 3, column 5.
+    let (mut g, _) = tiny_model(TINY_LLAMA);
+    set(
+        &mut g,
+        "blk.1.attn_v.weight",
+        4 * (3 * 32 + 5),
+        &f32::NAN.to_le_bytes(),
+    );
+    contains_all(
+        &run(&g, ConvertDType::Bf16),
+        &[
+            "nf.gguf",
+            "tensor `blk.1.attn_v.weight`",
+            "element 101 (row 3, column 5 of GGUF dims [32, 16], ggml type F32) is NaN",
+        ],
+    );
+    // F16 [64, 32]: +Inf as the first element.
+    let (mut g, _) = tiny_model(TINY_LLAMA);
+    set(&mut g, "blk.0.ffn_up.weight", 0, &0x7c00u16.to_le_bytes());
+    contains_all(
+        &run(&g, ConvertDType::F32),
+        &[
+            "`blk.0.ffn_up.weight`",
+            "element 0 (row 0, column 0",
+            "F16) is +Inf",
+        ],
+    );
+    // -Inf in a norm.
+    let (mut g, _) = tiny_model(TINY_LLAMA);
+    set(
+        &mut g,
+        "output_norm.weight",
+        4 * 31,
+        &f32::NEG_INFINITY.to_le_bytes(),
+    );
+    contains_all(
+        &run(&g, ConvertDType::F16),
+        &[
+            "`output_norm.weight`",
+            "element 31 (row 0, column 31",
+            "is -Inf",
+        ],
+    );
+    // Q8_0 [32, 32], un-permuted (llama q): block 2 (GGUF row 2, 34 bytes
+    // per block) gets an infinite f16 scale, so its values are ±Inf or NaN.
+    let (mut g, _) = tiny_model(TINY_LLAMA);
+    set(
+        &mut g,
+        "blk.0.attn_q.weight",
+        2 * 34,
+        &0x7c00u16.to_le_bytes(),
+    );
+    contains_all(
+        &run(&g, ConvertDType::Bf16),
+        &[
+            "`blk.0.attn_q.weight`",
+            "element 64 (row 2, column 0",
+            "Q8_0",
+        ],
+    );
+    // Finite, but +Inf once rounded to bf16.
+    let (mut g, _) = tiny_model(TINY_LLAMA);
+    set(&mut g, "output_norm.weight", 0, &3.3999e38f32.to_le_bytes());
+    contains_all(
+        &run(&g, ConvertDType::Bf16),
+        &["`output_norm.weight`", "bfloat16 range"],
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Against the `gguf` Python package.
 
