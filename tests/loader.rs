@@ -1104,3 +1104,63 @@ fn verify_binary_refuses_a_nan_weight_with_exit_code_2() {
         assert!(!stdout.contains("taps"), "no report is printed: {stdout}");
     }
 }
+
+/// The real checkpoints hold no NaN or infinity, and what the scan costs:
+/// its speed over every tensor of each model, from the page cache, next to
+/// a plain read of the same bytes (printed for BENCHMARKS.md; nothing about
+/// time is asserted).
+#[test]
+#[ignore = "a measurement on both real models converted to bf16 (1.5 GB in the cache); run with --ignored --nocapture"]
+fn real_checkpoints_are_finite_and_scan_speed() {
+    use std::time::Instant;
+    use wgllm::loader::first_non_finite;
+    for name in ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"] {
+        let dir = wgllm::fetch::resolve_model(Some(Path::new(name)), &test_fetch_options())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let ck = Checkpoint::open(&dir).unwrap();
+        let mut names: Vec<&str> = ck.names().collect();
+        names.sort();
+        let tensors: Vec<(&str, Dtype, &[u8])> = names
+            .iter()
+            .map(|&n| (n, ck.meta(n).unwrap().dtype, ck.tensor_bytes(n).unwrap()))
+            .collect();
+        let bytes: usize = tensors.iter().map(|t| t.2.len()).sum();
+        // Untimed pass: pages in, and the check itself.
+        for &(n, d, b) in &tensors {
+            assert_eq!(first_non_finite(d, b), None, "{name}: {n}");
+        }
+        let mut scan = Vec::new();
+        let mut read = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let bad = tensors
+                .iter()
+                .filter(|&&(_, d, b)| first_non_finite(d, b).is_some())
+                .count();
+            scan.push(t.elapsed().as_secs_f64());
+            assert_eq!(bad, 0);
+            // Baseline: xor of every u64 word, the least a pass can do.
+            let t = Instant::now();
+            let x = tensors.iter().fold(0u64, |acc, &(_, _, b)| {
+                b.chunks_exact(8)
+                    .fold(acc, |a, w| a ^ u64::from_le_bytes(w.try_into().unwrap()))
+            });
+            read.push(t.elapsed().as_secs_f64());
+            std::hint::black_box(x);
+        }
+        scan.sort_by(f64::total_cmp);
+        read.sort_by(f64::total_cmp);
+        let gbs = |s: f64| bytes as f64 / s / 1e9;
+        println!(
+            "{name}: {} tensors, {:.1} MB: scan median {:.1} ms ({:.1} GB/s, best {:.1} GB/s); \
+             plain xor read median {:.1} ms ({:.1} GB/s)",
+            tensors.len(),
+            bytes as f64 / 1e6,
+            scan[2] * 1e3,
+            gbs(scan[2]),
+            gbs(scan[0]),
+            read[2] * 1e3,
+            gbs(read[2]),
+        );
+    }
+}
