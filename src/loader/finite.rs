@@ -104,11 +104,11 @@ fn scan(bytes: &[u8], f: Format) -> Option<usize> {
         });
         let tail_bad = tail.chunks_exact(lb).any(|c| is_bad(lane(c, 0, f), f));
         if acc != top || tail_bad {
+            // The word test is exact, so this finds the lane it saw.
             let n = block.len() / lb;
-            let i = (0..n)
-                .find(|&i| is_bad(lane(block, i, f), f))
-                .expect("a block that fails the word test holds a bad lane");
-            return Some(b * (BLOCK / lb) + i);
+            if let Some(i) = (0..n).find(|&i| is_bad(lane(block, i, f), f)) {
+                return Some(b * (BLOCK / lb) + i);
+            }
         }
     }
     None
@@ -134,7 +134,7 @@ fn describe(bits: u64, f: Format) -> &'static str {
 }
 
 /// `[i, j, ...]` of flat index `flat` in a row-major tensor of `shape`.
-pub fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
+fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
     let mut idx = vec![0; shape.len()];
     for (k, &d) in shape.iter().enumerate().rev() {
         if d > 0 {

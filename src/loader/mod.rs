@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use ::safetensors::Dtype;
 
-pub use finite::{check_finite, first_non_finite, unravel};
+pub use finite::{check_finite, first_non_finite};
 pub use plan::{
     expected_tensors, supported_dtype, LayerRole, LoadDType, MemoryPlan, PlannedTensor, Role,
     TensorSpec,
