@@ -1153,6 +1153,32 @@ fn non_finite_values_are_refused_at_conversion() {
             "Q8_0",
         ],
     );
+    // The binary: `wgllm convert` exits with status 2 and names the tensor.
+    let (mut g, _) = tiny_model(TINY_LLAMA);
+    set(
+        &mut g,
+        "blk.1.attn_v.weight",
+        4 * 7,
+        &f32::INFINITY.to_le_bytes(),
+    );
+    let p = write_tmp(tmp.path(), "nf.gguf", &g.build());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wgllm"))
+        .arg("convert")
+        .arg(&p)
+        .arg(tmp.path().join("out-bin"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    contains_all(
+        &stderr,
+        &[
+            "`blk.1.attn_v.weight`",
+            "element 7 (row 0, column 7",
+            "is +Inf",
+        ],
+    );
+    assert!(!tmp.path().join("out-bin/model.safetensors").exists());
     // Finite, but +Inf once rounded to bf16.
     let (mut g, _) = tiny_model(TINY_LLAMA);
     set(&mut g, "output_norm.weight", 0, &3.3999e38f32.to_le_bytes());

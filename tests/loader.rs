@@ -1070,38 +1070,48 @@ fn finite_weights_load_and_bf16_overflow_is_refused() {
     Weights::upload(gpu(), &ck, &plan).unwrap();
 }
 
-/// The binary: `wgllm verify` on a checkpoint with a NaN weight exits with
-/// status 2 and says on stderr which tensor and element, before any table.
+/// The binary: `wgllm verify` on a checkpoint with a NaN, +Inf or -Inf
+/// weight (bf16 and f32 files) exits with status 2 and says on stderr which
+/// tensor and element, before any table.
 #[test]
-fn verify_binary_refuses_a_nan_weight_with_exit_code_2() {
+fn verify_binary_refuses_non_finite_weights_with_exit_code_2() {
     let t = "model.layers.1.self_attn.q_proj.weight"; // [64, 64]
     for dtype in [Dtype::BF16, Dtype::F32] {
-        let d = poisoned_fixture(dtype, &[(t, 64 * 10 + 3, f32::NAN)]);
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wgllm"))
-            .arg("verify")
-            .arg("--model")
-            .arg(d.path())
-            .arg("--reference")
-            .arg(d.path().join("reference_f32.safetensors"))
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        println!("{dtype:?}: status {:?}\nstderr: {stderr}", out.status);
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "stdout: {stdout}\nstderr: {stderr}"
-        );
-        assert_has(
-            &stderr,
-            &[
-                &format!("tensor `{t}`"),
-                "element [10, 3] (flat index 643",
-                "is NaN",
-            ],
-        );
-        assert!(!stdout.contains("taps"), "no report is printed: {stdout}");
+        for (x, what) in [
+            (f32::NAN, "NaN"),
+            (f32::INFINITY, "+Inf"),
+            (f32::NEG_INFINITY, "-Inf"),
+        ] {
+            let d = poisoned_fixture(dtype, &[(t, 64 * 10 + 3, x)]);
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_wgllm"))
+                .arg("verify")
+                .arg("--model")
+                .arg(d.path())
+                .arg("--reference")
+                .arg(d.path().join("reference_f32.safetensors"))
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            println!(
+                "{dtype:?} {what}: status {:?}\nstderr: {stderr}",
+                out.status
+            );
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "stdout: {stdout}\nstderr: {stderr}"
+            );
+            assert_has(
+                &stderr,
+                &[
+                    &format!("tensor `{t}`"),
+                    "element [10, 3] (flat index 643",
+                    &format!("is {what}"),
+                ],
+            );
+            assert!(!stdout.contains("taps"), "no report is printed: {stdout}");
+        }
     }
 }
 
