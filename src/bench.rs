@@ -983,6 +983,7 @@ fn adapter_json(g: &Gpu) -> serde_json::Value {
         "device_type": format!("{:?}", i.device_type),
         "driver": i.driver,
         "driver_info": i.driver_info,
+        "kernels": g.kernels_desc(),
     })
 }
 
@@ -1082,6 +1083,7 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
         i.name, i.backend, i.device_type
     );
     let _ = writeln!(s, "driver       {} {}", i.driver, i.driver_info);
+    let _ = writeln!(s, "kernels      {}", g.kernels_desc());
     let _ = writeln!(
         s,
         "model        {} ({}, {} layers, hidden {}, vocab {}, file {}, device {})",
@@ -1260,16 +1262,13 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
 }
 
 /// `wgllm bench`.
-pub fn bench_cli(adapter: Option<&str>, args: BenchArgs) -> anyhow::Result<ExitCode> {
+pub fn bench_cli(gpu_opts: &GpuOptions, args: BenchArgs) -> anyhow::Result<ExitCode> {
     let dtype: crate::loader::LoadDType = args
         .dtype
         .parse()
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let dir = crate::fetch::resolve_model(args.model.as_deref(), &Default::default())?;
-    let gpu = Arc::new(Gpu::new(&GpuOptions {
-        adapter: adapter.map(str::to_string),
-        ..Default::default()
-    })?);
+    let gpu = Arc::new(Gpu::new(gpu_opts)?);
     let mopts = ModelOptions {
         max_context: Some(args.prompt_tokens + args.gen_tokens + 1),
         dtype,

@@ -26,7 +26,7 @@ fn features_list(f: wgpu::Features) -> Vec<String> {
         .collect()
 }
 
-fn adapter_json(d: &AdapterDesc, chosen: bool) -> serde_json::Value {
+fn adapter_json(d: &AdapterDesc, chosen: bool, kernels: &str) -> serde_json::Value {
     let l = &d.limits;
     serde_json::json!({
         "index": d.index,
@@ -48,38 +48,46 @@ fn adapter_json(d: &AdapterDesc, chosen: bool) -> serde_json::Value {
         },
         "features": features_list(d.features),
         "default": chosen,
+        "kernels": kernels,
     })
 }
 
 /// `wgllm devices`: every adapter, and which one wgllm would use.
-pub fn devices(selector: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
-    let all: Vec<AdapterDesc> = list_adapters().into_iter().map(|(_, d)| d).collect();
+pub fn devices(gpu_opts: &GpuOptions, json: bool) -> anyhow::Result<ExitCode> {
+    let (kernels, _) = gpu_opts.resolve_kernels()?;
+    // The kernel profile each adapter would get (the selected one says why).
+    let profile = |d: &AdapterDesc| {
+        let p = kernels.resolve(d.info.device_type == wgpu::DeviceType::Cpu);
+        p.name()
+    };
+    let all: Vec<AdapterDesc> = list_adapters(gpu_opts)?
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect();
     if all.is_empty() {
         // Same message as Gpu::new, so users get the install hint.
-        let e = Gpu::new(&GpuOptions::default()).err();
+        let e = Gpu::new(gpu_opts).err();
         anyhow::bail!(
             "{}",
             e.map(|e| e.to_string())
                 .unwrap_or_else(|| "no adapters".into())
         );
     }
-    let chosen = Gpu::new(&GpuOptions {
-        adapter: selector.map(str::to_string),
-        ..Default::default()
-    })
-    .ok()
-    .map(|g| g.adapter.index);
+    let chosen = Gpu::new(gpu_opts)
+        .ok()
+        .map(|g| (g.adapter.index, g.kernels_desc()));
+    let chosen_index = chosen.as_ref().map(|c| c.0);
     if json {
         let v: Vec<_> = all
             .iter()
-            .map(|d| adapter_json(d, Some(d.index) == chosen))
+            .map(|d| adapter_json(d, Some(d.index) == chosen_index, profile(d)))
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
     for d in &all {
         let l = &d.limits;
-        let mark = if Some(d.index) == chosen {
+        let mark = if Some(d.index) == chosen_index {
             "  (selected)"
         } else {
             ""
@@ -113,6 +121,10 @@ pub fn devices(selector: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
             l.max_compute_workgroups_per_dimension
         );
         println!("    features: {}", features_list(d.features).join(" "));
+        match &chosen {
+            Some((i, desc)) if *i == d.index => println!("    kernels: {desc}"),
+            _ => println!("    kernels: {}", profile(d)),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -164,16 +176,13 @@ pub struct VerifyArgs {
 
 /// `wgllm verify`: exit 0 when every tap passes, 1 when any fails, 2 on a
 /// usage or input error.
-pub fn verify(adapter: Option<&str>, a: VerifyArgs) -> anyhow::Result<ExitCode> {
+pub fn verify(gpu_opts: &GpuOptions, a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let dtype: crate::loader::LoadDType = a
         .dtype
         .parse()
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let model = crate::fetch::resolve_model(Some(&a.model), &Default::default())?;
-    let gpu = std::sync::Arc::new(Gpu::new(&GpuOptions {
-        adapter: adapter.map(str::to_string),
-        ..Default::default()
-    })?);
+    let gpu = std::sync::Arc::new(Gpu::new(gpu_opts)?);
     let opts = crate::verify::VerifyOptions {
         model,
         tokens: a.tokens,
@@ -190,7 +199,8 @@ pub fn verify(adapter: Option<&str>, a: VerifyArgs) -> anyhow::Result<ExitCode> 
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!("model: {}", r.model);
-        println!("adapter: {}", r.adapter);
+        println!("adapter: {} ({})", r.adapter, r.backend);
+        println!("kernels: {}", r.kernels);
         println!("tokens ({}): {:?}", r.tokens.len(), r.tokens);
         for rep in &r.reports {
             println!();
@@ -339,16 +349,13 @@ pub struct Session {
     pub stop_ids: Vec<u32>,
 }
 
-pub fn load_session(adapter: Option<&str>, m: &ModelArgs) -> anyhow::Result<Session> {
+pub fn load_session(gpu_opts: &GpuOptions, m: &ModelArgs) -> anyhow::Result<Session> {
     let dtype: crate::loader::LoadDType = m
         .dtype
         .parse()
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let dir = crate::fetch::resolve_model(m.model.as_deref(), &Default::default())?;
-    let gpu = std::sync::Arc::new(Gpu::new(&GpuOptions {
-        adapter: adapter.map(str::to_string),
-        ..Default::default()
-    })?);
+    let gpu = std::sync::Arc::new(Gpu::new(gpu_opts)?);
     let tok = crate::tokenizer::Tokenizer::from_dir(&dir)?;
     let opts = crate::model::ModelOptions {
         max_context: m.max_context,
@@ -372,13 +379,13 @@ fn read_stdin() -> anyhow::Result<String> {
     Ok(s)
 }
 
-pub fn run(adapter: Option<&str>, a: RunArgs) -> anyhow::Result<ExitCode> {
+pub fn run(gpu_opts: &GpuOptions, a: RunArgs) -> anyhow::Result<ExitCode> {
     use std::io::Write;
     let prompt = match &a.prompt {
         Some(p) => p.clone(),
         None => read_stdin()?,
     };
-    let mut s = load_session(adapter, &a.model)?;
+    let mut s = load_session(gpu_opts, &a.model)?;
     let ids = if a.chat {
         let t = crate::chat::ChatTemplate::from_dir(&s.dir)?;
         let mut msgs = Vec::new();
@@ -424,9 +431,9 @@ pub fn run(adapter: Option<&str>, a: RunArgs) -> anyhow::Result<ExitCode> {
 
 /// `wgllm chat`: multi-turn; the KV cache is kept across turns and only the
 /// tokens past the longest common prefix with what is cached are run.
-pub fn chat(adapter: Option<&str>, a: ChatArgs) -> anyhow::Result<ExitCode> {
+pub fn chat(gpu_opts: &GpuOptions, a: ChatArgs) -> anyhow::Result<ExitCode> {
     use std::io::{BufRead, IsTerminal, Write};
-    let mut s = load_session(adapter, &a.model)?;
+    let mut s = load_session(gpu_opts, &a.model)?;
     let t = crate::chat::ChatTemplate::from_dir(&s.dir)?;
     let mut msgs = Vec::new();
     if let Some(sys) = &a.system {

@@ -4,6 +4,7 @@
 //! Everything that talks to wgpu directly lives here so ops only describe
 //! their kernels (WGSL + params) and their bindings.
 
+use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -24,8 +25,125 @@ pub struct Caps {
     pub max_workgroups_per_dim: u32,
     pub max_workgroup_storage: u32,
     pub max_invocations: u32,
-    /// Software rasterizer / CPU device (lavapipe, SwiftShader, WARP).
+    /// The adapter is a CPU device (lavapipe, SwiftShader, WARP): a fact
+    /// about the adapter, not a kernel choice (see `kernels`).
     pub is_cpu: bool,
+    /// The kernel shapes the ops use on this device.
+    pub kernels: KernelProfile,
+}
+
+/// The family of kernel shapes the ops use, chosen once per device. Both
+/// profiles compute the same function on any adapter and are held to the
+/// same tolerances; they differ only in speed. `auto` ([`KernelChoice`])
+/// picks by adapter type; `WGLLM_KERNELS` or [`GpuOptions::kernels`] forces
+/// either on any adapter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelProfile {
+    /// For CPU-type adapters, which run a workgroup as SIMD lanes on CPU
+    /// cores and pay for every barrier: row-per-invocation GEMV,
+    /// register-blocked prefill, narrow argmax and attention workgroups.
+    CpuDevice,
+    /// For GPUs: workgroup-per-row GEMV (subgroup reduction when the device
+    /// has SUBGROUP, else a workgroup-memory tree), the workgroup-memory
+    /// tiled prefill matmul, wider argmax and attention workgroups.
+    Gpu,
+}
+
+impl KernelProfile {
+    /// The name `WGLLM_KERNELS` uses for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelProfile::CpuDevice => "cpu",
+            KernelProfile::Gpu => "gpu",
+        }
+    }
+}
+
+/// A requested kernel profile: by adapter type, or forced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelChoice {
+    /// CPU-device kernels on CPU-type adapters, GPU kernels on the rest.
+    #[default]
+    Auto,
+    Force(KernelProfile),
+}
+
+impl KernelChoice {
+    pub const ALLOWED: &'static str = "auto, gpu or cpu";
+
+    pub fn resolve(self, adapter_is_cpu: bool) -> KernelProfile {
+        match self {
+            KernelChoice::Force(p) => p,
+            KernelChoice::Auto if adapter_is_cpu => KernelProfile::CpuDevice,
+            KernelChoice::Auto => KernelProfile::Gpu,
+        }
+    }
+}
+
+impl FromStr for KernelChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(KernelChoice::Auto),
+            "gpu" => Ok(KernelChoice::Force(KernelProfile::Gpu)),
+            "cpu" => Ok(KernelChoice::Force(KernelProfile::CpuDevice)),
+            _ => Err(format!(
+                "'{s}' is not a kernel profile; expected {}",
+                Self::ALLOWED
+            )),
+        }
+    }
+}
+
+/// The wgpu backends to enumerate adapters on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendChoice(pub wgpu::Backends);
+
+impl Default for BackendChoice {
+    fn default() -> Self {
+        BackendChoice(wgpu::Backends::all())
+    }
+}
+
+impl BackendChoice {
+    pub const ALLOWED: &'static str =
+        "all (or auto), vulkan, metal, dx12, gl, or several separated by commas";
+}
+
+impl FromStr for BackendChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let mut b = wgpu::Backends::empty();
+        for part in s.split(',').map(str::trim) {
+            b |= match part.to_ascii_lowercase().as_str() {
+                "all" | "auto" => wgpu::Backends::all(),
+                "vulkan" | "vk" => wgpu::Backends::VULKAN,
+                "metal" | "mtl" => wgpu::Backends::METAL,
+                "dx12" | "d3d12" => wgpu::Backends::DX12,
+                "gl" | "gles" | "opengl" => wgpu::Backends::GL,
+                _ => {
+                    return Err(format!(
+                        "'{part}' is not a backend; expected {}",
+                        Self::ALLOWED
+                    ))
+                }
+            };
+        }
+        Ok(BackendChoice(b))
+    }
+}
+
+/// `VULKAN|GL` for a set of backends.
+pub fn backend_names(b: wgpu::Backends) -> String {
+    if b == wgpu::Backends::all() {
+        return "all".into();
+    }
+    b.iter_names().map(|(n, _)| n).collect::<Vec<_>>().join("|")
+}
+
+/// The value of an environment variable when it is set and not blank.
+fn env_value(var: &str) -> Option<String> {
+    std::env::var(var).ok().filter(|v| !v.trim().is_empty())
 }
 
 /// Description of one adapter, for `wgllm devices` and error messages.
@@ -54,16 +172,57 @@ pub struct Gpu {
     pub queue: wgpu::Queue,
     pub adapter: AdapterDesc,
     pub caps: Caps,
+    /// How `caps.kernels` was chosen (see [`Gpu::kernels_desc`]).
+    pub kernels_chosen_by: &'static str,
 }
 
-fn instance() -> wgpu::Instance {
-    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+/// Mesa's Vulkan device-select layer (an implicit layer that comes with
+/// mesa-vulkan-drivers) connects to a Wayland compositor whenever an
+/// application enables VK_KHR_wayland_surface, which wgpu always does. On a
+/// machine without XDG_RUNTIME_DIR (headless, CI) libwayland then prints
+/// "error: XDG_RUNTIME_DIR is invalid or not set in the environment." for
+/// every Vulkan instance. The layer only reorders physical devices (wgllm
+/// ranks adapters itself), so there it is switched off with its own
+/// variable, NODEVICE_SELECT=1, unless the user set NODEVICE_SELECT or any
+/// MESA_VK_DEVICE_SELECT* variable. Runs once, before the first instance.
+fn quiet_mesa_device_select() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if !cfg!(all(unix, not(target_vendor = "apple"))) {
+            return;
+        }
+        let runtime_dir_ok =
+            std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| std::path::Path::new(&d).is_dir());
+        let user_chose = std::env::vars_os().any(|(k, _)| {
+            let k = k.to_string_lossy();
+            k == "NODEVICE_SELECT" || k.starts_with("MESA_VK_DEVICE_SELECT")
+        });
+        if !runtime_dir_ok && !user_chose {
+            std::env::set_var("NODEVICE_SELECT", "1");
+        }
+    });
 }
 
-/// Every adapter wgpu can see, in wgpu's order.
-pub fn list_adapters() -> Vec<(wgpu::Adapter, AdapterDesc)> {
-    let inst = instance();
-    let adapters = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()));
+/// A wgpu instance on `backends`. wgpu's own instance variables
+/// (WGPU_VALIDATION, WGPU_DEBUG, ...) still apply; the backends are ours.
+fn instance(backends: wgpu::Backends) -> wgpu::Instance {
+    quiet_mesa_device_select();
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = backends;
+    wgpu::Instance::new(desc)
+}
+
+/// Every adapter wgpu can see on the backends `opts` selects (see
+/// [`GpuOptions::backends`]), in wgpu's order; indices count from 0 within
+/// that selection.
+pub fn list_adapters(opts: &GpuOptions) -> Result<Vec<(wgpu::Adapter, AdapterDesc)>> {
+    let (backends, _) = opts.resolve_backends()?;
+    Ok(list_adapters_on(backends))
+}
+
+fn list_adapters_on(backends: wgpu::Backends) -> Vec<(wgpu::Adapter, AdapterDesc)> {
+    let inst = instance(backends);
+    let adapters = pollster::block_on(inst.enumerate_adapters(backends));
     adapters
         .into_iter()
         .enumerate()
@@ -85,11 +244,36 @@ pub fn list_adapters() -> Vec<(wgpu::Adapter, AdapterDesc)> {
 fn choose(
     mut all: Vec<(wgpu::Adapter, AdapterDesc)>,
     selector: Option<&str>,
+    backends: (wgpu::Backends, &str),
 ) -> Result<(wgpu::Adapter, AdapterDesc)> {
     if all.is_empty() {
-        return Err(Error::NoAdapter(
-            "wgpu enumerated no Vulkan, Metal, DX12 or GL adapters".into(),
-        ));
+        if backends.0 == wgpu::Backends::all() {
+            return Err(Error::NoAdapter(
+                "wgpu enumerated no Vulkan, Metal, DX12 or GL adapters".into(),
+            ));
+        }
+        let elsewhere = all_names(
+            &list_adapters_on(wgpu::Backends::all())
+                .into_iter()
+                .map(|(_, d)| d)
+                .collect::<Vec<_>>(),
+        );
+        let gl_hint = if backends.0.contains(wgpu::Backends::GL) {
+            "; wgpu's GL backend needs EGL and a GL driver (Debian/Ubuntu: `apt-get install \
+             libegl1 libegl-mesa0 libgl1-mesa-dri` for Mesa's llvmpipe)"
+        } else {
+            ""
+        };
+        return Err(Error::NoAdapter(format!(
+            "no adapter on backend {} (chosen by {}); on all backends: {}{gl_hint}",
+            backend_names(backends.0),
+            backends.1,
+            if elsewhere.is_empty() {
+                "none".to_string()
+            } else {
+                elsewhere
+            }
+        )));
     }
     let names = || {
         all_names(
@@ -137,26 +321,68 @@ fn all_names(all: &[AdapterDesc]) -> String {
         .join(", ")
 }
 
-/// Options for creating a [`Gpu`].
+/// Options for creating a [`Gpu`]. Each `None` falls back to its
+/// environment variable, then to the automatic choice.
 #[derive(Clone, Debug, Default)]
 pub struct GpuOptions {
     /// Adapter index or name substring; falls back to `WGLLM_ADAPTER`.
     pub adapter: Option<String>,
+    /// Backends to enumerate; falls back to `WGLLM_BACKEND`, then to wgpu's
+    /// own `WGPU_BACKEND`, then all backends (GL ranked last on ties).
+    pub backends: Option<BackendChoice>,
+    /// Kernel profile; falls back to `WGLLM_KERNELS`, then auto.
+    pub kernels: Option<KernelChoice>,
     /// Cap the storage-binding size used for splitting tensors (tests use a
     /// tiny value so the split paths run on small data). Never raises the
     /// adapter's own limit.
     pub max_binding_override: Option<u64>,
 }
 
+impl GpuOptions {
+    /// The backends to enumerate and what chose them (for messages).
+    pub fn resolve_backends(&self) -> Result<(wgpu::Backends, &'static str)> {
+        if let Some(b) = self.backends {
+            return Ok((b.0, "GpuOptions::backends"));
+        }
+        if let Some(v) = env_value("WGLLM_BACKEND") {
+            let b: BackendChoice = v
+                .parse()
+                .map_err(|e| Error::invalid(format!("WGLLM_BACKEND={v:?}: {e}")))?;
+            return Ok((b.0, "WGLLM_BACKEND"));
+        }
+        if env_value("WGPU_BACKEND").is_some() {
+            // wgpu's own variable and parsing (unknown names are ignored).
+            return Ok((wgpu::Backends::all().with_env(), "WGPU_BACKEND"));
+        }
+        Ok((wgpu::Backends::all(), "default"))
+    }
+
+    /// The requested kernel profile and what chose it.
+    pub fn resolve_kernels(&self) -> Result<(KernelChoice, &'static str)> {
+        if let Some(k) = self.kernels {
+            return Ok((k, "GpuOptions::kernels"));
+        }
+        if let Some(v) = env_value("WGLLM_KERNELS") {
+            let k: KernelChoice = v
+                .parse()
+                .map_err(|e| Error::invalid(format!("WGLLM_KERNELS={v:?}: {e}")))?;
+            return Ok((k, "WGLLM_KERNELS"));
+        }
+        Ok((KernelChoice::Auto, "default"))
+    }
+}
+
 impl Gpu {
     /// Create a device on the best (or selected) adapter with the adapter's
     /// own limits and the optional features our kernels can use.
     pub fn new(opts: &GpuOptions) -> Result<Self> {
+        let (kernel_choice, kernels_by) = opts.resolve_kernels()?;
+        let backends = opts.resolve_backends()?;
         let selector = opts
             .adapter
             .clone()
             .or_else(|| std::env::var("WGLLM_ADAPTER").ok());
-        let (adapter, desc) = choose(list_adapters(), selector.as_deref())?;
+        let (adapter, desc) = choose(list_adapters_on(backends.0), selector.as_deref(), backends)?;
         let wanted =
             wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
         let features = desc.features & wanted;
@@ -180,6 +406,7 @@ impl Gpu {
         if let Some(cap) = opts.max_binding_override {
             max_binding = max_binding.min(cap.max(4));
         }
+        let is_cpu = desc.info.device_type == wgpu::DeviceType::Cpu;
         let caps = Caps {
             shader_f16: features.contains(wgpu::Features::SHADER_F16),
             subgroup: features.contains(wgpu::Features::SUBGROUP),
@@ -190,23 +417,37 @@ impl Gpu {
             max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
             max_workgroup_storage: limits.max_compute_workgroup_storage_size,
             max_invocations: limits.max_compute_invocations_per_workgroup,
-            is_cpu: desc.info.device_type == wgpu::DeviceType::Cpu,
+            is_cpu,
+            kernels: kernel_choice.resolve(is_cpu),
         };
         let desc = AdapterDesc {
             features,
             limits,
             ..desc
         };
+        let kernels_chosen_by = match kernel_choice {
+            KernelChoice::Auto if is_cpu => "auto: CPU-type adapter",
+            KernelChoice::Auto => "auto: GPU adapter",
+            KernelChoice::Force(_) if kernels_by == "WGLLM_KERNELS" => "forced by WGLLM_KERNELS",
+            KernelChoice::Force(_) => "forced",
+        };
         Ok(Gpu {
             device,
             queue,
             adapter: desc,
             caps,
+            kernels_chosen_by,
         })
     }
 
     pub fn name(&self) -> &str {
         &self.adapter.info.name
+    }
+
+    /// The kernel profile in use and why, e.g. `cpu (auto: CPU-type
+    /// adapter)`, for reports.
+    pub fn kernels_desc(&self) -> String {
+        format!("{} ({})", self.caps.kernels.name(), self.kernels_chosen_by)
     }
 
     // ---------------------------------------------------------------- buffers
@@ -518,6 +759,72 @@ impl Step {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_choice_parses_and_resolves() {
+        let p = |s: &str| s.parse::<KernelChoice>();
+        assert_eq!(p("auto"), Ok(KernelChoice::Auto));
+        assert_eq!(p(" GPU "), Ok(KernelChoice::Force(KernelProfile::Gpu)));
+        assert_eq!(p("cpu"), Ok(KernelChoice::Force(KernelProfile::CpuDevice)));
+        let e = p("fast").unwrap_err();
+        assert!(
+            e.contains("'fast'") && e.contains("auto, gpu or cpu"),
+            "{e}"
+        );
+        assert_eq!(KernelChoice::Auto.resolve(true), KernelProfile::CpuDevice);
+        assert_eq!(KernelChoice::Auto.resolve(false), KernelProfile::Gpu);
+        let gpu = KernelChoice::Force(KernelProfile::Gpu);
+        assert_eq!(gpu.resolve(true), KernelProfile::Gpu);
+        let cpu = KernelChoice::Force(KernelProfile::CpuDevice);
+        assert_eq!(cpu.resolve(false), KernelProfile::CpuDevice);
+    }
+
+    #[test]
+    fn backend_choice_parses_lists() {
+        let p = |s: &str| s.parse::<BackendChoice>().map(|b| b.0);
+        assert_eq!(p("gl"), Ok(wgpu::Backends::GL));
+        assert_eq!(p("Vulkan"), Ok(wgpu::Backends::VULKAN));
+        assert_eq!(
+            p("vulkan, gl"),
+            Ok(wgpu::Backends::VULKAN | wgpu::Backends::GL)
+        );
+        assert_eq!(p("dx12"), Ok(wgpu::Backends::DX12));
+        assert_eq!(p("metal"), Ok(wgpu::Backends::METAL));
+        assert_eq!(p("all"), Ok(wgpu::Backends::all()));
+        assert_eq!(p("auto"), Ok(wgpu::Backends::all()));
+        let e = p("vulkan,webgl").unwrap_err();
+        assert!(
+            e.contains("'webgl'") && e.contains("vulkan, metal, dx12, gl"),
+            "{e}"
+        );
+        assert!(p("").is_err());
+        assert_eq!(
+            backend_names(wgpu::Backends::VULKAN | wgpu::Backends::GL),
+            "VULKAN|GL"
+        );
+    }
+
+    /// Options win over the environment (whatever WGLLM_KERNELS /
+    /// WGLLM_BACKEND are set to for this run).
+    #[test]
+    fn options_take_precedence_over_the_environment() {
+        let o = GpuOptions {
+            kernels: Some(KernelChoice::Force(KernelProfile::Gpu)),
+            backends: Some(BackendChoice(wgpu::Backends::GL)),
+            ..Default::default()
+        };
+        assert_eq!(
+            o.resolve_kernels().unwrap(),
+            (
+                KernelChoice::Force(KernelProfile::Gpu),
+                "GpuOptions::kernels"
+            )
+        );
+        assert_eq!(
+            o.resolve_backends().unwrap(),
+            (wgpu::Backends::GL, "GpuOptions::backends")
+        );
+    }
 
     #[test]
     fn grid_switches_to_2d_past_the_limit() {

@@ -14,6 +14,14 @@ struct Cli {
     /// Adapter to use: index or name substring (see `wgllm devices`).
     #[arg(long, global = true, env = "WGLLM_ADAPTER")]
     adapter: Option<String>,
+    /// Backends to look for adapters on: all, vulkan, metal, dx12, gl
+    /// (comma-separated for several). Default: $WGLLM_BACKEND, else all.
+    #[arg(long, global = true)]
+    backend: Option<wgllm::gpu::BackendChoice>,
+    /// Kernel profile: auto (by adapter type), gpu or cpu.
+    /// Default: $WGLLM_KERNELS, else auto.
+    #[arg(long, global = true)]
+    kernels: Option<wgllm::gpu::KernelChoice>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -43,14 +51,19 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let adapter = cli.adapter.as_deref();
+    let gpu = &wgllm::GpuOptions {
+        adapter: cli.adapter,
+        backends: cli.backend,
+        kernels: cli.kernels,
+        ..Default::default()
+    };
     let res = match cli.cmd {
-        Cmd::Devices { json } => cli::devices(adapter, json),
-        Cmd::Verify(a) => cli::verify(adapter, a),
+        Cmd::Devices { json } => cli::devices(gpu, json),
+        Cmd::Verify(a) => cli::verify(gpu, a),
         Cmd::Convert(a) => cli::convert(a),
-        Cmd::Run(a) => cli::run(adapter, a),
-        Cmd::Chat(a) => cli::chat(adapter, a),
-        Cmd::Bench(a) => wgllm::bench::bench_cli(adapter, a),
+        Cmd::Run(a) => cli::run(gpu, a),
+        Cmd::Chat(a) => cli::chat(gpu, a),
+        Cmd::Bench(a) => wgllm::bench::bench_cli(gpu, a),
     };
     match res {
         Ok(code) => code,

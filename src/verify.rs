@@ -33,6 +33,9 @@ pub struct VerifyOptions {
 pub struct VerifyResult {
     pub model: String,
     pub adapter: String,
+    /// The adapter's wgpu backend and the kernel profile in use.
+    pub backend: String,
+    pub kernels: String,
     pub tokens: Vec<u32>,
     pub reports: Vec<Report>,
     pub pass: bool,
@@ -157,6 +160,8 @@ pub fn run(gpu: Arc<Gpu>, o: &VerifyOptions) -> Result<VerifyResult> {
     Ok(VerifyResult {
         model: o.model.display().to_string(),
         adapter: gpu.name().to_string(),
+        backend: format!("{:?}", gpu.adapter.info.backend),
+        kernels: gpu.kernels_desc(),
         tokens,
         reports,
         pass,

@@ -47,6 +47,7 @@ fn caps(max_binding: u64) -> Caps {
         max_workgroup_storage: 16384,
         max_invocations: 256,
         is_cpu: true,
+        kernels: wgllm::gpu::KernelProfile::CpuDevice,
     }
 }
 

@@ -52,6 +52,28 @@ fn load(name: &str, max_context: usize, max_batch: usize) -> Model {
     Model::load(gpu(), &dir(name), &opts).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
+/// CI runs this file on several devices through wgllm's own variables
+/// (WGLLM_BACKEND, WGLLM_KERNELS), read by `Gpu::new` as the CLI reads them:
+/// the device really is the one asked for, and the log says which it was.
+#[test]
+fn device_is_the_one_the_environment_asks_for() {
+    let g = gpu();
+    eprintln!(
+        "parity device: {} ({:?}), kernels {}",
+        g.name(),
+        g.adapter.info.backend,
+        g.kernels_desc()
+    );
+    let (backends, by) = GpuOptions::default().resolve_backends().unwrap();
+    assert!(
+        backends.contains(g.adapter.info.backend.into()),
+        "{by} asks for {backends:?}, got {:?}",
+        g.adapter.info.backend
+    );
+    let (choice, _) = GpuOptions::default().resolve_kernels().unwrap();
+    assert_eq!(g.caps.kernels, choice.resolve(g.caps.is_cpu));
+}
+
 #[test]
 fn gpu_taps_match_pytorch_f32_at_every_tap() {
     for name in FIXTURES {

@@ -1,31 +1,66 @@
 #!/usr/bin/env bash
 # Install what wgllm needs to build and test on a Debian/Ubuntu machine:
-# a Vulkan driver. Without a GPU driver this is Mesa's software Vulkan
-# (lavapipe), a real Vulkan 1.3 device that runs compute shaders on the CPU.
+# a Vulkan driver, and EGL + a GL driver for wgpu's GL backend (CI runs the
+# parity tests on both, WGLLM_BACKEND=gl). Without a GPU these are Mesa's
+# software drivers: lavapipe (a real Vulkan 1.3 device that runs compute
+# shaders on the CPU) and llvmpipe through EGL (OpenGL 4.5).
 set -euo pipefail
 
+# True when any of the paths (globs) exists.
+any_exists() {
+    local p
+    for p in "$@"; do
+        [ -e "$p" ] && return 0
+    done
+    return 1
+}
+
 have_vulkan_icd() {
-    ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1
+    any_exists /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json
+}
+
+# wgpu's GL backend opens libEGL.so.1 (glvnd), which needs a vendor library
+# (Mesa's libEGL_mesa, registered in glvnd's egl_vendor.d) and a DRI driver
+# (swrast_dri.so = llvmpipe when there is no GPU).
+have_egl_gl() {
+    local libs
+    libs="$({ ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null || true)"
+    [[ "$libs" == *"libEGL.so.1 "* && "$libs" == *"libEGL_mesa.so.0 "* ]] \
+        && any_exists /usr/lib/*/dri/swrast_dri.so /usr/lib/dri/swrast_dri.so
+}
+
+apt_install() {
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+            echo "setup: need root to run: apt-get install -y $*" >&2
+            exit 1
+        fi
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "setup: no apt-get here; install your distribution's packages for: $*" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    if [ -z "${APT_UPDATED:-}" ]; then
+        $SUDO apt-get update -qq
+        APT_UPDATED=1
+    fi
+    $SUDO apt-get install -y -qq "$@" >/dev/null
 }
 
 if have_vulkan_icd; then
     echo "setup: a Vulkan driver is installed"
 else
     echo "setup: no Vulkan driver found; installing Mesa's software Vulkan (mesa-vulkan-drivers)"
-    SUDO=""
-    if [ "$(id -u)" -ne 0 ]; then
-        if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-            echo "setup: need root to run: apt-get install -y mesa-vulkan-drivers" >&2
-            exit 1
-        fi
-    fi
-    if ! command -v apt-get >/dev/null 2>&1; then
-        echo "setup: no apt-get here; install your distribution's Mesa Vulkan drivers (lavapipe) or a GPU driver" >&2
-        exit 1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq mesa-vulkan-drivers >/dev/null
+    apt_install mesa-vulkan-drivers
+fi
+
+if have_egl_gl; then
+    echo "setup: EGL and a GL driver are installed (wgpu's GL backend)"
+else
+    echo "setup: no EGL/GL driver found; installing Mesa's EGL and GL drivers (libegl1 libegl-mesa0 libgl1-mesa-dri libgles2)"
+    apt_install libegl1 libegl-mesa0 libgl1-mesa-dri libgles2
 fi
 
 # rustfmt and clippy are part of the toolchain on CI; add them if missing.

@@ -3,7 +3,7 @@
 //! maximum on ties). NaN never wins; a row of only NaN gives 0.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Kernel, Step};
+use crate::gpu::{Gpu, Kernel, KernelProfile, Step};
 
 pub const SRC: &str = include_str!("../../shaders/argmax.wgsl");
 
@@ -32,9 +32,12 @@ pub struct ArgmaxBinding {
 impl Argmax {
     pub fn new(gpu: &Gpu) -> Result<Self> {
         // CPU-type adapters run a workgroup as SIMD lanes and pay for every
-        // barrier: a narrow workgroup keeps the tree short. GPUs want more
-        // invocations streaming the row.
-        let mut wg: u32 = if gpu.caps.is_cpu { 64 } else { 256 };
+        // barrier: a narrow workgroup keeps the tree short (CPU-device
+        // profile). GPUs want more invocations streaming the row.
+        let mut wg: u32 = match gpu.caps.kernels {
+            KernelProfile::CpuDevice => 64,
+            KernelProfile::Gpu => 256,
+        };
         while wg > gpu.caps.max_invocations.max(1) {
             wg /= 2;
         }

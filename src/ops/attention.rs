@@ -11,7 +11,7 @@
 //! length, which the kernel reads from the `Step` uniform.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Kernel};
+use crate::gpu::{Gpu, Kernel, KernelProfile};
 use crate::ops::kv_copy::{check_cache_fits, KvCache};
 
 pub const SRC: &str = include_str!("../../shaders/attention.wgsl");
@@ -82,7 +82,7 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Workgroup size by adapter: 64 on CPU devices (every invocation
+    /// Workgroup size by kernel profile: 64 for CPU devices (every invocation
     /// rescans the block's scores and a barrier is costly; 32 measured
     /// ~20% faster on lavapipe but halves the context llvmpipe's loop limit
     /// allows), 128 on GPUs (twice the positions scored in parallel per
@@ -103,7 +103,10 @@ impl Attention {
     /// h reads KV head h % n_kv_heads): for verify's self-tests only.
     #[doc(hidden)]
     pub fn with_faults(gpu: &Gpu, head_dim: usize, gqa_modulo: bool) -> Result<Self> {
-        let wg = if gpu.caps.is_cpu { 64 } else { 128 };
+        let wg = match gpu.caps.kernels {
+            KernelProfile::CpuDevice => 64,
+            KernelProfile::Gpu => 128,
+        };
         let wg = wg.min(gpu.caps.max_invocations / 4 * 4).max(4);
         Self::build(gpu, head_dim, wg, gqa_modulo)
     }

@@ -18,7 +18,7 @@
 use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
-use crate::gpu::{Caps, Gpu, Kernel, Step};
+use crate::gpu::{Caps, Gpu, Kernel, KernelProfile, Step};
 use crate::tensor::{DeviceTensor, WDType};
 
 /// Params, bias and output (shared by every linear kernel).
@@ -76,10 +76,11 @@ pub enum LinearVariant {
 }
 
 impl LinearVariant {
-    /// The variant for an adapter: row-per-thread on CPU-type adapters,
-    /// workgroup-per-row (subgroup reduction when available) elsewhere.
+    /// The variant for the device's kernel profile: row-per-thread in the
+    /// CPU-device profile, workgroup-per-row (subgroup reduction when the
+    /// device has SUBGROUP, else shared memory) in the GPU profile.
     pub fn for_adapter(caps: &Caps) -> Self {
-        if caps.is_cpu {
+        if caps.kernels == KernelProfile::CpuDevice {
             LinearVariant::RowPerThread
         } else if caps.subgroup {
             LinearVariant::WorkgroupSubgroup
@@ -102,8 +103,9 @@ pub enum PrefillKernel {
 }
 
 impl PrefillKernel {
+    /// Row blocks in the CPU-device profile, tiled in the GPU profile.
     pub fn for_adapter(caps: &Caps) -> Self {
-        if caps.is_cpu {
+        if caps.kernels == KernelProfile::CpuDevice {
             PrefillKernel::RowBlocks
         } else {
             PrefillKernel::Tiled
@@ -821,6 +823,43 @@ mod tests {
             v.push(LinearVariant::WorkgroupSubgroup);
         }
         v
+    }
+
+    /// The kernel profile, not the adapter type, picks the shapes.
+    #[test]
+    fn kernel_profile_picks_the_variants() {
+        use crate::gpu::KernelProfile;
+        let mut caps = gpu().caps.clone();
+        for is_cpu in [true, false] {
+            caps.is_cpu = is_cpu;
+            caps.kernels = KernelProfile::CpuDevice;
+            caps.subgroup = true;
+            assert_eq!(
+                LinearVariant::for_adapter(&caps),
+                LinearVariant::RowPerThread
+            );
+            assert_eq!(PrefillKernel::for_adapter(&caps), PrefillKernel::RowBlocks);
+            caps.kernels = KernelProfile::Gpu;
+            assert_eq!(
+                LinearVariant::for_adapter(&caps),
+                LinearVariant::WorkgroupSubgroup
+            );
+            assert_eq!(PrefillKernel::for_adapter(&caps), PrefillKernel::Tiled);
+            caps.subgroup = false;
+            assert_eq!(
+                LinearVariant::for_adapter(&caps),
+                LinearVariant::WorkgroupShared
+            );
+        }
+        // and a device made with a forced profile builds those kernels
+        let g = crate::gpu::Gpu::new(&crate::gpu::GpuOptions {
+            kernels: Some(crate::gpu::KernelChoice::Force(KernelProfile::Gpu)),
+            ..Default::default()
+        })
+        .unwrap();
+        let lin = Linear::new(&g, WDType::Bf16, false).unwrap();
+        assert_eq!(lin.prefill(), PrefillKernel::Tiled);
+        assert_ne!(lin.variant(), LinearVariant::RowPerThread);
     }
 
     #[test]
