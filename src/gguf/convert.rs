@@ -629,7 +629,14 @@ fn push_converted(
         }
         ConvertDType::Bf16 => {
             for &x in src {
-                out.extend_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes());
+                let b = half::bf16::from_f32(x);
+                if b.is_infinite() {
+                    // Finite (checked before), but beyond bf16's largest value.
+                    return Err(format!(
+                        "value {x:e} is outside the bfloat16 range; convert to f32 instead"
+                    ));
+                }
+                out.extend_from_slice(&b.to_bits().to_le_bytes());
             }
         }
         ConvertDType::F16 => {
@@ -644,6 +651,30 @@ fn push_converted(
         }
     }
     Ok(())
+}
+
+/// Refuse a NaN or infinite value among `vals`, the dequantized elements of
+/// `t` from flat index `base` on (GGUF order: row-major, a row is `dims[0]`
+/// long), naming the element and how it looks in GGUF terms.
+fn check_dequantized(t: &TensorInfo, vals: &[f32], base: usize) -> std::result::Result<(), String> {
+    let Some(i) = vals.iter().position(|x| !x.is_finite()) else {
+        return Ok(());
+    };
+    let flat = base + i;
+    let row_len = (t.row_len() as usize).max(1);
+    Err(format!(
+        "dequantized element {flat} (row {}, column {} of GGUF dims {:?}, ggml type {}) is {}; \
+         weights must be finite: the file is corrupt (e.g. a block scale is NaN or infinite)",
+        flat / row_len,
+        flat % row_len,
+        t.dims,
+        t.ty,
+        match vals[i] {
+            x if x.is_nan() => "NaN",
+            x if x > 0.0 => "+Inf",
+            _ => "-Inf",
+        }
+    ))
 }
 
 /// Dequantize one planned tensor into HF layout and `dtype` bytes. Holds the
@@ -675,6 +706,7 @@ pub fn tensor_to_bytes(
                 let k = rows_per_chunk.min(n_rows - r);
                 let buf = &mut scratch[..k * row_len];
                 g.dequantize_rows(t, r as u64, buf)?;
+                check_dequantized(t, buf, r * row_len).map_err(terr)?;
                 push_converted(buf, dtype, &mut out).map_err(terr)?;
                 r += k;
             }
@@ -682,6 +714,7 @@ pub fn tensor_to_bytes(
         Some(n_head) if t.dims.len() == 1 => {
             // A bias: permute its elements as the rows of an [n, 1] matrix.
             let all = g.dequantize(t)?;
+            check_dequantized(t, &all, 0).map_err(terr)?;
             let src = unpermute_rows(n, n_head).map_err(terr)?;
             let v: Vec<f32> = src.iter().map(|&s| all[s]).collect();
             push_converted(&v, dtype, &mut out).map_err(terr)?;
@@ -691,6 +724,7 @@ pub fn tensor_to_bytes(
             let mut scratch = vec![0f32; row_len];
             for &s in &src {
                 g.dequantize_rows(t, s as u64, &mut scratch)?;
+                check_dequantized(t, &scratch, s * row_len).map_err(terr)?;
                 push_converted(&scratch, dtype, &mut out).map_err(terr)?;
             }
         }

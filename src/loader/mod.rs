@@ -7,6 +7,7 @@
 //! weights reach the device in the file's `[out_features, in_features]`
 //! layout.
 
+mod finite;
 mod plan;
 mod shard;
 mod weights;
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use ::safetensors::Dtype;
 
+pub use finite::{check_finite, first_non_finite};
 pub use plan::{
     expected_tensors, supported_dtype, LayerRole, LoadDType, MemoryPlan, PlannedTensor, Role,
     TensorSpec,
@@ -171,19 +173,27 @@ impl Checkpoint {
         Ok(self.shards[m.shard].bytes(m))
     }
 
+    /// The tensor's raw bytes, refused with an error naming the first bad
+    /// element when any value is NaN or infinite ([`check_finite`]). The
+    /// load path ([`Weights::upload`], [`HostWeights::load`]) reads every
+    /// tensor through this.
+    pub fn finite_bytes(&self, name: &str) -> Result<&[u8]> {
+        let m = self.lookup(name)?;
+        let b = self.shards[m.shard].bytes(m);
+        check_finite(m, b)?;
+        Ok(b)
+    }
+
     /// The tensor's values widened exactly to f32 (BF16, F16 or F32 files).
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
         let m = self.lookup(name)?;
-        let b = self.shards[m.shard].bytes(m);
-        match m.dtype {
-            Dtype::BF16 => Ok(crate::tensor::bf16_bytes_to_f32(b)),
-            Dtype::F16 => Ok(crate::tensor::f16_bytes_to_f32(b)),
-            Dtype::F32 => Ok(b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()),
-            d => Err(unsupported_dtype(m, d)),
-        }
+        widen_to_f32(m, self.shards[m.shard].bytes(m))
+    }
+
+    /// [`Checkpoint::tensor_f32`] after [`Checkpoint::finite_bytes`]'s check.
+    pub fn finite_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let m = self.lookup(name)?;
+        widen_to_f32(m, self.finite_bytes(name)?)
     }
 
     /// Check that `spec`'s tensor exists with a supported dtype and exactly
@@ -232,6 +242,18 @@ impl Checkpoint {
             });
         }
         Ok(m)
+    }
+}
+
+fn widen_to_f32(m: &TensorMeta, b: &[u8]) -> Result<Vec<f32>> {
+    match m.dtype {
+        Dtype::BF16 => Ok(crate::tensor::bf16_bytes_to_f32(b)),
+        Dtype::F16 => Ok(crate::tensor::f16_bytes_to_f32(b)),
+        Dtype::F32 => Ok(b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()),
+        d => Err(unsupported_dtype(m, d)),
     }
 }
 

