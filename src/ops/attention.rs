@@ -162,8 +162,11 @@ impl Shape {
     /// - CPU devices (lavapipe: workgroups run as 8-wide SIMD loops on a few
     ///   cores, barriers are costly): 64 invocations scoring 4 positions
     ///   each, so a 256-position block pays one max scan and two barriers;
-    ///   8 splits turn a decode step's 3 to 8 KV heads into enough
-    ///   workgroups for every core at a few thousand positions.
+    ///   2 splits, so a decode step's 3 KV heads make 6 workgroups for 2
+    ///   cores. Measured on a 2-core host (SmolLM2 shape, 30 layers, best of
+    ///   9, under heavy load): 8 and 4 splits were slower at every KV length
+    ///   (each dispatch and workgroup has a fixed cost there), 2 splits about
+    ///   level with 1 below ~1000 positions and ahead at 3000.
     /// - GPUs: 64 invocations, one position each (latency hidden by many
     ///   workgroups rather than by registers), and 32 splits so a decode
     ///   step's KV heads x splits fill the SMs; the combine reads 32 small
@@ -173,7 +176,7 @@ impl Shape {
             KernelProfile::CpuDevice => Shape {
                 wg: 64,
                 ppi: 4,
-                splits: 8,
+                splits: 2,
             },
             KernelProfile::Gpu => Shape {
                 wg: 64,
@@ -1203,6 +1206,65 @@ mod tests {
                 run(g, &att, &case(1, 1, 256, far, &[(5, far - 5)]))
             }));
             assert!(r.is_err(), "{far} positions came out right on llvmpipe");
+        }
+    }
+}
+
+/// Decode attention timing at SmolLM2's shape (not a test of speed: it
+/// asserts nothing about time, only prints).
+/// `cargo test --release --lib -- --ignored decode_attention_timing --nocapture`
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::gpu::Step;
+    use crate::ops::kv_copy;
+    use crate::testutil::gpu;
+    use std::time::Instant;
+
+    #[test]
+    #[ignore = "prints timings only; run by hand"]
+    fn decode_attention_timing() {
+        let g = gpu();
+        // SmolLM2-135M: 9 query heads, 3 KV heads, head_dim 64, 30 layers.
+        let (nh, nkv, d, ctx, layers) = (9usize, 3usize, 64usize, 4096usize, 30usize);
+        let base = Shape::for_profile(g.caps.kernels);
+        let p = Params::new(nh, nkv, d, ctx).unwrap();
+        let caches: Vec<KvCache> = (0..layers)
+            .map(|_| KvCache::new(g, kv_copy::Params::new(nkv, d, ctx).unwrap()).unwrap())
+            .collect();
+        let qb = g.storage("q", (nh * d * 4) as u64);
+        let ob = g.storage("out", (nh * d * 4) as u64);
+        let stepb = g.uniform("step", &Step::new(1, 0)).unwrap();
+        for shape in [base, Shape { splits: 1, ..base }] {
+            let att = Attention::with_shape(g, d, shape).unwrap();
+            let binds: Vec<Binding> = caches
+                .iter()
+                .map(|c| att.bind(g, &p, &stepb, &qb, c, &ob).unwrap())
+                .collect();
+            for kv in [160u32, 1040, 3000] {
+                g.queue
+                    .write_buffer(&stepb, 0, bytemuck::bytes_of(&Step::new(1, kv - 1)));
+                let run = || {
+                    let mut enc = g.encoder();
+                    {
+                        let mut pass = enc.begin_compute_pass(&Default::default());
+                        for b in &binds {
+                            att.encode(g, &mut pass, b, &p, 1);
+                        }
+                    }
+                    g.submit_wait(enc).unwrap();
+                };
+                run();
+                // Best of 9: the least disturbed by other load.
+                let best = (0..9)
+                    .map(|_| {
+                        let t = Instant::now();
+                        run();
+                        t.elapsed().as_secs_f64() * 1e3
+                    })
+                    .fold(f64::INFINITY, f64::min);
+                eprintln!("{shape:?} kv {kv}: best {best:.2} ms per step ({layers} layers)");
+            }
         }
     }
 }
