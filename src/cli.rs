@@ -399,6 +399,7 @@ pub fn run(adapter: Option<&str>, a: RunArgs) -> anyhow::Result<ExitCode> {
     if a.system.is_some() && !a.chat {
         anyhow::bail!("--system needs --chat");
     }
+    a.sampling.params().validate()?;
     let prompt = match &a.prompt {
         Some(p) => p.clone(),
         None => read_stdin()?,
@@ -459,6 +460,7 @@ pub fn run(adapter: Option<&str>, a: RunArgs) -> anyhow::Result<ExitCode> {
 pub fn chat(adapter: Option<&str>, a: ChatArgs) -> anyhow::Result<ExitCode> {
     use std::io::{BufRead, IsTerminal, Write};
     use std::sync::mpsc::RecvTimeoutError;
+    a.sampling.params().validate()?;
     let mut s = load_session(adapter, &a.model)?;
     let t = crate::chat::ChatTemplate::from_dir(&s.dir)?;
     let mut conv = crate::generate::Conversation::new(t, a.system.clone());

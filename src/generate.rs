@@ -142,6 +142,7 @@ pub fn generate_interruptible(
     interrupted: &dyn Fn() -> bool,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
+    let mut sampler = Sampler::new(opts.sampling.clone())?;
     if prompt_ids.is_empty() {
         return Err(Error::invalid(
             "the prompt encodes to no tokens: give a non-empty prompt",
@@ -164,7 +165,6 @@ pub fn generate_interruptible(
             model.max_context
         )));
     }
-    let mut sampler = Sampler::new(opts.sampling.clone())?;
     let mut history: Vec<u32> = prompt_ids.to_vec();
     let mut out = Vec::new();
     let mut dec = StreamDecoder::new(tok);
@@ -341,5 +341,29 @@ impl Conversation {
                 .extend(fed.iter().chain(generated).take(ran).copied());
         }
         res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_logits_name_the_step() {
+        assert!(check_logits(&[0.0, -3.5, f32::MAX], 4, 10).is_ok());
+        let e = check_logits(&[0.0, f32::NAN, f32::INFINITY, f32::NAN], 0, 7)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("generation step 0 (the prompt's pass)"), "{e}");
+        assert!(e.contains("2 NaN and 1 infinite of 4"), "{e}");
+        assert!(e.contains("first at token id 1"), "{e}");
+        assert!(e.contains("7 tokens in the context"), "{e}");
+        let e = check_logits(&[f32::NEG_INFINITY, 1.0], 12, 30)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("step 12 (after generated token 12)") && e.contains("value -inf"),
+            "{e}"
+        );
     }
 }
