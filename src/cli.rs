@@ -378,7 +378,7 @@ pub fn load_session(adapter: Option<&str>, m: &ModelArgs) -> anyhow::Result<Sess
         ..Default::default()
     };
     let model = crate::model::Model::load(gpu, &dir, &opts)?;
-    let stop_ids = crate::generate::eos_ids(&dir, &model.cfg.eos_token_ids);
+    let stop_ids = crate::generate::eos_ids(&dir, &model.cfg.eos_token_ids)?;
     Ok(Session {
         dir,
         model,
@@ -390,7 +390,9 @@ pub fn load_session(adapter: Option<&str>, m: &ModelArgs) -> anyhow::Result<Sess
 fn read_stdin() -> anyhow::Result<String> {
     use std::io::Read;
     let mut s = String::new();
-    std::io::stdin().read_to_string(&mut s)?;
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .map_err(|e| anyhow::anyhow!("reading the prompt from stdin (no --prompt given): {e}"))?;
     Ok(s)
 }
 
@@ -495,7 +497,7 @@ pub fn chat(adapter: Option<&str>, a: ChatArgs) -> anyhow::Result<ExitCode> {
         }
         let line = loop {
             match rx.recv_timeout(std::time::Duration::from_millis(50)) {
-                Ok(line) => break Some(line?),
+                Ok(line) => break Some(line.map_err(|e| anyhow::anyhow!("reading stdin: {e}"))?),
                 Err(RecvTimeoutError::Timeout) if interrupt::count() > 0 => {
                     eprintln!("\n[interrupted at the prompt: session ended]");
                     return Ok(ExitCode::from(130));

@@ -29,28 +29,46 @@ pub struct Generation {
 }
 
 /// The EOS ids of a model folder: generation_config.json's `eos_token_id`
-/// (int or list) when present, else config.json's.
-pub fn eos_ids(dir: &Path, config_eos: &[u32]) -> Vec<u32> {
+/// (int, list or null) when the file exists, then config.json's
+/// (`config_eos`) that are not already listed. A malformed file or id is an
+/// error naming it.
+pub fn eos_ids(dir: &Path, config_eos: &[u32]) -> Result<Vec<u32>> {
     let p = dir.join("generation_config.json");
-    let from_gen = std::fs::read_to_string(&p)
-        .ok()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .and_then(|v| match v.get("eos_token_id")? {
-            serde_json::Value::Number(n) => Some(vec![n.as_u64()? as u32]),
-            serde_json::Value::Array(a) => Some(
-                a.iter()
-                    .filter_map(|x| x.as_u64().map(|x| x as u32))
-                    .collect(),
+    let mut ids = Vec::new();
+    if p.is_file() {
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: p.clone(),
+            msg: e.to_string(),
+        })?;
+        let bad = |x: &serde_json::Value| Error::Config {
+            path: p.clone(),
+            field: "eos_token_id".into(),
+            msg: format!(
+                "expected a token id (an integer in 0..2^32), a list of them or null, got {x}"
             ),
-            _ => None,
-        });
-    let mut ids = from_gen.unwrap_or_default();
+        };
+        let id = |x: &serde_json::Value| {
+            x.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| bad(x))
+        };
+        match v.get("eos_token_id") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::Array(a)) => {
+                for x in a {
+                    ids.push(id(x)?);
+                }
+            }
+            Some(x) => ids.push(id(x)?),
+        }
+    }
     for &e in config_eos {
         if !ids.contains(&e) {
             ids.push(e);
         }
     }
-    ids
+    Ok(ids)
 }
 
 /// Decodes a growing id sequence to text, emitting only complete characters.
@@ -330,7 +348,7 @@ impl Conversation {
         let res = generate_interruptible(model, tok, fed, opts, interrupted, on_text);
         // What the cache holds now, from the model's own count: the fed
         // tokens, then the generated ones, as far as they were run.
-        let ran = model.position() - keep;
+        let ran = model.position().saturating_sub(keep);
         let generated: &[u32] = res.as_ref().map(|g| &g.generated_ids[..]).unwrap_or(&[]);
         if ran > fed.len() + generated.len() {
             // An error after unknown tokens ran: start the cache afresh.
@@ -347,6 +365,35 @@ impl Conversation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eos_ids_from_both_configs_and_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(eos_ids(dir.path(), &[2]).unwrap(), vec![2]);
+        let gen = dir.path().join("generation_config.json");
+        for (text, want) in [
+            (r#"{"eos_token_id": [7, 2]}"#, vec![7, 2]),
+            (r#"{"eos_token_id": 5}"#, vec![5, 2]),
+            (r#"{"eos_token_id": null}"#, vec![2]),
+            (r#"{}"#, vec![2]),
+        ] {
+            std::fs::write(&gen, text).unwrap();
+            assert_eq!(eos_ids(dir.path(), &[2]).unwrap(), want, "{text}");
+        }
+        for (text, want) in [
+            (r#"{"eos_token_id": 4294967298}"#, "`eos_token_id`"),
+            (r#"{"eos_token_id": [1, -1]}"#, "got -1"),
+            (r#"{"eos_token_id": "2"}"#, "expected a token id"),
+            ("{not json", "invalid JSON"),
+        ] {
+            std::fs::write(&gen, text).unwrap();
+            let e = eos_ids(dir.path(), &[2]).unwrap_err().to_string();
+            assert!(
+                e.contains("generation_config.json") && e.contains(want),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn non_finite_logits_name_the_step() {

@@ -446,6 +446,18 @@ fn verify_input_errors_exit_2() {
     std::fs::write(&bad_json, "{\"default\": {\"nmse\": \"x\"}}").unwrap();
     let unknown = dir.join("unknown.json");
     std::fs::write(&unknown, r#"{"defaults": {}}"#).unwrap();
+    // Dumps whose `tokens` cannot be run.
+    let tokens_dump = |name: &str, ids: &[i32]| {
+        let p = dir.join(name);
+        let bytes: Vec<u8> = ids.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![ids.len()], &bytes)
+                .unwrap();
+        safetensors::serialize_to_file([("tokens", view)], None, &p).unwrap();
+        p
+    };
+    let negative = tokens_dump("negative.safetensors", &[3, -1]);
+    let empty = tokens_dump("empty.safetensors", &[]);
     let (reference, config) = (fx.join("reference_f32.safetensors"), fx.join("config.json"));
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
@@ -527,6 +539,14 @@ fn verify_input_errors_exit_2() {
             "--dtype",
         ),
         (vec!["verify", "--tokens", "1"], "--model"),
+        (
+            vec!["verify", "--model", m, "--reference", path(&negative)],
+            "tensor `tokens`: token id -1 is not a valid id",
+        ),
+        (
+            vec!["verify", "--model", m, "--reference", path(&empty)],
+            "no tokens to verify",
+        ),
     ];
     for (args, want) in cases {
         let r = wgllm(&args).expect_code(2, &args.join(" "));
