@@ -142,7 +142,7 @@ pub fn generate(
     opts: &GenerateOptions,
     on_text: impl FnMut(&str),
 ) -> Result<Generation> {
-    generate_interruptible(model, tok, prompt_ids, opts, &|| false, on_text)
+    generate_interruptible(model, tok, &[], prompt_ids, opts, &|| false, on_text)
 }
 
 /// [`generate`] that also stops, with `stop_reason` `interrupted`, when
@@ -152,9 +152,14 @@ pub fn generate(
 ///
 /// Every step's logits are read back and checked: a NaN or infinite logit
 /// is an error naming the step (see [`check_logits`]).
+///
+/// `earlier` are the tokens the cache already holds before `prompt_ids`
+/// (a chat's previous turns); they only join the repetition penalty's
+/// history, which, as in transformers, covers every input token.
 pub fn generate_interruptible(
     model: &mut Model,
     tok: &Tokenizer,
+    earlier: &[u32],
     prompt_ids: &[u32],
     opts: &GenerateOptions,
     interrupted: &dyn Fn() -> bool,
@@ -183,7 +188,7 @@ pub fn generate_interruptible(
             model.max_context
         )));
     }
-    let mut history: Vec<u32> = prompt_ids.to_vec();
+    let mut history: Vec<u32> = earlier.iter().chain(prompt_ids).copied().collect();
     let mut out = Vec::new();
     let mut dec = StreamDecoder::new(tok);
     let mut stop_reason = "max_tokens".to_string();
@@ -345,7 +350,7 @@ impl Conversation {
         model.truncate(keep)?;
         self.cached.truncate(keep);
         let fed = &ids[keep..];
-        let res = generate_interruptible(model, tok, fed, opts, interrupted, on_text);
+        let res = generate_interruptible(model, tok, &ids[..keep], fed, opts, interrupted, on_text);
         // What the cache holds now, from the model's own count: the fed
         // tokens, then the generated ones, as far as they were run.
         let ran = model.position().saturating_sub(keep);

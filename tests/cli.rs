@@ -1449,6 +1449,80 @@ fn interrupted_turn_keeps_the_kv_cache_exact() {
     assert_eq!(conv.cached().len(), model.position());
 }
 
+/// With a repetition penalty, a turn that reuses the cache samples what the
+/// same turn on an empty cache samples: the penalty's history is the whole
+/// conversation, not only the tokens run in this turn.
+#[test]
+fn cached_turn_penalizes_the_whole_conversation() {
+    use wgllm::generate::{Conversation, GenerateOptions};
+    use wgllm::model::{Model, ModelOptions};
+
+    let m = chat_model();
+    let gpu = Arc::new(wgllm::Gpu::new(&Default::default()).expect("a wgpu adapter"));
+    let tok = wgllm::tokenizer::Tokenizer::from_dir(&m).unwrap();
+    let mopts = ModelOptions {
+        max_context: Some(512),
+        ..Default::default()
+    };
+    let template = wgllm::chat::ChatTemplate::from_dir(&m).unwrap();
+    let opts = GenerateOptions {
+        max_tokens: 100,
+        sampling: wgllm::sampling::SamplingParams {
+            repeat_penalty: 3.0,
+            repeat_last_n: 0,
+            ..Default::default()
+        },
+        stop_ids: vec![],
+    };
+    let mut model = Model::load(gpu.clone(), &m, &mopts).unwrap();
+    let mut conv = Conversation::new(template.clone(), None);
+    let nothing = |_: &str| {};
+    conv.turn(
+        &mut model,
+        &tok,
+        "the quick brown fox jumps over the lazy dog".into(),
+        &opts,
+        &|| false,
+        nothing,
+    )
+    .unwrap();
+    let cached = conv
+        .turn(
+            &mut model,
+            &tok,
+            "hello world, again".into(),
+            &opts,
+            &|| false,
+            nothing,
+        )
+        .unwrap();
+    // The conversation rendered for turn 2 (the cache now also holds 99 of
+    // the 100 reply tokens).
+    let all = conv.cached().len() - 99;
+    assert!(
+        cached.prompt_ids.len() < all,
+        "the cache was reused: {} of {all} run",
+        cached.prompt_ids.len()
+    );
+
+    // The same second turn on a fresh model: the whole conversation is run.
+    let mut fresh_model = Model::load(gpu, &m, &mopts).unwrap();
+    let mut fresh = Conversation::new(template, None);
+    fresh.messages = conv.messages[..2].to_vec();
+    let whole = fresh
+        .turn(
+            &mut fresh_model,
+            &tok,
+            "hello world, again".into(),
+            &opts,
+            &|| false,
+            nothing,
+        )
+        .unwrap();
+    assert_eq!(whole.prompt_ids.len(), all);
+    assert_eq!(cached.generated_ids, whole.generated_ids);
+}
+
 // ------------------------------------------------------------------- bench
 
 #[test]
