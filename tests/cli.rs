@@ -1318,6 +1318,55 @@ fn chat_ctrl_c_stops_the_reply_then_exits_at_the_prompt() {
     assert!(!text(&err).contains("panicked"));
 }
 
+/// Ctrl-C twice in quick succession during a reply ends the session (130).
+#[cfg(unix)]
+#[test]
+fn chat_ctrl_c_twice_in_quick_succession_exits() {
+    let m = chat_model();
+    let mut child = cmd(&[
+        "chat",
+        "--model",
+        path(&m),
+        "--max-context",
+        "8192",
+        "--max-tokens",
+        "2000",
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let out = collect(child.stdout.take().unwrap());
+    let err = collect(child.stderr.take().unwrap());
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"hello\n").unwrap();
+    stdin.flush().unwrap();
+    wait_for("the reply to start", &out, &err, || {
+        !out.lock().unwrap().is_empty()
+    });
+    // Two presses 50 ms apart, as a hand gives them (two signals sent at
+    // once may be delivered as one: POSIX does not queue them).
+    for _ in 0..2 {
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "chat did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // Whether the second press lands before the reply stopped or at the
+    // prompt after it, the session ends with 130 (stdin is still open).
+    assert_eq!(status.code(), Some(130), "{}", text(&err));
+    assert!(text(&err).contains("session ended"), "{}", text(&err));
+    drop(stdin);
+}
+
 // ------------------------------------------------ the conversation's cache
 
 /// The KV cache after an interrupted reply holds exactly the tokens the
