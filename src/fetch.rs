@@ -311,6 +311,16 @@ pub fn ensure_known_model(name: &str, opts: &FetchOptions) -> Result<PathBuf> {
     ensure_model(m, opts)
 }
 
+/// A private work folder for fetching `name` under `base`, unique to this
+/// process and moment (`remove_stale_work_dirs` cleans up after crashes).
+fn work_dir(base: &Path, name: &str) -> PathBuf {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    base.join(format!(".{name}.tmp-{}-{nanos}", std::process::id()))
+}
+
 fn is_complete(dir: &Path, m: &KnownModel) -> bool {
     let Ok(text) = std::fs::read_to_string(dir.join(MODEL_MARKER)) else {
         return false;
@@ -352,15 +362,7 @@ pub fn ensure_model(m: &KnownModel, opts: &FetchOptions) -> Result<PathBuf> {
             return Ok(dir.clone());
         }
         remove_stale_work_dirs(&models, m.name);
-        let work = models.join(format!(
-            ".{}.tmp-{}-{}",
-            m.name,
-            std::process::id(),
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        ));
+        let work = work_dir(&models, m.name);
         std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
         let r = fetch_into(m, opts, &work, &dir, &lock);
         let _ = std::fs::remove_dir_all(&work);
@@ -427,15 +429,7 @@ pub fn ensure_gguf(m: &KnownModel, opts: &FetchOptions) -> Result<PathBuf> {
         return Ok(path);
     }
     remove_stale_work_dirs(&files, m.name);
-    let work = files.join(format!(
-        ".{}.tmp-{}-{}",
-        m.name,
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
+    let work = work_dir(&files, m.name);
     let out = work.join("out");
     let r = (|| {
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
