@@ -153,7 +153,8 @@ impl QTensor {
         shape: [usize; 2],
         bytes: &[u8],
     ) -> Result<Self> {
-        let bad = |m: String| Error::invalid(format!("tensor `{name}` ({ty}, shape {shape:?}): {m}"));
+        let bad =
+            |m: String| Error::invalid(format!("tensor `{name}` ({ty}, shape {shape:?}): {m}"));
         let layout = BlockPad::of(ty).map_err(bad)?;
         let [rows, cols] = shape;
         let bs = ty.block_size();
@@ -269,11 +270,17 @@ mod tests {
         dequantize(ty, &src, &mut b).unwrap();
         assert_eq!(a, b);
         // bad inputs name the tensor
-        let e = QTensor::upload(&gpu, "blk.0.w", ty, [11, 60], &src).err().unwrap();
+        let e = QTensor::upload(&gpu, "blk.0.w", ty, [11, 60], &src)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("blk.0.w"), "{e}");
-        let e = QTensor::upload(&gpu, "blk.1.w", ty, [10, 64], &src).err().unwrap();
+        let e = QTensor::upload(&gpu, "blk.1.w", ty, [10, 64], &src)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("expected"), "{e}");
-        let e = QTensor::upload(&gpu, "big", GgmlType::Q4_K, [1, 768], &[0; 432]).err().unwrap();
+        let e = QTensor::upload(&gpu, "big", GgmlType::Q4_K, [1, 768], &[0; 432])
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("max storage binding"), "{e}");
     }
 }

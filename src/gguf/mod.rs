@@ -16,6 +16,7 @@
 
 pub mod convert;
 pub mod dequant;
+pub mod native;
 pub mod reader;
 pub mod sha256;
 
@@ -25,6 +26,7 @@ pub use convert::{
     GgufTokenizerMeta, TokenizerWriter,
 };
 pub use dequant::GgmlType;
+pub use native::native_blocks;
 pub use reader::{Array, GgufFile, TensorInfo, Value, ValueType};
 pub use sha256::{sha256_file, sha256_hex};
 

@@ -178,7 +178,12 @@ impl QLinear {
             let src = format!(
                 "const WG: u32 = {wg}u;\nconst TB: u32 = {tb}u;\n{SRC_COMMON}\n{SRC_QCOMMON}\n{tsrc}\n{entry}"
             );
-            gpu.kernel(&format!("qlinear.{kernel:?}.{ty}.tb{tb}"), &src, "main", &consts)
+            gpu.kernel(
+                &format!("qlinear.{kernel:?}.{ty}.tb{tb}"),
+                &src,
+                "main",
+                &consts,
+            )
         };
         Ok(QLinear {
             ty,
@@ -460,7 +465,13 @@ impl QEmbedding {
     }
 
     /// One-shot gather for tests.
-    pub fn run_once(&self, gpu: &Gpu, table: &QTensor, ids: &[u32], scale: f32) -> Result<Vec<f32>> {
+    pub fn run_once(
+        &self,
+        gpu: &Gpu,
+        table: &QTensor,
+        ids: &[u32],
+        scale: f32,
+    ) -> Result<Vec<f32>> {
         let step = gpu.uniform("qembed_once.step", &Step::new(ids.len() as u32, 0))?;
         let idb = gpu.storage_init("qembed_once.ids", bytemuck::cast_slice(ids))?;
         let yb = gpu.storage("qembed_once.y", (ids.len() * table.cols() * 4) as u64);

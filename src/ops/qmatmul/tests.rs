@@ -62,7 +62,10 @@ fn offsets(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
     for blk in z.chunks_mut(ty.type_size()) {
         blk[off..off + 2].copy_from_slice(&[0, 0]);
     }
-    w.iter().zip(deq(ty, &z)).map(|(a, b)| (a - b).abs()).collect()
+    w.iter()
+        .zip(deq(ty, &z))
+        .map(|(a, b)| (a - b).abs())
+        .collect()
 }
 
 /// Worst ratio of |got - want| to the error bound, over all outputs.
@@ -217,7 +220,9 @@ fn split_weights_every_type() {
     // them into 16 chunks of 4 and one of 1.
     for &ty in GPU_TYPES {
         let k = 2 * ty.block_size();
-        let db = crate::qtensor::BlockPad::of(ty).unwrap().device_block_bytes();
+        let db = crate::qtensor::BlockPad::of(ty)
+            .unwrap()
+            .device_block_bytes();
         let g = gpu_with_split((4 * 2 * db) as u64);
         for kernel in [QKernel::Rows, QKernel::Workgroup] {
             let lin = QLinear::with_kernel(&g, ty, true, kernel, QFaults::default()).unwrap();
@@ -255,7 +260,9 @@ fn embedding_every_type_equals_dequant() {
     // (a device may fuse `q * d + m`).
     for &ty in GPU_TYPES {
         let hidden = 2 * ty.block_size();
-        let db = crate::qtensor::BlockPad::of(ty).unwrap().device_block_bytes();
+        let db = crate::qtensor::BlockPad::of(ty)
+            .unwrap()
+            .device_block_bytes();
         let g = gpu_with_split((3 * 2 * db) as u64);
         let bytes = random_blocks(ty, 40 * 2, 5);
         let table = deq(ty, &bytes);
@@ -290,10 +297,34 @@ fn injected_dequant_bugs_are_caught() {
     // scale read as f32 (Q8_0, Q6_K) put the result far outside the bound.
     let gpu = gpu();
     let cases = [
-        (GgmlType::Q4_1, QFaults { nibble_swap: true, ..Default::default() }),
-        (GgmlType::Q4_K, QFaults { nibble_swap: true, ..Default::default() }),
-        (GgmlType::Q8_0, QFaults { scale_f32: true, ..Default::default() }),
-        (GgmlType::Q6_K, QFaults { scale_f32: true, ..Default::default() }),
+        (
+            GgmlType::Q4_1,
+            QFaults {
+                nibble_swap: true,
+                ..Default::default()
+            },
+        ),
+        (
+            GgmlType::Q4_K,
+            QFaults {
+                nibble_swap: true,
+                ..Default::default()
+            },
+        ),
+        (
+            GgmlType::Q8_0,
+            QFaults {
+                scale_f32: true,
+                ..Default::default()
+            },
+        ),
+        (
+            GgmlType::Q6_K,
+            QFaults {
+                scale_f32: true,
+                ..Default::default()
+            },
+        ),
     ];
     for (ty, faults) in cases {
         for kernel in [QKernel::Rows, QKernel::Workgroup] {
@@ -330,10 +361,27 @@ fn kernel_profile_picks_the_shape_and_bad_bindings_are_errors() {
     let step = gpu.uniform("s", &Step::new(1, 0)).unwrap();
     let x = gpu.storage("x", 4 * 64);
     let y = gpu.storage("y", 4 * 8);
-    let q4 = QTensor::upload(gpu, "blk.0.q4", GgmlType::Q4_1, [8, 64], &random_blocks(GgmlType::Q4_1, 16, 1)).unwrap();
+    let q4 = QTensor::upload(
+        gpu,
+        "blk.0.q4",
+        GgmlType::Q4_1,
+        [8, 64],
+        &random_blocks(GgmlType::Q4_1, 16, 1),
+    )
+    .unwrap();
     let e = lin.bind(gpu, &step, &x, &q4, None, &y).err().unwrap();
-    assert!(e.to_string().contains("blk.0.q4") && e.to_string().contains("Q4_1"), "{e}");
-    let q8 = QTensor::upload(gpu, "blk.0.q8", GgmlType::Q8_0, [8, 64], &random_blocks(GgmlType::Q8_0, 16, 1)).unwrap();
+    assert!(
+        e.to_string().contains("blk.0.q4") && e.to_string().contains("Q4_1"),
+        "{e}"
+    );
+    let q8 = QTensor::upload(
+        gpu,
+        "blk.0.q8",
+        GgmlType::Q8_0,
+        [8, 64],
+        &random_blocks(GgmlType::Q8_0, 16, 1),
+    )
+    .unwrap();
     let (_, b) = bias_tensor(gpu, 8, WDType::F32, 1);
     let e = lin.bind(gpu, &step, &x, &q8, Some(&b), &y).err().unwrap();
     assert!(e.to_string().contains("bias"), "{e}");
