@@ -31,10 +31,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     if (id < p.row_start || id >= p.row_start + p.rows) {
         return;
     }
-    var q: array<f32, 32>;
-    dequant32(((id - p.row_start) * (gpr / QGPB) + gi / QGPB) * QBW, gi % QGPB, &q);
+    let bw = ((id - p.row_start) * (gpr / QGPB) + gi / QGPB) * QBW;
     let yb = t * p.hidden + gi * 32u;
-    for (var e = 0u; e < 32u; e++) {
-        y[yb + e] = q[e] * p.scale;
+    for (var j = 0u; j < 8u; j++) {
+        let v = dequant4(bw, gi % QGPB, j) * p.scale;
+        y[yb + 4u * j] = v.x;
+        y[yb + 4u * j + 1u] = v.y;
+        y[yb + 4u * j + 2u] = v.z;
+        y[yb + 4u * j + 3u] = v.w;
     }
 }

@@ -3,9 +3,10 @@
 // kernels. Each qmatmul_<type>.wgsl defines, for its type,
 //   const QBW: u32   // words per device block
 //   const QGPB: u32  // groups of 32 elements per block (1, or 8 for K-quants)
-//   fn dequant32(bw: u32, g: u32, out: ptr<function, array<f32, 32>>)
-// which writes the 32 values of group g of the block starting at word bw,
-// with exactly the f32 operations of src/gguf/dequant.rs.
+//   fn dequant4(bw: u32, g: u32, j: u32) -> vec4<f32>
+// which returns elements 4j .. 4j + 3 (j < 8) of the 32-element group g of
+// the block starting at word bw, with exactly the f32 operations of
+// src/gguf/dequant.rs (one rounding per product or sum, same order).
 
 @group(0) @binding(3) var<storage, read> w: array<u32>;
 
@@ -54,4 +55,20 @@ fn scale16(wi: u32, hi: bool) -> f32 {
 // Low (hi = false) or high nibble of a byte.
 fn nibble(b: u32, hi: bool) -> u32 {
     return select(b & 15u, b >> 4u, hi != FAULT_NIBBLE_SWAP);
+}
+
+// The four bytes of a word, unsigned and signed, and their nibbles.
+fn bytes4(wd: u32) -> vec4<u32> {
+    return (vec4<u32>(wd) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(0xffu);
+}
+fn sbytes4(wd: u32) -> vec4<i32> {
+    return bitcast<vec4<i32>>(vec4<u32>(wd) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u);
+}
+fn nibbles4(wd: u32, hi: bool) -> vec4<u32> {
+    let b = bytes4(wd);
+    return select(b & vec4<u32>(15u), b >> vec4<u32>(4u), hi != FAULT_NIBBLE_SWAP);
+}
+// Bits e .. e + 3 of qh, each as 0 or 1.
+fn bits4(qh: u32, e: u32) -> vec4<u32> {
+    return (vec4<u32>(qh) >> (vec4<u32>(e) + vec4<u32>(0u, 1u, 2u, 3u))) & vec4<u32>(1u);
 }

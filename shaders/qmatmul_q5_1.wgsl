@@ -2,15 +2,7 @@
 // Bits as Q5_0; y = q * d + m.
 const QBW: u32 = 6u;
 const QGPB: u32 = 1u;
-fn dequant32(bw: u32, g: u32, out: ptr<function, array<f32, 32>>) {
-    let d = scale16(bw, false);
-    let m = scale16(bw, true);
-    let qh = w[bw + 1u];
-    for (var j = 0u; j < 16u; j++) {
-        let b = byte_of(w[bw + 2u + j / 4u], j % 4u);
-        let x0 = nibble(b, false) | (((qh >> j) & 1u) << 4u);
-        let x1 = nibble(b, true) | (((qh >> (j + 16u)) & 1u) << 4u);
-        (*out)[j] = f32(x0) * d + m;
-        (*out)[j + 16u] = f32(x1) * d + m;
-    }
+fn dequant4(bw: u32, g: u32, j: u32) -> vec4<f32> {
+    let q = nibbles4(w[bw + 2u + j % 4u], j >= 4u) | (bits4(w[bw + 1u], 4u * j) << vec4<u32>(4u));
+    return vec4<f32>(q) * scale16(bw, false) + vec4<f32>(scale16(bw, true));
 }

@@ -5,19 +5,13 @@
 // qh[32 n + l]; q = 6 bits - 32, y = (d * scales[8 n + l / 16 + 2 i]) * q.
 const QBW: u32 = 53u;
 const QGPB: u32 = 8u;
-fn dequant32(bw: u32, g: u32, out: ptr<function, array<f32, 32>>) {
-    let d = scale16(bw + 52u, false);
+fn dequant4(bw: u32, g: u32, j: u32) -> vec4<f32> {
     let n = g / 4u;
     let i = g % 4u;
-    let qlb = 64u * n + 32u * (i & 1u);
-    let qhb = 128u + 32u * n;
-    let scb = 192u + 8u * n + 2u * i;
-    let s0 = d * f32(sbyte_of(w[bw + (scb >> 2u)], scb & 3u));
-    let s1 = d * f32(sbyte_of(w[bw + ((scb + 1u) >> 2u)], (scb + 1u) & 3u));
-    for (var l = 0u; l < 32u; l++) {
-        let lo = nibble(byte_of(w[bw + ((qlb + l) >> 2u)], (qlb + l) & 3u), i >= 2u);
-        let h = (byte_of(w[bw + ((qhb + l) >> 2u)], (qhb + l) & 3u) >> (2u * i)) & 3u;
-        let q = i32(lo | (h << 4u)) - 32;
-        (*out)[l] = select(s0, s1, l >= 16u) * f32(q);
-    }
+    let lo = nibbles4(w[bw + 16u * n + 8u * (i & 1u) + j], i >= 2u);
+    let h = (bytes4(w[bw + 32u + 8u * n + j]) >> vec4<u32>(2u * i)) & vec4<u32>(3u);
+    let q = vec4<i32>(lo | (h << vec4<u32>(4u))) - vec4<i32>(32);
+    let sc = 192u + 8u * n + 2u * i + j / 4u;
+    let s = scale16(bw + 52u, false) * f32(sbyte_of(w[bw + (sc >> 2u)], sc & 3u));
+    return s * vec4<f32>(q);
 }

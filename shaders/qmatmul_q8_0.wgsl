@@ -2,13 +2,6 @@
 // y = q * d.
 const QBW: u32 = 9u;
 const QGPB: u32 = 1u;
-fn dequant32(bw: u32, g: u32, out: ptr<function, array<f32, 32>>) {
-    let d = scale16(bw, false);
-    for (var j = 0u; j < 8u; j++) {
-        let wd = w[bw + 1u + j];
-        (*out)[4u * j] = f32(sbyte_of(wd, 0u)) * d;
-        (*out)[4u * j + 1u] = f32(sbyte_of(wd, 1u)) * d;
-        (*out)[4u * j + 2u] = f32(sbyte_of(wd, 2u)) * d;
-        (*out)[4u * j + 3u] = f32(sbyte_of(wd, 3u)) * d;
-    }
+fn dequant4(bw: u32, g: u32, j: u32) -> vec4<f32> {
+    return vec4<f32>(sbytes4(w[bw + 1u + j])) * scale16(bw, false);
 }

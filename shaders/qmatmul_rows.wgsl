@@ -1,11 +1,12 @@
 // Quantized linear layer, one invocation per output row and block of TB
 // tokens, no workgroup memory and no barriers (the CPU-device profile's
-// shape, as gemv_rows.wgsl). Each 32-element group of the row is
-// dequantized once into registers and used for all TB tokens.
+// shape, as gemv_rows.wgsl). Each 4 values of the row are dequantized
+// once into registers and used for all TB tokens.
 // Prepended: `const WG, TB: u32`, matmul_common.wgsl, qmatmul_common.wgsl
 // and one qmatmul_<type>.wgsl.
 
-@group(0) @binding(2) var<storage, read> x: array<f32>;
+// x [n_tokens, k] as vec4s (k is a multiple of 32)
+@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>,
@@ -21,18 +22,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     let groups = p.k / 32u;
     let bpr = groups / QGPB;
     var acc: array<vec4<f32>, TB>;
-    var q: array<f32, 32>;
     for (var gi = 0u; gi < groups; gi++) {
-        dequant32((r * bpr + gi / QGPB) * QBW, gi % QGPB, &q);
-        for (var i = 0u; i < TB; i++) {
-            // tokens past the end recompute the last one and are not stored
-            let xb = min(t0 + i, step.n_tokens - 1u) * p.k + gi * 32u;
-            var a = acc[i];
-            for (var e = 0u; e < 32u; e += 4u) {
-                a += vec4<f32>(q[e], q[e + 1u], q[e + 2u], q[e + 3u])
-                    * vec4<f32>(x[xb + e], x[xb + e + 1u], x[xb + e + 2u], x[xb + e + 3u]);
+        let bw = (r * bpr + gi / QGPB) * QBW;
+        let sub = gi % QGPB;
+        for (var j = 0u; j < 8u; j++) {
+            let v = dequant4(bw, sub, j);
+            for (var i = 0u; i < TB; i++) {
+                // tokens past the end recompute the last one and are not stored
+                let xi = (min(t0 + i, step.n_tokens - 1u) * p.k + gi * 32u) / 4u + j;
+                acc[i] += v * x[xi];
             }
-            acc[i] = a;
         }
     }
     for (var i = 0u; i < TB; i++) {

@@ -8,13 +8,13 @@
 //! output row (no workgroup memory, no barriers); in the GPU profile one
 //! workgroup per output row with a workgroup-memory reduction. Both shapes
 //! serve decode (one token per pass over the weights) and prefill (a block
-//! of [`PREFILL_TOKENS`] tokens per pass, each 32-element group dequantized
-//! once for all of them). A weight split by rows gets one dispatch per chunk.
+//! of [`PREFILL_TOKENS`] tokens per pass, each 4 weights dequantized once
+//! for all of them). A weight split by rows gets one dispatch per chunk.
 //! Not yet here: a subgroup reduction and a workgroup-memory tiled prefill
 //! matmul for the GPU profile.
 //!
 //! Kernels are assembled from `shaders/qmatmul_common.wgsl`, one
-//! `shaders/qmatmul_<type>.wgsl` (the type's `dequant32`) and an entry point
+//! `shaders/qmatmul_<type>.wgsl` (the type's `dequant4`) and an entry point
 //! (`qmatmul_rows.wgsl`, `qmatmul_wg.wgsl`, `qembedding.wgsl`).
 
 use crate::error::{Error, Result};
@@ -38,7 +38,7 @@ pub const PREFILL_TOKENS: u32 = 4;
 /// above, the prefill kernel. As `ops::matmul`'s GEMV/prefill split.
 pub const GEMV_MAX_TOKENS: u32 = 2;
 
-/// The WGSL `dequant32` of a type (with its helpers), or an error naming it.
+/// The WGSL `dequant4` of a type (with its helpers), or an error naming it.
 pub fn type_source(ty: GgmlType) -> Result<String> {
     use GgmlType::*;
     let src = match ty {
@@ -251,6 +251,13 @@ impl QLinear {
         if x == y {
             return Err(Error::invalid(format!(
                 "linear weight `{name}`: x and y must be different buffers"
+            )));
+        }
+        if x.size() % 16 != 0 {
+            return Err(Error::invalid(format!(
+                "linear weight `{name}`: the x buffer ({} bytes) must be a multiple of 16 bytes \
+                 (read as vec4<f32>)",
+                x.size()
             )));
         }
         let max_tokens = (x.size() / (4 * k as u64))
