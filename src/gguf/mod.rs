@@ -12,6 +12,7 @@
 
 pub mod convert;
 pub mod dequant;
+pub mod native;
 pub mod reader;
 pub mod sha256;
 
@@ -20,5 +21,6 @@ pub use convert::{
     ConvertDType, ConvertSummary, TokenizerWriter,
 };
 pub use dequant::GgmlType;
+pub use native::native_blocks;
 pub use reader::{Array, GgufFile, TensorInfo, Value, ValueType};
 pub use sha256::{sha256_file, sha256_hex};
