@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{Model, DECODE_DEPTH};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
@@ -138,6 +138,27 @@ pub fn generate(
     };
     let t1 = Instant::now();
     let mut decode_steps = 0usize;
+    if plain_greedy {
+        // No host round trip: the argmax feeds the next step on the GPU,
+        // steps are submitted ahead and ids come back through a ring.
+        if let Some(first) = next.take() {
+            let mut emit = |id: u32, out: &mut Vec<u32>| -> Result<bool> {
+                if opts.stop_ids.contains(&id) {
+                    stop_reason = "eos".into();
+                    return Ok(false);
+                }
+                out.push(id);
+                on_text(&dec.push(id)?);
+                Ok(out.len() < opts.max_tokens)
+            };
+            if emit(first, &mut out)? {
+                let steps = opts.max_tokens - out.len();
+                let run =
+                    model.decode_greedy(first, steps, DECODE_DEPTH, |id| emit(id, &mut out))?;
+                decode_steps = run.kept;
+            }
+        }
+    }
     while let Some(id) = next.take() {
         if opts.stop_ids.contains(&id) {
             stop_reason = "eos".into();

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use crate::config::ModelConfig;
@@ -217,6 +218,62 @@ struct Buffers {
     logits_staging: wgpu::Buffer,
     /// Uniforms of the bind groups (kept alive here).
     params: Vec<wgpu::Buffer>,
+    /// `Step::new(1, p)` for every position `p` of the cache: a pipelined
+    /// decode step copies its entry into `step` and `step_one` on the GPU,
+    /// so no host write is needed per token.
+    steps: wgpu::Buffer,
+    /// Ring of 4-byte staging buffers the pipelined decode reads token ids
+    /// back through, with each slot's map state (see [`MapState`]).
+    ring: Vec<wgpu::Buffer>,
+    ring_state: Vec<Arc<AtomicU8>>,
+}
+
+/// Slots in the token readback ring: more than any decode depth.
+const RING: usize = 8;
+/// Steps the pipelined greedy decode keeps in flight by default.
+pub const DECODE_DEPTH: usize = 3;
+/// Bytes of one [`Step`] uniform.
+const STEP_BYTES: u64 = std::mem::size_of::<Step>() as u64;
+
+/// A ring slot's map: requested and pending, done, or failed.
+struct MapState;
+impl MapState {
+    const IDLE: u8 = 0;
+    const PENDING: u8 = 1;
+    const MAPPED: u8 = 2;
+    const FAILED: u8 = 3;
+}
+
+/// What a pipelined greedy decode did (see [`Model::decode_greedy`]).
+#[derive(Clone, Debug, Default)]
+pub struct DecodeRun {
+    /// Steps submitted, wasted ones (past a stop) included.
+    pub submitted: usize,
+    /// Steps whose token was delivered (the KV cache keeps these).
+    pub kept: usize,
+    /// Host thread CPU seconds to record and submit each step.
+    pub record_cpu_s: Vec<f64>,
+    /// Compute dispatches recorded per step.
+    pub dispatches_per_step: u64,
+}
+
+/// CPU time of the calling thread, in seconds (None where the platform
+/// gives none).
+pub fn thread_cpu_s() -> Option<f64> {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec through a valid pointer.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        (rc == 0).then_some(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
 }
 
 /// Where a scope's residual stream lives.
@@ -427,6 +484,16 @@ impl Model {
             next_staging: g.staging("next_staging", 4),
             logits_staging: g.staging("logits_staging", (vocab * 4) as u64),
             params: Vec::new(),
+            steps: {
+                let table: Vec<Step> = (0..max_context as u32).map(|p| Step::new(1, p)).collect();
+                g.storage_init("steps", bytemuck::cast_slice(&table))?
+            },
+            ring: (0..RING)
+                .map(|i| g.staging(&format!("next_ring{i}"), 4))
+                .collect(),
+            ring_state: (0..RING)
+                .map(|_| Arc::new(AtomicU8::new(MapState::IDLE)))
+                .collect(),
         };
         let ctx = BindCtx {
             g,
@@ -690,35 +757,9 @@ impl Model {
             offset: 0,
             entries: Vec::new(),
         });
-        let b = &self.b;
         let mut r = Rec::new(g, plan);
-        for op in self.embed.iter().chain(self.layers.iter().flatten()) {
-            self.encode_op(op, &mut r, nu)?;
-        }
-        match logits {
-            None => {}
-            Some(Logits::All) => {
-                for op in &self.head_all {
-                    self.encode_op(op, &mut r, nu)?;
-                }
-            }
-            Some(Logits::Last) => {
-                // The head on the last token's row only.
-                let row = (self.cfg.hidden_size * 4) as u64;
-                let stream = &b.acts[b.h[self.layers.len() % 2]];
-                r.enc().copy_buffer_to_buffer(
-                    stream,
-                    row * (n as u64 - 1),
-                    &b.acts[b.last],
-                    0,
-                    row,
-                );
-                for op in &self.head_last {
-                    self.encode_op(op, &mut r, 1)?;
-                }
-                self.k.argmax.encode(g, r.pass(), &self.argmax_last, 1)?;
-            }
-        }
+        self.encode_body(&mut r, nu, logits)?;
+        let b = &self.b;
         let logits_buf = &b.acts[b.index[&Buf::Logits]];
         match readback {
             None => {}
@@ -733,6 +774,199 @@ impl Model {
             }
         }
         Ok(r.finish())
+    }
+
+    /// Record the program over `n` tokens into `r`: embedding, layers, and
+    /// the head `logits` asks for (the last-row head ends with the argmax
+    /// into `next`).
+    fn encode_body(&self, r: &mut Rec, n: u32, logits: Option<Logits>) -> Result<()> {
+        let (g, b) = (&*self.gpu, &self.b);
+        for op in self.embed.iter().chain(self.layers.iter().flatten()) {
+            self.encode_op(op, r, n)?;
+        }
+        match logits {
+            None => {}
+            Some(Logits::All) => {
+                for op in &self.head_all {
+                    self.encode_op(op, r, n)?;
+                }
+            }
+            Some(Logits::Last) => {
+                // The head on the last token's row only.
+                let row = (self.cfg.hidden_size * 4) as u64;
+                let stream = &b.acts[b.h[self.layers.len() % 2]];
+                r.enc().copy_buffer_to_buffer(
+                    stream,
+                    row * (n as u64 - 1),
+                    &b.acts[b.last],
+                    0,
+                    row,
+                );
+                for op in &self.head_last {
+                    self.encode_op(op, r, 1)?;
+                }
+                self.k.argmax.encode(g, r.pass(), &self.argmax_last, 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Record one greedy decode step at position `pos` without any host
+    /// write: the step uniforms come from the `steps` table, the input id
+    /// from the previous step's argmax (`next`) unless `host_id` (the first
+    /// step, whose id the host wrote into `ids`), and the new id is copied
+    /// into ring slot `slot`.
+    fn record_decode_step(
+        &self,
+        pos: usize,
+        host_id: bool,
+        slot: usize,
+    ) -> Result<wgpu::CommandBuffer> {
+        let b = &self.b;
+        let mut r = Rec::new(&self.gpu, None);
+        let enc = r.enc();
+        let off = pos as u64 * STEP_BYTES;
+        enc.copy_buffer_to_buffer(&b.steps, off, &b.step, 0, STEP_BYTES);
+        enc.copy_buffer_to_buffer(&b.steps, off, &b.step_one, 0, STEP_BYTES);
+        if !host_id {
+            enc.copy_buffer_to_buffer(&b.next, 0, &b.ids, 0, 4);
+        }
+        self.encode_body(&mut r, 1, Some(Logits::Last))?;
+        r.enc()
+            .copy_buffer_to_buffer(&b.next, 0, &b.ring[slot], 0, 4);
+        Ok(r.finish().0)
+    }
+
+    /// Greedy decode with no host round trip between steps: feed `first` at
+    /// the current position, then each step's argmax feeds the next step on
+    /// the GPU. Up to `depth` steps are in flight; their ids come back
+    /// through a ring of staging buffers, in order, to `on_token`, which
+    /// returns false to stop (EOS). At most `max_steps` steps run. The KV
+    /// cache then keeps exactly the steps whose ids were delivered; the
+    /// (at most `depth - 1`) steps submitted past a stop are discarded.
+    /// The same kernels in the same order as [`Self::forward_next`]: the
+    /// ids are bit-identical.
+    pub fn decode_greedy(
+        &mut self,
+        first: u32,
+        max_steps: usize,
+        depth: usize,
+        mut on_token: impl FnMut(u32) -> Result<bool>,
+    ) -> Result<DecodeRun> {
+        self.check_tokens(&[first], Logits::Last)?;
+        if self.pos + max_steps > self.max_context {
+            return Err(Error::invalid(format!(
+                "context full: {} tokens in the cache + {max_steps} decode steps > max context {}",
+                self.pos, self.max_context
+            )));
+        }
+        let depth = depth.clamp(1, RING - 1);
+        let g = self.gpu.clone();
+        let start = self.pos;
+        g.queue
+            .write_buffer(&self.b.ids, 0, bytemuck::bytes_of(&first));
+        let mut run = DecodeRun {
+            record_cpu_s: Vec::with_capacity(max_steps),
+            ..DecodeRun::default()
+        };
+        let d0 = g.counters.snapshot().dispatches;
+        let mut delivered = 0;
+        let mut stopped = false;
+        let result = (|| -> Result<()> {
+            loop {
+                while !stopped && run.submitted < max_steps && run.submitted - delivered < depth {
+                    let slot = run.submitted % RING;
+                    let t = thread_cpu_s();
+                    let cmd =
+                        self.record_decode_step(start + run.submitted, run.submitted == 0, slot)?;
+                    g.queue.submit([cmd]);
+                    if let (Some(t0), Some(t1)) = (t, thread_cpu_s()) {
+                        run.record_cpu_s.push(t1 - t0);
+                    }
+                    let state = self.b.ring_state[slot].clone();
+                    state.store(MapState::PENDING, Ordering::Release);
+                    self.b.ring[slot]
+                        .slice(..)
+                        .map_async(wgpu::MapMode::Read, move |r| {
+                            let s = if r.is_ok() {
+                                MapState::MAPPED
+                            } else {
+                                MapState::FAILED
+                            };
+                            state.store(s, Ordering::Release);
+                        });
+                    run.submitted += 1;
+                    if run.submitted == 1 {
+                        run.dispatches_per_step = g.counters.snapshot().dispatches - d0;
+                    }
+                }
+                if stopped || delivered == run.submitted {
+                    return Ok(());
+                }
+                let id = self.take_ring(delivered % RING)?;
+                delivered += 1;
+                if !on_token(id)? {
+                    stopped = true;
+                }
+            }
+        })();
+        // Steps still in flight (past a stop, or after an error): wait for
+        // them and release their slots so the ring is clean for next time.
+        let drained = self.drain_ring();
+        self.pos = start + delivered;
+        run.kept = delivered;
+        result?;
+        drained?;
+        Ok(run)
+    }
+
+    /// Wait for ring slot `slot`'s map, read its id and unmap it.
+    fn take_ring(&self, slot: usize) -> Result<u32> {
+        let state = &self.b.ring_state[slot];
+        while state.load(Ordering::Acquire) == MapState::PENDING {
+            self.gpu.wait()?;
+        }
+        let buf = &self.b.ring[slot];
+        if state.swap(MapState::IDLE, Ordering::AcqRel) != MapState::MAPPED {
+            return Err(Error::Gpu {
+                what: "token readback map".into(),
+                msg: "the map of a token ring slot failed".into(),
+            });
+        }
+        let id = {
+            let view = buf.slice(..).get_mapped_range().map_err(|e| Error::Gpu {
+                what: "token readback view".into(),
+                msg: e.to_string(),
+            })?;
+            u32::from_le_bytes([view[0], view[1], view[2], view[3]])
+        };
+        buf.unmap();
+        Ok(id)
+    }
+
+    /// Wait for every pending ring map and unmap what was mapped.
+    fn drain_ring(&self) -> Result<()> {
+        if self
+            .b
+            .ring_state
+            .iter()
+            .any(|s| s.load(Ordering::Acquire) == MapState::PENDING)
+        {
+            self.gpu.wait()?;
+        }
+        for (buf, s) in self.b.ring.iter().zip(&self.b.ring_state) {
+            match s.swap(MapState::IDLE, Ordering::AcqRel) {
+                MapState::MAPPED => buf.unmap(),
+                MapState::PENDING => {
+                    return Err(Error::Gpu {
+                        what: "token readback map".into(),
+                        msg: "a ring slot's map never completed".into(),
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Every op of one decode step in order (the embedding, every layer, the
@@ -800,6 +1034,14 @@ impl Model {
                 .encode(&self.gpu, pass, &self.argmax_last, 1)?;
         }
         Ok(())
+    }
+
+    /// Dispatches decoder layer `layer` records in a decode step.
+    #[doc(hidden)]
+    pub fn layer_dispatches(&self, layer: usize) -> usize {
+        self.layers
+            .get(layer)
+            .map_or(0, |l| l.iter().map(|o| o.info.dispatches).sum())
     }
 
     /// The K and V cache of `layer` (`[n_kv, max_context, head_dim]` f32).
