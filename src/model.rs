@@ -19,7 +19,7 @@ use crate::ops::embedding::{Embedding, EmbeddingBinding};
 use crate::ops::kv_copy::{self, KvCache, KvCopy};
 use crate::ops::matmul::{Linear, LinearBinding};
 use crate::ops::rmsnorm::{self, RmsNorm};
-use crate::ops::rope::{self, Rope, RopeTables};
+use crate::ops::rope::{self, Rope, RopeKv, RopeTables};
 use crate::program::{attention_params, Activation, Buf, Op, OpKind, Program, RopeTable, Scope};
 use crate::taps::TapSet;
 use crate::tensor::{DeviceTensor, WDType};
@@ -125,6 +125,7 @@ struct Kernels {
     linear: Cache<(WDType, bool), Linear>,
     embed: Embedding,
     rope: Rope,
+    rope_kv: RopeKv,
     attention: Attention,
     kv_copy: KvCopy,
     glu: Cache<Activation, Elementwise>,
@@ -173,6 +174,29 @@ enum Bound {
         x: usize,
         y: usize,
         row_bytes: u64,
+    },
+}
+
+/// One item of a layer's fast path (recording without taps): a program op
+/// as bound, or several consecutive ops done by one fused kernel.
+enum Fast {
+    /// `layers[i][j]`.
+    Op(usize),
+    /// RoPE of q, RoPE of k and the KV append (three program ops).
+    RopeKv {
+        bg: wgpu::BindGroup,
+        params: rope::KvParams,
+        info: StepOp,
+    },
+}
+
+/// An item of a decode step: a bound op or a fused kernel.
+enum Item<'a> {
+    Op(&'a BoundOp),
+    RopeKv {
+        bg: &'a wgpu::BindGroup,
+        params: &'a rope::KvParams,
+        info: &'a StepOp,
     },
 }
 
@@ -313,6 +337,11 @@ pub struct Model {
     kv_params: kv_copy::Params,
     embed: Vec<BoundOp>,
     layers: Vec<Vec<BoundOp>>,
+    /// Each layer's fast path (see [`Fast`]).
+    fast: Vec<Vec<Fast>>,
+    /// Record the fast path when no taps are read (tests turn it off to
+    /// compare it with the op-by-op path).
+    fuse: bool,
     /// The head over every token (taps) and over the last token only.
     head_all: Vec<BoundOp>,
     head_last: Vec<BoundOp>,
@@ -437,6 +466,7 @@ impl Model {
             linear: Cache(Vec::new()),
             embed: Embedding::new(g, weights.embed.dtype)?,
             rope: Rope::with_faults(g, f.rope_interleaved)?,
+            rope_kv: RopeKv::with_faults(g, f.rope_interleaved)?,
             attention: Attention::with_faults(g, hd, f.gqa_modulo)?,
             kv_copy: KvCopy::new(g)?,
             glu: Cache(Vec::new()),
@@ -518,6 +548,7 @@ impl Model {
         )?;
         let mut kv = Vec::new();
         let mut layers = Vec::new();
+        let mut fast = Vec::new();
         for (i, ops) in program.layers.iter().enumerate() {
             let cache = KvCache::new(g, kv_params)?;
             let env = Env {
@@ -525,7 +556,9 @@ impl Model {
                 stream_out: b.h[(i + 1) % 2],
                 one_row: false,
             };
-            layers.push(ctx.bind_all(&mut k, &mut b, ops, Scope::Layer(i), env, Some(&cache))?);
+            let bound = ctx.bind_all(&mut k, &mut b, ops, Scope::Layer(i), env, Some(&cache))?;
+            fast.push(ctx.fuse_layer(&k, &b, ops, env, &cache)?);
+            layers.push(bound);
             kv.push(cache);
         }
         let head_env = Env {
@@ -555,6 +588,8 @@ impl Model {
             kv_params,
             embed,
             layers,
+            fast,
+            fuse: true,
             head_all,
             head_last,
             argmax_last,
@@ -781,8 +816,24 @@ impl Model {
     /// into `next`).
     fn encode_body(&self, r: &mut Rec, n: u32, logits: Option<Logits>) -> Result<()> {
         let (g, b) = (&*self.gpu, &self.b);
-        for op in self.embed.iter().chain(self.layers.iter().flatten()) {
+        for op in &self.embed {
             self.encode_op(op, r, n)?;
+        }
+        if r.taps.is_some() || !self.fuse {
+            for op in self.layers.iter().flatten() {
+                self.encode_op(op, r, n)?;
+            }
+        } else {
+            for (ops, fast) in self.layers.iter().zip(&self.fast) {
+                for f in fast {
+                    match f {
+                        Fast::Op(j) => self.encode_op(&ops[*j], r, n)?,
+                        Fast::RopeKv { bg, params, .. } => {
+                            self.k.rope_kv.encode(g, r.pass(), bg, params, n)
+                        }
+                    }
+                }
+            }
         }
         match logits {
             None => {}
@@ -974,11 +1025,12 @@ impl Model {
     #[doc(hidden)]
     pub fn decode_ops(&self) -> Vec<StepOp> {
         let mut v: Vec<StepOp> = self
-            .embed
+            .decode_items()
             .iter()
-            .chain(self.layers.iter().flatten())
-            .chain(&self.head_last)
-            .map(|o| o.info.clone())
+            .map(|i| match i {
+                Item::Op(o) => o.info.clone(),
+                Item::RopeKv { info, .. } => (*info).clone(),
+            })
             .collect();
         v.push(StepOp {
             class: "argmax",
@@ -988,6 +1040,31 @@ impl Model {
             window: 0,
         });
         v
+    }
+
+    /// What one decode step records, in order (the fast path when fusing),
+    /// the argmax aside.
+    fn decode_items(&self) -> Vec<Item<'_>> {
+        let mut v: Vec<Item> = self.embed.iter().map(Item::Op).collect();
+        for (ops, fast) in self.layers.iter().zip(&self.fast) {
+            if self.fuse {
+                v.extend(fast.iter().map(|f| match f {
+                    Fast::Op(j) => Item::Op(&ops[*j]),
+                    Fast::RopeKv { bg, params, info } => Item::RopeKv { bg, params, info },
+                }));
+            } else {
+                v.extend(ops.iter().map(Item::Op));
+            }
+        }
+        v.extend(self.head_last.iter().map(Item::Op));
+        v
+    }
+
+    /// Test-only: record op by op even without taps (to compare the fused
+    /// fast path with it).
+    #[doc(hidden)]
+    pub fn set_fuse(&mut self, fuse: bool) {
+        self.fuse = fuse;
     }
 
     /// Set the step uniforms for one decode token at position `kv_len - 1`
@@ -1016,18 +1093,19 @@ impl Model {
         pass: &mut wgpu::ComputePass<'_>,
         select: &dyn Fn(usize) -> bool,
     ) -> Result<()> {
-        let ops = self
-            .embed
-            .iter()
-            .chain(self.layers.iter().flatten())
-            .chain(&self.head_last);
-        let mut n_ops = 0;
-        for (i, op) in ops.enumerate() {
-            n_ops = i + 1;
-            if select(i) {
-                self.dispatch(&op.bound, pass, 1)?;
+        let items = self.decode_items();
+        for (i, item) in items.iter().enumerate() {
+            if !select(i) {
+                continue;
+            }
+            match item {
+                Item::Op(op) => self.dispatch(&op.bound, pass, 1)?,
+                Item::RopeKv { bg, params, .. } => {
+                    self.k.rope_kv.encode(&self.gpu, pass, bg, params, 1)
+                }
             }
         }
+        let n_ops = items.len();
         if select(n_ops) {
             self.k
                 .argmax
@@ -1039,9 +1117,18 @@ impl Model {
     /// Dispatches decoder layer `layer` records in a decode step.
     #[doc(hidden)]
     pub fn layer_dispatches(&self, layer: usize) -> usize {
-        self.layers
-            .get(layer)
-            .map_or(0, |l| l.iter().map(|o| o.info.dispatches).sum())
+        let (Some(ops), Some(fast)) = (self.layers.get(layer), self.fast.get(layer)) else {
+            return 0;
+        };
+        if !self.fuse {
+            return ops.iter().map(|o| o.info.dispatches).sum();
+        }
+        fast.iter()
+            .map(|f| match f {
+                Fast::Op(j) => ops[*j].info.dispatches,
+                Fast::RopeKv { info, .. } => info.dispatches,
+            })
+            .sum()
     }
 
     /// The K and V cache of `layer` (`[n_kv, max_context, head_dim]` f32).
@@ -1238,6 +1325,89 @@ impl BindCtx<'_> {
             };
             b.params.extend(params);
             out.push(BoundOp { bound, tap, info });
+        }
+        Ok(out)
+    }
+}
+
+impl BindCtx<'_> {
+    /// A layer's fast path: its bound ops in order, except that RoPE(q),
+    /// RoPE(k) on the same table and the append of that k (with v) become
+    /// one [`RopeKv`] dispatch. The program stays the one description: this
+    /// only finds the pattern in it.
+    fn fuse_layer(
+        &self,
+        k: &Kernels,
+        b: &Buffers,
+        ops: &[Op],
+        env: Env,
+        cache: &KvCache,
+    ) -> Result<Vec<Fast>> {
+        let (g, c) = (self.g, self.cfg);
+        let mut out = Vec::new();
+        let mut j = 0;
+        while j < ops.len() {
+            let fused = match ops
+                .get(j..j + 3)
+                .map(|w| (&w[0].kind, &w[1].kind, &w[2].kind))
+            {
+                Some((
+                    OpKind::Rope {
+                        x: qx,
+                        y: qy,
+                        heads: nh,
+                        table: tq,
+                    },
+                    OpKind::Rope {
+                        x: kx,
+                        y: ky,
+                        heads: nkv,
+                        table: tk,
+                    },
+                    OpKind::KvAppend { k: kk, v },
+                )) if tq == tk && kk == ky && qy != ky && qy != v && qy != kx => {
+                    Some((*qx, *qy, *nh, *kx, *nkv, *v, *tq))
+                }
+                _ => None,
+            };
+            let Some((qx, qy, nh, kx, nkv, v, table)) = fused else {
+                out.push(Fast::Op(j));
+                j += 1;
+                continue;
+            };
+            let t = &self
+                .tables
+                .iter()
+                .find(|(t, _)| *t == table)
+                .expect("a table for every rope op")
+                .1;
+            let params = rope::KvParams {
+                n_heads: nh as u32,
+                n_kv_heads: nkv as u32,
+                head_dim: c.head_dim as u32,
+                max_positions: t.max_positions as u32,
+                max_ctx: cache.params.max_ctx,
+                _p: [0; 3],
+            };
+            let buf = |x: Buf| &b.acts[b.idx(env, x)];
+            let bg = k.rope_kv.bind(
+                g,
+                &params,
+                &b.step,
+                [buf(qx), buf(kx), buf(v)],
+                t,
+                buf(qy),
+                cache,
+            )?;
+            let info = StepOp {
+                class: "rope+kv (fused)",
+                dispatches: 1,
+                weight_bytes: 0,
+                kv_bytes_per_position: 0,
+                window: 0,
+            };
+            out.push(Fast::RopeKv { bg, params, info });
+            j += 3;
         }
         Ok(out)
     }

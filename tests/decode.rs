@@ -168,3 +168,51 @@ fn nothing_is_created_per_token_and_dispatches_are_counted() {
         (1 + run.submitted as u64 + 4) * per_op as u64
     );
 }
+
+/// The fast path (RoPE of q and k and the KV append in one dispatch) and
+/// the op-by-op path taps record give the same logits and the same KV
+/// cache, bit for bit: the fused kernel does the same f32 operations on
+/// the same values, so there is no tolerance to give.
+#[test]
+fn fused_and_op_by_op_paths_agree_bit_for_bit() {
+    for name in FIXTURES {
+        let (tokens, want) = reference(name);
+        let ctx = tokens.len() + want.len();
+        let mut fused = load(name, ctx, tokens.len());
+        let mut plain = load(name, ctx, tokens.len());
+        plain.set_fuse(false);
+        let layers = fused.cfg.num_hidden_layers;
+        for l in 0..layers {
+            assert_eq!(
+                fused.layer_dispatches(l) + 2,
+                plain.layer_dispatches(l),
+                "{name}: three ops became one dispatch in layer {l}"
+            );
+        }
+        let mut input = tokens.clone();
+        for step in 0..want.len() {
+            let a = fused.forward_logits(&input).unwrap();
+            let b = plain.forward_logits(&input).unwrap();
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{name} step {step}: logits differ"
+            );
+            input = vec![want[step]];
+        }
+        let g = gpu();
+        let n = fused.kv_cache(0).params.cache_bytes() as usize / 4;
+        for l in 0..layers {
+            let (fk, pk) = (fused.kv_cache(l), plain.kv_cache(l));
+            assert_eq!(
+                g.read_f32(&fk.k, n).unwrap(),
+                g.read_f32(&pk.k, n).unwrap(),
+                "{name} layer {l}: K cache"
+            );
+            assert_eq!(
+                g.read_f32(&fk.v, n).unwrap(),
+                g.read_f32(&pk.v, n).unwrap(),
+                "{name} layer {l}: V cache"
+            );
+        }
+    }
+}
