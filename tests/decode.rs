@@ -190,14 +190,14 @@ fn fused_and_op_by_op_paths_agree_bit_for_bit() {
             );
         }
         let mut input = tokens.clone();
-        for step in 0..want.len() {
+        for (step, &next) in want.iter().enumerate() {
             let a = fused.forward_logits(&input).unwrap();
             let b = plain.forward_logits(&input).unwrap();
             assert!(
                 a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{name} step {step}: logits differ"
             );
-            input = vec![want[step]];
+            input = vec![next];
         }
         let g = gpu();
         let n = fused.kv_cache(0).params.cache_bytes() as usize / 4;
