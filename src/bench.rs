@@ -442,8 +442,9 @@ pub struct BenchResult {
     pub opts: BenchOptions,
     pub max_batch: usize,
     pub summary: ModelSummary,
-    /// Dispatches one decoder layer records in a decode step (layer 0).
-    pub layer_dispatches: usize,
+    /// Dispatches a decoder layer records in a decode step (mean over the
+    /// layers: a boundary fusion counts in the layer before it).
+    pub layer_dispatches: f64,
 }
 
 /// Seed of the benchmark prompt.
@@ -548,7 +549,10 @@ pub fn run(
         breakdown,
         opts: o.clone(),
         max_batch: model.max_batch,
-        layer_dispatches: model.layer_dispatches(0),
+        layer_dispatches: (0..model.cfg.num_hidden_layers)
+            .map(|l| model.layer_dispatches(l))
+            .sum::<usize>() as f64
+            / model.cfg.num_hidden_layers.max(1) as f64,
         summary: ModelSummary {
             arch: format!("{:?}", model.cfg.arch),
             layers: model.cfg.num_hidden_layers,
@@ -1008,7 +1012,7 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
         "{:<34} {:>12} {:>22}",
         "decode, dispatches per step",
         r.dispatches_per_step(),
-        format!("{} per layer", r.layer_dispatches)
+        format!("{:.1} per layer", r.layer_dispatches)
     );
     if let Some(ms) = r.record_cpu_ms() {
         let _ = writeln!(

@@ -14,7 +14,7 @@ use crate::gpu::{Gpu, Step};
 use crate::loader::{Checkpoint, LayerRole, LoadDType, MemoryPlan, Role, Weights};
 use crate::ops::argmax::{Argmax, ArgmaxBinding};
 use crate::ops::attention::{self, Attention};
-use crate::ops::elementwise::{self, Binary, Elementwise, Softcap};
+use crate::ops::elementwise::{self, AddRmsNorm, Binary, Elementwise, Softcap};
 use crate::ops::embedding::{Embedding, EmbeddingBinding};
 use crate::ops::kv_copy::{self, KvCache, KvCopy};
 use crate::ops::matmul::{Linear, LinearBinding};
@@ -130,6 +130,8 @@ struct Kernels {
     kv_copy: KvCopy,
     glu: Cache<Activation, Elementwise>,
     add: Elementwise,
+    /// By (weight dtype, unit offset).
+    add_norm: Cache<(WDType, bool), AddRmsNorm>,
     softcap: Cache<(), Softcap>,
     argmax: Argmax,
     faults: Faults,
@@ -188,16 +190,29 @@ enum Fast {
         params: rope::KvParams,
         info: StepOp,
     },
+    /// A residual add and the RMSNorm of its sum (two program ops).
+    AddNorm {
+        key: (WDType, bool),
+        bg: wgpu::BindGroup,
+        info: StepOp,
+    },
+}
+
+impl Fast {
+    /// What the bench reports of a fused item (None for a plain op).
+    fn info(&self) -> Option<&StepOp> {
+        match self {
+            Fast::Op(_) => None,
+            Fast::RopeKv { info, .. } | Fast::AddNorm { info, .. } => Some(info),
+        }
+    }
 }
 
 /// An item of a decode step: a bound op or a fused kernel.
 enum Item<'a> {
     Op(&'a BoundOp),
-    RopeKv {
-        bg: &'a wgpu::BindGroup,
-        params: &'a rope::KvParams,
-        info: &'a StepOp,
-    },
+    /// Never `Fast::Op` (resolved to `Op`).
+    Fused(&'a Fast, &'a StepOp),
 }
 
 /// A bound op, the tap it feeds and what the bench reports of it.
@@ -471,6 +486,7 @@ impl Model {
             kv_copy: KvCopy::new(g)?,
             glu: Cache(Vec::new()),
             add: Elementwise::new(g, Binary::Add)?,
+            add_norm: Cache(Vec::new()),
             softcap: Cache(Vec::new()),
             argmax: Argmax::new(g)?,
             faults: f,
@@ -549,6 +565,7 @@ impl Model {
         let mut kv = Vec::new();
         let mut layers = Vec::new();
         let mut fast = Vec::new();
+        let mut envs = Vec::new();
         for (i, ops) in program.layers.iter().enumerate() {
             let cache = KvCache::new(g, kv_params)?;
             let env = Env {
@@ -557,9 +574,37 @@ impl Model {
                 one_row: false,
             };
             let bound = ctx.bind_all(&mut k, &mut b, ops, Scope::Layer(i), env, Some(&cache))?;
-            fast.push(ctx.fuse_layer(&k, &b, ops, env, &cache)?);
+            fast.push(ctx.fuse_layer(&mut k, &b, ops, env, &cache)?);
             layers.push(bound);
             kv.push(cache);
+            envs.push(env);
+        }
+        // A layer's last residual add and the next layer's first norm (the
+        // layer boundary) as one dispatch, too.
+        for i in 1..nl {
+            let (prev, this) = (&program.layers[i - 1], &program.layers[i]);
+            let (Some(add), Some(norm)) = (prev.last(), this.first()) else {
+                continue;
+            };
+            let ends_plain =
+                matches!(fast[i - 1].last(), Some(Fast::Op(j)) if *j + 1 == prev.len());
+            let starts_plain = matches!(fast[i].first(), Some(Fast::Op(0)));
+            let mut norm = norm.clone();
+            // The next layer's Stream is this layer's StreamOut.
+            match &mut norm.kind {
+                OpKind::Norm {
+                    x: x @ Buf::Stream, ..
+                } => *x = Buf::StreamOut,
+                _ => continue,
+            }
+            if !(ends_plain && starts_plain) {
+                continue;
+            }
+            let pair = [add.clone(), norm];
+            if let Some(f) = ctx.fuse_add_norm(&mut k, &b, Some(&pair), envs[i - 1])? {
+                *fast[i - 1].last_mut().expect("checked") = f;
+                fast[i].remove(0);
+            }
         }
         let head_env = Env {
             stream: b.h[nl % 2],
@@ -751,6 +796,21 @@ impl Model {
         Ok(())
     }
 
+    /// Dispatch a fused fast-path item over `n` tokens.
+    fn encode_fused(&self, f: &Fast, pass: &mut wgpu::ComputePass<'_>, n: u32) -> Result<()> {
+        let g = &*self.gpu;
+        match f {
+            Fast::RopeKv { bg, params, .. } => self.k.rope_kv.encode(g, pass, bg, params, n),
+            Fast::AddNorm { key, bg, .. } => self.k.add_norm.get(*key).encode(g, pass, bg, n),
+            Fast::Op(_) => {
+                return Err(Error::invalid(
+                    "a plain op is recorded by encode_op, not as a fused item",
+                ))
+            }
+        }
+        Ok(())
+    }
+
     /// Record one bound op over `n` tokens, then its tap.
     fn encode_op(&self, op: &BoundOp, r: &mut Rec, n: u32) -> Result<()> {
         match &op.bound {
@@ -828,9 +888,7 @@ impl Model {
                 for f in fast {
                     match f {
                         Fast::Op(j) => self.encode_op(&ops[*j], r, n)?,
-                        Fast::RopeKv { bg, params, .. } => {
-                            self.k.rope_kv.encode(g, r.pass(), bg, params, n)
-                        }
+                        f => self.encode_fused(f, r.pass(), n)?,
                     }
                 }
             }
@@ -1029,7 +1087,7 @@ impl Model {
             .iter()
             .map(|i| match i {
                 Item::Op(o) => o.info.clone(),
-                Item::RopeKv { info, .. } => (*info).clone(),
+                Item::Fused(_, info) => (*info).clone(),
             })
             .collect();
         v.push(StepOp {
@@ -1050,7 +1108,7 @@ impl Model {
             if self.fuse {
                 v.extend(fast.iter().map(|f| match f {
                     Fast::Op(j) => Item::Op(&ops[*j]),
-                    Fast::RopeKv { bg, params, info } => Item::RopeKv { bg, params, info },
+                    f => Item::Fused(f, f.info().expect("a fused item")),
                 }));
             } else {
                 v.extend(ops.iter().map(Item::Op));
@@ -1100,9 +1158,7 @@ impl Model {
             }
             match item {
                 Item::Op(op) => self.dispatch(&op.bound, pass, 1)?,
-                Item::RopeKv { bg, params, .. } => {
-                    self.k.rope_kv.encode(&self.gpu, pass, bg, params, 1)
-                }
+                Item::Fused(f, _) => self.encode_fused(f, pass, 1)?,
             }
         }
         let n_ops = items.len();
@@ -1124,9 +1180,9 @@ impl Model {
             return ops.iter().map(|o| o.info.dispatches).sum();
         }
         fast.iter()
-            .map(|f| match f {
-                Fast::Op(j) => ops[*j].info.dispatches,
-                Fast::RopeKv { info, .. } => info.dispatches,
+            .map(|f| {
+                f.info()
+                    .map_or_else(|| ops_dispatches(ops, f), |i| i.dispatches)
             })
             .sum()
     }
@@ -1331,13 +1387,73 @@ impl BindCtx<'_> {
 }
 
 impl BindCtx<'_> {
+    /// `Add { y: r }` then `Norm { x: r }` over the hidden state, as one
+    /// [`AddRmsNorm`] dispatch; None when `w` is not that pattern.
+    fn fuse_add_norm(
+        &self,
+        k: &mut Kernels,
+        b: &Buffers,
+        w: Option<&[Op]>,
+        env: Env,
+    ) -> Result<Option<Fast>> {
+        let (g, c) = (self.g, self.cfg);
+        let Some([add, norm]) = w else {
+            return Ok(None);
+        };
+        let (
+            OpKind::Add { a, b: bb, y: r },
+            OpKind::Norm {
+                x,
+                w,
+                y,
+                heads: 1,
+                unit_offset,
+            },
+        ) = (&add.kind, &norm.kind)
+        else {
+            return Ok(None);
+        };
+        if x != r || [*a, *bb, *r].contains(y) || a == r || bb == r {
+            return Ok(None);
+        }
+        let wt = self.weight(*w)?;
+        let key = (wt.dtype, *unit_offset);
+        let eps_outside = k.faults.norm_eps_outside;
+        k.add_norm
+            .get_or(key, || AddRmsNorm::new(g, key.0, key.1, eps_outside))?;
+        let kern = k.add_norm.get(key);
+        let p = g.uniform(
+            "add_norm.params",
+            &rmsnorm::Params::per_token(r.width(c), 1, c.rms_norm_eps as f32),
+        )?;
+        let buf = |x: Buf| &b.acts[b.idx(env, x)];
+        let bg = kern.bind(
+            g,
+            &p,
+            &b.step,
+            buf(*a),
+            buf(*bb),
+            &wt.chunks[0].buffer,
+            buf(*r),
+            buf(*y),
+        );
+        let info = StepOp {
+            class: "add+rmsnorm (fused)",
+            dispatches: 1,
+            weight_bytes: tensor_bytes(wt),
+            kv_bytes_per_position: 0,
+            window: 0,
+        };
+        Ok(Some(Fast::AddNorm { key, bg, info }))
+    }
+
     /// A layer's fast path: its bound ops in order, except that RoPE(q),
     /// RoPE(k) on the same table and the append of that k (with v) become
     /// one [`RopeKv`] dispatch. The program stays the one description: this
     /// only finds the pattern in it.
     fn fuse_layer(
         &self,
-        k: &Kernels,
+        k: &mut Kernels,
         b: &Buffers,
         ops: &[Op],
         env: Env,
@@ -1370,6 +1486,11 @@ impl BindCtx<'_> {
                 }
                 _ => None,
             };
+            if let Some(f) = self.fuse_add_norm(k, b, ops.get(j..j + 2), env)? {
+                out.push(f);
+                j += 2;
+                continue;
+            }
             let Some((qx, qy, nh, kx, nkv, v, table)) = fused else {
                 out.push(Fast::Op(j));
                 j += 1;
@@ -1410,6 +1531,14 @@ impl BindCtx<'_> {
             j += 3;
         }
         Ok(out)
+    }
+}
+
+/// Dispatches of the plain op `f` (`Fast::Op`) of a layer.
+fn ops_dispatches(ops: &[BoundOp], f: &Fast) -> usize {
+    match f {
+        Fast::Op(j) => ops[*j].info.dispatches,
+        _ => 0,
     }
 }
 
