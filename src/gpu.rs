@@ -174,6 +174,44 @@ pub struct Gpu {
     pub caps: Caps,
     /// How `caps.kernels` was chosen (see [`Gpu::kernels_desc`]).
     pub kernels_chosen_by: &'static str,
+    /// What this `Gpu` has created and recorded (for the per-step
+    /// dispatch count and the no-allocation-per-token audit).
+    pub counters: Counters,
+}
+
+/// Running totals of what went through a [`Gpu`]'s helpers: every buffer,
+/// bind group and pipeline wgllm creates is made by one of them, and every
+/// dispatch is recorded by [`Gpu::dispatch_in`].
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub dispatches: std::sync::atomic::AtomicU64,
+    pub buffers: std::sync::atomic::AtomicU64,
+    pub bind_groups: std::sync::atomic::AtomicU64,
+    pub pipelines: std::sync::atomic::AtomicU64,
+}
+
+/// A snapshot of [`Counters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    pub dispatches: u64,
+    pub buffers: u64,
+    pub bind_groups: u64,
+    pub pipelines: u64,
+}
+
+impl Counters {
+    fn bump(c: &std::sync::atomic::AtomicU64) {
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let l = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        CounterSnapshot {
+            dispatches: l(&self.dispatches),
+            buffers: l(&self.buffers),
+            bind_groups: l(&self.bind_groups),
+            pipelines: l(&self.pipelines),
+        }
+    }
 }
 
 /// Mesa's Vulkan device-select layer (an implicit layer that comes with
@@ -437,7 +475,14 @@ impl Gpu {
             adapter: desc,
             caps,
             kernels_chosen_by,
+            counters: Counters::default(),
         })
+    }
+
+    /// Every buffer wgllm creates goes through here (counted).
+    pub fn create_buffer(&self, desc: &wgpu::BufferDescriptor) -> wgpu::Buffer {
+        Counters::bump(&self.counters.buffers);
+        self.device.create_buffer(desc)
     }
 
     pub fn name(&self) -> &str {
@@ -455,7 +500,7 @@ impl Gpu {
     /// A storage buffer holding `data` (padded to a multiple of 4 bytes).
     pub fn storage_init(&self, label: &str, data: &[u8]) -> Result<wgpu::Buffer> {
         let size = pad4(data.len() as u64).max(4);
-        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+        let buf = self.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,
             usage: wgpu::BufferUsages::STORAGE
@@ -469,7 +514,7 @@ impl Gpu {
 
     /// A zero-filled storage buffer of `size` bytes (rounded up to 4).
     pub fn storage(&self, label: &str, size: u64) -> wgpu::Buffer {
-        self.device.create_buffer(&wgpu::BufferDescriptor {
+        self.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: pad4(size).max(4),
             usage: wgpu::BufferUsages::STORAGE
@@ -482,7 +527,7 @@ impl Gpu {
     /// A uniform buffer holding `data`; writable later with `queue.write_buffer`.
     pub fn uniform<T: bytemuck::Pod>(&self, label: &str, data: &T) -> Result<wgpu::Buffer> {
         let bytes = bytemuck::bytes_of(data);
-        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+        let buf = self.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: pad16(bytes.len() as u64),
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
@@ -494,7 +539,7 @@ impl Gpu {
 
     /// A staging buffer for readback of `size` bytes.
     pub fn staging(&self, label: &str, size: u64) -> wgpu::Buffer {
-        self.device.create_buffer(&wgpu::BufferDescriptor {
+        self.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: pad4(size).max(4),
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
@@ -589,6 +634,7 @@ impl Gpu {
                 label: Some(label),
                 source: wgpu::ShaderSource::Wgsl(full.into()),
             });
+        Counters::bump(&self.counters.pipelines);
         let pipeline = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -626,6 +672,7 @@ impl Gpu {
                 resource: b.as_entire_binding(),
             })
             .collect();
+        Counters::bump(&self.counters.bind_groups);
         self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(&kernel.label),
             layout: &kernel.layout,
@@ -655,6 +702,7 @@ impl Gpu {
         pass.set_pipeline(&kernel.pipeline);
         pass.set_bind_group(0, bind, &[]);
         pass.dispatch_workgroups(x, y, z);
+        Counters::bump(&self.counters.dispatches);
     }
 
     pub fn encoder(&self) -> wgpu::CommandEncoder {

@@ -8,9 +8,11 @@ use std::path::Path;
 /// Bottom up; a module may import only the ones before it.
 const ORDER: &[&str] = &[
     "error",
+    "gguf",
     "gpu",
     "testutil",
     "tensor",
+    "qtensor",
     "config",
     "ops",
     "loader",
@@ -19,7 +21,6 @@ const ORDER: &[&str] = &[
     "model",
     "reference",
     "compare",
-    "gguf",
     "tokenizer",
     "chat",
     "sampling",
