@@ -189,14 +189,21 @@ fn taps_of(n_layers: usize) -> Vec<String> {
 #[test]
 fn fixtures_are_nearer_f64_than_transformers_f32() {
     let g = gpu();
-    eprintln!("precision device: {}, kernels {}", g.name(), g.kernels_desc());
+    eprintln!(
+        "precision device: {}, kernels {}",
+        g.name(),
+        g.kernels_desc()
+    );
     let mut rows = Vec::new();
     for name in FIXTURES {
         let d = fixtures().join(name);
         let p64 = d.join("reference_f64.safetensors");
         let p32 = d.join("reference_f32.safetensors");
         let (g64, g32) = (read(&p64), read(&p32));
-        let tokens: Vec<u32> = get(&g64, &p64, "tokens").iter().map(|&t| t as u32).collect();
+        let tokens: Vec<u32> = get(&g64, &p64, "tokens")
+            .iter()
+            .map(|&t| t as u32)
+            .collect();
         assert_eq!(
             get(&g32, &p32, "tokens"),
             get(&g64, &p64, "tokens"),
@@ -248,7 +255,11 @@ struct PromptName {
 
 fn real_model(key: &str, known: &str) {
     let g = gpu();
-    eprintln!("precision device: {}, kernels {}", g.name(), g.kernels_desc());
+    eprintln!(
+        "precision device: {}, kernels {}",
+        g.name(),
+        g.kernels_desc()
+    );
     let real = fixtures().join("real");
     let json = real.join(format!("{key}.json"));
     let golden: Golden = serde_json::from_str(
@@ -260,7 +271,8 @@ fn real_model(key: &str, known: &str) {
     let weights = dir.join("model.safetensors");
     let sha = wgllm::gguf::sha256_file(&weights).unwrap_or_else(|e| panic!("{key}: {e}"));
     assert_eq!(
-        sha, golden.model_safetensors_sha256,
+        sha,
+        golden.model_safetensors_sha256,
         "{key}: {} is not the file the goldens were made from",
         weights.display()
     );
