@@ -33,76 +33,7 @@ use crate::gpu::{Gpu, Kernel, Step};
 pub const SRC: &str = include_str!("../../shaders/rope.wgsl");
 const WG: u32 = 64;
 
-/// `rope_scaling` from config.json, as far as wgllm supports it.
-#[derive(Clone, Debug, PartialEq)]
-pub enum RopeScaling {
-    /// No scaling (`rope_scaling` absent or `rope_type: "default"`).
-    None,
-    /// `rope_type: "linear"`: positions divided by `factor`.
-    Linear { factor: f32 },
-    /// `rope_type: "llama3"`.
-    Llama3 {
-        factor: f32,
-        low_freq_factor: f32,
-        high_freq_factor: f32,
-        original_max_position_embeddings: usize,
-    },
-}
-
-impl RopeScaling {
-    /// HF's `attention_scaling` (the factor applied to cos and sin): 1.0 for
-    /// every type supported here.
-    pub fn attention_scaling(&self) -> f32 {
-        1.0
-    }
-
-    /// Reject parameters HF would divide by zero with or that make no sense.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, v: String| {
-            Err(Error::invalid(format!(
-                "rope scaling {self:?}: {what} (got {v})"
-            )))
-        };
-        match *self {
-            RopeScaling::None => Ok(()),
-            RopeScaling::Linear { factor } => {
-                if !(factor.is_finite() && factor > 0.0) {
-                    return bad("factor must be a positive number", factor.to_string());
-                }
-                Ok(())
-            }
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => {
-                if !(factor.is_finite() && factor > 0.0) {
-                    return bad("factor must be a positive number", factor.to_string());
-                }
-                if !(low_freq_factor.is_finite() && low_freq_factor > 0.0) {
-                    return bad(
-                        "low_freq_factor must be a positive number",
-                        low_freq_factor.to_string(),
-                    );
-                }
-                if !(high_freq_factor.is_finite() && high_freq_factor != low_freq_factor) {
-                    return bad(
-                        "high_freq_factor must be finite and differ from low_freq_factor",
-                        high_freq_factor.to_string(),
-                    );
-                }
-                if original_max_position_embeddings == 0 {
-                    return bad(
-                        "original_max_position_embeddings must be positive",
-                        "0".into(),
-                    );
-                }
-                Ok(())
-            }
-        }
-    }
-}
+use crate::config::RopeScaling;
 
 fn check_head_dim(head_dim: usize) -> Result<()> {
     if head_dim == 0 || head_dim % 2 != 0 {
