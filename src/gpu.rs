@@ -640,24 +640,6 @@ impl Gpu {
         grid_for(n, self.caps.max_workgroups_per_dim)
     }
 
-    /// Encode one dispatch of `n` workgroups (2D when needed) in its own pass.
-    pub fn dispatch(
-        &self,
-        enc: &mut wgpu::CommandEncoder,
-        kernel: &Kernel,
-        bind: &wgpu::BindGroup,
-        n: u32,
-    ) {
-        if n == 0 {
-            return;
-        }
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some(&kernel.label),
-            timestamp_writes: None,
-        });
-        self.dispatch_in(&mut pass, kernel, bind, n);
-    }
-
     /// Encode one dispatch of `n` workgroups into an existing pass.
     pub fn dispatch_in(
         &self,

@@ -151,7 +151,7 @@ enum Bound {
     },
     KvAppend(wgpu::BindGroup),
     Attention {
-        bg: wgpu::BindGroup,
+        bg: attention::Binding,
         params: attention::Params,
     },
     Glu {
@@ -948,6 +948,7 @@ impl BindCtx<'_> {
                     let bg = k
                         .attention
                         .bind(g, &params, step, buf(q), cache_of()?, buf(y))?;
+                    info.dispatches = k.attention.dispatches(1);
                     info.kv_bytes_per_position = (2 * c.kv_dim() * 4) as u64;
                     info.window = window;
                     Bound::Attention { bg, params }
