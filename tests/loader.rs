@@ -1175,3 +1175,133 @@ fn real_checkpoints_are_finite_and_scan_speed() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Hostile headers (issue #11): each fails at once with an error naming the
+// file and the tensor or field, before anything is allocated from the
+// claimed size.
+
+#[test]
+fn header_claiming_2_pow_60_elements_fails_at_once() {
+    use wgllm::loader::parse_safetensors_bytes;
+    let p = Path::new("/m/model.safetensors");
+    // 2^60 F32 elements in an 8-byte data section.
+    let b = raw_safetensors(
+        r#"{"huge":{"dtype":"F32","shape":[1073741824,1073741824],"data_offsets":[0,8]}}"#,
+        &[0u8; 8],
+    );
+    let e = parse_safetensors_bytes(p, &b).unwrap_err().to_string();
+    println!("2^60: {e}");
+    assert_has(
+        &e,
+        &[
+            "model.safetensors",
+            "`huge`",
+            "4611686018427387904 bytes",
+            "more than the whole data section (8 bytes",
+        ],
+    );
+    // Elements × dtype overflowing u64/usize.
+    let b = raw_safetensors(
+        r#"{"huge":{"dtype":"F64","shape":[18446744073709551615,18446744073709551615,4],"data_offsets":[0,8]}}"#,
+        &[0u8; 8],
+    );
+    let e = parse_safetensors_bytes(p, &b).unwrap_err().to_string();
+    assert_has(&e, &["`huge`", "overflows"]);
+    // An 8-byte prefix claiming a 2^63-byte header.
+    let mut b = raw_safetensors("{}", &[]);
+    b[..8].copy_from_slice(&(1u64 << 63).to_le_bytes());
+    let e = parse_safetensors_bytes(p, &b).unwrap_err().to_string();
+    assert_has(&e, &["header length 9223372036854775808", "beyond the end"]);
+    // Offsets past the data section although the sizes agree.
+    let b = raw_safetensors(
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#,
+        &[0u8; 8],
+    );
+    let e = parse_safetensors_bytes(p, &b).unwrap_err().to_string();
+    assert_has(&e, &["`a`", "[8, 16]", "beyond the data section"]);
+    // The good file through the same entry point: tensors in data order.
+    let m = Tiny::new("LlamaForCausalLM");
+    let (ts, _) = model_tensors(&m, Dtype::BF16, 5);
+    let got = parse_safetensors_bytes(p, &safetensors_bytes(&ts)).unwrap();
+    assert_eq!(got.len(), ts.len());
+    assert!(got
+        .windows(2)
+        .all(|w| w[0].offset + w[0].len == w[1].offset));
+}
+
+#[test]
+fn index_shard_names_stay_inside_the_folder() {
+    use wgllm::loader::parse_index_bytes;
+    let p = Path::new("/m/model.safetensors.index.json");
+    for bad in [
+        "../model.safetensors",
+        "/etc/passwd",
+        "a/b.safetensors",
+        ".",
+        "..",
+    ] {
+        let j = json!({"weight_map": {"w": bad}}).to_string();
+        let e = parse_index_bytes(p, j.as_bytes()).unwrap_err().to_string();
+        assert_has(
+            &e,
+            &["index.json", "weight_map.w", "inside the model folder"],
+        );
+    }
+    let e = parse_index_bytes(p, b"{\"weight_map\": 3}")
+        .unwrap_err()
+        .to_string();
+    assert_has(&e, &["index.json", "weight_map", "not an object"]);
+    let e = parse_index_bytes(p, b"\xff").unwrap_err().to_string();
+    assert_has(&e, &["index.json", "invalid JSON"]);
+    let (files, wanted) =
+        parse_index_bytes(p, br#"{"weight_map": {"a": "s2", "b": "s1", "c": "s2"}}"#).unwrap();
+    assert_eq!(files, ["s1", "s2"]);
+    assert_eq!(wanted.len(), 3);
+}
+
+#[test]
+fn config_sizes_beyond_any_model_are_refused() {
+    for (field, v) in [
+        ("num_hidden_layers", json!(1u64 << 40)),
+        ("vocab_size", json!(1u64 << 40)),
+        ("hidden_size", json!(1u64 << 30)),
+        ("intermediate_size", json!(u64::MAX)),
+        ("num_attention_heads", json!(1u64 << 25)),
+        ("head_dim", json!(1u64 << 26)),
+    ] {
+        let mut c = Tiny::new("LlamaForCausalLM").config();
+        c[field] = v;
+        let e = ModelConfig::from_json_str(&c.to_string(), "/m/config.json")
+            .unwrap_err()
+            .to_string();
+        assert_has(&e, &["config.json", field, "larger than any model"]);
+    }
+}
+
+/// The model folder is a symlink loop, or a directory sits where
+/// config.json / model.safetensors should be. (Unreadable files, chmod 000,
+/// cannot be tested when the tests run as root, which bypasses permissions;
+/// the same `cannot read` path is taken by a directory in the file's place.)
+#[test]
+fn symlink_loop_and_directory_in_place_of_a_file() {
+    let d = tmp();
+    let lp = d.path().join("loop");
+    std::os::unix::fs::symlink(&lp, &lp).unwrap();
+    let e = open_err(&lp);
+    println!("loop: {e}");
+    assert_has(&e, &["loop", "model folder cannot be read"]);
+
+    let d = tmp();
+    std::fs::create_dir(d.path().join("config.json")).unwrap();
+    let e = open_err(d.path());
+    println!("config dir: {e}");
+    assert_has(&e, &["config.json", "cannot read config"]);
+
+    let d = tmp();
+    write_config(d.path(), &Tiny::new("LlamaForCausalLM").config());
+    std::fs::create_dir(d.path().join("model.safetensors")).unwrap();
+    let e = open_err(d.path());
+    println!("weights dir: {e}");
+    assert_has(&e, &["model.safetensors"]);
+}
