@@ -19,8 +19,8 @@ use ::safetensors::Dtype;
 
 pub use finite::{check_finite, first_non_finite};
 pub use plan::{
-    expected_tensors, supported_dtype, LayerRole, LoadDType, MemoryPlan, PlannedTensor, Role,
-    TensorSpec,
+    default_context, expected_tensors, supported_dtype, DeviceMemory, LayerRole, LoadDType,
+    MemoryPlan, PlannedTensor, Role, TensorSpec,
 };
 pub use shard::{parse_safetensors_bytes, TensorMeta};
 pub use weights::{HostTensor, HostWeights, LayerWeights, ModelWeights, Weights};
