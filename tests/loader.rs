@@ -1449,3 +1449,96 @@ fn device_loss_is_an_error() {
     assert_has(&e, &["lost", g.name()]);
     assert!(g.read_bytes(&b, 0, 16).is_err());
 }
+
+/// Bad-input table rows for config values: zero, negative, inconsistent
+/// (heads not dividing hidden, KV heads not dividing heads), and more
+/// layers than the checkpoint has weights for.
+#[test]
+fn config_values_zero_negative_and_inconsistent() {
+    let err = |field: &str, v: serde_json::Value| {
+        let mut c = Tiny::new("LlamaForCausalLM").config();
+        c[field] = v;
+        ModelConfig::from_json_str(&c.to_string(), "/m/config.json")
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err("num_hidden_layers", json!(0));
+    println!("zero: {e}");
+    assert_has(
+        &e,
+        &[
+            "/m/config.json",
+            "`num_hidden_layers`",
+            "expected a positive integer, got 0",
+        ],
+    );
+    let e = err("num_attention_heads", json!(-4));
+    println!("negative: {e}");
+    assert_has(
+        &e,
+        &[
+            "`num_attention_heads`",
+            "expected a non-negative integer, got",
+        ],
+    );
+    let e = err("num_attention_heads", json!(5));
+    println!("heads vs hidden: {e}");
+    assert_has(
+        &e,
+        &["hidden_size 32 is not a multiple of num_attention_heads 5"],
+    );
+    let e = err("num_key_value_heads", json!(3));
+    println!("kv heads: {e}");
+    assert_has(
+        &e,
+        &[
+            "`num_key_value_heads`",
+            "3 does not divide num_attention_heads = 4",
+        ],
+    );
+
+    // More layers in config.json than the weights have.
+    let d = tmp();
+    let m = Tiny::new("LlamaForCausalLM");
+    write_model(d.path(), &m, Dtype::BF16, 8);
+    let mut c = m.config();
+    c["num_hidden_layers"] = json!(3);
+    write_config(d.path(), &c);
+    let e = plan_err(d.path());
+    println!("more layers: {e}");
+    assert_has(
+        &e,
+        &[
+            "model.safetensors",
+            "model.layers.2.",
+            "missing from the checkpoint",
+        ],
+    );
+}
+
+/// A missing tokenizer.json, one that is not UTF-8, one that is not a
+/// tokenizer, and a directory in its place.
+#[test]
+fn missing_and_corrupt_tokenizer() {
+    use wgllm::tokenizer::Tokenizer;
+    let d = tmp();
+    let e = Tokenizer::from_dir(d.path()).err().unwrap().to_string();
+    println!("missing: {e}");
+    assert_has(
+        &e,
+        &["tokenizer.json", "no tokenizer.json in the model folder"],
+    );
+    let p = d.path().join("tokenizer.json");
+    std::fs::write(&p, b"\xff\xfe{}").unwrap();
+    let e = Tokenizer::from_dir(d.path()).err().unwrap().to_string();
+    println!("not utf-8: {e}");
+    assert_has(&e, &["tokenizer.json", "not UTF-8"]);
+    std::fs::write(&p, br#"{"model": {"type": "BPE", "vocab": 3}}"#).unwrap();
+    let e = Tokenizer::from_dir(d.path()).err().unwrap().to_string();
+    println!("corrupt: {e}");
+    assert_has(&e, &["tokenizer.json", "cannot load tokenizer"]);
+    std::fs::remove_file(&p).unwrap();
+    std::fs::create_dir(&p).unwrap();
+    let e = Tokenizer::from_dir(d.path()).err().unwrap().to_string();
+    assert_has(&e, &["tokenizer.json", "no tokenizer.json"]);
+}
