@@ -1481,7 +1481,12 @@ fn config_values_zero_negative_and_inconsistent() {
             "expected a non-negative integer, got",
         ],
     );
-    let e = err("num_attention_heads", json!(5));
+    let mut c = Tiny::new("LlamaForCausalLM").config();
+    c["num_attention_heads"] = json!(5);
+    c["num_key_value_heads"] = json!(1);
+    let e = ModelConfig::from_json_str(&c.to_string(), "/m/config.json")
+        .unwrap_err()
+        .to_string();
     println!("heads vs hidden: {e}");
     assert_has(
         &e,
