@@ -131,7 +131,7 @@ fn full_context(ctx: usize) {
 }
 
 #[test]
-#[ignore = "fails today: host RSS grows ~5 MB per decode step on lavapipe (issue #11 finding, see BENCHMARKS.md); cargo test --release --test longrun -- --ignored --nocapture --test-threads 1"]
+#[ignore = "long run, and it fails today on Vulkan/lavapipe, where host RSS grows about 5 MB per forward pass (flat with WGLLM_BACKEND=gl; BENCHMARKS.md): cargo test --release --test longrun -- --ignored --nocapture --test-threads 1"]
 fn tiny_model_generates_to_a_1024_token_context() {
     full_context(1024);
 }
@@ -235,7 +235,7 @@ fn soak(runs: usize, n: usize) {
 }
 
 #[test]
-#[ignore = "fails today: host RSS grows ~5 MB per decode step on lavapipe (issue #11 finding, see BENCHMARKS.md); cargo test --release --test longrun -- --ignored --nocapture --test-threads 1"]
+#[ignore = "long run, and it fails today on Vulkan/lavapipe, where host RSS grows about 5 MB per forward pass (flat with WGLLM_BACKEND=gl; BENCHMARKS.md): cargo test --release --test longrun -- --ignored --nocapture --test-threads 1"]
 fn soak_200_generations_with_reset_are_identical_and_flat() {
     soak(200, 16);
 }
