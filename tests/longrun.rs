@@ -27,6 +27,20 @@ fn gpu() -> Arc<Gpu> {
     .clone()
 }
 
+/// The same on wgpu's GL backend (llvmpipe here), where the runs below are
+/// flat (BENCHMARKS.md), so the CI-sized soak can run in CI.
+fn gpu_gl() -> Arc<Gpu> {
+    static G: OnceLock<Arc<Gpu>> = OnceLock::new();
+    G.get_or_init(|| {
+        let opts = GpuOptions {
+            backends: Some(wgllm::gpu::BackendChoice(wgpu::Backends::GL)),
+            ..Default::default()
+        };
+        Arc::new(Gpu::new(&opts).unwrap_or_else(|e| panic!("GL test GPU: {e}")))
+    })
+    .clone()
+}
+
 /// (VmRSS, VmHWM) in KiB.
 fn rss_kib() -> (u64, u64) {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -47,6 +61,10 @@ fn device_bytes(g: &Gpu) -> Option<u64> {
 }
 
 fn tiny_model(max_context: usize) -> (tempfile::TempDir, Model) {
+    tiny_model_on(gpu(), max_context)
+}
+
+fn tiny_model_on(g: Arc<Gpu>, max_context: usize) -> (tempfile::TempDir, Model) {
     let d = tempfile::tempdir().unwrap();
     let m = Tiny::new("LlamaForCausalLM");
     write_model(d.path(), &m, Dtype::BF16, 11);
@@ -54,7 +72,7 @@ fn tiny_model(max_context: usize) -> (tempfile::TempDir, Model) {
         max_context: Some(max_context),
         ..Default::default()
     };
-    let model = Model::load(gpu(), d.path(), &opts).unwrap_or_else(|e| panic!("load: {e}"));
+    let model = Model::load(g, d.path(), &opts).unwrap_or_else(|e| panic!("load: {e}"));
     (d, model)
 }
 
@@ -89,9 +107,12 @@ const RSS_CEILING_KIB: u64 = 1024 * 1024;
 const FLAT_RSS_KIB: u64 = 16 * 1024;
 
 fn full_context(ctx: usize) {
+    full_context_on(gpu(), ctx)
+}
+
+fn full_context_on(g: Arc<Gpu>, ctx: usize) {
     let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let (_d, mut model) = tiny_model(ctx);
-    let g = gpu();
+    let (_d, mut model) = tiny_model_on(g.clone(), ctx);
     let prompt = [1u32, 5, 9, 2];
     // Warm up (pipelines, first allocations), then measure.
     greedy(&mut model, &prompt, 8);
@@ -134,6 +155,12 @@ fn full_context(ctx: usize) {
 #[ignore = "long run, and it fails today on Vulkan/lavapipe, where host RSS grows about 5 MB per forward pass (flat with WGLLM_BACKEND=gl; BENCHMARKS.md): cargo test --release --test longrun -- --ignored --nocapture --test-threads 1"]
 fn tiny_model_generates_to_a_1024_token_context() {
     full_context(1024);
+}
+
+/// The CI-sized full-context run on the GL backend (see `gpu_gl`).
+#[test]
+fn tiny_model_generates_to_a_1024_token_context_on_gl() {
+    full_context_on(gpu_gl(), 1024);
 }
 
 #[test]
@@ -191,10 +218,9 @@ fn tiny_tokenizer() -> wgllm::tokenizer::Tokenizer {
     wgllm::tokenizer::Tokenizer::from_json_bytes(&p, &std::fs::read(&p).unwrap()).unwrap()
 }
 
-fn soak(runs: usize, n: usize) {
+fn soak(g: Arc<Gpu>, runs: usize, n: usize) {
     let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let (_d, mut model) = tiny_model(256);
-    let g = gpu();
+    let (_d, mut model) = tiny_model_on(g.clone(), 256);
     let prompt = [3u32, 1, 4, 1, 5, 9, 2, 6];
     let first = greedy(&mut model, &prompt, n);
     let (rss0, _) = rss_kib();
@@ -237,5 +263,12 @@ fn soak(runs: usize, n: usize) {
 #[test]
 #[ignore = "long run, and it fails today on Vulkan/lavapipe, where host RSS grows about 5 MB per forward pass (flat with WGLLM_BACKEND=gl; BENCHMARKS.md): cargo test --release --test longrun -- --ignored --nocapture --test-threads 1"]
 fn soak_200_generations_with_reset_are_identical_and_flat() {
-    soak(200, 16);
+    soak(gpu(), 200, 16);
+}
+
+/// The CI-sized soak, on the GL backend (see `gpu_gl`): 200 generations of
+/// 16 tokens with reset, identical output, flat memory.
+#[test]
+fn soak_200_generations_on_gl_are_identical_and_flat() {
+    soak(gpu_gl(), 200, 16);
 }
