@@ -45,9 +45,9 @@ fn run(target: &str, data: &[u8]) {
     }
 }
 
-/// Seeds named `valid-*` must be accepted by their parser.
-fn check_valid(target: &str, name: &str, data: &[u8]) {
-    let r: Result<(), String> = match target {
+/// The parser's verdict on one input (an error as its message).
+fn parse(target: &str, name: &str, data: &[u8]) -> Result<(), String> {
+    match target {
         "safetensors" if name.ends_with(".json") => parse_index_bytes(Path::new(name), data)
             .map(drop)
             .map_err(|e| e.to_string()),
@@ -57,15 +57,21 @@ fn check_valid(target: &str, name: &str, data: &[u8]) {
         "gguf" => GgufFile::from_bytes(name, data.to_vec())
             .map(drop)
             .map_err(|e| e.to_string()),
-        "config" => ModelConfig::from_json_str(std::str::from_utf8(data).unwrap(), name)
-            .map(drop)
-            .map_err(|e| e.to_string()),
+        "config" => {
+            ModelConfig::from_json_str(std::str::from_utf8(data).map_err(|e| e.to_string())?, name)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
         "tokenizer" => Tokenizer::from_json_bytes(Path::new(name), data)
             .map(drop)
             .map_err(|e| e.to_string()),
         _ => unreachable!(),
-    };
-    if let Err(e) = r {
+    }
+}
+
+/// Seeds named `valid-*` must be accepted by their parser.
+fn check_valid(target: &str, name: &str, data: &[u8]) {
+    if let Err(e) = parse(target, name, data) {
         panic!("valid seed {target}/{name} was refused: {e}");
     }
 }
@@ -83,6 +89,16 @@ fn committed_corpus_and_crash_regressions_replay() {
             "fuzz/corpus/{t} has no valid-* seed (regenerate with `cargo test --release --test fuzz_corpus -- --ignored write_seed_corpus`)"
         );
         let regressions = files(&fuzz_dir().join("regressions").join(t));
+        // Every crash found so far was a malformed file: it must now be
+        // refused with an error (and not panic, which `run` checks).
+        for p in &regressions {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            let data = std::fs::read(p).unwrap();
+            let e = parse(t, &name, &data)
+                .err()
+                .unwrap_or_else(|| panic!("crash regression {t}/{name} is now accepted"));
+            println!("{t}/{name}: {e}");
+        }
         for p in corpus.iter().chain(&regressions) {
             let data = std::fs::read(p).unwrap();
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
