@@ -2,7 +2,10 @@
 //   q:        [n_tokens, n_heads * d]      (after RoPE)
 //   k_cache:  [n_kv_heads, max_ctx, d]     (already holds this step's rows)
 //   v_cache:  [n_kv_heads, max_ctx, d]
-//   out:      [n_tokens, n_heads * d]
+//   dst:      PARTIAL false: out [n_tokens, n_heads * d]
+//             PARTIAL true:  per (token, head, split) D4 + 1 vec4: the split's
+//             unnormalized sum acc = sum_j exp(s_j - m) v_j, then (m, l, 0, 0)
+//             with l = sum_j exp(s_j - m); attention_combine.wgsl merges them.
 // all read as vec4 (d % 4 == 0, checked on the host).
 // Query token t sits at position p = step.pos_offset + t and attends to cache
 // positions 0..=p, or with a sliding window (p.window > 0) to the positions j
@@ -12,31 +15,49 @@
 // (HF's repeat_kv: each KV head serves a contiguous group of query heads).
 // out = softmax(q.K^T * scale) V with the host's scale (d^-0.5, or e.g.
 // Gemma's query_pre_attn_scalar^-0.5), softmax in f32 with max subtraction,
-// computed online (flash style) over blocks of WG positions.
+// computed online (flash style) over blocks of BLK = WG * PPI positions.
 //
-// Windowed queries start at the block holding their first visible position:
-// blocks wholly before the window are skipped, not masked, so a decode step
-// reads about `window` K/V rows whatever the context length. On a real GPU
-// decode attention is bound by memory bandwidth (each K/V row is read once
-// and used for one dot product), so masking alone would still stream the
-// whole cache every step: with a 4096 window at 32k positions that is 8x the
-// necessary traffic and time. (Only the leading partial block is masked.)
+// One workgroup per (token, KV head, chunk of HPW query heads of its group,
+// KV split). GQA: every K and V row is loaded once for the HPW query heads
+// that read it (HPW divides the group size; the whole group when it fits),
+// not once per query head. Flash-decoding: with SPLITS > 1 the blocks of a
+// query's range are cut into SPLITS contiguous runs, one workgroup each, so a
+// decode step (one token, few KV heads) still fills the device; each writes
+// its partial (acc, m, l) and a second small pass combines them. Prefill
+// (many tokens) runs SPLITS = 1 with PARTIAL false and writes out directly.
 //
-// One workgroup per (token, head). Per block of WG positions:
-//   1. invocation l scores position start + l (a d-long dot product),
-//   2. every invocation scans the block's scores for the block max (no
-//      reduction tree: 2 barriers per block in total), rescales its running
-//      state and publishes its own exp(score - max),
-//   3. invocation l = c + D4 * g accumulates the vec4 column(s) c of the
-//      output over the block positions g, g + G, g + 2G, ... (G position
-//      groups, so every invocation works even when d/4 < WG).
+// Per block of BLK positions:
+//   1. invocation l scores positions start + l + WG u (u < PPI) for every
+//      head of the chunk (one K row load, HPW dot products) and keeps its own
+//      per-head max,
+//   2. every invocation scans the WG per-invocation maxima of each head for
+//      the block max (no reduction tree: 2 barriers per block in total, and
+//      PPI positions per scanned entry), rescales its running state and
+//      publishes exp(score - max) for its positions,
+//   3. invocation l = c + D4 * g accumulates vec4 column(s) c of the output
+//      of every head over the block positions g, g + G, g + 2G, ... (G
+//      position groups, so every invocation works even when d/4 < WG); one V
+//      row load serves HPW heads.
 // All invocations share the running max, so at the end the G partial sums
 // (and their softmax denominators) are simply added.
 //
+// Windowed queries start at the block holding their first visible position:
+// blocks wholly before the window are skipped, not masked, so a decode step
+// reads about `window` K/V rows whatever the context length. (Only the
+// leading partial block is masked.)
+//
+// Precision: scores are f32 dot products of d terms (vec4 dot, then a
+// running f32 sum over d/4 terms), the running max keeps every exp argument
+// <= 0, so exp never overflows and each weight carries the relative error of
+// its score times |score - max|; the sums l and acc are f32 running sums over
+// at most BLK / G positions per invocation, then G partials, then SPLITS
+// partials in the combine: a blocked (pairwise-like) order whose rounding
+// grows like the number of terms per level, not the total length.
+//
 // Loop budget: llvmpipe (lavapipe) silently ends a shader's loops after 65535
 // iterations in total per invocation, so every loop here runs per block of
-// WG positions, never per position: the host bounds max_ctx accordingly
-// (Attention::llvmpipe_max_ctx, tens of thousands of positions).
+// BLK positions (the position loops at most PPI or BLK / G deep), and the
+// host bounds max_ctx accordingly (Attention::llvmpipe_max_ctx).
 
 struct Params {
     n_heads: u32,
@@ -50,20 +71,34 @@ struct Params {
     _p2: u32,
 }
 
-// Invocations per workgroup = positions per block (a multiple of 4).
+// Invocations per workgroup (a multiple of 4).
 override WG: u32 = 64u;
-override WG4: u32 = WG / 4u;
-// Position groups in step 3: WG / (d/4) when d/4 <= WG, else 1.
+// Positions each invocation scores per block; BLK = WG * PPI.
+override PPI: u32 = 1u;
+override BLK: u32 = 64u;
+// Query heads per workgroup (divides n_heads / n_kv_heads; <= MAXH).
+override HPW: u32 = 1u;
+// head_dim / 4 (the kernel is compiled per head_dim).
+override D4: u32 = 16u;
+// Position groups in step 3: WG / D4 when D4 <= WG, else 1.
 override G: u32 = 1u;
-// vec4 output columns per invocation: ceil((d/4) / WG) when G == 1, else 1.
-// An override so the loops over it unroll and `acc` stays in registers.
+// vec4 output columns per invocation: ceil(D4 / WG) when G == 1, else 1.
 override DPT4: u32 = 1u;
+// KV splits per (token, KV head, head chunk).
+override SPLITS: u32 = 1u;
+// Write partials (acc, m, l) per split instead of the normalized output.
+override PARTIAL: bool = false;
+// Workgroup array sizes (computed on the host, see Attention::build).
+override QSH: u32 = 16u;   // HPW * D4
+override MX4: u32 = 16u;   // HPW * WG / 4
+override PSH: u32 = 64u;   // HPW * BLK
+override RED: u32 = 64u;   // HPW * WG when G > 1, else 1
 // Deliberate bug for verify's self-tests (model::Faults): map query head h to
 // KV head h % n_kv_heads instead of h / group. Never set in use.
 override FAULT_GQA_MODULO: bool = false;
+const MAXH: u32 = 8u;
+const MAX_PPI: u32 = 8u;
 const MAX_DPT4: u32 = 4u;
-// Largest head_dim / 4 (q is staged in workgroup memory).
-const MAX_D4: u32 = 128u;
 // Below any real score; exp(NEG - finite) is 0.
 const NEG: f32 = -3.0e38;
 
@@ -72,33 +107,46 @@ const NEG: f32 = -3.0e38;
 @group(0) @binding(2) var<storage, read> q: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> k_cache: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> v_cache: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> dst: array<vec4<f32>>;
 
-var<workgroup> q_sh: array<vec4<f32>, MAX_D4>;
-var<workgroup> s_sh: array<vec4<f32>, WG4>;
-var<workgroup> p_sh: array<f32, WG>;
-var<workgroup> red: array<vec4<f32>, WG>;
-var<workgroup> l_sh: array<f32, WG>;
+var<workgroup> q_sh: array<vec4<f32>, QSH>;
+var<workgroup> mx_sh: array<vec4<f32>, MX4>;
+var<workgroup> p_sh: array<f32, PSH>;
+var<workgroup> red: array<vec4<f32>, RED>;
+var<workgroup> l_sh: array<f32, RED>;
+
+fn max4(v: vec4<f32>) -> f32 {
+    return max(max(v.x, v.y), max(v.z, v.w));
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>,
         @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let idx = wg_linear(wid, nwg);
+    let group = p.n_heads / p.n_kv_heads;
+    let nchunk = group / HPW;
     // Workgroup-uniform: overshoot of the (possibly 2D) grid.
-    if (idx >= step.n_tokens * p.n_heads) {
+    if (idx >= step.n_tokens * p.n_kv_heads * nchunk * SPLITS) {
         return;
     }
-    let t = idx / p.n_heads;
-    let h = idx - t * p.n_heads;
-    var kvh = h / (p.n_heads / p.n_kv_heads);
+    let sp = idx % SPLITS;
+    let rest = idx / SPLITS;
+    let ch = rest % nchunk;
+    let kvh = (rest / nchunk) % p.n_kv_heads;
+    let t = rest / nchunk / p.n_kv_heads;
+    // Query head of slot r: kvh * group + ch * HPW + r; under the fault the
+    // heads h with h % n_kv == kvh instead.
+    var hstride = 1u;
+    var h0 = kvh * group + ch * HPW;
     if (FAULT_GQA_MODULO) {
-        kvh = h % p.n_kv_heads;
+        hstride = p.n_kv_heads;
+        h0 = kvh + ch * HPW * p.n_kv_heads;
     }
-    let d4 = p.head_dim / 4u;
-    let qbase = idx * d4;
-    for (var i = lid; i < d4; i += WG) {
-        q_sh[i] = q[qbase + i];
+    let row0 = t * p.n_heads;
+    for (var i = lid; i < HPW * D4; i += WG) {
+        let r = i / D4;
+        q_sh[i] = q[(row0 + h0 + r * hstride) * D4 + i % D4];
     }
     workgroupBarrier();
 
@@ -109,96 +157,171 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     if (p.window > 0u && step.pos_offset + t + 1u > p.window) {
         lo = step.pos_offset + t + 1u - p.window;
     }
-    let kvbase = kvh * p.max_ctx * d4;
+    // Blocks b0..b1 hold lo..n (earlier blocks are never read); this split
+    // takes its run of them. Every block of the range holds a visible
+    // position, so a non-empty split has a finite max.
+    let b0 = lo / BLK;
+    let nb = (n + BLK - 1u) / BLK - b0;
+    let per = (nb + SPLITS - 1u) / SPLITS;
+    let sb0 = b0 + min(sp * per, nb);
+    let sb1 = b0 + min(sp * per + per, nb);
+    let kvbase = kvh * p.max_ctx * D4;
     // This invocation's output column(s) and position group.
-    let c = lid % d4;
-    let g = lid / d4;
+    let c = lid % D4;
+    let g = lid / D4;
     let in_group = g < G;
 
-    var m = NEG;
-    var l = 0.0;
-    var acc: array<vec4<f32>, MAX_DPT4>;
-    for (var k = 0u; k < DPT4; k++) {
-        acc[k] = vec4<f32>(0.0);
+    var m: array<f32, MAXH>;
+    var l: array<f32, MAXH>;
+    var acc: array<vec4<f32>, 32>; // MAXH * MAX_DPT4
+    for (var r = 0u; r < HPW; r++) {
+        m[r] = NEG;
+        l[r] = 0.0;
+        for (var k = 0u; k < DPT4; k++) {
+            acc[r * MAX_DPT4 + k] = vec4<f32>(0.0);
+        }
     }
 
-    // The first block is the one holding lo (earlier blocks are never read).
-    for (var start = lo - lo % WG; start < n; start += WG) {
-        let j = start + lid;
-        let valid = j >= lo && j < n;
-        var sc = NEG;
-        if (valid) {
-            let kb = kvbase + j * d4;
-            var qk = 0.0;
-            for (var i = 0u; i < d4; i++) {
-                qk += dot(q_sh[i], k_cache[kb + i]);
-            }
-            sc = qk * p.scale;
+    for (var b = sb0; b < sb1; b++) {
+        let start = b * BLK;
+        var s: array<f32, 64>; // MAX_PPI * MAXH
+        var lm: array<f32, MAXH>;
+        for (var r = 0u; r < HPW; r++) {
+            lm[r] = NEG;
         }
-        s_sh[lid / 4u][lid % 4u] = sc;
+        for (var u = 0u; u < PPI; u++) {
+            let j = start + u * WG + lid;
+            var qk: array<f32, MAXH>;
+            for (var r = 0u; r < HPW; r++) {
+                qk[r] = 0.0;
+            }
+            if (j >= lo && j < n) {
+                let kb = kvbase + j * D4;
+                for (var i = 0u; i < D4; i++) {
+                    let kv = k_cache[kb + i];
+                    for (var r = 0u; r < HPW; r++) {
+                        qk[r] += dot(q_sh[r * D4 + i], kv);
+                    }
+                }
+                for (var r = 0u; r < HPW; r++) {
+                    qk[r] *= p.scale;
+                    lm[r] = max(lm[r], qk[r]);
+                }
+            } else {
+                for (var r = 0u; r < HPW; r++) {
+                    qk[r] = NEG;
+                }
+            }
+            for (var r = 0u; r < HPW; r++) {
+                s[u * MAXH + r] = qk[r];
+            }
+        }
+        for (var r = 0u; r < HPW; r++) {
+            let e = r * WG + lid;
+            mx_sh[e / 4u][e % 4u] = lm[r];
+        }
         workgroupBarrier();
 
         // Invalid positions hold NEG, which never wins the max.
-        var mb4 = s_sh[0];
-        for (var r = 1u; r < WG4; r++) {
-            mb4 = max(mb4, s_sh[r]);
+        var corr: array<f32, MAXH>;
+        var mn: array<f32, MAXH>;
+        for (var r = 0u; r < HPW; r++) {
+            var mb4 = mx_sh[r * (WG / 4u)];
+            for (var e = 1u; e < WG / 4u; e++) {
+                mb4 = max(mb4, mx_sh[r * (WG / 4u) + e]);
+            }
+            mn[r] = max(m[r], max4(mb4));
+            corr[r] = exp(m[r] - mn[r]);
         }
-        let m_new = max(m, max(max(mb4.x, mb4.y), max(mb4.z, mb4.w)));
-        let corr = exp(m - m_new);
-        p_sh[lid] = select(0.0, exp(sc - m_new), valid);
+        for (var u = 0u; u < PPI; u++) {
+            let jr = u * WG + lid;
+            let valid = start + jr >= lo && start + jr < n;
+            for (var r = 0u; r < HPW; r++) {
+                p_sh[r * BLK + jr] = select(0.0, exp(s[u * MAXH + r] - mn[r]), valid);
+            }
+        }
         workgroupBarrier();
 
-        l *= corr;
-        for (var k = 0u; k < DPT4; k++) {
-            acc[k] *= corr;
+        for (var r = 0u; r < HPW; r++) {
+            l[r] *= corr[r];
+            for (var k = 0u; k < DPT4; k++) {
+                acc[r * MAX_DPT4 + k] *= corr[r];
+            }
+            m[r] = mn[r];
         }
         if (in_group) {
-            let cnt = min(WG, n - start);
+            let cnt = min(BLK, n - start);
             // Skip the leading positions before lo (their weights are 0): the
-            // first r >= lo - start in this invocation's stride g, g + G, ...
+            // first jr >= lo - start in this invocation's stride g, g + G, ...
             var r0 = g;
             if (lo > start + g) {
                 r0 = g + (lo - start - g + G - 1u) / G * G;
             }
-            for (var r = r0; r < cnt; r += G) {
-                let pr = p_sh[r];
-                l += pr;
-                let vb = kvbase + (start + r) * d4;
+            for (var jr = r0; jr < cnt; jr += G) {
+                let vb = kvbase + (start + jr) * D4;
                 for (var k = 0u; k < DPT4; k++) {
                     let col = c + k * WG;
-                    if (col < d4) {
-                        acc[k] += pr * v_cache[vb + col];
+                    if (col < D4) {
+                        let v = v_cache[vb + col];
+                        for (var r = 0u; r < HPW; r++) {
+                            acc[r * MAX_DPT4 + k] += p_sh[r * BLK + jr] * v;
+                        }
                     }
+                }
+                for (var r = 0u; r < HPW; r++) {
+                    l[r] += p_sh[r * BLK + jr];
                 }
             }
         }
-        m = m_new;
-        // No barrier needed here: the next block writes s_sh (read above
+        // No barrier needed here: the next block writes mx_sh (read above
         // before the second barrier) and p_sh only after its first barrier,
         // which every invocation reaches after finishing this block.
     }
 
     if (G == 1u) {
         // Active invocations own whole columns (and saw every position).
-        for (var k = 0u; k < DPT4; k++) {
-            let col = c + k * WG;
-            if (in_group && col < d4) {
-                out[qbase + col] = acc[k] / l;
+        if (in_group) {
+            for (var r = 0u; r < HPW; r++) {
+                let hrow = row0 + h0 + r * hstride;
+                for (var k = 0u; k < DPT4; k++) {
+                    let col = c + k * WG;
+                    if (col < D4) {
+                        put(hrow, sp, col, acc[r * MAX_DPT4 + k], m[r], l[r]);
+                    }
+                }
             }
         }
         return;
     }
-    // G > 1: DPT4 == 1 and d4 <= WG. Add the G partial sums of column c.
-    red[lid] = acc[0];
-    l_sh[lid] = l;
+    // G > 1: DPT4 == 1 and D4 <= WG. Add the G partial sums of column c.
+    for (var r = 0u; r < HPW; r++) {
+        red[r * WG + lid] = acc[r * MAX_DPT4];
+        l_sh[r * WG + lid] = l[r];
+    }
     workgroupBarrier();
-    if (lid < d4) {
-        var a = red[lid];
-        var ls = l_sh[lid];
-        for (var gg = 1u; gg < G; gg++) {
-            a += red[gg * d4 + lid];
-            ls += l_sh[gg * d4 + lid];
+    if (lid < D4) {
+        for (var r = 0u; r < HPW; r++) {
+            var a = red[r * WG + lid];
+            var ls = l_sh[r * WG + lid];
+            for (var gg = 1u; gg < G; gg++) {
+                a += red[r * WG + gg * D4 + lid];
+                ls += l_sh[r * WG + gg * D4 + lid];
+            }
+            put(row0 + h0 + r * hstride, sp, lid, a, m[r], ls);
         }
-        out[qbase + lid] = a / ls;
+    }
+}
+
+// Column col of query row hrow (= token * n_heads + head): the normalized
+// output, or split sp's partial.
+fn put(hrow: u32, sp: u32, col: u32, a: vec4<f32>, m: f32, l: f32) {
+    if (!PARTIAL) {
+        dst[hrow * D4 + col] = a / l;
+        return;
+    }
+    let base = (hrow * SPLITS + sp) * (D4 + 1u);
+    dst[base + col] = a;
+    if (col == 0u) {
+        dst[base + D4] = vec4<f32>(m, l, 0.0, 0.0);
     }
 }

@@ -9,8 +9,25 @@
 // W_PAIRS (bf16 weight with even k): every row starts on a word boundary, so
 // a tile row is read one u32 (two elements) at a time. Odd k or f32: element
 // loads.
+//
+// Summation (issue #14): blocked, the blocks summed with compensation. Each
+// output's k products are summed SUB = min(BK, 8) at a time into a fresh
+// partial (a multiply-add chain the compiler may fuse), and the k/SUB partials
+// are added to the running total with Knuth's TwoSum, the rounding error of
+// every add kept in a second register (cmp) and added once at the end. A
+// recursive sum of n products has the worst-case bound ~n·u·Σ|x_i w_i|
+// (u = 2^-24); this order has ~(SUB + 2)·u·Σ|x_i w_i| + O(k·u²): 10·u for any
+// k, instead of 576·u (SmolLM2's k) or 4864·u (Qwen2.5's down_proj). Cost:
+// 2·TM·TN more registers and 6 flops per output per SUB multiply-adds. On a
+// real GPU this kernel is bound by workgroup-memory loads (TM + TN per TM·TN
+// multiply-adds) and barriers, leaving ALU slack for those flops; on lavapipe
+// see BENCHMARKS.md. TwoSum needs the compiler not to reassociate float adds:
+// SPIR-V (no fast-math flags), naga's MSL/HLSL and llvmpipe keep the written
+// order (contraction into fma is allowed and harmless here).
 
 const NT: u32 = (BM / TM) * (BN / TN);
+// Products per partial sum.
+const SUB: u32 = min(BK, 8u);
 
 var<workgroup> xs: array<f32, BK * BM>;
 var<workgroup> ws: array<f32, BK * BN>;
@@ -32,8 +49,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     let tx = lid % (BN / TN);
     let ty = lid / (BN / TN);
     var acc: array<f32, TM * TN>;
+    var cmp: array<f32, TM * TN>;
     for (var i = 0u; i < TM * TN; i++) {
         acc[i] = 0.0;
+        cmp[i] = 0.0;
     }
     for (var k0 = 0u; k0 < k; k0 += BK) {
         // x tile: consecutive invocations read consecutive k of one token.
@@ -80,19 +99,34 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             }
         }
         workgroupBarrier();
-        for (var kk = 0u; kk < BK; kk++) {
-            var a: array<f32, TM>;
-            var b: array<f32, TN>;
-            for (var i = 0u; i < TM; i++) {
-                a[i] = xs[kk * BM + ty * TM + i];
+        // Blocked summation: each run of SUB = min(BK, 8) products goes into a
+        // fresh partial, added to the total with TwoSum (see the header).
+        for (var k1 = 0u; k1 < BK; k1 += SUB) {
+            var part: array<f32, TM * TN>;
+            for (var i = 0u; i < TM * TN; i++) {
+                part[i] = 0.0;
             }
-            for (var j = 0u; j < TN; j++) {
-                b[j] = ws[kk * BN + tx * TN + j];
-            }
-            for (var i = 0u; i < TM; i++) {
-                for (var j = 0u; j < TN; j++) {
-                    acc[i * TN + j] += a[i] * b[j];
+            for (var kk = k1; kk < min(k1 + SUB, BK); kk++) {
+                var a: array<f32, TM>;
+                var b: array<f32, TN>;
+                for (var i = 0u; i < TM; i++) {
+                    a[i] = xs[kk * BM + ty * TM + i];
                 }
+                for (var j = 0u; j < TN; j++) {
+                    b[j] = ws[kk * BN + tx * TN + j];
+                }
+                for (var i = 0u; i < TM; i++) {
+                    for (var j = 0u; j < TN; j++) {
+                        part[i * TN + j] += a[i] * b[j];
+                    }
+                }
+            }
+            // acc += part with the rounding error kept in cmp (TwoSum).
+            for (var i = 0u; i < TM * TN; i++) {
+                let t = acc[i] + part[i];
+                let z = t - acc[i];
+                cmp[i] += (acc[i] - (t - z)) + (part[i] - z);
+                acc[i] = t;
             }
         }
         workgroupBarrier();
@@ -102,7 +136,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         for (var j = 0u; j < TN; j++) {
             let r = n0 + tx * TN + j;
             if (tok < ntok && r < p.rows) {
-                store(tok, r, acc[i * TN + j]);
+                store(tok, r, acc[i * TN + j] + cmp[i * TN + j]);
             }
         }
     }

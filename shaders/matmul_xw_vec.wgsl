@@ -39,14 +39,27 @@ fn x8(gx: u32) -> array<vec4<f32>, 2> {
 // On a CPU-type adapter every lane of the SIMD workgroup is a different row,
 // so each load is a gather; sharing them is what brings this near the
 // device's streaming read rate (4 rows: ~2x faster than 1; 8: slower).
+// Summation (issue #14): each group of 8 products is summed as two 4-wide
+// dots and their sum (depth <= 5), and the k/8 group sums are accumulated with
+// Knuth's TwoSum, the rounding error of every add kept in `cmp` and added at
+// the end. Error bound ~(5 + 2)·u·Σ|x_i w_i| + O(k·u²) (u = 2^-24), against
+// (k/8 + 5)·u for the plain running sum (77·u at k = 576, 613·u at k = 4864).
+// Cost: TB more vec4 registers and 7 flops per group per row, against 8
+// multiply-adds and 2-4 128-bit loads; the kernel is bound by the loads (the
+// gathers across lanes), so the flops are hidden (BENCHMARKS.md). On a GPU the
+// same holds more so: a decode GEMV is bound by DRAM bandwidth. TwoSum needs
+// the compiler not to reassociate float adds (SPIR-V and naga's MSL/HLSL keep
+// the written order; contraction into fma is allowed and harmless).
 fn rows_dot4(t0: u32, r: vec4<u32>) -> array<vec4<f32>, TB> {
     let ng = p.k / 8u;
     let wb = r * ng;
     var xb: array<u32, TB>;
     var acc: array<vec4<f32>, TB>;
+    var cmp: array<vec4<f32>, TB>;
     for (var i = 0u; i < TB; i++) {
         xb[i] = min(t0 + i, step.n_tokens - 1u) * ng;
         acc[i] = vec4<f32>(0.0);
+        cmp[i] = vec4<f32>(0.0);
     }
     for (var g = 0u; g < ng; g++) {
         let w0 = w8(wb.x + g);
@@ -55,11 +68,19 @@ fn rows_dot4(t0: u32, r: vec4<u32>) -> array<vec4<f32>, TB> {
         let w3 = w8(wb.w + g);
         for (var i = 0u; i < TB; i++) {
             let xv = x8(xb[i] + g);
-            acc[i] += vec4<f32>(dot(w0[0], xv[0]) + dot(w0[1], xv[1]),
-                                dot(w1[0], xv[0]) + dot(w1[1], xv[1]),
-                                dot(w2[0], xv[0]) + dot(w2[1], xv[1]),
-                                dot(w3[0], xv[0]) + dot(w3[1], xv[1]));
+            let d = vec4<f32>(dot(w0[0], xv[0]) + dot(w0[1], xv[1]),
+                              dot(w1[0], xv[0]) + dot(w1[1], xv[1]),
+                              dot(w2[0], xv[0]) + dot(w2[1], xv[1]),
+                              dot(w3[0], xv[0]) + dot(w3[1], xv[1]));
+            // acc += d, the rounding error kept in cmp (TwoSum)
+            let s = acc[i] + d;
+            let z = s - acc[i];
+            cmp[i] += (acc[i] - (s - z)) + (d - z);
+            acc[i] = s;
         }
+    }
+    for (var i = 0u; i < TB; i++) {
+        acc[i] += cmp[i];
     }
     return acc;
 }

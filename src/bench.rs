@@ -23,7 +23,7 @@ use rand::{Rng, SeedableRng};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuOptions, Kernel};
 use crate::loader::Role;
-use crate::model::{Model, ModelOptions};
+use crate::model::{Model, ModelOptions, DECODE_DEPTH};
 
 /// The bandwidth probe kernel.
 pub const PROBE_SRC: &str = include_str!("../shaders/probe.wgsl");
@@ -195,7 +195,7 @@ impl Probe {
                     ty: wgpu::QueryType::Timestamp,
                     count: 2,
                 }),
-                resolve: gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                resolve: gpu.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("probe.timestamps.resolve"),
                     size: 16,
                     usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
@@ -380,6 +380,15 @@ pub struct Repeat {
     pub step_s: Vec<f64>,
     /// The greedy tokens produced (the same every repeat).
     pub tokens: Vec<u32>,
+    /// The same decode pipelined ([`Model::decode_greedy`]: no host round
+    /// trip, steps in flight), after the same prefill: total wall time.
+    pub pipelined_s: f64,
+    /// Its tokens (must equal `tokens`).
+    pub pipelined_tokens: Vec<u32>,
+    /// Host thread CPU time to record and submit each pipelined step.
+    pub record_cpu_s: Vec<f64>,
+    /// Dispatches recorded per decode step (counted by the recorder).
+    pub dispatches_per_step: u64,
 }
 
 /// One op kind of the decode-step breakdown.
@@ -433,6 +442,9 @@ pub struct BenchResult {
     pub opts: BenchOptions,
     pub max_batch: usize,
     pub summary: ModelSummary,
+    /// Dispatches a decoder layer records in a decode step (mean over the
+    /// layers: a boundary fusion counts in the layer before it).
+    pub layer_dispatches: f64,
 }
 
 /// Seed of the benchmark prompt.
@@ -497,10 +509,25 @@ pub fn run(
             tokens.push(next);
         }
         tokens.pop();
+        // The same steps again, pipelined, after the same prefill.
+        model.reset();
+        let first = model.forward_next(&prompt)?;
+        let mut pipelined_tokens = vec![first];
+        let t = Instant::now();
+        let run = model.decode_greedy(first, o.gen_tokens, DECODE_DEPTH, |id| {
+            pipelined_tokens.push(id);
+            Ok(true)
+        })?;
+        let pipelined_s = t.elapsed().as_secs_f64();
+        pipelined_tokens.pop();
         repeats.push(Repeat {
             prefill_s,
             step_s,
             tokens,
+            pipelined_s,
+            pipelined_tokens,
+            record_cpu_s: run.record_cpu_s,
+            dispatches_per_step: run.dispatches_per_step,
         });
     }
     model.reset();
@@ -522,6 +549,10 @@ pub fn run(
         breakdown,
         opts: o.clone(),
         max_batch: model.max_batch,
+        layer_dispatches: (0..model.cfg.num_hidden_layers)
+            .map(|l| model.layer_dispatches(l))
+            .sum::<usize>() as f64
+            / model.cfg.num_hidden_layers.max(1) as f64,
         summary: ModelSummary {
             arch: format!("{:?}", model.cfg.arch),
             layers: model.cfg.num_hidden_layers,
@@ -725,6 +756,33 @@ impl BenchResult {
     pub fn deterministic(&self) -> bool {
         self.repeats.windows(2).all(|w| w[0].tokens == w[1].tokens)
     }
+    /// Did the pipelined decode produce the blocking decode's tokens?
+    pub fn pipelined_identical(&self) -> bool {
+        self.repeats.iter().all(|r| r.tokens == r.pipelined_tokens)
+    }
+    /// Median over repeats of the pipelined decode's tokens/s.
+    pub fn pipelined_tok_s(&self) -> f64 {
+        let v: Vec<f64> = self
+            .repeats
+            .iter()
+            .map(|r| r.pipelined_s / self.opts.gen_tokens.max(1) as f64)
+            .collect();
+        1.0 / median(&v)
+    }
+    /// Median host CPU ms to record and submit one decode step (None where
+    /// the platform has no thread CPU clock).
+    pub fn record_cpu_ms(&self) -> Option<f64> {
+        let v: Vec<f64> = self
+            .repeats
+            .iter()
+            .flat_map(|r| r.record_cpu_s.iter().map(|s| s * 1e3))
+            .collect();
+        (!v.is_empty()).then(|| median(&v))
+    }
+    /// Dispatches of one decode step (counted by the recorder).
+    pub fn dispatches_per_step(&self) -> u64 {
+        self.repeats.first().map_or(0, |r| r.dispatches_per_step)
+    }
 }
 
 fn load_average() -> Option<String> {
@@ -799,6 +857,12 @@ pub fn to_json(g: &Gpu, r: &BenchResult) -> serde_json::Value {
             "best_step_ms": r.best_step_s() * 1e3,
             "efficiency_best_step_vs_best_probe": r.efficiency_best(),
             "deterministic_across_repeats": r.deterministic(),
+            "dispatches_per_step": r.dispatches_per_step(),
+            "dispatches_per_layer": r.layer_dispatches,
+            "pipelined_tokens_per_s": r.pipelined_tok_s(),
+            "pipelined_depth": DECODE_DEPTH,
+            "pipelined_identical_tokens": r.pipelined_identical(),
+            "host_record_submit_cpu_ms": r.record_cpu_ms(),
         },
         "breakdown": r.breakdown,
     })
@@ -936,8 +1000,35 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
         r.best_step_s() * 1e3,
         format!("{:.0}% of best probe", r.efficiency_best() * 100.0)
     );
+    let _ = writeln!(
+        s,
+        "{:<34} {:>12.2} {:>22}",
+        "decode pipelined, tokens/s",
+        r.pipelined_tok_s(),
+        format!("{DECODE_DEPTH} steps in flight")
+    );
+    let _ = writeln!(
+        s,
+        "{:<34} {:>12} {:>22}",
+        "decode, dispatches per step",
+        r.dispatches_per_step(),
+        format!("{:.1} per layer", r.layer_dispatches)
+    );
+    if let Some(ms) = r.record_cpu_ms() {
+        let _ = writeln!(
+            s,
+            "{:<34} {:>12.3}",
+            "decode, host CPU ms record+submit", ms
+        );
+    }
     if !r.deterministic() {
         let _ = writeln!(s, "warning: the greedy tokens differed between repeats");
+    }
+    if !r.pipelined_identical() {
+        let _ = writeln!(
+            s,
+            "warning: the pipelined decode's tokens differ from the blocking decode's"
+        );
     }
     if let Some(b) = &r.breakdown {
         let cold: f64 = b.ops.iter().map(|o| o.ms_cold).sum();

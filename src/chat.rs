@@ -302,6 +302,14 @@ fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja
         None if indent.is_some() => (",".into(), ": ".into()),
         None => (", ".into(), ": ".into()),
     };
+    // Python treats a negative indent as 0; a huge one would only exhaust
+    // memory, so it is refused.
+    if let Some(i) = indent.filter(|&i| i > 4096) {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson indent {i}: expected at most 4096"),
+        ));
+    }
     let opts = JsonOpts {
         indent: indent.map(|i| " ".repeat(i.max(0) as usize)),
         ensure_ascii: ensure_ascii.unwrap_or(false),
@@ -587,6 +595,13 @@ mod tests {
         );
         let s = render_chat("{{ {'a': [1, 2]} | tojson(indent=2) }}", &[], false, "", "").unwrap();
         assert_eq!(s, "{\n  \"a\": [\n    1,\n    2\n  ]\n}");
+        // Python: a negative indent is 0; a huge one is refused, not allocated.
+        let s = render_chat("{{ [1] | tojson(indent=-1) }}", &[], false, "", "").unwrap();
+        assert_eq!(s, "[\n1\n]");
+        let e = render_chat("{{ [1] | tojson(indent=10**12) }}", &[], false, "", "")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tojson indent 1000000000000"), "{e}");
     }
 
     #[test]

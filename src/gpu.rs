@@ -176,6 +176,44 @@ pub struct Gpu {
     pub kernels_chosen_by: &'static str,
     /// Device loss and uncaptured errors, recorded by wgpu's callbacks.
     health: Arc<Health>,
+    /// What this `Gpu` has created and recorded (for the per-step
+    /// dispatch count and the no-allocation-per-token audit).
+    pub counters: Counters,
+}
+
+/// Running totals of what went through a [`Gpu`]'s helpers: every buffer,
+/// bind group and pipeline wgllm creates is made by one of them, and every
+/// dispatch is recorded by [`Gpu::dispatch_in`].
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub dispatches: std::sync::atomic::AtomicU64,
+    pub buffers: std::sync::atomic::AtomicU64,
+    pub bind_groups: std::sync::atomic::AtomicU64,
+    pub pipelines: std::sync::atomic::AtomicU64,
+}
+
+/// A snapshot of [`Counters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    pub dispatches: u64,
+    pub buffers: u64,
+    pub bind_groups: u64,
+    pub pipelines: u64,
+}
+
+impl Counters {
+    fn bump(c: &std::sync::atomic::AtomicU64) {
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let l = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        CounterSnapshot {
+            dispatches: l(&self.dispatches),
+            buffers: l(&self.buffers),
+            bind_groups: l(&self.bind_groups),
+            pipelines: l(&self.pipelines),
+        }
+    }
 }
 
 /// What wgpu's device-lost callback and uncaptured-error handler recorded
@@ -462,7 +500,14 @@ impl Gpu {
             caps,
             kernels_chosen_by,
             health,
+            counters: Counters::default(),
         })
+    }
+
+    /// Every buffer wgllm creates goes through here (counted).
+    pub fn create_buffer(&self, desc: &wgpu::BufferDescriptor) -> wgpu::Buffer {
+        Counters::bump(&self.counters.buffers);
+        self.device.create_buffer(desc)
     }
 
     /// An error when the device was lost (driver reset, `destroy`) or wgpu
@@ -536,7 +581,7 @@ impl Gpu {
     pub fn storage_init(&self, label: &str, data: &[u8]) -> Result<wgpu::Buffer> {
         let size = pad4(data.len() as u64).max(4);
         let buf = self.scoped_buffer(label, size, || {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
+            self.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
                 size,
                 usage: wgpu::BufferUsages::STORAGE
@@ -551,7 +596,7 @@ impl Gpu {
 
     /// A zero-filled storage buffer of `size` bytes (rounded up to 4).
     pub fn storage(&self, label: &str, size: u64) -> wgpu::Buffer {
-        self.device.create_buffer(&wgpu::BufferDescriptor {
+        self.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: pad4(size).max(4),
             usage: wgpu::BufferUsages::STORAGE
@@ -564,7 +609,7 @@ impl Gpu {
     /// A uniform buffer holding `data`; writable later with `queue.write_buffer`.
     pub fn uniform<T: bytemuck::Pod>(&self, label: &str, data: &T) -> Result<wgpu::Buffer> {
         let bytes = bytemuck::bytes_of(data);
-        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+        let buf = self.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: pad16(bytes.len() as u64),
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
@@ -576,7 +621,7 @@ impl Gpu {
 
     /// A staging buffer for readback of `size` bytes.
     pub fn staging(&self, label: &str, size: u64) -> wgpu::Buffer {
-        self.device.create_buffer(&wgpu::BufferDescriptor {
+        self.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: pad4(size).max(4),
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
@@ -671,6 +716,7 @@ impl Gpu {
                 label: Some(label),
                 source: wgpu::ShaderSource::Wgsl(full.into()),
             });
+        Counters::bump(&self.counters.pipelines);
         let pipeline = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -708,6 +754,7 @@ impl Gpu {
                 resource: b.as_entire_binding(),
             })
             .collect();
+        Counters::bump(&self.counters.bind_groups);
         self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(&kernel.label),
             layout: &kernel.layout,
@@ -720,24 +767,6 @@ impl Gpu {
     /// `wg_linear()` from common.wgsl and must guard against overshoot.
     pub fn grid(&self, n: u32) -> (u32, u32, u32) {
         grid_for(n, self.caps.max_workgroups_per_dim)
-    }
-
-    /// Encode one dispatch of `n` workgroups (2D when needed) in its own pass.
-    pub fn dispatch(
-        &self,
-        enc: &mut wgpu::CommandEncoder,
-        kernel: &Kernel,
-        bind: &wgpu::BindGroup,
-        n: u32,
-    ) {
-        if n == 0 {
-            return;
-        }
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some(&kernel.label),
-            timestamp_writes: None,
-        });
-        self.dispatch_in(&mut pass, kernel, bind, n);
     }
 
     /// Encode one dispatch of `n` workgroups into an existing pass.
@@ -755,6 +784,7 @@ impl Gpu {
         pass.set_pipeline(&kernel.pipeline);
         pass.set_bind_group(0, bind, &[]);
         pass.dispatch_workgroups(x, y, z);
+        Counters::bump(&self.counters.dispatches);
     }
 
     pub fn encoder(&self) -> wgpu::CommandEncoder {

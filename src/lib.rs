@@ -16,6 +16,7 @@ pub mod loader;
 pub mod model;
 pub mod ops;
 pub mod program;
+pub mod qtensor;
 pub mod reference;
 pub mod sampling;
 pub mod taps;

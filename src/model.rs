@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use crate::config::ModelConfig;
@@ -13,12 +14,12 @@ use crate::gpu::{Gpu, Step};
 use crate::loader::{Checkpoint, LayerRole, LoadDType, MemoryPlan, Role, Weights};
 use crate::ops::argmax::{Argmax, ArgmaxBinding};
 use crate::ops::attention::{self, Attention};
-use crate::ops::elementwise::{self, Binary, Elementwise, Softcap};
+use crate::ops::elementwise::{self, AddRmsNorm, Binary, Elementwise, Softcap};
 use crate::ops::embedding::{Embedding, EmbeddingBinding};
 use crate::ops::kv_copy::{self, KvCache, KvCopy};
 use crate::ops::matmul::{Linear, LinearBinding};
 use crate::ops::rmsnorm::{self, RmsNorm};
-use crate::ops::rope::{self, Rope, RopeTables};
+use crate::ops::rope::{self, Rope, RopeKv, RopeTables};
 use crate::program::{attention_params, Activation, Buf, Op, OpKind, Program, RopeTable, Scope};
 use crate::taps::TapSet;
 use crate::tensor::{DeviceTensor, WDType};
@@ -124,10 +125,13 @@ struct Kernels {
     linear: Cache<(WDType, bool), Linear>,
     embed: Embedding,
     rope: Rope,
+    rope_kv: RopeKv,
     attention: Attention,
     kv_copy: KvCopy,
     glu: Cache<Activation, Elementwise>,
     add: Elementwise,
+    /// By (weight dtype, unit offset).
+    add_norm: Cache<(WDType, bool), AddRmsNorm>,
     softcap: Cache<(), Softcap>,
     argmax: Argmax,
     faults: Faults,
@@ -151,7 +155,7 @@ enum Bound {
     },
     KvAppend(wgpu::BindGroup),
     Attention {
-        bg: wgpu::BindGroup,
+        bg: attention::Binding,
         params: attention::Params,
     },
     Glu {
@@ -173,6 +177,42 @@ enum Bound {
         y: usize,
         row_bytes: u64,
     },
+}
+
+/// One item of a layer's fast path (recording without taps): a program op
+/// as bound, or several consecutive ops done by one fused kernel.
+enum Fast {
+    /// `layers[i][j]`.
+    Op(usize),
+    /// RoPE of q, RoPE of k and the KV append (three program ops).
+    RopeKv {
+        bg: wgpu::BindGroup,
+        params: rope::KvParams,
+        info: StepOp,
+    },
+    /// A residual add and the RMSNorm of its sum (two program ops).
+    AddNorm {
+        key: (WDType, bool),
+        bg: wgpu::BindGroup,
+        info: StepOp,
+    },
+}
+
+impl Fast {
+    /// What the bench reports of a fused item (None for a plain op).
+    fn info(&self) -> Option<&StepOp> {
+        match self {
+            Fast::Op(_) => None,
+            Fast::RopeKv { info, .. } | Fast::AddNorm { info, .. } => Some(info),
+        }
+    }
+}
+
+/// An item of a decode step: a bound op or a fused kernel.
+enum Item<'a> {
+    Op(&'a BoundOp),
+    /// Never `Fast::Op` (resolved to `Op`).
+    Fused(&'a Fast, &'a StepOp),
 }
 
 /// A bound op, the tap it feeds and what the bench reports of it.
@@ -217,6 +257,62 @@ struct Buffers {
     logits_staging: wgpu::Buffer,
     /// Uniforms of the bind groups (kept alive here).
     params: Vec<wgpu::Buffer>,
+    /// `Step::new(1, p)` for every position `p` of the cache: a pipelined
+    /// decode step copies its entry into `step` and `step_one` on the GPU,
+    /// so no host write is needed per token.
+    steps: wgpu::Buffer,
+    /// Ring of 4-byte staging buffers the pipelined decode reads token ids
+    /// back through, with each slot's map state (see [`MapState`]).
+    ring: Vec<wgpu::Buffer>,
+    ring_state: Vec<Arc<AtomicU8>>,
+}
+
+/// Slots in the token readback ring: more than any decode depth.
+const RING: usize = 8;
+/// Steps the pipelined greedy decode keeps in flight by default.
+pub const DECODE_DEPTH: usize = 3;
+/// Bytes of one [`Step`] uniform.
+const STEP_BYTES: u64 = std::mem::size_of::<Step>() as u64;
+
+/// A ring slot's map: requested and pending, done, or failed.
+struct MapState;
+impl MapState {
+    const IDLE: u8 = 0;
+    const PENDING: u8 = 1;
+    const MAPPED: u8 = 2;
+    const FAILED: u8 = 3;
+}
+
+/// What a pipelined greedy decode did (see [`Model::decode_greedy`]).
+#[derive(Clone, Debug, Default)]
+pub struct DecodeRun {
+    /// Steps submitted, wasted ones (past a stop) included.
+    pub submitted: usize,
+    /// Steps whose token was delivered (the KV cache keeps these).
+    pub kept: usize,
+    /// Host thread CPU seconds to record and submit each step.
+    pub record_cpu_s: Vec<f64>,
+    /// Compute dispatches recorded per step.
+    pub dispatches_per_step: u64,
+}
+
+/// CPU time of the calling thread, in seconds (None where the platform
+/// gives none).
+pub fn thread_cpu_s() -> Option<f64> {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec through a valid pointer.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        (rc == 0).then_some(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
 }
 
 /// Where a scope's residual stream lives.
@@ -256,6 +352,11 @@ pub struct Model {
     kv_params: kv_copy::Params,
     embed: Vec<BoundOp>,
     layers: Vec<Vec<BoundOp>>,
+    /// Each layer's fast path (see [`Fast`]).
+    fast: Vec<Vec<Fast>>,
+    /// Record the fast path when no taps are read (tests turn it off to
+    /// compare it with the op-by-op path).
+    fuse: bool,
     /// The head over every token (taps) and over the last token only.
     head_all: Vec<BoundOp>,
     head_last: Vec<BoundOp>,
@@ -381,10 +482,12 @@ impl Model {
             linear: Cache(Vec::new()),
             embed: Embedding::new(g, weights.embed.dtype)?,
             rope: Rope::with_faults(g, f.rope_interleaved)?,
+            rope_kv: RopeKv::with_faults(g, f.rope_interleaved)?,
             attention: Attention::with_faults(g, hd, f.gqa_modulo)?,
             kv_copy: KvCopy::new(g)?,
             glu: Cache(Vec::new()),
             add: Elementwise::new(g, Binary::Add)?,
+            add_norm: Cache(Vec::new()),
             softcap: Cache(Vec::new()),
             argmax: Argmax::new(g)?,
             faults: f,
@@ -428,6 +531,16 @@ impl Model {
             next_staging: g.staging("next_staging", 4),
             logits_staging: g.staging("logits_staging", (vocab * 4) as u64),
             params: Vec::new(),
+            steps: {
+                let table: Vec<Step> = (0..max_context as u32).map(|p| Step::new(1, p)).collect();
+                g.storage_init("steps", bytemuck::cast_slice(&table))?
+            },
+            ring: (0..RING)
+                .map(|i| g.staging(&format!("next_ring{i}"), 4))
+                .collect(),
+            ring_state: (0..RING)
+                .map(|_| Arc::new(AtomicU8::new(MapState::IDLE)))
+                .collect(),
         };
         let ctx = BindCtx {
             g,
@@ -452,6 +565,8 @@ impl Model {
         )?;
         let mut kv = Vec::new();
         let mut layers = Vec::new();
+        let mut fast = Vec::new();
+        let mut envs = Vec::new();
         for (i, ops) in program.layers.iter().enumerate() {
             let cache = KvCache::new(g, kv_params)?;
             let env = Env {
@@ -459,8 +574,38 @@ impl Model {
                 stream_out: b.h[(i + 1) % 2],
                 one_row: false,
             };
-            layers.push(ctx.bind_all(&mut k, &mut b, ops, Scope::Layer(i), env, Some(&cache))?);
+            let bound = ctx.bind_all(&mut k, &mut b, ops, Scope::Layer(i), env, Some(&cache))?;
+            fast.push(ctx.fuse_layer(&mut k, &b, ops, env, &cache)?);
+            layers.push(bound);
             kv.push(cache);
+            envs.push(env);
+        }
+        // A layer's last residual add and the next layer's first norm (the
+        // layer boundary) as one dispatch, too.
+        for i in 1..nl {
+            let (prev, this) = (&program.layers[i - 1], &program.layers[i]);
+            let (Some(add), Some(norm)) = (prev.last(), this.first()) else {
+                continue;
+            };
+            let ends_plain =
+                matches!(fast[i - 1].last(), Some(Fast::Op(j)) if *j + 1 == prev.len());
+            let starts_plain = matches!(fast[i].first(), Some(Fast::Op(0)));
+            let mut norm = norm.clone();
+            // The next layer's Stream is this layer's StreamOut.
+            match &mut norm.kind {
+                OpKind::Norm {
+                    x: x @ Buf::Stream, ..
+                } => *x = Buf::StreamOut,
+                _ => continue,
+            }
+            if !(ends_plain && starts_plain) {
+                continue;
+            }
+            let pair = [add.clone(), norm];
+            if let Some(f) = ctx.fuse_add_norm(&mut k, &b, Some(&pair), envs[i - 1])? {
+                *fast[i - 1].last_mut().expect("checked") = f;
+                fast[i].remove(0);
+            }
         }
         let head_env = Env {
             stream: b.h[nl % 2],
@@ -489,6 +634,8 @@ impl Model {
             kv_params,
             embed,
             layers,
+            fast,
+            fuse: true,
             head_all,
             head_last,
             argmax_last,
@@ -650,6 +797,21 @@ impl Model {
         Ok(())
     }
 
+    /// Dispatch a fused fast-path item over `n` tokens.
+    fn encode_fused(&self, f: &Fast, pass: &mut wgpu::ComputePass<'_>, n: u32) -> Result<()> {
+        let g = &*self.gpu;
+        match f {
+            Fast::RopeKv { bg, params, .. } => self.k.rope_kv.encode(g, pass, bg, params, n),
+            Fast::AddNorm { key, bg, .. } => self.k.add_norm.get(*key).encode(g, pass, bg, n),
+            Fast::Op(_) => {
+                return Err(Error::invalid(
+                    "a plain op is recorded by encode_op, not as a fused item",
+                ))
+            }
+        }
+        Ok(())
+    }
+
     /// Record one bound op over `n` tokens, then its tap.
     fn encode_op(&self, op: &BoundOp, r: &mut Rec, n: u32) -> Result<()> {
         match &op.bound {
@@ -691,35 +853,9 @@ impl Model {
             offset: 0,
             entries: Vec::new(),
         });
-        let b = &self.b;
         let mut r = Rec::new(g, plan);
-        for op in self.embed.iter().chain(self.layers.iter().flatten()) {
-            self.encode_op(op, &mut r, nu)?;
-        }
-        match logits {
-            None => {}
-            Some(Logits::All) => {
-                for op in &self.head_all {
-                    self.encode_op(op, &mut r, nu)?;
-                }
-            }
-            Some(Logits::Last) => {
-                // The head on the last token's row only.
-                let row = (self.cfg.hidden_size * 4) as u64;
-                let stream = &b.acts[b.h[self.layers.len() % 2]];
-                r.enc().copy_buffer_to_buffer(
-                    stream,
-                    row * (n as u64 - 1),
-                    &b.acts[b.last],
-                    0,
-                    row,
-                );
-                for op in &self.head_last {
-                    self.encode_op(op, &mut r, 1)?;
-                }
-                self.k.argmax.encode(g, r.pass(), &self.argmax_last, 1)?;
-            }
-        }
+        self.encode_body(&mut r, nu, logits)?;
+        let b = &self.b;
         let logits_buf = &b.acts[b.index[&Buf::Logits]];
         match readback {
             None => {}
@@ -736,16 +872,224 @@ impl Model {
         Ok(r.finish())
     }
 
+    /// Record the program over `n` tokens into `r`: embedding, layers, and
+    /// the head `logits` asks for (the last-row head ends with the argmax
+    /// into `next`).
+    fn encode_body(&self, r: &mut Rec, n: u32, logits: Option<Logits>) -> Result<()> {
+        let (g, b) = (&*self.gpu, &self.b);
+        for op in &self.embed {
+            self.encode_op(op, r, n)?;
+        }
+        if r.taps.is_some() || !self.fuse {
+            for op in self.layers.iter().flatten() {
+                self.encode_op(op, r, n)?;
+            }
+        } else {
+            for (ops, fast) in self.layers.iter().zip(&self.fast) {
+                for f in fast {
+                    match f {
+                        Fast::Op(j) => self.encode_op(&ops[*j], r, n)?,
+                        f => self.encode_fused(f, r.pass(), n)?,
+                    }
+                }
+            }
+        }
+        match logits {
+            None => {}
+            Some(Logits::All) => {
+                for op in &self.head_all {
+                    self.encode_op(op, r, n)?;
+                }
+            }
+            Some(Logits::Last) => {
+                // The head on the last token's row only.
+                let row = (self.cfg.hidden_size * 4) as u64;
+                let stream = &b.acts[b.h[self.layers.len() % 2]];
+                r.enc().copy_buffer_to_buffer(
+                    stream,
+                    row * (n as u64 - 1),
+                    &b.acts[b.last],
+                    0,
+                    row,
+                );
+                for op in &self.head_last {
+                    self.encode_op(op, r, 1)?;
+                }
+                self.k.argmax.encode(g, r.pass(), &self.argmax_last, 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Record one greedy decode step at position `pos` without any host
+    /// write: the step uniforms come from the `steps` table, the input id
+    /// from the previous step's argmax (`next`) unless `host_id` (the first
+    /// step, whose id the host wrote into `ids`), and the new id is copied
+    /// into ring slot `slot`.
+    fn record_decode_step(
+        &self,
+        pos: usize,
+        host_id: bool,
+        slot: usize,
+    ) -> Result<wgpu::CommandBuffer> {
+        let b = &self.b;
+        let mut r = Rec::new(&self.gpu, None);
+        let enc = r.enc();
+        let off = pos as u64 * STEP_BYTES;
+        enc.copy_buffer_to_buffer(&b.steps, off, &b.step, 0, STEP_BYTES);
+        enc.copy_buffer_to_buffer(&b.steps, off, &b.step_one, 0, STEP_BYTES);
+        if !host_id {
+            enc.copy_buffer_to_buffer(&b.next, 0, &b.ids, 0, 4);
+        }
+        self.encode_body(&mut r, 1, Some(Logits::Last))?;
+        r.enc()
+            .copy_buffer_to_buffer(&b.next, 0, &b.ring[slot], 0, 4);
+        Ok(r.finish().0)
+    }
+
+    /// Greedy decode with no host round trip between steps: feed `first` at
+    /// the current position, then each step's argmax feeds the next step on
+    /// the GPU. Up to `depth` steps are in flight; their ids come back
+    /// through a ring of staging buffers, in order, to `on_token`, which
+    /// returns false to stop (EOS). At most `max_steps` steps run. The KV
+    /// cache then keeps exactly the steps whose ids were delivered; the
+    /// (at most `depth - 1`) steps submitted past a stop are discarded.
+    /// The same kernels in the same order as [`Self::forward_next`]: the
+    /// ids are bit-identical.
+    pub fn decode_greedy(
+        &mut self,
+        first: u32,
+        max_steps: usize,
+        depth: usize,
+        mut on_token: impl FnMut(u32) -> Result<bool>,
+    ) -> Result<DecodeRun> {
+        self.check_tokens(&[first], Logits::Last)?;
+        if self.pos + max_steps > self.max_context {
+            return Err(Error::invalid(format!(
+                "context full: {} tokens in the cache + {max_steps} decode steps > max context {}",
+                self.pos, self.max_context
+            )));
+        }
+        let depth = depth.clamp(1, RING - 1);
+        let g = self.gpu.clone();
+        let start = self.pos;
+        g.queue
+            .write_buffer(&self.b.ids, 0, bytemuck::bytes_of(&first));
+        let mut run = DecodeRun {
+            record_cpu_s: Vec::with_capacity(max_steps),
+            ..DecodeRun::default()
+        };
+        let d0 = g.counters.snapshot().dispatches;
+        let mut delivered = 0;
+        let mut stopped = false;
+        let result = (|| -> Result<()> {
+            loop {
+                while !stopped && run.submitted < max_steps && run.submitted - delivered < depth {
+                    let slot = run.submitted % RING;
+                    let t = thread_cpu_s();
+                    let cmd =
+                        self.record_decode_step(start + run.submitted, run.submitted == 0, slot)?;
+                    g.queue.submit([cmd]);
+                    if let (Some(t0), Some(t1)) = (t, thread_cpu_s()) {
+                        run.record_cpu_s.push(t1 - t0);
+                    }
+                    let state = self.b.ring_state[slot].clone();
+                    state.store(MapState::PENDING, Ordering::Release);
+                    self.b.ring[slot]
+                        .slice(..)
+                        .map_async(wgpu::MapMode::Read, move |r| {
+                            let s = if r.is_ok() {
+                                MapState::MAPPED
+                            } else {
+                                MapState::FAILED
+                            };
+                            state.store(s, Ordering::Release);
+                        });
+                    run.submitted += 1;
+                    if run.submitted == 1 {
+                        run.dispatches_per_step = g.counters.snapshot().dispatches - d0;
+                    }
+                }
+                if stopped || delivered == run.submitted {
+                    return Ok(());
+                }
+                let id = self.take_ring(delivered % RING)?;
+                delivered += 1;
+                if !on_token(id)? {
+                    stopped = true;
+                }
+            }
+        })();
+        // Steps still in flight (past a stop, or after an error): wait for
+        // them and release their slots so the ring is clean for next time.
+        let drained = self.drain_ring();
+        self.pos = start + delivered;
+        run.kept = delivered;
+        result?;
+        drained?;
+        Ok(run)
+    }
+
+    /// Wait for ring slot `slot`'s map, read its id and unmap it.
+    fn take_ring(&self, slot: usize) -> Result<u32> {
+        let state = &self.b.ring_state[slot];
+        while state.load(Ordering::Acquire) == MapState::PENDING {
+            self.gpu.wait()?;
+        }
+        let buf = &self.b.ring[slot];
+        if state.swap(MapState::IDLE, Ordering::AcqRel) != MapState::MAPPED {
+            return Err(Error::Gpu {
+                what: "token readback map".into(),
+                msg: "the map of a token ring slot failed".into(),
+            });
+        }
+        let id = {
+            let view = buf.slice(..).get_mapped_range().map_err(|e| Error::Gpu {
+                what: "token readback view".into(),
+                msg: e.to_string(),
+            })?;
+            u32::from_le_bytes([view[0], view[1], view[2], view[3]])
+        };
+        buf.unmap();
+        Ok(id)
+    }
+
+    /// Wait for every pending ring map and unmap what was mapped.
+    fn drain_ring(&self) -> Result<()> {
+        if self
+            .b
+            .ring_state
+            .iter()
+            .any(|s| s.load(Ordering::Acquire) == MapState::PENDING)
+        {
+            self.gpu.wait()?;
+        }
+        for (buf, s) in self.b.ring.iter().zip(&self.b.ring_state) {
+            match s.swap(MapState::IDLE, Ordering::AcqRel) {
+                MapState::MAPPED => buf.unmap(),
+                MapState::PENDING => {
+                    return Err(Error::Gpu {
+                        what: "token readback map".into(),
+                        msg: "a ring slot's map never completed".into(),
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Every op of one decode step in order (the embedding, every layer, the
     /// last-row head, argmax), as the bench reports them.
     #[doc(hidden)]
     pub fn decode_ops(&self) -> Vec<StepOp> {
         let mut v: Vec<StepOp> = self
-            .embed
+            .decode_items()
             .iter()
-            .chain(self.layers.iter().flatten())
-            .chain(&self.head_last)
-            .map(|o| o.info.clone())
+            .map(|i| match i {
+                Item::Op(o) => o.info.clone(),
+                Item::Fused(_, info) => (*info).clone(),
+            })
             .collect();
         v.push(StepOp {
             class: "argmax",
@@ -755,6 +1099,31 @@ impl Model {
             window: 0,
         });
         v
+    }
+
+    /// What one decode step records, in order (the fast path when fusing),
+    /// the argmax aside.
+    fn decode_items(&self) -> Vec<Item<'_>> {
+        let mut v: Vec<Item> = self.embed.iter().map(Item::Op).collect();
+        for (ops, fast) in self.layers.iter().zip(&self.fast) {
+            if self.fuse {
+                v.extend(fast.iter().map(|f| match f {
+                    Fast::Op(j) => Item::Op(&ops[*j]),
+                    f => Item::Fused(f, f.info().expect("a fused item")),
+                }));
+            } else {
+                v.extend(ops.iter().map(Item::Op));
+            }
+        }
+        v.extend(self.head_last.iter().map(Item::Op));
+        v
+    }
+
+    /// Test-only: record op by op even without taps (to compare the fused
+    /// fast path with it).
+    #[doc(hidden)]
+    pub fn set_fuse(&mut self, fuse: bool) {
+        self.fuse = fuse;
     }
 
     /// Set the step uniforms for one decode token at position `kv_len - 1`
@@ -783,24 +1152,40 @@ impl Model {
         pass: &mut wgpu::ComputePass<'_>,
         select: &dyn Fn(usize) -> bool,
     ) -> Result<()> {
-        let ops = self
-            .embed
-            .iter()
-            .chain(self.layers.iter().flatten())
-            .chain(&self.head_last);
-        let mut n_ops = 0;
-        for (i, op) in ops.enumerate() {
-            n_ops = i + 1;
-            if select(i) {
-                self.dispatch(&op.bound, pass, 1)?;
+        let items = self.decode_items();
+        for (i, item) in items.iter().enumerate() {
+            if !select(i) {
+                continue;
+            }
+            match item {
+                Item::Op(op) => self.dispatch(&op.bound, pass, 1)?,
+                Item::Fused(f, _) => self.encode_fused(f, pass, 1)?,
             }
         }
+        let n_ops = items.len();
         if select(n_ops) {
             self.k
                 .argmax
                 .encode(&self.gpu, pass, &self.argmax_last, 1)?;
         }
         Ok(())
+    }
+
+    /// Dispatches decoder layer `layer` records in a decode step.
+    #[doc(hidden)]
+    pub fn layer_dispatches(&self, layer: usize) -> usize {
+        let (Some(ops), Some(fast)) = (self.layers.get(layer), self.fast.get(layer)) else {
+            return 0;
+        };
+        if !self.fuse {
+            return ops.iter().map(|o| o.info.dispatches).sum();
+        }
+        fast.iter()
+            .map(|f| {
+                f.info()
+                    .map_or_else(|| ops_dispatches(ops, f), |i| i.dispatches)
+            })
+            .sum()
     }
 
     /// The K and V cache of `layer` (`[n_kv, max_context, head_dim]` f32).
@@ -949,6 +1334,7 @@ impl BindCtx<'_> {
                     let bg = k
                         .attention
                         .bind(g, &params, step, buf(q), cache_of()?, buf(y))?;
+                    info.dispatches = k.attention.dispatches(1);
                     info.kv_bytes_per_position = (2 * c.kv_dim() * 4) as u64;
                     info.window = window;
                     Bound::Attention { bg, params }
@@ -999,6 +1385,162 @@ impl BindCtx<'_> {
             out.push(BoundOp { bound, tap, info });
         }
         Ok(out)
+    }
+}
+
+impl BindCtx<'_> {
+    /// `Add { y: r }` then `Norm { x: r }` over the hidden state, as one
+    /// [`AddRmsNorm`] dispatch; None when `w` is not that pattern.
+    fn fuse_add_norm(
+        &self,
+        k: &mut Kernels,
+        b: &Buffers,
+        w: Option<&[Op]>,
+        env: Env,
+    ) -> Result<Option<Fast>> {
+        let (g, c) = (self.g, self.cfg);
+        let Some([add, norm]) = w else {
+            return Ok(None);
+        };
+        let (
+            OpKind::Add { a, b: bb, y: r },
+            OpKind::Norm {
+                x,
+                w,
+                y,
+                heads: 1,
+                unit_offset,
+            },
+        ) = (&add.kind, &norm.kind)
+        else {
+            return Ok(None);
+        };
+        if x != r || [*a, *bb, *r].contains(y) || a == r || bb == r {
+            return Ok(None);
+        }
+        let wt = self.weight(*w)?;
+        let key = (wt.dtype, *unit_offset);
+        let eps_outside = k.faults.norm_eps_outside;
+        k.add_norm
+            .get_or(key, || AddRmsNorm::new(g, key.0, key.1, eps_outside))?;
+        let kern = k.add_norm.get(key);
+        let p = g.uniform(
+            "add_norm.params",
+            &rmsnorm::Params::per_token(r.width(c), 1, c.rms_norm_eps as f32),
+        )?;
+        let buf = |x: Buf| &b.acts[b.idx(env, x)];
+        let bg = kern.bind(
+            g,
+            &p,
+            &b.step,
+            buf(*a),
+            buf(*bb),
+            &wt.chunks[0].buffer,
+            buf(*r),
+            buf(*y),
+        );
+        let info = StepOp {
+            class: "add+rmsnorm (fused)",
+            dispatches: 1,
+            weight_bytes: tensor_bytes(wt),
+            kv_bytes_per_position: 0,
+            window: 0,
+        };
+        Ok(Some(Fast::AddNorm { key, bg, info }))
+    }
+
+    /// A layer's fast path: its bound ops in order, except that RoPE(q),
+    /// RoPE(k) on the same table and the append of that k (with v) become
+    /// one [`RopeKv`] dispatch. The program stays the one description: this
+    /// only finds the pattern in it.
+    fn fuse_layer(
+        &self,
+        k: &mut Kernels,
+        b: &Buffers,
+        ops: &[Op],
+        env: Env,
+        cache: &KvCache,
+    ) -> Result<Vec<Fast>> {
+        let (g, c) = (self.g, self.cfg);
+        let mut out = Vec::new();
+        let mut j = 0;
+        while j < ops.len() {
+            let fused = match ops
+                .get(j..j + 3)
+                .map(|w| (&w[0].kind, &w[1].kind, &w[2].kind))
+            {
+                Some((
+                    OpKind::Rope {
+                        x: qx,
+                        y: qy,
+                        heads: nh,
+                        table: tq,
+                    },
+                    OpKind::Rope {
+                        x: kx,
+                        y: ky,
+                        heads: nkv,
+                        table: tk,
+                    },
+                    OpKind::KvAppend { k: kk, v },
+                )) if tq == tk && kk == ky && qy != ky && qy != v && qy != kx => {
+                    Some((*qx, *qy, *nh, *kx, *nkv, *v, *tq))
+                }
+                _ => None,
+            };
+            if let Some(f) = self.fuse_add_norm(k, b, ops.get(j..j + 2), env)? {
+                out.push(f);
+                j += 2;
+                continue;
+            }
+            let Some((qx, qy, nh, kx, nkv, v, table)) = fused else {
+                out.push(Fast::Op(j));
+                j += 1;
+                continue;
+            };
+            let t = &self
+                .tables
+                .iter()
+                .find(|(t, _)| *t == table)
+                .expect("a table for every rope op")
+                .1;
+            let params = rope::KvParams {
+                n_heads: nh as u32,
+                n_kv_heads: nkv as u32,
+                head_dim: c.head_dim as u32,
+                max_positions: t.max_positions as u32,
+                max_ctx: cache.params.max_ctx,
+                _p: [0; 3],
+            };
+            let buf = |x: Buf| &b.acts[b.idx(env, x)];
+            let bg = k.rope_kv.bind(
+                g,
+                &params,
+                &b.step,
+                [buf(qx), buf(kx), buf(v)],
+                t,
+                buf(qy),
+                cache,
+            )?;
+            let info = StepOp {
+                class: "rope+kv (fused)",
+                dispatches: 1,
+                weight_bytes: 0,
+                kv_bytes_per_position: 0,
+                window: 0,
+            };
+            out.push(Fast::RopeKv { bg, params, info });
+            j += 3;
+        }
+        Ok(out)
+    }
+}
+
+/// Dispatches of the plain op `f` (`Fast::Op`) of a layer.
+fn ops_dispatches(ops: &[BoundOp], f: &Fast) -> usize {
+    match f {
+        Fast::Op(j) => ops[*j].info.dispatches,
+        _ => 0,
     }
 }
 

@@ -18,11 +18,11 @@
 
 use std::collections::BTreeSet;
 
+use crate::config::RopeScaling;
 use crate::config::{Arch, ModelConfig};
 use crate::error::Result;
 use crate::loader::{LayerRole, Role};
 use crate::ops::attention;
-use crate::ops::rope::RopeScaling;
 
 /// A named activation buffer: f32 `[n_tokens, width]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -215,6 +215,30 @@ pub struct VocabSpec {
 }
 
 impl VocabSpec {
+    /// Read from `g`; `None` when the file has no `tokenizer.ggml.model`.
+    pub fn from_gguf(g: &crate::gguf::GgufFile) -> Result<Option<Self>> {
+        let Some(model) = g.opt_str("tokenizer.ggml.model")? else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            model: model.to_string(),
+            pre: g.opt_str("tokenizer.ggml.pre")?.map(str::to_string),
+            tokens: g.get_str_array("tokenizer.ggml.tokens")?.to_vec(),
+            token_types: g.opt_i32_array("tokenizer.ggml.token_type")?,
+            merges: g
+                .opt_str_array("tokenizer.ggml.merges")?
+                .map(<[String]>::to_vec)
+                .unwrap_or_default(),
+            bos: g.opt_u32("tokenizer.ggml.bos_token_id")?,
+            eos: g.opt_u32("tokenizer.ggml.eos_token_id")?,
+            padding: g.opt_u32("tokenizer.ggml.padding_token_id")?,
+            add_bos: g.opt_bool("tokenizer.ggml.add_bos_token")?,
+            chat_template: g.opt_str("tokenizer.chat_template")?.map(str::to_string),
+        }))
+    }
+}
+
+impl VocabSpec {
     /// The token string of an id, if in range.
     pub fn token(&self, id: u32) -> Option<&str> {
         self.tokens.get(id as usize).map(String::as_str)

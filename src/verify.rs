@@ -71,7 +71,20 @@ fn dump_kind(path: &std::path::Path) -> Result<RefKind> {
 /// user and the dump give tokens they must agree.
 fn resolve_tokens(o: &VerifyOptions) -> Result<Vec<u32>> {
     let from_ref = match &o.reference {
-        Some(r) => read_i32(r, "tokens")?,
+        Some(r) => match read_i32(r, "tokens")? {
+            Some(t) => Some(
+                t.iter()
+                    .map(|&x| {
+                        u32::try_from(x).map_err(|_| Error::Tensor {
+                            path: r.clone(),
+                            tensor: "tokens".into(),
+                            msg: format!("token id {x} is not a valid id (expected 0..2^32)"),
+                        })
+                    })
+                    .collect::<Result<Vec<u32>>>()?,
+            ),
+            None => None,
+        },
         None => None,
     };
     let mine = if let Some(t) = &o.tokens {
@@ -81,28 +94,29 @@ fn resolve_tokens(o: &VerifyOptions) -> Result<Vec<u32>> {
     } else {
         None
     };
-    match (mine, from_ref) {
+    let tokens = match (mine, from_ref) {
         (Some(m), Some(r)) => {
-            let r: Vec<u32> = r.iter().map(|&x| x as u32).collect();
             if m != r {
                 return Err(Error::invalid(format!(
                     "the tokens given ({m:?}) differ from the reference dump's `tokens` ({r:?}); a comparison needs the same input"
                 )));
             }
-            Ok(m)
+            m
         }
-        (Some(m), None) => Ok(m),
-        (None, Some(r)) => r
-            .iter()
-            .map(|&x| {
-                u32::try_from(x)
-                    .map_err(|_| Error::invalid(format!("reference token id {x} is negative")))
-            })
-            .collect(),
-        (None, None) => Err(Error::invalid(
-            "give --tokens or --prompt (or a --reference dump that holds `tokens`)",
-        )),
+        (Some(m), None) => m,
+        (None, Some(r)) => r,
+        (None, None) => {
+            return Err(Error::invalid(
+                "give --tokens or --prompt (or a --reference dump that holds `tokens`)",
+            ))
+        }
+    };
+    if tokens.is_empty() {
+        return Err(Error::invalid(
+            "no tokens to verify (the prompt encodes to no tokens, or the dump's `tokens` is empty)",
+        ));
     }
+    Ok(tokens)
 }
 
 pub fn run(gpu: Arc<Gpu>, o: &VerifyOptions) -> Result<VerifyResult> {

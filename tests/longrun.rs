@@ -207,7 +207,10 @@ fn prompt_longer_than_the_context_and_empty_prompt_are_refused() {
     let e = wgllm::generate::generate(&mut model, &tok, &[], &opts, |_| {})
         .unwrap_err()
         .to_string();
-    assert!(e.contains("no tokens to process"), "{e}");
+    assert!(
+        e.contains("the prompt encodes to no tokens: give a non-empty prompt"),
+        "{e}"
+    );
 }
 
 /// A byte-level tokenizer (only needed for generate()'s signature here):

@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 
 use serde_json::Value as Json;
 use wgllm::chat::{render_chat, ChatMessage, ChatTemplate};
-use wgllm::gguf::{GgufFile, GgufTokenizerMeta};
+use wgllm::gguf::GgufFile;
 use wgllm::tokenizer::{build_tokenizer, write_tokenizer_files, Tokenizer, VocabSpec};
 
 const SMOLLM2: Model = Model {
@@ -45,21 +45,6 @@ fn golden(m: &Model) -> Json {
     serde_json::from_str(&text).unwrap()
 }
 
-fn spec_from_meta(meta: GgufTokenizerMeta) -> VocabSpec {
-    VocabSpec {
-        model: meta.model,
-        pre: meta.pre,
-        tokens: meta.tokens,
-        token_types: meta.token_types,
-        merges: meta.merges,
-        bos: meta.bos,
-        eos: meta.eos,
-        padding: meta.padding,
-        add_bos: meta.add_bos,
-        chat_template: meta.chat_template,
-    }
-}
-
 /// The model's vocabulary and tokenizer, built once per test binary.
 struct Loaded {
     spec: VocabSpec,
@@ -70,10 +55,9 @@ fn load(m: &Model, cell: &'static OnceLock<Loaded>) -> &'static Loaded {
     cell.get_or_init(|| {
         let path = common::real_gguf(m.known);
         let g = GgufFile::open(&path).unwrap();
-        let meta = GgufTokenizerMeta::from_gguf(&g)
+        let spec = VocabSpec::from_gguf(&g)
             .unwrap()
             .expect("tokenizer metadata");
-        let spec = spec_from_meta(meta);
         let t = std::time::Instant::now();
         let tok = Tokenizer::from_vocab_spec(&spec).unwrap();
         eprintln!("built {} tokenizer in {:?}", m.golden, t.elapsed());

@@ -25,8 +25,13 @@ import numpy as np
 from safetensors.numpy import load_file
 
 
-def load_bf16_safetensors(path):
-    """Return {name: float64 array}; bf16 is widened by shifting into the high half of an f32."""
+def load_bf16_safetensors(path, dtype=np.float64):
+    """Return {name: array}; bf16 is widened by shifting into the high half of an f32.
+
+    The arrays are float64 by default. `dtype=np.float32` keeps them at half
+    the memory (bf16 and f32 are exact in f32) for the real models; every
+    product in `forward` still runs in float64, as the activations are float64.
+    """
     with open(path, "rb") as f:
         data = f.read()
     (hlen,) = struct.unpack("<Q", data[:8])
@@ -45,7 +50,7 @@ def load_bf16_safetensors(path):
             arr = np.frombuffer(raw, dtype="<f4")
         else:
             raise ValueError(f"{name}: dtype {info['dtype']}")
-        out[name] = arr.reshape(info["shape"]).astype(np.float64)
+        out[name] = arr.reshape(info["shape"]).astype(dtype)
     return out
 
 
@@ -149,7 +154,7 @@ def forward(cfg, W, tokens):
     def head_norm(x, name, n):
         return norm(x.reshape(S, n, hd), name).reshape(S, n * hd)
 
-    x = W["model.embed_tokens.weight"][tokens]
+    x = W["model.embed_tokens.weight"][tokens].astype(np.float64)
     if gemma:
         # sqrt(hidden) as transformers computes it: a Python float put in an f32
         # tensor (cast to the weight dtype: f32 here; bf16 compute rounds it to bf16).
@@ -157,7 +162,7 @@ def forward(cfg, W, tokens):
     taps["embed"] = x
 
     def lin(name, v):
-        y = v @ W[name + ".weight"].T
+        y = v @ W[name + ".weight"].T.astype(np.float64)
         if name + ".bias" in W:
             y = y + W[name + ".bias"]
         return y
@@ -219,7 +224,7 @@ def forward(cfg, W, tokens):
     x = norm(x, "model.norm")
     taps["norm"] = x
     head = W.get("lm_head.weight", W["model.embed_tokens.weight"])  # absent when tied
-    logits = x @ head.T
+    logits = x @ head.T.astype(np.float64)
     cap = cfg.get("final_logit_softcapping")
     if cap is not None:
         logits = np.tanh(logits / cap) * cap

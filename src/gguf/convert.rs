@@ -18,7 +18,6 @@ use safetensors::tensor::{Dtype, View};
 use serde_json::{json, Map, Value as Json};
 
 use super::reader::{GgufFile, TensorInfo};
-use super::sha256::sha256_file;
 use crate::error::{Error, Result};
 
 /// Output dtype of [`convert`].
@@ -82,37 +81,11 @@ impl std::fmt::Display for ConvertDType {
     }
 }
 
-/// The tokenizer metadata of a GGUF file (`tokenizer.ggml.*`,
-/// `tokenizer.chat_template`), handed to the tokenizer writer: the same type
-/// the tokenizer builder takes.
-pub type GgufTokenizerMeta = crate::tokenizer::VocabSpec;
-
-impl crate::tokenizer::VocabSpec {
-    /// Read from `g`; `None` when the file has no `tokenizer.ggml.model`.
-    pub fn from_gguf(g: &GgufFile) -> Result<Option<Self>> {
-        let Some(model) = g.opt_str("tokenizer.ggml.model")? else {
-            return Ok(None);
-        };
-        Ok(Some(Self {
-            model: model.to_string(),
-            pre: g.opt_str("tokenizer.ggml.pre")?.map(str::to_string),
-            tokens: g.get_str_array("tokenizer.ggml.tokens")?.to_vec(),
-            token_types: g.opt_i32_array("tokenizer.ggml.token_type")?,
-            merges: g
-                .opt_str_array("tokenizer.ggml.merges")?
-                .map(<[String]>::to_vec)
-                .unwrap_or_default(),
-            bos: g.opt_u32("tokenizer.ggml.bos_token_id")?,
-            eos: g.opt_u32("tokenizer.ggml.eos_token_id")?,
-            padding: g.opt_u32("tokenizer.ggml.padding_token_id")?,
-            add_bos: g.opt_bool("tokenizer.ggml.add_bos_token")?,
-            chat_template: g.opt_str("tokenizer.chat_template")?.map(str::to_string),
-        }))
-    }
-}
-
-/// The signature of the tokenizer-file writer `convert` calls.
-pub type TokenizerWriter<'a> = &'a dyn Fn(&GgufTokenizerMeta, &Path) -> Result<()>;
+/// The signature of the tokenizer-file writer `convert` calls: it reads the
+/// GGUF's tokenizer metadata itself (the GGUF reader knows nothing about
+/// tokenizers) and writes the tokenizer files into the folder, returning
+/// whether the file had a tokenizer to write.
+pub type TokenizerWriter<'a> = &'a dyn Fn(&GgufFile, &Path) -> Result<bool>;
 
 /// What [`convert`] did.
 #[derive(Clone, Debug)]
@@ -779,7 +752,7 @@ impl View for LazyTensor<'_, '_> {
     }
 }
 
-fn write_json(path: &Path, v: &Json) -> Result<()> {
+pub(crate) fn write_json(path: &Path, v: &Json) -> Result<()> {
     let mut s = serde_json::to_string_pretty(v).map_err(|e| Error::Json {
         path: path.to_path_buf(),
         msg: e.to_string(),
@@ -817,7 +790,6 @@ pub fn convert_file(
     let out_dir = out_dir.as_ref();
     let config = hf_config(g, dtype)?;
     let gen_config = hf_generation_config(g)?;
-    let tok = GgufTokenizerMeta::from_gguf(g)?;
     let plan = plan_tensors(g)?;
     let a = arch_info(g)?;
 
@@ -881,9 +853,7 @@ pub fn convert_file(
     if let Ok(m) = std::fs::metadata(&gen_path) {
         let _ = std::fs::set_permissions(&st_path, m.permissions());
     }
-    if let Some(t) = &tok {
-        tokenizer_writer(t, out_dir)?;
-    }
+    let tokenizer_written = tokenizer_writer(g, out_dir)?;
     write_json(&out_dir.join("config.json"), &config)?;
 
     Ok(ConvertSummary {
@@ -895,113 +865,10 @@ pub fn convert_file(
         tied: a.tied,
         source_types,
         tensor_bytes: total,
-        tokenizer_written: tok.is_some(),
+        tokenizer_written,
         config,
     })
 }
-
-/// The default cache folder for converted GGUF files: `gguf/` under the
-/// wgllm cache ([`crate::fetch::cache_root`]: `$WGLLM_CACHE`, else the older
-/// `$WGLLM_CACHE_DIR`, else `$XDG_CACHE_HOME/wgllm`, else
-/// `$HOME/.cache/wgllm`).
-pub fn default_cache_dir() -> Result<PathBuf> {
-    Ok(crate::fetch::cache_root()?.join("gguf"))
-}
-
-/// Make a `.gguf` file runnable as a Hugging Face folder: convert it once
-/// into `cache_dir/<sha256 of the file>-<dtype>/` and return that folder
-/// (later calls with the same file contents return it at once; the hash
-/// itself is remembered per path, size and mtime, see
-/// [`file_sha256_cached`]). The conversion goes to a temporary folder renamed
-/// into place when complete, so an interrupted conversion is never reused.
-pub fn load_gguf_checkpoint(
-    gguf_path: impl AsRef<Path>,
-    cache_dir: impl AsRef<Path>,
-    dtype: ConvertDType,
-    tokenizer_writer: TokenizerWriter<'_>,
-    progress: impl FnMut(u64, u64),
-) -> Result<PathBuf> {
-    let gguf_path = gguf_path.as_ref();
-    let cache_dir = cache_dir.as_ref();
-    let sha = file_sha256_cached(gguf_path, cache_dir)?;
-    let dir = cache_dir.join(format!("{sha}-{}", dtype.name()));
-    let marker = dir.join(COMPLETE_MARKER);
-    if marker.is_file() {
-        return Ok(dir);
-    }
-    std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
-    let tmp = cache_dir.join(format!(
-        ".{sha}-{}.tmp-{}",
-        dtype.name(),
-        std::process::id()
-    ));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    let result = (|| {
-        convert(gguf_path, &tmp, dtype, tokenizer_writer, progress)?;
-        write_json(
-            &tmp.join(COMPLETE_MARKER),
-            &json!({"source": gguf_path.to_string_lossy(), "sha256": sha, "dtype": dtype.name()}),
-        )?;
-        if dir.exists() {
-            // An incomplete folder from an older wgllm, or a concurrent
-            // conversion that just finished.
-            if marker.is_file() {
-                std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-                return Ok(());
-            }
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        }
-        std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result.map(|()| dir)
-}
-
-/// SHA-256 of a file, remembered in `cache_dir/by-path/` under its
-/// canonical path with its size and modification time: while those are
-/// unchanged the file is not read again (hashing runs at roughly 100-200
-/// MB/s). The record is a convenience; failing to write it is not an error.
-pub fn file_sha256_cached(path: &Path, cache_dir: &Path) -> Result<String> {
-    let canon = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
-    let meta = std::fs::metadata(&canon).map_err(|e| Error::io(&canon, e))?;
-    let mtime_ns = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos().to_string());
-    let canon_str = canon.to_string_lossy().into_owned();
-    let record = cache_dir.join("by-path").join(format!(
-        "{}.json",
-        super::sha256::sha256_hex(canon_str.as_bytes())
-    ));
-    if let (Some(mtime), Ok(text)) = (&mtime_ns, std::fs::read_to_string(&record)) {
-        if let Ok(r) = serde_json::from_str::<Json>(&text) {
-            let sha = r["sha256"].as_str().unwrap_or("");
-            if r["path"] == canon_str.as_str()
-                && r["size"].as_u64() == Some(meta.len())
-                && r["mtime_ns"] == mtime.as_str()
-                && sha.len() == 64
-            {
-                return Ok(sha.to_string());
-            }
-        }
-    }
-    let sha = sha256_file(&canon)?;
-    if let Some(mtime) = mtime_ns {
-        let r = json!({"path": canon_str, "size": meta.len(), "mtime_ns": mtime, "sha256": sha});
-        if let Some(dir) = record.parent() {
-            let _ = std::fs::create_dir_all(dir).map(|_| write_json(&record, &r));
-        }
-    }
-    Ok(sha)
-}
-
-/// The file [`load_gguf_checkpoint`] leaves in a finished cache folder.
-pub const COMPLETE_MARKER: &str = "wgllm-gguf-source.json";
 
 /// Whether `path` starts with the GGUF magic (false when unreadable).
 pub fn is_gguf_file(path: impl AsRef<Path>) -> bool {

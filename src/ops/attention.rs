@@ -16,21 +16,46 @@
 //! head-major `[n_kv_heads, max_ctx, head_dim]` of [`crate::ops::kv_copy`],
 //! already holding this step's K/V. Query token `t` is at position
 //! `pos_offset + t` and attends to cache positions `0..=pos_offset + t`.
-//! The dispatch (`n_tokens * n_heads` workgroups) does not depend on the KV
-//! length, which the kernel reads from the `Step` uniform.
+//! The dispatches do not depend on the KV length, which the kernel reads from
+//! the `Step` uniform.
+//!
+//! Work split (see attention.wgsl): one workgroup per (token, KV head, chunk
+//! of query heads of its group), so each K/V row is loaded once for all the
+//! query heads of the chunk (the whole GQA group when it fits). Decode steps
+//! (at most [`SPLIT_MAX_TOKENS`] tokens) use flash-decoding: the KV range is
+//! cut into [`Shape::splits`] runs of blocks, one workgroup each, writing
+//! partial softmax sums that a second small pass (attention_combine.wgsl)
+//! merges; otherwise one workgroup covers the whole range and writes the
+//! output directly.
+//!
+//! Precision: everything is f32 (inputs, scores, exp, sums), with the running
+//! max subtracted before every exp so no weight overflows; the sums are
+//! blocked (per invocation over at most `BLK / G` positions, then `G` group
+//! partials, then the splits), so their rounding grows with the terms per
+//! level rather than with the context length. The tests bound the error
+//! against an f64 reference (see `tolerance` in the tests): measured errors
+//! are a few units of 2^-24 times the score magnitude.
+
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel, KernelProfile};
 use crate::ops::kv_copy::{check_cache_fits, KvCache};
 
 pub const SRC: &str = include_str!("../../shaders/attention.wgsl");
+pub const COMBINE_SRC: &str = include_str!("../../shaders/attention_combine.wgsl");
 
-/// Largest head_dim the kernel handles (q is staged in workgroup memory of
-/// this many f32; see `MAX_D4` in attention.wgsl).
+/// Largest head_dim the kernel handles.
 pub const MAX_HEAD_DIM: usize = 512;
 /// vec4 output columns per invocation the kernel holds in registers
 /// (`MAX_DPT4`).
 const MAX_DPT4: usize = 4;
+/// Most query heads one workgroup serves (`MAXH`).
+const MAX_HPW: usize = 8;
+/// Most positions one invocation scores per block (`MAX_PPI`).
+const MAX_PPI: u32 = 8;
+/// Steps of at most this many tokens take the split (flash-decoding) path.
+pub const SPLIT_MAX_TOKENS: u32 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
@@ -107,6 +132,10 @@ impl Params {
             w => (pos + 1).saturating_sub(w),
         }
     }
+
+    fn group(&self) -> usize {
+        (self.n_heads / self.n_kv_heads) as usize
+    }
 }
 
 /// Mesa's llvmpipe (lavapipe) ends every loop of a shader invocation once the
@@ -115,47 +144,115 @@ impl Params {
 /// reset), silently truncating the computation.
 pub const LLVMPIPE_MAX_LOOP_ITERATIONS: u64 = 65535;
 
-/// The attention kernel compiled for one head_dim.
-pub struct Attention {
-    pub kernel: Kernel,
-    pub head_dim: usize,
-    /// Invocations per workgroup = KV positions per block.
+/// The kernel's work shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    /// Invocations per workgroup (a multiple of 4).
     pub wg: u32,
+    /// Positions each invocation scores per block: a block is `wg * ppi`
+    /// positions, and one block max is found per block (one scan, two
+    /// barriers).
+    pub ppi: u32,
+    /// KV splits of a decode step (1 = no split, no combine pass).
+    pub splits: u32,
+}
+
+impl Shape {
+    /// By kernel profile.
+    /// - CPU devices (lavapipe: workgroups run as 8-wide SIMD loops on a few
+    ///   cores, barriers are costly): 64 invocations scoring 4 positions
+    ///   each, so a 256-position block pays one max scan and two barriers;
+    ///   2 splits, so a decode step's 3 KV heads make 6 workgroups for 2
+    ///   cores. Measured on a 2-core host (SmolLM2 shape, 30 layers, best of
+    ///   9, under heavy load): 8 and 4 splits were slower at every KV length
+    ///   (each dispatch and workgroup has a fixed cost there), 2 splits about
+    ///   level with 1 below ~1000 positions and ahead at 3000.
+    /// - GPUs: 64 invocations, one position each (latency hidden by many
+    ///   workgroups rather than by registers), and 32 splits so a decode
+    ///   step's KV heads x splits fill the SMs; the combine reads 32 small
+    ///   partials per head.
+    pub fn for_profile(k: KernelProfile) -> Shape {
+        match k {
+            KernelProfile::CpuDevice => Shape {
+                wg: 64,
+                ppi: 4,
+                splits: 2,
+            },
+            KernelProfile::Gpu => Shape {
+                wg: 64,
+                ppi: 1,
+                splits: 32,
+            },
+        }
+    }
+
+    /// Positions per block.
+    pub fn block(&self) -> u32 {
+        self.wg * self.ppi
+    }
+}
+
+/// The pipelines for one number of query heads per workgroup.
+struct Variant {
+    hpw: u32,
+    /// SPLITS 1, writes the output.
+    direct: Kernel,
+    /// SPLITS `shape.splits`, writes partials for the combine.
+    partial: Kernel,
+}
+
+/// The attention kernels compiled for one head_dim.
+pub struct Attention {
+    pub head_dim: usize,
+    pub shape: Shape,
+    gqa_modulo: bool,
     /// The adapter is llvmpipe (see [`LLVMPIPE_MAX_LOOP_ITERATIONS`]).
     llvmpipe: bool,
+    max_workgroup_storage: u32,
+    combine: Kernel,
+    /// Compiled on first bind per heads-per-workgroup (at load).
+    variants: Mutex<Vec<Arc<Variant>>>,
+}
+
+/// The bind groups of one attention op, built once at load.
+pub struct Binding {
+    variant: Arc<Variant>,
+    direct: wgpu::BindGroup,
+    partial: wgpu::BindGroup,
+    combine: wgpu::BindGroup,
 }
 
 impl Attention {
-    /// Workgroup size by kernel profile: 64 for CPU devices (every invocation
-    /// rescans the block's scores and a barrier is costly; 32 measured
-    /// ~20% faster on lavapipe but halves the context llvmpipe's loop limit
-    /// allows), 128 on GPUs (twice the positions scored in parallel per
-    /// block; the scan is cheap there).
+    /// The profile's [`Shape`].
     pub fn new(gpu: &Gpu, head_dim: usize) -> Result<Self> {
         Self::with_faults(gpu, head_dim, false)
     }
 
-    /// Compile with an explicit workgroup size (tests exercise the sizes
-    /// `new` may pick, on whatever adapter runs them). Supported head_dim: a
-    /// multiple of 4 (q, K and V are read as vec4), at most
-    /// [`MAX_HEAD_DIM`] and at most 16 * wg (4 vec4 columns per invocation).
-    pub fn with_wg(gpu: &Gpu, head_dim: usize, wg: u32) -> Result<Self> {
-        Self::build(gpu, head_dim, wg, false)
+    /// Compile with an explicit shape (tests exercise the shapes `new` may
+    /// pick, on whatever adapter runs them). Supported head_dim: a multiple
+    /// of 4 (q, K and V are read as vec4), at most [`MAX_HEAD_DIM`] and at
+    /// most 16 * wg (4 vec4 columns per invocation).
+    pub fn with_shape(gpu: &Gpu, head_dim: usize, shape: Shape) -> Result<Self> {
+        Self::build(gpu, head_dim, shape, false)
     }
 
     /// [`Attention::new`] with a deliberately wrong GQA mapping (query head
     /// h reads KV head h % n_kv_heads): for verify's self-tests only.
     #[doc(hidden)]
     pub fn with_faults(gpu: &Gpu, head_dim: usize, gqa_modulo: bool) -> Result<Self> {
-        let wg = match gpu.caps.kernels {
-            KernelProfile::CpuDevice => 64,
-            KernelProfile::Gpu => 128,
-        };
-        let wg = wg.min(gpu.caps.max_invocations / 4 * 4).max(4);
-        Self::build(gpu, head_dim, wg, gqa_modulo)
+        let mut shape = Shape::for_profile(gpu.caps.kernels);
+        shape.wg = shape.wg.min(gpu.caps.max_invocations / 4 * 4).max(4);
+        Self::build(gpu, head_dim, shape, gqa_modulo)
     }
 
-    fn build(gpu: &Gpu, head_dim: usize, wg: u32, gqa_modulo: bool) -> Result<Self> {
+    fn build(gpu: &Gpu, head_dim: usize, shape: Shape, gqa_modulo: bool) -> Result<Self> {
+        let wg = shape.wg;
+        if wg == 0 || wg % 4 != 0 || wg > gpu.caps.max_invocations {
+            return Err(Error::invalid(format!(
+                "attention: workgroup size {wg} must be a multiple of 4 in 4..={}",
+                gpu.caps.max_invocations
+            )));
+        }
         let limit = MAX_HEAD_DIM.min(4 * MAX_DPT4 * wg as usize);
         if head_dim == 0 || head_dim % 4 != 0 || head_dim > limit {
             return Err(Error::invalid(format!(
@@ -163,53 +260,137 @@ impl Attention {
                  (it reads q, K and V as vec4) of at most {limit} (workgroup size {wg})"
             )));
         }
-        if wg == 0 || wg % 4 != 0 || wg > gpu.caps.max_invocations {
+        if !(1..=MAX_PPI).contains(&shape.ppi) || shape.splits == 0 {
             return Err(Error::invalid(format!(
-                "attention: workgroup size {wg} must be a multiple of 4 in 4..={}",
-                gpu.caps.max_invocations
+                "attention: positions per invocation {} must be in 1..={MAX_PPI} and splits {} \
+                 at least 1",
+                shape.ppi, shape.splits
             )));
         }
-        // q_sh + s_sh + p_sh + red + l_sh (see attention.wgsl)
-        let shared = MAX_HEAD_DIM as u32 * 4 + wg * (4 + 4 + 16 + 4);
-        if shared > gpu.caps.max_workgroup_storage {
-            return Err(Error::invalid(format!(
-                "attention: needs {shared} bytes of workgroup memory, the device has {}",
-                gpu.caps.max_workgroup_storage
-            )));
-        }
-        let (groups, dpt4) = layout(head_dim, wg);
-        let kernel = gpu.kernel(
-            "attention",
-            SRC,
+        let d4 = (head_dim / 4) as u32;
+        let combine = gpu.kernel(
+            "attention_combine",
+            COMBINE_SRC,
             "main",
             &[
-                ("WG", wg as f64),
-                ("G", groups as f64),
-                ("DPT4", dpt4 as f64),
-                ("FAULT_GQA_MODULO", if gqa_modulo { 1.0 } else { 0.0 }),
+                ("WG", d4.min(64) as f64),
+                ("D4", d4 as f64),
+                ("SPLITS", shape.splits as f64),
             ],
         )?;
-        Ok(Attention {
-            kernel,
+        let att = Attention {
             head_dim,
-            wg,
+            shape,
+            gqa_modulo,
             llvmpipe: gpu.name().to_lowercase().contains("llvmpipe"),
-        })
+            max_workgroup_storage: gpu.caps.max_workgroup_storage,
+            combine,
+            variants: Mutex::new(Vec::new()),
+        };
+        // The common case, compiled now so a bad shape fails here.
+        att.variant(gpu, 1)?;
+        Ok(att)
+    }
+
+    /// Workgroup memory in bytes the kernel needs with `hpw` heads per
+    /// workgroup (q_sh + mx_sh + p_sh + red + l_sh in attention.wgsl).
+    fn shared_bytes(&self, hpw: usize) -> u32 {
+        let (wg, d4) = (self.shape.wg as usize, self.head_dim / 4);
+        let (g, _) = layout(self.head_dim, self.shape.wg);
+        let red = if g > 1 { hpw * wg } else { 1 };
+        (hpw * d4 * 16 + hpw * wg * 4 + hpw * self.shape.block() as usize * 4 + red * 20) as u32
+    }
+
+    /// Query heads per workgroup for a GQA group of `group` heads: the
+    /// largest divisor of `group` up to 8 whose workgroup memory fits.
+    pub fn heads_per_workgroup(&self, group: usize) -> usize {
+        (1..=MAX_HPW.min(group))
+            .rev()
+            .find(|&h| group % h == 0 && self.shared_bytes(h) <= self.max_workgroup_storage)
+            .unwrap_or(1)
+    }
+
+    fn variant(&self, gpu: &Gpu, hpw: usize) -> Result<Arc<Variant>> {
+        let mut vs = self.variants.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = vs.iter().find(|v| v.hpw as usize == hpw) {
+            return Ok(v.clone());
+        }
+        let shared = self.shared_bytes(hpw);
+        if shared > self.max_workgroup_storage {
+            return Err(Error::invalid(format!(
+                "attention: head_dim {} with {hpw} heads per workgroup needs {shared} bytes of \
+                 workgroup memory, the device has {}",
+                self.head_dim, self.max_workgroup_storage
+            )));
+        }
+        let (wg, blk) = (self.shape.wg, self.shape.block());
+        let d4 = (self.head_dim / 4) as u32;
+        let (g, dpt4) = layout(self.head_dim, wg);
+        let h = hpw as u32;
+        let red = if g > 1 { h * wg } else { 1 };
+        let compile = |splits: u32, partial: bool| {
+            gpu.kernel(
+                if partial {
+                    "attention_split"
+                } else {
+                    "attention"
+                },
+                SRC,
+                "main",
+                &[
+                    ("WG", wg as f64),
+                    ("PPI", self.shape.ppi as f64),
+                    ("BLK", blk as f64),
+                    ("HPW", h as f64),
+                    ("D4", d4 as f64),
+                    ("G", g as f64),
+                    ("DPT4", dpt4 as f64),
+                    ("SPLITS", splits as f64),
+                    ("PARTIAL", if partial { 1.0 } else { 0.0 }),
+                    ("QSH", (h * d4) as f64),
+                    ("MX4", (h * wg / 4) as f64),
+                    ("PSH", (h * blk) as f64),
+                    ("RED", red as f64),
+                    ("FAULT_GQA_MODULO", if self.gqa_modulo { 1.0 } else { 0.0 }),
+                ],
+            )
+        };
+        let v = Arc::new(Variant {
+            hpw: h,
+            direct: compile(1, false)?,
+            partial: compile(self.shape.splits, true)?,
+        });
+        vs.push(v.clone());
+        Ok(v)
     }
 
     /// Upper bound of the loop iterations one invocation runs when a query
-    /// attends to `n_positions` positions (every loop of attention.wgsl,
-    /// none assumed unrolled).
-    pub fn loop_iterations(&self, n_positions: usize) -> u64 {
-        let wg = self.wg as u64;
+    /// attends to `n_positions` positions with `hpw` heads per workgroup
+    /// (every loop of attention.wgsl counted, none assumed unrolled).
+    pub fn loop_iterations(&self, hpw: usize, n_positions: usize) -> u64 {
+        let (wg, ppi, blk) = (
+            self.shape.wg as u64,
+            self.shape.ppi as u64,
+            self.shape.block() as u64,
+        );
         let d4 = self.head_dim as u64 / 4;
-        let (g, dpt4) = layout(self.head_dim, self.wg);
+        let h = hpw as u64;
+        let (g, dpt4) = layout(self.head_dim, self.shape.wg);
         let (g, dpt4) = (g as u64, dpt4 as u64);
-        // outer + dot + scan + rescale + (position loop x (1 + columns))
-        let per_block = 1 + d4 + wg / 4 + dpt4 + wg.div_ceil(g) * (1 + dpt4);
+        // block loop + lm init + scoring (per position: qk init, dot with
+        // its head loop, scale/max, store) + mx write + scan + p write +
+        // rescale + V loop (per position: columns with their head loop, l).
+        let per_block = 1
+            + h
+            + ppi * (1 + 3 * h + d4 * (1 + h))
+            + h
+            + h * (1 + wg / 4)
+            + ppi * (1 + h)
+            + h * (1 + dpt4)
+            + blk.div_ceil(g) * (1 + dpt4 * (1 + h) + h);
         // q staging + init + output / merge
-        let fixed = d4.div_ceil(wg) + dpt4 + dpt4.max(g);
-        (n_positions as u64).div_ceil(wg) * per_block + fixed
+        let fixed = (h * d4).div_ceil(wg) + h * (1 + dpt4) + h * (1 + dpt4 + g) + 4;
+        (n_positions as u64).div_ceil(blk) * per_block + fixed
     }
 
     /// Most positions one query reads under `params`: the whole cache, or
@@ -219,24 +400,39 @@ impl Attention {
         let ctx = params.max_ctx as usize;
         match params.window as usize {
             0 => ctx,
-            w => ctx.min(w + self.wg as usize - 1),
+            w => ctx.min(w + self.shape.block() as usize - 1),
         }
     }
 
     /// The longest context llvmpipe's loop limit lets this kernel handle
-    /// without a window.
-    pub fn llvmpipe_max_ctx(&self) -> usize {
+    /// without a window, with `hpw` heads per workgroup.
+    pub fn llvmpipe_max_ctx(&self, hpw: usize) -> usize {
         let mut n = 0usize;
-        let step = self.wg as usize;
-        while self.loop_iterations(n + step) <= LLVMPIPE_MAX_LOOP_ITERATIONS {
+        let step = self.shape.block() as usize;
+        while self.loop_iterations(hpw, n + step) <= LLVMPIPE_MAX_LOOP_ITERATIONS {
             n += step;
         }
         n
     }
 
+    /// Dispatches one step of `n_tokens` tokens encodes (2 for a split
+    /// decode step: the partial pass and the combine).
+    pub fn dispatches(&self, n_tokens: u32) -> usize {
+        if self.splits_step(n_tokens) {
+            2
+        } else {
+            1
+        }
+    }
+
+    fn splits_step(&self, n_tokens: u32) -> bool {
+        self.shape.splits > 1 && n_tokens <= SPLIT_MAX_TOKENS
+    }
+
     /// Bindings: params (created here), step, q `[n_tokens, n_heads *
-    /// head_dim]`, the layer's K/V cache, out (same shape as q). Build once
-    /// at load; valid for every step.
+    /// head_dim]`, the layer's K/V cache, out (same shape as q); the split
+    /// path's partials buffer is created here. Build once at load; valid for
+    /// every step.
     pub fn bind(
         &self,
         gpu: &Gpu,
@@ -245,7 +441,7 @@ impl Attention {
         q: &wgpu::Buffer,
         cache: &KvCache,
         out: &wgpu::Buffer,
-    ) -> Result<wgpu::BindGroup> {
+    ) -> Result<Binding> {
         if params.head_dim as usize != self.head_dim {
             return Err(Error::invalid(format!(
                 "attention: params head_dim {} but the kernel was compiled for {}",
@@ -268,18 +464,20 @@ impl Attention {
             )));
         }
         check_cache_fits(gpu, c)?;
+        let hpw = self.heads_per_workgroup(params.group());
         // A windowed layer reads only its window, so only that is bounded.
-        if self.llvmpipe && self.positions_read(params) > self.llvmpipe_max_ctx() {
+        if self.llvmpipe && self.positions_read(params) > self.llvmpipe_max_ctx(hpw) {
             return Err(Error::invalid(format!(
                 "attention: max_ctx {} (window {}) is too long for {}: llvmpipe stops a shader's \
                  loops after {LLVMPIPE_MAX_LOOP_ITERATIONS} iterations in total, which with \
-                 head_dim {} and workgroup {} allows at most {} positions; use a shorter context",
+                 head_dim {}, {hpw} heads per workgroup and {}-position blocks allows at most {} \
+                 positions; use a shorter context",
                 params.max_ctx,
                 params.window,
                 gpu.name(),
                 self.head_dim,
-                self.wg,
-                self.llvmpipe_max_ctx()
+                self.shape.block(),
+                self.llvmpipe_max_ctx(hpw)
             )));
         }
         let row = params.n_heads as u64 * params.head_dim as u64 * 4;
@@ -290,26 +488,61 @@ impl Attention {
                 out.size()
             )));
         }
+        let variant = self.variant(gpu, hpw)?;
         let ub = gpu.uniform("attention params", params)?;
-        Ok(gpu.bind(&self.kernel, &[&ub, step, q, &cache.k, &cache.v, out]))
+        // Partials of up to SPLIT_MAX_TOKENS tokens: per (token, head, split)
+        // head_dim / 4 + 1 vec4.
+        let part = gpu.storage(
+            "attention partials",
+            SPLIT_MAX_TOKENS as u64
+                * params.n_heads as u64
+                * self.shape.splits as u64
+                * (self.head_dim as u64 / 4 + 1)
+                * 16,
+        );
+        Ok(Binding {
+            direct: gpu.bind(&variant.direct, &[&ub, step, q, &cache.k, &cache.v, out]),
+            partial: gpu.bind(&variant.partial, &[&ub, step, q, &cache.k, &cache.v, &part]),
+            combine: gpu.bind(&self.combine, &[&ub, step, &part, out]),
+            variant,
+        })
     }
 
-    /// One workgroup per (token, head): `n_tokens * n_heads` workgroups,
-    /// whatever the KV length, so the same encoded shape serves every
-    /// decode step.
+    /// Steps of at most [`SPLIT_MAX_TOKENS`] tokens (with more than one
+    /// split): `n_tokens * n_kv_heads * chunks * splits` workgroups, then the
+    /// combine's `n_tokens * n_heads`; longer steps one dispatch of
+    /// `n_tokens * n_kv_heads * chunks`. None depends on the KV length, so
+    /// the same encoded shape serves every decode step.
     pub fn encode(
         &self,
         gpu: &Gpu,
         pass: &mut wgpu::ComputePass<'_>,
-        bind: &wgpu::BindGroup,
+        bind: &Binding,
         params: &Params,
         n_tokens: u32,
     ) {
-        gpu.dispatch_in(pass, &self.kernel, bind, n_tokens * params.n_heads);
+        let chunks = params.group() as u32 / bind.variant.hpw;
+        let wgs = n_tokens * params.n_kv_heads * chunks;
+        if self.splits_step(n_tokens) {
+            gpu.dispatch_in(
+                pass,
+                &bind.variant.partial,
+                &bind.partial,
+                wgs * self.shape.splits,
+            );
+            gpu.dispatch_in(
+                pass,
+                &self.combine,
+                &bind.combine,
+                n_tokens * params.n_heads,
+            );
+        } else {
+            gpu.dispatch_in(pass, &bind.variant.direct, &bind.direct, wgs);
+        }
     }
 }
 
-/// How `main` maps head_dim on a workgroup: (G position groups, vec4
+/// How the V pass maps head_dim on a workgroup: (G position groups, vec4
 /// columns per invocation). With d4 = head_dim / 4 <= wg, invocation
 /// `c + d4 * g` owns column c for positions g, g + G, ...; otherwise each
 /// invocation owns ceil(d4 / wg) columns for every position.
@@ -388,6 +621,29 @@ mod tests {
     use crate::gpu::Step;
     use crate::ops::kv_copy;
     use crate::testutil::{gpu, gpu_with_split, rand_vec};
+
+    /// A shape off the profiles' beaten path: 2 positions per invocation
+    /// and 3 splits (so split runs are uneven and some are empty).
+    fn with_wg(g: &Gpu, d: usize, wg: u32) -> Attention {
+        Attention::with_shape(
+            g,
+            d,
+            Shape {
+                wg,
+                ppi: 2,
+                splits: 3,
+            },
+        )
+        .unwrap()
+    }
+
+    /// Both profiles' shapes (each profile runs on any adapter).
+    fn profiles(g: &Gpu, d: usize) -> Vec<Attention> {
+        [KernelProfile::CpuDevice, KernelProfile::Gpu]
+            .iter()
+            .map(|&k| Attention::with_shape(g, d, Shape::for_profile(k)).unwrap())
+            .collect()
+    }
 
     /// What a test case fills q and the cache with.
     #[derive(Clone, Copy)]
@@ -557,8 +813,8 @@ mod tests {
             let tol = tolerance(score_abs_max(&q, &kc, &p, off), v_max);
             let err = max_err(&got, &want);
             let what = format!(
-                "attention wg {} heads {nh} kv {nkv} d {d} window {} step (n {n}, offset {off})",
-                att.wg, c.window
+                "attention {:?} heads {nh} kv {nkv} d {d} window {} step (n {n}, offset {off})",
+                att.shape, c.window
             );
             eprintln!("{what}: max err {err:.2e}, tolerance {tol:.2e}");
             assert!(err <= tol, "{what}: max err {err:e} > tolerance {tol:e}");
@@ -605,16 +861,23 @@ mod tests {
             (6, 2, 24),
             (7, 1, 128),
             (6, 2, 128),
+            (12, 1, 64),
+            (16, 2, 64),
         ] {
-            let att = Attention::with_wg(g, d, 64).unwrap();
-            run(g, &att, &case(nh, nkv, d, 1104, &STEPS));
+            // Both profiles' shapes and an uneven one. Group 12 runs two
+            // chunks of 6 heads per KV head; group 8 one chunk of 8.
+            let mut atts = profiles(g, d);
+            atts.push(with_wg(g, d, 64));
+            for att in &atts {
+                run(g, att, &case(nh, nkv, d, 1104, &STEPS));
+            }
         }
         // Other head_dims and their layout on a workgroup of 64 (d/4 vec4
         // columns, G position groups): 12 (3 cols, G 21, one idle lane),
         // 96 (24 cols, G 2, 16 idle lanes), 192 (48 cols, G 1, 16 idle
         // lanes), 256 (64 cols, G 1), 512 (128 cols, 2 per invocation).
         for &d in &[12usize, 96, 192, 256, 512] {
-            let att = Attention::with_wg(g, d, 64).unwrap();
+            let att = with_wg(g, d, 64);
             run(g, &att, &case(4, 2, d, 80, &[(1, 0), (3, 30), (1, 79)]));
         }
     }
@@ -628,21 +891,22 @@ mod tests {
         let g = gpu();
         let steps = [(1, 0), (1, 8), (40, 0), (1, 70), (7, 1050), (1, 1100)];
         for &(nh, nkv, d) in &[(6usize, 2usize, 64usize), (4, 4, 24)] {
-            let att = Attention::with_wg(g, d, 64).unwrap();
-            for &w in &[1usize, 7, 16, 64, 65, 5000] {
-                run(g, &att, &windowed(case(nh, nkv, d, 1104, &steps), w));
+            for att in profiles(g, d) {
+                for &w in &[1usize, 7, 16, 64, 65, 256, 257, 5000] {
+                    run(g, &att, &windowed(case(nh, nkv, d, 1104, &steps), w));
+                }
             }
         }
         // Other workgroup sizes put the window's edge elsewhere in a block.
         for &(wg, d) in &[(32u32, 128usize), (128, 64), (4, 16)] {
-            let att = Attention::with_wg(g, d, wg).unwrap();
+            let att = with_wg(g, d, wg);
             for &w in &[7usize, 16, 129] {
                 let c = case(6, 2, d, 400, &[(1, 0), (9, 3), (1, 399), (30, 200)]);
                 run(g, &att, &windowed(c, w));
             }
         }
         // Large scores with a window: the running max starts in the window.
-        let att = Attention::with_wg(g, 64, 64).unwrap();
+        let att = with_wg(g, 64, 64);
         let mut c = windowed(case(6, 2, 64, 1104, &steps), 16);
         c.fill = Fill::Uniform(7.0);
         run(g, &att, &c);
@@ -662,10 +926,19 @@ mod tests {
     fn windowed_decode_skips_blocks_before_the_window() {
         let g = gpu();
         let (d, wg, ctx) = (4usize, 64u32, 4_500_000usize);
-        let att = Attention::with_wg(g, d, wg).unwrap();
+        let att = Attention::with_shape(
+            g,
+            d,
+            Shape {
+                wg,
+                ppi: 1,
+                splits: 3,
+            },
+        )
+        .unwrap();
         let masked_scan = ctx as u64 / wg as u64;
         assert!(masked_scan > LLVMPIPE_MAX_LOOP_ITERATIONS);
-        assert!(ctx > att.llvmpipe_max_ctx());
+        assert!(ctx > att.llvmpipe_max_ctx(1));
         let p = Params::new(1, 1, d, ctx).unwrap().with_window(8);
         assert_eq!(att.positions_read(&p), 8 + 63);
         // A full scan of this cache is refused on llvmpipe; the window is not.
@@ -685,7 +958,7 @@ mod tests {
     fn explicit_scale() {
         // Gemma 3: query_pre_attn_scalar^-0.5 (here 32^-0.5 at head_dim 24).
         let g = gpu();
-        let att = Attention::with_wg(g, 24, 64).unwrap();
+        let att = with_wg(g, 24, 64);
         let p = Params::new(4, 2, 24, 64).unwrap();
         assert_eq!(p.scale, (24f64).powf(-0.5) as f32);
         let gemma = p.with_scale((32f64).powf(-0.5) as f32).unwrap();
@@ -726,7 +999,7 @@ mod tests {
         // which a kernel looping once per position (and per vec4 inside)
         // hits llvmpipe's loop limit (see LLVMPIPE_MAX_LOOP_ITERATIONS).
         let g = gpu();
-        let att = Attention::with_wg(g, 128, 64).unwrap();
+        let att = with_wg(g, 128, 64);
         run(g, &att, &case(4, 2, 128, 4000, &[(1, 3999), (2, 3000)]));
     }
 
@@ -734,7 +1007,7 @@ mod tests {
     fn large_scores_need_max_subtraction() {
         let g = gpu();
         for &(nh, nkv, d) in &[(6usize, 2usize, 64usize), (7, 1, 128)] {
-            let att = Attention::with_wg(g, d, 64).unwrap();
+            let att = with_wg(g, d, 64);
             for fill in [Fill::Uniform(7.0), Fill::HugePositive] {
                 let mut c = case(nh, nkv, d, 1104, &STEPS);
                 c.fill = fill;
@@ -745,9 +1018,9 @@ mod tests {
 
     #[test]
     fn other_workgroup_sizes() {
-        // The GPU default (128), the adapter's own default, and others.
+        // The adapter's own default, and others.
         let g = gpu();
-        let default_wg = Attention::new(g, 64).unwrap().wg;
+        let default_wg = Attention::new(g, 64).unwrap().shape.wg;
         for &(wg, d) in &[
             (32u32, 128usize),
             (32, 256),
@@ -757,7 +1030,7 @@ mod tests {
             (4, 16),
             (default_wg, 64),
         ] {
-            let att = Attention::with_wg(g, d, wg).unwrap();
+            let att = with_wg(g, d, wg);
             run(g, &att, &case(6, 2, d, 400, &[(1, 0), (7, 3), (1, 399)]));
         }
     }
@@ -768,7 +1041,7 @@ mod tests {
         // dimension: 10 x 8, 2 overshooting workgroups.
         let mut g = gpu_with_split(1 << 30);
         g.caps.max_workgroups_per_dim = 10;
-        let att = Attention::with_wg(&g, 64, 64).unwrap();
+        let att = with_wg(&g, 64, 64);
         run(&g, &att, &case(6, 2, 64, 64, &[(13, 0), (13, 40)]));
     }
 
@@ -781,18 +1054,27 @@ mod tests {
             .to_string();
         assert!(e.contains("516") && e.contains("512"), "{e}");
         // 4 vec4 columns x 16 invocations = head_dim 256 at most
-        let e = Attention::with_wg(g, 272, 16)
-            .err()
-            .expect("272 > 256")
-            .to_string();
+        let e = Attention::with_shape(
+            g,
+            272,
+            Shape {
+                wg: 16,
+                ppi: 1,
+                splits: 1,
+            },
+        )
+        .err()
+        .expect("272 > 256")
+        .to_string();
         assert!(e.contains("272") && e.contains("256"), "{e}");
         let e = Attention::new(g, 66)
             .err()
             .expect("66 % 4 != 0")
             .to_string();
         assert!(e.contains("66") && e.contains("multiple of 4"), "{e}");
-        assert!(Attention::with_wg(g, 64, 30).is_err());
-        assert!(Attention::with_wg(g, 64, 0).is_err());
+        for (wg, ppi, splits) in [(30, 1, 1), (0, 1, 1), (64, 0, 1), (64, 9, 1), (64, 1, 0)] {
+            assert!(Attention::with_shape(g, 64, Shape { wg, ppi, splits }).is_err());
+        }
         assert!(Params::new(6, 4, 64, 16).is_err());
         assert!(Params::new(4, 4, 600, 16).is_err());
         assert!(Params::new(4, 4, 66, 16).is_err());
@@ -810,22 +1092,25 @@ mod tests {
     #[test]
     fn llvmpipe_loop_limit_bound() {
         let g = gpu();
-        // d 64 on 64 invocations: G 4, 1 column; per block of 64 positions
-        // 1 + 16 (dot) + 16 (scan) + 1 + 16 * 2 = 66 iterations.
-        let att = Attention::with_wg(g, 64, 64).unwrap();
-        assert_eq!(att.loop_iterations(64) - att.loop_iterations(0), 66);
-        assert_eq!(att.loop_iterations(65), att.loop_iterations(128));
-        let max = att.llvmpipe_max_ctx();
-        assert!(att.loop_iterations(max) <= LLVMPIPE_MAX_LOOP_ITERATIONS);
-        assert!(att.loop_iterations(max + 1) > LLVMPIPE_MAX_LOOP_ITERATIONS);
-        // Real configurations keep tens of thousands of positions.
-        for &(d, wg, at_least) in &[
-            (64usize, 64u32, 60_000usize),
-            (128, 64, 36_000),
-            (256, 64, 19_000),
-        ] {
-            let m = Attention::with_wg(g, d, wg).unwrap().llvmpipe_max_ctx();
-            assert!(m >= at_least, "head_dim {d} wg {wg}: {m}");
+        // d 64 on 64 invocations, 2 positions each (blocks of 128), 1 head:
+        // G 4, 1 column; per block 1 + 1 + 2 * (1 + 3 + 16 * 2) + 1
+        // + (1 + 16) + 2 * 2 + 2 + 32 * (1 + 2 + 1) = 226 iterations.
+        let att = with_wg(g, 64, 64);
+        assert_eq!(att.loop_iterations(1, 128) - att.loop_iterations(1, 0), 226);
+        assert_eq!(att.loop_iterations(3, 129), att.loop_iterations(3, 256));
+        let max = att.llvmpipe_max_ctx(3);
+        assert!(att.loop_iterations(3, max) <= LLVMPIPE_MAX_LOOP_ITERATIONS);
+        assert!(att.loop_iterations(3, max + 1) > LLVMPIPE_MAX_LOOP_ITERATIONS);
+        // The profiles' shapes keep the default 4096-position context for
+        // real configurations: (head_dim, GQA group) of SmolLM2 (64, 3),
+        // Qwen2.5-0.5B (64, 7), Llama 3 8B (128, 4), Qwen2.5-7B (128, 7).
+        for k in [KernelProfile::CpuDevice, KernelProfile::Gpu] {
+            for &(d, group) in &[(64usize, 3usize), (64, 7), (128, 4), (128, 7)] {
+                let att = Attention::with_shape(g, d, Shape::for_profile(k)).unwrap();
+                let hpw = att.heads_per_workgroup(group);
+                let m = att.llvmpipe_max_ctx(hpw);
+                assert!(m >= 4096, "{k:?} head_dim {d} group {group}: {m}");
+            }
         }
     }
 
@@ -906,18 +1191,80 @@ mod tests {
     #[ignore]
     fn llvmpipe_limit_is_real() {
         let g = gpu();
-        let mut att = Attention::with_wg(g, 256, 64).unwrap();
-        let max = att.llvmpipe_max_ctx();
+        // Steps of 5 tokens take the unsplit path, where one workgroup
+        // covers the whole range.
+        let mut att =
+            Attention::with_shape(g, 256, Shape::for_profile(KernelProfile::CpuDevice)).unwrap();
+        let max = att.llvmpipe_max_ctx(1);
         let on_llvmpipe = att.llvmpipe;
         // bypass the bind-time check
         att.llvmpipe = false;
-        run(g, &att, &case(1, 1, 256, max, &[(1, max - 1)]));
+        run(g, &att, &case(1, 1, 256, max, &[(5, max - 5)]));
         if on_llvmpipe {
             let far = 2 * max;
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run(g, &att, &case(1, 1, 256, far, &[(1, far - 1)]))
+                run(g, &att, &case(1, 1, 256, far, &[(5, far - 5)]))
             }));
             assert!(r.is_err(), "{far} positions came out right on llvmpipe");
+        }
+    }
+}
+
+/// Decode attention timing at SmolLM2's shape (not a test of speed: it
+/// asserts nothing about time, only prints).
+/// `cargo test --release --lib -- --ignored decode_attention_timing --nocapture`
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::gpu::Step;
+    use crate::ops::kv_copy;
+    use crate::testutil::gpu;
+    use std::time::Instant;
+
+    #[test]
+    #[ignore = "prints timings only; run by hand"]
+    fn decode_attention_timing() {
+        let g = gpu();
+        // SmolLM2-135M: 9 query heads, 3 KV heads, head_dim 64, 30 layers.
+        let (nh, nkv, d, ctx, layers) = (9usize, 3usize, 64usize, 4096usize, 30usize);
+        let base = Shape::for_profile(g.caps.kernels);
+        let p = Params::new(nh, nkv, d, ctx).unwrap();
+        let caches: Vec<KvCache> = (0..layers)
+            .map(|_| KvCache::new(g, kv_copy::Params::new(nkv, d, ctx).unwrap()).unwrap())
+            .collect();
+        let qb = g.storage("q", (nh * d * 4) as u64);
+        let ob = g.storage("out", (nh * d * 4) as u64);
+        let stepb = g.uniform("step", &Step::new(1, 0)).unwrap();
+        for shape in [base, Shape { splits: 1, ..base }] {
+            let att = Attention::with_shape(g, d, shape).unwrap();
+            let binds: Vec<Binding> = caches
+                .iter()
+                .map(|c| att.bind(g, &p, &stepb, &qb, c, &ob).unwrap())
+                .collect();
+            for kv in [160u32, 1040, 3000] {
+                g.queue
+                    .write_buffer(&stepb, 0, bytemuck::bytes_of(&Step::new(1, kv - 1)));
+                let run = || {
+                    let mut enc = g.encoder();
+                    {
+                        let mut pass = enc.begin_compute_pass(&Default::default());
+                        for b in &binds {
+                            att.encode(g, &mut pass, b, &p, 1);
+                        }
+                    }
+                    g.submit_wait(enc).unwrap();
+                };
+                run();
+                // Best of 9: the least disturbed by other load.
+                let best = (0..9)
+                    .map(|_| {
+                        let t = Instant::now();
+                        run();
+                        t.elapsed().as_secs_f64() * 1e3
+                    })
+                    .fold(f64::INFINITY, f64::min);
+                eprintln!("{shape:?} kv {kv}: best {best:.2} ms per step ({layers} layers)");
+            }
         }
     }
 }

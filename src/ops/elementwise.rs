@@ -162,6 +162,69 @@ pub fn add_reference(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter().zip(b).map(|(x, y)| x + y).collect()
 }
 
+/// Source of the fused residual add + RMSNorm.
+pub const ADD_RMSNORM_SRC: &str = include_str!("../../shaders/add_rmsnorm.wgsl");
+
+/// The residual add fused with the RMSNorm of its result: writes the sum
+/// (the residual stream) and the normed row, bit-identical to `Binary::Add`
+/// then `rmsnorm::RmsNorm` (same operations, same order, same reduction).
+/// Its params are `rmsnorm::Params`.
+pub struct AddRmsNorm {
+    pub kernel: Kernel,
+}
+
+impl AddRmsNorm {
+    /// For weights of `wdtype`, applied as `w` or `(1 + w)`; `eps_outside`
+    /// is RmsNorm's deliberate test-only bug.
+    pub fn new(
+        gpu: &Gpu,
+        wdtype: crate::tensor::WDType,
+        unit_offset: bool,
+        eps_outside: bool,
+    ) -> Result<Self> {
+        let b = |v: bool| if v { 1.0 } else { 0.0 };
+        let kernel = gpu.kernel(
+            "add_rmsnorm",
+            ADD_RMSNORM_SRC,
+            "main",
+            &[
+                ("W_BF16", wdtype.is_bf16_const()),
+                ("UNIT_OFFSET", b(unit_offset)),
+                ("FAULT_EPS_OUTSIDE", b(eps_outside)),
+            ],
+        )?;
+        Ok(AddRmsNorm { kernel })
+    }
+
+    /// Bindings: params (`rmsnorm::Params`), step, a, b `[n, width]`, the
+    /// norm weight, sum and y `[n, width]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind(
+        &self,
+        gpu: &Gpu,
+        params: &wgpu::Buffer,
+        step: &wgpu::Buffer,
+        a: &wgpu::Buffer,
+        b: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        sum: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+    ) -> wgpu::BindGroup {
+        gpu.bind(&self.kernel, &[params, step, a, b, w, sum, y])
+    }
+
+    /// One workgroup per token row.
+    pub fn encode(
+        &self,
+        gpu: &Gpu,
+        pass: &mut wgpu::ComputePass<'_>,
+        bind: &wgpu::BindGroup,
+        n_rows: u32,
+    ) {
+        gpu.dispatch_in(pass, &self.kernel, bind, n_rows);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -317,31 +317,6 @@ impl Linear {
         self
     }
 
-    /// Replace the tiled-matmul geometry (benchmarks, tests). Checked against
-    /// the adapter's limits; the tile sizes must be multiples of the
-    /// per-invocation block and BK even.
-    pub fn with_tile(mut self, gpu: &Gpu, tile: TileConfig) -> Result<Self> {
-        let ok_shape = tile.tm > 0
-            && tile.tn > 0
-            && tile.bm % tile.tm == 0
-            && tile.bn % tile.tn == 0
-            && tile.bk >= 2
-            && tile.bk % 2 == 0;
-        if !ok_shape || !tile.fits(&gpu.caps) {
-            return Err(Error::invalid(format!(
-                "matmul: tile {tile:?} is malformed or exceeds the adapter's {} invocations / {} \
-                 bytes of workgroup memory",
-                gpu.caps.max_invocations, gpu.caps.max_workgroup_storage
-            )));
-        }
-        self.tile = tile;
-        if self.prefill == PrefillKernel::Tiled {
-            self.prefill_vec = OnceLock::new();
-            self.prefill_any = OnceLock::new();
-        }
-        Ok(self)
-    }
-
     pub fn variant(&self) -> LinearVariant {
         self.variant
     }

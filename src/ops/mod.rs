@@ -7,5 +7,6 @@ pub mod elementwise;
 pub mod embedding;
 pub mod kv_copy;
 pub mod matmul;
+pub mod qmatmul;
 pub mod rmsnorm;
 pub mod rope;

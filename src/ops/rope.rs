@@ -33,76 +33,7 @@ use crate::gpu::{Gpu, Kernel, Step};
 pub const SRC: &str = include_str!("../../shaders/rope.wgsl");
 const WG: u32 = 64;
 
-/// `rope_scaling` from config.json, as far as wgllm supports it.
-#[derive(Clone, Debug, PartialEq)]
-pub enum RopeScaling {
-    /// No scaling (`rope_scaling` absent or `rope_type: "default"`).
-    None,
-    /// `rope_type: "linear"`: positions divided by `factor`.
-    Linear { factor: f32 },
-    /// `rope_type: "llama3"`.
-    Llama3 {
-        factor: f32,
-        low_freq_factor: f32,
-        high_freq_factor: f32,
-        original_max_position_embeddings: usize,
-    },
-}
-
-impl RopeScaling {
-    /// HF's `attention_scaling` (the factor applied to cos and sin): 1.0 for
-    /// every type supported here.
-    pub fn attention_scaling(&self) -> f32 {
-        1.0
-    }
-
-    /// Reject parameters HF would divide by zero with or that make no sense.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, v: String| {
-            Err(Error::invalid(format!(
-                "rope scaling {self:?}: {what} (got {v})"
-            )))
-        };
-        match *self {
-            RopeScaling::None => Ok(()),
-            RopeScaling::Linear { factor } => {
-                if !(factor.is_finite() && factor > 0.0) {
-                    return bad("factor must be a positive number", factor.to_string());
-                }
-                Ok(())
-            }
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => {
-                if !(factor.is_finite() && factor > 0.0) {
-                    return bad("factor must be a positive number", factor.to_string());
-                }
-                if !(low_freq_factor.is_finite() && low_freq_factor > 0.0) {
-                    return bad(
-                        "low_freq_factor must be a positive number",
-                        low_freq_factor.to_string(),
-                    );
-                }
-                if !(high_freq_factor.is_finite() && high_freq_factor != low_freq_factor) {
-                    return bad(
-                        "high_freq_factor must be finite and differ from low_freq_factor",
-                        high_freq_factor.to_string(),
-                    );
-                }
-                if original_max_position_embeddings == 0 {
-                    return bad(
-                        "original_max_position_embeddings must be positive",
-                        "0".into(),
-                    );
-                }
-                Ok(())
-            }
-        }
-    }
-}
+use crate::config::RopeScaling;
 
 fn check_head_dim(head_dim: usize) -> Result<()> {
     if head_dim == 0 || head_dim % 2 != 0 {
@@ -359,6 +290,111 @@ impl Rope {
         n_tokens: u32,
     ) {
         let items = n_tokens as u64 * params.n_heads as u64 * (params.head_dim as u64 / 2);
+        let n = items.div_ceil(WG as u64) as u32;
+        gpu.dispatch_in(pass, &self.kernel, bind, n);
+    }
+}
+
+/// Source of the fused RoPE(q) + RoPE(k) + KV-append kernel.
+pub const SRC_KV: &str = include_str!("../../shaders/rope_kv.wgsl");
+
+/// Params of [`RopeKv`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct KvParams {
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub head_dim: u32,
+    pub max_positions: u32,
+    pub max_ctx: u32,
+    pub _p: [u32; 3],
+}
+
+/// RoPE of q and of k and the KV-cache append in one dispatch: q's rotated
+/// rows go to `q_out`, k's rotated rows and v's rows straight to the cache
+/// (the same arithmetic as [`Rope`] and `kv_copy`, element for element).
+pub struct RopeKv {
+    pub kernel: Kernel,
+}
+
+impl RopeKv {
+    /// With `interleaved`, [`Rope::with_faults`]'s deliberate bug.
+    pub fn with_faults(gpu: &Gpu, interleaved: bool) -> Result<Self> {
+        let kernel = gpu.kernel(
+            "rope_kv",
+            SRC_KV,
+            "main",
+            &[
+                ("WG", WG as f64),
+                ("FAULT_INTERLEAVED", if interleaved { 1.0 } else { 0.0 }),
+            ],
+        )?;
+        Ok(RopeKv { kernel })
+    }
+
+    /// Bindings: params (created here), step, q `[n_tokens, n_heads *
+    /// head_dim]`, k and v `[n_tokens, n_kv_heads * head_dim]`, the tables,
+    /// q_out (like q), the layer's K and V cache. Build once at load.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind(
+        &self,
+        gpu: &Gpu,
+        params: &KvParams,
+        step: &wgpu::Buffer,
+        [q, k, v]: [&wgpu::Buffer; 3],
+        tables: &RopeTables,
+        q_out: &wgpu::Buffer,
+        cache: &crate::ops::kv_copy::KvCache,
+    ) -> Result<wgpu::BindGroup> {
+        let c = &cache.params;
+        if params.head_dim as usize != tables.head_dim
+            || params.max_positions as usize != tables.max_positions
+            || (params.n_kv_heads, params.head_dim, params.max_ctx)
+                != (c.n_kv_heads, c.head_dim, c.max_ctx)
+        {
+            return Err(Error::invalid(format!(
+                "rope_kv: params {params:?} do not match the tables (head_dim {}, max_positions {}) or the cache {c:?}",
+                tables.head_dim, tables.max_positions
+            )));
+        }
+        let (qrow, kvrow) = (
+            params.n_heads as u64 * params.head_dim as u64 * 4,
+            params.n_kv_heads as u64 * params.head_dim as u64 * 4,
+        );
+        if q.size() < qrow || q_out.size() < qrow || k.size() < kvrow || v.size() < kvrow {
+            return Err(Error::invalid(format!(
+                "rope_kv: q/q_out must hold a row of {qrow} bytes and k/v one of {kvrow} bytes"
+            )));
+        }
+        let ub = gpu.uniform("rope_kv params", params)?;
+        Ok(gpu.bind(
+            &self.kernel,
+            &[
+                &ub,
+                step,
+                q,
+                k,
+                v,
+                &tables.cos,
+                &tables.sin,
+                q_out,
+                &cache.k,
+                &cache.v,
+            ],
+        ))
+    }
+
+    /// One invocation per (token, q or kv head, pair).
+    pub fn encode(
+        &self,
+        gpu: &Gpu,
+        pass: &mut wgpu::ComputePass<'_>,
+        bind: &wgpu::BindGroup,
+        params: &KvParams,
+        n_tokens: u32,
+    ) {
+        let heads = params.n_heads as u64 + params.n_kv_heads as u64;
+        let items = n_tokens as u64 * heads * (params.head_dim as u64 / 2);
         let n = items.div_ceil(WG as u64) as u32;
         gpu.dispatch_in(pass, &self.kernel, bind, n);
     }

@@ -1,0 +1,74 @@
+// Residual add fused with the RMSNorm that reads its result, in f32:
+//   s = a + b             (written to `sum`: the residual stream)
+//   y = w * (s * inverseSqrt(mean(s^2) + eps))   ((1 + w) with UNIT_OFFSET)
+// The same operations in the same order as elementwise.wgsl's `add` then
+// rmsnorm.wgsl (strided sum of squares, the same tree reduction), so the
+// result is bit-identical to the two dispatches it replaces. One workgroup
+// per token row of `width`.
+
+struct Params {
+    width: u32,
+    eps: f32,
+    rows_per_token: u32,
+    _p1: u32,
+}
+
+override WG: u32 = 64u;
+override W_BF16: bool = true;
+override UNIT_OFFSET: bool = false;
+// rmsnorm.wgsl's deliberate bug (model::Faults::norm_eps_outside).
+override FAULT_EPS_OUTSIDE: bool = false;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(2) var<storage, read> a: array<f32>;
+@group(0) @binding(3) var<storage, read> b: array<f32>;
+@group(0) @binding(4) var<storage, read> w: array<u32>;
+@group(0) @binding(5) var<storage, read_write> sum: array<f32>;
+@group(0) @binding(6) var<storage, read_write> y: array<f32>;
+
+var<workgroup> partial: array<f32, WG>;
+
+fn load_w(i: u32) -> f32 {
+    if (W_BF16) {
+        return bf16_at(w[i >> 1u], i);
+    }
+    return bitcast<f32>(w[i]);
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let row = wg_linear(wid, nwg);
+    if (row >= step.n_tokens * p.rows_per_token) {
+        return;
+    }
+    let base = row * p.width;
+    var acc = 0.0;
+    for (var i = lid; i < p.width; i += WG) {
+        let v = a[base + i] + b[base + i];
+        sum[base + i] = v;
+        acc += v * v;
+    }
+    partial[lid] = acc;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            partial[lid] += partial[lid + s];
+        }
+        workgroupBarrier();
+    }
+    var inv = inverseSqrt(partial[0] / f32(p.width) + p.eps);
+    if (FAULT_EPS_OUTSIDE) {
+        inv = 1.0 / (sqrt(partial[0] / f32(p.width)) + p.eps);
+    }
+    for (var i = lid; i < p.width; i += WG) {
+        var wi = load_w(i);
+        if (UNIT_OFFSET) {
+            wi = 1.0 + wi;
+        }
+        // Each invocation re-reads only the elements it wrote itself.
+        y[base + i] = wi * (sum[base + i] * inv);
+    }
+}

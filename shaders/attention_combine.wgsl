@@ -1,0 +1,53 @@
+// Flash-decoding combine: merge the SPLITS partials (acc, m, l) that
+// attention.wgsl (PARTIAL) wrote per (token, head) into
+//   out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s,  M = max_s m_s.
+// Empty splits hold m = NEG, l = 0, acc = 0 and weigh exp(NEG - M) = 0; split
+// 0 always holds the first visible position, so M is finite.
+// One workgroup per (token, head); invocation c owns vec4 column c.
+
+struct Params {
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    max_ctx: u32,
+    scale: f32,
+    window: u32,
+    _p1: u32,
+    _p2: u32,
+}
+
+override WG: u32 = 64u;
+override D4: u32 = 16u;
+override SPLITS: u32 = 1u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(2) var<storage, read> part: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let hrow = wg_linear(wid, nwg);
+    if (hrow >= step.n_tokens * p.n_heads) {
+        return;
+    }
+    let base = hrow * SPLITS * (D4 + 1u);
+    var mx = part[base + D4].x;
+    for (var s = 1u; s < SPLITS; s++) {
+        mx = max(mx, part[base + s * (D4 + 1u) + D4].x);
+    }
+    for (var c = lid; c < D4; c += WG) {
+        var a = vec4<f32>(0.0);
+        var l = 0.0;
+        for (var s = 0u; s < SPLITS; s++) {
+            let b = base + s * (D4 + 1u);
+            let ml = part[b + D4];
+            let w = exp(ml.x - mx);
+            a += w * part[b + c];
+            l += w * ml.y;
+        }
+        out[hrow * D4 + c] = a / l;
+    }
+}

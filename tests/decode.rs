@@ -1,0 +1,221 @@
+//! The pipelined greedy decode (`Model::decode_greedy`: the argmax feeds the
+//! next step on the GPU, steps in flight, ids read back through a ring):
+//! the same ids as transformers and as the blocking one-step-at-a-time path,
+//! a stop that leaves the KV cache exactly as if the wasted steps never ran,
+//! and no buffer, bind group or pipeline created per token.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use wgllm::model::{Model, ModelOptions};
+use wgllm::taps::read_i32;
+use wgllm::{Gpu, GpuOptions};
+
+const FIXTURES: [&str; 4] = [
+    "qwen2_bias_tied",
+    "llama_gqa3_untied",
+    "qwen3_qk_norm",
+    "gemma3_window",
+];
+
+fn gpu() -> Arc<Gpu> {
+    static G: OnceLock<Arc<Gpu>> = OnceLock::new();
+    G.get_or_init(|| Arc::new(Gpu::new(&GpuOptions::default()).expect("GPU")))
+        .clone()
+}
+
+fn dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The fixture's prompt and transformers' greedy continuation.
+fn reference(name: &str) -> (Vec<u32>, Vec<u32>) {
+    let r = dir(name).join("reference_f32.safetensors");
+    let ints = |n: &str| -> Vec<u32> {
+        read_i32(&r, n)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{}: no `{n}`", r.display()))
+            .into_iter()
+            .map(|x| x as u32)
+            .collect()
+    };
+    (ints("tokens"), ints("generated"))
+}
+
+fn load(name: &str, max_context: usize, max_batch: usize) -> Model {
+    let opts = ModelOptions {
+        max_context: Some(max_context),
+        max_batch,
+        ..Default::default()
+    };
+    Model::load(gpu(), &dir(name), &opts).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Prefill, then `steps` pipelined steps at `depth`: every id delivered.
+fn pipelined(m: &mut Model, prompt: &[u32], steps: usize, depth: usize) -> Vec<u32> {
+    let first = m.forward_next(prompt).unwrap();
+    let mut got = vec![first];
+    let run = m
+        .decode_greedy(first, steps, depth, |id| {
+            got.push(id);
+            Ok(true)
+        })
+        .unwrap();
+    assert_eq!((run.submitted, run.kept), (steps, steps));
+    got
+}
+
+#[test]
+fn pipelined_greedy_matches_transformers_at_every_depth() {
+    for name in FIXTURES {
+        let (tokens, want) = reference(name);
+        let mut m = load(name, tokens.len() + want.len(), tokens.len());
+        for depth in [1, 3, 7] {
+            m.reset();
+            let got = pipelined(&mut m, &tokens, want.len() - 1, depth);
+            assert_eq!(got, want, "{name} depth {depth}");
+            assert_eq!(m.position(), tokens.len() + want.len() - 1);
+        }
+    }
+}
+
+/// A stop after a few ids, with steps in flight past it: the cache keeps
+/// exactly the delivered steps, so the blocking path continues from there
+/// with transformers' next ids (the wasted steps' KV rows get overwritten).
+#[test]
+fn a_stop_discards_the_steps_in_flight() {
+    let name = "llama_gqa3_untied";
+    let (tokens, want) = reference(name);
+    assert!(
+        want.len() >= 6,
+        "{name}: the fixture generates {}",
+        want.len()
+    );
+    let mut m = load(name, tokens.len() + want.len(), tokens.len());
+    let first = m.forward_next(&tokens).unwrap();
+    let mut got = vec![first];
+    let run = m
+        .decode_greedy(first, want.len() - 1, 4, |id| {
+            got.push(id);
+            Ok(got.len() < 4)
+        })
+        .unwrap();
+    assert_eq!(got, want[..4]);
+    assert_eq!(run.kept, 3);
+    assert!(
+        run.submitted > run.kept,
+        "steps were in flight past the stop"
+    );
+    assert_eq!(m.position(), tokens.len() + 3);
+    let mut last = got[3];
+    for &w in &want[4..] {
+        last = m.forward_next(&[last]).unwrap();
+        assert_eq!(last, w, "{name}: after the stop");
+    }
+    // and a pipelined decode from there, too
+    m.truncate(tokens.len() + 3).unwrap();
+    let mut again = vec![];
+    m.decode_greedy(got[3], want.len() - 4, 3, |id| {
+        again.push(id);
+        Ok(true)
+    })
+    .unwrap();
+    assert_eq!(again, want[4..]);
+}
+
+/// After warm-up, neither decode path creates a buffer, bind group or
+/// pipeline; the recorder's dispatch count equals what the bound ops say.
+#[test]
+fn nothing_is_created_per_token_and_dispatches_are_counted() {
+    let name = "qwen2_bias_tied";
+    let (tokens, want) = reference(name);
+    // its own device: the other tests run in parallel on the shared one
+    let g = Arc::new(Gpu::new(&GpuOptions::default()).expect("GPU"));
+    let opts = ModelOptions {
+        max_context: Some(tokens.len() + want.len()),
+        max_batch: tokens.len(),
+        ..Default::default()
+    };
+    let mut m = Model::load(g.clone(), &dir(name), &opts).unwrap();
+    pipelined(&mut m, &tokens, 2, 3);
+    m.reset();
+    let before = g.counters.snapshot();
+    let first = m.forward_next(&tokens).unwrap();
+    let run = m
+        .decode_greedy(first, want.len() - 1, 3, |_| Ok(true))
+        .unwrap();
+    let mut id = first;
+    m.truncate(tokens.len()).unwrap();
+    for _ in 0..3 {
+        id = m.forward_next(&[id]).unwrap();
+    }
+    m.forward_logits(&[id]).unwrap();
+    let after = g.counters.snapshot();
+    assert_eq!(after.buffers, before.buffers, "buffers created per token");
+    assert_eq!(
+        after.bind_groups, before.bind_groups,
+        "bind groups per token"
+    );
+    assert_eq!(after.pipelines, before.pipelines, "pipelines per token");
+    let per_op: usize = m.decode_ops().iter().map(|o| o.dispatches).sum();
+    assert_eq!(run.dispatches_per_step, per_op as u64);
+    // one prefill pass, the pipelined steps, 3 + 1 blocking steps: a pass
+    // records the same ops whatever its token count
+    assert_eq!(
+        after.dispatches - before.dispatches,
+        (1 + run.submitted as u64 + 4) * per_op as u64
+    );
+}
+
+/// The fast path (RoPE of q and k and the KV append in one dispatch, the
+/// residual add and the next RMSNorm in one) and
+/// the op-by-op path taps record give the same logits and the same KV
+/// cache, bit for bit: the fused kernel does the same f32 operations on
+/// the same values, so there is no tolerance to give.
+#[test]
+fn fused_and_op_by_op_paths_agree_bit_for_bit() {
+    for name in FIXTURES {
+        let (tokens, want) = reference(name);
+        let ctx = tokens.len() + want.len();
+        let mut fused = load(name, ctx, tokens.len());
+        let mut plain = load(name, ctx, tokens.len());
+        plain.set_fuse(false);
+        let layers = fused.cfg.num_hidden_layers;
+        let total = |m: &Model| (0..layers).map(|l| m.layer_dispatches(l)).sum::<usize>();
+        // per layer, rope q + rope k + kv append -> 1 and resid add +
+        // mlp_norm -> 1; at each layer boundary, the out add + the next
+        // layer's attn_norm -> 1
+        assert_eq!(
+            total(&fused) + 3 * layers + (layers - 1),
+            total(&plain),
+            "{name}: the fast path's dispatches"
+        );
+        let mut input = tokens.clone();
+        for (step, &next) in want.iter().enumerate() {
+            let a = fused.forward_logits(&input).unwrap();
+            let b = plain.forward_logits(&input).unwrap();
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{name} step {step}: logits differ"
+            );
+            input = vec![next];
+        }
+        let g = gpu();
+        let n = fused.kv_cache(0).params.cache_bytes() as usize / 4;
+        for l in 0..layers {
+            let (fk, pk) = (fused.kv_cache(l), plain.kv_cache(l));
+            assert_eq!(
+                g.read_f32(&fk.k, n).unwrap(),
+                g.read_f32(&pk.k, n).unwrap(),
+                "{name} layer {l}: K cache"
+            );
+            assert_eq!(
+                g.read_f32(&fk.v, n).unwrap(),
+                g.read_f32(&pk.v, n).unwrap(),
+                "{name} layer {l}: V cache"
+            );
+        }
+    }
+}
