@@ -54,6 +54,15 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
+/// Largest accepted `num_hidden_layers`. Real checkpoints have at most a
+/// few hundred; the bound keeps a corrupt config from allocating per-layer
+/// tables out of proportion to the file.
+pub const MAX_LAYERS: usize = 1 << 12;
+/// Largest accepted vocabulary, hidden, intermediate, head count and
+/// head_dim (real values stay under 2^19). Any product of two such sizes
+/// fits easily in u64, so size arithmetic downstream cannot overflow.
+pub const MAX_DIM: usize = 1 << 24;
+
 /// The supported model families.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Arch {
@@ -327,6 +336,20 @@ impl Reader<'_> {
             return Err(self.err(field, "expected a positive integer, got 0"));
         }
         Ok(n)
+    }
+
+    /// A required positive integer that is at most `max`: sizes that
+    /// allocate or multiply are bounded before anything uses them.
+    fn req_size(&self, field: &str, max: usize) -> Result<usize> {
+        let n = self.req_pos(field)?;
+        if n > max {
+            return Err(self.err(field, Self::too_big(n, max)));
+        }
+        Ok(n)
+    }
+
+    fn too_big(n: usize, max: usize) -> String {
+        format!("{n} is larger than any model this runtime accepts (at most {max}); the config is corrupt")
     }
 
     fn opt_pos(&self, field: &str) -> Result<Option<usize>> {
@@ -617,11 +640,11 @@ impl Reader<'_> {
 
     fn parse(&self) -> Result<ModelConfig> {
         let arch = self.arch()?;
-        let vocab_size = self.req_pos("vocab_size")?;
-        let hidden_size = self.req_pos("hidden_size")?;
-        let intermediate_size = self.req_pos("intermediate_size")?;
-        let num_hidden_layers = self.req_pos("num_hidden_layers")?;
-        let num_attention_heads = self.req_pos("num_attention_heads")?;
+        let vocab_size = self.req_size("vocab_size", MAX_DIM)?;
+        let hidden_size = self.req_size("hidden_size", MAX_DIM)?;
+        let intermediate_size = self.req_size("intermediate_size", MAX_DIM)?;
+        let num_hidden_layers = self.req_size("num_hidden_layers", MAX_LAYERS)?;
+        let num_attention_heads = self.req_size("num_attention_heads", MAX_DIM)?;
 
         // Absent key → the class default; explicit null → num_attention_heads.
         let num_key_value_heads = match self.obj.get("num_key_value_heads") {
@@ -632,7 +655,7 @@ impl Reader<'_> {
                 Arch::Gemma3 => 4,
             },
             Some(Value::Null) => num_attention_heads,
-            Some(_) => self.req_pos("num_key_value_heads")?,
+            Some(_) => self.req_size("num_key_value_heads", MAX_DIM)?,
         };
         if num_attention_heads % num_key_value_heads != 0 {
             return Err(self.err(
@@ -651,6 +674,9 @@ impl Reader<'_> {
             ));
         }
         let head_dim = match (self.opt_pos("head_dim")?, arch) {
+            (Some(d), _) if d > MAX_DIM => {
+                return Err(self.err("head_dim", Self::too_big(d, MAX_DIM)));
+            }
             (Some(d), _) => d,
             // Qwen3Config / Gemma3TextConfig declare their own defaults.
             (None, Arch::Qwen3) => 128,

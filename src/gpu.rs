@@ -174,6 +174,8 @@ pub struct Gpu {
     pub caps: Caps,
     /// How `caps.kernels` was chosen (see [`Gpu::kernels_desc`]).
     pub kernels_chosen_by: &'static str,
+    /// Device loss and uncaptured errors, recorded by wgpu's callbacks.
+    health: Arc<Health>,
     /// What this `Gpu` has created and recorded (for the per-step
     /// dispatch count and the no-allocation-per-token audit).
     pub counters: Counters,
@@ -212,6 +214,19 @@ impl Counters {
             pipelines: l(&self.pipelines),
         }
     }
+}
+
+/// What wgpu's device-lost callback and uncaptured-error handler recorded
+/// (wgpu's default handler panics; ours records, and [`Gpu::check_health`]
+/// turns the record into an error at the next wait).
+#[derive(Default)]
+struct Health {
+    lost: std::sync::Mutex<Option<String>>,
+    uncaptured: std::sync::Mutex<Option<String>>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Mesa's Vulkan device-select layer (an implicit layer that comes with
@@ -437,6 +452,15 @@ impl Gpu {
             adapter: desc.info.name.clone(),
             msg: e.to_string(),
         })?;
+        let health = Arc::new(Health::default());
+        let h = health.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            *lock(&h.lost) = Some(format!("{reason:?}: {msg}"));
+        });
+        let h = health.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            lock(&h.uncaptured).get_or_insert_with(|| e.to_string());
+        }));
         // Pipeline creation is checked with an error scope (see `kernel`);
         // bind groups and dispatches are validated by the ops before they are
         // made, so a wgpu validation error past that point is a wgllm bug.
@@ -475,6 +499,7 @@ impl Gpu {
             adapter: desc,
             caps,
             kernels_chosen_by,
+            health,
             counters: Counters::default(),
         })
     }
@@ -483,6 +508,61 @@ impl Gpu {
     pub fn create_buffer(&self, desc: &wgpu::BufferDescriptor) -> wgpu::Buffer {
         Counters::bump(&self.counters.buffers);
         self.device.create_buffer(desc)
+    }
+
+    /// An error when the device was lost (driver reset, `destroy`) or wgpu
+    /// reported an error no scope captured since the last check (e.g. an
+    /// allocation made through [`Gpu::storage`] that failed). [`Gpu::wait`]
+    /// calls it, so every readback and submit surfaces these as errors.
+    pub fn check_health(&self) -> Result<()> {
+        if let Some(m) = lock(&self.health.lost).clone() {
+            return Err(Error::Gpu {
+                what: format!("device '{}' lost", self.adapter.info.name),
+                msg: format!("{m}; results after this point are not trustworthy, restart the run"),
+            });
+        }
+        if let Some(m) = lock(&self.health.uncaptured).take() {
+            return Err(Error::Gpu {
+                what: "an earlier device operation".into(),
+                msg: m,
+            });
+        }
+        Ok(())
+    }
+
+    /// Run `f` (which creates one buffer) inside out-of-memory and
+    /// validation error scopes; a captured error names the buffer and size.
+    fn scoped_buffer(
+        &self,
+        label: &str,
+        size: u64,
+        f: impl FnOnce() -> wgpu::Buffer,
+    ) -> Result<wgpu::Buffer> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let buf = f();
+        let v = pollster::block_on(val.pop());
+        let o = pollster::block_on(oom.pop());
+        if let Some(e) = o.or(v) {
+            let kind = match e {
+                wgpu::Error::OutOfMemory { .. } => "out of device memory",
+                _ => "refused by the device",
+            };
+            return Err(Error::Gpu {
+                what: format!("allocating buffer '{label}' of {size} bytes"),
+                msg: format!(
+                    "{kind}: {e} (the device offers max_buffer_size {} bytes; try a shorter --max-context or --dtype bf16)",
+                    self.caps.max_buffer
+                ),
+            });
+        }
+        Ok(buf)
+    }
+
+    /// [`Gpu::storage`] with allocation errors (out of memory, over the
+    /// device's limits) returned instead of recorded for the next wait.
+    pub fn try_storage(&self, label: &str, size: u64) -> Result<wgpu::Buffer> {
+        self.scoped_buffer(label, size, || self.storage(label, size))
     }
 
     pub fn name(&self) -> &str {
@@ -500,14 +580,16 @@ impl Gpu {
     /// A storage buffer holding `data` (padded to a multiple of 4 bytes).
     pub fn storage_init(&self, label: &str, data: &[u8]) -> Result<wgpu::Buffer> {
         let size = pad4(data.len() as u64).max(4);
-        let buf = self.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size,
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_DST
-                | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: true,
-        });
+        let buf = self.scoped_buffer(label, size, || {
+            self.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: true,
+            })
+        })?;
         fill_mapped(&buf, label, data)?;
         Ok(buf)
     }
@@ -608,11 +690,11 @@ impl Gpu {
     pub fn wait(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map(|_| ())
             .map_err(|e| Error::Gpu {
                 what: "device poll".into(),
                 msg: e.to_string(),
-            })
+            })?;
+        self.check_health()
     }
 
     // -------------------------------------------------------------- pipelines

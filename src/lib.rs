@@ -8,6 +8,7 @@ pub mod compare;
 pub mod config;
 pub mod error;
 pub mod fetch;
+pub mod fuzzing;
 pub mod generate;
 pub mod gguf;
 pub mod gpu;

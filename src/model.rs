@@ -445,6 +445,7 @@ impl Model {
     pub fn from_checkpoint(gpu: Arc<Gpu>, ckpt: &Checkpoint, opts: &ModelOptions) -> Result<Self> {
         let cfg = ckpt.config.clone();
         let plan = MemoryPlan::new(&cfg, ckpt, opts.dtype, &gpu.caps)?;
+        plan.device_memory(&cfg, opts.max_context, opts.max_batch, &gpu.caps)?;
         let mut weights = Weights::upload(&gpu, ckpt, &plan)?;
         apply_weight_faults(&gpu, &mut weights, &opts.faults)?;
         Self::build(gpu, cfg, weights, opts)

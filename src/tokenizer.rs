@@ -88,10 +88,29 @@ impl Tokenizer {
                 source: None,
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Format {
+        let bytes = std::fs::read(&path).map_err(|e| Error::Io {
+            msg: format!("cannot read tokenizer: {e}"),
             path: path.clone(),
-            msg: format!("cannot load tokenizer: {e}"),
+            source: Some(e),
         })?;
+        Self::from_json_bytes(&path, &bytes)
+    }
+
+    /// Load a `tokenizer.json` image held in memory; `path` only labels
+    /// errors. Not UTF-8, not JSON or not a tokenizer the `tokenizers`
+    /// crate accepts is an [`Error::Format`] naming the file; a panic inside
+    /// that crate on hostile input is caught and reported the same way.
+    /// (The entry point of the tokenizer fuzz target.)
+    pub fn from_json_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let ferr = |msg: String| Error::Format {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| ferr(format!("tokenizer file is not UTF-8: {e}")))?;
+        let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+            .map_err(|_| ferr("cannot load tokenizer: the tokenizers library panicked on this file (corrupt tokenizer.json?)".into()))?;
+        let inner = parsed.map_err(|e| ferr(format!("cannot load tokenizer: {e}")))?;
         Ok(Tokenizer { inner })
     }
 

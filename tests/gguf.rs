@@ -921,6 +921,31 @@ fn malformed_tensor_infos() {
     );
 }
 
+/// A tensor info claiming 2^60 elements is refused while the table is read,
+/// from its byte size against the file, before anything is allocated or
+/// dequantized; so is one whose data overlaps another tensor's.
+#[test]
+fn huge_and_overlapping_tensors_fail_at_once() {
+    let with = |f: &dyn Fn(&mut GgufBuilder)| {
+        let mut g = valid_small();
+        f(&mut g);
+        parse_err(g.build())
+    };
+    contains_all(
+        &with(&|g| {
+            g.tensor("huge", &[1 << 30, 1 << 30], F32, vec![0; 32]);
+        }),
+        &["tensor `huge`", "4611686018427387904 bytes", "past the end"],
+    );
+    contains_all(
+        &with(&|g| {
+            g.tensor("c", &[8], F32, vec![0; 32]);
+            g.tensors.last_mut().unwrap().offset_override = Some(32);
+        }),
+        &["tensor `b`", "overlaps tensor `c`", "must not share bytes"],
+    );
+}
+
 /// Every prefix of a valid file, and many single-byte corruptions, give an
 /// error or a valid file: never a panic. Accepted corruptions still read
 /// and dequantize their tensors within bounds.

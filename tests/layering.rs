@@ -22,6 +22,7 @@ const ORDER: &[&str] = &[
     "reference",
     "compare",
     "tokenizer",
+    "fuzzing",
     "chat",
     "sampling",
     "verify",

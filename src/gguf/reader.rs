@@ -685,6 +685,31 @@ impl GgufFile {
             }
         }
 
+        // No two tensors may share bytes: ggml writes them one after the
+        // other (each padded to the alignment), so an overlap is a forged or
+        // corrupt table. Empty tensors occupy nothing and are skipped.
+        let mut spans: Vec<(u64, u64, usize)> = tensors
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.n_bytes > 0)
+            .map(|(i, t)| (t.offset, t.offset + t.n_bytes, i))
+            .collect();
+        spans.sort_unstable();
+        for w in spans.windows(2) {
+            let ((_, end, a), (start, _, b)) = (w[0], w[1]);
+            if start < end {
+                let (ta, tb) = (&tensors[a], &tensors[b]);
+                return Err(Error::Tensor {
+                    path: path.clone(),
+                    tensor: tb.name.clone(),
+                    msg: format!(
+                        "data at offset {start} overlaps tensor `{}` (offset {}, {} bytes, so it ends at {end}); tensors must not share bytes",
+                        ta.name, ta.offset, ta.n_bytes
+                    ),
+                });
+            }
+        }
+
         Ok(GgufFile {
             path,
             backing,

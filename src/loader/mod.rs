@@ -19,10 +19,10 @@ use ::safetensors::Dtype;
 
 pub use finite::{check_finite, first_non_finite};
 pub use plan::{
-    expected_tensors, supported_dtype, LayerRole, LoadDType, MemoryPlan, PlannedTensor, Role,
-    TensorSpec,
+    default_context, expected_tensors, supported_dtype, DeviceMemory, LayerRole, LoadDType,
+    MemoryPlan, PlannedTensor, Role, TensorSpec,
 };
-pub use shard::TensorMeta;
+pub use shard::{parse_safetensors_bytes, TensorMeta};
 pub use weights::{HostTensor, HostWeights, LayerWeights, ModelWeights, Weights};
 
 use crate::config::ModelConfig;
@@ -268,8 +268,25 @@ fn unsupported_dtype(m: &TensorMeta, d: Dtype) -> Error {
 type Opened = (Vec<Shard>, HashMap<String, TensorMeta>);
 
 fn open_sharded(dir: &Path, index_path: &Path) -> Result<Opened> {
-    let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+    let text = std::fs::read(index_path).map_err(|e| Error::io(index_path, e))?;
+    let (files, wanted) = parse_index(index_path, &text)?;
+    open_shards(dir, index_path, files, wanted)
+}
+
+/// A parsed `model.safetensors.index.json`: the shard file names (sorted)
+/// and every (tensor, shard file) pair of its `weight_map`.
+pub type ShardIndex = (Vec<String>, Vec<(String, String)>);
+
+/// Parse and validate a sharded checkpoint's index held in memory; `path`
+/// only labels errors. Shard names must be plain file names inside the
+/// model folder (no `..`, no absolute paths). (The index half of the
+/// safetensors fuzz target.)
+pub fn parse_index_bytes(path: &Path, bytes: &[u8]) -> Result<ShardIndex> {
+    parse_index(path, bytes)
+}
+
+fn parse_index(index_path: &Path, bytes: &[u8]) -> Result<ShardIndex> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| Error::Json {
         path: index_path.to_path_buf(),
         msg: e.to_string(),
     })?;
@@ -283,6 +300,7 @@ fn open_sharded(dir: &Path, index_path: &Path) -> Result<Opened> {
         })?;
     // Shards in order of first appearance, sorted by file name for stability.
     let mut files: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut wanted: Vec<(String, String)> = Vec::with_capacity(map.len());
     for (name, f) in map {
         let f = f.as_str().ok_or_else(|| Error::Config {
@@ -291,19 +309,31 @@ fn open_sharded(dir: &Path, index_path: &Path) -> Result<Opened> {
             msg: format!("expected a shard file name, got {f}"),
         })?;
         let p = Path::new(f);
-        if p.is_absolute() || p.components().count() != 1 {
+        let mut comps = p.components();
+        let plain =
+            matches!(comps.next(), Some(std::path::Component::Normal(_))) && comps.next().is_none();
+        if !plain {
             return Err(Error::Config {
                 path: index_path.to_path_buf(),
                 field: format!("weight_map.{name}"),
                 msg: format!("shard `{f}` must be a file name inside the model folder"),
             });
         }
-        if !files.iter().any(|x| x == f) {
+        if seen.insert(f) {
             files.push(f.to_string());
         }
         wanted.push((name.clone(), f.to_string()));
     }
     files.sort();
+    Ok((files, wanted))
+}
+
+fn open_shards(
+    dir: &Path,
+    index_path: &Path,
+    files: Vec<String>,
+    wanted: Vec<(String, String)>,
+) -> Result<Opened> {
     let mut shards = Vec::with_capacity(files.len());
     for (i, f) in files.iter().enumerate() {
         let p = dir.join(f);
@@ -325,9 +355,21 @@ fn open_sharded(dir: &Path, index_path: &Path) -> Result<Opened> {
         }
         shards.push(Shard::open(&p, i)?);
     }
+    let shard_of: HashMap<&str, usize> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.as_str(), i))
+        .collect();
     let mut tensors = HashMap::with_capacity(wanted.len());
     for (name, f) in wanted {
-        let i = files.iter().position(|x| *x == f).expect("listed");
+        let Some(&i) = shard_of.get(f.as_str()) else {
+            return Err(Error::Format {
+                path: index_path.to_path_buf(),
+                msg: format!(
+                    "weight_map maps `{name}` to shard `{f}`, which is not in its file list"
+                ),
+            });
+        };
         let meta = shards[i].tensors.get(&name).ok_or_else(|| Error::Tensor {
             path: shards[i].path.clone(),
             tensor: name.clone(),

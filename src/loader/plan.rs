@@ -424,6 +424,135 @@ impl MemoryPlan {
     }
 }
 
+/// What a model needs on the device for one context length, computed from
+/// the plan and the config before anything is uploaded
+/// ([`MemoryPlan::device_memory`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// KV cache length in tokens.
+    pub context: usize,
+    /// Every weight buffer ([`MemoryPlan::total_bytes`]).
+    pub weights: u64,
+    /// K and V for every layer: `2 × layers × n_kv × context × head_dim × 4`.
+    pub kv_cache: u64,
+    /// One layer's K (or V) buffer, bound whole by the attention kernel.
+    pub kv_layer: u64,
+    /// Activation, logits, RoPE-table and staging buffers, estimated from
+    /// the config (the widest per-token buffers of the layer program).
+    pub scratch: u64,
+    pub total: u64,
+}
+
+impl DeviceMemory {
+    pub fn summary(&self) -> String {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        format!(
+            "{:.1} MiB on the device: weights {:.1} MiB, KV cache {:.1} MiB for {} tokens, scratch {:.1} MiB",
+            mib(self.total),
+            mib(self.weights),
+            mib(self.kv_cache),
+            self.context,
+            mib(self.scratch)
+        )
+    }
+}
+
+/// The KV cache length a model gets when `requested` is `None`: the
+/// config's `max_position_embeddings`, at most 4096, and at most what one
+/// storage binding holds for one layer's K. (The rule `Model` applies.)
+pub fn default_context(cfg: &ModelConfig, caps: &Caps) -> usize {
+    let per_pos = (cfg.num_key_value_heads * cfg.head_dim * 4) as u64;
+    let ctx_cap = (caps.max_binding / per_pos.max(1)) as usize;
+    cfg.max_position_embeddings.clamp(1, 4096).min(ctx_cap)
+}
+
+impl MemoryPlan {
+    /// The device memory for a KV cache of `max_context` tokens (default:
+    /// [`default_context`]) and `max_batch` tokens per forward pass, checked
+    /// against the device's limits. Refuses, before any upload, a context
+    /// whose per-layer K/V buffer exceeds the largest binding or buffer the
+    /// device offers, a logits row or activation buffer that cannot be
+    /// bound, and a total that overflows; each message says what is needed,
+    /// what the device offers and what to change. wgpu 30 reports no free
+    /// memory, so the total itself is checked only by the allocation (see
+    /// `Gpu`'s error scopes).
+    pub fn device_memory(
+        &self,
+        cfg: &ModelConfig,
+        max_context: Option<usize>,
+        max_batch: usize,
+        caps: &Caps,
+    ) -> Result<DeviceMemory> {
+        let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0));
+        let limit = caps.max_binding.min(caps.max_buffer);
+        let context = max_context.unwrap_or_else(|| default_context(cfg, caps));
+        if context == 0 {
+            return Err(Error::invalid("max context must be at least 1"));
+        }
+        let per_pos = (cfg.num_key_value_heads as u64) * (cfg.head_dim as u64) * 4;
+        let fit = limit / per_pos.max(1);
+        let kv_layer = per_pos.checked_mul(context as u64);
+        if kv_layer.is_none_or(|b| b > limit) {
+            return Err(Error::invalid(format!(
+                "a context of {context} tokens needs a KV cache buffer of {} per layer for K and again for V \
+                 ({} KV heads × head_dim {} × 4 bytes = {per_pos} bytes per token), but this device binds at most {} \
+                 ({limit} bytes) in one buffer; use --max-context {fit} or less",
+                kv_layer.map_or_else(|| "more than 2^64 bytes".into(), mib),
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+                mib(limit),
+            )));
+        }
+        let kv_layer = kv_layer.unwrap_or_default();
+        let vocab_row = cfg.vocab_size as u64 * 4;
+        if vocab_row > limit {
+            return Err(Error::invalid(format!(
+                "one row of logits ({} tokens × 4 bytes = {vocab_row} bytes) exceeds the {limit} bytes this device binds in one buffer",
+                cfg.vocab_size
+            )));
+        }
+        let batch = max_batch.max(1) as u64;
+        let h = cfg.hidden_size as u64;
+        let widest = [
+            h,
+            cfg.q_dim() as u64,
+            cfg.kv_dim() as u64,
+            cfg.intermediate_size as u64,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        if batch * widest * 4 > limit {
+            return Err(Error::invalid(format!(
+                "an activation buffer for {batch} tokens × {widest} values × 4 bytes exceeds the {limit} bytes this device binds in one buffer; use a smaller prefill batch (ModelOptions::max_batch)"
+            )));
+        }
+        let logits_rows = (limit / vocab_row).clamp(1, batch);
+        // Per token: the residual stream twice, its norm, q, k, v, the
+        // attention output, gate, up and their product; then logits, the
+        // last row, staging, and cos/sin tables per RoPE type (≤ 2).
+        let per_token = 4 * (3 * h + 2 * cfg.q_dim() as u64 + 2 * cfg.kv_dim() as u64)
+            + 4 * 3 * cfg.intermediate_size as u64;
+        let rope = 2 * 2 * context as u64 * cfg.head_dim as u64 * 4;
+        let scratch = batch * per_token + (logits_rows + 1) * vocab_row + 4 * h + rope;
+        let layers = cfg.num_hidden_layers as u64;
+        let kv_cache = kv_layer * 2 * layers;
+        let total = self
+            .total_bytes
+            .checked_add(kv_cache)
+            .and_then(|t| t.checked_add(scratch))
+            .ok_or_else(|| Error::invalid("device memory total overflows u64"))?;
+        Ok(DeviceMemory {
+            context,
+            weights: self.total_bytes,
+            kv_cache,
+            kv_layer,
+            scratch,
+            total,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

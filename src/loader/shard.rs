@@ -88,10 +88,7 @@ impl Shard {
             msg: format!("cannot memory-map safetensors file: {e}"),
             source: Some(e),
         })?;
-        let tensors = parse_header(path, &mmap, shard)?;
-        // Final gate: the reference reader must agree with our checks.
-        SafeTensors::read_metadata(&mmap)
-            .map_err(|e| fmt_err(path, format!("invalid safetensors file: {e}")))?;
+        let tensors = parse_checked(path, &mmap, shard)?;
         Ok(Shard {
             path: path.to_path_buf(),
             mmap,
@@ -102,6 +99,26 @@ impl Shard {
     pub fn bytes(&self, t: &TensorMeta) -> &[u8] {
         &self.mmap[t.offset..t.offset + t.len]
     }
+}
+
+/// Our checks, then the `safetensors` crate's reader as a final gate (it
+/// must agree).
+fn parse_checked(path: &Path, buf: &[u8], shard: usize) -> Result<HashMap<String, TensorMeta>> {
+    let tensors = parse_header(path, buf, shard)?;
+    SafeTensors::read_metadata(buf)
+        .map_err(|e| fmt_err(path, format!("invalid safetensors file: {e}")))?;
+    Ok(tensors)
+}
+
+/// Validate a whole safetensors image held in memory (header, tensor table,
+/// offsets against the data section) with exactly the checks
+/// [`super::Checkpoint::open`] applies to each file; `path` only labels
+/// errors. The tensors come back in data order. (The entry point of the
+/// fuzz target and its corpus replay.)
+pub fn parse_safetensors_bytes(path: &Path, bytes: &[u8]) -> Result<Vec<TensorMeta>> {
+    let mut v: Vec<TensorMeta> = parse_checked(path, bytes, 0)?.into_values().collect();
+    v.sort_by_key(|t| (t.offset, t.len));
+    Ok(v)
 }
 
 fn parse_header(path: &Path, buf: &[u8], shard: usize) -> Result<HashMap<String, TensorMeta>> {
@@ -172,10 +189,12 @@ fn parse_header(path: &Path, buf: &[u8], shard: usize) -> Result<HashMap<String,
                 format!("data_offsets [{b}, {e}] end before they begin"),
             ));
         }
+        // In u128 so that any claim up to 2^128 bits is measured (and then
+        // refused against the file) rather than reported as an overflow.
         let want = shape
             .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .and_then(|numel| numel.checked_mul(dtype.bitsize()))
+            .try_fold(1u128, |a, &d| a.checked_mul(d as u128))
+            .and_then(|numel| numel.checked_mul(dtype.bitsize() as u128))
             .filter(|bits| bits % 8 == 0)
             .map(|bits| bits / 8)
             .ok_or_else(|| {
@@ -185,6 +204,16 @@ fn parse_header(path: &Path, buf: &[u8], shard: usize) -> Result<HashMap<String,
                     format!("shape {shape:?} × dtype {dtype} overflows or is not a whole number of bytes"),
                 )
             })?;
+        if want > data_len as u128 {
+            return Err(tensor_err(
+                path,
+                name,
+                format!(
+                    "dtype {dtype} × shape {shape:?} needs {want} bytes, more than the whole data section ({data_len} bytes after the {n}-byte header); the header is corrupt or the file truncated"
+                ),
+            ));
+        }
+        let want = want as usize; // <= data_len
         if e - b != want {
             return Err(tensor_err(
                 path,
