@@ -133,6 +133,92 @@ impl FromStr for BackendChoice {
     }
 }
 
+/// How kernels bind their small parameter blocks (`Params`, the per-step
+/// `Step`): WGSL `var<uniform>` or `var<storage, read>`. Both give every
+/// kernel the same values and the same results.
+///
+/// Storage is the workaround for a Mesa lavapipe behaviour (Mesa 22.3 here):
+/// lavapipe "inlines" the values of uniform buffers that feed loop bounds
+/// and branches into the shader, and recompiles the shader through LLVM each
+/// time such a pipeline is bound (newer Mesa caches one variant per distinct
+/// value, still one per decode position), never freeing the old one. That
+/// was the ~5 MB of host memory per forward pass that never came back
+/// (BENCHMARKS.md; `examples/vk_leak_probe.rs` reproduces it with raw wgpu).
+/// Lavapipe never inlines storage buffers. Uniforms stay the choice on
+/// every other adapter, where they are the fast path and where WebGPU's
+/// default limit of 8 storage buffers per stage leaves no room for two more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ParamsBinding {
+    Uniform,
+    Storage,
+}
+
+impl ParamsBinding {
+    /// The name `WGLLM_PARAMS` uses for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ParamsBinding::Uniform => "uniform",
+            ParamsBinding::Storage => "storage",
+        }
+    }
+
+    /// The address space kernels declare their parameter blocks in.
+    fn wgsl(self) -> &'static str {
+        match self {
+            ParamsBinding::Uniform => "var<uniform>",
+            ParamsBinding::Storage => "var<storage, read>",
+        }
+    }
+}
+
+/// A requested [`ParamsBinding`]: by adapter, or forced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ParamsChoice {
+    /// Storage on Mesa's lavapipe (a Vulkan adapter whose driver is
+    /// llvmpipe), uniform elsewhere.
+    #[default]
+    Auto,
+    Force(ParamsBinding),
+}
+
+impl ParamsChoice {
+    pub const ALLOWED: &'static str = "auto, uniform or storage";
+
+    pub fn resolve(self, info: &wgpu::AdapterInfo) -> (ParamsBinding, &'static str) {
+        match self {
+            ParamsChoice::Force(b) => (b, "forced"),
+            ParamsChoice::Auto if is_lavapipe(info) => (
+                ParamsBinding::Storage,
+                "auto: lavapipe recompiles shaders on uniform values",
+            ),
+            ParamsChoice::Auto => (ParamsBinding::Uniform, "auto"),
+        }
+    }
+}
+
+impl FromStr for ParamsChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(ParamsChoice::Auto),
+            "uniform" => Ok(ParamsChoice::Force(ParamsBinding::Uniform)),
+            "storage" => Ok(ParamsChoice::Force(ParamsBinding::Storage)),
+            _ => Err(format!(
+                "'{s}' is not a parameter binding; expected {}",
+                Self::ALLOWED
+            )),
+        }
+    }
+}
+
+/// Mesa's lavapipe: the Vulkan driver on llvmpipe (wgpu reports the device
+/// as `llvmpipe (LLVM ...)`; the GL backend's llvmpipe is not lavapipe).
+fn is_lavapipe(info: &wgpu::AdapterInfo) -> bool {
+    info.backend == wgpu::Backend::Vulkan
+        && (info.name.to_ascii_lowercase().contains("llvmpipe")
+            || info.driver.to_ascii_lowercase().contains("llvmpipe"))
+}
+
 /// `VULKAN|GL` for a set of backends.
 pub fn backend_names(b: wgpu::Backends) -> String {
     if b == wgpu::Backends::all() {
@@ -174,6 +260,9 @@ pub struct Gpu {
     pub caps: Caps,
     /// How `caps.kernels` was chosen (see [`Gpu::kernels_desc`]).
     pub kernels_chosen_by: &'static str,
+    /// How kernels bind their parameter blocks, and why.
+    pub params: ParamsBinding,
+    pub params_chosen_by: &'static str,
     /// Device loss and uncaptured errors, recorded by wgpu's callbacks.
     health: Arc<Health>,
     /// What this `Gpu` has created and recorded (for the per-step
@@ -389,6 +478,9 @@ pub struct GpuOptions {
     /// tiny value so the split paths run on small data). Never raises the
     /// adapter's own limit.
     pub max_binding_override: Option<u64>,
+    /// Parameter-block binding ([`ParamsBinding`]); falls back to
+    /// `WGLLM_PARAMS`, then auto.
+    pub params: Option<ParamsChoice>,
 }
 
 impl GpuOptions {
@@ -423,6 +515,20 @@ impl GpuOptions {
         }
         Ok((KernelChoice::Auto, "default"))
     }
+
+    /// The requested parameter binding and what chose it.
+    pub fn resolve_params(&self) -> Result<(ParamsChoice, &'static str)> {
+        if let Some(p) = self.params {
+            return Ok((p, "GpuOptions::params"));
+        }
+        if let Some(v) = env_value("WGLLM_PARAMS") {
+            let p: ParamsChoice = v
+                .parse()
+                .map_err(|e| Error::invalid(format!("WGLLM_PARAMS={v:?}: {e}")))?;
+            return Ok((p, "WGLLM_PARAMS"));
+        }
+        Ok((ParamsChoice::Auto, "default"))
+    }
 }
 
 impl Gpu {
@@ -430,6 +536,7 @@ impl Gpu {
     /// own limits and the optional features our kernels can use.
     pub fn new(opts: &GpuOptions) -> Result<Self> {
         let (kernel_choice, kernels_by) = opts.resolve_kernels()?;
+        let (params_choice, params_by) = opts.resolve_params()?;
         let backends = opts.resolve_backends()?;
         let selector = opts
             .adapter
@@ -493,12 +600,18 @@ impl Gpu {
             KernelChoice::Force(_) if kernels_by == "WGLLM_KERNELS" => "forced by WGLLM_KERNELS",
             KernelChoice::Force(_) => "forced",
         };
+        let (params, mut params_chosen_by) = params_choice.resolve(&desc.info);
+        if params_by == "WGLLM_PARAMS" {
+            params_chosen_by = "forced by WGLLM_PARAMS";
+        }
         Ok(Gpu {
             device,
             queue,
             adapter: desc,
             caps,
             kernels_chosen_by,
+            params,
+            params_chosen_by,
             health,
             counters: Counters::default(),
         })
@@ -606,13 +719,17 @@ impl Gpu {
         })
     }
 
-    /// A uniform buffer holding `data`; writable later with `queue.write_buffer`.
+    /// A parameter buffer holding `data`; writable later with
+    /// `queue.write_buffer`. Bindable as a uniform or a read-only storage
+    /// buffer (see [`ParamsBinding`]).
     pub fn uniform<T: bytemuck::Pod>(&self, label: &str, data: &T) -> Result<wgpu::Buffer> {
         let bytes = bytemuck::bytes_of(data);
         let buf = self.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: pad16(bytes.len() as u64),
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::UNIFORM
+                | wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: true,
         });
         fill_mapped(&buf, label, bytes)?;
@@ -708,7 +825,10 @@ impl Gpu {
         entry: &str,
         constants: &[(&str, f64)],
     ) -> Result<Kernel> {
-        let full = format!("{COMMON_WGSL}\n{source}");
+        let mut full = format!("{COMMON_WGSL}\n{source}");
+        if self.params != ParamsBinding::Uniform {
+            full = full.replace(ParamsBinding::Uniform.wgsl(), self.params.wgsl());
+        }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self
             .device
@@ -913,6 +1033,54 @@ mod tests {
         assert_eq!(
             backend_names(wgpu::Backends::VULKAN | wgpu::Backends::GL),
             "VULKAN|GL"
+        );
+    }
+
+    #[test]
+    fn params_choice_parses_and_picks_storage_on_lavapipe_only() {
+        let p = |s: &str| s.parse::<ParamsChoice>();
+        assert_eq!(p("auto"), Ok(ParamsChoice::Auto));
+        assert_eq!(
+            p(" Storage"),
+            Ok(ParamsChoice::Force(ParamsBinding::Storage))
+        );
+        assert_eq!(
+            p("uniform"),
+            Ok(ParamsChoice::Force(ParamsBinding::Uniform))
+        );
+        let e = p("push").unwrap_err();
+        assert!(
+            e.contains("'push'") && e.contains("auto, uniform or storage"),
+            "{e}"
+        );
+        let info = |backend, name: &str| wgpu::AdapterInfo {
+            name: name.into(),
+            vendor: 0x10005,
+            device: 0,
+            device_type: wgpu::DeviceType::Cpu,
+            device_pci_bus_id: String::new(),
+            driver: String::new(),
+            driver_info: String::new(),
+            backend,
+            subgroup_min_size: 8,
+            subgroup_max_size: 8,
+            transient_saves_memory: None,
+            limit_bucket: None,
+        };
+        let lvp = info(wgpu::Backend::Vulkan, "llvmpipe (LLVM 15.0.6, 256 bits)");
+        let gl = info(wgpu::Backend::Gl, "llvmpipe (LLVM 15.0.6, 256 bits)");
+        let swiftshader = info(wgpu::Backend::Vulkan, "SwiftShader Device (Subzero)");
+        let auto = ParamsChoice::Auto;
+        assert_eq!(auto.resolve(&lvp).0, ParamsBinding::Storage);
+        assert_eq!(auto.resolve(&gl).0, ParamsBinding::Uniform);
+        assert_eq!(auto.resolve(&swiftshader).0, ParamsBinding::Uniform);
+        let forced = ParamsChoice::Force(ParamsBinding::Uniform);
+        assert_eq!(forced.resolve(&lvp), (ParamsBinding::Uniform, "forced"));
+        // The rewrite touches exactly the declarations.
+        let src = "@group(0) @binding(0) var<uniform> p: Params;";
+        assert_eq!(
+            src.replace(ParamsBinding::Uniform.wgsl(), ParamsBinding::Storage.wgsl()),
+            "@group(0) @binding(0) var<storage, read> p: Params;"
         );
     }
 
