@@ -16,8 +16,8 @@
 //! - `readback`: `dispatch` plus a copy into a staging buffer, `map_async`,
 //!   wait, read, unmap.
 //!
-//! - `uniformloop`: `write`, with a kernel whose loop is bounded by a value
-//!   of that uniform, the value changing every iteration (64 distinct).
+//! - `uniformloop`: `write`, with a kernel whose branch and loop bound read
+//!   that uniform (as wgllm's kernels read `n_tokens`, `kv_len`, `k`).
 //! - `storageloop`: the same loop reading the value from a read-only
 //!   storage buffer instead of a uniform.
 //!
@@ -53,15 +53,54 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
 const SRC_LOOP: &str = r#"
 @group(0) @binding(0) var<storage, read_write> data: array<u32>;
 @group(0) @binding(1) var<STEP_CLASS> step: vec4<u32>;
+@group(0) @binding(2) var<STEP_CLASS> params: vec4<u32>;
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) id: vec3<u32>) {
-    if (id.x < arrayLength(&data)) {
-        var acc = data[id.x];
-        for (var j = 0u; j < step.y; j++) {
-            acc = acc + j;
-        }
-        data[id.x] = acc;
+    if (id.x >= params.x) {
+        return;
     }
+    var acc = data[id.x];
+    if (step.y <= 1u) {
+        // the one-token path (as decode's n_tokens = 1)
+        acc = acc + 1u;
+    } else {
+        // a longer path that a known step.y removes entirely
+        for (var j = 0u; j < params.y; j++) {
+            acc = acc * 1664525u + 1013904223u + data[(id.x + j * 1u) % arrayLength(&data)];
+            acc = acc ^ (acc >> 3u);
+            acc = acc * 1664527u + 1013904224u + data[(id.x + j * 2u) % arrayLength(&data)];
+            acc = acc ^ (acc >> 4u);
+            acc = acc * 1664529u + 1013904225u + data[(id.x + j * 3u) % arrayLength(&data)];
+            acc = acc ^ (acc >> 5u);
+            acc = acc * 1664531u + 1013904226u + data[(id.x + j * 4u) % arrayLength(&data)];
+            acc = acc ^ (acc >> 6u);
+            acc = acc * 1664533u + 1013904227u + data[(id.x + j * 5u) % arrayLength(&data)];
+            acc = acc ^ (acc >> 7u);
+            acc = acc * 1664535u + 1013904228u + data[(id.x + j * 6u) % arrayLength(&data)];
+            acc = acc ^ (acc >> 8u);
+            acc = acc * 1664537u + 1013904229u + data[(id.x + j * 7u) % arrayLength(&data)];
+            acc = acc ^ (acc >> 9u);
+            acc = acc * 1664539u + 1013904230u + data[(id.x + j * 8u) % arrayLength(&data)];
+            acc = acc ^ (acc >> 10u);
+            acc = acc * 1664541u + 1013904231u + data[(id.x + j * 9u) % arrayLength(&data)];
+            acc = acc ^ (acc >> 11u);
+            acc = acc * 1664543u + 1013904232u + data[(id.x + j * 10u) % arrayLength(&data)];
+            acc = acc ^ (acc >> 12u);
+            acc = acc * 1664545u + 1013904233u + data[(id.x + j * 11u) % arrayLength(&data)];
+            acc = acc ^ (acc >> 13u);
+            acc = acc * 1664547u + 1013904234u + data[(id.x + j * 12u) % arrayLength(&data)];
+            acc = acc ^ (acc >> 14u);
+            acc = acc * 1664549u + 1013904235u + data[(id.x + j * 13u) % arrayLength(&data)];
+            acc = acc ^ (acc >> 15u);
+            acc = acc * 1664551u + 1013904236u + data[(id.x + j * 14u) % arrayLength(&data)];
+            acc = acc ^ (acc >> 16u);
+            acc = acc * 1664553u + 1013904237u + data[(id.x + j * 15u) % arrayLength(&data)];
+            acc = acc ^ (acc >> 17u);
+            acc = acc * 1664555u + 1013904238u + data[(id.x + j * 16u) % arrayLength(&data)];
+            acc = acc ^ (acc >> 18u);
+        }
+    }
+    data[id.x] = acc;
 }
 "#;
 
@@ -135,21 +174,38 @@ fn main() {
         usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
+    let params = device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 16,
+        usage: wgpu::BufferUsages::UNIFORM
+            | wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    queue.write_buffer(&params, 0, bytemuck::cast_slice(&[n as u32, 16, 0, 0]));
+    let looped = matches!(mode, "uniformloop" | "storageloop");
     let layout = pipeline.get_bind_group_layout(0);
     let make_bg = || {
+        let mut entries = vec![
+            wgpu::BindGroupEntry {
+                binding: 0,
+                resource: data.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 1,
+                resource: uni.as_entire_binding(),
+            },
+        ];
+        if looped {
+            entries.push(wgpu::BindGroupEntry {
+                binding: 2,
+                resource: params.as_entire_binding(),
+            });
+        }
         device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
             layout: &layout,
-            entries: &[
-                wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: data.as_entire_binding(),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 1,
-                    resource: uni.as_entire_binding(),
-                },
-            ],
+            entries: &entries,
         })
     };
     let bg = make_bg();
@@ -173,8 +229,13 @@ fn main() {
         };
         if matches!(mode, "write" | "uniformloop" | "storageloop") {
             // A new value every iteration, as a decode step's position is.
-            let v = i as u32 % 64;
-            queue.write_buffer(&uni, 0, bytemuck::cast_slice(&[v, v + 1, 0, 0]));
+            // (`WGLLM_PROBE_CONST=1`: the same value every time.)
+            let v = if std::env::var_os("WGLLM_PROBE_CONST").is_some() {
+                0
+            } else {
+                i as u32 % 64
+            };
+            queue.write_buffer(&uni, 0, bytemuck::cast_slice(&[v, 1, v, 0]));
         }
         match mode {
             "empty" => {}

@@ -268,7 +268,26 @@ pub struct Gpu {
     /// What this `Gpu` has created and recorded (for the per-step
     /// dispatch count and the no-allocation-per-token audit).
     pub counters: Counters,
+    /// Bytes queued with `write_buffer` by [`Gpu::storage_streamed`] since
+    /// the last wait: wgpu holds a staging copy of each until the device
+    /// has taken it.
+    upload_pending: std::sync::atomic::AtomicU64,
+    /// Every kernel compiled so far, by everything that makes it distinct,
+    /// so a second request for the same one reuses it (two ops that differ
+    /// only in their runtime parameters share one pipeline).
+    kernel_cache: std::sync::Mutex<Vec<(KernelKey, Kernel)>>,
 }
+
+/// Label, entry point, full source and override constants (bit-exact).
+type KernelKey = (String, String, String, Vec<(String, u64)>);
+
+/// A streamed upload writes its data in pieces of at most this many bytes
+/// (see [`Gpu::storage_streamed`]).
+pub const UPLOAD_PIECE: usize = 1 << 20;
+
+/// Staging bytes a streamed upload lets wgpu hold before it waits for the
+/// device to take them: the bound on the host memory an upload adds.
+pub const UPLOAD_IN_FLIGHT: u64 = 4 << 20;
 
 /// Running totals of what went through a [`Gpu`]'s helpers: every buffer,
 /// bind group and pipeline wgllm creates is made by one of them, and every
@@ -614,6 +633,8 @@ impl Gpu {
             params_chosen_by,
             health,
             counters: Counters::default(),
+            upload_pending: Default::default(),
+            kernel_cache: Default::default(),
         })
     }
 
@@ -690,21 +711,72 @@ impl Gpu {
 
     // ---------------------------------------------------------------- buffers
 
-    /// A storage buffer holding `data` (padded to a multiple of 4 bytes).
+    /// A storage buffer holding `data` (padded to a multiple of 4 bytes),
+    /// written as [`Gpu::storage_streamed`] does.
     pub fn storage_init(&self, label: &str, data: &[u8]) -> Result<wgpu::Buffer> {
+        self.storage_streamed(label, data, &mut |_, _| Ok(()), &mut |_| {})
+    }
+
+    /// A storage buffer holding `data` (padded to a multiple of 4 bytes),
+    /// written in pieces of at most [`UPLOAD_PIECE`] bytes through
+    /// `queue.write_buffer`, waiting for the device whenever more than
+    /// [`UPLOAD_IN_FLIGHT`] bytes of staging are queued: the host memory an
+    /// upload adds stays bounded however large the data (no whole-tensor
+    /// staging copies, which wgpu would keep until the next submission).
+    /// `check(offset, piece)` runs on each piece before it is written (the
+    /// loader's non-finite scan, on bytes that are about to be read
+    /// anyway); an error stops the upload. `done(piece)` runs once wgpu has
+    /// copied the piece (the loader drops those pages of its memory map).
+    pub fn storage_streamed(
+        &self,
+        label: &str,
+        data: &[u8],
+        check: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+        done: &mut dyn FnMut(&[u8]),
+    ) -> Result<wgpu::Buffer> {
+        use std::sync::atomic::Ordering::Relaxed;
         let size = pad4(data.len() as u64).max(4);
-        let buf = self.scoped_buffer(label, size, || {
-            self.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_DST
-                    | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: true,
-            })
-        })?;
-        fill_mapped(&buf, label, data)?;
+        let buf = self.scoped_buffer(label, size, || self.storage(label, size))?;
+        let mut tail = [0u8; 4];
+        let mut offset = 0usize;
+        for piece in data.chunks(UPLOAD_PIECE) {
+            check(offset, piece)?;
+            // write_buffer takes multiples of 4 bytes: only the last piece
+            // can be shorter, and its last partial word goes on its own.
+            let whole = piece.len() / 4 * 4;
+            if whole > 0 {
+                self.queue
+                    .write_buffer(&buf, offset as u64, &piece[..whole]);
+            }
+            if whole < piece.len() {
+                tail[..piece.len() - whole].copy_from_slice(&piece[whole..]);
+                self.queue
+                    .write_buffer(&buf, (offset + whole) as u64, &tail);
+            }
+            done(piece);
+            offset += piece.len();
+            let queued = self
+                .upload_pending
+                .fetch_add(pad4(piece.len() as u64), Relaxed)
+                + pad4(piece.len() as u64);
+            if queued >= UPLOAD_IN_FLIGHT {
+                self.finish_uploads()?;
+            }
+        }
+        if data.is_empty() {
+            self.queue.write_buffer(&buf, 0, &tail);
+        }
         Ok(buf)
+    }
+
+    /// Hand every queued upload to the device and wait for it, releasing
+    /// wgpu's staging copies.
+    pub fn finish_uploads(&self) -> Result<()> {
+        self.queue.submit([]);
+        self.wait()?;
+        self.upload_pending
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// A zero-filled storage buffer of `size` bytes (rounded up to 4).
@@ -829,6 +901,19 @@ impl Gpu {
         if self.params != ParamsBinding::Uniform {
             full = full.replace(ParamsBinding::Uniform.wgsl(), self.params.wgsl());
         }
+        let key: KernelKey = (
+            label.to_string(),
+            entry.to_string(),
+            full,
+            constants
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_bits()))
+                .collect(),
+        );
+        if let Some((_, k)) = lock(&self.kernel_cache).iter().find(|(k, _)| *k == key) {
+            return Ok(k.clone());
+        }
+        let full = key.2.clone();
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self
             .device
@@ -857,11 +942,13 @@ impl Gpu {
             });
         }
         let layout = pipeline.get_bind_group_layout(0);
-        Ok(Kernel {
+        let kernel = Kernel {
             label: label.to_string(),
             pipeline: Arc::new(pipeline),
             layout,
-        })
+        };
+        lock(&self.kernel_cache).push((key, kernel.clone()));
+        Ok(kernel)
     }
 
     /// Bind `buffers` to bindings 0..n of `kernel`'s group 0 (whole buffers).
@@ -1104,6 +1191,68 @@ mod tests {
             o.resolve_backends().unwrap(),
             (wgpu::Backends::GL, "GpuOptions::backends")
         );
+    }
+
+    /// A streamed upload over several pieces, ending in a partial word,
+    /// reads back exactly; the callbacks see every piece once, in order,
+    /// at its offset; a failing check stops it with that error.
+    #[test]
+    fn streamed_upload_round_trips_and_stops_on_a_failed_check() {
+        let g = crate::testutil::gpu();
+        let n = 2 * UPLOAD_PIECE + UPLOAD_PIECE / 2 + 2;
+        let data: Vec<u8> = (0..n).map(|i| (i * 7 + i / 251) as u8).collect();
+        let mut seen = Vec::new();
+        let mut released = 0;
+        let buf = g
+            .storage_streamed(
+                "t",
+                &data,
+                &mut |off, piece| {
+                    seen.push((off, piece.len()));
+                    Ok(())
+                },
+                &mut |piece| released += piece.len(),
+            )
+            .unwrap();
+        assert_eq!(
+            seen,
+            [
+                (0, UPLOAD_PIECE),
+                (UPLOAD_PIECE, UPLOAD_PIECE),
+                (2 * UPLOAD_PIECE, UPLOAD_PIECE / 2 + 2)
+            ]
+        );
+        assert_eq!(released, n);
+        assert_eq!(g.read_bytes(&buf, 0, n as u64).unwrap(), data);
+        let e = g
+            .storage_streamed(
+                "t",
+                &data,
+                &mut |off, _| {
+                    if off > 0 {
+                        Err(Error::invalid("bad piece"))
+                    } else {
+                        Ok(())
+                    }
+                },
+                &mut |_| {},
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("bad piece"), "{e}");
+        g.finish_uploads().unwrap();
+    }
+
+    /// A second request for the same kernel reuses the first pipeline.
+    #[test]
+    fn identical_kernels_compile_once() {
+        let g = crate::testutil::gpu();
+        let src = "@group(0) @binding(0) var<storage, read_write> y: array<u32>;
+            @compute @workgroup_size(1) fn main() { y[0] = 7u; }";
+        let a = g.kernel("dedupe_probe", src, "main", &[]).unwrap();
+        let before = g.counters.snapshot().pipelines;
+        let b = g.kernel("dedupe_probe", src, "main", &[]).unwrap();
+        assert!(Arc::ptr_eq(&a.pipeline, &b.pipeline));
+        assert_eq!(g.counters.snapshot().pipelines, before);
     }
 
     #[test]
