@@ -19,7 +19,13 @@ const CHILD: &str = "out_of_memory_child";
 #[cfg(target_os = "linux")]
 fn out_of_device_memory_is_an_error_naming_the_buffer() {
     let out = Command::new(std::env::current_exe().unwrap())
-        .args([CHILD, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            CHILD,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("WGLLM_OOM_CHILD", "1")
         .output()
         .expect("run the child test");
