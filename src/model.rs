@@ -12,7 +12,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Step};
 use crate::loader::{Checkpoint, LayerRole, LoadDType, MemoryPlan, Role, Weights};
-use crate::ops::argmax::{Argmax, ArgmaxBinding};
+use crate::ops::argmax::{Argmax, ArgmaxBinding, RowStats, STATS_WORDS};
 use crate::ops::attention::{self, Attention};
 use crate::ops::elementwise::{self, AddRmsNorm, Binary, Elementwise, Softcap};
 use crate::ops::embedding::{Embedding, EmbeddingBinding};
@@ -252,6 +252,8 @@ struct Buffers {
     h: [usize; 2],
     last: usize,
     next: wgpu::Buffer,
+    /// The last row's [`RowStats`] words, written by the argmax with `next`.
+    next_stats: wgpu::Buffer,
     /// Persistent readback buffers for generation (no per-token allocation).
     next_staging: wgpu::Buffer,
     logits_staging: wgpu::Buffer,
@@ -271,6 +273,10 @@ struct Buffers {
 const RING: usize = 8;
 /// Steps the pipelined greedy decode keeps in flight by default.
 pub const DECODE_DEPTH: usize = 3;
+/// Bytes of a row's argmax [`RowStats`] words, and of an id followed by
+/// them (what a generation step reads back).
+const STATS_BYTES: u64 = 4 * STATS_WORDS as u64;
+const ID_STATS_BYTES: u64 = 4 + STATS_BYTES;
 /// Bytes of one [`Step`] uniform.
 const STEP_BYTES: u64 = std::mem::size_of::<Step>() as u64;
 
@@ -294,6 +300,12 @@ pub struct DecodeRun {
     pub record_cpu_s: Vec<f64>,
     /// Compute dispatches recorded per step.
     pub dispatches_per_step: u64,
+}
+
+/// An id and its row's [`RowStats`] as a step reads them back.
+fn id_stats(b: &[u8]) -> (u32, RowStats) {
+    let w = |i: usize| u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
+    (w(0), RowStats::from_words([w(1), w(2), w(3), w(4)]))
 }
 
 /// CPU time of the calling thread, in seconds (None where the platform
@@ -528,7 +540,8 @@ impl Model {
             h,
             last,
             next: g.storage("next", 4),
-            next_staging: g.staging("next_staging", 4),
+            next_stats: g.storage("next_stats", STATS_BYTES),
+            next_staging: g.staging("next_staging", ID_STATS_BYTES),
             logits_staging: g.staging("logits_staging", (vocab * 4) as u64),
             params: Vec::new(),
             steps: {
@@ -536,7 +549,7 @@ impl Model {
                 g.storage_init("steps", bytemuck::cast_slice(&table))?
             },
             ring: (0..RING)
-                .map(|i| g.staging(&format!("next_ring{i}"), 4))
+                .map(|i| g.staging(&format!("next_ring{i}"), ID_STATS_BYTES))
                 .collect(),
             ring_state: (0..RING)
                 .map(|_| Arc::new(AtomicU8::new(MapState::IDLE)))
@@ -620,7 +633,9 @@ impl Model {
         };
         let head_last = ctx.bind_all(&mut k, &mut b, &program.head, Scope::Head, last_env, None)?;
         let logits = &b.acts[b.index[&Buf::Logits]];
-        let argmax_last = k.argmax.bind(g, &b.step_one, logits, vocab, &b.next)?;
+        let argmax_last = k
+            .argmax
+            .bind(g, &b.step_one, logits, vocab, &b.next, &b.next_stats)?;
         Ok(Model {
             gpu,
             cfg,
@@ -708,8 +723,14 @@ impl Model {
     /// Run `tokens` (appended after the cached ones) and return the greedy
     /// next token after the last of them. Long inputs go in `max_batch` chunks.
     pub fn forward_next(&mut self, tokens: &[u32]) -> Result<u32> {
+        Ok(self.forward_next_checked(tokens)?.0)
+    }
+
+    /// [`Self::forward_next`] with the last row's logits' finiteness
+    /// (computed by the argmax beside the id; the logits stay on the GPU).
+    pub fn forward_next_checked(&mut self, tokens: &[u32]) -> Result<(u32, RowStats)> {
         let bytes = self.run_last(tokens, Readback::NextId)?;
-        Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+        Ok(id_stats(&bytes))
     }
 
     /// Run `tokens` and return the last token's logits (for sampling).
@@ -737,7 +758,7 @@ impl Model {
             self.pos += chunk.len();
         }
         let (staging, len) = match readback {
-            Readback::NextId => (&self.b.next_staging, 4),
+            Readback::NextId => (&self.b.next_staging, ID_STATS_BYTES),
             Readback::Logits => (&self.b.logits_staging, (self.cfg.vocab_size * 4) as u64),
         };
         self.gpu.map_staging(staging, len)
@@ -862,6 +883,8 @@ impl Model {
             Some(Readback::NextId) => {
                 r.enc()
                     .copy_buffer_to_buffer(&b.next, 0, &b.next_staging, 0, 4);
+                r.enc()
+                    .copy_buffer_to_buffer(&b.next_stats, 0, &b.next_staging, 4, STATS_BYTES);
             }
             Some(Readback::Logits) => {
                 let len = (self.cfg.vocab_size * 4) as u64;
@@ -944,6 +967,8 @@ impl Model {
         self.encode_body(&mut r, 1, Some(Logits::Last))?;
         r.enc()
             .copy_buffer_to_buffer(&b.next, 0, &b.ring[slot], 0, 4);
+        r.enc()
+            .copy_buffer_to_buffer(&b.next_stats, 0, &b.ring[slot], 4, STATS_BYTES);
         Ok(r.finish().0)
     }
 
@@ -962,6 +987,19 @@ impl Model {
         max_steps: usize,
         depth: usize,
         mut on_token: impl FnMut(u32) -> Result<bool>,
+    ) -> Result<DecodeRun> {
+        self.decode_greedy_checked(first, max_steps, depth, |id, _| on_token(id))
+    }
+
+    /// [`Self::decode_greedy`] that also hands `on_step` each step's logits'
+    /// [`RowStats`] (read back with the id, same ring slot), so a caller can
+    /// stop at the first non-finite step without reading any logits.
+    pub fn decode_greedy_checked(
+        &mut self,
+        first: u32,
+        max_steps: usize,
+        depth: usize,
+        mut on_step: impl FnMut(u32, RowStats) -> Result<bool>,
     ) -> Result<DecodeRun> {
         self.check_tokens(&[first], Logits::Last)?;
         if self.pos + max_steps > self.max_context {
@@ -1013,9 +1051,9 @@ impl Model {
                 if stopped || delivered == run.submitted {
                     return Ok(());
                 }
-                let id = self.take_ring(delivered % RING)?;
+                let (id, stats) = self.take_ring(delivered % RING)?;
                 delivered += 1;
-                if !on_token(id)? {
+                if !on_step(id, stats)? {
                     stopped = true;
                 }
             }
@@ -1031,7 +1069,7 @@ impl Model {
     }
 
     /// Wait for ring slot `slot`'s map, read its id and unmap it.
-    fn take_ring(&self, slot: usize) -> Result<u32> {
+    fn take_ring(&self, slot: usize) -> Result<(u32, RowStats)> {
         let state = &self.b.ring_state[slot];
         while state.load(Ordering::Acquire) == MapState::PENDING {
             self.gpu.wait()?;
@@ -1048,7 +1086,7 @@ impl Model {
                 what: "token readback view".into(),
                 msg: e.to_string(),
             })?;
-            u32::from_le_bytes([view[0], view[1], view[2], view[3]])
+            id_stats(&view)
         };
         buf.unmap();
         Ok(id)
