@@ -513,28 +513,42 @@ impl FmaProbe {
         })
     }
 
-    /// One timed run: (flops, wall seconds around submit + wait).
+    /// One timed run of one dispatch: (flops, wall seconds around submit +
+    /// wait).
     pub fn run(&self, gpu: &Gpu) -> Result<(f64, f64)> {
+        self.run_reps(gpu, 1)
+    }
+
+    /// `reps` dispatches in one pass, timed together.
+    fn run_reps(&self, gpu: &Gpu, reps: u32) -> Result<(f64, f64)> {
         let mut enc = gpu.encoder();
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("probe_fma"),
                 timestamp_writes: None,
             });
-            gpu.dispatch_in(&mut pass, &self.kernel, &self.bind, self.groups);
+            for _ in 0..reps {
+                gpu.dispatch_in(&mut pass, &self.kernel, &self.bind, self.groups);
+            }
         }
         let t0 = Instant::now();
         gpu.submit_wait(enc)?;
         let s = t0.elapsed().as_secs_f64();
         let inv = f64::from(self.groups) * f64::from(FMA_WG.min(gpu.caps.max_invocations.max(1)));
-        Ok((inv * FMA_FLOPS_PER_INVOCATION, s))
+        Ok((f64::from(reps) * inv * FMA_FLOPS_PER_INVOCATION, s))
     }
 
-    /// The best GFLOP/s of `runs`.
+    /// The best GFLOP/s of `runs`, each run long enough (at least 20 ms,
+    /// dispatches doubled up to 256 per pass) that the submission's own cost
+    /// does not hide a fast device's rate.
     pub fn gflop_s(&self, gpu: &Gpu, runs: usize) -> Result<f64> {
+        let mut reps = 1;
+        while reps < 256 && self.run_reps(gpu, reps)?.1 < 0.02 {
+            reps *= 2;
+        }
         let mut best = 0f64;
         for _ in 0..runs.max(1) {
-            let (f, s) = self.run(gpu)?;
+            let (f, s) = self.run_reps(gpu, reps)?;
             best = best.max(f / s / 1e9);
         }
         Ok(best)
