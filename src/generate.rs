@@ -160,7 +160,9 @@ pub fn generate(
 /// pipelined on the GPU ([`Model::decode_greedy_checked`]: the argmax feeds
 /// the next step, only each step's id and its logits' finiteness come
 /// back, `DECODE_DEPTH` steps in flight, each id streamed as it arrives);
-/// otherwise each step's logits are read back, checked and sampled.
+/// with top-k sampling, or greedy with a penalty, the GPU returns only the
+/// candidates the sampler needs (`ops::sample`; the same ids as sampling
+/// the whole row); otherwise each step's logits are read back.
 ///
 /// `earlier` are the tokens the cache already holds before `prompt_ids`
 /// (a chat's previous turns); they only join the repetition penalty's
@@ -230,13 +232,29 @@ pub fn generate_interruptible(
             })?;
         }
     } else if opts.max_tokens > 0 {
-        // Every step's logits are read back and checked, so a non-finite
-        // value is caught where it first appears.
+        // One blocking step at a time. With top-k (or greedy with a
+        // penalty) the GPU picks the candidates and only they come back
+        // (`ops::sample`: the same ids as sampling the whole row); else the
+        // whole row is read back. Either way a non-finite step stops here.
         let mut input = prompt_ids.to_vec();
         loop {
-            let logits = model.forward_logits(&input)?;
-            check_logits(&logits, decode_steps, model.position())?;
-            let id = sampler.sample(&logits, &e.history);
+            let id = match sampler.candidate_request(&e.history) {
+                Some((want, window)) => {
+                    let (c, st) = model.forward_candidates(&input, want, &window)?;
+                    check_stats(&st, vocab, decode_steps, model.position())?;
+                    if c.overflow {
+                        let logits = model.last_logits()?;
+                        sampler.sample(&logits, &e.history)
+                    } else {
+                        sampler.sample_candidates(&c.with_extra(&window), &e.history)
+                    }
+                }
+                None => {
+                    let logits = model.forward_logits(&input)?;
+                    check_logits(&logits, decode_steps, model.position())?;
+                    sampler.sample(&logits, &e.history)
+                }
+            };
             if decode_steps == 0 {
                 prefill_s = t0.elapsed().as_secs_f64();
                 t1 = Instant::now();

@@ -20,6 +20,7 @@ use crate::ops::kv_copy::{self, KvCache, KvCopy};
 use crate::ops::matmul::{Linear, LinearBinding};
 use crate::ops::rmsnorm::{self, RmsNorm};
 use crate::ops::rope::{self, Rope, RopeKv, RopeTables};
+use crate::ops::sample::{Candidates, TopK, TopKBinding};
 use crate::program::{attention_params, Activation, Buf, Op, OpKind, Program, RopeTable, Scope};
 use crate::taps::TapSet;
 use crate::tensor::{DeviceTensor, WDType};
@@ -85,6 +86,9 @@ enum Readback {
     NextId,
     /// The last token's logits.
     Logits,
+    /// The sampling candidates of the last token's logits, and their
+    /// finiteness (see [`Model::forward_candidates`]).
+    Candidates,
 }
 
 /// Which logits a pass computes.
@@ -135,6 +139,8 @@ struct Kernels {
     softcap: Cache<(), Softcap>,
     argmax: Argmax,
     faults: Faults,
+    /// Sampling candidates (`ops::sample`), after the last-row argmax.
+    topk: TopK,
 }
 
 /// One program op with its kernel variant, bind group and static sizes.
@@ -257,6 +263,8 @@ struct Buffers {
     /// Persistent readback buffers for generation (no per-token allocation).
     next_staging: wgpu::Buffer,
     logits_staging: wgpu::Buffer,
+    /// The candidate kernel's output and the last row's stats after it.
+    cand_staging: wgpu::Buffer,
     /// Uniforms of the bind groups (kept alive here).
     params: Vec<wgpu::Buffer>,
     /// `Step::new(1, p)` for every position `p` of the cache: a pipelined
@@ -277,6 +285,8 @@ pub const DECODE_DEPTH: usize = 3;
 /// them (what a generation step reads back).
 const STATS_BYTES: u64 = 4 * STATS_WORDS as u64;
 const ID_STATS_BYTES: u64 = 4 + STATS_BYTES;
+/// Bytes of the candidate kernel's output.
+const CAND_BYTES: u64 = 4 * crate::ops::sample::OUT_WORDS as u64;
 /// Bytes of one [`Step`] uniform.
 const STEP_BYTES: u64 = std::mem::size_of::<Step>() as u64;
 
@@ -373,6 +383,8 @@ pub struct Model {
     head_all: Vec<BoundOp>,
     head_last: Vec<BoundOp>,
     argmax_last: ArgmaxBinding,
+    /// The candidate kernel over the last-row logits.
+    topk_last: TopKBinding,
     kv: Vec<KvCache>,
     _rope_tables: Vec<(RopeTable, RopeTables)>,
     /// Tokens already in the KV cache.
@@ -502,6 +514,7 @@ impl Model {
             add_norm: Cache(Vec::new()),
             softcap: Cache(Vec::new()),
             argmax: Argmax::new(g)?,
+            topk: TopK::new(g)?,
             faults: f,
         };
         let kv_params = kv_copy::Params::new(nkv, hd, max_context)?;
@@ -543,6 +556,7 @@ impl Model {
             next_stats: g.storage("next_stats", STATS_BYTES),
             next_staging: g.staging("next_staging", ID_STATS_BYTES),
             logits_staging: g.staging("logits_staging", (vocab * 4) as u64),
+            cand_staging: g.staging("cand_staging", CAND_BYTES + STATS_BYTES),
             params: Vec::new(),
             steps: {
                 let table: Vec<Step> = (0..max_context as u32).map(|p| Step::new(1, p)).collect();
@@ -636,6 +650,7 @@ impl Model {
         let argmax_last = k
             .argmax
             .bind(g, &b.step_one, logits, vocab, &b.next, &b.next_stats)?;
+        let topk_last = k.topk.bind(g, logits, vocab)?;
         Ok(Model {
             gpu,
             cfg,
@@ -654,6 +669,7 @@ impl Model {
             head_all,
             head_last,
             argmax_last,
+            topk_last,
             kv,
             _rope_tables: tables,
             pos: 0,
@@ -733,6 +749,39 @@ impl Model {
         Ok(id_stats(&bytes))
     }
 
+    /// Run `tokens` and return the last token's sampling candidates: the
+    /// `want` largest logits (ties included) and the logits of the `extra`
+    /// ids (`ops::sample`), with the row's finiteness. Only those come back,
+    /// not the row; when too many tie, `overflow` is set and
+    /// [`Self::last_logits`] reads the row.
+    pub fn forward_candidates(
+        &mut self,
+        tokens: &[u32],
+        want: usize,
+        extra: &[u32],
+    ) -> Result<(Candidates, RowStats)> {
+        self.k
+            .topk
+            .prepare(&self.gpu, &self.topk_last, want, extra)?;
+        let bytes = self.run_last(tokens, Readback::Candidates)?;
+        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
+        let n = crate::ops::sample::OUT_WORDS;
+        let c = Candidates::from_words(&words[..n], extra.len());
+        let s = RowStats::from_words([words[n], words[n + 1], words[n + 2], words[n + 3]]);
+        Ok((c, s))
+    }
+
+    /// The last pass's last-row logits, read again (nothing runs).
+    pub fn last_logits(&mut self) -> Result<Vec<f32>> {
+        let b = &self.b;
+        let len = (self.cfg.vocab_size * 4) as u64;
+        let mut enc = self.gpu.encoder();
+        enc.copy_buffer_to_buffer(&b.acts[b.index[&Buf::Logits]], 0, &b.logits_staging, 0, len);
+        self.gpu.queue.submit([enc.finish()]);
+        let bytes = self.gpu.map_staging(&b.logits_staging, len)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
     /// Run `tokens` and return the last token's logits (for sampling).
     pub fn forward_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let bytes = self.run_last(tokens, Readback::Logits)?;
@@ -760,6 +809,7 @@ impl Model {
         let (staging, len) = match readback {
             Readback::NextId => (&self.b.next_staging, ID_STATS_BYTES),
             Readback::Logits => (&self.b.logits_staging, (self.cfg.vocab_size * 4) as u64),
+            Readback::Candidates => (&self.b.cand_staging, CAND_BYTES + STATS_BYTES),
         };
         self.gpu.map_staging(staging, len)
     }
@@ -890,6 +940,19 @@ impl Model {
                 let len = (self.cfg.vocab_size * 4) as u64;
                 r.enc()
                     .copy_buffer_to_buffer(logits_buf, 0, &b.logits_staging, 0, len);
+            }
+            Some(Readback::Candidates) => {
+                self.k.topk.encode(g, r.pass(), &self.topk_last);
+                let out = &self.topk_last.out;
+                r.enc()
+                    .copy_buffer_to_buffer(out, 0, &b.cand_staging, 0, CAND_BYTES);
+                r.enc().copy_buffer_to_buffer(
+                    &b.next_stats,
+                    0,
+                    &b.cand_staging,
+                    CAND_BYTES,
+                    STATS_BYTES,
+                );
             }
         }
         Ok(r.finish())
