@@ -1408,7 +1408,9 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
         "{:<34} {:>12.2} {:>22}",
         "decode, best single step, ms",
         r.best_step_s() * 1e3,
-        format!("{} of ceiling", pct(r.efficiency_best()))
+        r.efficiency_best().map_or("beats the probe: not a ceiling".into(), |e| {
+            format!("{:.0}% of ceiling", e * 100.0)
+        })
     );
     let _ = writeln!(
         s,
