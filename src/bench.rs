@@ -1408,9 +1408,10 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
         "{:<34} {:>12.2} {:>22}",
         "decode, best single step, ms",
         r.best_step_s() * 1e3,
-        r.efficiency_best().map_or("beats the probe: not a ceiling".into(), |e| {
-            format!("{:.0}% of ceiling", e * 100.0)
-        })
+        r.efficiency_best()
+            .map_or("beats the probe: not a ceiling".into(), |e| {
+                format!("{:.0}% of ceiling", e * 100.0)
+            })
     );
     let _ = writeln!(
         s,
