@@ -537,6 +537,13 @@ fn model_vocab(spec: &VocabSpec, layout: &VocabLayout) -> Result<Vocab> {
     Ok(vocab)
 }
 
+/// Whether an added token is matched in the normalized text (true only for
+/// SentencePiece user-defined tokens without the `▁` prefix, see
+/// [`spm::user_defined_normalized`]) rather than in the raw text.
+fn added_normalized(spec: &VocabSpec, a: &AddedTokenSpec) -> bool {
+    spec.model == "llama" && !a.special && spm::user_defined_normalized(spec)
+}
+
 /// The BOS post-processor (after `post`, if any) and the added tokens, with
 /// the id checks; shared by the byte-level and SentencePiece pipelines.
 fn finish(
@@ -578,7 +585,9 @@ fn finish(
     let added: Vec<AddedToken> = layout
         .added
         .iter()
-        .map(|a| AddedToken::from(a.content.clone(), a.special).normalized(false))
+        .map(|a| {
+            AddedToken::from(a.content.clone(), a.special).normalized(added_normalized(spec, a))
+        })
         .collect();
     tok.add_tokens(&added);
 
@@ -638,7 +647,7 @@ pub fn write_tokenizer_files(spec: &VocabSpec, out_dir: &Path) -> Result<()> {
                 serde_json::json!({
                     "content": a.content,
                     "lstrip": false,
-                    "normalized": false,
+                    "normalized": added_normalized(spec, a),
                     "rstrip": false,
                     "single_word": false,
                     "special": a.special,

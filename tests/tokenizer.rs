@@ -514,6 +514,12 @@ fn spm_gemma_style_matches_sentencepiece() {
     // No dummy prefix: a leading word has no ▁.
     let first = tok.encode("the").unwrap()[0];
     assert!(!tok.id_to_token(first).unwrap().starts_with('\u{2581}'));
+    // User-defined whitespace runs are matched in the normalized text,
+    // longest first, as sentencepiece does.
+    let four = tok.token_to_id("\u{2581}\u{2581}\u{2581}\u{2581}").unwrap();
+    let two = tok.token_to_id("\u{2581}\u{2581}").unwrap();
+    let got = tok.encode("a      b").unwrap();
+    assert_eq!(got[1..3], [four, two], "{got:?}");
 }
 
 /// The golden can fail: the same vocabulary with a plausible wrong detail
@@ -576,23 +582,27 @@ fn spm_unigram_vocab_round_trips() {
 
 #[test]
 fn spm_written_files_load_back() {
-    let spec = spm_spec("llama");
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = match std::env::var_os("WGLLM_TOKENIZER_EXPORT_DIR") {
-        Some(d) => PathBuf::from(d).join("spm_llama"),
-        None => tmp.path().to_path_buf(),
-    };
-    write_tokenizer_files(&spec, &dir).unwrap();
-    let back = Tokenizer::from_dir(&dir).unwrap();
-    let g = spm_golden("llama");
-    let (bad, detail) = spm_mismatches(&back, &g);
-    assert!(bad.is_empty(), "{}", detail.join("\n"));
-    let config: Json =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap())
-            .unwrap();
-    assert_eq!(config["unk_token"], "<unk>");
-    assert_eq!(config["bos_token"], "<s>");
-    assert_eq!(config["add_bos_token"], true);
+    for name in ["llama", "gemma"] {
+        let spec = spm_spec(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = match std::env::var_os("WGLLM_TOKENIZER_EXPORT_DIR") {
+            Some(d) => PathBuf::from(d).join(format!("spm_{name}")),
+            None => tmp.path().to_path_buf(),
+        };
+        write_tokenizer_files(&spec, &dir).unwrap();
+        let back = Tokenizer::from_dir(&dir).unwrap();
+        let g = spm_golden(name);
+        let (bad, detail) = spm_mismatches(&back, &g);
+        assert!(bad.is_empty(), "{name}: {}", detail.join("\n"));
+        let config: Json = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
+        let token = |id: &Json| Json::from(spec.token(id.as_u64().unwrap() as u32).unwrap());
+        assert_eq!(config["unk_token"], token(&g["unk_id"]));
+        assert_eq!(config["bos_token"], token(&g["bos_id"]));
+        assert_eq!(config["add_bos_token"], true);
+    }
 }
 
 /// Clear errors for SentencePiece metadata that cannot be built.

@@ -16,15 +16,25 @@
 //! |---|---|
 //! | normalizer | `Prepend("▁")` when `tokenizer.ggml.add_space_prefix` (default true, as llama.cpp), then `Replace(" ", "▁")`; no other normalization (llama.cpp does none) |
 //! | pre-tokenizer | none: each text segment is one word |
-//! | model | BPE, merges from scores, `byte_fallback` when the vocabulary has byte tokens, unknown token `tokenizer.ggml.unknown_token_id` (else the first type-2 token), unknowns fused |
+//! | model | BPE, merges from scores (into normal and user-defined pieces), `byte_fallback` when the vocabulary has byte tokens, unknown token `tokenizer.ggml.unknown_token_id` (else the first type-2 token), unknowns fused |
 //! | decoder | `Replace("▁", " ")`, `ByteFallback`, `Fuse`, then `Strip(" ", 1, 0)` (the prefix space) when the prefix is added |
 //!
-//! Added tokens (control, user defined) are matched in the raw text first;
-//! the normalizer then runs on each piece of text between them, so each gets
-//! its own `▁` prefix. That is llama.cpp's rule and the upstream
-//! `tokenizer.json` of Llama 2 and Mistral (the "legacy" Llama tokenizer),
-//! and what their prompts were built with (`<s>[INST]` then ` hi` encodes
-//! `▁[`...). SentencePiece itself never matches control tokens in text.
+//! Control tokens (special) are matched in the raw text first; the
+//! normalizer then runs on each piece of text between them, so each gets its
+//! own `▁` prefix. That is llama.cpp's rule and the upstream `tokenizer.json`
+//! of Llama 2 and Mistral (the "legacy" Llama tokenizer), and how their
+//! prompts were built (BOS, then the text encoded with its dummy prefix).
+//! SentencePiece itself never matches control tokens in text.
+//!
+//! User-defined tokens (not special): SentencePiece matches them in the
+//! normalized text (longest match first), so a user-defined `▁▁▁▁` (Gemma
+//! style whitespace runs) takes four spaces. Without the prefix they are
+//! normalized added tokens, which is exactly that. With the prefix the
+//! crate cannot do it (it would normalize `<tool>` itself to `▁<tool>`):
+//! they are matched in the raw text like control tokens (llama.cpp's rule:
+//! `a<tool>b` is `▁a <tool> ▁b` where SentencePiece gives `▁a <tool> b`),
+//! and whitespace ones are reached through the merges, as in llama.cpp
+//! (agrees with SentencePiece on every fixture case).
 //!
 //! `tokenizer.ggml.model = llama` does not say which SentencePiece algorithm
 //! trained the vocabulary; a Unigram-trained vocabulary is encoded the same
@@ -60,6 +70,16 @@ pub fn add_space_prefix(spec: &VocabSpec) -> bool {
     spec.add_space_prefix.unwrap_or(true)
 }
 
+/// Whether user-defined tokens are matched in the normalized text (spaces
+/// as `▁`), as SentencePiece matches them: only without the `▁` prefix. The
+/// `tokenizers` crate normalizes a normalized added token's own text to
+/// find it, and the `Prepend` normalizer would turn `<tool>` into
+/// `▁<tool>`; with the prefix they are matched in the raw text instead, as
+/// llama.cpp does (module docs).
+pub fn user_defined_normalized(spec: &VocabSpec) -> bool {
+    !add_space_prefix(spec)
+}
+
 /// The unknown token: `tokenizer.ggml.unknown_token_id`, else the first
 /// token of type unknown.
 pub fn unk_id(spec: &VocabSpec) -> Option<u32> {
@@ -70,9 +90,12 @@ pub fn unk_id(spec: &VocabSpec) -> Option<u32> {
     })
 }
 
-/// The BPE merges of a SentencePiece vocabulary: for each normal piece (in
-/// the model range), every split into two normal pieces, ordered by the
-/// piece's score (highest first), then by id, then longer left part first.
+/// The BPE merges of a SentencePiece vocabulary: for each normal or
+/// user-defined piece (in the model range), every split into two such
+/// pieces, ordered by the piece's score (highest first), then by id, then
+/// longer left part first. llama.cpp merges into any piece; control,
+/// unknown and byte pieces cannot be spelled by characters anyway
+/// (`<s>`, `<0x0A>`), and SentencePiece never merges into unused ones.
 pub fn derive_merges(
     spec: &VocabSpec,
     layout: &VocabLayout,
@@ -91,15 +114,16 @@ pub fn derive_merges(
             spec.tokens.len()
         )));
     }
+    let mergeable = |t: i32| t == token_type::NORMAL || t == token_type::USER_DEFINED;
     let normal = |t: &str| {
         vocab
             .get(t)
-            .is_some_and(|&id| spec.type_of(id as usize) == token_type::NORMAL)
+            .is_some_and(|&id| mergeable(spec.type_of(id as usize)))
     };
     // (score, id, left length in bytes, left, right)
     let mut found: Vec<(f32, u32, usize, &str, &str)> = Vec::new();
     for id in 0..layout.model_tokens {
-        if spec.type_of(id) != token_type::NORMAL {
+        if !mergeable(spec.type_of(id)) {
             continue;
         }
         let piece = spec.tokens[id].as_str();
