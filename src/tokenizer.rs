@@ -379,7 +379,6 @@ pub fn vocab_layout(spec: &VocabSpec) -> Result<VocabLayout> {
         ("bos", spec.bos),
         ("eos", spec.eos),
         ("padding", spec.padding),
-        ("unknown", spec.unk),
     ] {
         if let Some(id) = id {
             if id as usize >= n {
@@ -659,6 +658,11 @@ pub fn write_tokenizer_files(spec: &VocabSpec, out_dir: &Path) -> Result<()> {
     for (id, v) in decoder {
         decoder_json.insert(id.to_string(), v);
     }
+    // SentencePiece has an unknown token; the byte-level pipelines none.
+    let unk_token = match spec.model.as_str() {
+        "llama" => token_json(spec, spm::unk_id(spec)),
+        _ => serde_json::Value::Null,
+    };
     let mut config = serde_json::json!({
         "add_bos_token": spec.add_bos.unwrap_or(false),
         "add_eos_token": false,
@@ -667,7 +671,7 @@ pub fn write_tokenizer_files(spec: &VocabSpec, out_dir: &Path) -> Result<()> {
         "bos_token": token_json(spec, spec.bos),
         "eos_token": token_json(spec, spec.eos),
         "pad_token": token_json(spec, spec.padding),
-        "unk_token": token_json(spec, if spec.model == "llama" { spm::unk_id(spec) } else { spec.unk }),
+        "unk_token": unk_token,
         "clean_up_tokenization_spaces": false,
         "model_max_length": 1_000_000_000_000_000_000u64,
         "tokenizer_class": "PreTrainedTokenizerFast",
