@@ -51,7 +51,9 @@
 //! vocabulary AND are added tokens, as in upstream `tokenizer.json` files.
 //!
 //! Added tokens: control (3) → special, user defined (4) → added but not
-//! special (not skipped by `decode(skip_special_tokens)`), never normalized.
+//! special (not skipped by `decode(skip_special_tokens)`), matched in the
+//! raw text (except SentencePiece user-defined tokens without the `▁`
+//! prefix, matched in the normalized text, see [`spm`]).
 //! Note llama.cpp's converter marks any added token that looks like
 //! `<|...|>` as control, so Qwen's `<|fim_*|>`, `<|repo_name|>` and
 //! `<|file_sep|>` are control in the GGUF (special here), although upstream

@@ -523,7 +523,7 @@ fn spm_gemma_style_matches_sentencepiece() {
 }
 
 /// The golden can fail: the same vocabulary with a plausible wrong detail
-/// (no `▁` prefix; merges ranked by id instead of score) gives other ids.
+/// (no `▁` prefix; merge priorities reversed) gives other ids.
 #[test]
 fn spm_golden_catches_wrong_pipelines() {
     let g = spm_golden("llama");
@@ -535,6 +535,7 @@ fn spm_golden_catches_wrong_pipelines() {
     })
     .unwrap();
     let (bad, _) = spm_mismatches(&no_prefix, &g);
+    eprintln!("without the ▁ prefix: {} of {n} cases differ", bad.len());
     assert!(
         bad.len() > n / 2,
         "no ▁ prefix: only {} of {n} differ",
@@ -545,9 +546,10 @@ fn spm_golden_catches_wrong_pipelines() {
     let len = by_id.tokens.len();
     by_id.scores = Some((0..len).map(|i| i as f32).collect());
     let (bad, _) = spm_mismatches(&Tokenizer::from_vocab_spec(&by_id).unwrap(), &g);
+    eprintln!("scores reversed: {} of {n} cases differ", bad.len());
     assert!(
         bad.len() > 10,
-        "merges by id: only {} of {n} differ",
+        "scores reversed: only {} of {n} differ",
         bad.len()
     );
 }
