@@ -404,7 +404,11 @@ pub fn vocab_layout(spec: &VocabSpec) -> Result<VocabLayout> {
             first_unused_tail.get_or_insert(i);
             continue;
         }
-        if t == CONTROL || t == USER_DEFINED {
+        // SentencePiece's unknown token (`<unk>`) is a special added token
+        // too, as in the upstream Llama tokenizer.json: `<unk>` in text is
+        // its id, and decoding without specials drops it.
+        let spm_unk = spec.model == "llama" && t == UNKNOWN;
+        if t == CONTROL || t == USER_DEFINED || spm_unk {
             if i >= model_tokens {
                 if let Some(u) = first_unused_tail {
                     return Err(Error::invalid(format!(
@@ -421,7 +425,7 @@ pub fn vocab_layout(spec: &VocabSpec) -> Result<VocabLayout> {
             added.push(AddedTokenSpec {
                 id: i as u32,
                 content: spec.tokens[i].clone(),
-                special: t == CONTROL,
+                special: t != USER_DEFINED,
             });
         }
     }

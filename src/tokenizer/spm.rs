@@ -265,6 +265,9 @@ mod tests {
         // the newline one; "zz" (no byte tokens for z) one fused unknown.
         assert_eq!(tok.encode(" a\u{e9}\n").unwrap(), vec![8, 6, 4, 5, 3]);
         assert_eq!(tok.encode("azz").unwrap(), vec![6, 0]);
+        // <unk> is a special token: matched in text, dropped when skipping.
+        assert_eq!(tok.encode("<unk>").unwrap(), vec![0]);
+        assert_eq!(tok.decode_skip_special(&[6, 0]).unwrap(), "a");
         assert_eq!(tok.decode(&[8, 6, 4, 5, 3]).unwrap(), " a\u{e9}\n");
         assert_eq!(tok.encode_with_special("ab").unwrap(), vec![1, 6, 10]);
         assert_eq!(tok.decode_skip_special(&[1, 6, 10]).unwrap(), "ab");
