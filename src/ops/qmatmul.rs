@@ -5,7 +5,9 @@
 //!
 //! Kernel shapes follow the device's kernel profile as `ops::matmul` does
 //! ([`QKernel::for_adapter`]): in the CPU-device profile one invocation per
-//! output row (no workgroup memory, no barriers); in the GPU profile one
+//! 4 output rows on decode, 1 on prefill (no workgroup memory, no
+//! barriers; each block word loaded once, each x vec4 once for the 4
+//! rows); in the GPU profile one
 //! workgroup per output row with a workgroup-memory reduction. Both shapes
 //! serve decode (one token per pass over the weights) and prefill (a block
 //! of [`PREFILL_TOKENS`] tokens per pass, each 4 weights dequantized once
@@ -14,7 +16,8 @@
 //! matmul for the GPU profile.
 //!
 //! Kernels are assembled from `shaders/qmatmul_common.wgsl`, one
-//! `shaders/qmatmul_<type>.wgsl` (the type's `dequant4`) and an entry point
+//! `shaders/qmatmul_<type>.wgsl` (the type's group part `gscales` /
+//! `dequant4s`, and for the row kernel its block part `qblock`) and an entry point
 //! (`qmatmul_rows.wgsl`, `qmatmul_wg.wgsl`, `qembedding.wgsl`).
 
 use crate::error::{Error, Result};
