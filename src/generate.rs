@@ -2,7 +2,6 @@
 //! streaming text as it is produced.
 
 use std::path::Path;
-use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -34,10 +33,21 @@ pub struct Generation {
 /// error naming it.
 pub fn eos_ids(dir: &Path, config_eos: &[u32]) -> Result<Vec<u32>> {
     let p = dir.join("generation_config.json");
+    let text = if p.is_file() {
+        Some(std::fs::read(&p).map_err(|e| Error::io(&p, e))?)
+    } else {
+        None
+    };
+    eos_ids_from(&p, text.as_deref(), config_eos)
+}
+
+/// [`eos_ids`] from generation_config.json's bytes held in memory (`None`:
+/// the folder has no such file; `p` labels errors).
+pub fn eos_ids_from(p: &Path, text: Option<&[u8]>, config_eos: &[u32]) -> Result<Vec<u32>> {
+    let p = p.to_path_buf();
     let mut ids = Vec::new();
-    if p.is_file() {
-        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+    if let Some(text) = text {
+        let v: serde_json::Value = serde_json::from_slice(text).map_err(|e| Error::Json {
             path: p.clone(),
             msg: e.to_string(),
         })?;
@@ -135,6 +145,7 @@ pub fn check_logits(logits: &[f32], step: usize, position: usize) -> Result<()> 
 
 /// Generate after `prompt_ids`, which are appended to whatever the model
 /// already has cached. Calls `on_text` with each complete piece of text.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn generate(
     model: &mut Model,
     tok: &Tokenizer,
@@ -156,7 +167,61 @@ pub fn generate(
 /// `earlier` are the tokens the cache already holds before `prompt_ids`
 /// (a chat's previous turns); they only join the repetition penalty's
 /// history, which, as in transformers, covers every input token.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn generate_interruptible(
+    model: &mut Model,
+    tok: &Tokenizer,
+    earlier: &[u32],
+    prompt_ids: &[u32],
+    opts: &GenerateOptions,
+    interrupted: &dyn Fn() -> bool,
+    on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    crate::gpu::block_on(generate_interruptible_async(
+        model,
+        tok,
+        earlier,
+        prompt_ids,
+        opts,
+        interrupted,
+        on_text,
+    ))
+}
+
+/// Seconds since an arbitrary start, for the tokens/s figures (std's
+/// `Instant` panics on wasm32-unknown-unknown; the browser's clock there).
+fn now_s() -> f64 {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs_f64()
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        js_sys::Date::now() / 1000.0
+    }
+}
+
+/// One step: run `input`, check its logits, sample the next id.
+async fn step(
+    model: &mut Model,
+    input: &[u32],
+    history: &[u32],
+    sampler: &mut Sampler,
+    n_steps: &mut usize,
+) -> Result<u32> {
+    let logits = model.forward_logits_async(input).await?;
+    check_logits(&logits, *n_steps, model.position())?;
+    *n_steps += 1;
+    Ok(sampler.sample(&logits, history))
+}
+
+/// [`generate_interruptible`] as a future: the one generation loop, which
+/// the browser build awaits (each step's readback yields to the page).
+pub async fn generate_interruptible_async(
     model: &mut Model,
     tok: &Tokenizer,
     earlier: &[u32],
@@ -197,23 +262,17 @@ pub fn generate_interruptible(
     // so that a non-finite value is caught where it first appears; greedy
     // then takes the host argmax, with the same tie rule as the GPU's.
     let mut n_steps = 0usize;
-    let mut step = |model: &mut Model, input: &[u32], history: &[u32], sampler: &mut Sampler| {
-        let logits = model.forward_logits(input)?;
-        check_logits(&logits, n_steps, model.position())?;
-        n_steps += 1;
-        Ok::<u32, Error>(sampler.sample(&logits, history))
-    };
 
-    let t0 = Instant::now();
+    let t0 = now_s();
     let mut prefill_s = 0.0;
     let mut next = if opts.max_tokens > 0 {
-        let n = step(model, prompt_ids, &history, &mut sampler)?;
-        prefill_s = t0.elapsed().as_secs_f64();
+        let n = step(model, prompt_ids, &history, &mut sampler, &mut n_steps).await?;
+        prefill_s = now_s() - t0;
         Some(n)
     } else {
         None
     };
-    let t1 = Instant::now();
+    let t1 = now_s();
     let mut decode_steps = 0usize;
     while let Some(id) = next.take() {
         if opts.stop_ids.contains(&id) {
@@ -231,10 +290,10 @@ pub fn generate_interruptible(
         if out.len() >= opts.max_tokens {
             break;
         }
-        next = Some(step(model, &[id], &history, &mut sampler)?);
+        next = Some(step(model, &[id], &history, &mut sampler, &mut n_steps).await?);
         decode_steps += 1;
     }
-    let decode_s = t1.elapsed().as_secs_f64();
+    let decode_s = now_s() - t1;
     Ok(Generation {
         prompt_ids: prompt_ids.to_vec(),
         text: dec.text()?,
@@ -301,7 +360,21 @@ impl Conversation {
     /// One turn: the user's message, then the reply (streamed to `on_text`).
     /// On an error the user's message is taken back and the cache and
     /// [`Conversation::cached`] still agree, so the conversation can go on.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn turn(
+        &mut self,
+        model: &mut Model,
+        tok: &Tokenizer,
+        user: String,
+        opts: &GenerateOptions,
+        interrupted: &dyn Fn() -> bool,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        crate::gpu::block_on(self.turn_async(model, tok, user, opts, interrupted, on_text))
+    }
+
+    /// [`Conversation::turn`] as a future (the browser's chat awaits it).
+    pub async fn turn_async(
         &mut self,
         model: &mut Model,
         tok: &Tokenizer,
@@ -316,7 +389,7 @@ impl Conversation {
             self.cached.clear();
         }
         self.messages.push(crate::chat::ChatMessage::user(user));
-        let g = self.reply(model, tok, opts, interrupted, on_text);
+        let g = self.reply(model, tok, opts, interrupted, on_text).await;
         match g {
             Ok(g) => {
                 self.messages
@@ -330,7 +403,7 @@ impl Conversation {
         }
     }
 
-    fn reply(
+    async fn reply(
         &mut self,
         model: &mut Model,
         tok: &Tokenizer,
@@ -350,7 +423,9 @@ impl Conversation {
         model.truncate(keep)?;
         self.cached.truncate(keep);
         let fed = &ids[keep..];
-        let res = generate_interruptible(model, tok, &ids[..keep], fed, opts, interrupted, on_text);
+        let res =
+            generate_interruptible_async(model, tok, &ids[..keep], fed, opts, interrupted, on_text)
+                .await;
         // What the cache holds now, from the model's own count: the fed
         // tokens, then the generated ones, as far as they were run.
         let ran = model.position().saturating_sub(keep);

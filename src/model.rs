@@ -5,7 +5,9 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::AtomicU8;
+#[cfg(not(target_arch = "wasm32"))]
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::config::ModelConfig;
@@ -446,7 +448,9 @@ impl Model {
         let cfg = ckpt.config.clone();
         let plan = MemoryPlan::new(&cfg, ckpt, opts.dtype, &gpu.caps)?;
         plan.device_memory(&cfg, opts.max_context, opts.max_batch, &gpu.caps)?;
+        #[cfg_attr(target_arch = "wasm32", allow(unused_mut))]
         let mut weights = Weights::upload(&gpu, ckpt, &plan)?;
+        #[cfg(not(target_arch = "wasm32"))]
         apply_weight_faults(&gpu, &mut weights, &opts.faults)?;
         Self::build(gpu, cfg, weights, opts)
     }
@@ -707,14 +711,26 @@ impl Model {
 
     /// Run `tokens` (appended after the cached ones) and return the greedy
     /// next token after the last of them. Long inputs go in `max_batch` chunks.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_next(&mut self, tokens: &[u32]) -> Result<u32> {
-        let bytes = self.run_last(tokens, Readback::NextId)?;
+        crate::gpu::block_on(self.forward_next_async(tokens))
+    }
+
+    /// [`Model::forward_next`] as a future (the browser build awaits it).
+    pub async fn forward_next_async(&mut self, tokens: &[u32]) -> Result<u32> {
+        let bytes = self.run_last(tokens, Readback::NextId).await?;
         Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
     }
 
     /// Run `tokens` and return the last token's logits (for sampling).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let bytes = self.run_last(tokens, Readback::Logits)?;
+        crate::gpu::block_on(self.forward_logits_async(tokens))
+    }
+
+    /// [`Model::forward_logits`] as a future (the browser build awaits it).
+    pub async fn forward_logits_async(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let bytes = self.run_last(tokens, Readback::Logits).await?;
         Ok(bytemuck::cast_slice(&bytes).to_vec())
     }
 
@@ -722,7 +738,7 @@ impl Model {
     /// chunk computes the last token's logits and argmax and copies what
     /// `readback` asks for into a persistent staging buffer in the same
     /// submission.
-    fn run_last(&mut self, tokens: &[u32], readback: Readback) -> Result<Vec<u8>> {
+    async fn run_last(&mut self, tokens: &[u32], readback: Readback) -> Result<Vec<u8>> {
         self.check_tokens(tokens, Logits::Last)?;
         let n_chunks = tokens.len().div_ceil(self.max_batch);
         for (ci, chunk) in tokens.chunks(self.max_batch).enumerate() {
@@ -740,12 +756,18 @@ impl Model {
             Readback::NextId => (&self.b.next_staging, 4),
             Readback::Logits => (&self.b.logits_staging, (self.cfg.vocab_size * 4) as u64),
         };
-        self.gpu.map_staging(staging, len)
+        self.gpu.map_staging_async(staging, len).await
     }
 
     /// Run `tokens` in one pass with every tap read back (verification).
     /// Limited to `min(max_batch, logits_rows)` tokens.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_taps(&mut self, tokens: &[u32]) -> Result<TapSet> {
+        crate::gpu::block_on(self.forward_taps_async(tokens))
+    }
+
+    /// [`Model::forward_taps`] as a future (the browser's Verify awaits it).
+    pub async fn forward_taps_async(&mut self, tokens: &[u32]) -> Result<TapSet> {
         self.check_tokens(tokens, Logits::All)?;
         if tokens.len() > self.max_batch {
             return Err(Error::invalid(format!(
@@ -757,7 +779,10 @@ impl Model {
         let (cmd, plan) = self.record(tokens, Some(Logits::All), true, None)?;
         self.gpu.queue.submit([cmd]);
         let plan = plan.expect("taps requested");
-        let bytes = self.gpu.map_staging(&plan.staging, plan.offset)?;
+        let bytes = self
+            .gpu
+            .map_staging_async(&plan.staging, plan.offset)
+            .await?;
         self.pos += tokens.len();
         let mut set = TapSet::default();
         for (name, rows, cols, off) in plan.entries {
@@ -956,6 +981,7 @@ impl Model {
     /// (at most `depth - 1`) steps submitted past a stop are discarded.
     /// The same kernels in the same order as [`Self::forward_next`]: the
     /// ids are bit-identical.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn decode_greedy(
         &mut self,
         first: u32,
@@ -1031,6 +1057,7 @@ impl Model {
     }
 
     /// Wait for ring slot `slot`'s map, read its id and unmap it.
+    #[cfg(not(target_arch = "wasm32"))]
     fn take_ring(&self, slot: usize) -> Result<u32> {
         let state = &self.b.ring_state[slot];
         while state.load(Ordering::Acquire) == MapState::PENDING {
@@ -1055,6 +1082,7 @@ impl Model {
     }
 
     /// Wait for every pending ring map and unmap what was mapped.
+    #[cfg(not(target_arch = "wasm32"))]
     fn drain_ring(&self) -> Result<()> {
         if self
             .b
@@ -1549,7 +1577,9 @@ pub fn tensor_bytes(t: &DeviceTensor) -> u64 {
     t.chunks.iter().map(|c| c.buffer.size()).sum()
 }
 
-/// Weight-level faults: transform uploaded weights the way a buggy port would.
+/// Weight-level faults: transform uploaded weights the way a buggy port
+/// would (tests only, so native only: it reads the weights back).
+#[cfg(not(target_arch = "wasm32"))]
 fn apply_weight_faults(gpu: &Gpu, w: &mut Weights, f: &Faults) -> Result<()> {
     let transpose = |t: &DeviceTensor| -> Result<DeviceTensor> {
         let v = t.read_f32(gpu)?;

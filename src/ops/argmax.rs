@@ -3,7 +3,9 @@
 //! maximum on ties). NaN never wins; a row of only NaN gives 0.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Kernel, KernelProfile, Step};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::gpu::Step;
+use crate::gpu::{Gpu, Kernel, KernelProfile};
 
 pub const SRC: &str = include_str!("../../shaders/argmax.wgsl");
 
@@ -104,6 +106,7 @@ impl Argmax {
 }
 
 /// One-shot argmax of `logits` (`[rows, vocab]`) on the device.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn argmax_once(gpu: &Gpu, logits: &[f32], vocab: usize) -> Result<Vec<u32>> {
     if vocab == 0 || logits.is_empty() || logits.len() % vocab != 0 {
         return Err(Error::invalid(format!(
