@@ -262,10 +262,15 @@ struct Buffers {
     /// `Step::new(1, p)` for every position `p` of the cache: a pipelined
     /// decode step copies its entry into `step` and `step_one` on the GPU,
     /// so no host write is needed per token.
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    // the pipelined decode is native-only
     steps: wgpu::Buffer,
     /// Ring of 4-byte staging buffers the pipelined decode reads token ids
     /// back through, with each slot's map state (see [`MapState`]).
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    // the pipelined decode is native-only
     ring: Vec<wgpu::Buffer>,
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))] // the pipelined decode is native-only
     ring_state: Vec<Arc<AtomicU8>>,
 }
 
@@ -274,10 +279,12 @@ const RING: usize = 8;
 /// Steps the pipelined greedy decode keeps in flight by default.
 pub const DECODE_DEPTH: usize = 3;
 /// Bytes of one [`Step`] uniform.
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))] // the pipelined decode is native-only
 const STEP_BYTES: u64 = std::mem::size_of::<Step>() as u64;
 
 /// A ring slot's map: requested and pending, done, or failed.
 struct MapState;
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))] // the pipelined decode is native-only
 impl MapState {
     const IDLE: u8 = 0;
     const PENDING: u8 = 1;
@@ -951,6 +958,7 @@ impl Model {
     /// from the previous step's argmax (`next`) unless `host_id` (the first
     /// step, whose id the host wrote into `ids`), and the new id is copied
     /// into ring slot `slot`.
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))] // the pipelined decode is native-only
     fn record_decode_step(
         &self,
         pos: usize,

@@ -281,8 +281,8 @@ fn the_page_in_headless_chromium_matches_pytorch_and_shows_errors() {
         assert_eq!(got.len(), last.len(), "{name}: logits length");
         let m = metrics(&got, last);
         eprintln!(
-            "{name}: logits nmse {:.2e} max_rel {:.2e}",
-            m.nmse, m.max_rel
+            "{name}: logits nmse {:.2e} max_rel {:.2e}; page ms {}",
+            m.nmse, m.max_rel, r["ms"]
         );
         assert!(
             m.nmse <= tol.nmse && m.max_rel <= tol.max_rel,

@@ -175,13 +175,17 @@ async function driven(params) {
   }
   for (const name of (params.get("run") || "").split(",").filter(Boolean)) {
     const r = {};
+    const t0 = performance.now();
     try {
       const s = await load(await fetchFolder(base + name), 0);
       const tokens = [...s.reference_ids("reference_f32.safetensors", "tokens")];
       const want = [...s.reference_ids("reference_f32.safetensors", "generated")];
+      const t1 = performance.now();
       r.logits = [...await s.logits(new Uint32Array(tokens))];
       r.greedy = [...await s.greedy(new Uint32Array(tokens), want.length)];
+      const t2 = performance.now();
       const v = await verify([]);
+      r.ms = { load: t1 - t0, logits_greedy: t2 - t1, verify: performance.now() - t2 };
       r.pass = v.pass;
       r.reports = v.reports.map((x) => ({
         against: x.against, pass: x.pass, first_failure: x.first_failure, rows: x.rows.length,
@@ -196,7 +200,7 @@ async function driven(params) {
   for (const name of (params.get("broken") || "").split(",").filter(Boolean)) {
     $("error").textContent = "";
     try {
-      await load(await fetchFolder(base + name), 0);
+      await load(await fetchFolder(name), 0);
       out.broken[name] = { loaded: true };
     } catch (e) {
       showError(e);

@@ -54,10 +54,21 @@ impl WebGpu {
     /// One line about the adapter, for the page's header.
     pub fn describe(&self) -> String {
         let g = &self.gpu;
+        let i = &g.adapter.info;
+        // Browsers may leave the adapter's name empty (WebGPU exposes
+        // vendor, architecture and description instead).
+        let name = [&i.name, &i.driver, &i.driver_info]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
         format!(
-            "{} ({:?}); max storage binding {} MiB, max buffer {} MiB; shader-f16 {}, subgroups {}; kernels {}",
-            g.name(),
-            g.adapter.info.backend,
+            "{} (vendor {:#x}, {:?}, {:?}); max storage binding {} MiB, max buffer {} MiB; shader-f16 {}, subgroups {}; kernels {}",
+            if name.is_empty() { "unnamed adapter" } else { &name },
+            i.vendor,
+            i.device_type,
+            i.backend,
             g.caps.max_binding >> 20,
             g.caps.max_buffer >> 20,
             if g.caps.shader_f16 { "yes" } else { "no" },
