@@ -100,23 +100,47 @@ impl ChatTemplate {
     /// `default` is used), else `chat_template.json`; `bos_token` and
     /// `eos_token` from `tokenizer_config.json` (absent or null → "").
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let config_path = dir.join("tokenizer_config.json");
-        let config: serde_json::Value = if config_path.is_file() {
-            read_json(&config_path)?
-        } else {
-            serde_json::Value::Null
+        let read = |name: &str| -> Result<Option<Vec<u8>>> {
+            let p = dir.join(name);
+            if !p.is_file() {
+                return Ok(None);
+            }
+            std::fs::read(&p).map(Some).map_err(|e| Error::io(&p, e))
         };
+        Self::from_files(dir, &|name| read(name))
+    }
+
+    /// [`ChatTemplate::from_dir`] over files held in memory: `file(name)`
+    /// gives a file's bytes, `None` when the folder has no such file
+    /// (`dir` labels errors).
+    pub fn from_files(dir: &Path, file: &dyn Fn(&str) -> Result<Option<Vec<u8>>>) -> Result<Self> {
+        let json = |name: &str| -> Result<Option<serde_json::Value>> {
+            let path = dir.join(name);
+            file(name)?
+                .map(|b| {
+                    serde_json::from_slice(&b).map_err(|e| Error::Json {
+                        path: path.clone(),
+                        msg: e.to_string(),
+                    })
+                })
+                .transpose()
+        };
+        let config_path = dir.join("tokenizer_config.json");
+        let config = json("tokenizer_config.json")?.unwrap_or(serde_json::Value::Null);
         let jinja = dir.join("chat_template.jinja");
-        let template = if jinja.is_file() {
-            std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?
+        let template = if let Some(b) = file("chat_template.jinja")? {
+            String::from_utf8(b).map_err(|e| Error::Io {
+                path: jinja.clone(),
+                msg: format!("not UTF-8: {e}"),
+                source: None,
+            })?
         } else if let Some(t) = template_field(&config, &config_path)? {
             t
         } else {
             let path = dir.join("chat_template.json");
-            let from_json = if path.is_file() {
-                template_field(&read_json(&path)?, &path)?
-            } else {
-                None
+            let from_json = match json("chat_template.json")? {
+                Some(v) => template_field(&v, &path)?,
+                None => None,
             };
             from_json.ok_or_else(|| Error::Io {
                 path: dir.to_path_buf(),
@@ -147,14 +171,6 @@ impl ChatTemplate {
             eos_token: token(spec.eos),
         })
     }
-}
-
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Json {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    })
 }
 
 /// `chat_template` as a string or a list of `{name, template}`.
@@ -237,10 +253,15 @@ fn environment() -> Environment<'static> {
         },
     );
     env.add_function("strftime_now", |fmt: String| {
+        // std's SystemTime panics on wasm32-unknown-unknown: the browser's
+        // clock there.
+        #[cfg(not(target_arch = "wasm32"))]
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
+        #[cfg(target_arch = "wasm32")]
+        let secs = (js_sys::Date::now() / 1000.0) as i64;
         strftime_utc(&fmt, secs)
     });
     env

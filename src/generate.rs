@@ -2,10 +2,11 @@
 //! streaming text as it is produced.
 
 use std::path::Path;
-use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::model::{Model, DECODE_DEPTH};
+use crate::model::Model;
+#[cfg(not(target_arch = "wasm32"))]
+use crate::model::DECODE_DEPTH;
 use crate::ops::argmax::RowStats;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
@@ -35,10 +36,21 @@ pub struct Generation {
 /// error naming it.
 pub fn eos_ids(dir: &Path, config_eos: &[u32]) -> Result<Vec<u32>> {
     let p = dir.join("generation_config.json");
+    let text = if p.is_file() {
+        Some(std::fs::read(&p).map_err(|e| Error::io(&p, e))?)
+    } else {
+        None
+    };
+    eos_ids_from(&p, text.as_deref(), config_eos)
+}
+
+/// [`eos_ids`] from generation_config.json's bytes held in memory (`None`:
+/// the folder has no such file; `p` labels errors).
+pub fn eos_ids_from(p: &Path, text: Option<&[u8]>, config_eos: &[u32]) -> Result<Vec<u32>> {
+    let p = p.to_path_buf();
     let mut ids = Vec::new();
-    if p.is_file() {
-        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+    if let Some(text) = text {
+        let v: serde_json::Value = serde_json::from_slice(text).map_err(|e| Error::Json {
             path: p.clone(),
             msg: e.to_string(),
         })?;
@@ -140,6 +152,7 @@ pub fn check_stats(s: &RowStats, len: usize, step: usize, position: usize) -> Re
 
 /// Generate after `prompt_ids`, which are appended to whatever the model
 /// already has cached. Calls `on_text` with each complete piece of text.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn generate(
     model: &mut Model,
     tok: &Tokenizer,
@@ -167,7 +180,32 @@ pub fn generate(
 /// `earlier` are the tokens the cache already holds before `prompt_ids`
 /// (a chat's previous turns); they only join the repetition penalty's
 /// history, which, as in transformers, covers every input token.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn generate_interruptible(
+    model: &mut Model,
+    tok: &Tokenizer,
+    earlier: &[u32],
+    prompt_ids: &[u32],
+    opts: &GenerateOptions,
+    interrupted: &dyn Fn() -> bool,
+    on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    crate::gpu::block_on(generate_interruptible_async(
+        model,
+        tok,
+        earlier,
+        prompt_ids,
+        opts,
+        interrupted,
+        on_text,
+    ))
+}
+
+/// [`generate_interruptible`] as a future: the one generation loop, which
+/// the browser build awaits (each step's readback yields to the page).
+/// The pipelined greedy path blocks on the device, so it is native-only:
+/// in a browser greedy takes the step-at-a-time loop.
+pub async fn generate_interruptible_async(
     model: &mut Model,
     tok: &Tokenizer,
     earlier: &[u32],
@@ -209,27 +247,34 @@ pub fn generate_interruptible(
     let mut accept = |e: &mut Emit<'_>, id: u32| e.accept(id, opts, interrupted, &mut on_text);
     let vocab = model.cfg.vocab_size;
 
-    let t0 = Instant::now();
+    let t0 = crate::gpu::now_s();
     let mut prefill_s = 0.0;
-    let mut t1 = Instant::now();
+    let mut t1 = crate::gpu::now_s();
     let mut decode_steps = 0usize;
-    if opts.max_tokens > 0 && sampler.params.is_greedy() && sampler.params.repeat_penalty == 1.0 {
-        // Greedy without a penalty is the GPU argmax: pipelined, with no
-        // host round trip between steps. The argmax reports each step's
-        // finiteness with its id, so the first non-finite step still stops
-        // generation with the same error as the host check below.
-        let (first, st) = model.forward_next_checked(prompt_ids)?;
-        check_stats(&st, vocab, 0, model.position())?;
-        prefill_s = t0.elapsed().as_secs_f64();
-        t1 = Instant::now();
-        if accept(&mut e, first)? {
-            let start = model.position();
-            let steps = opts.max_tokens - e.out.len();
-            model.decode_greedy_checked(first, steps, DECODE_DEPTH, |id, st| {
-                decode_steps += 1;
-                check_stats(&st, vocab, decode_steps, start + decode_steps)?;
-                accept(&mut e, id)
-            })?;
+    let pipelined = cfg!(not(target_arch = "wasm32"))
+        && opts.max_tokens > 0
+        && sampler.params.is_greedy()
+        && sampler.params.repeat_penalty == 1.0;
+    if pipelined {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            // Greedy without a penalty is the GPU argmax: pipelined, with no
+            // host round trip between steps. The argmax reports each step's
+            // finiteness with its id, so the first non-finite step still stops
+            // generation with the same error as the host check below.
+            let (first, st) = model.forward_next_checked(prompt_ids)?;
+            check_stats(&st, vocab, 0, model.position())?;
+            prefill_s = crate::gpu::now_s() - t0;
+            t1 = crate::gpu::now_s();
+            if accept(&mut e, first)? {
+                let start = model.position();
+                let steps = opts.max_tokens - e.out.len();
+                model.decode_greedy_checked(first, steps, DECODE_DEPTH, |id, st| {
+                    decode_steps += 1;
+                    check_stats(&st, vocab, decode_steps, start + decode_steps)?;
+                    accept(&mut e, id)
+                })?;
+            }
         }
     } else if opts.max_tokens > 0 {
         // One blocking step at a time. With top-k (or greedy with a
@@ -240,24 +285,26 @@ pub fn generate_interruptible(
         loop {
             let id = match sampler.candidate_request(&e.history) {
                 Some((want, window)) => {
-                    let (c, st) = model.forward_candidates(&input, want, &window)?;
+                    let (c, st) = model
+                        .forward_candidates_async(&input, want, &window)
+                        .await?;
                     check_stats(&st, vocab, decode_steps, model.position())?;
                     if c.overflow {
-                        let logits = model.last_logits()?;
+                        let logits = model.last_logits_async().await?;
                         sampler.sample(&logits, &e.history)
                     } else {
                         sampler.sample_candidates(&c.with_extra(&window), &e.history)
                     }
                 }
                 None => {
-                    let logits = model.forward_logits(&input)?;
+                    let logits = model.forward_logits_async(&input).await?;
                     check_logits(&logits, decode_steps, model.position())?;
                     sampler.sample(&logits, &e.history)
                 }
             };
             if decode_steps == 0 {
-                prefill_s = t0.elapsed().as_secs_f64();
-                t1 = Instant::now();
+                prefill_s = crate::gpu::now_s() - t0;
+                t1 = crate::gpu::now_s();
             }
             if !accept(&mut e, id)? {
                 break;
@@ -266,7 +313,7 @@ pub fn generate_interruptible(
             decode_steps += 1;
         }
     }
-    let decode_s = t1.elapsed().as_secs_f64();
+    let decode_s = crate::gpu::now_s() - t1;
     Ok(Generation {
         prompt_ids: prompt_ids.to_vec(),
         text: e.dec.text()?,
@@ -369,7 +416,21 @@ impl Conversation {
     /// One turn: the user's message, then the reply (streamed to `on_text`).
     /// On an error the user's message is taken back and the cache and
     /// [`Conversation::cached`] still agree, so the conversation can go on.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn turn(
+        &mut self,
+        model: &mut Model,
+        tok: &Tokenizer,
+        user: String,
+        opts: &GenerateOptions,
+        interrupted: &dyn Fn() -> bool,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        crate::gpu::block_on(self.turn_async(model, tok, user, opts, interrupted, on_text))
+    }
+
+    /// [`Conversation::turn`] as a future (the browser's chat awaits it).
+    pub async fn turn_async(
         &mut self,
         model: &mut Model,
         tok: &Tokenizer,
@@ -384,7 +445,7 @@ impl Conversation {
             self.cached.clear();
         }
         self.messages.push(crate::chat::ChatMessage::user(user));
-        let g = self.reply(model, tok, opts, interrupted, on_text);
+        let g = self.reply(model, tok, opts, interrupted, on_text).await;
         match g {
             Ok(g) => {
                 self.messages
@@ -398,7 +459,7 @@ impl Conversation {
         }
     }
 
-    fn reply(
+    async fn reply(
         &mut self,
         model: &mut Model,
         tok: &Tokenizer,
@@ -418,7 +479,9 @@ impl Conversation {
         model.truncate(keep)?;
         self.cached.truncate(keep);
         let fed = &ids[keep..];
-        let res = generate_interruptible(model, tok, &ids[..keep], fed, opts, interrupted, on_text);
+        let res =
+            generate_interruptible_async(model, tok, &ids[..keep], fed, opts, interrupted, on_text)
+                .await;
         // What the cache holds now, from the model's own count: the fed
         // tokens, then the generated ones, as far as they were run.
         let ran = model.position().saturating_sub(keep);

@@ -376,14 +376,21 @@ fn instance(backends: wgpu::Backends) -> wgpu::Instance {
 /// Every adapter wgpu can see on the backends `opts` selects (see
 /// [`GpuOptions::backends`]), in wgpu's order; indices count from 0 within
 /// that selection.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn list_adapters(opts: &GpuOptions) -> Result<Vec<(wgpu::Adapter, AdapterDesc)>> {
     let (backends, _) = opts.resolve_backends()?;
     Ok(list_adapters_on(backends))
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn list_adapters_on(backends: wgpu::Backends) -> Vec<(wgpu::Adapter, AdapterDesc)> {
+    block_on(adapters_on(backends))
+}
+
+/// Every adapter on `backends` (in a browser: the one its WebGPU offers).
+async fn adapters_on(backends: wgpu::Backends) -> Vec<(wgpu::Adapter, AdapterDesc)> {
     let inst = instance(backends);
-    let adapters = pollster::block_on(inst.enumerate_adapters(backends));
+    let adapters = inst.enumerate_adapters(backends).await;
     adapters
         .into_iter()
         .enumerate()
@@ -413,11 +420,18 @@ fn choose(
                 "wgpu enumerated no Vulkan, Metal, DX12 or GL adapters".into(),
             ));
         }
+        #[cfg(not(target_arch = "wasm32"))]
         let elsewhere = all_names(
             &list_adapters_on(wgpu::Backends::all())
                 .into_iter()
                 .map(|(_, d)| d)
                 .collect::<Vec<_>>(),
+        );
+        #[cfg(target_arch = "wasm32")]
+        let elsewhere = String::from(
+            "none: the browser offers no WebGPU adapter (navigator.gpu is missing or \
+             requestAdapter() returned null; Chromium without a GPU needs \
+             --enable-unsafe-webgpu --use-webgpu-adapter=swiftshader)",
         );
         let gl_hint = if backends.0.contains(wgpu::Backends::GL) {
             "; wgpu's GL backend needs EGL and a GL driver (Debian/Ubuntu: `apt-get install \
@@ -553,31 +567,46 @@ impl GpuOptions {
 impl Gpu {
     /// Create a device on the best (or selected) adapter with the adapter's
     /// own limits and the optional features our kernels can use.
+    /// ([`Gpu::new_async`], waited for here.)
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn new(opts: &GpuOptions) -> Result<Self> {
+        block_on(Self::new_async(opts))
+    }
+
+    /// [`Gpu::new`] as a future: the one implementation, awaited by the
+    /// browser build (whose adapter and device requests are promises) and
+    /// blocked on natively.
+    pub async fn new_async(opts: &GpuOptions) -> Result<Self> {
         let (kernel_choice, kernels_by) = opts.resolve_kernels()?;
         let (params_choice, params_by) = opts.resolve_params()?;
-        let backends = opts.resolve_backends()?;
+        let backends = if cfg!(target_arch = "wasm32") {
+            (wgpu::Backends::BROWSER_WEBGPU, "the browser")
+        } else {
+            opts.resolve_backends()?
+        };
         let selector = opts
             .adapter
             .clone()
             .or_else(|| std::env::var("WGLLM_ADAPTER").ok());
-        let (adapter, desc) = choose(list_adapters_on(backends.0), selector.as_deref(), backends)?;
+        let (adapter, desc) = choose(adapters_on(backends.0).await, selector.as_deref(), backends)?;
         let wanted =
             wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
         let features = desc.features & wanted;
         let limits = desc.limits.clone();
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("wgllm"),
-            required_features: features,
-            required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
-            memory_hints: wgpu::MemoryHints::Performance,
-            trace: wgpu::Trace::Off,
-        }))
-        .map_err(|e| Error::Device {
-            adapter: desc.info.name.clone(),
-            msg: e.to_string(),
-        })?;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("wgllm"),
+                required_features: features,
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::Device {
+                adapter: desc.info.name.clone(),
+                msg: e.to_string(),
+            })?;
         let health = Arc::new(Health::default());
         let h = health.clone();
         device.set_device_lost_callback(move |reason, msg| {
@@ -675,8 +704,14 @@ impl Gpu {
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let buf = f();
-        let v = pollster::block_on(val.pop());
-        let o = pollster::block_on(oom.pop());
+        let v = self.settle(
+            val.pop(),
+            format!("allocating buffer '{label}' of {size} bytes"),
+        );
+        let o = self.settle(
+            oom.pop(),
+            format!("allocating buffer '{label}' of {size} bytes"),
+        );
         if let Some(e) = o.or(v) {
             let kind = match e {
                 wgpu::Error::OutOfMemory { .. } => "out of device memory",
@@ -819,33 +854,54 @@ impl Gpu {
     }
 
     /// Copy `len` bytes at `offset` of `src` back to the host. Blocks.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn read_bytes(&self, src: &wgpu::Buffer, offset: u64, len: u64) -> Result<Vec<u8>> {
+        block_on(self.read_bytes_async(src, offset, len))
+    }
+
+    /// [`Gpu::read_bytes`] as a future.
+    pub async fn read_bytes_async(
+        &self,
+        src: &wgpu::Buffer,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>> {
         let staging = self.staging("readback", len);
         let mut enc = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
         enc.copy_buffer_to_buffer(src, offset, &staging, 0, pad4(len));
         self.queue.submit([enc.finish()]);
-        self.map_staging(&staging, len)
+        self.map_staging_async(&staging, len).await
     }
 
-    /// Map a staging buffer that a submitted copy filled, and return its bytes.
+    /// Map a staging buffer that a submitted copy filled, and return its
+    /// bytes. Blocks ([`Gpu::map_staging_async`], waited for here).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn map_staging(&self, staging: &wgpu::Buffer, len: u64) -> Result<Vec<u8>> {
+        block_on(self.map_staging_async(staging, len))
+    }
+
+    /// [`Gpu::map_staging`] as a future. Natively the device poll inside
+    /// [`Gpu::wait`] runs the map callback, so the future is ready when it
+    /// is first polled; in a browser the callback runs from the event loop
+    /// and the future resolves then.
+    pub async fn map_staging_async(&self, staging: &wgpu::Buffer, len: u64) -> Result<Vec<u8>> {
         let slice = staging.slice(..);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
+        let (tx, rx) = oneshot();
+        slice.map_async(wgpu::MapMode::Read, move |r| tx.send(r));
         self.wait()?;
-        match rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+        let mapped = rx.await;
+        self.check_health()?;
+        match mapped {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
                 return Err(Error::Gpu {
                     what: "readback map".into(),
                     msg: e.to_string(),
                 })
             }
-            Err(_) => {
+            None => {
                 return Err(Error::Gpu {
                     what: "readback map".into(),
                     msg: "map callback never ran".into(),
@@ -864,18 +920,21 @@ impl Gpu {
     }
 
     /// Read `n` f32 values from the start of `src`.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn read_f32(&self, src: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
         let bytes = self.read_bytes(src, 0, (n * 4) as u64)?;
         Ok(bytemuck::cast_slice(&bytes).to_vec())
     }
 
     /// Read `n` u32 values from the start of `src`.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn read_u32(&self, src: &wgpu::Buffer, n: usize) -> Result<Vec<u32>> {
         let bytes = self.read_bytes(src, 0, (n * 4) as u64)?;
         Ok(bytemuck::cast_slice(&bytes).to_vec())
     }
 
-    /// Block until the queue is idle.
+    /// Block until the queue is idle (in a browser, where nothing may
+    /// block, the device polls itself and this only checks health).
     pub fn wait(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
@@ -935,7 +994,7 @@ impl Gpu {
                 },
                 cache: None,
             });
-        if let Some(err) = pollster::block_on(scope.pop()) {
+        if let Some(err) = self.settle(scope.pop(), format!("compiling kernel '{label}'")) {
             return Err(Error::Gpu {
                 what: format!("compiling kernel '{label}' entry '{entry}'"),
                 msg: err.to_string(),
@@ -949,6 +1008,33 @@ impl Gpu {
         };
         lock(&self.kernel_cache).push((key, kernel.clone()));
         Ok(kernel)
+    }
+
+    /// The error an error scope caught. Natively the scope's future is
+    /// waited for here. A browser cannot block: the scope is popped at once
+    /// (so it still covers only `what`), and an error it reports later is
+    /// recorded like an uncaptured one, for the next [`Gpu::check_health`]
+    /// (every readback runs it) to return, named by `what`.
+    fn settle(
+        &self,
+        scope: impl std::future::Future<Output = Option<wgpu::Error>> + 'static,
+        what: String,
+    ) -> Option<wgpu::Error> {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let _ = what;
+            block_on(scope)
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            let health = self.health.clone();
+            wasm_bindgen_futures::spawn_local(async move {
+                if let Some(e) = scope.await {
+                    lock(&health.uncaptured).get_or_insert_with(|| format!("{what}: {e}"));
+                }
+            });
+            None
+        }
     }
 
     /// Bind `buffers` to bindings 0..n of `kernel`'s group 0 (whole buffers).
@@ -1012,6 +1098,72 @@ pub struct Kernel {
     pub label: String,
     pub pipeline: Arc<wgpu::ComputePipeline>,
     pub layout: wgpu::BindGroupLayout,
+}
+
+/// Wait for a future on the calling thread (native only; wgpu's futures
+/// are ready once the device has been polled).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    pollster::block_on(f)
+}
+
+/// The sending half of [`oneshot`].
+pub struct OneshotTx<T>(Arc<std::sync::Mutex<OneshotState<T>>>);
+
+/// The receiving half of [`oneshot`]: a future of the sent value, `None`
+/// when the sender was dropped without sending.
+pub struct OneshotRx<T>(Arc<std::sync::Mutex<OneshotState<T>>>);
+
+struct OneshotState<T> {
+    value: Option<T>,
+    sender_gone: bool,
+    waker: Option<std::task::Waker>,
+}
+
+/// A single-value channel for wgpu callbacks (`map_async`), whose receiver
+/// is a future: polled after a native device wait it is ready at once, in
+/// a browser it wakes when the callback runs.
+pub fn oneshot<T>() -> (OneshotTx<T>, OneshotRx<T>) {
+    let s = Arc::new(std::sync::Mutex::new(OneshotState {
+        value: None,
+        sender_gone: false,
+        waker: None,
+    }));
+    (OneshotTx(s.clone()), OneshotRx(s))
+}
+
+impl<T> OneshotTx<T> {
+    pub fn send(self, v: T) {
+        lock(&self.0).value = Some(v);
+    }
+}
+
+impl<T> Drop for OneshotTx<T> {
+    fn drop(&mut self) {
+        let mut s = lock(&self.0);
+        s.sender_gone = true;
+        if let Some(w) = s.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+impl<T> std::future::Future for OneshotRx<T> {
+    type Output = Option<T>;
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        let mut s = lock(&self.0);
+        if let Some(v) = s.value.take() {
+            return std::task::Poll::Ready(Some(v));
+        }
+        if s.sender_gone {
+            return std::task::Poll::Ready(None);
+        }
+        s.waker = Some(cx.waker().clone());
+        std::task::Poll::Pending
+    }
 }
 
 /// Copy `data` into a buffer created with `mapped_at_creation`, then unmap.
@@ -1264,5 +1416,22 @@ mod tests {
         // every workgroup index < n is covered exactly once by x + y * X
         let (x, y, _) = grid_for(1000, 64);
         assert!(x * y >= 1000 && x * (y - 1) < 1000);
+    }
+}
+
+/// Seconds since an arbitrary start, for the tokens/s figures (std's
+/// `Instant` panics on wasm32-unknown-unknown; the browser's clock there).
+pub fn now_s() -> f64 {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs_f64()
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        js_sys::Date::now() / 1000.0
     }
 }

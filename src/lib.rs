@@ -1,12 +1,15 @@
 //! wgllm: run Hugging Face LLM checkpoints on any GPU through wgpu and WGSL,
 //! and verify every layer against a CPU reference and PyTorch.
 
+#[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
 pub mod chat;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod cli;
 pub mod compare;
 pub mod config;
 pub mod error;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod fetch;
 pub mod fuzzing;
 pub mod generate;

@@ -5,9 +5,10 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::AtomicU8;
+#[cfg(not(target_arch = "wasm32"))]
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -271,10 +272,15 @@ struct Buffers {
     /// `Step::new(1, p)` for every position `p` of the cache: a pipelined
     /// decode step copies its entry into `step` and `step_one` on the GPU,
     /// so no host write is needed per token.
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    // the pipelined decode is native-only
     steps: wgpu::Buffer,
     /// Ring of 4-byte staging buffers the pipelined decode reads token ids
     /// back through, with each slot's map state (see [`MapState`]).
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    // the pipelined decode is native-only
     ring: Vec<wgpu::Buffer>,
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))] // the pipelined decode is native-only
     ring_state: Vec<Arc<AtomicU8>>,
 }
 
@@ -289,10 +295,12 @@ const ID_STATS_BYTES: u64 = 4 + STATS_BYTES;
 /// Bytes of the candidate kernel's output.
 const CAND_BYTES: u64 = 4 * crate::ops::sample::OUT_WORDS as u64;
 /// Bytes of one [`Step`] uniform.
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))] // the pipelined decode is native-only
 const STEP_BYTES: u64 = std::mem::size_of::<Step>() as u64;
 
 /// A ring slot's map: requested and pending, done, or failed.
 struct MapState;
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))] // the pipelined decode is native-only
 impl MapState {
     const IDLE: u8 = 0;
     const PENDING: u8 = 1;
@@ -487,9 +495,9 @@ fn f32_buf(gpu: &Gpu, label: &str, n: usize) -> wgpu::Buffer {
 impl Model {
     /// Load a Hugging Face model folder onto `gpu`.
     pub fn load(gpu: Arc<Gpu>, dir: &Path, opts: &ModelOptions) -> Result<Self> {
-        let t = Instant::now();
+        let t = crate::gpu::now_s();
         let ckpt = Checkpoint::open(dir)?;
-        let open_s = t.elapsed().as_secs_f64();
+        let open_s = crate::gpu::now_s() - t;
         let mut m = Self::from_checkpoint(gpu, &ckpt, opts)?;
         m.load_times.open_s = open_s;
         Ok(m)
@@ -497,22 +505,24 @@ impl Model {
 
     pub fn from_checkpoint(gpu: Arc<Gpu>, ckpt: &Checkpoint, opts: &ModelOptions) -> Result<Self> {
         let cfg = ckpt.config.clone();
-        let t = Instant::now();
+        let t = crate::gpu::now_s();
         let plan = MemoryPlan::new(&cfg, ckpt, opts.dtype, &gpu.caps)?;
         plan.device_memory(&cfg, opts.max_context, opts.max_batch, &gpu.caps)?;
-        let plan_s = t.elapsed().as_secs_f64();
-        let t = Instant::now();
+        let plan_s = crate::gpu::now_s() - t;
+        let t = crate::gpu::now_s();
+        #[cfg_attr(target_arch = "wasm32", allow(unused_mut))]
         let mut weights = Weights::upload(&gpu, ckpt, &plan)?;
+        #[cfg(not(target_arch = "wasm32"))]
         apply_weight_faults(&gpu, &mut weights, &opts.faults)?;
         gpu.wait()?;
-        let upload_s = t.elapsed().as_secs_f64();
-        let t = Instant::now();
+        let upload_s = crate::gpu::now_s() - t;
+        let t = crate::gpu::now_s();
         let mut m = Self::build(gpu, cfg, weights, opts)?;
         m.load_times = LoadTimes {
             open_s: 0.0,
             plan_s,
             upload_s,
-            build_s: t.elapsed().as_secs_f64(),
+            build_s: crate::gpu::now_s() - t,
         };
         Ok(m)
     }
@@ -781,14 +791,26 @@ impl Model {
 
     /// Run `tokens` (appended after the cached ones) and return the greedy
     /// next token after the last of them. Long inputs go in `max_batch` chunks.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_next(&mut self, tokens: &[u32]) -> Result<u32> {
-        Ok(self.forward_next_checked(tokens)?.0)
+        crate::gpu::block_on(self.forward_next_async(tokens))
+    }
+
+    /// [`Model::forward_next`] as a future (the browser build awaits it).
+    pub async fn forward_next_async(&mut self, tokens: &[u32]) -> Result<u32> {
+        Ok(self.forward_next_checked_async(tokens).await?.0)
     }
 
     /// [`Self::forward_next`] with the last row's logits' finiteness
     /// (computed by the argmax beside the id; the logits stay on the GPU).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_next_checked(&mut self, tokens: &[u32]) -> Result<(u32, RowStats)> {
-        let bytes = self.run_last(tokens, Readback::NextId)?;
+        crate::gpu::block_on(self.forward_next_checked_async(tokens))
+    }
+
+    /// [`Self::forward_next_checked`] as a future.
+    pub async fn forward_next_checked_async(&mut self, tokens: &[u32]) -> Result<(u32, RowStats)> {
+        let bytes = self.run_last(tokens, Readback::NextId).await?;
         Ok(id_stats(&bytes))
     }
 
@@ -797,7 +819,18 @@ impl Model {
     /// ids (`ops::sample`), with the row's finiteness. Only those come back,
     /// not the row; when too many tie, `overflow` is set and
     /// [`Self::last_logits`] reads the row.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_candidates(
+        &mut self,
+        tokens: &[u32],
+        want: usize,
+        extra: &[u32],
+    ) -> Result<(Candidates, RowStats)> {
+        crate::gpu::block_on(self.forward_candidates_async(tokens, want, extra))
+    }
+
+    /// [`Self::forward_candidates`] as a future.
+    pub async fn forward_candidates_async(
         &mut self,
         tokens: &[u32],
         want: usize,
@@ -806,7 +839,7 @@ impl Model {
         self.k
             .topk
             .prepare(&self.gpu, &self.topk_last, want, extra)?;
-        let bytes = self.run_last(tokens, Readback::Candidates)?;
+        let bytes = self.run_last(tokens, Readback::Candidates).await?;
         let words: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
         let n = crate::ops::sample::OUT_WORDS;
         let c = Candidates::from_words(&words[..n], extra.len());
@@ -815,19 +848,31 @@ impl Model {
     }
 
     /// The last pass's last-row logits, read again (nothing runs).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn last_logits(&mut self) -> Result<Vec<f32>> {
+        crate::gpu::block_on(self.last_logits_async())
+    }
+
+    /// [`Self::last_logits`] as a future.
+    pub async fn last_logits_async(&mut self) -> Result<Vec<f32>> {
         let b = &self.b;
         let len = (self.cfg.vocab_size * 4) as u64;
         let mut enc = self.gpu.encoder();
         enc.copy_buffer_to_buffer(&b.acts[b.index[&Buf::Logits]], 0, &b.logits_staging, 0, len);
         self.gpu.queue.submit([enc.finish()]);
-        let bytes = self.gpu.map_staging(&b.logits_staging, len)?;
+        let bytes = self.gpu.map_staging_async(&b.logits_staging, len).await?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Run `tokens` and return the last token's logits (for sampling).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let bytes = self.run_last(tokens, Readback::Logits)?;
+        crate::gpu::block_on(self.forward_logits_async(tokens))
+    }
+
+    /// [`Model::forward_logits`] as a future (the browser build awaits it).
+    pub async fn forward_logits_async(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let bytes = self.run_last(tokens, Readback::Logits).await?;
         Ok(bytemuck::cast_slice(&bytes).to_vec())
     }
 
@@ -835,7 +880,7 @@ impl Model {
     /// chunk computes the last token's logits and argmax and copies what
     /// `readback` asks for into a persistent staging buffer in the same
     /// submission.
-    fn run_last(&mut self, tokens: &[u32], readback: Readback) -> Result<Vec<u8>> {
+    async fn run_last(&mut self, tokens: &[u32], readback: Readback) -> Result<Vec<u8>> {
         self.check_tokens(tokens, Logits::Last)?;
         let n_chunks = tokens.len().div_ceil(self.max_batch);
         for (ci, chunk) in tokens.chunks(self.max_batch).enumerate() {
@@ -854,12 +899,18 @@ impl Model {
             Readback::Logits => (&self.b.logits_staging, (self.cfg.vocab_size * 4) as u64),
             Readback::Candidates => (&self.b.cand_staging, CAND_BYTES + STATS_BYTES),
         };
-        self.gpu.map_staging(staging, len)
+        self.gpu.map_staging_async(staging, len).await
     }
 
     /// Run `tokens` in one pass with every tap read back (verification).
     /// Limited to `min(max_batch, logits_rows)` tokens.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_taps(&mut self, tokens: &[u32]) -> Result<TapSet> {
+        crate::gpu::block_on(self.forward_taps_async(tokens))
+    }
+
+    /// [`Model::forward_taps`] as a future (the browser's Verify awaits it).
+    pub async fn forward_taps_async(&mut self, tokens: &[u32]) -> Result<TapSet> {
         self.check_tokens(tokens, Logits::All)?;
         if tokens.len() > self.max_batch {
             return Err(Error::invalid(format!(
@@ -871,7 +922,10 @@ impl Model {
         let (cmd, plan) = self.record(tokens, Some(Logits::All), true, None)?;
         self.gpu.queue.submit([cmd]);
         let plan = plan.expect("taps requested");
-        let bytes = self.gpu.map_staging(&plan.staging, plan.offset)?;
+        let bytes = self
+            .gpu
+            .map_staging_async(&plan.staging, plan.offset)
+            .await?;
         self.pos += tokens.len();
         let mut set = TapSet::default();
         for (name, rows, cols, off) in plan.entries {
@@ -1055,6 +1109,7 @@ impl Model {
     /// from the previous step's argmax (`next`) unless `host_id` (the first
     /// step, whose id the host wrote into `ids`), and the new id is copied
     /// into ring slot `slot`.
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))] // the pipelined decode is native-only
     fn record_decode_step(
         &self,
         pos: usize,
@@ -1087,6 +1142,7 @@ impl Model {
     /// (at most `depth - 1`) steps submitted past a stop are discarded.
     /// The same kernels in the same order as [`Self::forward_next`]: the
     /// ids are bit-identical.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn decode_greedy(
         &mut self,
         first: u32,
@@ -1100,6 +1156,7 @@ impl Model {
     /// [`Self::decode_greedy`] that also hands `on_step` each step's logits'
     /// [`RowStats`] (read back with the id, same ring slot), so a caller can
     /// stop at the first non-finite step without reading any logits.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn decode_greedy_checked(
         &mut self,
         first: u32,
@@ -1175,6 +1232,7 @@ impl Model {
     }
 
     /// Wait for ring slot `slot`'s map, read its id and unmap it.
+    #[cfg(not(target_arch = "wasm32"))]
     fn take_ring(&self, slot: usize) -> Result<(u32, RowStats)> {
         let state = &self.b.ring_state[slot];
         while state.load(Ordering::Acquire) == MapState::PENDING {
@@ -1199,6 +1257,7 @@ impl Model {
     }
 
     /// Wait for every pending ring map and unmap what was mapped.
+    #[cfg(not(target_arch = "wasm32"))]
     fn drain_ring(&self) -> Result<()> {
         if self
             .b
@@ -1693,7 +1752,9 @@ pub fn tensor_bytes(t: &DeviceTensor) -> u64 {
     t.chunks.iter().map(|c| c.buffer.size()).sum()
 }
 
-/// Weight-level faults: transform uploaded weights the way a buggy port would.
+/// Weight-level faults: transform uploaded weights the way a buggy port
+/// would (tests only, so native only: it reads the weights back).
+#[cfg(not(target_arch = "wasm32"))]
 fn apply_weight_faults(gpu: &Gpu, w: &mut Weights, f: &Faults) -> Result<()> {
     let transpose = |t: &DeviceTensor| -> Result<DeviceTensor> {
         let v = t.read_f32(gpu)?;

@@ -196,6 +196,7 @@ impl QTensor {
     }
 
     /// Read the tensor back as ggml block bytes (round-trip tests).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn read_ggml(&self, gpu: &Gpu) -> Result<Vec<u8>> {
         let db = BlockPad::of(self.ty)
             .map_err(Error::invalid)?

@@ -83,7 +83,13 @@ impl TapSet {
     /// are left to [`read_i32`].
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Format {
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// [`TapSet::load`] from a file's bytes held in memory (`path` labels
+    /// errors).
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Format {
             path: path.to_path_buf(),
             msg: format!("not a valid safetensors file: {e}"),
         })?;
@@ -115,7 +121,12 @@ impl TapSet {
 /// Read an integer tensor (I32 or I64) such as `tokens` or `generated`.
 pub fn read_i32(path: &Path, name: &str) -> Result<Option<Vec<i64>>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Format {
+    read_i32_bytes(path, &bytes, name)
+}
+
+/// [`read_i32`] from a file's bytes held in memory (`path` labels errors).
+pub fn read_i32_bytes(path: &Path, bytes: &[u8], name: &str) -> Result<Option<Vec<i64>>> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Format {
         path: path.to_path_buf(),
         msg: format!("not a valid safetensors file: {e}"),
     })?;

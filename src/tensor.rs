@@ -183,6 +183,7 @@ impl DeviceTensor {
     }
 
     /// Read the whole tensor back as f32 (for round-trip tests and debugging).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn read_f32(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         let es = self.dtype.bytes_per_elem();
         let row_bytes = self.cols() * es;

@@ -1,17 +1,22 @@
 //! `wgllm verify`: run a model on the GPU with taps on and compare every tap
 //! with the CPU reference forward and, optionally, a PyTorch dump.
 
+#[cfg(not(target_arch = "wasm32"))]
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::compare::{compare, RefKind, Report, Tolerances};
-use crate::error::{Error, Result};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::error::Error;
+use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::loader::{Checkpoint, HostWeights, LoadDType, MemoryPlan};
 use crate::model::{Faults, Model, ModelOptions};
 use crate::reference::CpuModel;
-use crate::taps::{read_i32, TapSet};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::taps::read_i32;
+use crate::taps::TapSet;
 
 #[derive(Clone, Debug, Default)]
 pub struct VerifyOptions {
@@ -42,6 +47,7 @@ pub struct VerifyResult {
 }
 
 /// Which reference a dump is, from its metadata (`dtype`), else its name.
+#[cfg(not(target_arch = "wasm32"))]
 fn dump_kind(path: &std::path::Path) -> Result<RefKind> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::Format {
@@ -69,6 +75,7 @@ fn dump_kind(path: &std::path::Path) -> Result<RefKind> {
 /// Resolve the tokens: `--tokens`, else `--prompt` through the folder's
 /// tokenizer, else the `tokens` tensor of the reference dump. When both the
 /// user and the dump give tokens they must agree.
+#[cfg(not(target_arch = "wasm32"))]
 fn resolve_tokens(o: &VerifyOptions) -> Result<Vec<u32>> {
     let from_ref = match &o.reference {
         Some(r) => match read_i32(r, "tokens")? {
@@ -119,26 +126,10 @@ fn resolve_tokens(o: &VerifyOptions) -> Result<Vec<u32>> {
     Ok(tokens)
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 pub fn run(gpu: Arc<Gpu>, o: &VerifyOptions) -> Result<VerifyResult> {
     let tokens = resolve_tokens(o)?;
     let ckpt = Checkpoint::open(&o.model)?;
-    let dtype = o.dtype.unwrap_or(LoadDType::Auto);
-    let opts = ModelOptions {
-        max_context: Some(tokens.len()),
-        max_batch: tokens.len(),
-        dtype,
-        faults: o.faults,
-    };
-    let mut model = Model::from_checkpoint(gpu.clone(), &ckpt, &opts)?;
-    let got = model.forward_taps(&tokens)?;
-    if let Some(d) = &o.dump {
-        let mut meta = HashMap::new();
-        meta.insert("source".into(), "wgllm".into());
-        meta.insert("adapter".into(), gpu.name().to_string());
-        meta.insert("model".into(), o.model.display().to_string());
-        got.save(d, meta)?;
-    }
-    let mut reports = Vec::new();
     let tol_for = |kind: RefKind| -> Result<Tolerances> {
         let t = Tolerances::defaults(kind);
         match &o.tolerance_file {
@@ -146,38 +137,99 @@ pub fn run(gpu: Arc<Gpu>, o: &VerifyOptions) -> Result<VerifyResult> {
             None => Ok(t),
         }
     };
-    if !o.no_cpu {
-        let plan = MemoryPlan::new(&ckpt.config, &ckpt, dtype, &gpu.caps)?;
-        let host = HostWeights::load(&ckpt, &plan)?;
-        let mut cpu = CpuModel::new(&ckpt.config, &host, tokens.len())?;
-        let want = cpu.forward(&tokens)?;
-        reports.push(compare(
-            &got,
-            &want,
-            "cpu-reference",
-            RefKind::F32,
-            &tol_for(RefKind::F32)?,
-        ));
-    }
+    let mut references = Vec::new();
     if let Some(r) = &o.reference {
         let kind = dump_kind(r)?;
-        let want = TapSet::load(r)?;
-        reports.push(compare(
-            &got,
-            &want,
-            &r.display().to_string(),
-            kind,
-            &tol_for(kind)?,
-        ));
+        references.push((r.display().to_string(), kind, TapSet::load(r)?));
     }
-    let pass = !reports.is_empty() && reports.iter().all(|r| r.pass);
-    Ok(VerifyResult {
-        model: o.model.display().to_string(),
-        adapter: gpu.name().to_string(),
-        backend: format!("{:?}", gpu.adapter.info.backend),
-        kernels: gpu.kernels_desc(),
+    let check = Check {
+        tokens: &tokens,
+        dtype: o.dtype.unwrap_or(LoadDType::Auto),
+        faults: o.faults,
+        cpu: !o.no_cpu,
+        references,
+    };
+    let (got, reports) = crate::gpu::block_on(check.run_async(gpu.clone(), &ckpt, &tol_for))?;
+    if let Some(d) = &o.dump {
+        let mut meta = HashMap::new();
+        meta.insert("source".into(), "wgllm".into());
+        meta.insert("adapter".into(), gpu.name().to_string());
+        meta.insert("model".into(), o.model.display().to_string());
+        got.save(d, meta)?;
+    }
+    Ok(VerifyResult::new(
+        &gpu,
+        o.model.display().to_string(),
         tokens,
         reports,
-        pass,
-    })
+    ))
+}
+
+/// What one verification compares: the GPU's taps on `tokens` against the
+/// CPU reference (when `cpu`) and against each reference dump, labelled.
+/// The core of [`run`], shared with the browser build's Verify.
+pub struct Check<'a> {
+    pub tokens: &'a [u32],
+    pub dtype: LoadDType,
+    pub faults: Faults,
+    pub cpu: bool,
+    /// (label, kind, taps) of each PyTorch dump to compare with.
+    pub references: Vec<(String, RefKind, TapSet)>,
+}
+
+impl Check<'_> {
+    /// Run every tap on the GPU, then each reference; one report per
+    /// reference, with `tolerances` per reference kind.
+    pub async fn run_async(
+        self,
+        gpu: Arc<Gpu>,
+        ckpt: &Checkpoint,
+        tolerances: &dyn Fn(RefKind) -> Result<Tolerances>,
+    ) -> Result<(TapSet, Vec<Report>)> {
+        let tokens = self.tokens;
+        let opts = ModelOptions {
+            max_context: Some(tokens.len()),
+            max_batch: tokens.len(),
+            dtype: self.dtype,
+            faults: self.faults,
+        };
+        let mut model = Model::from_checkpoint(gpu.clone(), ckpt, &opts)?;
+        let got = model.forward_taps_async(tokens).await?;
+        drop(model);
+        let mut reports = Vec::new();
+        if self.cpu {
+            let plan = MemoryPlan::new(&ckpt.config, ckpt, self.dtype, &gpu.caps)?;
+            let host = HostWeights::load(ckpt, &plan)?;
+            let mut cpu = CpuModel::new(&ckpt.config, &host, tokens.len())?;
+            let want = cpu.forward(tokens)?;
+            reports.push(compare(
+                &got,
+                &want,
+                "cpu-reference",
+                RefKind::F32,
+                &tolerances(RefKind::F32)?,
+            ));
+        }
+        for (label, kind, want) in &self.references {
+            reports.push(compare(&got, want, label, *kind, &tolerances(*kind)?));
+        }
+        Ok((got, reports))
+    }
+}
+
+impl VerifyResult {
+    /// The outcome of `reports` on `gpu`; it passes when there is at least
+    /// one report and every report passes.
+    pub fn new(gpu: &Gpu, model: String, tokens: Vec<u32>, reports: Vec<Report>) -> Self {
+        let pass = !reports.is_empty() && reports.iter().all(|r| r.pass);
+        VerifyResult {
+            model,
+            adapter: gpu.name().to_string(),
+            backend: format!("{:?}", gpu.adapter.info.backend),
+            kernels: gpu.kernels_desc(),
+            tokens,
+            reports,
+            pass,
+        }
+    }
 }

@@ -68,3 +68,28 @@ if command -v rustup >/dev/null 2>&1; then
     rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
     rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 fi
+
+# The browser build (web/, tests/web.rs): the wasm32 target, the
+# wasm-bindgen CLI of exactly the version the wasm-bindgen crate is locked
+# to (it refuses modules built by another), and Debian's Chromium to run the
+# page headless (WebGPU on SwiftShader). Each is skipped when present.
+if command -v rustup >/dev/null 2>&1; then
+    rustup target list --installed 2>/dev/null | grep -qx 'wasm32-unknown-unknown' \
+        || rustup target add wasm32-unknown-unknown
+fi
+wb_want="$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/[^0-9.]/, ""); print; exit }' "$(dirname "$0")/../Cargo.lock")"
+PATH="$HOME/.cargo/bin:$PATH"
+if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" = "$wb_want" ]; then
+    echo "setup: wasm-bindgen $wb_want is installed"
+else
+    # No prebuilt binary can be downloaded here (crates.io, PyPI and Debian
+    # only): cargo builds it, a few minutes once per machine.
+    echo "setup: installing wasm-bindgen-cli $wb_want (cargo install, a few minutes)"
+    cargo install -q wasm-bindgen-cli --version "$wb_want"
+fi
+if command -v chromium >/dev/null 2>&1; then
+    echo "setup: chromium is installed"
+else
+    echo "setup: installing Debian's chromium (headless WebGPU for tests/web.rs)"
+    apt_install chromium
+fi

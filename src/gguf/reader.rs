@@ -316,6 +316,7 @@ fn too_short(path: PathBuf, len: u64) -> Error {
 }
 
 enum Backing {
+    #[cfg(not(target_arch = "wasm32"))]
     Mmap(memmap2::Mmap),
     Owned(Vec<u8>),
 }
@@ -323,6 +324,7 @@ enum Backing {
 impl Backing {
     fn bytes(&self) -> &[u8] {
         match self {
+            #[cfg(not(target_arch = "wasm32"))]
             Backing::Mmap(m) => m,
             Backing::Owned(v) => v,
         }
@@ -499,15 +501,25 @@ impl GgufFile {
         if len < HEADER_LEN {
             return Err(too_short(path, len));
         }
+        #[cfg(not(target_arch = "wasm32"))]
         // SAFETY: the map is read-only and private to this struct. As with
         // every memory-mapped model loader, the file must not be truncated
         // or rewritten while it is open.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Io {
-            msg: format!("cannot memory-map GGUF file: {e}"),
-            path: path.clone(),
-            source: Some(e),
-        })?;
-        Self::parse(path, Backing::Mmap(mmap))
+        let backing =
+            Backing::Mmap(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Io {
+                msg: format!("cannot memory-map GGUF file: {e}"),
+                path: path.clone(),
+                source: Some(e),
+            })?);
+        #[cfg(target_arch = "wasm32")]
+        let backing = {
+            use std::io::Read;
+            let mut v = Vec::new();
+            let mut file = file;
+            file.read_to_end(&mut v).map_err(|e| Error::io(&path, e))?;
+            Backing::Owned(v)
+        };
+        Self::parse(path, backing)
     }
 
     /// Parse a GGUF image held in memory; `path` only labels errors. (Used

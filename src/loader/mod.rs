@@ -76,35 +76,54 @@ impl Checkpoint {
             let (shards, tensors) = open_sharded(&dir, &index_path)?;
             (shards, tensors, Some(index_path))
         } else {
-            let mut found: Vec<String> = std::fs::read_dir(&dir)
+            let found: Vec<String> = std::fs::read_dir(&dir)
                 .map(|rd| {
                     rd.filter_map(|e| e.ok())
                         .map(|e| e.file_name().to_string_lossy().into_owned())
                         .collect()
                 })
                 .unwrap_or_default();
-            found.sort();
-            let hint = if found
-                .iter()
-                .any(|f| f.ends_with(".bin") || f.ends_with(".pt") || f.ends_with(".pth"))
-            {
-                " PyTorch pickle checkpoints (.bin/.pt) are not supported; convert them to safetensors."
-            } else if found.iter().any(|f| f.ends_with(".gguf")) {
-                " GGUF files are not read by this loader."
-            } else {
-                ""
-            };
-            return Err(Error::Format {
-                path: dir,
-                msg: format!(
-                    "no {SINGLE_FILE} or {INDEX_FILE} in the model folder (found: {}).{hint}",
-                    if found.is_empty() {
-                        "nothing".to_string()
-                    } else {
-                        found.join(", ")
-                    }
-                ),
-            });
+            return Err(no_weights(dir, found));
+        };
+        Ok(Checkpoint {
+            dir,
+            config,
+            index,
+            shards,
+            tensors,
+        })
+    }
+
+    /// A model folder already in memory (a browser's fetches or picked
+    /// files): `config.json`'s bytes and every other file by name. The
+    /// same rules and checks as [`Checkpoint::open`]; `dir` only labels
+    /// errors (e.g. the URL the folder came from).
+    pub fn from_memory(
+        dir: impl AsRef<Path>,
+        config_json: &[u8],
+        mut files: HashMap<String, Vec<u8>>,
+    ) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let config_path = dir.join("config.json");
+        let text = std::str::from_utf8(config_json).map_err(|e| Error::Json {
+            path: config_path.clone(),
+            msg: format!("not UTF-8: {e}"),
+        })?;
+        let config = ModelConfig::from_json_str(text, &config_path)?;
+        let (shards, tensors, index) = if let Some(bytes) = files.remove(SINGLE_FILE) {
+            let shard = Shard::from_vec(&dir.join(SINGLE_FILE), bytes, 0)?;
+            let tensors = shard.tensors.clone();
+            (vec![shard], tensors, None)
+        } else if let Some(text) = files.remove(INDEX_FILE) {
+            let index_path = dir.join(INDEX_FILE);
+            let (names, wanted) = parse_index(&index_path, &text)?;
+            let (shards, tensors) = open_shards(&dir, &index_path, names, wanted, |f, p, i| {
+                files.remove(f).map(|b| Shard::from_vec(p, b, i))
+            })?;
+            (shards, tensors, Some(index_path))
+        } else {
+            let found = files.keys().cloned().chain(["config.json".into()]);
+            return Err(no_weights(dir, found.collect()));
         };
         Ok(Checkpoint {
             dir,
@@ -282,7 +301,36 @@ type Opened = (Vec<Shard>, HashMap<String, TensorMeta>);
 fn open_sharded(dir: &Path, index_path: &Path) -> Result<Opened> {
     let text = std::fs::read(index_path).map_err(|e| Error::io(index_path, e))?;
     let (files, wanted) = parse_index(index_path, &text)?;
-    open_shards(dir, index_path, files, wanted)
+    open_shards(dir, index_path, files, wanted, |_, p, i| {
+        p.is_file().then(|| Shard::open(p, i))
+    })
+}
+
+/// The error for a model folder with neither weight layout; `found` lists
+/// what it holds.
+fn no_weights(dir: PathBuf, mut found: Vec<String>) -> Error {
+    found.sort();
+    let hint = if found
+        .iter()
+        .any(|f| f.ends_with(".bin") || f.ends_with(".pt") || f.ends_with(".pth"))
+    {
+        " PyTorch pickle checkpoints (.bin/.pt) are not supported; convert them to safetensors."
+    } else if found.iter().any(|f| f.ends_with(".gguf")) {
+        " GGUF files are not read by this loader."
+    } else {
+        ""
+    };
+    Error::Format {
+        path: dir,
+        msg: format!(
+            "no {SINGLE_FILE} or {INDEX_FILE} in the model folder (found: {}).{hint}",
+            if found.is_empty() {
+                "nothing".to_string()
+            } else {
+                found.join(", ")
+            }
+        ),
+    }
 }
 
 /// A parsed `model.safetensors.index.json`: the shard file names (sorted)
@@ -345,11 +393,12 @@ fn open_shards(
     index_path: &Path,
     files: Vec<String>,
     wanted: Vec<(String, String)>,
+    mut open: impl FnMut(&str, &Path, usize) -> Option<Result<Shard>>,
 ) -> Result<Opened> {
     let mut shards = Vec::with_capacity(files.len());
     for (i, f) in files.iter().enumerate() {
         let p = dir.join(f);
-        if !p.is_file() {
+        let Some(shard) = open(f, &p, i) else {
             let users: Vec<&str> = wanted
                 .iter()
                 .filter(|(_, s)| s == f)
@@ -364,8 +413,8 @@ fn open_shards(
                     p.display()
                 ),
             });
-        }
-        shards.push(Shard::open(&p, i)?);
+        };
+        shards.push(shard?);
     }
     let shard_of: HashMap<&str, usize> = files
         .iter()

@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use ::safetensors::{Dtype, SafeTensors};
-use memmap2::Mmap;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -42,11 +41,31 @@ impl TensorMeta {
     }
 }
 
-/// A memory-mapped safetensors file and the tensors its header declares.
+/// A safetensors file and the tensors its header declares.
 pub struct Shard {
     pub path: PathBuf,
-    pub mmap: Mmap,
+    data: ShardBytes,
     pub tensors: HashMap<String, TensorMeta>,
+}
+
+/// Where a shard's bytes live: a read-only memory map of the file
+/// (native), or a buffer the caller already holds (a browser's fetch or
+/// file picker, which has no file to map).
+enum ShardBytes {
+    #[cfg(not(target_arch = "wasm32"))]
+    Mmap(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for ShardBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            #[cfg(not(target_arch = "wasm32"))]
+            ShardBytes::Mmap(m) => m,
+            ShardBytes::Owned(v) => v,
+        }
+    }
 }
 
 fn fmt_err(path: &Path, msg: impl Into<String>) -> Error {
@@ -80,24 +99,44 @@ impl Shard {
                 source: Some(e),
             }
         })?;
+        #[cfg(not(target_arch = "wasm32"))]
         // SAFETY: the mapping is read-only. As with every mmap-based loader
         // (safetensors, llama.cpp), the file must not be truncated or
         // rewritten by another process while the checkpoint is open.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            msg: format!("cannot memory-map safetensors file: {e}"),
-            source: Some(e),
-        })?;
-        let tensors = parse_checked(path, &mmap, shard)?;
+        let data =
+            ShardBytes::Mmap(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Io {
+                path: path.to_path_buf(),
+                msg: format!("cannot memory-map safetensors file: {e}"),
+                source: Some(e),
+            })?);
+        #[cfg(target_arch = "wasm32")]
+        let data = {
+            use std::io::Read;
+            let mut v = Vec::new();
+            let mut file = file;
+            file.read_to_end(&mut v).map_err(|e| Error::io(path, e))?;
+            ShardBytes::Owned(v)
+        };
+        Self::from_data(path, data, shard)
+    }
+
+    /// A shard whose whole file is already in memory (`path` labels errors
+    /// and the tensors' `file`): the same checks as [`Shard::open`].
+    pub fn from_vec(path: &Path, bytes: Vec<u8>, shard: usize) -> Result<Self> {
+        Self::from_data(path, ShardBytes::Owned(bytes), shard)
+    }
+
+    fn from_data(path: &Path, data: ShardBytes, shard: usize) -> Result<Self> {
+        let tensors = parse_checked(path, &data, shard)?;
         Ok(Shard {
             path: path.to_path_buf(),
-            mmap,
+            data,
             tensors,
         })
     }
 
     pub fn bytes(&self, t: &TensorMeta) -> &[u8] {
-        &self.mmap[t.offset..t.offset + t.len]
+        &self.data[t.offset..t.offset + t.len]
     }
 
     /// Drop the whole pages of `bytes` (a range of this mapping; anything
@@ -106,13 +145,13 @@ impl Shard {
     /// later read of them faults them back in from there. Returns whether
     /// `bytes` lies in this mapping.
     pub fn release(&self, bytes: &[u8]) -> bool {
-        let base = self.mmap.as_ptr() as usize;
+        let base = self.data.as_ptr() as usize;
         let start = bytes.as_ptr() as usize;
-        if bytes.is_empty() || start < base || start + bytes.len() > base + self.mmap.len() {
+        if bytes.is_empty() || start < base || start + bytes.len() > base + self.data.len() {
             return false;
         }
-        #[cfg(unix)]
-        {
+        #[cfg(all(unix, not(target_arch = "wasm32")))]
+        if let ShardBytes::Mmap(mmap) = &self.data {
             let page = page_size();
             let lo = (start - base).div_ceil(page) * page;
             let hi = (start - base + bytes.len()) / page * page;
@@ -122,11 +161,7 @@ impl Shard {
                 // only drops clean file pages that later reads fault back in
                 // with the same contents. A failure only leaves them resident.
                 let _ = unsafe {
-                    self.mmap.unchecked_advise_range(
-                        memmap2::UncheckedAdvice::DontNeed,
-                        lo,
-                        hi - lo,
-                    )
+                    mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
                 };
             }
         }
@@ -134,7 +169,7 @@ impl Shard {
     }
 }
 
-#[cfg(unix)]
+#[cfg(all(unix, not(target_arch = "wasm32")))]
 fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

@@ -7,7 +7,9 @@
 //! back only the id still learns that a step's logits were not finite.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Kernel, KernelProfile, Step};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::gpu::Step;
+use crate::gpu::{Gpu, Kernel, KernelProfile};
 
 pub const SRC: &str = include_str!("../../shaders/argmax.wgsl");
 
@@ -151,11 +153,13 @@ impl Argmax {
 }
 
 /// One-shot argmax of `logits` (`[rows, vocab]`) on the device.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn argmax_once(gpu: &Gpu, logits: &[f32], vocab: usize) -> Result<Vec<u32>> {
     Ok(argmax_stats_once(gpu, logits, vocab)?.0)
 }
 
 /// One-shot argmax and [`RowStats`] of every row on the device.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn argmax_stats_once(
     gpu: &Gpu,
     logits: &[f32],

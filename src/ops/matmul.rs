@@ -18,7 +18,9 @@
 use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
-use crate::gpu::{Caps, Gpu, Kernel, KernelProfile, Step};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::gpu::Step;
+use crate::gpu::{Caps, Gpu, Kernel, KernelProfile};
 use crate::tensor::{DeviceTensor, WDType};
 
 /// Params, bias and output (shared by every linear kernel).
@@ -597,6 +599,7 @@ impl Linear {
 
 impl Linear {
     /// One-shot: upload `x` (`[m, k]`), run with `path`, read back `[m, n]`.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn run_once(
         &self,
         gpu: &Gpu,
@@ -634,6 +637,7 @@ impl Linear {
 
 /// One-shot `y = x · Wᵀ (+ b)` for tests and tools: `x` is `[m, k]`, the
 /// weight `[n, k]`; returns `[m, n]`. Compiles kernels each call.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn linear_once(
     gpu: &Gpu,
     x: &[f32],

@@ -22,7 +22,9 @@
 
 use crate::error::{Error, Result};
 use crate::gguf::GgmlType;
-use crate::gpu::{Caps, Gpu, Kernel, KernelProfile, Step};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::gpu::Step;
+use crate::gpu::{Caps, Gpu, Kernel, KernelProfile};
 use crate::ops::matmul::{Params, SRC_COMMON};
 use crate::qtensor::QTensor;
 use crate::tensor::{DeviceTensor, WDType};
@@ -379,6 +381,7 @@ impl QLinear {
     }
 
     /// One-shot: upload `x` (`[m, k]`), run, read back `[m, n]`.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn run_once(
         &self,
         gpu: &Gpu,
@@ -504,6 +507,7 @@ impl QEmbedding {
     }
 
     /// One-shot gather for tests.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn run_once(
         &self,
         gpu: &Gpu,

@@ -221,6 +221,7 @@ pub fn reference(logits: &[f32], want: usize) -> Vec<u32> {
 }
 
 /// One-shot candidates of one row on the device (tests).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn candidates_once(
     gpu: &Gpu,
     logits: &[f32],
