@@ -49,11 +49,14 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Open a Hugging Face model folder. As transformers does, a single
-    /// `model.safetensors` is preferred over an index when both exist.
+    /// `model.safetensors` is preferred over an index when both exist. A
+    /// folder with a [`GGUF_MANIFEST`] instead reads the GGUF it names, and
+    /// a `.gguf` file itself is [`Checkpoint::open_gguf`].
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         match std::fs::metadata(&dir) {
             Ok(m) if m.is_dir() => {}
+            Ok(_) if crate::gguf::is_gguf_file(&dir) => return Self::open_gguf(&dir),
             Ok(_) => {
                 return Err(Error::Io {
                     path: dir,
