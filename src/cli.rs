@@ -237,13 +237,22 @@ pub struct ConvertArgs {
     pub input: PathBuf,
     /// Output folder (created).
     pub out_dir: PathBuf,
-    /// Weight dtype of model.safetensors.
-    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
+    /// Weight dtype of model.safetensors (`native` is refused: run the .gguf
+    /// itself, which keeps its types without a copy).
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32", "native"])]
     pub dtype: String,
 }
 
 pub fn convert(a: ConvertArgs) -> anyhow::Result<ExitCode> {
     use crate::gguf::ConvertDType;
+    if a.dtype == "native" {
+        anyhow::bail!(
+            "--dtype native: a GGUF keeps its own types only when run directly; pass {} itself \
+             with --model (it is read in place, no copy is made). `convert` writes bf16, f16 or \
+             f32 safetensors.",
+            a.input.display()
+        );
+    }
     let dtype = match a.dtype.as_str() {
         "f16" => ConvertDType::F16,
         "f32" => ConvertDType::F32,

@@ -3,7 +3,7 @@
 (tests/quant_models.rs).
 
     /work/venv/bin/python tools/make_quant_goldens.py GGUF --name smollm2|qwen25 \
-        --out tests/fixtures/quant/NAME.json [--steps 32] [--logits-prompts 2]
+        --out tests/fixtures/quant/NAME.json [--steps 32] [--logits-prompts 2] [--max-prompts N]
 
 GGUF is the PyPI file wgllm fetches (`<cache>/gguf-files/<model>/*.gguf`):
 SmolLM2-135M-Instruct Q4_1 (Q8_0 embedding) or Qwen2.5-Coder-0.5B-Instruct
@@ -132,6 +132,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--logits-prompts", type=int, default=2)
+    ap.add_argument("--max-prompts", type=int, help="only the first N prompts (Qwen on a slow machine)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
@@ -149,7 +150,7 @@ def main(argv=None):
     real = json.loads((REPO / "tests/fixtures/real" / f"{args.name}.json").read_text())
     prompts = []
     logits = {}
-    for i, rp in enumerate(real["prompts"]):
+    for i, rp in enumerate(real["prompts"][: args.max_prompts]):
         ids = rp["prompt_ids"]
         if i < args.logits_prompts:
             out = model(input_ids=torch.tensor([ids]), use_cache=False)
