@@ -118,7 +118,8 @@ pub struct BenchArgs {
     /// Bandwidth probe runs (median), spread between the model repeats.
     #[arg(long, default_value_t = 6)]
     pub probe_repeats: usize,
-    /// Device weight dtype: auto (as stored; f16 widened to f32), bf16, f32.
+    /// Device weight dtype: auto (as stored; f16 widened to f32; a .gguf at
+    /// its own types), native (the same), bf16, f32 (a .gguf widened).
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// Also time each kind of op of one decode step in isolation.
@@ -905,14 +906,12 @@ pub fn run(
             hidden: model.cfg.hidden_size,
             vocab: model.cfg.vocab_size,
             file_dtype: model.cfg.dtype.clone().unwrap_or_default(),
-            device_dtype: format!(
-                "{:?}",
-                model
-                    .weights
-                    .layers
-                    .first()
-                    .map_or(model.weights.embed.dtype, |l| l.q.dtype)
-            ),
+            device_dtype: model
+                .weights
+                .layers
+                .first()
+                .map_or(&model.weights.embed, |l| &l.q)
+                .device_type(),
         },
     })
 }
@@ -1582,7 +1581,7 @@ pub fn bench_cli(gpu_opts: &GpuOptions, args: BenchArgs) -> anyhow::Result<ExitC
         .dtype
         .parse()
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
-    let dir = crate::fetch::resolve_model(args.model.as_deref(), &Default::default())?;
+    let dir = crate::fetch::resolve_model_as(args.model.as_deref(), dtype, &Default::default())?;
     let gpu = Arc::new(Gpu::new(gpu_opts)?);
     let mopts = ModelOptions {
         max_context: Some(args.prompt_tokens + args.gen_tokens + 1),

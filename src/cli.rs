@@ -181,7 +181,8 @@ pub struct VerifyArgs {
     /// Skip the CPU reference forward.
     #[arg(long)]
     pub no_cpu: bool,
-    /// Device weight dtype: auto (as stored; f16 widened to f32), bf16, f32.
+    /// Device weight dtype: auto (as stored; f16 widened to f32; a .gguf at
+    /// its own types), native (the same), bf16, f32 (a .gguf widened).
     #[arg(long, default_value = "auto")]
     pub dtype: String,
 }
@@ -193,7 +194,7 @@ pub fn verify(gpu_opts: &GpuOptions, a: VerifyArgs) -> anyhow::Result<ExitCode> 
         .dtype
         .parse()
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
-    let model = crate::fetch::resolve_model(Some(&a.model), &Default::default())?;
+    let model = crate::fetch::resolve_model_as(Some(&a.model), dtype, &Default::default())?;
     let gpu = std::sync::Arc::new(Gpu::new(gpu_opts)?);
     let opts = crate::verify::VerifyOptions {
         model,
@@ -236,13 +237,22 @@ pub struct ConvertArgs {
     pub input: PathBuf,
     /// Output folder (created).
     pub out_dir: PathBuf,
-    /// Weight dtype of model.safetensors.
-    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
+    /// Weight dtype of model.safetensors (`native` is refused: run the .gguf
+    /// itself, which keeps its types without a copy).
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32", "native"])]
     pub dtype: String,
 }
 
 pub fn convert(a: ConvertArgs) -> anyhow::Result<ExitCode> {
     use crate::gguf::ConvertDType;
+    if a.dtype == "native" {
+        anyhow::bail!(
+            "--dtype native: a GGUF keeps its own types only when run directly; pass {} itself \
+             with --model (it is read in place, no copy is made). `convert` writes bf16, f16 or \
+             f32 safetensors.",
+            a.input.display()
+        );
+    }
     let dtype = match a.dtype.as_str() {
         "f16" => ConvertDType::F16,
         "f32" => ConvertDType::F32,
@@ -279,7 +289,8 @@ pub struct ModelArgs {
     /// KV cache length (default: the model's, capped at 4096).
     #[arg(long)]
     pub max_context: Option<usize>,
-    /// Device weight dtype: auto (as stored; f16 widened to f32), bf16, f32.
+    /// Device weight dtype: auto (as stored; f16 widened to f32; a .gguf at
+    /// its own types), native (the same), bf16, f32 (a .gguf widened).
     #[arg(long, default_value = "auto")]
     pub dtype: String,
 }
@@ -376,7 +387,7 @@ pub fn load_session(gpu_opts: &GpuOptions, m: &ModelArgs) -> anyhow::Result<Sess
         .dtype
         .parse()
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
-    let dir = crate::fetch::resolve_model(m.model.as_deref(), &Default::default())?;
+    let dir = crate::fetch::resolve_model_as(m.model.as_deref(), dtype, &Default::default())?;
     let gpu = std::sync::Arc::new(Gpu::new(gpu_opts)?);
     let tok = crate::tokenizer::Tokenizer::from_dir(&dir)?;
     let opts = crate::model::ModelOptions {

@@ -44,7 +44,7 @@ pub mod gguf_cache;
 
 pub use catalog::{known_model, KnownModel, WheelPart, KNOWN_MODELS};
 pub use gguf_cache::{
-    default_cache_dir, file_sha256_cached, load_gguf_checkpoint, COMPLETE_MARKER,
+    default_cache_dir, file_sha256_cached, load_gguf_checkpoint, load_gguf_native, COMPLETE_MARKER,
 };
 
 /// The model `wgllm run` / `chat` use without `--model`.
@@ -237,10 +237,22 @@ fn known_names() -> String {
 /// The Hugging Face folder to run for a `--model` argument:
 /// - `None`: the default model ([`DEFAULT_MODEL`]), fetched if needed;
 /// - a folder: itself;
-/// - a GGUF file: converted once to bf16 into `<cache>/gguf/`
-///   ([`load_gguf_checkpoint`]);
+/// - a GGUF file: run at its own types, from a folder of its small files
+///   in `<cache>/gguf/` ([`load_gguf_native`]);
 /// - the name of a known model: [`ensure_known_model`].
 pub fn resolve_model(arg: Option<&Path>, opts: &FetchOptions) -> Result<PathBuf> {
+    resolve_model_as(arg, crate::loader::LoadDType::Auto, opts)
+}
+
+/// [`resolve_model`] for weights loaded as `dtype`: a GGUF file runs at its
+/// own types under `auto` and `native` ([`load_gguf_native`]), and is
+/// converted once to a bf16 folder ([`load_gguf_checkpoint`]) under `bf16`
+/// and `f32`, which widen.
+pub fn resolve_model_as(
+    arg: Option<&Path>,
+    dtype: crate::loader::LoadDType,
+    opts: &FetchOptions,
+) -> Result<PathBuf> {
     let Some(p) = arg else {
         return ensure_known_model(DEFAULT_MODEL, opts);
     };
@@ -252,6 +264,13 @@ pub fn resolve_model(arg: Option<&Path>, opts: &FetchOptions) -> Result<PathBuf>
                     path: p.to_path_buf(),
                     msg: "not a GGUF file (no GGUF magic) and not a folder; a model is a Hugging Face folder, a .gguf file or a known model name".into(),
                 });
+            }
+            if dtype.keeps_quantized() {
+                let cache = match &opts.cache_dir {
+                    Some(d) => d.join("gguf"),
+                    None => default_cache_dir()?,
+                };
+                return load_gguf_native(p, &cache, &tokenizer_writer);
             }
             return convert_gguf_into_cache(p, opts);
         }

@@ -12,14 +12,18 @@ use std::sync::Arc;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::gguf::GgmlType;
 use crate::gpu::{Gpu, Step};
-use crate::loader::{Checkpoint, LayerRole, LoadDType, MemoryPlan, Role, Weights};
+use crate::loader::{Checkpoint, LayerRole, LoadDType, MemoryPlan, Role, WTensor, Weights};
 use crate::ops::argmax::{Argmax, ArgmaxBinding, RowStats, STATS_WORDS};
 use crate::ops::attention::{self, Attention};
 use crate::ops::elementwise::{self, AddRmsNorm, Binary, Elementwise, Softcap};
 use crate::ops::embedding::{Embedding, EmbeddingBinding};
 use crate::ops::kv_copy::{self, KvCache, KvCopy};
 use crate::ops::matmul::{Linear, LinearBinding};
+use crate::ops::qmatmul::{
+    QEmbedding, QEmbeddingBinding, QFaults, QKernel, QLinear, QLinearBinding,
+};
 use crate::ops::rmsnorm::{self, RmsNorm};
 use crate::ops::rope::{self, Rope, RopeKv, RopeTables};
 use crate::ops::sample::{Candidates, TopK, TopKBinding};
@@ -56,6 +60,11 @@ pub struct Faults {
     pub drop_qk_norm: bool,
     /// The sliding window ignored: every layer attends to the whole cache.
     pub ignore_window: bool,
+    /// Quantized linear kernels read each byte's nibbles in the wrong order
+    /// (a kernel pipeline constant, `ops::qmatmul::QFaults`).
+    pub q_nibble_swap: bool,
+    /// Quantized linear kernels read a block's f16 scale as f32 bits.
+    pub q_scale_f32: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -129,7 +138,9 @@ struct Kernels {
     norm: Cache<(WDType, bool), RmsNorm>,
     /// By (weight dtype, has bias).
     linear: Cache<(WDType, bool), Linear>,
-    embed: Embedding,
+    /// Over quantized weights, by (ggml type, has bias).
+    qlinear: Cache<(GgmlType, bool), QLinear>,
+    embed: EmbedKernel,
     rope: Rope,
     rope_kv: RopeKv,
     attention: Attention,
@@ -145,9 +156,20 @@ struct Kernels {
     topk: TopK,
 }
 
+/// The embedding gather for the table's type.
+enum EmbedKernel {
+    Dense(Embedding),
+    Quant(QEmbedding),
+}
+
+enum EmbedBinding {
+    Dense(EmbeddingBinding),
+    Quant(QEmbeddingBinding),
+}
+
 /// One program op with its kernel variant, bind group and static sizes.
 enum Bound {
-    Embed(EmbeddingBinding),
+    Embed(EmbedBinding),
     Norm {
         key: (WDType, bool),
         bg: wgpu::BindGroup,
@@ -156,6 +178,11 @@ enum Bound {
     Linear {
         key: (WDType, bool),
         b: LinearBinding,
+    },
+    /// A linear op whose weight is quantized.
+    QLinear {
+        key: (GgmlType, bool),
+        b: QLinearBinding,
     },
     Rope {
         bg: wgpu::BindGroup,
@@ -556,7 +583,11 @@ impl Model {
         let mut k = Kernels {
             norm: Cache(Vec::new()),
             linear: Cache(Vec::new()),
-            embed: Embedding::new(g, weights.embed.dtype)?,
+            qlinear: Cache(Vec::new()),
+            embed: match &weights.embed {
+                WTensor::Dense(t) => EmbedKernel::Dense(Embedding::new(g, t.dtype)?),
+                WTensor::Quant(t) => EmbedKernel::Quant(QEmbedding::new(g, t.ty)?),
+            },
             rope: Rope::with_faults(g, f.rope_interleaved)?,
             rope_kv: RopeKv::with_faults(g, f.rope_interleaved)?,
             attention: Attention::with_faults(g, hd, f.gqa_modulo)?,
@@ -943,13 +974,22 @@ impl Model {
     fn dispatch(&self, bound: &Bound, pass: &mut wgpu::ComputePass<'_>, n: u32) -> Result<()> {
         let (g, k) = (&*self.gpu, &self.k);
         match bound {
-            Bound::Embed(b) => k.embed.encode(g, pass, b, n),
+            Bound::Embed(b) => match (&k.embed, b) {
+                (EmbedKernel::Dense(e), EmbedBinding::Dense(b)) => e.encode(g, pass, b, n),
+                (EmbedKernel::Quant(e), EmbedBinding::Quant(b)) => e.encode(g, pass, b, n),
+                _ => {
+                    return Err(Error::invalid(
+                        "embedding bound for a different table type than its kernel",
+                    ))
+                }
+            },
             Bound::Norm {
                 key,
                 bg,
                 rows_per_token,
             } => k.norm.get(*key).encode(g, pass, bg, n * rows_per_token),
             Bound::Linear { key, b } => k.linear.get(*key).encode(g, pass, b, n)?,
+            Bound::QLinear { key, b } => k.qlinear.get(*key).encode(g, pass, b, n)?,
             Bound::Rope { bg, params } => k.rope.encode(g, pass, bg, params, n),
             Bound::KvAppend(bg) => k.kv_copy.encode(g, pass, bg, &self.kv_params, n),
             Bound::Attention { bg, params } => k.attention.encode(g, pass, bg, params, n),
@@ -1432,10 +1472,15 @@ struct BindCtx<'a> {
 }
 
 impl BindCtx<'_> {
-    fn weight(&self, r: Role) -> Result<&DeviceTensor> {
+    fn weight_any(&self, r: Role) -> Result<&WTensor> {
         self.weights
             .get(r)
             .ok_or_else(|| Error::invalid(format!("the model's weights have no {r:?}")))
+    }
+
+    /// A weight read by a kernel without a quantized variant (norms, biases).
+    fn weight(&self, r: Role) -> Result<&DeviceTensor> {
+        self.weight_any(r)?.require_dense(&format!("{r:?}"))
     }
 
     /// Bind every op of one scope: kernels built on first use, bind groups
@@ -1466,10 +1511,25 @@ impl BindCtx<'_> {
             let mut params = Vec::new();
             let bound = match op.kind {
                 OpKind::Embed { y, scale } => {
-                    let e = &self.weights.embed;
-                    let eb = k.embed.bind(g, step, &b.ids, e, scale, buf(y))?;
-                    info.dispatches = eb.groups.len();
-                    info.weight_bytes = (e.cols() * e.dtype.bytes_per_elem()) as u64;
+                    let eb = match (&k.embed, &self.weights.embed) {
+                        (EmbedKernel::Dense(kern), WTensor::Dense(e)) => {
+                            info.weight_bytes = (e.cols() * e.dtype.bytes_per_elem()) as u64;
+                            EmbedBinding::Dense(kern.bind(g, step, &b.ids, e, scale, buf(y))?)
+                        }
+                        (EmbedKernel::Quant(kern), WTensor::Quant(e)) => {
+                            info.weight_bytes = e.device_bytes() / e.rows() as u64;
+                            EmbedBinding::Quant(kern.bind(g, step, &b.ids, e, scale, buf(y))?)
+                        }
+                        _ => {
+                            return Err(Error::invalid(
+                                "the embedding kernel was built for another table type",
+                            ))
+                        }
+                    };
+                    info.dispatches = match &eb {
+                        EmbedBinding::Dense(e) => e.groups.len(),
+                        EmbedBinding::Quant(e) => e.groups.len(),
+                    };
                     Bound::Embed(eb)
                 }
                 OpKind::Norm {
@@ -1494,7 +1554,7 @@ impl BindCtx<'_> {
                     )?;
                     let bg = kern.bind(g, &p, step, buf(x), &w.chunks[0].buffer, buf(y));
                     params.push(p);
-                    info.weight_bytes = tensor_bytes(w);
+                    info.weight_bytes = dense_bytes(w);
                     Bound::Norm {
                         key,
                         bg,
@@ -1502,14 +1562,37 @@ impl BindCtx<'_> {
                     }
                 }
                 OpKind::Linear { x, w, bias, y } => {
-                    let w = self.weight(w)?;
+                    let w = self.weight_any(w)?;
                     let bias = bias.map(|r| self.weight(r)).transpose()?;
-                    let key = (w.dtype, bias.is_some());
-                    let kern = k.linear.get_or(key, || Linear::new(g, key.0, key.1))?;
-                    let lb = kern.bind(g, step, buf(x), w, bias, buf(y))?;
-                    info.dispatches = lb.chunks.len();
-                    info.weight_bytes = tensor_bytes(w) + bias.map_or(0, tensor_bytes);
-                    Bound::Linear { key, b: lb }
+                    info.weight_bytes = w.device_bytes() + bias.map_or(0, dense_bytes);
+                    match w {
+                        WTensor::Dense(w) => {
+                            let key = (w.dtype, bias.is_some());
+                            let kern = k.linear.get_or(key, || Linear::new(g, key.0, key.1))?;
+                            let lb = kern.bind(g, step, buf(x), w, bias, buf(y))?;
+                            info.dispatches = lb.chunks.len();
+                            Bound::Linear { key, b: lb }
+                        }
+                        WTensor::Quant(w) => {
+                            let key = (w.ty, bias.is_some());
+                            let faults = QFaults {
+                                nibble_swap: k.faults.q_nibble_swap,
+                                scale_f32: k.faults.q_scale_f32,
+                            };
+                            let kern = k.qlinear.get_or(key, || {
+                                QLinear::with_kernel(
+                                    g,
+                                    key.0,
+                                    key.1,
+                                    QKernel::for_adapter(&g.caps),
+                                    faults,
+                                )
+                            })?;
+                            let lb = kern.bind(g, step, buf(x), w, bias, buf(y))?;
+                            info.dispatches = lb.chunks.len();
+                            Bound::QLinear { key, b: lb }
+                        }
+                    }
                 }
                 OpKind::Rope { x, y, heads, table } => {
                     let t = &self
@@ -1645,7 +1728,7 @@ impl BindCtx<'_> {
         let info = StepOp {
             class: "add+rmsnorm (fused)",
             dispatches: 1,
-            weight_bytes: tensor_bytes(wt),
+            weight_bytes: dense_bytes(wt),
             kv_bytes_per_position: 0,
             window: 0,
         };
@@ -1747,8 +1830,12 @@ fn ops_dispatches(ops: &[BoundOp], f: &Fast) -> usize {
     }
 }
 
-/// Bytes a tensor occupies on the device.
-pub fn tensor_bytes(t: &DeviceTensor) -> u64 {
+/// Bytes a weight occupies on the device.
+pub fn tensor_bytes(t: &WTensor) -> u64 {
+    t.device_bytes()
+}
+
+fn dense_bytes(t: &DeviceTensor) -> u64 {
     t.chunks.iter().map(|c| c.buffer.size()).sum()
 }
 
@@ -1756,7 +1843,8 @@ pub fn tensor_bytes(t: &DeviceTensor) -> u64 {
 /// would (tests only, so native only: it reads the weights back).
 #[cfg(not(target_arch = "wasm32"))]
 fn apply_weight_faults(gpu: &Gpu, w: &mut Weights, f: &Faults) -> Result<()> {
-    let transpose = |t: &DeviceTensor| -> Result<DeviceTensor> {
+    let transpose = |t: &WTensor| -> Result<WTensor> {
+        let t = t.require_dense("the transpose faults")?;
         let v = t.read_f32(gpu)?;
         let (r, c) = (t.rows(), t.cols());
         let mut out = vec![0f32; v.len()];
@@ -1766,7 +1854,7 @@ fn apply_weight_faults(gpu: &Gpu, w: &mut Weights, f: &Faults) -> Result<()> {
             }
         }
         // Same shape as before: the data is what a transposed store holds.
-        DeviceTensor::from_f32(gpu, &t.name, t.dtype, &t.shape, &out)
+        DeviceTensor::from_f32(gpu, &t.name, t.dtype, &t.shape, &out).map(WTensor::Dense)
     };
     for l in &mut w.layers {
         if f.transpose_qo {

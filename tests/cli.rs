@@ -784,6 +784,19 @@ fn convert_then_run_and_verify_the_result() {
         "q4",
     ])
     .expect_code(2, "convert --dtype q4");
+    // Keeping the types is running the GGUF itself, not a copy.
+    let r = wgllm(&[
+        "convert",
+        path(&gguf),
+        path(&dir.join("z")),
+        "--dtype",
+        "native",
+    ])
+    .expect_code(2, "convert --dtype native");
+    assert!(r.stderr.contains("with --model"), "{}", r.stderr);
+    assert!(!dir.join("z").exists());
+    wgllm(&["verify", "--model", path(&gguf), "--prompt", "abc def"])
+        .expect_code(0, "verify --model tiny.gguf (native)");
 }
 
 // --------------------------------------------------------------------- run

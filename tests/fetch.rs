@@ -334,7 +334,9 @@ fn resolve_gguf_file_converts_once_into_the_cache() {
     let bytes = tiny_gguf();
     let file = t.path().join("tiny.gguf");
     std::fs::write(&file, &bytes).unwrap();
-    let dir = resolve_model(Some(&file), &opts(&cache, None)).unwrap();
+    // --dtype bf16 (or f32): converted once to a bf16 folder.
+    let bf16 = wgllm::loader::LoadDType::Bf16;
+    let dir = fetch::resolve_model_as(Some(&file), bf16, &opts(&cache, None)).unwrap();
     assert_eq!(
         dir,
         cache
@@ -346,8 +348,41 @@ fn resolve_gguf_file_converts_once_into_the_cache() {
     }
     let tok = Tokenizer::from_dir(&dir).unwrap();
     assert_eq!(tok.encode("ab ab").unwrap(), vec![6, 7]);
-    let again = resolve_model(Some(&file), &opts(&cache, None)).unwrap();
+    let again = fetch::resolve_model_as(Some(&file), bf16, &opts(&cache, None)).unwrap();
     assert_eq!(again, dir);
+    // The default (auto = native): only the small files and a manifest
+    // naming the GGUF, whose tensors are read in place.
+    let native = resolve_model(Some(&file), &opts(&cache, None)).unwrap();
+    assert_eq!(
+        native,
+        cache
+            .join("gguf")
+            .join(format!("{}-native", sha256_hex(&bytes)))
+    );
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        wgllm::loader::GGUF_MANIFEST,
+    ] {
+        assert!(native.join(f).is_file(), "{f}");
+    }
+    assert!(!native.join("model.safetensors").exists());
+    let ck = wgllm::loader::Checkpoint::open(&native).unwrap();
+    assert_eq!(
+        ck.files(),
+        [std::fs::canonicalize(&file).unwrap().as_path()]
+    );
+    // The same contents at another path: the folder is reused, the
+    // manifest follows the file; a changed file is refused by name.
+    let moved = t.path().join("moved.gguf");
+    std::fs::rename(&file, &moved).unwrap();
+    let e = wgllm::loader::Checkpoint::open(&native).err().unwrap();
+    assert!(e.to_string().contains("pass the .gguf itself"), "{e}");
+    assert_eq!(
+        resolve_model(Some(&moved), &opts(&cache, None)).unwrap(),
+        native
+    );
+    assert!(wgllm::loader::Checkpoint::open(&native).is_ok());
 }
 
 // ---------------------------------------------------------------------------

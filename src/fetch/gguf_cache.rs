@@ -1,4 +1,9 @@
-//! Running a `.gguf` directly: [`load_gguf_checkpoint`] converts the file
+//! Running a `.gguf` directly. At its own types (`--dtype native`, the
+//! default): [`load_gguf_native`] writes only the small files (config,
+//! generation config, tokenizer) into `<cache>/<sha256>-native/` with a
+//! manifest naming the GGUF (`loader::GGUF_MANIFEST`); the weights are read
+//! from the GGUF itself at load, never copied. Widened (`--dtype bf16|f32`):
+//! [`load_gguf_checkpoint`] converts the file
 //! once into a cache folder named by the file's SHA-256 and the output dtype
 //! (`<cache>/<sha256>-bf16/`, see [`default_cache_dir`]) and returns that
 //! folder, which the ordinary checkpoint loader then opens. Later runs find
@@ -61,6 +66,80 @@ pub fn load_gguf_checkpoint(
             // An incomplete folder from an older wgllm, or a concurrent
             // conversion that just finished.
             if marker.is_file() {
+                std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+                return Ok(());
+            }
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result.map(|()| dir)
+}
+
+/// Make a `.gguf` file runnable at its own types: the folder
+/// `cache_dir/<sha256>-native/` holding `config.json`,
+/// `generation_config.json`, the tokenizer files and the manifest
+/// `loader::GGUF_MANIFEST` that names the GGUF (its canonical path and
+/// size), from which `loader::Checkpoint::open` reads the tensors in place.
+/// A finished folder is reused; its manifest is rewritten when the same
+/// contents are found at another path.
+pub fn load_gguf_native(
+    gguf_path: impl AsRef<Path>,
+    cache_dir: impl AsRef<Path>,
+    tokenizer_writer: TokenizerWriter<'_>,
+) -> Result<PathBuf> {
+    use crate::gguf::convert::{hf_generation_config, plan_tensors};
+    use crate::loader::GGUF_MANIFEST;
+    let gguf_path = gguf_path.as_ref();
+    let cache_dir = cache_dir.as_ref();
+    let sha = file_sha256_cached(gguf_path, cache_dir)?;
+    let canon = std::fs::canonicalize(gguf_path).map_err(|e| Error::io(gguf_path, e))?;
+    let size = std::fs::metadata(&canon)
+        .map_err(|e| Error::io(&canon, e))?
+        .len();
+    let manifest = json!({"gguf": canon.to_string_lossy(), "size": size, "sha256": sha});
+    let dir = cache_dir.join(format!("{sha}-native"));
+    if dir.join(COMPLETE_MARKER).is_file() {
+        let current = std::fs::read_to_string(dir.join(GGUF_MANIFEST))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Json>(&t).ok());
+        if current.as_ref() != Some(&manifest) {
+            let tmp = dir.join(format!(".{GGUF_MANIFEST}.tmp-{}", std::process::id()));
+            write_json(&tmp, &manifest)?;
+            let dst = dir.join(GGUF_MANIFEST);
+            std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+        }
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
+    let tmp = cache_dir.join(format!(".{sha}-native.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    let result = (|| {
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let g = crate::gguf::GgufFile::open(&canon)?;
+        // The same checks conversion makes, so a folder made here loads.
+        plan_tensors(&g)?;
+        write_json(
+            &tmp.join("config.json"),
+            &crate::gguf::hf_config(&g, ConvertDType::F32)?,
+        )?;
+        write_json(
+            &tmp.join("generation_config.json"),
+            &hf_generation_config(&g)?,
+        )?;
+        tokenizer_writer(&g, &tmp)?;
+        write_json(&tmp.join(GGUF_MANIFEST), &manifest)?;
+        write_json(
+            &tmp.join(COMPLETE_MARKER),
+            &json!({"source": canon.to_string_lossy(), "sha256": sha, "dtype": "native"}),
+        )?;
+        if dir.exists() {
+            if dir.join(COMPLETE_MARKER).is_file() {
                 std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
                 return Ok(());
             }

@@ -8,6 +8,7 @@
 //! layout.
 
 mod finite;
+mod gguf_source;
 mod plan;
 mod shard;
 mod weights;
@@ -18,12 +19,13 @@ use std::path::{Path, PathBuf};
 use ::safetensors::Dtype;
 
 pub use finite::{check_finite, first_non_finite};
+pub use gguf_source::{manifest_gguf, GgufSource, GGUF_MANIFEST};
 pub use plan::{
     default_context, expected_tensors, supported_dtype, DeviceMemory, LayerRole, LoadDType,
     MemoryPlan, PlannedTensor, Role, TensorSpec,
 };
 pub use shard::{parse_safetensors_bytes, TensorMeta};
-pub use weights::{HostTensor, HostWeights, LayerWeights, ModelWeights, Weights};
+pub use weights::{HostTensor, HostWeights, LayerWeights, ModelWeights, WTensor, Weights};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -40,15 +42,21 @@ pub struct Checkpoint {
     pub index: Option<PathBuf>,
     shards: Vec<Shard>,
     tensors: HashMap<String, TensorMeta>,
+    /// The GGUF the tensors are read from, in place of safetensors shards
+    /// (a folder with a [`GGUF_MANIFEST`], or [`Checkpoint::open_gguf`]).
+    gguf: Option<GgufSource>,
 }
 
 impl Checkpoint {
     /// Open a Hugging Face model folder. As transformers does, a single
-    /// `model.safetensors` is preferred over an index when both exist.
+    /// `model.safetensors` is preferred over an index when both exist. A
+    /// folder with a [`GGUF_MANIFEST`] instead reads the GGUF it names, and
+    /// a `.gguf` file itself is [`Checkpoint::open_gguf`].
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         match std::fs::metadata(&dir) {
             Ok(m) if m.is_dir() => {}
+            Ok(_) if crate::gguf::is_gguf_file(&dir) => return Self::open_gguf(&dir),
             Ok(_) => {
                 return Err(Error::Io {
                     path: dir,
@@ -75,6 +83,8 @@ impl Checkpoint {
         } else if index_path.is_file() {
             let (shards, tensors) = open_sharded(&dir, &index_path)?;
             (shards, tensors, Some(index_path))
+        } else if let Some(gguf) = manifest_gguf(&dir)? {
+            return Self::with_gguf(dir, config, &gguf);
         } else {
             let found: Vec<String> = std::fs::read_dir(&dir)
                 .map(|rd| {
@@ -91,6 +101,7 @@ impl Checkpoint {
             index,
             shards,
             tensors,
+            gguf: None,
         })
     }
 
@@ -131,11 +142,47 @@ impl Checkpoint {
             index,
             shards,
             tensors,
+            gguf: None,
         })
+    }
+
+    /// Open a `.gguf` file as a checkpoint, read in place: the config is
+    /// the one conversion would write (`gguf::hf_config`), the tensors are
+    /// the file's (see [`GgufSource`]). `dir` is the file's folder.
+    pub fn open_gguf(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let src = GgufSource::open(path)?;
+        let json = crate::gguf::hf_config(&src.file, crate::gguf::ConvertDType::F32)?;
+        let config = ModelConfig::from_json_str(&json.to_string(), path)?;
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Ok(Self::from_source(dir, config, src))
+    }
+
+    fn with_gguf(dir: PathBuf, config: ModelConfig, gguf: &Path) -> Result<Self> {
+        Ok(Self::from_source(dir, config, GgufSource::open(gguf)?))
+    }
+
+    fn from_source(dir: PathBuf, config: ModelConfig, src: GgufSource) -> Self {
+        Checkpoint {
+            dir,
+            config,
+            index: None,
+            shards: Vec::new(),
+            tensors: src.metas(),
+            gguf: Some(src),
+        }
+    }
+
+    /// The GGUF this checkpoint reads, when it is one.
+    pub fn gguf(&self) -> Option<&GgufSource> {
+        self.gguf.as_ref()
     }
 
     /// The safetensors files, in shard order.
     pub fn files(&self) -> Vec<&Path> {
+        if let Some(g) = &self.gguf {
+            return vec![g.path()];
+        }
         self.shards.iter().map(|s| s.path.as_path()).collect()
     }
 
@@ -150,6 +197,12 @@ impl Checkpoint {
 
     /// Where a missing tensor was looked for: (path for the error, detail).
     fn searched(&self) -> (PathBuf, String) {
+        if let Some(g) = &self.gguf {
+            return (
+                g.path().to_path_buf(),
+                "no tensor of this GGUF maps to it".to_string(),
+            );
+        }
         match &self.index {
             Some(ix) => (
                 ix.clone(),
@@ -189,6 +242,7 @@ impl Checkpoint {
     /// The tensor's raw bytes, straight from the memory map.
     pub fn tensor_bytes(&self, name: &str) -> Result<&[u8]> {
         let m = self.lookup(name)?;
+        self.not_gguf(m)?;
         Ok(self.shards[m.shard].bytes(m))
     }
 
@@ -210,6 +264,7 @@ impl Checkpoint {
     /// tensor through this.
     pub fn finite_bytes(&self, name: &str) -> Result<&[u8]> {
         let m = self.lookup(name)?;
+        self.not_gguf(m)?;
         let b = self.shards[m.shard].bytes(m);
         check_finite(m, b)?;
         Ok(b)
@@ -218,13 +273,35 @@ impl Checkpoint {
     /// The tensor's values widened exactly to f32 (BF16, F16 or F32 files).
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
         let m = self.lookup(name)?;
+        if let Some(g) = &self.gguf {
+            return g.f32(name);
+        }
         widen_to_f32(m, self.shards[m.shard].bytes(m))
     }
 
     /// [`Checkpoint::tensor_f32`] after [`Checkpoint::finite_bytes`]'s check.
+    /// For a GGUF, the dequantized values (refused when not finite).
     pub fn finite_f32(&self, name: &str) -> Result<Vec<f32>> {
         let m = self.lookup(name)?;
+        if let Some(g) = &self.gguf {
+            return g.f32(name);
+        }
         widen_to_f32(m, self.finite_bytes(name)?)
+    }
+
+    /// Raw bytes are safetensors data only; a GGUF's tensors are read
+    /// through [`GgufSource`] (blocks or dequantized values).
+    fn not_gguf(&self, m: &TensorMeta) -> Result<()> {
+        match &self.gguf {
+            None => Ok(()),
+            Some(g) => Err(Error::Tensor {
+                path: g.path().to_path_buf(),
+                tensor: m.name.clone(),
+                msg: "a GGUF tensor has no safetensors bytes; read its blocks or its \
+                      dequantized values"
+                    .into(),
+            }),
+        }
     }
 
     /// Check that `spec`'s tensor exists with a supported dtype and exactly

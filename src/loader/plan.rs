@@ -9,7 +9,9 @@ use ::safetensors::Dtype;
 use super::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::gguf::GgmlType;
 use crate::gpu::{pad4, Caps};
+use crate::qtensor::{gpu_supports, BlockPad};
 use crate::tensor::{split_rows, WDType};
 
 /// The part a tensor plays inside one decoder layer.
@@ -243,17 +245,28 @@ pub enum LoadDType {
     Bf16,
     /// Everything widened to f32 (exact).
     F32,
+    /// A GGUF's tensors at their own ggml types where a GPU kernel reads
+    /// them (`qtensor::gpu_supports`, 2D weights); the rest (norms, F16/F32
+    /// tensors, types without a kernel) as `Auto`. On a safetensors folder
+    /// the same as `Auto`. `Auto` keeps GGUF types too, so this is the
+    /// default for `.gguf` input.
+    Native,
 }
 
 impl LoadDType {
     /// Device dtype for a tensor stored as `file` (one of BF16/F16/F32).
     pub fn device_dtype(self, file: Dtype) -> WDType {
         match (self, file) {
-            (LoadDType::Auto, Dtype::BF16) => WDType::Bf16,
-            (LoadDType::Auto, _) => WDType::F32,
+            (LoadDType::Auto | LoadDType::Native, Dtype::BF16) => WDType::Bf16,
+            (LoadDType::Auto | LoadDType::Native, _) => WDType::F32,
             (LoadDType::Bf16, _) => WDType::Bf16,
             (LoadDType::F32, _) => WDType::F32,
         }
+    }
+
+    /// Whether a GGUF's quantized tensors stay quantized on the device.
+    pub fn keeps_quantized(self) -> bool {
+        matches!(self, LoadDType::Auto | LoadDType::Native)
     }
 }
 
@@ -264,8 +277,9 @@ impl std::str::FromStr for LoadDType {
             "auto" => Ok(LoadDType::Auto),
             "bf16" | "bfloat16" => Ok(LoadDType::Bf16),
             "f32" | "float32" => Ok(LoadDType::F32),
+            "native" => Ok(LoadDType::Native),
             _ => Err(Error::invalid(format!(
-                "unknown weight dtype `{s}`; expected auto, bf16 or f32"
+                "unknown weight dtype `{s}`; expected auto, native, bf16 or f32"
             ))),
         }
     }
@@ -277,6 +291,7 @@ impl fmt::Display for LoadDType {
             LoadDType::Auto => "auto",
             LoadDType::Bf16 => "bf16",
             LoadDType::F32 => "f32",
+            LoadDType::Native => "native",
         })
     }
 }
@@ -292,7 +307,11 @@ pub struct PlannedTensor {
     pub spec: TensorSpec,
     pub file: PathBuf,
     pub file_dtype: Dtype,
+    /// The dense device dtype (unused when `quant` is set).
     pub device_dtype: WDType,
+    /// Uploaded as a `qtensor::QTensor` of this ggml type: the GGUF's own
+    /// blocks in the `BlockPad` layout.
+    pub quant: Option<GgmlType>,
     /// Device bytes over all chunks (each chunk padded to 4 bytes).
     pub bytes: u64,
     /// Number of row chunks (separate buffers).
@@ -331,21 +350,39 @@ impl MemoryPlan {
         for spec in specs {
             let meta = ckpt.validate_tensor(&spec, cfg)?;
             let device_dtype = policy.device_dtype(meta.dtype);
-            let es = device_dtype.bytes_per_elem();
             let (rows, cols) = match spec.shape[..] {
                 [n] => (1, n),
                 [r, c] => (r, c),
                 _ => unreachable!("expected_tensors yields 1D/2D shapes"),
             };
-            let split =
-                split_rows(rows, cols, es, caps.max_binding).map_err(|m| Error::Tensor {
+            // A GGUF's quantized 2D weight with a GPU kernel keeps its type;
+            // a row is then `cols / block` device blocks.
+            let quant = ckpt
+                .gguf()
+                .filter(|_| policy.keeps_quantized() && spec.shape.len() == 2)
+                .and_then(|g| g.ggml_type(&spec.name))
+                .filter(|&t| gpu_supports(t) && cols % t.block_size() == 0);
+            let (units, unit_bytes, what) = match quant {
+                Some(t) => {
+                    let l = BlockPad::of(t).map_err(Error::invalid)?;
+                    (cols / t.block_size(), l.device_block_bytes(), t.to_string())
+                }
+                None => (
+                    cols,
+                    device_dtype.bytes_per_elem(),
+                    format!("{device_dtype:?}"),
+                ),
+            };
+            let split = split_rows(rows, units, unit_bytes, caps.max_binding).map_err(|m| {
+                Error::Tensor {
                     path: meta.file.clone(),
                     tensor: spec.name.clone(),
-                    msg: format!("shape {:?} as {device_dtype:?}: {m}", spec.shape),
-                })?;
+                    msg: format!("shape {:?} as {what}: {m}", spec.shape),
+                }
+            })?;
             let mut bytes = 0u64;
             for &(_, n) in &split {
-                let chunk = pad4((n * cols * es) as u64);
+                let chunk = pad4((n * units * unit_bytes) as u64);
                 if chunk > caps.max_buffer {
                     return Err(Error::Tensor {
                         path: meta.file.clone(),
@@ -362,11 +399,13 @@ impl MemoryPlan {
             tensors.push(PlannedTensor {
                 file: meta.file.clone(),
                 file_dtype: meta.dtype,
-                zero_copy: matches!(
-                    (meta.dtype, device_dtype),
-                    (Dtype::BF16, WDType::Bf16) | (Dtype::F32, WDType::F32)
-                ),
+                zero_copy: ckpt.gguf().is_none()
+                    && matches!(
+                        (meta.dtype, device_dtype),
+                        (Dtype::BF16, WDType::Bf16) | (Dtype::F32, WDType::F32)
+                    ),
                 device_dtype,
+                quant,
                 bytes,
                 chunks: split.len(),
                 spec,
@@ -408,6 +447,16 @@ impl MemoryPlan {
                 ""
             }
         );
+        let mut quant: std::collections::BTreeMap<String, usize> = Default::default();
+        for t in &self.tensors {
+            if let Some(q) = t.quant {
+                *quant.entry(q.to_string()).or_default() += 1;
+            }
+        }
+        if !quant.is_empty() {
+            let q: Vec<String> = quant.iter().map(|(t, n)| format!("{n} {t}")).collect();
+            s += &format!("\n  quantized on the device: {}", q.join(", "));
+        }
         for t in self.tensors.iter().filter(|t| t.chunks > 1) {
             s += &format!(
                 "\n  {} {:?} split into {} chunks",

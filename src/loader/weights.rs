@@ -10,7 +10,64 @@ use super::plan::{LayerRole, MemoryPlan, PlannedTensor, Role};
 use super::Checkpoint;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::qtensor::QTensor;
 use crate::tensor::{f32_to_bf16_bytes, round_bf16, DeviceTensor, WDType};
+
+/// One weight on the device: dense (bf16/f32) or quantized at a GGUF's own
+/// ggml type. The kernel that reads it is chosen by this, per tensor (the
+/// program's ops are the same either way).
+pub enum WTensor {
+    Dense(DeviceTensor),
+    Quant(QTensor),
+}
+
+impl WTensor {
+    pub fn name(&self) -> &str {
+        match self {
+            WTensor::Dense(t) => &t.name,
+            WTensor::Quant(t) => &t.name,
+        }
+    }
+    /// The dense tensor, if this one is.
+    pub fn dense(&self) -> Option<&DeviceTensor> {
+        match self {
+            WTensor::Dense(t) => Some(t),
+            WTensor::Quant(_) => None,
+        }
+    }
+    /// The quantized tensor, if this one is.
+    pub fn quant(&self) -> Option<&QTensor> {
+        match self {
+            WTensor::Quant(t) => Some(t),
+            WTensor::Dense(_) => None,
+        }
+    }
+    /// The dense tensor, or an error naming it for a reader (`what`) that
+    /// has no quantized kernel.
+    pub fn require_dense(&self, what: &str) -> Result<&DeviceTensor> {
+        match self {
+            WTensor::Dense(t) => Ok(t),
+            WTensor::Quant(q) => Err(Error::invalid(format!(
+                "tensor `{}` is quantized ({}), but {what} reads only bf16/f32 weights",
+                q.name, q.ty
+            ))),
+        }
+    }
+    /// Bytes the tensor occupies on the device.
+    pub fn device_bytes(&self) -> u64 {
+        match self {
+            WTensor::Dense(t) => t.chunks.iter().map(|c| c.buffer.size()).sum(),
+            WTensor::Quant(t) => t.device_bytes(),
+        }
+    }
+    /// What it is stored as on the device (`Bf16`, `F32`, `Q4_1`, ...).
+    pub fn device_type(&self) -> String {
+        match self {
+            WTensor::Dense(t) => format!("{:?}", t.dtype),
+            WTensor::Quant(t) => t.ty.to_string(),
+        }
+    }
+}
 
 /// One decoder layer's tensors. Biases are present exactly when the config
 /// says so (see `ModelConfig::has_qkv_bias` / `has_o_bias` / `has_mlp_bias`).
@@ -76,7 +133,7 @@ pub struct ModelWeights<T> {
 }
 
 /// Weights on the device.
-pub type Weights = ModelWeights<DeviceTensor>;
+pub type Weights = ModelWeights<WTensor>;
 /// The same weights on the host, as f32 values identical to what the device
 /// holds after the dtype policy (e.g. bf16-rounded when the device keeps bf16).
 pub type HostWeights = ModelWeights<HostTensor>;
@@ -268,6 +325,18 @@ impl Weights {
         }
         check_plan(ckpt, plan)?;
         let weights = ModelWeights::build(plan, ckpt.config.num_hidden_layers, |t| {
+            if let Some(ty) = t.quant {
+                let (Some(g), &[r, c]) = (ckpt.gguf(), &t.spec.shape[..]) else {
+                    return Err(Error::invalid(format!(
+                        "memory plan keeps `{}` quantized, but it is not a 2D GGUF tensor",
+                        t.spec.name
+                    )));
+                };
+                let blocks = g.blocks(&t.spec.name)?;
+                let q = QTensor::upload(gpu, &t.spec.name, ty, [r, c], &blocks)?;
+                debug_assert_eq!(q.chunks.len(), t.chunks);
+                return Ok(WTensor::Quant(q));
+            }
             let d = if t.zero_copy {
                 stream_from_map(gpu, ckpt, t)?
             } else {
@@ -275,7 +344,7 @@ impl Weights {
                 DeviceTensor::upload(gpu, &t.spec.name, t.device_dtype, &t.spec.shape, &bytes)?
             };
             debug_assert_eq!(d.chunks.len(), t.chunks);
-            Ok(d)
+            Ok(WTensor::Dense(d))
         })?;
         gpu.finish_uploads()?;
         Ok(weights)
@@ -283,7 +352,8 @@ impl Weights {
 }
 
 impl HostWeights {
-    /// The f32 values the device holds under `plan`'s dtype policy; refuses
+    /// The f32 values the device holds under `plan`'s dtype policy (for a
+    /// quantized tensor: `gguf::dequant` of the same blocks); refuses
     /// non-finite values as [`Weights::upload`] does.
     pub fn load(ckpt: &Checkpoint, plan: &MemoryPlan) -> Result<HostWeights> {
         check_plan(ckpt, plan)?;
