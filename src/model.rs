@@ -530,8 +530,17 @@ impl Model {
                 batch.min(logits_rows)
             )));
         }
-        // Rows a batched step describes: a prefill chunk or a decode step.
-        let max_rows = batch.max(slots) as u32;
+        // Rows a batched step describes: a prefill chunk or a decode step,
+        // as many as one uniform binding holds (a Step, then 16 bytes a row;
+        // longer slot prefills go in chunks of max_rows).
+        let uniform_rows =
+            (g.device.limits().max_uniform_buffer_binding_size as usize).saturating_sub(16) / 16;
+        if slots > uniform_rows {
+            return Err(Error::invalid(format!(
+                "{slots} sequence slots: the batched step uniform holds at most {uniform_rows} rows on this device"
+            )));
+        }
+        let max_rows = batch.max(slots).min(uniform_rows) as u32;
         let f = opts.faults;
         let mut program = Program::new(&cfg);
         apply_program_faults(&mut program, &f);
@@ -1801,7 +1810,8 @@ impl Model {
         Ok(())
     }
 
-    /// Appends `tokens` to `slot`'s cache (prefill, in `max_batch` chunks)
+    /// Appends `tokens` to `slot`'s cache (prefill, in `max_batch` chunks,
+    /// or smaller where the batched step uniform holds fewer rows)
     /// and returns the last position's logits (`vocab_size` f32). The same
     /// kernels on the same paths as [`Self::forward_logits`]: slot 0 from
     /// the same position gives bit-identical logits, and so does any slot.
@@ -1812,8 +1822,9 @@ impl Model {
                 "sequence slot {slot}: no tokens to prefill"
             )));
         }
-        let n_chunks = tokens.len().div_ceil(self.max_batch);
-        for (ci, chunk) in tokens.chunks(self.max_batch).enumerate() {
+        let per = self.max_batch.min(self.b.max_rows as usize);
+        let n_chunks = tokens.len().div_ceil(per);
+        for (ci, chunk) in tokens.chunks(per).enumerate() {
             let last = ci + 1 == n_chunks;
             let pos = self.slot_position(slot);
             let rows: Vec<(usize, usize)> = (0..chunk.len()).map(|i| (slot, pos + i)).collect();
