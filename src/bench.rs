@@ -733,6 +733,15 @@ pub struct Breakdown {
 pub struct BenchResult {
     pub model_path: PathBuf,
     pub load_s: f64,
+    /// Where the load's time went.
+    pub load_times: crate::model::LoadTimes,
+    /// The first forward pass after the load (one token, cold: the first
+    /// dispatch of each kernel, first use of each buffer); load + this is
+    /// the time to the first token.
+    pub first_token_s: f64,
+    /// Peak resident memory of the process (VmHWM, Linux) after the first
+    /// token, before the bandwidth probe allocates its buffers.
+    pub peak_rss_bytes: Option<u64>,
     pub bytes: ByteCounts,
     pub prompt: Vec<u32>,
     pub probe_bytes: u64,
@@ -787,6 +796,12 @@ pub fn run(
     let load_s = t0.elapsed().as_secs_f64();
     let bytes = byte_counts(&model);
     let prompt = bench_prompt(o.prompt_tokens, model.cfg.vocab_size);
+    let t = Instant::now();
+    model.forward_next(&prompt[..1])?;
+    let first_token_s = t.elapsed().as_secs_f64();
+    // Before the probe allocates its own buffers.
+    let peak_rss = peak_rss_bytes();
+    model.reset();
 
     // The probe reads what one decode step reads at the mean KV length.
     let mean_kv = o.prompt_tokens as f64 + (o.gen_tokens as f64 + 1.0) / 2.0;
@@ -863,6 +878,9 @@ pub fn run(
     Ok(BenchResult {
         model_path: model_dir,
         load_s,
+        load_times: model.load_times,
+        first_token_s,
+        peak_rss_bytes: peak_rss,
         bytes,
         prompt,
         probe_bytes: probe.bytes,
@@ -1138,6 +1156,20 @@ impl BenchResult {
     }
 }
 
+/// The process's peak resident memory (VmHWM), where /proc has it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// `x / ceiling`, or None when that exceeds 1 (a ceiling that is beaten is
 /// not one) or is not a number.
 fn ratio(x: f64, ceiling: f64) -> Option<f64> {
@@ -1205,6 +1237,15 @@ pub fn to_json(g: &Gpu, r: &BenchResult) -> serde_json::Value {
         },
         "load_average": load_average(),
         "load_s": r.load_s,
+        "load": {
+            "open_s": r.load_times.open_s,
+            "plan_s": r.load_times.plan_s,
+            "upload_s": r.load_times.upload_s,
+            "build_s": r.load_times.build_s,
+            "first_token_s": r.first_token_s,
+            "time_to_first_token_s": r.load_s + r.first_token_s,
+            "peak_rss_bytes": r.peak_rss_bytes,
+        },
         "probe": {
             "bytes": r.probe_bytes,
             "buffers": r.probe_buffers,
@@ -1306,6 +1347,18 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
         s,
         "settings     prompt {} tokens, {} decode steps, {} repeats, max batch {} (load {:.1} s)",
         r.opts.prompt_tokens, r.opts.gen_tokens, r.opts.repeats, r.max_batch, r.load_s
+    );
+    let lt = &r.load_times;
+    let _ = writeln!(
+        s,
+        "load         {:.2} s (open {:.2}, plan {:.2}, upload {:.2}, kernels+buffers+binds {:.2}); first token {:.2} s after it; peak RSS {}",
+        r.load_s,
+        lt.open_s,
+        lt.plan_s,
+        lt.upload_s,
+        lt.build_s,
+        r.first_token_s,
+        r.peak_rss_bytes.map_or("n/a".into(), |b| mb(b as f64))
     );
     let _ = writeln!(s);
     let _ = writeln!(s, "{:<34} {:>12} {:>22}", "", "median", "range");

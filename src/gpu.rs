@@ -133,6 +133,92 @@ impl FromStr for BackendChoice {
     }
 }
 
+/// How kernels bind their small parameter blocks (`Params`, the per-step
+/// `Step`): WGSL `var<uniform>` or `var<storage, read>`. Both give every
+/// kernel the same values and the same results.
+///
+/// Storage is the workaround for a Mesa lavapipe behaviour (Mesa 22.3 here):
+/// lavapipe "inlines" the values of uniform buffers that feed loop bounds
+/// and branches into the shader, and recompiles the shader through LLVM each
+/// time such a pipeline is bound (newer Mesa caches one variant per distinct
+/// value, still one per decode position), never freeing the old one. That
+/// was the ~5 MB of host memory per forward pass that never came back
+/// (BENCHMARKS.md; `examples/vk_leak_probe.rs` reproduces it with raw wgpu).
+/// Lavapipe never inlines storage buffers. Uniforms stay the choice on
+/// every other adapter, where they are the fast path and where WebGPU's
+/// default limit of 8 storage buffers per stage leaves no room for two more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ParamsBinding {
+    Uniform,
+    Storage,
+}
+
+impl ParamsBinding {
+    /// The name `WGLLM_PARAMS` uses for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ParamsBinding::Uniform => "uniform",
+            ParamsBinding::Storage => "storage",
+        }
+    }
+
+    /// The address space kernels declare their parameter blocks in.
+    fn wgsl(self) -> &'static str {
+        match self {
+            ParamsBinding::Uniform => "var<uniform>",
+            ParamsBinding::Storage => "var<storage, read>",
+        }
+    }
+}
+
+/// A requested [`ParamsBinding`]: by adapter, or forced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ParamsChoice {
+    /// Storage on Mesa's lavapipe (a Vulkan adapter whose driver is
+    /// llvmpipe), uniform elsewhere.
+    #[default]
+    Auto,
+    Force(ParamsBinding),
+}
+
+impl ParamsChoice {
+    pub const ALLOWED: &'static str = "auto, uniform or storage";
+
+    pub fn resolve(self, info: &wgpu::AdapterInfo) -> (ParamsBinding, &'static str) {
+        match self {
+            ParamsChoice::Force(b) => (b, "forced"),
+            ParamsChoice::Auto if is_lavapipe(info) => (
+                ParamsBinding::Storage,
+                "auto: lavapipe recompiles shaders on uniform values",
+            ),
+            ParamsChoice::Auto => (ParamsBinding::Uniform, "auto"),
+        }
+    }
+}
+
+impl FromStr for ParamsChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(ParamsChoice::Auto),
+            "uniform" => Ok(ParamsChoice::Force(ParamsBinding::Uniform)),
+            "storage" => Ok(ParamsChoice::Force(ParamsBinding::Storage)),
+            _ => Err(format!(
+                "'{s}' is not a parameter binding; expected {}",
+                Self::ALLOWED
+            )),
+        }
+    }
+}
+
+/// Mesa's lavapipe: the Vulkan driver on llvmpipe (wgpu reports the device
+/// as `llvmpipe (LLVM ...)`; the GL backend's llvmpipe is not lavapipe).
+fn is_lavapipe(info: &wgpu::AdapterInfo) -> bool {
+    info.backend == wgpu::Backend::Vulkan
+        && (info.name.to_ascii_lowercase().contains("llvmpipe")
+            || info.driver.to_ascii_lowercase().contains("llvmpipe"))
+}
+
 /// `VULKAN|GL` for a set of backends.
 pub fn backend_names(b: wgpu::Backends) -> String {
     if b == wgpu::Backends::all() {
@@ -174,12 +260,34 @@ pub struct Gpu {
     pub caps: Caps,
     /// How `caps.kernels` was chosen (see [`Gpu::kernels_desc`]).
     pub kernels_chosen_by: &'static str,
+    /// How kernels bind their parameter blocks, and why.
+    pub params: ParamsBinding,
+    pub params_chosen_by: &'static str,
     /// Device loss and uncaptured errors, recorded by wgpu's callbacks.
     health: Arc<Health>,
     /// What this `Gpu` has created and recorded (for the per-step
     /// dispatch count and the no-allocation-per-token audit).
     pub counters: Counters,
+    /// Bytes queued with `write_buffer` by [`Gpu::storage_streamed`] since
+    /// the last wait: wgpu holds a staging copy of each until the device
+    /// has taken it.
+    upload_pending: std::sync::atomic::AtomicU64,
+    /// Every kernel compiled so far, by everything that makes it distinct,
+    /// so a second request for the same one reuses it (two ops that differ
+    /// only in their runtime parameters share one pipeline).
+    kernel_cache: std::sync::Mutex<Vec<(KernelKey, Kernel)>>,
 }
+
+/// Label, entry point, full source and override constants (bit-exact).
+type KernelKey = (String, String, String, Vec<(String, u64)>);
+
+/// A streamed upload writes its data in pieces of at most this many bytes
+/// (see [`Gpu::storage_streamed`]).
+pub const UPLOAD_PIECE: usize = 1 << 20;
+
+/// Staging bytes a streamed upload lets wgpu hold before it waits for the
+/// device to take them: the bound on the host memory an upload adds.
+pub const UPLOAD_IN_FLIGHT: u64 = 4 << 20;
 
 /// Running totals of what went through a [`Gpu`]'s helpers: every buffer,
 /// bind group and pipeline wgllm creates is made by one of them, and every
@@ -389,6 +497,9 @@ pub struct GpuOptions {
     /// tiny value so the split paths run on small data). Never raises the
     /// adapter's own limit.
     pub max_binding_override: Option<u64>,
+    /// Parameter-block binding ([`ParamsBinding`]); falls back to
+    /// `WGLLM_PARAMS`, then auto.
+    pub params: Option<ParamsChoice>,
 }
 
 impl GpuOptions {
@@ -423,6 +534,20 @@ impl GpuOptions {
         }
         Ok((KernelChoice::Auto, "default"))
     }
+
+    /// The requested parameter binding and what chose it.
+    pub fn resolve_params(&self) -> Result<(ParamsChoice, &'static str)> {
+        if let Some(p) = self.params {
+            return Ok((p, "GpuOptions::params"));
+        }
+        if let Some(v) = env_value("WGLLM_PARAMS") {
+            let p: ParamsChoice = v
+                .parse()
+                .map_err(|e| Error::invalid(format!("WGLLM_PARAMS={v:?}: {e}")))?;
+            return Ok((p, "WGLLM_PARAMS"));
+        }
+        Ok((ParamsChoice::Auto, "default"))
+    }
 }
 
 impl Gpu {
@@ -430,6 +555,7 @@ impl Gpu {
     /// own limits and the optional features our kernels can use.
     pub fn new(opts: &GpuOptions) -> Result<Self> {
         let (kernel_choice, kernels_by) = opts.resolve_kernels()?;
+        let (params_choice, params_by) = opts.resolve_params()?;
         let backends = opts.resolve_backends()?;
         let selector = opts
             .adapter
@@ -493,14 +619,22 @@ impl Gpu {
             KernelChoice::Force(_) if kernels_by == "WGLLM_KERNELS" => "forced by WGLLM_KERNELS",
             KernelChoice::Force(_) => "forced",
         };
+        let (params, mut params_chosen_by) = params_choice.resolve(&desc.info);
+        if params_by == "WGLLM_PARAMS" {
+            params_chosen_by = "forced by WGLLM_PARAMS";
+        }
         Ok(Gpu {
             device,
             queue,
             adapter: desc,
             caps,
             kernels_chosen_by,
+            params,
+            params_chosen_by,
             health,
             counters: Counters::default(),
+            upload_pending: Default::default(),
+            kernel_cache: Default::default(),
         })
     }
 
@@ -577,21 +711,72 @@ impl Gpu {
 
     // ---------------------------------------------------------------- buffers
 
-    /// A storage buffer holding `data` (padded to a multiple of 4 bytes).
+    /// A storage buffer holding `data` (padded to a multiple of 4 bytes),
+    /// written as [`Gpu::storage_streamed`] does.
     pub fn storage_init(&self, label: &str, data: &[u8]) -> Result<wgpu::Buffer> {
+        self.storage_streamed(label, data, &mut |_, _| Ok(()), &mut |_| {})
+    }
+
+    /// A storage buffer holding `data` (padded to a multiple of 4 bytes),
+    /// written in pieces of at most [`UPLOAD_PIECE`] bytes through
+    /// `queue.write_buffer`, waiting for the device whenever more than
+    /// [`UPLOAD_IN_FLIGHT`] bytes of staging are queued: the host memory an
+    /// upload adds stays bounded however large the data (no whole-tensor
+    /// staging copies, which wgpu would keep until the next submission).
+    /// `check(offset, piece)` runs on each piece before it is written (the
+    /// loader's non-finite scan, on bytes that are about to be read
+    /// anyway); an error stops the upload. `done(piece)` runs once wgpu has
+    /// copied the piece (the loader drops those pages of its memory map).
+    pub fn storage_streamed(
+        &self,
+        label: &str,
+        data: &[u8],
+        check: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+        done: &mut dyn FnMut(&[u8]),
+    ) -> Result<wgpu::Buffer> {
+        use std::sync::atomic::Ordering::Relaxed;
         let size = pad4(data.len() as u64).max(4);
-        let buf = self.scoped_buffer(label, size, || {
-            self.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_DST
-                    | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: true,
-            })
-        })?;
-        fill_mapped(&buf, label, data)?;
+        let buf = self.scoped_buffer(label, size, || self.storage(label, size))?;
+        let mut tail = [0u8; 4];
+        let mut offset = 0usize;
+        for piece in data.chunks(UPLOAD_PIECE) {
+            check(offset, piece)?;
+            // write_buffer takes multiples of 4 bytes: only the last piece
+            // can be shorter, and its last partial word goes on its own.
+            let whole = piece.len() / 4 * 4;
+            if whole > 0 {
+                self.queue
+                    .write_buffer(&buf, offset as u64, &piece[..whole]);
+            }
+            if whole < piece.len() {
+                tail[..piece.len() - whole].copy_from_slice(&piece[whole..]);
+                self.queue
+                    .write_buffer(&buf, (offset + whole) as u64, &tail);
+            }
+            done(piece);
+            offset += piece.len();
+            let queued = self
+                .upload_pending
+                .fetch_add(pad4(piece.len() as u64), Relaxed)
+                + pad4(piece.len() as u64);
+            if queued >= UPLOAD_IN_FLIGHT {
+                self.finish_uploads()?;
+            }
+        }
+        if data.is_empty() {
+            self.queue.write_buffer(&buf, 0, &tail);
+        }
         Ok(buf)
+    }
+
+    /// Hand every queued upload to the device and wait for it, releasing
+    /// wgpu's staging copies.
+    pub fn finish_uploads(&self) -> Result<()> {
+        self.queue.submit([]);
+        self.wait()?;
+        self.upload_pending
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// A zero-filled storage buffer of `size` bytes (rounded up to 4).
@@ -606,13 +791,17 @@ impl Gpu {
         })
     }
 
-    /// A uniform buffer holding `data`; writable later with `queue.write_buffer`.
+    /// A parameter buffer holding `data`; writable later with
+    /// `queue.write_buffer`. Bindable as a uniform or a read-only storage
+    /// buffer (see [`ParamsBinding`]).
     pub fn uniform<T: bytemuck::Pod>(&self, label: &str, data: &T) -> Result<wgpu::Buffer> {
         let bytes = bytemuck::bytes_of(data);
         let buf = self.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: pad16(bytes.len() as u64),
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::UNIFORM
+                | wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: true,
         });
         fill_mapped(&buf, label, bytes)?;
@@ -708,7 +897,23 @@ impl Gpu {
         entry: &str,
         constants: &[(&str, f64)],
     ) -> Result<Kernel> {
-        let full = format!("{COMMON_WGSL}\n{source}");
+        let mut full = format!("{COMMON_WGSL}\n{source}");
+        if self.params != ParamsBinding::Uniform {
+            full = full.replace(ParamsBinding::Uniform.wgsl(), self.params.wgsl());
+        }
+        let key: KernelKey = (
+            label.to_string(),
+            entry.to_string(),
+            full,
+            constants
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_bits()))
+                .collect(),
+        );
+        if let Some((_, k)) = lock(&self.kernel_cache).iter().find(|(k, _)| *k == key) {
+            return Ok(k.clone());
+        }
+        let full = key.2.clone();
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self
             .device
@@ -737,11 +942,13 @@ impl Gpu {
             });
         }
         let layout = pipeline.get_bind_group_layout(0);
-        Ok(Kernel {
+        let kernel = Kernel {
             label: label.to_string(),
             pipeline: Arc::new(pipeline),
             layout,
-        })
+        };
+        lock(&self.kernel_cache).push((key, kernel.clone()));
+        Ok(kernel)
     }
 
     /// Bind `buffers` to bindings 0..n of `kernel`'s group 0 (whole buffers).
@@ -916,6 +1123,54 @@ mod tests {
         );
     }
 
+    #[test]
+    fn params_choice_parses_and_picks_storage_on_lavapipe_only() {
+        let p = |s: &str| s.parse::<ParamsChoice>();
+        assert_eq!(p("auto"), Ok(ParamsChoice::Auto));
+        assert_eq!(
+            p(" Storage"),
+            Ok(ParamsChoice::Force(ParamsBinding::Storage))
+        );
+        assert_eq!(
+            p("uniform"),
+            Ok(ParamsChoice::Force(ParamsBinding::Uniform))
+        );
+        let e = p("push").unwrap_err();
+        assert!(
+            e.contains("'push'") && e.contains("auto, uniform or storage"),
+            "{e}"
+        );
+        let info = |backend, name: &str| wgpu::AdapterInfo {
+            name: name.into(),
+            vendor: 0x10005,
+            device: 0,
+            device_type: wgpu::DeviceType::Cpu,
+            device_pci_bus_id: String::new(),
+            driver: String::new(),
+            driver_info: String::new(),
+            backend,
+            subgroup_min_size: 8,
+            subgroup_max_size: 8,
+            transient_saves_memory: None,
+            limit_bucket: None,
+        };
+        let lvp = info(wgpu::Backend::Vulkan, "llvmpipe (LLVM 15.0.6, 256 bits)");
+        let gl = info(wgpu::Backend::Gl, "llvmpipe (LLVM 15.0.6, 256 bits)");
+        let swiftshader = info(wgpu::Backend::Vulkan, "SwiftShader Device (Subzero)");
+        let auto = ParamsChoice::Auto;
+        assert_eq!(auto.resolve(&lvp).0, ParamsBinding::Storage);
+        assert_eq!(auto.resolve(&gl).0, ParamsBinding::Uniform);
+        assert_eq!(auto.resolve(&swiftshader).0, ParamsBinding::Uniform);
+        let forced = ParamsChoice::Force(ParamsBinding::Uniform);
+        assert_eq!(forced.resolve(&lvp), (ParamsBinding::Uniform, "forced"));
+        // The rewrite touches exactly the declarations.
+        let src = "@group(0) @binding(0) var<uniform> p: Params;";
+        assert_eq!(
+            src.replace(ParamsBinding::Uniform.wgsl(), ParamsBinding::Storage.wgsl()),
+            "@group(0) @binding(0) var<storage, read> p: Params;"
+        );
+    }
+
     /// Options win over the environment (whatever WGLLM_KERNELS /
     /// WGLLM_BACKEND are set to for this run).
     #[test]
@@ -936,6 +1191,68 @@ mod tests {
             o.resolve_backends().unwrap(),
             (wgpu::Backends::GL, "GpuOptions::backends")
         );
+    }
+
+    /// A streamed upload over several pieces, ending in a partial word,
+    /// reads back exactly; the callbacks see every piece once, in order,
+    /// at its offset; a failing check stops it with that error.
+    #[test]
+    fn streamed_upload_round_trips_and_stops_on_a_failed_check() {
+        let g = crate::testutil::gpu();
+        let n = 2 * UPLOAD_PIECE + UPLOAD_PIECE / 2 + 2;
+        let data: Vec<u8> = (0..n).map(|i| (i * 7 + i / 251) as u8).collect();
+        let mut seen = Vec::new();
+        let mut released = 0;
+        let buf = g
+            .storage_streamed(
+                "t",
+                &data,
+                &mut |off, piece| {
+                    seen.push((off, piece.len()));
+                    Ok(())
+                },
+                &mut |piece| released += piece.len(),
+            )
+            .unwrap();
+        assert_eq!(
+            seen,
+            [
+                (0, UPLOAD_PIECE),
+                (UPLOAD_PIECE, UPLOAD_PIECE),
+                (2 * UPLOAD_PIECE, UPLOAD_PIECE / 2 + 2)
+            ]
+        );
+        assert_eq!(released, n);
+        assert_eq!(g.read_bytes(&buf, 0, n as u64).unwrap(), data);
+        let e = g
+            .storage_streamed(
+                "t",
+                &data,
+                &mut |off, _| {
+                    if off > 0 {
+                        Err(Error::invalid("bad piece"))
+                    } else {
+                        Ok(())
+                    }
+                },
+                &mut |_| {},
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("bad piece"), "{e}");
+        g.finish_uploads().unwrap();
+    }
+
+    /// A second request for the same kernel reuses the first pipeline.
+    #[test]
+    fn identical_kernels_compile_once() {
+        let g = crate::testutil::gpu();
+        let src = "@group(0) @binding(0) var<storage, read_write> y: array<u32>;
+            @compute @workgroup_size(1) fn main() { y[0] = 7u; }";
+        let a = g.kernel("dedupe_probe", src, "main", &[]).unwrap();
+        let before = g.counters.snapshot().pipelines;
+        let b = g.kernel("dedupe_probe", src, "main", &[]).unwrap();
+        assert!(Arc::ptr_eq(&a.pipeline, &b.pipeline));
+        assert_eq!(g.counters.snapshot().pipelines, before);
     }
 
     #[test]

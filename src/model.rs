@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -429,6 +430,30 @@ pub struct Model {
     /// Tokens cached per sequence slot; slot 0's count is `pos`.
     slot_pos: Vec<usize>,
     faults: Faults,
+    /// Where the load's time went.
+    pub load_times: LoadTimes,
+}
+
+/// Where [`Model::load`]'s time went, in seconds (`bench` prints it).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LoadTimes {
+    /// Opening the checkpoint: mapping the files, parsing the headers and
+    /// the config (0 when the caller opened it: [`Model::from_checkpoint`]).
+    pub open_s: f64,
+    /// The memory plan and its check against the device.
+    pub plan_s: f64,
+    /// Scanning, converting and copying the weights to the device, up to
+    /// the device having them.
+    pub upload_s: f64,
+    /// Compiling the kernels, making the activation buffers, the KV cache,
+    /// the RoPE tables and every bind group.
+    pub build_s: f64,
+}
+
+impl LoadTimes {
+    pub fn total_s(&self) -> f64 {
+        self.open_s + self.plan_s + self.upload_s + self.build_s
+    }
 }
 
 /// Records one step: compute passes, interrupted only for tap copies.
@@ -503,12 +528,17 @@ fn f32_buf(gpu: &Gpu, label: &str, n: usize) -> wgpu::Buffer {
 impl Model {
     /// Load a Hugging Face model folder onto `gpu`.
     pub fn load(gpu: Arc<Gpu>, dir: &Path, opts: &ModelOptions) -> Result<Self> {
+        let t = Instant::now();
         let ckpt = Checkpoint::open(dir)?;
-        Self::from_checkpoint(gpu, &ckpt, opts)
+        let open_s = t.elapsed().as_secs_f64();
+        let mut m = Self::from_checkpoint(gpu, &ckpt, opts)?;
+        m.load_times.open_s = open_s;
+        Ok(m)
     }
 
     pub fn from_checkpoint(gpu: Arc<Gpu>, ckpt: &Checkpoint, opts: &ModelOptions) -> Result<Self> {
         let cfg = ckpt.config.clone();
+        let t = Instant::now();
         let plan = MemoryPlan::new(&cfg, ckpt, opts.dtype, &gpu.caps)?;
         plan.device_memory_slots(
             &cfg,
@@ -517,9 +547,21 @@ impl Model {
             opts.slots,
             &gpu.caps,
         )?;
+        let plan_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
         let mut weights = Weights::upload(&gpu, ckpt, &plan)?;
         apply_weight_faults(&gpu, &mut weights, &opts.faults)?;
-        Self::build(gpu, cfg, weights, opts)
+        gpu.wait()?;
+        let upload_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let mut m = Self::build(gpu, cfg, weights, opts)?;
+        m.load_times = LoadTimes {
+            open_s: 0.0,
+            plan_s,
+            upload_s,
+            build_s: t.elapsed().as_secs_f64(),
+        };
+        Ok(m)
     }
 
     fn build(
@@ -621,7 +663,11 @@ impl Model {
             bstep: g.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("batch step"),
                 size: kv_copy::batch_step_bytes(max_rows),
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                // Bound as a uniform or a read-only storage buffer, as
+                // every Step (gpu::ParamsBinding).
+                usage: wgpu::BufferUsages::UNIFORM
+                    | wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             }),
             max_rows,
@@ -755,6 +801,7 @@ impl Model {
             pos: 0,
             slot_pos: vec![0; slots],
             faults: f,
+            load_times: LoadTimes::default(),
         })
     }
 

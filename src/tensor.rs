@@ -103,6 +103,29 @@ impl DeviceTensor {
         shape: &[usize],
         bytes: &[u8],
     ) -> Result<Self> {
+        Self::upload_streamed(
+            gpu,
+            name,
+            dtype,
+            shape,
+            bytes,
+            &mut |_, _| Ok(()),
+            &mut |_| {},
+        )
+    }
+
+    /// [`DeviceTensor::upload`], streamed in bounded pieces
+    /// ([`Gpu::storage_streamed`]): `check(offset, piece)` sees every piece
+    /// (offset in `bytes`) before it is written, `done(piece)` after.
+    pub fn upload_streamed(
+        gpu: &Gpu,
+        name: &str,
+        dtype: WDType,
+        shape: &[usize],
+        bytes: &[u8],
+        check: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+        done: &mut dyn FnMut(&[u8]),
+    ) -> Result<Self> {
         let (rows, cols) = match shape {
             [n] => (1, *n),
             [r, c] => (*r, *c),
@@ -126,9 +149,11 @@ impl DeviceTensor {
         let chunks = plan
             .into_iter()
             .map(|(row_start, n)| {
-                let data = &bytes[row_start * row_bytes..(row_start + n) * row_bytes];
+                let start = row_start * row_bytes;
+                let data = &bytes[start..(row_start + n) * row_bytes];
+                let mut check_at = |off: usize, piece: &[u8]| check(start + off, piece);
                 Ok(Chunk {
-                    buffer: gpu.storage_init(name, data)?,
+                    buffer: gpu.storage_streamed(name, data, &mut check_at, done)?,
                     row_start,
                     rows: n,
                 })

@@ -27,8 +27,9 @@ fn gpu() -> Arc<Gpu> {
     .clone()
 }
 
-/// The same on wgpu's GL backend (llvmpipe here), where the runs below are
-/// flat (BENCHMARKS.md), so the CI-sized soak can run in CI.
+/// The same on wgpu's GL backend (llvmpipe here), whose kernels keep their
+/// parameters in uniform buffers (the path every non-lavapipe adapter
+/// takes), so both bindings are soaked in CI.
 fn gpu_gl() -> Arc<Gpu> {
     static G: OnceLock<Arc<Gpu>> = OnceLock::new();
     G.get_or_init(|| {
@@ -151,8 +152,11 @@ fn full_context_on(g: Arc<Gpu>, ctx: usize) {
     assert_eq!(dev0, dev1, "device allocations changed during generation");
 }
 
+/// On the default adapter (lavapipe here). Before kernels bound their
+/// parameters as storage on lavapipe (`wgllm::gpu::ParamsBinding`), host
+/// memory grew ~5 MB per forward pass here and this stopped at the 1 GiB
+/// guard after 64 tokens.
 #[test]
-#[ignore = "long run, and it fails today on Vulkan/lavapipe, where host RSS grows about 5 MB per forward pass (flat with WGLLM_BACKEND=gl; BENCHMARKS.md): cargo test --release --test longrun -- --ignored --nocapture --test-threads 1"]
 fn tiny_model_generates_to_a_1024_token_context() {
     full_context(1024);
 }
@@ -263,8 +267,9 @@ fn soak(g: Arc<Gpu>, runs: usize, n: usize) {
     assert_eq!(dev0, dev1, "device allocations changed during the soak");
 }
 
+/// On the default adapter (lavapipe here); see
+/// `tiny_model_generates_to_a_1024_token_context` for what this caught.
 #[test]
-#[ignore = "long run, and it fails today on Vulkan/lavapipe, where host RSS grows about 5 MB per forward pass (flat with WGLLM_BACKEND=gl; BENCHMARKS.md): cargo test --release --test longrun -- --ignored --nocapture --test-threads 1"]
 fn soak_200_generations_with_reset_are_identical_and_flat() {
     soak(gpu(), 200, 16);
 }

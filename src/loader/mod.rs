@@ -173,6 +173,18 @@ impl Checkpoint {
         Ok(self.shards[m.shard].bytes(m))
     }
 
+    /// Drop `bytes` (a range of one of this checkpoint's memory maps, e.g.
+    /// from [`Checkpoint::tensor_bytes`]) from resident memory after they
+    /// were copied to the device (see `Shard::release`); other slices are
+    /// ignored.
+    pub fn release_pages(&self, bytes: &[u8]) {
+        for s in &self.shards {
+            if s.release(bytes) {
+                return;
+            }
+        }
+    }
+
     /// The tensor's raw bytes, refused with an error naming the first bad
     /// element when any value is NaN or infinite ([`check_finite`]). The
     /// load path ([`Weights::upload`], [`HostWeights::load`]) reads every

@@ -455,6 +455,46 @@ impl DeviceMemory {
             mib(self.scratch)
         )
     }
+
+    /// On a CPU-type adapter (lavapipe, llvmpipe, SwiftShader) the device's
+    /// memory is the host's: refuse, before any upload, a total beyond the
+    /// host's available memory (`available`, bytes), which the driver's
+    /// allocations would otherwise overcommit until the kernel's OOM killer
+    /// ends the process half-way through. Says what is needed, what is
+    /// available and what to change.
+    pub fn check_host(&self, available: u64) -> Result<()> {
+        if self.total <= available {
+            return Ok(());
+        }
+        let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0));
+        let room = available.saturating_sub(self.weights + self.scratch);
+        let per_token = self.kv_cache / self.context.max(1) as u64;
+        let fit = room / per_token.max(1);
+        let fix = if fit >= 1 {
+            format!("use --max-context {fit} or less, or smaller weights (--dtype bf16, a quantized GGUF)")
+        } else {
+            "the weights alone do not fit: use smaller weights (--dtype bf16, a quantized GGUF) or free host memory".into()
+        };
+        Err(Error::invalid(format!(
+            "this CPU device uses host memory, and the model needs {} but the host has {} available              (MemAvailable); {fix}",
+            self.summary(),
+            mib(available)
+        )))
+    }
+}
+
+/// The host's available memory in bytes (Linux `MemAvailable`), when known.
+pub fn host_available_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// The KV cache length a model gets when `requested` is `None`: the
@@ -560,14 +600,20 @@ impl MemoryPlan {
             .checked_add(kv_cache)
             .and_then(|t| t.checked_add(scratch))
             .ok_or_else(|| Error::invalid("device memory total overflows u64"))?;
-        Ok(DeviceMemory {
+        let mem = DeviceMemory {
             context,
             weights: self.total_bytes,
             kv_cache,
             kv_layer,
             scratch,
             total,
-        })
+        };
+        if caps.is_cpu {
+            if let Some(available) = host_available_bytes() {
+                mem.check_host(available)?;
+            }
+        }
+        Ok(mem)
     }
 }
 
@@ -590,6 +636,33 @@ mod tests {
         json!({"architectures": [arch], "vocab_size": 100, "hidden_size": 64,
                "intermediate_size": 96, "num_hidden_layers": 1,
                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32})
+    }
+
+    /// The host-memory precheck for CPU devices: refuses a total beyond
+    /// what is available, naming the need, the offer and the fix.
+    #[test]
+    fn host_memory_precheck_refuses_what_the_host_cannot_hold() {
+        let mib = 1024 * 1024;
+        let mem = DeviceMemory {
+            context: 4096,
+            weights: 1000 * mib,
+            kv_cache: 400 * mib,
+            kv_layer: 8 * mib,
+            scratch: 100 * mib,
+            total: 1500 * mib,
+        };
+        assert!(mem.check_host(1500 * mib).is_ok());
+        let e = mem.check_host(1300 * mib).unwrap_err().to_string();
+        // 200 MiB of room at 0.1 MiB of KV per token: 2048 tokens.
+        assert!(
+            e.contains("1500.0 MiB on the device")
+                && e.contains("1300.0 MiB available")
+                && e.contains("--max-context 2048 or less"),
+            "{e}"
+        );
+        let e = mem.check_host(900 * mib).unwrap_err().to_string();
+        assert!(e.contains("the weights alone do not fit"), "{e}");
+        assert!(host_available_bytes().is_some_and(|b| b > 0) || !cfg!(target_os = "linux"));
     }
 
     #[test]

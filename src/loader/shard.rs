@@ -99,6 +99,50 @@ impl Shard {
     pub fn bytes(&self, t: &TensorMeta) -> &[u8] {
         &self.mmap[t.offset..t.offset + t.len]
     }
+
+    /// Drop the whole pages of `bytes` (a range of this mapping; anything
+    /// else is ignored) from the process's resident memory once they have
+    /// been copied out: the kernel keeps them in its page cache, and a
+    /// later read of them faults them back in from there. Returns whether
+    /// `bytes` lies in this mapping.
+    pub fn release(&self, bytes: &[u8]) -> bool {
+        let base = self.mmap.as_ptr() as usize;
+        let start = bytes.as_ptr() as usize;
+        if bytes.is_empty() || start < base || start + bytes.len() > base + self.mmap.len() {
+            return false;
+        }
+        #[cfg(unix)]
+        {
+            let page = page_size();
+            let lo = (start - base).div_ceil(page) * page;
+            let hi = (start - base + bytes.len()) / page * page;
+            if hi > lo {
+                // SAFETY: the mapping is read-only and never written through
+                // (no private copy-on-write pages to lose), so MADV_DONTNEED
+                // only drops clean file pages that later reads fault back in
+                // with the same contents. A failure only leaves them resident.
+                let _ = unsafe {
+                    self.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        lo,
+                        hi - lo,
+                    )
+                };
+            }
+        }
+        true
+    }
+}
+
+#[cfg(unix)]
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as usize
+    } else {
+        4096
+    }
 }
 
 /// Our checks, then the `safetensors` crate's reader as a final gate (it

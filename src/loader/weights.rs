@@ -215,6 +215,31 @@ fn device_bytes<'a>(ckpt: &'a Checkpoint, t: &PlannedTensor) -> Result<Cow<'a, [
     }))
 }
 
+/// Upload a tensor the device keeps as stored, straight from the memory
+/// map in bounded pieces: each piece is scanned for non-finite values just
+/// before wgpu copies it, and its pages are dropped from resident memory
+/// just after, so the load holds about one piece of the file at a time
+/// instead of every page it has read.
+fn stream_from_map(gpu: &Gpu, ckpt: &Checkpoint, t: &PlannedTensor) -> Result<DeviceTensor> {
+    let name = &t.spec.name;
+    let bytes = ckpt.tensor_bytes(name)?;
+    let mut check = |_: usize, piece: &[u8]| match first_non_finite(t.file_dtype, piece) {
+        // The error path re-scans the whole tensor for the full message.
+        Some(_) => ckpt.finite_bytes(name).map(|_| ()),
+        None => Ok(()),
+    };
+    let mut done = |piece: &[u8]| ckpt.release_pages(piece);
+    DeviceTensor::upload_streamed(
+        gpu,
+        name,
+        t.device_dtype,
+        &t.spec.shape,
+        bytes,
+        &mut check,
+        &mut done,
+    )
+}
+
 fn check_plan(ckpt: &Checkpoint, plan: &MemoryPlan) -> Result<()> {
     for t in &plan.tensors {
         let m = ckpt.meta(&t.spec.name);
@@ -242,12 +267,18 @@ impl Weights {
             )));
         }
         check_plan(ckpt, plan)?;
-        ModelWeights::build(plan, ckpt.config.num_hidden_layers, |t| {
-            let bytes = device_bytes(ckpt, t)?;
-            let d = DeviceTensor::upload(gpu, &t.spec.name, t.device_dtype, &t.spec.shape, &bytes)?;
+        let weights = ModelWeights::build(plan, ckpt.config.num_hidden_layers, |t| {
+            let d = if t.zero_copy {
+                stream_from_map(gpu, ckpt, t)?
+            } else {
+                let bytes = device_bytes(ckpt, t)?;
+                DeviceTensor::upload(gpu, &t.spec.name, t.device_dtype, &t.spec.shape, &bytes)?
+            };
             debug_assert_eq!(d.chunks.len(), t.chunks);
             Ok(d)
-        })
+        })?;
+        gpu.finish_uploads()?;
+        Ok(weights)
     }
 }
 

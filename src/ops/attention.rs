@@ -388,10 +388,26 @@ impl Attention {
                 ],
             )
         };
+        // The two kernels compile at once (the device compiles on the
+        // calling thread; on lavapipe each is seconds of LLVM work). The
+        // browser build has no threads and compiles them in turn.
+        #[cfg(target_arch = "wasm32")]
+        let (direct, partial) = (compile(1, false), compile(self.shape.splits, true));
+        #[cfg(not(target_arch = "wasm32"))]
+        let (direct, partial) = std::thread::scope(|s| {
+            let partial = s.spawn(|| compile(self.shape.splits, true));
+            let direct = compile(1, false);
+            let partial = partial.join().unwrap_or_else(|_| {
+                Err(Error::invalid(
+                    "attention: compiling the split-KV kernel panicked",
+                ))
+            });
+            (direct, partial)
+        });
         let v = Arc::new(Variant {
             hpw: h,
-            direct: compile(1, false)?,
-            partial: compile(self.shape.splits, true)?,
+            direct: direct?,
+            partial: partial?,
         });
         vs.push(v.clone());
         Ok(v)
