@@ -33,8 +33,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     }
     let bw = ((id - p.row_start) * (gpr / QGPB) + gi / QGPB) * QBW;
     let yb = t * p.hidden + gi * 32u;
+    let sc = gscales(bw, gi % QGPB);
     for (var j = 0u; j < 8u; j++) {
-        let v = dequant4(bw, gi % QGPB, j) * p.scale;
+        let v = dequant4s(bw, gi % QGPB, j, sc) * p.scale;
         y[yb + 4u * j] = v.x;
         y[yb + 4u * j + 1u] = v.y;
         y[yb + 4u * j + 2u] = v.z;

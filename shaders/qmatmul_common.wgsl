@@ -3,10 +3,15 @@
 // kernels. Each qmatmul_<type>.wgsl defines, for its type,
 //   const QBW: u32   // words per device block
 //   const QGPB: u32  // groups of 32 elements per block (1, or 8 for K-quants)
-//   fn dequant4(bw: u32, g: u32, j: u32) -> vec4<f32>
-// which returns elements 4j .. 4j + 3 (j < 8) of the 32-element group g of
-// the block starting at word bw, with exactly the f32 operations of
-// src/gguf/dequant.rs (one rounding per product or sum, same order).
+//   fn gscales(bw: u32, g: u32) -> vec4<f32>
+//   fn dequant4s(bw: u32, g: u32, j: u32, s: vec4<f32>) -> vec4<f32>
+// gscales decodes, once per 32-element group g of the block starting at
+// word bw, the f32 scales (and mins) that group's elements use (the
+// products d * sc, dmin * m of the K-quants are formed there); dequant4s
+// then returns elements 4j .. 4j + 3 (j < 8) of the group from its quants
+// and those scales. Together they do exactly the f32 operations of
+// src/gguf/dequant.rs (one rounding per product or sum, same order), so
+// hoisting the scales out of the per-element work changes no value.
 
 @group(0) @binding(3) var<storage, read> w: array<u32>;
 
@@ -71,4 +76,9 @@ fn nibbles4(wd: u32, hi: bool) -> vec4<u32> {
 // Bits e .. e + 3 of qh, each as 0 or 1.
 fn bits4(qh: u32, e: u32) -> vec4<u32> {
     return (vec4<u32>(qh) >> (vec4<u32>(e) + vec4<u32>(0u, 1u, 2u, 3u))) & vec4<u32>(1u);
+}
+
+// Elements 4j .. 4j + 3 of group g, scales decoded on the spot.
+fn dequant4(bw: u32, g: u32, j: u32) -> vec4<f32> {
+    return dequant4s(bw, g, j, gscales(bw, g));
 }

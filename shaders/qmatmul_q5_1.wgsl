@@ -2,7 +2,38 @@
 // Bits as Q5_0; y = q * d + m.
 const QBW: u32 = 6u;
 const QGPB: u32 = 1u;
-fn dequant4(bw: u32, g: u32, j: u32) -> vec4<f32> {
+fn gscales(bw: u32, g: u32) -> vec4<f32> {
+    return vec4<f32>(scale16(bw, false), scale16(bw, true), 0.0, 0.0);
+}
+fn dequant4s(bw: u32, g: u32, j: u32, s: vec4<f32>) -> vec4<f32> {
     let q = nibbles4(w[bw + 2u + j % 4u], j >= 4u) | (bits4(w[bw + 1u], 4u * j) << vec4<u32>(4u));
-    return vec4<f32>(q) * scale16(bw, false) + vec4<f32>(scale16(bw, true));
+    return vec4<f32>(q) * s.x + vec4<f32>(s.y);
+}
+
+// Whole block for the row kernel (qmatmul_rows.wgsl), R rows at once
+// (rb: their blocks' first words): every word of each row's block loaded
+// once, and use4(e4, v) called with elements 4 e4 .. 4 e4 + 3 of the block
+// for each row, so the entry loads each 4 values of x once for all R rows.
+fn qblock(rb: array<u32, R>) {
+    var d: array<f32, R>;
+    var m: array<f32, R>;
+    var qh: array<u32, R>;
+    for (var a = 0u; a < R; a++) {
+        d[a] = scale16(rb[a], false);
+        m[a] = scale16(rb[a], true);
+        qh[a] = w[rb[a] + 1u];
+    }
+    for (var j = 0u; j < 4u; j++) {
+        var lo: array<vec4<f32>, R>;
+        var hi: array<vec4<f32>, R>;
+        for (var a = 0u; a < R; a++) {
+            let wd = w[rb[a] + 2u + j];
+            let ql = nibbles4(wd, false) | (bits4(qh[a], 4u * j) << vec4<u32>(4u));
+            let qu = nibbles4(wd, true) | (bits4(qh[a], 4u * j + 16u) << vec4<u32>(4u));
+            lo[a] = vec4<f32>(ql) * d[a] + vec4<f32>(m[a]);
+            hi[a] = vec4<f32>(qu) * d[a] + vec4<f32>(m[a]);
+        }
+        use4(j, lo);
+        use4(j + 4u, hi);
+    }
 }

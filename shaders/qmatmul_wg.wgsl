@@ -1,6 +1,7 @@
 // Quantized linear layer, one workgroup per output row and block of TB
 // tokens (the GPU profile's shape, as gemv_wg_shared.wgsl): lanes take the
-// row's 32-element groups in turn, dequantize each once for all TB tokens,
+// row's 32-element groups in turn, decode each group's scales once and
+// dequantize each of its weights once for all TB tokens,
 // and the partial sums are reduced in workgroup memory.
 // Prepended: `const WG, TB: u32`, matmul_common.wgsl, qmatmul_common.wgsl
 // and one qmatmul_<type>.wgsl.
@@ -27,8 +28,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     for (var gi = lid; gi < groups; gi += WG) {
         let bw = (r * bpr + gi / QGPB) * QBW;
         let sub = gi % QGPB;
+        let sc = gscales(bw, sub);
         for (var j = 0u; j < 8u; j++) {
-            let v = dequant4(bw, sub, j);
+            let v = dequant4s(bw, sub, j, sc);
             for (var i = 0u; i < TB; i++) {
                 // tokens past the end recompute the last one and are not stored
                 let xi = (min(t0 + i, step.n_tokens - 1u) * p.k + gi * 32u) / 4u + j;

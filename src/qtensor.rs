@@ -5,13 +5,14 @@
 //! block` of the GGUF data, exactly as in the file. Kernels read the
 //! device buffer as `array<u32>`, so every block must start on a 4-byte
 //! boundary and its fields should sit on the boundaries the kernels read
-//! them at. Q8_0 (34 bytes), Q4_0 (18), Q5_0 (22) and Q6_K (210) are not
-//! multiples of 4, so the upload applies one named, whole-tensor layout
-//! transform, [`BlockPad`]: two zero bytes are inserted into every block at
-//! a fixed offset of the type (after the leading f16 scale for Q4_0 / Q5_0 /
-//! Q8_0, so their quants start on a word; at the end of a Q6_K block, after
-//! its trailing f16 scale). Types whose blocks are already word multiples
-//! (Q4_1, Q5_1, Q4_K, Q5_K) are copied unchanged. The transform depends
+//! them at. Q8_0 (34 bytes), Q4_0 (18), Q5_0 (22), Q3_K (110) and Q6_K
+//! (210) are not multiples of 4, so the upload applies one named,
+//! whole-tensor layout transform, [`BlockPad`]: two zero bytes are inserted
+//! into every block at a fixed offset of the type (after the leading f16
+//! scale for Q4_0 / Q5_0 / Q8_0, so their quants start on a word; at the end
+//! of a Q3_K or Q6_K block, after its trailing f16 scale). Types whose
+//! blocks are already word multiples (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K) are
+//! copied unchanged. The transform depends
 //! only on the type, never on the tensor's shape or name, and
 //! [`from_device_layout`] undoes it exactly (round-trip tested).
 //!
@@ -31,6 +32,8 @@ pub const GPU_TYPES: &[GgmlType] = &[
     GgmlType::Q5_0,
     GgmlType::Q5_1,
     GgmlType::Q8_0,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
     GgmlType::Q4_K,
     GgmlType::Q5_K,
     GgmlType::Q6_K,
@@ -57,8 +60,9 @@ impl BlockPad {
         use GgmlType::*;
         let (at, pad) = match ty {
             Q4_0 | Q5_0 | Q8_0 => (2, 2),
+            Q3_K => (110, 2),
             Q6_K => (210, 2),
-            Q4_1 | Q5_1 | Q4_K | Q5_K => (0, 0),
+            Q4_1 | Q5_1 | Q2_K | Q4_K | Q5_K => (0, 0),
             _ => {
                 return Err(format!(
                     "ggml type {ty} has no GPU kernel (native types: {})",
@@ -242,6 +246,12 @@ mod tests {
         assert_eq!((q8.at + q8.pad, q8.device_block_bytes()), (4, 36));
         let q6 = BlockPad::of(GgmlType::Q6_K).unwrap();
         assert_eq!((q6.at, q6.device_block_bytes()), (210, 212));
+        // Q3_K's f16 d in the low half of word 27; Q2_K (84 bytes, its two
+        // f16 in word 20) is stored as it is
+        let q3 = BlockPad::of(GgmlType::Q3_K).unwrap();
+        assert_eq!((q3.at, q3.device_block_bytes()), (110, 112));
+        let q2 = BlockPad::of(GgmlType::Q2_K).unwrap();
+        assert_eq!((q2.pad, q2.device_block_bytes()), (0, 84));
         assert!(to_device_layout(GgmlType::Q8_0, &[0; 35]).is_err());
         assert!(BlockPad::of(GgmlType::IQ2_XXS)
             .unwrap_err()

@@ -9,6 +9,8 @@
 //! | Q5_0 | 32 | 22 | `f16 d; u8 qh[4]; u8 qs[16]` |
 //! | Q5_1 | 32 | 24 | `f16 d; f16 m; u8 qh[4]; u8 qs[16]` |
 //! | Q8_0 | 32 | 34 | `f16 d; i8 qs[32]` |
+//! | Q2_K | 256 | 84 | `u8 scales[16]; u8 qs[64]; f16 d; f16 dmin` |
+//! | Q3_K | 256 | 110 | `u8 hmask[32]; u8 qs[64]; u8 scales[12]; f16 d` |
 //! | Q4_K | 256 | 144 | `f16 d; f16 dmin; u8 scales[12]; u8 qs[128]` |
 //! | Q5_K | 256 | 176 | `f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]` |
 //! | Q6_K | 256 | 210 | `u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d` |
@@ -17,8 +19,8 @@
 //! (`ggml-quants.c`) and the `gguf` Python package's `quants.py` operation
 //! for operation, so the results are bit-identical to the Python package:
 //! every product or difference is one f32 rounding, in the same order
-//! (`(d * sc) * q - (dmin * m)` for the K-quants, `d * q + m` for Q4_1/Q5_1,
-//! `(d * sc) * q` for Q6_K). Rust never contracts `a * b + c` into a fused
+//! (`(d * sc) * q - (dmin * m)` for Q2_K/Q4_K/Q5_K, `d * q + m` for
+//! Q4_1/Q5_1, `(d * sc) * q` for Q3_K/Q6_K). Rust never contracts `a * b + c` into a fused
 //! multiply-add, and neither does numpy. (A C build of ggml compiled with FMA
 //! contraction may differ from both by 1 ulp on the types with an offset.)
 
@@ -143,7 +145,7 @@ impl GgmlType {
         use GgmlType::*;
         matches!(
             self,
-            F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4_K | Q5_K | Q6_K
+            F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K
         )
     }
     /// Bytes taken by `n_elements` elements, or `None` when `n_elements` is
@@ -174,7 +176,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), String> {
     if !ty.can_dequantize() {
         return Err(format!(
-            "ggml type {ty} cannot be dequantized (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)"
+            "ggml type {ty} cannot be dequantized (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)"
         ));
     }
     let bs = ty.block_size();
@@ -216,6 +218,8 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Strin
         GgmlType::Q5_0 => blocks.for_each(|(b, y)| q5_0(b, y)),
         GgmlType::Q5_1 => blocks.for_each(|(b, y)| q5_1(b, y)),
         GgmlType::Q8_0 => blocks.for_each(|(b, y)| q8_0(b, y)),
+        GgmlType::Q2_K => blocks.for_each(|(b, y)| q2_k(b, y)),
+        GgmlType::Q3_K => blocks.for_each(|(b, y)| q3_k(b, y)),
         GgmlType::Q4_K => blocks.for_each(|(b, y)| q4_k(b, y)),
         GgmlType::Q5_K => blocks.for_each(|(b, y)| q5_k(b, y)),
         GgmlType::Q6_K => blocks.for_each(|(b, y)| q6_k(b, y)),
@@ -287,6 +291,59 @@ fn q8_0(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     for j in 0..32 {
         y[j] = (b[2 + j] as i8) as f32 * d;
+    }
+}
+
+/// Q2_K: 16 sub-blocks of 16; `scales[s]` holds sub-block s's 4-bit scale
+/// (low nibble) and 4-bit min (high nibble); `y = (d * sc) * q - (dmin *
+/// m)`, q = 2 bits. Each half (128 elements) uses 32 bytes of `qs`: element
+/// l + 32i (l < 32) of half n is bits 2i..2i+2 of `qs[32n + l]`.
+fn q2_k(b: &[u8], y: &mut [f32]) {
+    let scales = &b[0..16];
+    let d = f16_at(b, 80);
+    let dmin = f16_at(b, 82);
+    for half in 0..2 {
+        let q = &b[16 + 32 * half..16 + 32 * half + 32];
+        for i in 0..4 {
+            for l in 0..32 {
+                let s = 8 * half + 2 * i + l / 16;
+                let dl = d * (scales[s] & 0x0F) as f32;
+                let ml = dmin * (scales[s] >> 4) as f32;
+                let v = (q[l] >> (2 * i)) & 3;
+                y[128 * half + 32 * i + l] = dl * v as f32 - ml;
+            }
+        }
+    }
+}
+
+/// The signed 6-bit scale of sub-block `s` (0..16) of a Q3_K block (its
+/// 12 scale bytes `sc`): low 4 bits from nibble `s / 8` of `sc[s % 8]`, high
+/// 2 bits from bits `2 (s / 4)..` of `sc[8 + s % 4]`, minus 32.
+pub fn q3_k_scale(s: usize, sc: &[u8]) -> i32 {
+    let lo = (sc[s % 8] >> (4 * (s / 8))) & 0x0F;
+    let hi = (sc[8 + s % 4] >> (2 * (s / 4))) & 3;
+    (lo | (hi << 4)) as i32 - 32
+}
+
+/// Q3_K: 16 sub-blocks of 16 with 6-bit scales; `y = (d * sc) * q`, q = 2
+/// low bits from `qs` (as Q2_K) minus 4 where the element's bit of `hmask`
+/// is clear: element l + 32i (l < 32) of half n uses bit 4n + i of
+/// `hmask[l]`.
+fn q3_k(b: &[u8], y: &mut [f32]) {
+    let hmask = &b[0..32];
+    let scales = &b[96..108];
+    let d = f16_at(b, 108);
+    for half in 0..2 {
+        let q = &b[32 + 32 * half..32 + 32 * half + 32];
+        for i in 0..4 {
+            let bit = 4 * half + i;
+            for l in 0..32 {
+                let dl = d * q3_k_scale(8 * half + 2 * i + l / 16, scales) as f32;
+                let lo = ((q[l] >> (2 * i)) & 3) as i32;
+                let v = lo - if hmask[l] & (1 << bit) != 0 { 0 } else { 4 };
+                y[128 * half + 32 * i + l] = dl * v as f32;
+            }
+        }
     }
 }
 
@@ -608,6 +665,74 @@ mod tests {
         let y = deq(GgmlType::Q6_K, &b);
         for e in 0..256 {
             let want = 0.5 * sc[e / 16] as f32 * (q(e) as f32 - 32.0);
+            assert_eq!(y[e], want, "element {e}");
+        }
+    }
+
+    #[test]
+    fn q2_k_block() {
+        // 2-bit quants (e * 3 + 1) % 4; sub-block s (16 elements) has scale
+        // (s * 7 + 2) % 16 and min (s * 5 + 9) % 16.
+        let q = |e: usize| ((e * 3 + 1) % 4) as u8;
+        let sc = |s: usize| ((s * 7 + 2) % 16) as u8;
+        let mn = |s: usize| ((s * 5 + 9) % 16) as u8;
+        let mut b: Vec<u8> = (0..16).map(|s| sc(s) | (mn(s) << 4)).collect();
+        // Element e: half n = e / 128, r = e % 128, i = r / 32, l = r % 32:
+        // bits 2i..2i+2 of qs[32 n + l].
+        let mut qs = [0u8; 64];
+        for e in 0..256 {
+            let (n, r) = (e / 128, e % 128);
+            qs[32 * n + r % 32] |= q(e) << (2 * (r / 32));
+        }
+        b.extend(qs);
+        b.extend(h(0.5));
+        b.extend(h(0.25));
+        assert_eq!(b.len(), 84);
+        let y = deq(GgmlType::Q2_K, &b);
+        for e in 0..256 {
+            let s = e / 16;
+            let want = 0.5 * sc(s) as f32 * q(e) as f32 - 0.25 * mn(s) as f32;
+            assert_eq!(y[e], want, "element {e}");
+        }
+    }
+
+    #[test]
+    fn q3_k_block() {
+        // 3-bit quants v = (e * 5 + 3) % 8, stored as low 2 bits v & 3 and
+        // a high bit that is SET when v >= 4 (dequantized q = v - 4);
+        // sub-block scales 6-bit u = (s * 11 + 5) % 64, dequantized u - 32.
+        let v = |e: usize| ((e * 5 + 3) % 8) as u8;
+        let u = |s: usize| ((s * 11 + 5) % 64) as u8;
+        let mut hmask = [0u8; 32];
+        let mut qs = [0u8; 64];
+        for e in 0..256 {
+            let (n, r) = (e / 128, e % 128);
+            let (i, l) = (r / 32, r % 32);
+            qs[32 * n + l] |= (v(e) & 3) << (2 * i);
+            // q = low - 4 when the bit is clear, so v >= 4 <=> bit set
+            if v(e) >= 4 {
+                hmask[l] |= 1 << (4 * n + i);
+            }
+        }
+        // 12 scale bytes: bytes 0..8 hold low nibbles (s < 8 low, s >= 8
+        // high nibble of byte s % 8); bytes 8..12 the high 2 bits, sub-block
+        // s at bits 2 (s / 4) of byte 8 + s % 4.
+        let mut sc = [0u8; 12];
+        for s in 0..16 {
+            sc[s % 8] |= (u(s) & 15) << (4 * (s / 8));
+            sc[8 + s % 4] |= (u(s) >> 4) << (2 * (s / 4));
+        }
+        let mut b = hmask.to_vec();
+        b.extend(qs);
+        b.extend(sc);
+        b.extend(h(0.5));
+        assert_eq!(b.len(), 110);
+        for s in 0..16 {
+            assert_eq!(q3_k_scale(s, &sc), u(s) as i32 - 32, "scale {s}");
+        }
+        let y = deq(GgmlType::Q3_K, &b);
+        for e in 0..256 {
+            let want = 0.5 * (u(e / 16) as f32 - 32.0) * (v(e) as f32 - 4.0);
             assert_eq!(y[e], want, "element {e}");
         }
     }

@@ -5,7 +5,9 @@
 //!
 //! Kernel shapes follow the device's kernel profile as `ops::matmul` does
 //! ([`QKernel::for_adapter`]): in the CPU-device profile one invocation per
-//! output row (no workgroup memory, no barriers); in the GPU profile one
+//! 4 output rows on decode, 1 on prefill (no workgroup memory, no
+//! barriers; each block word loaded once, each x vec4 once for the 4
+//! rows); in the GPU profile one
 //! workgroup per output row with a workgroup-memory reduction. Both shapes
 //! serve decode (one token per pass over the weights) and prefill (a block
 //! of [`PREFILL_TOKENS`] tokens per pass, each 4 weights dequantized once
@@ -14,7 +16,8 @@
 //! matmul for the GPU profile.
 //!
 //! Kernels are assembled from `shaders/qmatmul_common.wgsl`, one
-//! `shaders/qmatmul_<type>.wgsl` (the type's `dequant4`) and an entry point
+//! `shaders/qmatmul_<type>.wgsl` (the type's group part `gscales` /
+//! `dequant4s`, and for the row kernel its block part `qblock`) and an entry point
 //! (`qmatmul_rows.wgsl`, `qmatmul_wg.wgsl`, `qembedding.wgsl`).
 
 use crate::error::{Error, Result};
@@ -32,14 +35,33 @@ pub const SRC_EMBED: &str = include_str!("../../shaders/qembedding.wgsl");
 
 /// Workgroup size of the row-per-invocation kernel.
 const ROWS_WG: u32 = 64;
+/// Output rows per invocation of the row kernel (`qmatmul_rows.wgsl`'s R)
+/// on the decode path: each x load is shared by this many rows.
+const ROWS_DECODE: u32 = 4;
+/// The same on the prefill path, where each dequantized weight already
+/// serves [`PREFILL_TOKENS`] tokens (R x TB accumulators must stay in
+/// registers).
+const ROWS_PREFILL: u32 = 1;
 /// Tokens per pass over the weights on the prefill path.
 pub const PREFILL_TOKENS: u32 = 4;
 /// Up to this many tokens the decode kernel (one token per pass) runs;
 /// above, the prefill kernel. As `ops::matmul`'s GEMV/prefill split.
 pub const GEMV_MAX_TOKENS: u32 = 2;
 
-/// The WGSL `dequant4` of a type (with its helpers), or an error naming it.
+/// The line in each `qmatmul_<type>.wgsl` that starts its block part
+/// (`qblock`, which calls the entry point's `use4`; only the row kernel
+/// defines `use4`, so only it takes that part).
+const BLOCK_PART: &str = "// Whole block for the row kernel";
+
+/// The group part of a type's WGSL (`gscales` / `dequant4s` and helpers),
+/// or an error naming the type.
 pub fn type_source(ty: GgmlType) -> Result<String> {
+    let s = type_source_full(ty)?;
+    Ok(s.split(BLOCK_PART).next().unwrap_or_default().to_string())
+}
+
+/// A type's whole WGSL: the group part and the block part (`qblock`).
+pub fn type_source_full(ty: GgmlType) -> Result<String> {
     use GgmlType::*;
     let src = match ty {
         Q4_0 => include_str!("../../shaders/qmatmul_q4_0.wgsl").to_string(),
@@ -47,6 +69,8 @@ pub fn type_source(ty: GgmlType) -> Result<String> {
         Q5_0 => include_str!("../../shaders/qmatmul_q5_0.wgsl").to_string(),
         Q5_1 => include_str!("../../shaders/qmatmul_q5_1.wgsl").to_string(),
         Q8_0 => include_str!("../../shaders/qmatmul_q8_0.wgsl").to_string(),
+        Q2_K => include_str!("../../shaders/qmatmul_q2_k.wgsl").to_string(),
+        Q3_K => include_str!("../../shaders/qmatmul_q3_k.wgsl").to_string(),
         Q4_K => format!(
             "{SRC_KSCALE}\n{}",
             include_str!("../../shaders/qmatmul_q4_k.wgsl")
@@ -158,7 +182,11 @@ impl QLinear {
         kernel: QKernel,
         faults: QFaults,
     ) -> Result<Self> {
-        let tsrc = type_source(ty)?;
+        let tsrc = match kernel {
+            QKernel::Rows => type_source_full(ty)?,
+            QKernel::Workgroup => type_source(ty)?,
+        };
+
         let wg = match kernel {
             QKernel::Rows => ROWS_WG,
             QKernel::Workgroup => 64u32.max(gpu.caps.subgroup_max_size.next_power_of_two()),
@@ -175,8 +203,9 @@ impl QLinear {
         };
         let consts = faults.constants();
         let compile = |tb: u32| {
+            let r = if tb == 1 { ROWS_DECODE } else { ROWS_PREFILL };
             let src = format!(
-                "const WG: u32 = {wg}u;\nconst TB: u32 = {tb}u;\n{SRC_COMMON}\n{SRC_QCOMMON}\n{tsrc}\n{entry}"
+                "const WG: u32 = {wg}u;\nconst TB: u32 = {tb}u;\nconst R: u32 = {r}u;\n{SRC_COMMON}\n{SRC_QCOMMON}\n{tsrc}\n{entry}"
             );
             gpu.kernel(
                 &format!("qlinear.{kernel:?}.{ty}.tb{tb}"),
@@ -337,7 +366,10 @@ impl QLinear {
         };
         for c in &b.chunks {
             let groups = match self.kernel {
-                QKernel::Rows => c.rows.div_ceil(self.wg) * tblocks,
+                QKernel::Rows => {
+                    let r = if prefill { ROWS_PREFILL } else { ROWS_DECODE };
+                    c.rows.div_ceil(r * self.wg) * tblocks
+                }
                 QKernel::Workgroup => c.rows * tblocks,
             };
             let bg = if prefill { &c.bind_prefill } else { &c.bind };

@@ -15,6 +15,8 @@ fn f16_fields(ty: GgmlType) -> &'static [usize] {
         Q4_0 | Q5_0 | Q8_0 => &[0],
         Q4_1 | Q5_1 | Q4_K | Q5_K => &[0, 2],
         Q6_K => &[208],
+        Q2_K => &[80, 82],
+        Q3_K => &[108],
         _ => unreachable!("not a GPU type"),
     }
 }
@@ -22,7 +24,11 @@ fn f16_fields(ty: GgmlType) -> &'static [usize] {
 /// Byte offset of the f16 min / dmin of types that add an offset.
 fn min_field(ty: GgmlType) -> Option<usize> {
     use GgmlType::*;
-    matches!(ty, Q4_1 | Q5_1 | Q4_K | Q5_K).then_some(2)
+    match ty {
+        Q4_1 | Q5_1 | Q4_K | Q5_K => Some(2),
+        Q2_K => Some(82),
+        _ => None,
+    }
 }
 
 /// Random blocks: random quant bytes, random finite f16 scales of either
