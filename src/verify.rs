@@ -192,6 +192,7 @@ impl Check<'_> {
             max_batch: tokens.len(),
             dtype: self.dtype,
             faults: self.faults,
+            ..Default::default()
         };
         let mut model = Model::from_checkpoint(gpu.clone(), ckpt, &opts)?;
         let got = model.forward_taps_async(tokens).await?;
