@@ -19,6 +19,7 @@ pub mod program;
 pub mod qtensor;
 pub mod reference;
 pub mod sampling;
+pub mod serve;
 pub mod taps;
 pub mod tensor;
 pub mod tokenizer;
