@@ -7,8 +7,10 @@
 //             unnormalized sum acc = sum_j exp(s_j - m) v_j, then (m, l, 0, 0)
 //             with l = sum_j exp(s_j - m); attention_combine.wgsl merges them.
 // all read as vec4 (d % 4 == 0, checked on the host).
-// Query token t sits at position p = step.pos_offset + t and attends to cache
-// positions 0..=p, or with a sliding window (p.window > 0) to the positions j
+// Query token t sits at position p = row_pos(t) of KV slot row_slot(t)
+// (kv_copy.rs's prelude: step.pos_offset + t of slot 0, or per-row positions
+// and slots in a batched step; a slot's region is [n_kv_heads, max_ctx, d])
+// and attends to cache positions 0..=p, or with a sliding window (p.window > 0) to the positions j
 // with p - j < window, i.e. max(0, p + 1 - window)..=p (transformers'
 // sliding_window_overlay: kv_idx > q_idx - sliding_window, AND causal).
 // Query head h reads KV head h / (n_heads / n_kv_heads)
@@ -103,7 +105,7 @@ const MAX_DPT4: u32 = 4u;
 const NEG: f32 = -3.0e38;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(1) var<uniform> step: StepT;
 @group(0) @binding(2) var<storage, read> q: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> k_cache: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> v_cache: array<vec4<f32>>;
@@ -152,10 +154,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
 
     // Causal: positions lo..=pos_offset+t, never past the cache; lo > 0 only
     // under a sliding window. Both are workgroup-uniform.
-    let n = min(step.pos_offset + t + 1u, p.max_ctx);
+    let pos = row_pos(t);
+    let n = min(pos + 1u, p.max_ctx);
     var lo = 0u;
-    if (p.window > 0u && step.pos_offset + t + 1u > p.window) {
-        lo = step.pos_offset + t + 1u - p.window;
+    if (p.window > 0u && pos + 1u > p.window) {
+        lo = pos + 1u - p.window;
     }
     // Blocks b0..b1 hold lo..n (earlier blocks are never read); this split
     // takes its run of them. Every block of the range holds a visible
@@ -165,7 +168,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     let per = (nb + SPLITS - 1u) / SPLITS;
     let sb0 = b0 + min(sp * per, nb);
     let sb1 = b0 + min(sp * per + per, nb);
-    let kvbase = kvh * p.max_ctx * D4;
+    let kvbase = (row_slot(t) * p.n_kv_heads + kvh) * p.max_ctx * D4;
     // This invocation's output column(s) and position group.
     let c = lid % D4;
     let g = lid / D4;

@@ -1,7 +1,9 @@
 // Append this step's K (after RoPE) and V rows to one layer's KV cache.
 //   k_new, v_new: f32 [n_tokens, n_kv_heads * head_dim]
 //   k_cache, v_cache: f32 [n_kv_heads, max_ctx, head_dim] (head-major)
-// Token t goes to position step.pos_offset + t. Positions at or past max_ctx
+// Token t goes to position row_pos(t) of KV slot row_slot(t) (the prelude
+// from kv_copy.rs: step.pos_offset + t of slot 0, or per-row positions).
+// A slot's region is [n_kv_heads, max_ctx, head_dim]; slots follow each other. Positions at or past max_ctx
 // are never written (the host rejects such steps too).
 // One invocation per (token, kv head, element), K and V together.
 
@@ -15,7 +17,7 @@ struct Params {
 override WG: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(1) var<uniform> step: StepT;
 @group(0) @binding(2) var<storage, read> k_new: array<f32>;
 @group(0) @binding(3) var<storage, read> v_new: array<f32>;
 @group(0) @binding(4) var<storage, read_write> k_cache: array<f32>;
@@ -31,14 +33,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     if (t >= step.n_tokens) {
         return;
     }
-    let pos = step.pos_offset + t;
+    let pos = row_pos(t);
     if (pos >= p.max_ctx) {
         return;
     }
     let r = g - t * width;
     let h = r / p.head_dim;
     let j = r - h * p.head_dim;
-    let dst = (h * p.max_ctx + pos) * p.head_dim + j;
+    let dst = ((row_slot(t) * p.n_kv_heads + h) * p.max_ctx + pos) * p.head_dim + j;
     k_cache[dst] = k_new[g];
     v_cache[dst] = v_new[g];
 }

@@ -4,7 +4,8 @@
 //   y[i + d/2] = x[i + d/2] * cos[pos, i] + x[i]       * sin[pos, i]
 // cos/sin come from host-computed tables `[max_positions, d/2]` (exact HF f32
 // angles, accurate cos/sin), so no transcendental runs on the GPU.
-// Token t of this step sits at position step.pos_offset + t.
+// Token t of this step sits at position row_pos(t) (kv_copy.rs's prelude:
+// step.pos_offset + t, or per-row positions in a batched step).
 // One invocation per (token, head, pair).
 
 struct Params {
@@ -20,7 +21,7 @@ override WG: u32 = 64u;
 override FAULT_INTERLEAVED: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(1) var<uniform> step: StepT;
 @group(0) @binding(2) var<storage, read> x: array<f32>;
 @group(0) @binding(3) var<storage, read> cos_t: array<f32>;
 @group(0) @binding(4) var<storage, read> sin_t: array<f32>;
@@ -38,7 +39,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     if (t >= step.n_tokens) {
         return;
     }
-    let pos = step.pos_offset + t;
+    let pos = row_pos(t);
     // The host checks positions against the table; never read past it.
     if (pos >= p.max_positions) {
         return;

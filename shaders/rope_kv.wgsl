@@ -6,7 +6,8 @@
 //   k_cache, v_cache f32 [n_kv_heads, max_ctx, head_dim] (head-major)
 // The rotated k goes straight to the cache, and v is copied there.
 // One invocation per (token, head, pair) over n_heads q heads then
-// n_kv_heads kv heads. Token t sits at position step.pos_offset + t.
+// n_kv_heads kv heads. Token t sits at position row_pos(t) of KV slot
+// row_slot(t) (kv_copy.rs's prelude).
 
 struct Params {
     n_heads: u32,
@@ -24,7 +25,7 @@ override WG: u32 = 64u;
 override FAULT_INTERLEAVED: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(1) var<uniform> step: StepT;
 @group(0) @binding(2) var<storage, read> q: array<f32>;
 @group(0) @binding(3) var<storage, read> k: array<f32>;
 @group(0) @binding(4) var<storage, read> v: array<f32>;
@@ -51,7 +52,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     if (t >= step.n_tokens) {
         return;
     }
-    let pos = step.pos_offset + t;
+    let pos = row_pos(t);
     if (pos >= p.max_positions || pos >= p.max_ctx) {
         return;
     }
@@ -77,7 +78,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     }
     let kh = h - p.n_heads;
     let src = (t * p.n_kv_heads + kh) * p.head_dim;
-    let dst = (kh * p.max_ctx + pos) * p.head_dim;
+    let dst = ((row_slot(t) * p.n_kv_heads + kh) * p.max_ctx + pos) * p.head_dim;
     let y = rotate(k[src + a], k[src + b], c, s);
     k_cache[dst + a] = y.x;
     k_cache[dst + b] = y.y;

@@ -63,6 +63,9 @@ pub struct ModelOptions {
     /// Most tokens in one prefill pass (longer prompts go in chunks).
     pub max_batch: usize,
     pub dtype: LoadDType,
+    /// Independent sequences (KV cache regions) the model holds; slot 0 is
+    /// the single sequence of `forward_*` (see [`Model::decode_batch`]).
+    pub slots: usize,
     #[doc(hidden)]
     pub faults: Faults,
 }
@@ -73,6 +76,7 @@ impl Default for ModelOptions {
             max_context: None,
             max_batch: 128,
             dtype: LoadDType::Auto,
+            slots: 1,
             faults: Faults::default(),
         }
     }
@@ -128,6 +132,12 @@ struct Kernels {
     rope_kv: RopeKv,
     attention: Attention,
     kv_copy: KvCopy,
+    /// The position-aware kernels for slot steps (each row at its own
+    /// position in its own KV slot; `kv_copy::rows_prelude`).
+    rope_b: Rope,
+    rope_kv_b: RopeKv,
+    attention_b: Attention,
+    kv_copy_b: KvCopy,
     glu: Cache<Activation, Elementwise>,
     add: Elementwise,
     /// By (weight dtype, unit offset).
@@ -149,13 +159,19 @@ enum Bound {
         key: (WDType, bool),
         b: LinearBinding,
     },
+    /// `bat`: the same op for slot steps (binds the batched step).
     Rope {
         bg: wgpu::BindGroup,
+        bat: wgpu::BindGroup,
         params: rope::Params,
     },
-    KvAppend(wgpu::BindGroup),
+    KvAppend {
+        bg: wgpu::BindGroup,
+        bat: wgpu::BindGroup,
+    },
     Attention {
         bg: attention::Binding,
+        bat: attention::Binding,
         params: attention::Params,
     },
     Glu {
@@ -187,6 +203,8 @@ enum Fast {
     /// RoPE of q, RoPE of k and the KV append (three program ops).
     RopeKv {
         bg: wgpu::BindGroup,
+        /// For slot steps.
+        bat: wgpu::BindGroup,
         params: rope::KvParams,
         info: StepOp,
     },
@@ -239,9 +257,28 @@ pub struct StepOp {
     pub window: usize,
 }
 
+/// How a pass places its rows (see [`Model::decode_batch`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// The single sequence: row t at position `pos_offset + t` of slot 0.
+    Seq,
+    /// Rows of one slot's prefill, placed by the batched step; the same
+    /// kernel paths as `Seq` for the same token count.
+    SlotPrefill,
+    /// One row per sequence (a batched decode step): every per-row
+    /// reduction in the order of a one-row step, whatever the batch.
+    SlotDecode,
+}
+
 /// Activation buffers, sized for `max_batch` tokens.
 struct Buffers {
     step: wgpu::Buffer,
+    /// The batched step of slot passes (`kv_copy::rows_prelude`): a `Step`,
+    /// then (slot, position) per row, for up to `max_rows` rows.
+    bstep: wgpu::Buffer,
+    max_rows: u32,
+    /// Logits of a batched decode step, `[slots, vocab]`.
+    batch_logits_staging: wgpu::Buffer,
     step_one: wgpu::Buffer,
     ids: wgpu::Buffer,
     /// Every program buffer, plus the residual stream's two halves and the
@@ -365,6 +402,8 @@ pub struct Model {
     _rope_tables: Vec<(RopeTable, RopeTables)>,
     /// Tokens already in the KV cache.
     pos: usize,
+    /// Tokens cached per sequence slot; slot 0's count is `pos`.
+    slot_pos: Vec<usize>,
     faults: Faults,
 }
 
@@ -373,6 +412,7 @@ struct Rec {
     enc: Option<wgpu::CommandEncoder>,
     pass: Option<wgpu::ComputePass<'static>>,
     taps: Option<TapPlan>,
+    mode: Mode,
 }
 
 struct TapPlan {
@@ -387,6 +427,7 @@ impl Rec {
             enc: Some(gpu.encoder()),
             pass: None,
             taps,
+            mode: Mode::Seq,
         }
     }
     fn pass(&mut self) -> &mut wgpu::ComputePass<'static> {
@@ -445,7 +486,13 @@ impl Model {
     pub fn from_checkpoint(gpu: Arc<Gpu>, ckpt: &Checkpoint, opts: &ModelOptions) -> Result<Self> {
         let cfg = ckpt.config.clone();
         let plan = MemoryPlan::new(&cfg, ckpt, opts.dtype, &gpu.caps)?;
-        plan.device_memory(&cfg, opts.max_context, opts.max_batch, &gpu.caps)?;
+        plan.device_memory_slots(
+            &cfg,
+            opts.max_context,
+            opts.max_batch,
+            opts.slots,
+            &gpu.caps,
+        )?;
         let mut weights = Weights::upload(&gpu, ckpt, &plan)?;
         apply_weight_faults(&gpu, &mut weights, &opts.faults)?;
         Self::build(gpu, cfg, weights, opts)
@@ -462,8 +509,10 @@ impl Model {
         let hd = cfg.head_dim;
         let nkv = cfg.num_key_value_heads;
         let batch = opts.max_batch.max(1);
-        // KV cache: one binding per layer for K and for V, [n_kv, ctx, hd] f32.
-        let per_pos = (nkv * hd * 4) as u64;
+        let slots = opts.slots.max(1);
+        // KV cache: one binding per layer for K and for V, [slots, n_kv, ctx,
+        // hd] f32.
+        let per_pos = (nkv * hd * 4 * slots) as u64;
         let ctx_cap = (g.caps.max_binding / per_pos) as usize;
         let max_context = match opts.max_context {
             Some(c) => c,
@@ -473,6 +522,16 @@ impl Model {
             return Err(Error::invalid("max context must be at least 1"));
         }
         let logits_rows = ((g.caps.max_binding / (vocab as u64 * 4)) as usize).clamp(1, batch);
+        if slots > batch || slots > logits_rows {
+            return Err(Error::invalid(format!(
+                "{slots} sequence slots: a batched decode step runs one row per slot, but the \
+                 activation buffers hold {batch} rows (max_batch) and the logits buffer {logits_rows}; \
+                 use at most {} slots",
+                batch.min(logits_rows)
+            )));
+        }
+        // Rows a batched step describes: a prefill chunk or a decode step.
+        let max_rows = batch.max(slots) as u32;
         let f = opts.faults;
         let mut program = Program::new(&cfg);
         apply_program_faults(&mut program, &f);
@@ -485,6 +544,10 @@ impl Model {
             rope_kv: RopeKv::with_faults(g, f.rope_interleaved)?,
             attention: Attention::with_faults(g, hd, f.gqa_modulo)?,
             kv_copy: KvCopy::new(g)?,
+            rope_b: Rope::with_rows(g, f.rope_interleaved, Some(max_rows))?,
+            rope_kv_b: RopeKv::with_rows(g, f.rope_interleaved, Some(max_rows))?,
+            attention_b: Attention::batched(g, hd, f.gqa_modulo, max_rows, slots as u32)?,
+            kv_copy_b: KvCopy::with_rows(g, Some(max_rows))?,
             glu: Cache(Vec::new()),
             add: Elementwise::new(g, Binary::Add)?,
             add_norm: Cache(Vec::new()),
@@ -521,6 +584,14 @@ impl Model {
         acts.push(f32_buf(g, "last", hidden));
         let mut b = Buffers {
             step: g.uniform("step", &Step::new(0, 0))?,
+            bstep: g.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("batch step"),
+                size: kv_copy::batch_step_bytes(max_rows),
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+            max_rows,
+            batch_logits_staging: g.staging("batch_logits_staging", (slots * vocab * 4) as u64),
             step_one: g.uniform("step_one", &Step::new(1, 0))?,
             ids: g.storage("ids", (batch * 4) as u64),
             acts,
@@ -568,7 +639,7 @@ impl Model {
         let mut fast = Vec::new();
         let mut envs = Vec::new();
         for (i, ops) in program.layers.iter().enumerate() {
-            let cache = KvCache::new(g, kv_params)?;
+            let cache = KvCache::with_slots(g, kv_params, slots)?;
             let env = Env {
                 stream: b.h[i % 2],
                 stream_out: b.h[(i + 1) % 2],
@@ -642,6 +713,7 @@ impl Model {
             kv,
             _rope_tables: tables,
             pos: 0,
+            slot_pos: vec![0; slots],
             faults: f,
         })
     }
@@ -773,7 +845,49 @@ impl Model {
 
     /// Dispatch one bound op over `n` tokens into `pass`.
     fn dispatch(&self, bound: &Bound, pass: &mut wgpu::ComputePass<'_>, n: u32) -> Result<()> {
+        self.dispatch_mode(bound, pass, n, Mode::Seq)
+    }
+
+    /// [`Self::dispatch`] for a pass of `mode`: slot passes take the
+    /// position-aware ops' batched bindings, and a batched decode step keeps
+    /// every row's reductions in the order of a one-row step.
+    fn dispatch_mode(
+        &self,
+        bound: &Bound,
+        pass: &mut wgpu::ComputePass<'_>,
+        n: u32,
+        mode: Mode,
+    ) -> Result<()> {
         let (g, k) = (&*self.gpu, &self.k);
+        match (bound, mode) {
+            (Bound::Linear { key, b }, Mode::SlotDecode) => {
+                k.linear.get(*key).encode_path(
+                    g,
+                    pass,
+                    b,
+                    n,
+                    crate::ops::matmul::LinearPath::Gemv,
+                )?;
+                return Ok(());
+            }
+            (Bound::Rope { bat, params, .. }, Mode::SlotPrefill | Mode::SlotDecode) => {
+                k.rope_b.encode(g, pass, bat, params, n);
+                return Ok(());
+            }
+            (Bound::KvAppend { bat, .. }, Mode::SlotPrefill | Mode::SlotDecode) => {
+                k.kv_copy_b.encode(g, pass, bat, &self.kv_params, n);
+                return Ok(());
+            }
+            (Bound::Attention { bat, params, .. }, Mode::SlotPrefill) => {
+                k.attention_b.encode(g, pass, bat, params, n);
+                return Ok(());
+            }
+            (Bound::Attention { bat, params, .. }, Mode::SlotDecode) => {
+                k.attention_b.encode_decode(g, pass, bat, params, n);
+                return Ok(());
+            }
+            _ => {}
+        }
         match bound {
             Bound::Embed(b) => k.embed.encode(g, pass, b, n),
             Bound::Norm {
@@ -782,9 +896,9 @@ impl Model {
                 rows_per_token,
             } => k.norm.get(*key).encode(g, pass, bg, n * rows_per_token),
             Bound::Linear { key, b } => k.linear.get(*key).encode(g, pass, b, n)?,
-            Bound::Rope { bg, params } => k.rope.encode(g, pass, bg, params, n),
-            Bound::KvAppend(bg) => k.kv_copy.encode(g, pass, bg, &self.kv_params, n),
-            Bound::Attention { bg, params } => k.attention.encode(g, pass, bg, params, n),
+            Bound::Rope { bg, params, .. } => k.rope.encode(g, pass, bg, params, n),
+            Bound::KvAppend { bg, .. } => k.kv_copy.encode(g, pass, bg, &self.kv_params, n),
+            Bound::Attention { bg, params, .. } => k.attention.encode(g, pass, bg, params, n),
             Bound::Glu { act, bg, width } => k.glu.get(*act).encode(g, pass, bg, n, *width),
             Bound::Add { bg, width } => k.add.encode(g, pass, bg, n, *width),
             Bound::Softcap { bg, width } => k.softcap.get(()).encode(g, pass, bg, n, *width),
@@ -799,8 +913,22 @@ impl Model {
 
     /// Dispatch a fused fast-path item over `n` tokens.
     fn encode_fused(&self, f: &Fast, pass: &mut wgpu::ComputePass<'_>, n: u32) -> Result<()> {
+        self.encode_fused_mode(f, pass, n, Mode::Seq)
+    }
+
+    /// [`Self::encode_fused`] for a pass of `mode`.
+    fn encode_fused_mode(
+        &self,
+        f: &Fast,
+        pass: &mut wgpu::ComputePass<'_>,
+        n: u32,
+        mode: Mode,
+    ) -> Result<()> {
         let g = &*self.gpu;
         match f {
+            Fast::RopeKv { bat, params, .. } if mode != Mode::Seq => {
+                self.k.rope_kv_b.encode(g, pass, bat, params, n)
+            }
             Fast::RopeKv { bg, params, .. } => self.k.rope_kv.encode(g, pass, bg, params, n),
             Fast::AddNorm { key, bg, .. } => self.k.add_norm.get(*key).encode(g, pass, bg, n),
             Fast::Op(_) => {
@@ -820,7 +948,10 @@ impl Model {
                 r.enc()
                     .copy_buffer_to_buffer(x, 0, y, 0, row_bytes * n as u64);
             }
-            b => self.dispatch(b, r.pass(), n)?,
+            b => {
+                let mode = r.mode;
+                self.dispatch_mode(b, r.pass(), n, mode)?
+            }
         }
         if let Some((name, buf, width)) = &op.tap {
             r.tap(|| name.clone(), &self.b.acts[*buf], n as usize, *width);
@@ -889,7 +1020,10 @@ impl Model {
                 for f in fast {
                     match f {
                         Fast::Op(j) => self.encode_op(&ops[*j], r, n)?,
-                        f => self.encode_fused(f, r.pass(), n)?,
+                        f => {
+                            let mode = r.mode;
+                            self.encode_fused_mode(f, r.pass(), n, mode)?
+                        }
                     }
                 }
             }
@@ -1317,12 +1451,16 @@ impl BindCtx<'_> {
                         .1;
                     let params = rope::Params::new(heads, c.head_dim, self.max_context)?;
                     let bg = k.rope.bind(g, &params, step, buf(x), t, buf(y))?;
-                    Bound::Rope { bg, params }
+                    let bat = k.rope_b.bind(g, &params, &b.bstep, buf(x), t, buf(y))?;
+                    Bound::Rope { bg, bat, params }
                 }
                 OpKind::KvAppend { k: kb, v } => {
                     let cache = cache_of()?;
                     info.dispatches = 1;
-                    Bound::KvAppend(k.kv_copy.bind(g, step, buf(kb), buf(v), cache)?)
+                    Bound::KvAppend {
+                        bg: k.kv_copy.bind(g, step, buf(kb), buf(v), cache)?,
+                        bat: k.kv_copy_b.bind(g, &b.bstep, buf(kb), buf(v), cache)?,
+                    }
                 }
                 OpKind::Attention {
                     q,
@@ -1334,10 +1472,13 @@ impl BindCtx<'_> {
                     let bg = k
                         .attention
                         .bind(g, &params, step, buf(q), cache_of()?, buf(y))?;
+                    let bat =
+                        k.attention_b
+                            .bind(g, &params, &b.bstep, buf(q), cache_of()?, buf(y))?;
                     info.dispatches = k.attention.dispatches(1);
                     info.kv_bytes_per_position = (2 * c.kv_dim() * 4) as u64;
                     info.window = window;
-                    Bound::Attention { bg, params }
+                    Bound::Attention { bg, bat, params }
                 }
                 OpKind::Glu { gate, up, y, act } => {
                     let width = y.width(c);
@@ -1522,6 +1663,15 @@ impl BindCtx<'_> {
                 buf(qy),
                 cache,
             )?;
+            let bat = k.rope_kv_b.bind(
+                g,
+                &params,
+                &b.bstep,
+                [buf(qx), buf(kx), buf(v)],
+                t,
+                buf(qy),
+                cache,
+            )?;
             let info = StepOp {
                 class: "rope+kv (fused)",
                 dispatches: 1,
@@ -1529,7 +1679,12 @@ impl BindCtx<'_> {
                 kv_bytes_per_position: 0,
                 window: 0,
             };
-            out.push(Fast::RopeKv { bg, params, info });
+            out.push(Fast::RopeKv {
+                bg,
+                bat,
+                params,
+                info,
+            });
             j += 3;
         }
         Ok(out)
@@ -1574,4 +1729,195 @@ fn apply_weight_faults(gpu: &Gpu, w: &mut Weights, f: &Faults) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Sequence slots and the batched decode step (issue #10): `slots`
+/// independent sequences, each with its own region of every layer's KV
+/// cache; slot 0 is the sequence of `forward_*`/`decode_greedy`.
+impl Model {
+    /// Sequence slots (KV cache regions) this model holds.
+    pub fn slots(&self) -> usize {
+        self.slot_pos.len()
+    }
+
+    /// Tokens cached in `slot` (0 for a bad index; see [`Self::check_slot`]).
+    pub fn slot_position(&self, slot: usize) -> usize {
+        match slot {
+            0 => self.pos,
+            s => self.slot_pos.get(s).copied().unwrap_or(0),
+        }
+    }
+
+    fn set_slot_position(&mut self, slot: usize, n: usize) {
+        match slot {
+            0 => self.pos = n,
+            s => self.slot_pos[s] = n,
+        }
+    }
+
+    fn check_slot(&self, slot: usize) -> Result<()> {
+        if slot >= self.slots() {
+            return Err(Error::invalid(format!(
+                "sequence slot {slot} does not exist: the model has {} slot(s) (0..{})",
+                self.slots(),
+                self.slots()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Keep the first `n` tokens cached in `slot` (prefix reuse); 0 resets
+    /// it. Positions past `n` are overwritten later (attention reads only
+    /// a slot's first `position` entries).
+    pub fn slot_truncate(&mut self, slot: usize, n: usize) -> Result<()> {
+        self.check_slot(slot)?;
+        let have = self.slot_position(slot);
+        if n > have {
+            return Err(Error::invalid(format!(
+                "cannot keep {n} cached tokens of sequence slot {slot}: only {have} are cached"
+            )));
+        }
+        self.set_slot_position(slot, n);
+        Ok(())
+    }
+
+    fn check_slot_tokens(&self, slot: usize, tokens: &[u32]) -> Result<()> {
+        self.check_slot(slot)?;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(Error::invalid(format!(
+                "sequence slot {slot}: token id {bad} is outside the vocabulary (vocab_size {})",
+                self.cfg.vocab_size
+            )));
+        }
+        let pos = self.slot_position(slot);
+        if pos + tokens.len() > self.max_context {
+            return Err(Error::invalid(format!(
+                "sequence slot {slot} is full: {pos} tokens cached + {} new > max context {}",
+                tokens.len(),
+                self.max_context
+            )));
+        }
+        Ok(())
+    }
+
+    /// Appends `tokens` to `slot`'s cache (prefill, in `max_batch` chunks)
+    /// and returns the last position's logits (`vocab_size` f32). The same
+    /// kernels on the same paths as [`Self::forward_logits`]: slot 0 from
+    /// the same position gives bit-identical logits, and so does any slot.
+    pub fn prefill_slot(&mut self, slot: usize, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check_slot_tokens(slot, tokens)?;
+        if tokens.is_empty() {
+            return Err(Error::invalid(format!(
+                "sequence slot {slot}: no tokens to prefill"
+            )));
+        }
+        let n_chunks = tokens.len().div_ceil(self.max_batch);
+        for (ci, chunk) in tokens.chunks(self.max_batch).enumerate() {
+            let last = ci + 1 == n_chunks;
+            let pos = self.slot_position(slot);
+            let rows: Vec<(usize, usize)> = (0..chunk.len()).map(|i| (slot, pos + i)).collect();
+            let mut r = self.record_slots(chunk, &rows, Mode::SlotPrefill)?;
+            self.encode_body(&mut r, chunk.len() as u32, last.then_some(Logits::Last))?;
+            if last {
+                let b = &self.b;
+                let len = (self.cfg.vocab_size * 4) as u64;
+                r.enc().copy_buffer_to_buffer(
+                    &b.acts[b.index[&Buf::Logits]],
+                    0,
+                    &b.logits_staging,
+                    0,
+                    len,
+                );
+            }
+            self.gpu.queue.submit([r.finish().0]);
+            self.set_slot_position(slot, pos + chunk.len());
+        }
+        let len = (self.cfg.vocab_size * 4) as u64;
+        let bytes = self.gpu.map_staging(&self.b.logits_staging, len)?;
+        Ok(bytemuck::cast_slice(&bytes).to_vec())
+    }
+
+    /// ONE forward pass advancing every listed `(slot, token)` by one token:
+    /// row i is `steps[i]`'s token at its slot's position, attending to its
+    /// slot's cache only. Returns each entry's logits, in the same order.
+    /// The linear layers run over all rows in one dispatch per weight, and
+    /// every row is reduced in the order of a one-row step, so a sequence's
+    /// logits are bit-identical whether it runs alone or beside others.
+    pub fn decode_batch(&mut self, steps: &[(usize, u32)]) -> Result<Vec<Vec<f32>>> {
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut seen = vec![false; self.slots()];
+        for &(slot, tok) in steps {
+            self.check_slot_tokens(slot, &[tok])?;
+            if std::mem::replace(&mut seen[slot], true) {
+                return Err(Error::invalid(format!(
+                    "sequence slot {slot} appears twice in one decode batch"
+                )));
+            }
+        }
+        let n = steps.len();
+        let tokens: Vec<u32> = steps.iter().map(|s| s.1).collect();
+        let rows: Vec<(usize, usize)> = steps
+            .iter()
+            .map(|&(s, _)| (s, self.slot_position(s)))
+            .collect();
+        let mut r = self.record_slots(&tokens, &rows, Mode::SlotDecode)?;
+        self.encode_body(&mut r, n as u32, Some(Logits::All))?;
+        let vocab = self.cfg.vocab_size;
+        let len = (n * vocab * 4) as u64;
+        {
+            let b = &self.b;
+            r.enc().copy_buffer_to_buffer(
+                &b.acts[b.index[&Buf::Logits]],
+                0,
+                &b.batch_logits_staging,
+                0,
+                len,
+            );
+        }
+        self.gpu.queue.submit([r.finish().0]);
+        let bytes = self.gpu.map_staging(&self.b.batch_logits_staging, len)?;
+        for &(s, p) in &rows {
+            self.set_slot_position(s, p + 1);
+        }
+        let all: &[f32] = bytemuck::cast_slice(&bytes);
+        Ok(all.chunks(vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Write the uniforms and ids of a slot pass over `tokens`, row i at
+    /// `rows[i]` = (slot, position), and start its recording.
+    fn record_slots(&self, tokens: &[u32], rows: &[(usize, usize)], mode: Mode) -> Result<Rec> {
+        let g: &Gpu = &self.gpu;
+        let n = tokens.len();
+        if n == 0 || n > self.b.max_rows as usize || n > self.max_batch {
+            return Err(Error::invalid(format!(
+                "a slot pass of {n} rows: expected 1..={}",
+                self.max_batch.min(self.b.max_rows as usize)
+            )));
+        }
+        let (_, first) = rows[0];
+        let (_, last) = rows[n - 1];
+        let head = Step::new(n as u32, first as u32);
+        let mut bstep: Vec<u8> = bytemuck::bytes_of(&head).to_vec();
+        for &(slot, pos) in rows {
+            let row = kv_copy::RowPos {
+                slot: slot as u32,
+                pos: pos as u32,
+                _p: [0; 2],
+            };
+            bstep.extend_from_slice(bytemuck::bytes_of(&row));
+        }
+        g.queue.write_buffer(&self.b.bstep, 0, &bstep);
+        g.queue
+            .write_buffer(&self.b.step, 0, bytemuck::bytes_of(&head));
+        g.queue
+            .write_buffer(&self.b.ids, 0, bytemuck::cast_slice(tokens));
+        let last_step = Step::new(1, last as u32);
+        g.queue
+            .write_buffer(&self.b.step_one, 0, bytemuck::bytes_of(&last_step));
+        let mut r = Rec::new(g, None);
+        r.mode = mode;
+        Ok(r)
+    }
 }

@@ -128,6 +128,7 @@ pub fn run(gpu: Arc<Gpu>, o: &VerifyOptions) -> Result<VerifyResult> {
         max_batch: tokens.len(),
         dtype,
         faults: o.faults,
+        ..Default::default()
     };
     let mut model = Model::from_checkpoint(gpu.clone(), &ckpt, &opts)?;
     let got = model.forward_taps(&tokens)?;

@@ -483,19 +483,37 @@ impl MemoryPlan {
         max_batch: usize,
         caps: &Caps,
     ) -> Result<DeviceMemory> {
+        self.device_memory_slots(cfg, max_context, max_batch, 1, caps)
+    }
+
+    /// [`MemoryPlan::device_memory`] for `slots` independent sequences: each
+    /// layer's K and V buffer holds `slots` regions of `max_context`
+    /// positions (the default context shrinks so that they fit one binding),
+    /// and `kv_cache` / `kv_layer` count all of them.
+    pub fn device_memory_slots(
+        &self,
+        cfg: &ModelConfig,
+        max_context: Option<usize>,
+        max_batch: usize,
+        slots: usize,
+        caps: &Caps,
+    ) -> Result<DeviceMemory> {
         let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0));
         let limit = caps.max_binding.min(caps.max_buffer);
-        let context = max_context.unwrap_or_else(|| default_context(cfg, caps));
+        let slots = slots.max(1) as u64;
+        let per_pos = (cfg.num_key_value_heads as u64) * (cfg.head_dim as u64) * 4 * slots;
+        let context = max_context.unwrap_or_else(|| {
+            default_context(cfg, caps).min((caps.max_binding / per_pos.max(1)) as usize)
+        });
         if context == 0 {
             return Err(Error::invalid("max context must be at least 1"));
         }
-        let per_pos = (cfg.num_key_value_heads as u64) * (cfg.head_dim as u64) * 4;
         let fit = limit / per_pos.max(1);
         let kv_layer = per_pos.checked_mul(context as u64);
         if kv_layer.is_none_or(|b| b > limit) {
             return Err(Error::invalid(format!(
                 "a context of {context} tokens needs a KV cache buffer of {} per layer for K and again for V \
-                 ({} KV heads × head_dim {} × 4 bytes = {per_pos} bytes per token), but this device binds at most {} \
+                 ({} KV heads × head_dim {} × 4 bytes × {slots} sequence slot(s) = {per_pos} bytes per token), but this device binds at most {} \
                  ({limit} bytes) in one buffer; use --max-context {fit} or less",
                 kv_layer.map_or_else(|| "more than 2^64 bytes".into(), mib),
                 cfg.num_key_value_heads,

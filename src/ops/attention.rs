@@ -209,6 +209,11 @@ pub struct Attention {
     /// The adapter is llvmpipe (see [`LLVMPIPE_MAX_LOOP_ITERATIONS`]).
     llvmpipe: bool,
     max_workgroup_storage: u32,
+    /// The step kind the kernels read (`kv_copy::rows_prelude`).
+    max_rows: Option<u32>,
+    /// Most tokens of a decode step ([`Attention::encode_decode`]) that take
+    /// the split path (partials are sized for them).
+    split_rows: u32,
     combine: Kernel,
     /// Compiled on first bind per heads-per-workgroup (at load).
     variants: Mutex<Vec<Arc<Variant>>>,
@@ -233,7 +238,7 @@ impl Attention {
     /// of 4 (q, K and V are read as vec4), at most [`MAX_HEAD_DIM`] and at
     /// most 16 * wg (4 vec4 columns per invocation).
     pub fn with_shape(gpu: &Gpu, head_dim: usize, shape: Shape) -> Result<Self> {
-        Self::build(gpu, head_dim, shape, false)
+        Self::build(gpu, head_dim, shape, false, None, SPLIT_MAX_TOKENS)
     }
 
     /// [`Attention::new`] with a deliberately wrong GQA mapping (query head
@@ -242,10 +247,35 @@ impl Attention {
     pub fn with_faults(gpu: &Gpu, head_dim: usize, gqa_modulo: bool) -> Result<Self> {
         let mut shape = Shape::for_profile(gpu.caps.kernels);
         shape.wg = shape.wg.min(gpu.caps.max_invocations / 4 * 4).max(4);
-        Self::build(gpu, head_dim, shape, gqa_modulo)
+        Self::build(gpu, head_dim, shape, gqa_modulo, None, SPLIT_MAX_TOKENS)
     }
 
-    fn build(gpu: &Gpu, head_dim: usize, shape: Shape, gqa_modulo: bool) -> Result<Self> {
+    /// The kernels for batched steps (`kv_copy::rows_prelude(Some(max_rows))`:
+    /// each row at its own position in its own KV slot), with decode steps
+    /// of up to `decode_rows` rows always on the split path, so that a row's
+    /// result does not depend on how many rows share its step.
+    #[doc(hidden)]
+    pub fn batched(
+        gpu: &Gpu,
+        head_dim: usize,
+        gqa_modulo: bool,
+        max_rows: u32,
+        decode_rows: u32,
+    ) -> Result<Self> {
+        let mut shape = Shape::for_profile(gpu.caps.kernels);
+        shape.wg = shape.wg.min(gpu.caps.max_invocations / 4 * 4).max(4);
+        let split_rows = decode_rows.max(SPLIT_MAX_TOKENS);
+        Self::build(gpu, head_dim, shape, gqa_modulo, Some(max_rows), split_rows)
+    }
+
+    fn build(
+        gpu: &Gpu,
+        head_dim: usize,
+        shape: Shape,
+        gqa_modulo: bool,
+        max_rows: Option<u32>,
+        split_rows: u32,
+    ) -> Result<Self> {
         let wg = shape.wg;
         if wg == 0 || wg % 4 != 0 || wg > gpu.caps.max_invocations {
             return Err(Error::invalid(format!(
@@ -284,6 +314,8 @@ impl Attention {
             gqa_modulo,
             llvmpipe: gpu.name().to_lowercase().contains("llvmpipe"),
             max_workgroup_storage: gpu.caps.max_workgroup_storage,
+            max_rows,
+            split_rows,
             combine,
             variants: Mutex::new(Vec::new()),
         };
@@ -328,6 +360,7 @@ impl Attention {
         let (g, dpt4) = layout(self.head_dim, wg);
         let h = hpw as u32;
         let red = if g > 1 { h * wg } else { 1 };
+        let src = format!("{}{SRC}", crate::ops::kv_copy::rows_prelude(self.max_rows));
         let compile = |splits: u32, partial: bool| {
             gpu.kernel(
                 if partial {
@@ -335,7 +368,7 @@ impl Attention {
                 } else {
                     "attention"
                 },
-                SRC,
+                &src,
                 "main",
                 &[
                     ("WG", wg as f64),
@@ -418,15 +451,20 @@ impl Attention {
     /// Dispatches one step of `n_tokens` tokens encodes (2 for a split
     /// decode step: the partial pass and the combine).
     pub fn dispatches(&self, n_tokens: u32) -> usize {
-        if self.splits_step(n_tokens) {
+        if self.splits_step(n_tokens, false) {
             2
         } else {
             1
         }
     }
 
-    fn splits_step(&self, n_tokens: u32) -> bool {
-        self.shape.splits > 1 && n_tokens <= SPLIT_MAX_TOKENS
+    fn splits_step(&self, n_tokens: u32, decode: bool) -> bool {
+        let max = if decode {
+            self.split_rows
+        } else {
+            SPLIT_MAX_TOKENS
+        };
+        self.shape.splits > 1 && n_tokens <= max
     }
 
     /// Bindings: params (created here), step, q `[n_tokens, n_heads *
@@ -494,7 +532,7 @@ impl Attention {
         // head_dim / 4 + 1 vec4.
         let part = gpu.storage(
             "attention partials",
-            SPLIT_MAX_TOKENS as u64
+            self.split_rows as u64
                 * params.n_heads as u64
                 * self.shape.splits as u64
                 * (self.head_dim as u64 / 4 + 1)
@@ -521,9 +559,36 @@ impl Attention {
         params: &Params,
         n_tokens: u32,
     ) {
+        self.encode_as(gpu, pass, bind, params, n_tokens, false)
+    }
+
+    /// [`Attention::encode`] for a batched decode step of `n_tokens` rows
+    /// (each its own sequence): the split path for up to `decode_rows` rows
+    /// (see [`Attention::batched`]), as for one row, so every row is reduced
+    /// in the same order whatever the batch.
+    pub fn encode_decode(
+        &self,
+        gpu: &Gpu,
+        pass: &mut wgpu::ComputePass<'_>,
+        bind: &Binding,
+        params: &Params,
+        n_tokens: u32,
+    ) {
+        self.encode_as(gpu, pass, bind, params, n_tokens, true)
+    }
+
+    fn encode_as(
+        &self,
+        gpu: &Gpu,
+        pass: &mut wgpu::ComputePass<'_>,
+        bind: &Binding,
+        params: &Params,
+        n_tokens: u32,
+        decode: bool,
+    ) {
         let chunks = params.group() as u32 / bind.variant.hpw;
         let wgs = n_tokens * params.n_kv_heads * chunks;
-        if self.splits_step(n_tokens) {
+        if self.splits_step(n_tokens, decode) {
             gpu.dispatch_in(
                 pass,
                 &bind.variant.partial,

@@ -11,6 +11,46 @@ use crate::gpu::{Gpu, Kernel, Step};
 pub const SRC: &str = include_str!("../../shaders/kv_copy.wgsl");
 const WG: u32 = 64;
 
+/// One row of a batched step: the KV slot the row's sequence owns and the
+/// row's position in that sequence (a `vec4<u32>` of the uniform array).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RowPos {
+    pub slot: u32,
+    pub pos: u32,
+    pub _p: [u32; 2],
+}
+
+/// Bytes of the batched step uniform for `max_rows` rows: a [`Step`]
+/// followed by one [`RowPos`] per row (see [`rows_prelude`]).
+pub fn batch_step_bytes(max_rows: u32) -> u64 {
+    std::mem::size_of::<Step>() as u64 + max_rows as u64 * 16
+}
+
+/// WGSL prelude of the position-aware kernels (rope, rope_kv, kv_copy,
+/// attention): the type of their step uniform (`StepT`) and where row `t`
+/// sits (`row_pos`, `row_slot`). `None`: the plain [`Step`], row t at
+/// `pos_offset + t` of slot 0, exactly the arithmetic of a single sequence.
+/// `Some(n)`: a batched step (a `Step` then `n` [`RowPos`]), each row at its
+/// own position in its own KV slot; the slot's region of a cache buffer
+/// starts at `slot * n_kv_heads * max_ctx * head_dim`.
+pub fn rows_prelude(max_rows: Option<u32>) -> String {
+    match max_rows {
+        None => "alias StepT = Step;\n\
+                 fn row_pos(t: u32) -> u32 { return step.pos_offset + t; }\n\
+                 fn row_slot(t: u32) -> u32 { return 0u; }\n"
+            .to_string(),
+        Some(n) => format!(
+            "struct BatchStep {{ n_tokens: u32, pos_offset: u32, kv_len: u32, _pad: u32, \
+             rows: array<vec4<u32>, {n}>, }}\n\
+             alias StepT = BatchStep;\n\
+             fn row_pos(t: u32) -> u32 {{ return step.rows[t].y; }}\n\
+             fn row_slot(t: u32) -> u32 {{ return step.rows[t].x; }}\n",
+            n = n.max(1)
+        ),
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Params {
@@ -59,23 +99,42 @@ impl Params {
     }
 }
 
-/// One layer's K and V cache buffers, f32 `[n_kv_heads, max_ctx, head_dim]`.
+/// One layer's K and V cache buffers, f32 `[slots, n_kv_heads, max_ctx,
+/// head_dim]`: one region per sequence slot (slot 0 first).
 pub struct KvCache {
     pub k: wgpu::Buffer,
     pub v: wgpu::Buffer,
     pub params: Params,
+    /// Sequence slots (regions of `params.cache_bytes()` each).
+    pub slots: u32,
 }
 
 impl KvCache {
     /// Allocate zeroed K and V buffers; errors when one does not fit in a
     /// storage binding (attention binds each whole).
     pub fn new(gpu: &Gpu, params: Params) -> Result<Self> {
+        Self::with_slots(gpu, params, 1)
+    }
+
+    /// [`KvCache::new`] with `slots` regions per buffer.
+    pub fn with_slots(gpu: &Gpu, params: Params, slots: usize) -> Result<Self> {
         check_cache_fits(gpu, &params)?;
-        let bytes = params.cache_bytes();
+        let total = (slots.max(1) as u64)
+            .checked_mul(params.cache_bytes())
+            .filter(|&b| b <= gpu.caps.max_binding)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "kv cache: {slots} sequence slots x {} bytes per layer for K (and V) exceed the \
+                     device's max storage binding of {} bytes; use fewer slots or a shorter context",
+                    params.cache_bytes(),
+                    gpu.caps.max_binding
+                ))
+            })?;
         Ok(KvCache {
-            k: gpu.storage("k cache", bytes),
-            v: gpu.storage("v cache", bytes),
+            k: gpu.storage("k cache", total),
+            v: gpu.storage("v cache", total),
             params,
+            slots: slots.max(1) as u32,
         })
     }
 }
@@ -104,7 +163,14 @@ pub struct KvCopy {
 
 impl KvCopy {
     pub fn new(gpu: &Gpu) -> Result<Self> {
-        let kernel = gpu.kernel("kv_copy", SRC, "main", &[("WG", WG as f64)])?;
+        Self::with_rows(gpu, None)
+    }
+
+    /// The kernel for a step of [`rows_prelude`]'s kind (`Some(n)`: batched
+    /// rows, each in its own slot at its own position).
+    pub fn with_rows(gpu: &Gpu, max_rows: Option<u32>) -> Result<Self> {
+        let src = format!("{}{SRC}", rows_prelude(max_rows));
+        let kernel = gpu.kernel("kv_copy", &src, "main", &[("WG", WG as f64)])?;
         Ok(KvCopy { kernel })
     }
 

@@ -235,9 +235,17 @@ impl Rope {
     /// (2j, 2j+1) instead of (i, i + d/2): for verify's self-tests only.
     #[doc(hidden)]
     pub fn with_faults(gpu: &Gpu, interleaved: bool) -> Result<Self> {
+        Self::with_rows(gpu, interleaved, None)
+    }
+
+    /// The kernel for a step of `kv_copy::rows_prelude`'s kind (`Some(n)`:
+    /// batched rows, each at its own position).
+    #[doc(hidden)]
+    pub fn with_rows(gpu: &Gpu, interleaved: bool, max_rows: Option<u32>) -> Result<Self> {
+        let src = format!("{}{SRC}", crate::ops::kv_copy::rows_prelude(max_rows));
         let kernel = gpu.kernel(
             "rope",
-            SRC,
+            &src,
             "main",
             &[
                 ("WG", WG as f64),
@@ -320,9 +328,17 @@ pub struct RopeKv {
 impl RopeKv {
     /// With `interleaved`, [`Rope::with_faults`]'s deliberate bug.
     pub fn with_faults(gpu: &Gpu, interleaved: bool) -> Result<Self> {
+        Self::with_rows(gpu, interleaved, None)
+    }
+
+    /// The kernel for a step of `kv_copy::rows_prelude`'s kind (`Some(n)`:
+    /// batched rows, each at its own position in its own KV slot).
+    #[doc(hidden)]
+    pub fn with_rows(gpu: &Gpu, interleaved: bool, max_rows: Option<u32>) -> Result<Self> {
+        let src = format!("{}{SRC_KV}", crate::ops::kv_copy::rows_prelude(max_rows));
         let kernel = gpu.kernel(
             "rope_kv",
-            SRC_KV,
+            &src,
             "main",
             &[
                 ("WG", WG as f64),
