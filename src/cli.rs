@@ -677,7 +677,7 @@ pub fn serve(gpu_opts: &GpuOptions, a: ServeArgs) -> anyhow::Result<ExitCode> {
     let gpu_opts = gpu_opts.clone();
     let m = a.model.clone();
     let parallel = a.parallel;
-    let load = move || -> crate::Result<crate::serve::Loaded<crate::serve::ModelEngine>> {
+    let load = move || -> crate::Result<crate::serve::Loaded<crate::model::Model>> {
         let dir = crate::fetch::resolve_model(m.model.as_deref(), &Default::default())?;
         let gpu = std::sync::Arc::new(Gpu::new(&gpu_opts)?);
         let tok = crate::tokenizer::Tokenizer::from_dir(&dir)?;
@@ -685,20 +685,20 @@ pub fn serve(gpu_opts: &GpuOptions, a: ServeArgs) -> anyhow::Result<ExitCode> {
         let mopts = crate::model::ModelOptions {
             max_context: m.max_context,
             dtype,
+            slots: parallel,
             ..Default::default()
         };
-        let _ = parallel;
         let model = crate::model::Model::load(gpu, &dir, &mopts)?;
         let stop_ids = crate::generate::eos_ids(&dir, &model.cfg.eos_token_ids)?;
         eprintln!(
             "wgllm serve: loaded {} on {} ({} sequence(s) of {} tokens)",
             dir.display(),
             model.gpu.name(),
-            1,
+            model.slots(),
             model.max_context
         );
         Ok(crate::serve::Loaded {
-            engine: crate::serve::ModelEngine(model),
+            engine: model,
             tok,
             template,
             stop_ids,

@@ -325,28 +325,31 @@ fn parse_messages(v: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError> {
                 format!("`{p}`: expected an object, got {}", type_name(m)),
             ));
         };
-        let role = match o.get("role") {
-            Some(Value::String(r)) if ["system", "developer", "user", "assistant"].contains(&r.as_str()) => {
-                // The templates know `system`; OpenAI's newer name for it.
-                if r == "developer" {
-                    "system".to_string()
-                } else {
-                    r.clone()
+        let role =
+            match o.get("role") {
+                Some(Value::String(r))
+                    if ["system", "developer", "user", "assistant"].contains(&r.as_str()) =>
+                {
+                    // The templates know `system`; OpenAI's newer name for it.
+                    if r == "developer" {
+                        "system".to_string()
+                    } else {
+                        r.clone()
+                    }
                 }
-            }
-            Some(v) => {
-                return Err(ApiError::field(
+                Some(v) => return Err(ApiError::field(
                     &format!("{p}.role"),
-                    format!("`{p}.role`: expected one of system, developer, user, assistant, got {v}"),
-                ))
-            }
-            None => {
-                return Err(ApiError::field(
-                    &format!("{p}.role"),
-                    format!("`{p}.role`: missing"),
-                ))
-            }
-        };
+                    format!(
+                        "`{p}.role`: expected one of system, developer, user, assistant, got {v}"
+                    ),
+                )),
+                None => {
+                    return Err(ApiError::field(
+                        &format!("{p}.role"),
+                        format!("`{p}.role`: missing"),
+                    ))
+                }
+            };
         let content = match o.get("content") {
             None | Some(Value::Null) => String::new(),
             Some(Value::String(s)) => s.clone(),
@@ -425,19 +428,14 @@ pub fn usage_json(u: &Usage) -> Value {
 
 /// Chat's `logprobs.content` entries.
 pub fn chat_logprobs(lps: &[TokenLogprob]) -> Value {
-    let entry = |token: &str, lp: f64| {
-        json!({"token": token, "logprob": lp, "bytes": token.as_bytes()})
-    };
+    let entry =
+        |token: &str, lp: f64| json!({"token": token, "logprob": lp, "bytes": token.as_bytes()});
     Value::Array(
         lps.iter()
             .map(|t| {
                 let mut e = entry(&t.token, t.logprob);
-                e["top_logprobs"] = Value::Array(
-                    t.top
-                        .iter()
-                        .map(|x| entry(&x.token, x.logprob))
-                        .collect(),
-                );
+                e["top_logprobs"] =
+                    Value::Array(t.top.iter().map(|x| entry(&x.token, x.logprob)).collect());
                 e
             })
             .collect(),
@@ -598,8 +596,11 @@ mod tests {
         assert_eq!(r.sampling.temperature, 1.0);
         assert_eq!(r.max_tokens, None);
         assert!(!r.seeded && !r.stream && r.logprobs.is_none());
-        let r = parse(Kind::Completion, br#"{"prompt": [1, 2, 3], "logprobs": 2, "stop": ["a", "b"]}"#)
-            .unwrap();
+        let r = parse(
+            Kind::Completion,
+            br#"{"prompt": [1, 2, 3], "logprobs": 2, "stop": ["a", "b"]}"#,
+        )
+        .unwrap();
         assert_eq!(r.prompt, Prompt::Tokens(vec![1, 2, 3]));
         assert_eq!(r.logprobs, Some(2));
         assert_eq!(r.stop, vec!["a", "b"]);
@@ -612,22 +613,74 @@ mod tests {
         for (kind, body, want) in [
             (Kind::Chat, "{", "not valid JSON"),
             (Kind::Chat, "[1]", "must be a JSON object, got an array"),
-            (Kind::Chat, r#"{"messages": []}"#, "`messages`: must not be empty"),
+            (
+                Kind::Chat,
+                r#"{"messages": []}"#,
+                "`messages`: must not be empty",
+            ),
             (Kind::Chat, r#"{"messages": "hi"}"#, "`messages`: expected"),
-            (Kind::Chat, r#"{"messages": [{"role": "bot", "content": "x"}]}"#, "`messages[0].role`"),
-            (Kind::Chat, r#"{"messages": [{"role": "user", "content": 3}]}"#, "`messages[0].content`"),
-            (Kind::Chat, r#"{"messages": [{"role": "user", "content": "x"}], "n": 2}"#, "`n`: only 1"),
-            (Kind::Chat, r#"{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}"#, "`temperature`: expected a number, got a string"),
-            (Kind::Chat, r#"{"messages": [{"role": "user", "content": "x"}], "temperature": 3}"#, "[0, 2]"),
-            (Kind::Chat, r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}"#, "`max_tokens`: expected a non-negative integer"),
-            (Kind::Chat, r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}"#, "at least 1"),
-            (Kind::Chat, r#"{"messages": [{"role": "user", "content": "x"}], "stop": 5}"#, "`stop`"),
-            (Kind::Chat, r#"{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}"#, "`stream`: expected a boolean"),
-            (Kind::Chat, r#"{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}"#, "needs `logprobs: true`"),
+            (
+                Kind::Chat,
+                r#"{"messages": [{"role": "bot", "content": "x"}]}"#,
+                "`messages[0].role`",
+            ),
+            (
+                Kind::Chat,
+                r#"{"messages": [{"role": "user", "content": 3}]}"#,
+                "`messages[0].content`",
+            ),
+            (
+                Kind::Chat,
+                r#"{"messages": [{"role": "user", "content": "x"}], "n": 2}"#,
+                "`n`: only 1",
+            ),
+            (
+                Kind::Chat,
+                r#"{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}"#,
+                "`temperature`: expected a number, got a string",
+            ),
+            (
+                Kind::Chat,
+                r#"{"messages": [{"role": "user", "content": "x"}], "temperature": 3}"#,
+                "[0, 2]",
+            ),
+            (
+                Kind::Chat,
+                r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}"#,
+                "`max_tokens`: expected a non-negative integer",
+            ),
+            (
+                Kind::Chat,
+                r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}"#,
+                "at least 1",
+            ),
+            (
+                Kind::Chat,
+                r#"{"messages": [{"role": "user", "content": "x"}], "stop": 5}"#,
+                "`stop`",
+            ),
+            (
+                Kind::Chat,
+                r#"{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}"#,
+                "`stream`: expected a boolean",
+            ),
+            (
+                Kind::Chat,
+                r#"{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}"#,
+                "needs `logprobs: true`",
+            ),
             (Kind::Completion, r#"{"prompt": 5}"#, "`prompt`"),
             (Kind::Completion, r#"{"prompt": ["a", "b"]}"#, "2 prompts"),
-            (Kind::Completion, r#"{"prompt": "a", "logprobs": 9}"#, "[0, 5]"),
-            (Kind::Completion, r#"{"prompt": "a", "echo": true}"#, "`echo`"),
+            (
+                Kind::Completion,
+                r#"{"prompt": "a", "logprobs": 9}"#,
+                "[0, 5]",
+            ),
+            (
+                Kind::Completion,
+                r#"{"prompt": "a", "echo": true}"#,
+                "`echo`",
+            ),
         ] {
             let e = err(kind, body);
             assert_eq!(e.status, 400, "{body}");

@@ -290,11 +290,20 @@ mod tests {
         m.ttft(0.02);
         m.ttft(3.0);
         let t = m.render();
-        assert!(t.contains("wgllm_requests_total{outcome=\"stop\"} 2\n"), "{t}");
-        assert!(t.contains("wgllm_http_errors_total{status=\"400\"} 1\n"), "{t}");
+        assert!(
+            t.contains("wgllm_requests_total{outcome=\"stop\"} 2\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("wgllm_http_errors_total{status=\"400\"} 1\n"),
+            "{t}"
+        );
         assert!(t.contains("wgllm_prompt_tokens_total 15\n"), "{t}");
         assert!(t.contains("wgllm_prefix_cache_hits_total 1\n"), "{t}");
-        assert!(t.contains("wgllm_prefix_cache_reused_tokens_total 6\n"), "{t}");
+        assert!(
+            t.contains("wgllm_prefix_cache_reused_tokens_total 6\n"),
+            "{t}"
+        );
         assert!(t.contains("wgllm_prefix_cache_hit_ratio 0.5\n"), "{t}");
         // 0.02 falls in le=0.025 and every bucket above; 3.0 from le=5 on.
         assert!(t.contains("wgllm_time_to_first_token_seconds_bucket{le=\"0.01\"} 0\n"));

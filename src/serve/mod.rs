@@ -139,7 +139,11 @@ impl App {
 
     fn ready(&self) -> std::result::Result<&Ready, ApiError> {
         if self.shutting_down.load(Ordering::SeqCst) {
-            return Err(ApiError::new(503, "server_error", "the server is shutting down"));
+            return Err(ApiError::new(
+                503,
+                "server_error",
+                "the server is shutting down",
+            ));
         }
         self.ready
             .get()
@@ -158,7 +162,9 @@ fn prompt_ids(r: &Ready, req: &api::Request) -> std::result::Result<(Vec<u32>, u
                 ))
             })?;
             // As `wgllm run --chat`: special tokens come from the template.
-            r.tok.encode(&t.render(m, true).map_err(internal)?).map_err(internal)?
+            r.tok
+                .encode(&t.render(m, true).map_err(internal)?)
+                .map_err(internal)?
         }
         // As `wgllm run`: control tokens written in the prompt are parsed.
         Prompt::Text(s) => r.tok.encode_with_special(s).map_err(internal)?,
@@ -329,7 +335,11 @@ async fn whole_response(
             Event::Error(e) => return app.error(ApiError::new(500, "server_error", e)),
         }
     }
-    app.error(ApiError::new(500, "server_error", "the engine dropped the request"))
+    app.error(ApiError::new(
+        500,
+        "server_error",
+        "the engine dropped the request",
+    ))
 }
 
 struct StreamState {
@@ -696,41 +706,33 @@ where
     drop(app);
     // Let the engine thread finish its step and drop the model before the
     // process exits (a device torn down mid-submission can crash at exit).
-    let _ = tokio::task::spawn_blocking(move || done_rx.recv_timeout(Duration::from_secs(10))).await;
+    let _ =
+        tokio::task::spawn_blocking(move || done_rx.recv_timeout(Duration::from_secs(10))).await;
     if let Some(e) = load_error.lock().unwrap_or_else(|e| e.into_inner()).take() {
         return Err(e);
     }
     Ok(())
 }
 
-/// A loaded [`crate::model::Model`] as the scheduler's engine.
-pub struct ModelEngine(pub crate::model::Model);
-
-impl Engine for ModelEngine {
+/// A loaded [`crate::model::Model`] with `slots` sequence slots
+/// ([`crate::model::ModelOptions::slots`]) is the scheduler's engine.
+impl Engine for crate::model::Model {
     fn slots(&self) -> usize {
-        1
+        crate::model::Model::slots(self)
     }
     fn max_context(&self) -> usize {
-        self.0.max_context
+        self.max_context
     }
-    fn slot_position(&self, _slot: usize) -> usize {
-        self.0.position()
+    fn slot_position(&self, slot: usize) -> usize {
+        crate::model::Model::slot_position(self, slot)
     }
-    fn slot_truncate(&mut self, _slot: usize, n: usize) -> Result<()> {
-        if n == 0 {
-            self.0.reset();
-            Ok(())
-        } else {
-            self.0.truncate(n)
-        }
+    fn slot_truncate(&mut self, slot: usize, n: usize) -> Result<()> {
+        crate::model::Model::slot_truncate(self, slot, n)
     }
-    fn prefill_slot(&mut self, _slot: usize, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.0.forward_logits(tokens)
+    fn prefill_slot(&mut self, slot: usize, tokens: &[u32]) -> Result<Vec<f32>> {
+        crate::model::Model::prefill_slot(self, slot, tokens)
     }
     fn decode_batch(&mut self, steps: &[(usize, u32)]) -> Result<Vec<Vec<f32>>> {
-        steps
-            .iter()
-            .map(|&(_, t)| self.0.forward_logits(&[t]))
-            .collect()
+        crate::model::Model::decode_batch(self, steps)
     }
 }

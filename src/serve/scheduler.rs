@@ -381,7 +381,9 @@ impl<E: Engine, D: TextDecoder> Scheduler<E, D> {
         let res = self.engine.slot_truncate(slot, keep).and_then(|_| {
             self.slots[slot].cached.truncate(keep);
             let l = self.engine.prefill_slot(slot, &req.prompt[keep..])?;
-            self.slots[slot].cached.extend_from_slice(&req.prompt[keep..]);
+            self.slots[slot]
+                .cached
+                .extend_from_slice(&req.prompt[keep..]);
             crate::generate::check_logits(&l, 0, self.slots[slot].cached.len())?;
             Ok(l)
         });
@@ -389,7 +391,8 @@ impl<E: Engine, D: TextDecoder> Scheduler<E, D> {
             Ok(l) => l,
             Err(e) => return self.fail(slot, &req, &e),
         };
-        self.metrics.admitted(req.prompt.len(), req.prompt.len() - keep);
+        self.metrics
+            .admitted(req.prompt.len(), req.prompt.len() - keep);
         let sampler = match Sampler::new(req.sampling.clone()) {
             Ok(s) => s,
             Err(e) => {
