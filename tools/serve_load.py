@@ -32,6 +32,7 @@ PROMPTS = [f"Write two sentences about {t}." for t in TOPICS]
 
 
 def pct(xs, p):
+    xs = [x for x in xs if x == x]  # a request whose first token was EOS has no TTFT
     if not xs:
         return float("nan")
     xs = sorted(xs)
