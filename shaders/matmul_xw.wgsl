@@ -83,3 +83,23 @@ fn row_part(t: u32, r: u32, lane: u32, lanes: u32) -> f32 {
     }
     return a;
 }
+
+// row_part for TB token rows t0 .. t0+TB-1 (clamped to the last token; the
+// caller drops those): each weight element is loaded once for all of them,
+// each token's sum in row_part's order (see matmul_xw_vec.wgsl).
+fn rows_part(t0: u32, r: u32, lane: u32, lanes: u32) -> array<f32, TB> {
+    let wb = r * p.k;
+    var xb: array<u32, TB>;
+    var a: array<f32, TB>;
+    for (var i = 0u; i < TB; i++) {
+        xb[i] = min(t0 + i, step.n_tokens - 1u) * p.k;
+        a[i] = 0.0;
+    }
+    for (var e = lane; e < p.k; e += lanes) {
+        let wv = load_w(wb + e);
+        for (var i = 0u; i < TB; i++) {
+            a[i] += wv * x[xb[i] + e];
+        }
+    }
+    return a;
+}

@@ -97,3 +97,26 @@ fn row_part(t: u32, r: u32, lane: u32, lanes: u32) -> f32 {
     }
     return a;
 }
+
+// row_part for TB token rows t0 .. t0+TB-1 (clamped to the last token; the
+// caller drops those): each weight group is loaded once for all of them, and
+// each token's sum takes exactly row_part's operations in row_part's order,
+// so a token's result does not depend on TB or on its place in the block.
+fn rows_part(t0: u32, r: u32, lane: u32, lanes: u32) -> array<f32, TB> {
+    let ng = p.k / 8u;
+    let wb = r * ng;
+    var xb: array<u32, TB>;
+    var a: array<f32, TB>;
+    for (var i = 0u; i < TB; i++) {
+        xb[i] = min(t0 + i, step.n_tokens - 1u) * ng;
+        a[i] = 0.0;
+    }
+    for (var g = lane; g < ng; g += lanes) {
+        let wv = w8(wb + g);
+        for (var i = 0u; i < TB; i++) {
+            let xv = x8(xb[i] + g);
+            a[i] += dot(wv[0], xv[0]) + dot(wv[1], xv[1]);
+        }
+    }
+    return a;
+}

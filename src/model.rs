@@ -17,7 +17,7 @@ use crate::ops::attention::{self, Attention};
 use crate::ops::elementwise::{self, AddRmsNorm, Binary, Elementwise, Softcap};
 use crate::ops::embedding::{Embedding, EmbeddingBinding};
 use crate::ops::kv_copy::{self, KvCache, KvCopy};
-use crate::ops::matmul::{Linear, LinearBinding};
+use crate::ops::matmul::{Linear, LinearBinding, LinearPath};
 use crate::ops::rmsnorm::{self, RmsNorm};
 use crate::ops::rope::{self, Rope, RopeKv, RopeTables};
 use crate::program::{attention_params, Activation, Buf, Op, OpKind, Program, RopeTable, Scope};
@@ -861,13 +861,14 @@ impl Model {
         let (g, k) = (&*self.gpu, &self.k);
         match (bound, mode) {
             (Bound::Linear { key, b }, Mode::SlotDecode) => {
-                k.linear.get(*key).encode_path(
-                    g,
-                    pass,
-                    b,
-                    n,
-                    crate::ops::matmul::LinearPath::Gemv,
-                )?;
+                // One row: the one-token GEMV itself; more: the batched GEMV,
+                // which sums each row exactly as the GEMV does.
+                let path = if n == 1 {
+                    LinearPath::Gemv
+                } else {
+                    LinearPath::Batch
+                };
+                k.linear.get(*key).encode_path(g, pass, b, n, path)?;
                 return Ok(());
             }
             (Bound::Rope { bat, params, .. }, Mode::SlotPrefill | Mode::SlotDecode) => {

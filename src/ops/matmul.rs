@@ -9,6 +9,11 @@
 //!   adapters, where workgroup memory and barriers are slow, a register-only
 //!   kernel computing 4 rows x 4 tokens per invocation.
 //!
+//! - **Batched decode** ([`LinearPath::Batch`]): one row of x per sequence;
+//!   the GEMV's kernel shape for [`BATCH_TOKENS`] tokens at once, each weight
+//!   element read once for them, each token summed exactly as the one-token
+//!   GEMV sums it (so a sequence's output is the same alone or batched).
+//!
 //! Each kernel has a fast form for `k % 8 == 0` (`vec4<u32>` loads = 8 bf16;
 //! the tiled matmul reads whole bf16 words when k is even) and a generic form
 //! for any k. A weight split by rows into several buffers gets one dispatch
@@ -36,6 +41,12 @@ pub const SRC_GEMV_WG_SHARED: &str = include_str!("../../shaders/gemv_wg_shared.
 /// Tiled matmul entry point.
 pub const SRC_MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
 
+/// Entry points of the batched decode GEMV for the workgroup variants.
+pub const SRC_GEMV_WG_SUBGROUP_BATCH: &str =
+    include_str!("../../shaders/gemv_wg_subgroup_batch.wgsl");
+pub const SRC_GEMV_WG_SHARED_BATCH: &str = include_str!("../../shaders/gemv_wg_shared_batch.wgsl");
+/// Tokens one weight pass of the batched decode GEMV serves.
+pub const BATCH_TOKENS: u32 = 4;
 /// Output rows per invocation of gemv_rows.wgsl.
 const ROWS_PER_INVOCATION: u32 = 4;
 /// Workgroup size of gemv_rows.wgsl.
@@ -118,6 +129,10 @@ impl PrefillKernel {
 pub enum LinearPath {
     /// GEMV for `n_tokens <= gemv_max_tokens`, prefill above.
     Auto,
+    /// The batched decode GEMV: every token's output in the GEMV's order
+    /// (bit-identical to [`LinearPath::Gemv`]), one weight pass per
+    /// [`BATCH_TOKENS`] tokens.
+    Batch,
     Gemv,
     Prefill,
 }
@@ -209,6 +224,8 @@ pub struct Linear {
     pub gemv_max_tokens: u32,
     gemv_vec: OnceLock<Kernel>,
     gemv_any: OnceLock<Kernel>,
+    batch_vec: OnceLock<Kernel>,
+    batch_any: OnceLock<Kernel>,
     prefill_vec: OnceLock<Kernel>,
     prefill_any: OnceLock<Kernel>,
     /// Bound in place of the bias when there is none.
@@ -221,6 +238,7 @@ pub struct ChunkBinding {
     pub rows: u32,
     pub gemv: wgpu::BindGroup,
     pub prefill: wgpu::BindGroup,
+    pub batch: wgpu::BindGroup,
 }
 
 /// Everything [`Linear::encode`] needs for one weight; built once at load.
@@ -235,6 +253,7 @@ pub struct LinearBinding {
     // The kernels and geometry the bind groups were made for.
     gemv_kernel: Kernel,
     prefill_kernel: Kernel,
+    batch_kernel: Kernel,
     variant: LinearVariant,
     prefill: PrefillKernel,
     gemv_wg: u32,
@@ -301,6 +320,8 @@ impl Linear {
             gemv_max_tokens,
             gemv_vec: OnceLock::new(),
             gemv_any: OnceLock::new(),
+            batch_vec: OnceLock::new(),
+            batch_any: OnceLock::new(),
             prefill_vec: OnceLock::new(),
             prefill_any: OnceLock::new(),
             dummy_bias,
@@ -367,6 +388,35 @@ impl Linear {
             self.compile(
                 gpu,
                 &format!("gemv.{:?}", self.variant),
+                &consts,
+                vec,
+                entry,
+            )
+        })
+    }
+
+    /// The batched decode GEMV: the GEMV variant's shape over
+    /// [`BATCH_TOKENS`] tokens (gemv_rows.wgsl already keeps each token's
+    /// sum apart; the workgroup variants have their own entry points).
+    fn batch_kernel(&self, gpu: &Gpu, vec: bool) -> Result<&Kernel> {
+        let cell = if vec {
+            &self.batch_vec
+        } else {
+            &self.batch_any
+        };
+        get_or_compile(cell, || {
+            let entry = match self.variant {
+                LinearVariant::RowPerThread => SRC_GEMV_ROWS,
+                LinearVariant::WorkgroupSubgroup => SRC_GEMV_WG_SUBGROUP_BATCH,
+                LinearVariant::WorkgroupShared => SRC_GEMV_WG_SHARED_BATCH,
+            };
+            let consts = format!(
+                "const WG: u32 = {}u;\nconst TB: u32 = {BATCH_TOKENS}u;\n",
+                self.gemv_wg
+            );
+            self.compile(
+                gpu,
+                &format!("gemv_batch.{:?}", self.variant),
                 &consts,
                 vec,
                 entry,
@@ -489,6 +539,7 @@ impl Linear {
         // array<vec4<f32>>.
         let vec = k % 8 == 0 && x.size() % 16 == 0;
         let gemv_k = self.gemv_kernel(gpu, vec)?.clone();
+        let batch_k = self.batch_kernel(gpu, vec)?.clone();
         let prefill_k = match self.prefill {
             PrefillKernel::RowBlocks => self.prefill_kernel(gpu, vec)?,
             // whole-word loads: every bf16 row starts on a word boundary
@@ -517,6 +568,7 @@ impl Linear {
                 Ok(ChunkBinding {
                     gemv: gpu.bind(&gemv_k, &bufs),
                     prefill: gpu.bind(&prefill_k, &bufs),
+                    batch: gpu.bind(&batch_k, &bufs),
                     rows: c.rows as u32,
                     params,
                 })
@@ -530,6 +582,7 @@ impl Linear {
             name: name.clone(),
             gemv_kernel: gemv_k,
             prefill_kernel: prefill_k,
+            batch_kernel: batch_k,
             variant: self.variant,
             prefill: self.prefill,
             gemv_wg: self.gemv_wg,
@@ -568,6 +621,19 @@ impl Linear {
             LinearPath::Auto => n_tokens <= self.gemv_max_tokens,
             LinearPath::Gemv => true,
             LinearPath::Prefill => false,
+            LinearPath::Batch => {
+                for c in &b.chunks {
+                    let blocks = n_tokens.div_ceil(BATCH_TOKENS);
+                    let groups = match b.variant {
+                        LinearVariant::RowPerThread => {
+                            c.rows.div_ceil(ROWS_PER_INVOCATION * b.gemv_wg) * blocks
+                        }
+                        _ => c.rows * blocks,
+                    };
+                    gpu.dispatch_in(pass, &b.batch_kernel, &c.batch, groups);
+                }
+                return Ok(());
+            }
         };
         for c in &b.chunks {
             if gemv {
@@ -861,6 +927,47 @@ mod tests {
                             _ => (&plain, None),
                         };
                         case(gpu, lin, m, k, n, bias, LinearPath::Gemv, seed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The batched decode GEMV: within the f32 bound, and every token's
+    /// output the same bits as the one-token GEMV gives that token alone
+    /// (whatever the batch size and the token's place in it), for every
+    /// variant, both weight forms (k % 8 == 0 or not) and with a bias.
+    #[test]
+    fn batched_gemv_rows_are_the_one_token_gemv_bits() {
+        let gpu = gpu();
+        for variant in variants(gpu) {
+            for dtype in [WDType::Bf16, WDType::F32] {
+                let lin = Linear::with_variant(gpu, dtype, false, variant).unwrap();
+                for (i, &(k, n)) in [(64, 65), (577, 7), (896, 3), (7, 63)].iter().enumerate() {
+                    let seed = 100 + i as u64;
+                    case(gpu, &lin, 1 + i * 2, k, n, None, LinearPath::Batch, seed);
+                    let mut w = rand_vec(n * k, 1.0, seed + 1);
+                    if dtype == WDType::Bf16 {
+                        w = round_bf16(&w);
+                    }
+                    let wt = DeviceTensor::from_f32(gpu, "w", dtype, &[n, k], &w).unwrap();
+                    for m in [2usize, 3, 4, 5, 8, 9] {
+                        let x = rand_vec(m * k, 1.0, seed + m as u64);
+                        let got = lin
+                            .run_once(gpu, &x, m, &wt, None, LinearPath::Batch)
+                            .unwrap();
+                        for t in 0..m {
+                            let one = lin
+                                .run_once(gpu, &x[t * k..][..k], 1, &wt, None, LinearPath::Gemv)
+                                .unwrap();
+                            let bits =
+                                |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(
+                                bits(&got[t * n..][..n]),
+                                bits(&one),
+                                "{variant:?} {dtype:?} k={k} n={n}: token {t} of {m}"
+                            );
+                        }
                     }
                 }
             }
