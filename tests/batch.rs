@@ -6,8 +6,11 @@
 //! and full slots are errors that name what is wrong. On the committed tiny
 //! fixtures (four families: GQA, biases, q/k norm, a sliding window).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use wgllm::loader::{Checkpoint, LoadDType, MemoryPlan};
 use wgllm::model::{Model, ModelOptions};
@@ -262,6 +265,44 @@ fn bad_slots_batches_and_full_slots_are_errors() {
     assert!(e.to_string().contains("3 sequence slots"), "{e}");
 }
 
+/// After warm-up, slot prefills and batched steps create no buffer, bind
+/// group or pipeline (everything is bound at load for every batch size).
+#[test]
+fn nothing_is_created_per_slot_step() {
+    let name = FIXTURES[1];
+    let p = prompt(name);
+    // its own device: the other tests run in parallel on the shared one
+    let g = Arc::new(Gpu::new(&GpuOptions::default()).expect("GPU"));
+    let opts = ModelOptions {
+        max_context: Some(p.len() + 8),
+        max_batch: 16,
+        slots: SLOTS,
+        ..Default::default()
+    };
+    let mut m = Model::load(g.clone(), &dir(name), &opts).unwrap();
+    let run = |m: &mut Model| {
+        for s in 0..SLOTS {
+            m.slot_truncate(s, 0).unwrap();
+            m.prefill_slot(s, &p[s..]).unwrap();
+        }
+        for b in 1..=SLOTS {
+            let steps: Vec<(usize, u32)> = (0..b).map(|s| (s, 3)).collect();
+            m.decode_batch(&steps).unwrap();
+        }
+    };
+    run(&mut m);
+    let before = g.counters.snapshot();
+    run(&mut m);
+    let after = g.counters.snapshot();
+    assert_eq!(after.buffers, before.buffers, "buffers created per step");
+    assert_eq!(
+        after.bind_groups, before.bind_groups,
+        "bind groups per step"
+    );
+    assert_eq!(after.pipelines, before.pipelines, "pipelines per step");
+    assert!(after.dispatches > before.dispatches);
+}
+
 #[test]
 fn the_memory_plan_counts_kv_for_every_slot() {
     let ckpt = Checkpoint::open(dir(FIXTURES[1])).unwrap();
@@ -280,4 +321,101 @@ fn the_memory_plan_counts_kv_for_every_slot() {
         .device_memory_slots(&ckpt.config, Some(fit), 8, 4, caps)
         .is_err());
     assert!(plan.device_memory(&ckpt.config, Some(fit), 8, caps).is_ok());
+}
+
+/// SmolLM2-135M on the test adapter: greedy ids of 8 sequences decoded
+/// together equal each decoded alone, and the time of one decode step at
+/// B = 1 and B = 8 is printed (measured, never asserted; BENCHMARKS.md,
+/// "Batched decode"). Minutes on lavapipe, so ignored by default:
+/// `cargo test --release --test batch -- --ignored --nocapture`.
+#[test]
+#[ignore = "real model (fetched into the test cache), minutes on lavapipe; a measurement"]
+fn smollm2_batched_decode_b1_vs_b8() {
+    let dir = wgllm::fetch::resolve_model(
+        Some(Path::new("smollm2-135m-instruct")),
+        &common::test_fetch_options(),
+    )
+    .expect("SmolLM2 (fetched through the project's fetch path)");
+    const B: usize = 8;
+    const N: usize = 12;
+    let opts = ModelOptions {
+        max_context: Some(96),
+        slots: B,
+        ..Default::default()
+    };
+    let mut m = Model::load(gpu(), &dir, &opts).unwrap();
+    // Eight different prompts (ids of ordinary tokens), 8..15 tokens long.
+    let prompts: Vec<Vec<u32>> = (0..B)
+        .map(|s| {
+            (0..8 + s as u32)
+                .map(|i| 1000 + 37 * s as u32 + 11 * i)
+                .collect()
+        })
+        .collect();
+    let prefill = |m: &mut Model| -> Vec<u32> {
+        (0..B)
+            .map(|s| {
+                m.slot_truncate(s, 0).unwrap();
+                argmax(&m.prefill_slot(s, &prompts[s]).unwrap())
+            })
+            .collect()
+    };
+    // Alone: each slot by itself, B = 1 per step.
+    let mut next = prefill(&mut m);
+    let mut alone: Vec<Vec<u32>> = vec![Vec::new(); B];
+    for s in 0..B {
+        for _ in 0..N {
+            let l = m.decode_batch(&[(s, next[s])]).unwrap();
+            next[s] = argmax(&l[0]);
+            alone[s].push(next[s]);
+        }
+    }
+    // Together: all eight in every step.
+    let mut next = prefill(&mut m);
+    let mut together: Vec<Vec<u32>> = vec![Vec::new(); B];
+    for _ in 0..N {
+        let steps: Vec<(usize, u32)> = (0..B).map(|s| (s, next[s])).collect();
+        let l = m.decode_batch(&steps).unwrap();
+        for s in 0..B {
+            next[s] = argmax(&l[s]);
+            together[s].push(next[s]);
+        }
+    }
+    assert_eq!(together, alone, "greedy ids batched vs alone");
+    // Timing: rounds of one step at each batch size, interleaved so that
+    // the load of a shared machine falls on all of them alike; the median
+    // per size. Slots continue from where the check left them.
+    let sizes = [1usize, 2, 4, 8];
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); sizes.len()];
+    let mut tok = next;
+    for round in 0..N {
+        for (i, &b) in sizes.iter().enumerate() {
+            let steps: Vec<(usize, u32)> = (0..b).map(|s| (s, tok[s])).collect();
+            let t = Instant::now();
+            let l = m.decode_batch(&steps).unwrap();
+            if round > 0 {
+                times[i].push(t.elapsed().as_secs_f64());
+            }
+            for s in 0..b {
+                tok[s] = argmax(&l[s]);
+            }
+        }
+    }
+    let one = {
+        let mut v = times[0].clone();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (i, &b) in sizes.iter().enumerate() {
+        let mut v = times[i].clone();
+        v.sort_by(f64::total_cmp);
+        let med = v[v.len() / 2];
+        eprintln!(
+            "smollm2 decode step on {}: B={b} {:.1} ms, {:.1} tok/s aggregate, {:.2}x B=1's",
+            gpu().name(),
+            med * 1e3,
+            b as f64 / med,
+            (b as f64 / med) * one
+        );
+    }
 }
