@@ -779,7 +779,9 @@ fn a_full_queue_answers_503() {
         std::thread::sleep(Duration::from_millis(2));
     }
     // ...so a third is refused with 503, and the other two complete.
-    let e = s.post("/v1/completions", &completion("no room", 3)).error(503);
+    let e = s
+        .post("/v1/completions", &completion("no room", 3))
+        .error(503);
     assert!(e["message"].as_str().unwrap().contains("busy"), "{e}");
     for h in [a, b] {
         let r = h.join().unwrap();

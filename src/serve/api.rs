@@ -325,31 +325,32 @@ fn parse_messages(v: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError> {
                 format!("`{p}`: expected an object, got {}", type_name(m)),
             ));
         };
-        let role =
-            match o.get("role") {
-                Some(Value::String(r))
-                    if ["system", "developer", "user", "assistant"].contains(&r.as_str()) =>
-                {
-                    // The templates know `system`; OpenAI's newer name for it.
-                    if r == "developer" {
-                        "system".to_string()
-                    } else {
-                        r.clone()
-                    }
+        let role = match o.get("role") {
+            Some(Value::String(r))
+                if ["system", "developer", "user", "assistant"].contains(&r.as_str()) =>
+            {
+                // The templates know `system`; OpenAI's newer name for it.
+                if r == "developer" {
+                    "system".to_string()
+                } else {
+                    r.clone()
                 }
-                Some(v) => return Err(ApiError::field(
+            }
+            Some(v) => {
+                return Err(ApiError::field(
                     &format!("{p}.role"),
                     format!(
                         "`{p}.role`: expected one of system, developer, user, assistant, got {v}"
                     ),
-                )),
-                None => {
-                    return Err(ApiError::field(
-                        &format!("{p}.role"),
-                        format!("`{p}.role`: missing"),
-                    ))
-                }
-            };
+                ))
+            }
+            None => {
+                return Err(ApiError::field(
+                    &format!("{p}.role"),
+                    format!("`{p}.role`: missing"),
+                ))
+            }
+        };
         let content = match o.get("content") {
             None | Some(Value::Null) => String::new(),
             Some(Value::String(s)) => s.clone(),
