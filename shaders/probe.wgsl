@@ -1,8 +1,13 @@
 // Bandwidth probe: a pure streaming read of one buffer (see src/bench.rs).
 //
 // Workgroup w reads the WG * PER_THREAD vec4<u32> starting at
-// w * WG * PER_THREAD; at every step of the loop, neighbouring lanes read
-// neighbouring 16-byte words, so a workgroup streams one contiguous block.
+// w * WG * PER_THREAD, in one of two patterns (`LANE_RUNS`):
+// - false: at every step of the loop, neighbouring lanes read neighbouring
+//   16-byte words (coalesced: what GPUs want);
+// - true: each lane reads its own PER_THREAD contiguous words (one stream
+//   per lane: what a CPU's prefetchers may prefer).
+// Either way a workgroup reads one contiguous block, and every word exactly
+// once. bench tries several patterns and sizes and keeps the best.
 // Every word read is folded into an xor and a wrapping sum, which go to a
 // two-word output through workgroup then global atomics, so no read can be
 // dropped by the compiler and the result can be checked against the CPU.
@@ -19,6 +24,7 @@ struct ProbeParams {
 
 override WG: u32 = 64u;
 override PER_THREAD: u32 = 64u;
+override LANE_RUNS: bool = false;
 
 @group(0) @binding(0) var<uniform> p: ProbeParams;
 @group(0) @binding(1) var<storage, read> data: array<vec4<u32>>;
@@ -38,11 +44,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     }
     workgroupBarrier();
     // Overshooting workgroups of a 2D grid read nothing and add zeros.
-    let base = wg_linear(wid, nwg) * WG * PER_THREAD + lid;
+    let block = wg_linear(wid, nwg) * WG * PER_THREAD;
+    let base = select(block + lid, block + lid * PER_THREAD, LANE_RUNS);
+    let stride = select(WG, 1u, LANE_RUNS);
     var x = 0u;
     var s = 0u;
     for (var i = 0u; i < PER_THREAD; i = i + 1u) {
-        let idx = base + i * WG;
+        let idx = base + i * stride;
         if (idx < p.n_vec4) {
             let v = data[idx];
             x = x ^ v.x ^ v.y ^ v.z ^ v.w;

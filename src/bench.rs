@@ -27,12 +27,77 @@ use crate::model::{Model, ModelOptions, DECODE_DEPTH};
 
 /// The bandwidth probe kernel.
 pub const PROBE_SRC: &str = include_str!("../shaders/probe.wgsl");
-/// Invocations per probe workgroup.
-const PROBE_WG: u32 = 64;
-/// vec4<u32> loads per probe invocation (1 KiB per invocation, 64 KiB per
-/// workgroup): enough invocations in flight for a GPU (131072 for 128 MiB),
-/// long enough contiguous runs for a CPU-type device's prefetchers.
-const PROBE_PER_THREAD: u32 = 64;
+/// The compute probe kernel.
+pub const FMA_SRC: &str = include_str!("../shaders/probe_fma.wgsl");
+
+/// One read pattern of the bandwidth probe (`shaders/probe.wgsl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ProbeShape {
+    /// Invocations per workgroup.
+    pub wg: u32,
+    /// vec4<u32> loads per invocation.
+    pub per_thread: u32,
+    /// Each lane reads its own contiguous run (else neighbouring lanes read
+    /// neighbouring words at every step).
+    pub lane_runs: bool,
+}
+
+impl ProbeShape {
+    pub fn name(&self) -> String {
+        format!(
+            "{} wg {} x {}",
+            if self.lane_runs {
+                "lane runs"
+            } else {
+                "coalesced"
+            },
+            self.wg,
+            self.per_thread
+        )
+    }
+}
+
+/// The shapes bench tries, best kept: coalesced reads with small and large
+/// workgroups and blocks (GPUs: many invocations in flight), and per-lane
+/// contiguous runs (CPU-type devices: one prefetch stream per lane). Every
+/// workgroup size here is at most 256 invocations (WebGPU's default limit).
+pub const PROBE_SHAPES: [ProbeShape; 7] = [
+    ProbeShape {
+        wg: 64,
+        per_thread: 64,
+        lane_runs: false,
+    },
+    ProbeShape {
+        wg: 64,
+        per_thread: 16,
+        lane_runs: false,
+    },
+    ProbeShape {
+        wg: 256,
+        per_thread: 16,
+        lane_runs: false,
+    },
+    ProbeShape {
+        wg: 256,
+        per_thread: 64,
+        lane_runs: false,
+    },
+    ProbeShape {
+        wg: 8,
+        per_thread: 256,
+        lane_runs: false,
+    },
+    ProbeShape {
+        wg: 64,
+        per_thread: 16,
+        lane_runs: true,
+    },
+    ProbeShape {
+        wg: 8,
+        per_thread: 128,
+        lane_runs: true,
+    },
+];
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -66,12 +131,12 @@ pub struct BenchArgs {
 
 // ------------------------------------------------------------------ probe
 
-/// One probe buffer with its bindings.
+/// One probe buffer with its bindings, one per shape.
 struct ProbeBuf {
     _data: wgpu::Buffer,
     _params: wgpu::Buffer,
-    bind: wgpu::BindGroup,
-    groups: u32,
+    /// (bind group, workgroups) per shape of the probe.
+    binds: Vec<(wgpu::BindGroup, u32)>,
 }
 
 /// GPU timestamps around the probe pass.
@@ -87,7 +152,10 @@ struct Timestamps {
 /// storage binding, read in one compute pass (one dispatch per buffer) and
 /// one submission.
 pub struct Probe {
-    kernel: Kernel,
+    /// Every shape tried, with its kernel.
+    shapes: Vec<(ProbeShape, Kernel)>,
+    /// The shape [`Self::run`] uses (see [`Self::choose`]).
+    current: usize,
     bufs: Vec<ProbeBuf>,
     out: wgpu::Buffer,
     /// Bytes read per run.
@@ -116,6 +184,11 @@ impl Probe {
     /// to whole 16-byte words), as few buffers as the adapter's max storage
     /// binding and max buffer size allow, all of the same size.
     pub fn new(gpu: &Gpu, bytes: u64) -> Result<Self> {
+        Self::with_shapes(gpu, bytes, &PROBE_SHAPES)
+    }
+
+    /// [`Self::new`] with the given read shapes (the first is current).
+    pub fn with_shapes(gpu: &Gpu, bytes: u64, shapes: &[ProbeShape]) -> Result<Self> {
         let limit = gpu.caps.max_binding.min(gpu.caps.max_buffer) / 16 * 16;
         if limit < 16 {
             return Err(Error::invalid(format!(
@@ -128,26 +201,45 @@ impl Probe {
         let n = bytes.div_ceil(limit);
         let each = bytes.div_ceil(n).div_ceil(16) * 16;
         let sizes: Vec<u64> = vec![each; n as usize];
-        Self::build(gpu, &sizes, None)
+        Self::build(gpu, &sizes, None, shapes)
     }
 
     /// A probe over buffers holding `data` (each a multiple of 16 bytes and
     /// at most one storage binding): for tests.
     pub fn with_data(gpu: &Gpu, data: &[&[u8]]) -> Result<Self> {
         let sizes: Vec<u64> = data.iter().map(|d| d.len() as u64).collect();
-        Self::build(gpu, &sizes, Some(data))
+        Self::build(gpu, &sizes, Some(data), &PROBE_SHAPES)
     }
 
-    fn build(gpu: &Gpu, sizes: &[u64], data: Option<&[&[u8]]>) -> Result<Self> {
-        let kernel = gpu.kernel(
-            "probe",
-            PROBE_SRC,
-            "main",
-            &[
-                ("WG", PROBE_WG as f64),
-                ("PER_THREAD", PROBE_PER_THREAD as f64),
-            ],
-        )?;
+    fn build(
+        gpu: &Gpu,
+        sizes: &[u64],
+        data: Option<&[&[u8]]>,
+        shapes: &[ProbeShape],
+    ) -> Result<Self> {
+        let mut kernels = Vec::new();
+        for sh in shapes {
+            if sh.wg > gpu.caps.max_invocations {
+                continue;
+            }
+            let k = gpu.kernel(
+                "probe",
+                PROBE_SRC,
+                "main",
+                &[
+                    ("WG", sh.wg as f64),
+                    ("PER_THREAD", sh.per_thread as f64),
+                    ("LANE_RUNS", if sh.lane_runs { 1.0 } else { 0.0 }),
+                ],
+            )?;
+            kernels.push((*sh, k));
+        }
+        if kernels.is_empty() {
+            return Err(Error::invalid(format!(
+                "bandwidth probe: no probe shape fits the adapter's {} invocations per workgroup",
+                gpu.caps.max_invocations
+            )));
+        }
         let out = gpu.storage("probe.out", 16);
         let mut bufs = Vec::new();
         for (i, &size) in sizes.iter().enumerate() {
@@ -175,14 +267,18 @@ impl Probe {
                     _p: [0; 3],
                 },
             )?;
-            let bind = gpu.bind(&kernel, &[&params, &buf, &out]);
-            let per_group = u64::from(PROBE_WG * PROBE_PER_THREAD);
-            let groups = n_vec4.div_ceil(per_group) as u32;
+            let binds = kernels
+                .iter()
+                .map(|(sh, k)| {
+                    let per_group = u64::from(sh.wg * sh.per_thread);
+                    let groups = n_vec4.div_ceil(per_group) as u32;
+                    (gpu.bind(k, &[&params, &buf, &out]), groups)
+                })
+                .collect();
             bufs.push(ProbeBuf {
                 _data: buf,
                 _params: params,
-                bind,
-                groups,
+                binds,
             });
         }
         let ts = gpu
@@ -205,7 +301,8 @@ impl Probe {
                 period_ns: f64::from(gpu.queue.get_timestamp_period()),
             });
         Ok(Probe {
-            kernel,
+            shapes: kernels,
+            current: 0,
             bytes: sizes.iter().sum(),
             bufs,
             out,
@@ -218,8 +315,40 @@ impl Probe {
         self.bufs.len()
     }
 
-    /// Read every buffer once; time it.
+    /// The shapes this probe has (those the adapter can run).
+    pub fn shapes(&self) -> Vec<ProbeShape> {
+        self.shapes.iter().map(|s| s.0).collect()
+    }
+
+    /// The shape [`Self::run`] uses.
+    pub fn shape(&self) -> ProbeShape {
+        self.shapes[self.current].0
+    }
+
+    /// Run every shape `runs` times and keep the fastest (by its best run)
+    /// for [`Self::run`]; returns each shape's best GB/s.
+    pub fn choose(&mut self, gpu: &Gpu, runs: usize) -> Result<Vec<(ProbeShape, f64)>> {
+        let mut best = Vec::new();
+        for i in 0..self.shapes.len() {
+            let mut t = f64::INFINITY;
+            for _ in 0..runs.max(1) {
+                t = t.min(self.run_shape(gpu, i)?.wall_s);
+            }
+            best.push((self.shapes[i].0, self.bytes as f64 / t / 1e9));
+        }
+        self.current = (0..best.len())
+            .max_by(|&a, &b| best[a].1.total_cmp(&best[b].1))
+            .unwrap_or(0);
+        Ok(best)
+    }
+
+    /// Read every buffer once with the current shape; time it.
     pub fn run(&self, gpu: &Gpu) -> Result<ProbeSample> {
+        self.run_shape(gpu, self.current)
+    }
+
+    fn run_shape(&self, gpu: &Gpu, shape: usize) -> Result<ProbeSample> {
+        let kernel = &self.shapes[shape].1;
         let mut enc = gpu.encoder();
         {
             let timestamp_writes = self.ts.as_ref().map(|t| wgpu::ComputePassTimestampWrites {
@@ -232,7 +361,8 @@ impl Probe {
                 timestamp_writes,
             });
             for b in &self.bufs {
-                gpu.dispatch_in(&mut pass, &self.kernel, &b.bind, b.groups);
+                let (bind, groups) = &b.binds[shape];
+                gpu.dispatch_in(&mut pass, kernel, bind, *groups);
             }
         }
         if let Some(t) = &self.ts {
@@ -276,6 +406,177 @@ pub fn probe_reference(data: &[&[u8]]) -> (u32, u32) {
         }
     }
     (x, s)
+}
+
+// ------------------------------------------------- host and compute probes
+
+/// The host's own memory read bandwidth, in plain Rust: `bytes` (rounded to
+/// u64 words, at least 64 MiB so caches do not hold it) summed by every
+/// available thread over its own contiguous share, four independent
+/// accumulators each; the best of `runs`. Returns (GB/s, threads). On a
+/// CPU-type adapter the device *is* these cores and this memory, so no
+/// kernel can read faster than this: the physical ceiling for decode.
+pub fn host_read_gb_s(bytes: u64, runs: usize) -> (f64, usize) {
+    let words = (bytes.max(64 << 20) / 8) as usize;
+    // Non-zero, page-touching contents (a zero page could be shared).
+    let data: Vec<u64> = (0..words as u64)
+        .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = words.div_ceil(threads);
+    let mut best = f64::INFINITY;
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        let sum = std::thread::scope(|sc| {
+            let hs: Vec<_> = data
+                .chunks(chunk)
+                .map(|c| {
+                    sc.spawn(move || {
+                        let mut a = [0u64; 4];
+                        let mut it = c.chunks_exact(4);
+                        for w in &mut it {
+                            for k in 0..4 {
+                                a[k] = a[k].wrapping_add(w[k]);
+                            }
+                        }
+                        for &w in it.remainder() {
+                            a[0] = a[0].wrapping_add(w);
+                        }
+                        a.iter().fold(0u64, |x, &y| x.wrapping_add(y))
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(sum);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    ((words * 8) as f64 / best / 1e9, threads)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct FmaParams {
+    m: f32,
+    c: f32,
+    _p: [u32; 2],
+}
+
+/// Invocations per compute-probe workgroup and rounds per invocation
+/// (well under llvmpipe's 65,535 loop iterations).
+const FMA_WG: u32 = 64;
+const FMA_ITERS: u32 = 512;
+/// Flops per invocation: 8 vec4 multiply-adds (2 flops a lane) per round.
+const FMA_FLOPS_PER_INVOCATION: f64 = FMA_ITERS as f64 * 8.0 * 4.0 * 2.0;
+
+/// The compute probe (`shaders/probe_fma.wgsl`): f32 multiply-add
+/// throughput, the ceiling prefill's matmuls are held to.
+pub struct FmaProbe {
+    kernel: Kernel,
+    _params: wgpu::Buffer,
+    out: wgpu::Buffer,
+    bind: wgpu::BindGroup,
+    groups: u32,
+}
+
+impl FmaProbe {
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        let wg = FMA_WG.min(gpu.caps.max_invocations.max(1));
+        let kernel = gpu.kernel(
+            "probe_fma",
+            FMA_SRC,
+            "main",
+            &[("WG", wg as f64), ("ITERS", FMA_ITERS as f64)],
+        )?;
+        // m < 1 keeps every accumulator bounded (a fixed point at c/(1-m)).
+        let params = gpu.uniform(
+            "probe_fma.params",
+            &FmaParams {
+                m: 0.999,
+                c: 0.001,
+                _p: [0; 2],
+            },
+        )?;
+        // Enough invocations for a large GPU (64 Ki); a 2D grid past the
+        // per-dimension limit.
+        let groups = (65536 / wg).max(1);
+        let out = gpu.storage("probe_fma.out", u64::from(groups * wg) * 4);
+        let bind = gpu.bind(&kernel, &[&params, &out]);
+        Ok(FmaProbe {
+            kernel,
+            _params: params,
+            out,
+            bind,
+            groups,
+        })
+    }
+
+    /// One timed run of one dispatch: (flops, wall seconds around submit +
+    /// wait).
+    pub fn run(&self, gpu: &Gpu) -> Result<(f64, f64)> {
+        self.run_reps(gpu, 1)
+    }
+
+    /// `reps` dispatches in one pass, timed together.
+    fn run_reps(&self, gpu: &Gpu, reps: u32) -> Result<(f64, f64)> {
+        let mut enc = gpu.encoder();
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("probe_fma"),
+                timestamp_writes: None,
+            });
+            for _ in 0..reps {
+                gpu.dispatch_in(&mut pass, &self.kernel, &self.bind, self.groups);
+            }
+        }
+        let t0 = Instant::now();
+        gpu.submit_wait(enc)?;
+        let s = t0.elapsed().as_secs_f64();
+        let inv = f64::from(self.groups) * f64::from(FMA_WG.min(gpu.caps.max_invocations.max(1)));
+        Ok((f64::from(reps) * inv * FMA_FLOPS_PER_INVOCATION, s))
+    }
+
+    /// The best GFLOP/s of `runs`, each run long enough (at least 20 ms,
+    /// dispatches doubled up to 256 per pass) that the submission's own cost
+    /// does not hide a fast device's rate.
+    pub fn gflop_s(&self, gpu: &Gpu, runs: usize) -> Result<f64> {
+        let mut reps = 1;
+        while reps < 256 && self.run_reps(gpu, reps)?.1 < 0.02 {
+            reps *= 2;
+        }
+        let mut best = 0f64;
+        for _ in 0..runs.max(1) {
+            let (f, s) = self.run_reps(gpu, reps)?;
+            best = best.max(f / s / 1e9);
+        }
+        Ok(best)
+    }
+
+    /// Sum of the kernel's outputs (so its work is observable).
+    pub fn checksum(&self, gpu: &Gpu) -> Result<f64> {
+        let n = (self.out.size() / 4) as usize;
+        let v = gpu.read_u32(&self.out, n)?;
+        Ok(v.iter().map(|&b| f64::from(f32::from_bits(b))).sum())
+    }
+}
+
+/// Flops of a prefill of `t` tokens: every layer's projections (2 flops a
+/// weight a token), attention's scores and weighted sum over the causal
+/// prefix (2 · 2 · head_dim per head per (query, key) pair), and the lm_head
+/// on the last token only.
+pub fn prefill_flops(cfg: &crate::config::ModelConfig, t: usize) -> f64 {
+    let (h, hd) = (cfg.hidden_size as f64, cfg.head_dim as f64);
+    let q = cfg.num_attention_heads as f64 * hd;
+    let kv = cfg.num_key_value_heads as f64 * hd;
+    let ffn = cfg.intermediate_size as f64;
+    let per_token = h * (q + 2.0 * kv) + q * h + 3.0 * h * ffn;
+    let t = t as f64;
+    let pairs = t * (t + 1.0) / 2.0;
+    let layers = cfg.num_hidden_layers as f64;
+    layers * (2.0 * per_token * t + 4.0 * cfg.num_attention_heads as f64 * hd * pairs)
+        + 2.0 * h * cfg.vocab_size as f64
 }
 
 // ------------------------------------------------------------- statistics
@@ -436,7 +737,18 @@ pub struct BenchResult {
     pub prompt: Vec<u32>,
     pub probe_bytes: u64,
     pub probe_buffers: usize,
+    /// Runs of the chosen shape (the fastest of `probe_shapes`).
     pub probe: Vec<ProbeSample>,
+    pub probe_shape: ProbeShape,
+    /// Every shape tried and its best GB/s.
+    pub probe_shapes: Vec<(ProbeShape, f64)>,
+    /// The host's own multi-threaded read bandwidth (GB/s, threads), on
+    /// CPU-type adapters.
+    pub host_read: Option<(f64, usize)>,
+    /// The compute probe's best f32 multiply-add GFLOP/s.
+    pub fma_gflop_s: f64,
+    /// Flops of one prefill of `prompt_tokens` (see [`prefill_flops`]).
+    pub prefill_flops: f64,
     pub repeats: Vec<Repeat>,
     pub breakdown: Option<Breakdown>,
     pub opts: BenchOptions,
@@ -479,10 +791,21 @@ pub fn run(
     // The probe reads what one decode step reads at the mean KV length.
     let mean_kv = o.prompt_tokens as f64 + (o.gen_tokens as f64 + 1.0) / 2.0;
     let step_bytes = bytes.step_weight_bytes + bytes.kv_bytes_read(mean_kv) as u64;
-    let probe = Probe::new(&gpu, step_bytes)?;
+    let mut probe = Probe::new(&gpu, step_bytes)?;
 
     // Warm-up: first dispatches compile and page in; first buffer use clears.
     probe.run(&gpu)?;
+    let probe_shapes = probe.choose(&gpu, 2)?;
+    // On a CPU-type adapter the device is the host's cores and memory: their
+    // own read bandwidth is the physical ceiling (a buffer larger than the
+    // caches, capped so the measurement does not dominate peak memory).
+    let host_read = gpu
+        .caps
+        .is_cpu
+        .then(|| host_read_gb_s(step_bytes.min(512 << 20), 3));
+    let fma = FmaProbe::new(&gpu)?;
+    fma.run(&gpu)?;
+    let fma_gflop_s = fma.gflop_s(&gpu, 3)?;
     let next = model.forward_next(&prompt)?;
     let _ = model.forward_next(&[next])?;
     model.reset();
@@ -545,6 +868,11 @@ pub fn run(
         probe_bytes: probe.bytes,
         probe_buffers: probe.buffers(),
         probe: samples,
+        probe_shape: probe.shape(),
+        probe_shapes,
+        host_read,
+        fma_gflop_s,
+        prefill_flops: prefill_flops(&model.cfg, o.prompt_tokens),
         repeats,
         breakdown,
         opts: o.clone(),
@@ -735,8 +1063,31 @@ impl BenchResult {
             .map(|s| s.gpu_s.map(|t| self.probe_bytes as f64 / t / 1e9))
             .collect()
     }
-    pub fn efficiency(&self) -> f64 {
-        self.decode_gb_s() / self.probe_gb_s_median()
+    /// The device's read ceiling: the best probe run of any shape.
+    pub fn ceiling_gb_s(&self) -> f64 {
+        self.probe_shapes
+            .iter()
+            .map(|s| s.1)
+            .chain(self.probe_gb_s())
+            .fold(0.0, f64::max)
+    }
+    /// Median decode bandwidth over the ceiling. None when it would exceed
+    /// 100%: then the probe is not a ceiling, and no figure is printed.
+    pub fn efficiency(&self) -> Option<f64> {
+        ratio(self.decode_gb_s(), self.ceiling_gb_s())
+    }
+    /// Median decode bandwidth over the host's own read bandwidth (CPU-type
+    /// adapters); None past 100% (then that measurement is wrong).
+    pub fn host_efficiency(&self) -> Option<f64> {
+        ratio(self.decode_gb_s(), self.host_read?.0)
+    }
+    /// Median prefill flop rate (see [`prefill_flops`]).
+    pub fn prefill_gflop_s(&self) -> f64 {
+        self.prefill_flops / median(&self.prefill_s()) / 1e9
+    }
+    /// Prefill's flop rate over the compute probe's; None past 100%.
+    pub fn prefill_efficiency(&self) -> Option<f64> {
+        ratio(self.prefill_gflop_s(), self.fma_gflop_s)
     }
     /// The fastest single decode step of all repeats (least disturbed by
     /// other load on a shared machine).
@@ -748,9 +1099,11 @@ impl BenchResult {
     }
     /// Best step's bandwidth over the best probe run's: the same ratio with
     /// the least noise from other load.
-    pub fn efficiency_best(&self) -> f64 {
-        let best_probe = min_max(&self.probe_gb_s()).1;
-        self.decode_bytes_per_step() / self.best_step_s() / 1e9 / best_probe
+    pub fn efficiency_best(&self) -> Option<f64> {
+        ratio(
+            self.decode_bytes_per_step() / self.best_step_s() / 1e9,
+            self.ceiling_gb_s(),
+        )
     }
     /// Did every repeat produce the same greedy tokens?
     pub fn deterministic(&self) -> bool {
@@ -783,6 +1136,20 @@ impl BenchResult {
     pub fn dispatches_per_step(&self) -> u64 {
         self.repeats.first().map_or(0, |r| r.dispatches_per_step)
     }
+}
+
+/// `x / ceiling`, or None when that exceeds 1 (a ceiling that is beaten is
+/// not one) or is not a number.
+fn ratio(x: f64, ceiling: f64) -> Option<f64> {
+    let r = x / ceiling;
+    (r.is_finite() && r <= 1.0).then_some(r)
+}
+
+/// A ratio as a percentage, or what its absence means.
+fn pct(r: Option<f64>) -> String {
+    r.map_or("n/a (beaten: not a ceiling)".into(), |r| {
+        format!("{:.0}%", r * 100.0)
+    })
 }
 
 fn load_average() -> Option<String> {
@@ -843,9 +1210,17 @@ pub fn to_json(g: &Gpu, r: &BenchResult) -> serde_json::Value {
             "buffers": r.probe_buffers,
             "gb_s": stats_json(&r.probe_gb_s()),
             "gpu_timestamp_gb_s": r.probe_gpu_gb_s().map(|v| stats_json(&v)),
+            "shape": r.probe_shape.name(),
+            "shapes_best_gb_s": r.probe_shapes.iter().map(|(sh, g)| serde_json::json!({"shape": sh.name(), "gb_s": g})).collect::<Vec<_>>(),
+            "ceiling_gb_s": r.ceiling_gb_s(),
         },
+        "host_read": r.host_read.map(|(g, t)| serde_json::json!({"gb_s": g, "threads": t})),
+        "fma_gflop_s": r.fma_gflop_s,
         "prefill": {
             "tokens_per_s": stats_json(&prefill_tok_s),
+            "flops": r.prefill_flops,
+            "gflop_s": r.prefill_gflop_s(),
+            "efficiency_vs_fma_probe": r.prefill_efficiency(),
         },
         "decode": {
             "tokens_per_s": r.decode_tok_s(),
@@ -854,6 +1229,7 @@ pub fn to_json(g: &Gpu, r: &BenchResult) -> serde_json::Value {
             "bytes_per_step": r.decode_bytes_per_step(),
             "effective_gb_s": r.decode_gb_s(),
             "efficiency_vs_probe": r.efficiency(),
+            "efficiency_vs_host_read": r.host_efficiency(),
             "best_step_ms": r.best_step_s() * 1e3,
             "efficiency_best_step_vs_best_probe": r.efficiency_best(),
             "deterministic_across_repeats": r.deterministic(),
@@ -944,6 +1320,19 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
         r.probe_gb_s_median(),
         format!("{plo:.2} .. {phi:.2}")
     );
+    let _ = writeln!(
+        s,
+        "{:<34} {:>12.2} {:>22}",
+        "probe ceiling (best shape), GB/s",
+        r.ceiling_gb_s(),
+        r.probe_shape.name()
+    );
+    let others: Vec<String> = r
+        .probe_shapes
+        .iter()
+        .map(|(sh, g)| format!("{} {g:.2}", sh.name()))
+        .collect();
+    let _ = writeln!(s, "  (shapes tried, best GB/s: {})", others.join("; "));
     if let Some(v) = r.probe_gpu_gb_s() {
         let (lo, hi) = min_max(&v);
         let _ = writeln!(
@@ -989,16 +1378,40 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<34} {:>11.0}%",
+        "{:<34} {:>12}",
         "decode efficiency vs probe",
-        r.efficiency() * 100.0
+        pct(r.efficiency())
+    );
+    if let Some((g, t)) = r.host_read {
+        let _ = writeln!(
+            s,
+            "{:<34} {:>12} {:>22}",
+            "decode vs host DRAM read",
+            pct(r.host_efficiency()),
+            format!("host {g:.2} GB/s, {t} threads")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "{:<34} {:>12.2} {:>22}",
+        "prefill, GFLOP/s",
+        r.prefill_gflop_s(),
+        format!("{} of f32 FMA probe", pct(r.prefill_efficiency()))
+    );
+    let _ = writeln!(
+        s,
+        "{:<34} {:>12.2}",
+        "compute probe (f32 FMA), GFLOP/s", r.fma_gflop_s
     );
     let _ = writeln!(
         s,
         "{:<34} {:>12.2} {:>22}",
         "decode, best single step, ms",
         r.best_step_s() * 1e3,
-        format!("{:.0}% of best probe", r.efficiency_best() * 100.0)
+        r.efficiency_best()
+            .map_or("beats the probe: not a ceiling".into(), |e| {
+                format!("{:.0}% of ceiling", e * 100.0)
+            })
     );
     let _ = writeln!(
         s,
@@ -1157,11 +1570,34 @@ mod tests {
         let a = pattern(5 * 65536 + 16 * 37, 1);
         let b = pattern(16 * 3, 2);
         let data: [&[u8]; 2] = [&a, &b];
-        let p = Probe::with_data(g, &data).unwrap();
-        p.run(g).unwrap();
-        // Exact integer results: xor and wrapping sum are order-independent.
-        assert_eq!(p.result(g).unwrap(), probe_reference(&data));
-        assert_eq!(p.bytes, (a.len() + b.len()) as u64);
+        let sizes = [a.len() as u64, b.len() as u64];
+        // Every read shape, each in a probe of its own (the output
+        // accumulates over runs).
+        for sh in PROBE_SHAPES {
+            let p = Probe::build(g, &sizes, Some(&data), &[sh]).unwrap();
+            p.run(g).unwrap();
+            // Exact integer results: xor and wrapping sum are order-independent.
+            assert_eq!(p.result(g).unwrap(), probe_reference(&data), "{sh:?}");
+            assert_eq!(p.bytes, (a.len() + b.len()) as u64);
+        }
+        // choose() runs every shape and keeps one of them
+        let mut p = Probe::with_data(g, &data).unwrap();
+        let best = p.choose(g, 1).unwrap();
+        assert_eq!(best.len(), PROBE_SHAPES.len());
+        assert!(best.iter().all(|b| b.1 > 0.0));
+        assert!(PROBE_SHAPES.contains(&p.shape()));
+    }
+
+    #[test]
+    fn host_read_and_fma_probes_measure_something() {
+        let (gb_s, threads) = host_read_gb_s(1 << 22, 2);
+        assert!(gb_s > 0.0 && gb_s.is_finite() && threads >= 1);
+        let g = gpu();
+        let f = FmaProbe::new(g).unwrap();
+        let (flops, secs) = f.run(g).unwrap();
+        assert!(flops > 0.0 && secs > 0.0);
+        // The kernel's values are a deterministic function of its inputs.
+        assert!(f.checksum(g).unwrap().is_finite());
     }
 
     #[test]
@@ -1172,9 +1608,11 @@ mod tests {
         d[..4].copy_from_slice(&0x0000_1000u32.to_le_bytes());
         let n = d.len();
         d[n - 4..].copy_from_slice(&0x0234_0001u32.to_le_bytes());
-        let p = Probe::with_data(g, &[&d]).unwrap();
-        p.run(g).unwrap();
-        assert_eq!(p.result(g).unwrap(), (0x0234_1001, 0x0234_1001));
+        for sh in PROBE_SHAPES {
+            let p = Probe::build(g, &[d.len() as u64], Some(&[&d]), &[sh]).unwrap();
+            p.run(g).unwrap();
+            assert_eq!(p.result(g).unwrap(), (0x0234_1001, 0x0234_1001), "{sh:?}");
+        }
     }
 
     #[test]
@@ -1307,10 +1745,15 @@ mod tests {
         let q = b.ops.iter().find(|o| o.op == "q_proj").unwrap();
         assert_eq!((q.dispatches, q.bytes), (2, 2 * 2 * (64 * 64 + 64)));
         let v = to_json(&g, &r);
-        assert!(v["decode"]["efficiency_vs_probe"]
-            .as_f64()
-            .unwrap()
-            .is_finite());
+        // A figure at most 100%, or none (a beaten probe is not a ceiling).
+        let e = &v["decode"]["efficiency_vs_probe"];
+        assert!(
+            e.is_null() || e.as_f64().is_some_and(|x| x > 0.0 && x <= 1.0),
+            "{e}"
+        );
+        assert!(r.ceiling_gb_s() > 0.0);
+        assert!(r.fma_gflop_s > 0.0 && r.prefill_flops > 0.0);
+        assert_eq!(r.host_read.is_some(), g.caps.is_cpu);
         assert!(table(&g, &r).contains("decode, tokens/s"));
     }
 

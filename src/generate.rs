@@ -5,7 +5,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{Model, DECODE_DEPTH};
+use crate::ops::argmax::RowStats;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
@@ -114,11 +115,16 @@ impl<'t> StreamDecoder<'t> {
 /// `step` 0 is the prompt's pass; step k > 0 is the pass over the k-th
 /// generated token (which yields token k + 1).
 pub fn check_logits(logits: &[f32], step: usize, position: usize) -> Result<()> {
-    let Some(first) = logits.iter().position(|x| !x.is_finite()) else {
+    check_stats(&RowStats::of(logits), logits.len(), step, position)
+}
+
+/// [`check_logits`] from the GPU argmax's [`RowStats`] of a row of `len`
+/// logits: the same error, word for word.
+pub fn check_stats(s: &RowStats, len: usize, step: usize, position: usize) -> Result<()> {
+    let Some((first, bits)) = s.first else {
         return Ok(());
     };
-    let nan = logits.iter().filter(|x| x.is_nan()).count();
-    let inf = logits.iter().filter(|x| x.is_infinite()).count();
+    let (nan, inf) = (s.nan, s.inf);
     let what = if step == 0 {
         "step 0 (the prompt's pass)".to_string()
     } else {
@@ -126,10 +132,9 @@ pub fn check_logits(logits: &[f32], step: usize, position: usize) -> Result<()> 
     };
     Err(Error::invalid(format!(
         "non-finite logits at generation {what}, {position} tokens in the context: \
-         {nan} NaN and {inf} infinite of {} (first at token id {first}, value {}); \
+         {nan} NaN and {inf} infinite of {len} (first at token id {first}, value {}); \
          the model's activations overflowed f32 (check the weights), generation stopped",
-        logits.len(),
-        logits[first]
+        f32::from_bits(bits)
     )))
 }
 
@@ -150,8 +155,14 @@ pub fn generate(
 /// step in flight completes first). Every emitted token has then been run
 /// through the model, so the KV cache holds the prompt and the whole reply.
 ///
-/// Every step's logits are read back and checked: a NaN or infinite logit
-/// is an error naming the step (see [`check_logits`]).
+/// A NaN or infinite logit at any step is an error naming the step (see
+/// [`check_logits`]). Greedy decoding without a repetition penalty runs
+/// pipelined on the GPU ([`Model::decode_greedy_checked`]: the argmax feeds
+/// the next step, only each step's id and its logits' finiteness come
+/// back, `DECODE_DEPTH` steps in flight, each id streamed as it arrives);
+/// with top-k sampling, or greedy with a penalty, the GPU returns only the
+/// candidates the sampler needs (`ops::sample`; the same ids as sampling
+/// the whole row); otherwise each step's logits are read back.
 ///
 /// `earlier` are the tokens the cache already holds before `prompt_ids`
 /// (a chat's previous turns); they only join the repetition penalty's
@@ -188,58 +199,79 @@ pub fn generate_interruptible(
             model.max_context
         )));
     }
-    let mut history: Vec<u32> = earlier.iter().chain(prompt_ids).copied().collect();
-    let mut out = Vec::new();
-    let mut dec = StreamDecoder::new(tok);
-    let mut stop_reason = "max_tokens".to_string();
-
-    // The logits are read back on every step (not only the GPU argmax's id)
-    // so that a non-finite value is caught where it first appears; greedy
-    // then takes the host argmax, with the same tie rule as the GPU's.
-    let mut n_steps = 0usize;
-    let mut step = |model: &mut Model, input: &[u32], history: &[u32], sampler: &mut Sampler| {
-        let logits = model.forward_logits(input)?;
-        check_logits(&logits, n_steps, model.position())?;
-        n_steps += 1;
-        Ok::<u32, Error>(sampler.sample(&logits, history))
+    let history: Vec<u32> = earlier.iter().chain(prompt_ids).copied().collect();
+    let mut e = Emit {
+        history,
+        out: Vec::new(),
+        dec: StreamDecoder::new(tok),
+        stop_reason: "max_tokens".to_string(),
     };
+    let mut accept = |e: &mut Emit<'_>, id: u32| e.accept(id, opts, interrupted, &mut on_text);
+    let vocab = model.cfg.vocab_size;
 
     let t0 = Instant::now();
     let mut prefill_s = 0.0;
-    let mut next = if opts.max_tokens > 0 {
-        let n = step(model, prompt_ids, &history, &mut sampler)?;
-        prefill_s = t0.elapsed().as_secs_f64();
-        Some(n)
-    } else {
-        None
-    };
-    let t1 = Instant::now();
+    let mut t1 = Instant::now();
     let mut decode_steps = 0usize;
-    while let Some(id) = next.take() {
-        if opts.stop_ids.contains(&id) {
-            stop_reason = "eos".into();
-            break;
+    if opts.max_tokens > 0 && sampler.params.is_greedy() && sampler.params.repeat_penalty == 1.0 {
+        // Greedy without a penalty is the GPU argmax: pipelined, with no
+        // host round trip between steps. The argmax reports each step's
+        // finiteness with its id, so the first non-finite step still stops
+        // generation with the same error as the host check below.
+        let (first, st) = model.forward_next_checked(prompt_ids)?;
+        check_stats(&st, vocab, 0, model.position())?;
+        prefill_s = t0.elapsed().as_secs_f64();
+        t1 = Instant::now();
+        if accept(&mut e, first)? {
+            let start = model.position();
+            let steps = opts.max_tokens - e.out.len();
+            model.decode_greedy_checked(first, steps, DECODE_DEPTH, |id, st| {
+                decode_steps += 1;
+                check_stats(&st, vocab, decode_steps, start + decode_steps)?;
+                accept(&mut e, id)
+            })?;
         }
-        if interrupted() {
-            // `id` was sampled but is dropped: it was never run.
-            stop_reason = "interrupted".into();
-            break;
+    } else if opts.max_tokens > 0 {
+        // One blocking step at a time. With top-k (or greedy with a
+        // penalty) the GPU picks the candidates and only they come back
+        // (`ops::sample`: the same ids as sampling the whole row); else the
+        // whole row is read back. Either way a non-finite step stops here.
+        let mut input = prompt_ids.to_vec();
+        loop {
+            let id = match sampler.candidate_request(&e.history) {
+                Some((want, window)) => {
+                    let (c, st) = model.forward_candidates(&input, want, &window)?;
+                    check_stats(&st, vocab, decode_steps, model.position())?;
+                    if c.overflow {
+                        let logits = model.last_logits()?;
+                        sampler.sample(&logits, &e.history)
+                    } else {
+                        sampler.sample_candidates(&c.with_extra(&window), &e.history)
+                    }
+                }
+                None => {
+                    let logits = model.forward_logits(&input)?;
+                    check_logits(&logits, decode_steps, model.position())?;
+                    sampler.sample(&logits, &e.history)
+                }
+            };
+            if decode_steps == 0 {
+                prefill_s = t0.elapsed().as_secs_f64();
+                t1 = Instant::now();
+            }
+            if !accept(&mut e, id)? {
+                break;
+            }
+            input = vec![id];
+            decode_steps += 1;
         }
-        out.push(id);
-        history.push(id);
-        on_text(&dec.push(id)?);
-        if out.len() >= opts.max_tokens {
-            break;
-        }
-        next = Some(step(model, &[id], &history, &mut sampler)?);
-        decode_steps += 1;
     }
     let decode_s = t1.elapsed().as_secs_f64();
     Ok(Generation {
         prompt_ids: prompt_ids.to_vec(),
-        text: dec.text()?,
-        generated_ids: out,
-        stop_reason,
+        text: e.dec.text()?,
+        generated_ids: e.out,
+        stop_reason: e.stop_reason,
         prefill_tokens_per_s: if prefill_s > 0.0 {
             prompt_ids.len() as f64 / prefill_s
         } else {
@@ -251,6 +283,42 @@ pub fn generate_interruptible(
             0.0
         },
     })
+}
+
+/// What generation has emitted so far.
+struct Emit<'t> {
+    /// Every input token (earlier turns, prompt) and every emitted one: the
+    /// repetition penalty's window.
+    history: Vec<u32>,
+    out: Vec<u32>,
+    dec: StreamDecoder<'t>,
+    stop_reason: String,
+}
+
+impl Emit<'_> {
+    /// Take the next token `id`; false when generation ends here (EOS, an
+    /// interruption, or --max-tokens reached with `id`).
+    fn accept(
+        &mut self,
+        id: u32,
+        opts: &GenerateOptions,
+        interrupted: &dyn Fn() -> bool,
+        on_text: &mut impl FnMut(&str),
+    ) -> Result<bool> {
+        if opts.stop_ids.contains(&id) {
+            self.stop_reason = "eos".into();
+            return Ok(false);
+        }
+        if interrupted() {
+            // `id` was chosen but is dropped: it was never run.
+            self.stop_reason = "interrupted".into();
+            return Ok(false);
+        }
+        self.out.push(id);
+        self.history.push(id);
+        on_text(&self.dec.push(id)?);
+        Ok(self.out.len() < opts.max_tokens)
+    }
 }
 
 /// A multi-turn conversation on one [`Model`] that keeps the KV cache

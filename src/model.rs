@@ -12,7 +12,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Step};
 use crate::loader::{Checkpoint, LayerRole, LoadDType, MemoryPlan, Role, Weights};
-use crate::ops::argmax::{Argmax, ArgmaxBinding};
+use crate::ops::argmax::{Argmax, ArgmaxBinding, RowStats, STATS_WORDS};
 use crate::ops::attention::{self, Attention};
 use crate::ops::elementwise::{self, AddRmsNorm, Binary, Elementwise, Softcap};
 use crate::ops::embedding::{Embedding, EmbeddingBinding};
@@ -20,6 +20,7 @@ use crate::ops::kv_copy::{self, KvCache, KvCopy};
 use crate::ops::matmul::{Linear, LinearBinding, LinearPath};
 use crate::ops::rmsnorm::{self, RmsNorm};
 use crate::ops::rope::{self, Rope, RopeKv, RopeTables};
+use crate::ops::sample::{Candidates, TopK, TopKBinding};
 use crate::program::{attention_params, Activation, Buf, Op, OpKind, Program, RopeTable, Scope};
 use crate::taps::TapSet;
 use crate::tensor::{DeviceTensor, WDType};
@@ -89,6 +90,9 @@ enum Readback {
     NextId,
     /// The last token's logits.
     Logits,
+    /// The sampling candidates of the last token's logits, and their
+    /// finiteness (see [`Model::forward_candidates`]).
+    Candidates,
 }
 
 /// Which logits a pass computes.
@@ -145,6 +149,8 @@ struct Kernels {
     softcap: Cache<(), Softcap>,
     argmax: Argmax,
     faults: Faults,
+    /// Sampling candidates (`ops::sample`), after the last-row argmax.
+    topk: TopK,
 }
 
 /// One program op with its kernel variant, bind group and static sizes.
@@ -289,9 +295,13 @@ struct Buffers {
     h: [usize; 2],
     last: usize,
     next: wgpu::Buffer,
+    /// The last row's [`RowStats`] words, written by the argmax with `next`.
+    next_stats: wgpu::Buffer,
     /// Persistent readback buffers for generation (no per-token allocation).
     next_staging: wgpu::Buffer,
     logits_staging: wgpu::Buffer,
+    /// The candidate kernel's output and the last row's stats after it.
+    cand_staging: wgpu::Buffer,
     /// Uniforms of the bind groups (kept alive here).
     params: Vec<wgpu::Buffer>,
     /// `Step::new(1, p)` for every position `p` of the cache: a pipelined
@@ -308,6 +318,12 @@ struct Buffers {
 const RING: usize = 8;
 /// Steps the pipelined greedy decode keeps in flight by default.
 pub const DECODE_DEPTH: usize = 3;
+/// Bytes of a row's argmax [`RowStats`] words, and of an id followed by
+/// them (what a generation step reads back).
+const STATS_BYTES: u64 = 4 * STATS_WORDS as u64;
+const ID_STATS_BYTES: u64 = 4 + STATS_BYTES;
+/// Bytes of the candidate kernel's output.
+const CAND_BYTES: u64 = 4 * crate::ops::sample::OUT_WORDS as u64;
 /// Bytes of one [`Step`] uniform.
 const STEP_BYTES: u64 = std::mem::size_of::<Step>() as u64;
 
@@ -331,6 +347,12 @@ pub struct DecodeRun {
     pub record_cpu_s: Vec<f64>,
     /// Compute dispatches recorded per step.
     pub dispatches_per_step: u64,
+}
+
+/// An id and its row's [`RowStats`] as a step reads them back.
+fn id_stats(b: &[u8]) -> (u32, RowStats) {
+    let w = |i: usize| u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
+    (w(0), RowStats::from_words([w(1), w(2), w(3), w(4)]))
 }
 
 /// CPU time of the calling thread, in seconds (None where the platform
@@ -398,6 +420,8 @@ pub struct Model {
     head_all: Vec<BoundOp>,
     head_last: Vec<BoundOp>,
     argmax_last: ArgmaxBinding,
+    /// The candidate kernel over the last-row logits.
+    topk_last: TopKBinding,
     kv: Vec<KvCache>,
     _rope_tables: Vec<(RopeTable, RopeTables)>,
     /// Tokens already in the KV cache.
@@ -553,6 +577,7 @@ impl Model {
             add_norm: Cache(Vec::new()),
             softcap: Cache(Vec::new()),
             argmax: Argmax::new(g)?,
+            topk: TopK::new(g)?,
             faults: f,
         };
         let kv_params = kv_copy::Params::new(nkv, hd, max_context)?;
@@ -599,15 +624,17 @@ impl Model {
             h,
             last,
             next: g.storage("next", 4),
-            next_staging: g.staging("next_staging", 4),
+            next_stats: g.storage("next_stats", STATS_BYTES),
+            next_staging: g.staging("next_staging", ID_STATS_BYTES),
             logits_staging: g.staging("logits_staging", (vocab * 4) as u64),
+            cand_staging: g.staging("cand_staging", CAND_BYTES + STATS_BYTES),
             params: Vec::new(),
             steps: {
                 let table: Vec<Step> = (0..max_context as u32).map(|p| Step::new(1, p)).collect();
                 g.storage_init("steps", bytemuck::cast_slice(&table))?
             },
             ring: (0..RING)
-                .map(|i| g.staging(&format!("next_ring{i}"), 4))
+                .map(|i| g.staging(&format!("next_ring{i}"), ID_STATS_BYTES))
                 .collect(),
             ring_state: (0..RING)
                 .map(|_| Arc::new(AtomicU8::new(MapState::IDLE)))
@@ -691,7 +718,10 @@ impl Model {
         };
         let head_last = ctx.bind_all(&mut k, &mut b, &program.head, Scope::Head, last_env, None)?;
         let logits = &b.acts[b.index[&Buf::Logits]];
-        let argmax_last = k.argmax.bind(g, &b.step_one, logits, vocab, &b.next)?;
+        let argmax_last = k
+            .argmax
+            .bind(g, &b.step_one, logits, vocab, &b.next, &b.next_stats)?;
+        let topk_last = k.topk.bind(g, logits, vocab)?;
         Ok(Model {
             gpu,
             cfg,
@@ -710,6 +740,7 @@ impl Model {
             head_all,
             head_last,
             argmax_last,
+            topk_last,
             kv,
             _rope_tables: tables,
             pos: 0,
@@ -780,8 +811,47 @@ impl Model {
     /// Run `tokens` (appended after the cached ones) and return the greedy
     /// next token after the last of them. Long inputs go in `max_batch` chunks.
     pub fn forward_next(&mut self, tokens: &[u32]) -> Result<u32> {
+        Ok(self.forward_next_checked(tokens)?.0)
+    }
+
+    /// [`Self::forward_next`] with the last row's logits' finiteness
+    /// (computed by the argmax beside the id; the logits stay on the GPU).
+    pub fn forward_next_checked(&mut self, tokens: &[u32]) -> Result<(u32, RowStats)> {
         let bytes = self.run_last(tokens, Readback::NextId)?;
-        Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+        Ok(id_stats(&bytes))
+    }
+
+    /// Run `tokens` and return the last token's sampling candidates: the
+    /// `want` largest logits (ties included) and the logits of the `extra`
+    /// ids (`ops::sample`), with the row's finiteness. Only those come back,
+    /// not the row; when too many tie, `overflow` is set and
+    /// [`Self::last_logits`] reads the row.
+    pub fn forward_candidates(
+        &mut self,
+        tokens: &[u32],
+        want: usize,
+        extra: &[u32],
+    ) -> Result<(Candidates, RowStats)> {
+        self.k
+            .topk
+            .prepare(&self.gpu, &self.topk_last, want, extra)?;
+        let bytes = self.run_last(tokens, Readback::Candidates)?;
+        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
+        let n = crate::ops::sample::OUT_WORDS;
+        let c = Candidates::from_words(&words[..n], extra.len());
+        let s = RowStats::from_words([words[n], words[n + 1], words[n + 2], words[n + 3]]);
+        Ok((c, s))
+    }
+
+    /// The last pass's last-row logits, read again (nothing runs).
+    pub fn last_logits(&mut self) -> Result<Vec<f32>> {
+        let b = &self.b;
+        let len = (self.cfg.vocab_size * 4) as u64;
+        let mut enc = self.gpu.encoder();
+        enc.copy_buffer_to_buffer(&b.acts[b.index[&Buf::Logits]], 0, &b.logits_staging, 0, len);
+        self.gpu.queue.submit([enc.finish()]);
+        let bytes = self.gpu.map_staging(&b.logits_staging, len)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Run `tokens` and return the last token's logits (for sampling).
@@ -809,8 +879,9 @@ impl Model {
             self.pos += chunk.len();
         }
         let (staging, len) = match readback {
-            Readback::NextId => (&self.b.next_staging, 4),
+            Readback::NextId => (&self.b.next_staging, ID_STATS_BYTES),
             Readback::Logits => (&self.b.logits_staging, (self.cfg.vocab_size * 4) as u64),
+            Readback::Candidates => (&self.b.cand_staging, CAND_BYTES + STATS_BYTES),
         };
         self.gpu.map_staging(staging, len)
     }
@@ -994,11 +1065,26 @@ impl Model {
             Some(Readback::NextId) => {
                 r.enc()
                     .copy_buffer_to_buffer(&b.next, 0, &b.next_staging, 0, 4);
+                r.enc()
+                    .copy_buffer_to_buffer(&b.next_stats, 0, &b.next_staging, 4, STATS_BYTES);
             }
             Some(Readback::Logits) => {
                 let len = (self.cfg.vocab_size * 4) as u64;
                 r.enc()
                     .copy_buffer_to_buffer(logits_buf, 0, &b.logits_staging, 0, len);
+            }
+            Some(Readback::Candidates) => {
+                self.k.topk.encode(g, r.pass(), &self.topk_last);
+                let out = &self.topk_last.out;
+                r.enc()
+                    .copy_buffer_to_buffer(out, 0, &b.cand_staging, 0, CAND_BYTES);
+                r.enc().copy_buffer_to_buffer(
+                    &b.next_stats,
+                    0,
+                    &b.cand_staging,
+                    CAND_BYTES,
+                    STATS_BYTES,
+                );
             }
         }
         Ok(r.finish())
@@ -1079,6 +1165,8 @@ impl Model {
         self.encode_body(&mut r, 1, Some(Logits::Last))?;
         r.enc()
             .copy_buffer_to_buffer(&b.next, 0, &b.ring[slot], 0, 4);
+        r.enc()
+            .copy_buffer_to_buffer(&b.next_stats, 0, &b.ring[slot], 4, STATS_BYTES);
         Ok(r.finish().0)
     }
 
@@ -1097,6 +1185,19 @@ impl Model {
         max_steps: usize,
         depth: usize,
         mut on_token: impl FnMut(u32) -> Result<bool>,
+    ) -> Result<DecodeRun> {
+        self.decode_greedy_checked(first, max_steps, depth, |id, _| on_token(id))
+    }
+
+    /// [`Self::decode_greedy`] that also hands `on_step` each step's logits'
+    /// [`RowStats`] (read back with the id, same ring slot), so a caller can
+    /// stop at the first non-finite step without reading any logits.
+    pub fn decode_greedy_checked(
+        &mut self,
+        first: u32,
+        max_steps: usize,
+        depth: usize,
+        mut on_step: impl FnMut(u32, RowStats) -> Result<bool>,
     ) -> Result<DecodeRun> {
         self.check_tokens(&[first], Logits::Last)?;
         if self.pos + max_steps > self.max_context {
@@ -1148,9 +1249,9 @@ impl Model {
                 if stopped || delivered == run.submitted {
                     return Ok(());
                 }
-                let id = self.take_ring(delivered % RING)?;
+                let (id, stats) = self.take_ring(delivered % RING)?;
                 delivered += 1;
-                if !on_token(id)? {
+                if !on_step(id, stats)? {
                     stopped = true;
                 }
             }
@@ -1166,7 +1267,7 @@ impl Model {
     }
 
     /// Wait for ring slot `slot`'s map, read its id and unmap it.
-    fn take_ring(&self, slot: usize) -> Result<u32> {
+    fn take_ring(&self, slot: usize) -> Result<(u32, RowStats)> {
         let state = &self.b.ring_state[slot];
         while state.load(Ordering::Acquire) == MapState::PENDING {
             self.gpu.wait()?;
@@ -1183,7 +1284,7 @@ impl Model {
                 what: "token readback view".into(),
                 msg: e.to_string(),
             })?;
-            u32::from_le_bytes([view[0], view[1], view[2], view[3]])
+            id_stats(&view)
         };
         buf.unmap();
         Ok(id)

@@ -96,11 +96,11 @@ impl Sampler {
         Ok(Sampler { params, rng })
     }
 
-    /// Apply the repetition penalty to `logits` for the tokens in `history`.
-    pub fn penalize(&self, logits: &mut [f32], history: &[u32]) {
-        let p = self.params.repeat_penalty;
-        if p == 1.0 {
-            return;
+    /// The penalty's window of `history`: its distinct ids in order of
+    /// first appearance (empty without a penalty).
+    pub fn window(&self, history: &[u32]) -> Vec<u32> {
+        if self.params.repeat_penalty == 1.0 {
+            return Vec::new();
         }
         let n = self.params.repeat_last_n;
         let recent = if n == 0 || history.len() <= n {
@@ -109,13 +109,73 @@ impl Sampler {
             &history[history.len() - n..]
         };
         let mut seen = std::collections::HashSet::new();
-        for &t in recent {
+        recent.iter().copied().filter(|&t| seen.insert(t)).collect()
+    }
+
+    /// HF's penalty of one logit.
+    fn penalized(&self, l: f32) -> f32 {
+        let p = self.params.repeat_penalty;
+        if l < 0.0 {
+            l * p
+        } else {
+            l / p
+        }
+    }
+
+    /// Apply the repetition penalty to `logits` for the tokens in `history`.
+    pub fn penalize(&self, logits: &mut [f32], history: &[u32]) {
+        for t in self.window(history) {
             if let Some(l) = logits.get_mut(t as usize) {
-                if seen.insert(t) {
-                    *l = if *l < 0.0 { *l * p } else { *l / p };
-                }
+                *l = self.penalized(*l);
             }
         }
+    }
+
+    /// What [`Self::sample_candidates`] needs from the GPU's candidate
+    /// kernel (`ops::sample`): the `want` largest raw logits and the raw
+    /// logits of the penalty window's ids. None where the candidates cannot
+    /// stand for the row: top-k off (every token can be drawn), or a
+    /// request larger than the kernel's output.
+    pub fn candidate_request(&self, history: &[u32]) -> Option<(usize, Vec<u32>)> {
+        use crate::ops::sample::{CAP, MAX_EXTRA};
+        let k = if self.params.is_greedy() {
+            1
+        } else {
+            self.params.top_k
+        };
+        let window = self.window(history);
+        let want = k + window.len();
+        (k > 0 && want <= CAP && window.len() <= MAX_EXTRA).then_some((want, window))
+    }
+
+    /// [`Self::sample`] from candidates instead of the whole row: `cands`
+    /// are (id, raw logit) pairs holding at least the row's top-k after the
+    /// penalty (what [`Self::candidate_request`] asks the GPU for; the
+    /// argument is in `ops::sample`). The penalty, the order, the f64
+    /// arithmetic and the draw are those of [`Self::sample`] on the same
+    /// values, so the id and the RNG stream are the same.
+    pub fn sample_candidates(&mut self, cands: &[(u32, f32)], history: &[u32]) -> u32 {
+        let mut v = cands.to_vec();
+        for t in self.window(history) {
+            if let Some(c) = v.iter_mut().find(|c| c.0 == t) {
+                c.1 = self.penalized(c.1);
+            }
+        }
+        if self.params.is_greedy() {
+            // argmax's rule: the first (smallest id) of the maximum; NaN
+            // never wins.
+            let mut best: Option<(u32, f32)> = None;
+            for &(i, x) in &v {
+                match best {
+                    Some((bi, bx)) if !(x > bx || (x == bx && i < bi)) => {}
+                    _ if x.is_nan() => {}
+                    _ => best = Some((i, x)),
+                }
+            }
+            return best.map_or(0, |b| b.0);
+        }
+        let probs = self.distribution_of(v.into_iter());
+        self.draw(&probs)
     }
 
     /// Choose the next token from `logits` given the tokens so far.
@@ -126,9 +186,14 @@ impl Sampler {
             return argmax(&l);
         }
         let probs = self.distribution(&l);
+        self.draw(&probs)
+    }
+
+    /// One uniform draw from `probs` (the RNG's next f64).
+    fn draw(&mut self, probs: &[(u32, f64)]) -> u32 {
         let r: f64 = self.rng.random::<f64>();
         let mut acc = 0f64;
-        for &(i, p) in &probs {
+        for &(i, p) in probs {
             acc += p;
             if r < acc {
                 return i;
@@ -140,13 +205,17 @@ impl Sampler {
     /// The filtered, renormalized distribution (token, probability), sorted
     /// by descending probability.
     pub fn distribution(&self, logits: &[f32]) -> Vec<(u32, f64)> {
+        self.distribution_of(logits.iter().enumerate().map(|(i, &x)| (i as u32, x)))
+    }
+
+    /// [`Self::distribution`] over (id, logit) pairs in any order (the
+    /// result does not depend on it: ids are unique and the sort is total).
+    fn distribution_of(&self, logits: impl Iterator<Item = (u32, f32)>) -> Vec<(u32, f64)> {
         let p = &self.params;
         let t = p.temperature.max(1e-6) as f64;
         let mut v: Vec<(u32, f64)> = logits
-            .iter()
-            .enumerate()
             .filter(|(_, x)| x.is_finite())
-            .map(|(i, &x)| (i as u32, x as f64 / t))
+            .map(|(i, x)| (i, x as f64 / t))
             .collect();
         v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if p.top_k > 0 && v.len() > p.top_k {
@@ -256,6 +325,61 @@ mod tests {
         let ones = a.iter().filter(|&&t| t == 1).count() as f64 / a.len() as f64;
         // p(1) = 0.75; 4000 draws give a standard error of ~0.007
         assert!((ones - 0.75).abs() < 0.035, "{ones}");
+    }
+
+    /// The exactness claim: over many seeds and parameters, sampling from
+    /// the GPU's candidates gives exactly the id (and consumes exactly the
+    /// RNG stream) of sampling from the whole row.
+    #[test]
+    fn sampling_from_candidates_is_sampling_from_the_row() {
+        let g = crate::testutil::gpu();
+        let vocab = 2000;
+        let mut checked = 0;
+        for seed in 0..12u64 {
+            let mut l = crate::testutil::rand_vec(vocab, 6.0, 100 + seed);
+            if seed % 3 == 0 {
+                for x in l.iter_mut() {
+                    *x = (*x * 4.0).round() / 4.0; // ties
+                }
+            }
+            let history: Vec<u32> = (0..40)
+                .map(|i| ((i * 37 + seed * 11) % 2000) as u32)
+                .collect();
+            for (temperature, top_k, top_p, min_p, penalty, last_n) in [
+                (0.0f32, 0usize, 1.0f32, 0.0f32, 1.3f32, 64usize),
+                (0.0, 0, 1.0, 0.0, 0.7, 16),
+                (0.8, 1, 1.0, 0.0, 1.0, 64),
+                (0.8, 40, 1.0, 0.0, 1.0, 64),
+                (1.0, 40, 0.9, 0.0, 1.1, 64),
+                (0.6, 200, 0.95, 0.05, 1.2, 0),
+                (1.5, 10, 0.5, 0.2, 0.8, 8),
+                (0.7, 64, 1.0, 0.1, 1.0, 64),
+            ] {
+                let params = SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                    repeat_penalty: penalty,
+                    repeat_last_n: last_n,
+                    seed: seed * 1000 + top_k as u64,
+                };
+                let mut full = Sampler::new(params.clone()).unwrap();
+                let mut part = Sampler::new(params.clone()).unwrap();
+                let (want, window) = part.candidate_request(&history).expect("GPU-able");
+                let c = crate::ops::sample::candidates_once(g, &l, want, &window).unwrap();
+                assert!(!c.overflow);
+                let cands = c.with_extra(&window);
+                // several draws: the RNG streams stay in step
+                for _ in 0..5 {
+                    let a = full.sample(&l, &history);
+                    let b = part.sample_candidates(&cands, &history);
+                    assert_eq!(a, b, "{params:?}");
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 12 * 8 * 5);
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! Greedy sampling: row-wise argmax of f32 logits `[n_tokens, vocab]` into
 //! u32 token ids `[n_tokens]`, with torch.argmax semantics (first index of the
 //! maximum on ties). NaN never wins; a row of only NaN gives 0.
+//!
+//! The same pass writes each row's finiteness ([`RowStats`]: NaN and infinite
+//! counts, the first non-finite index and its value), so a caller that reads
+//! back only the id still learns that a step's logits were not finite.
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel, KernelProfile, Step};
@@ -13,6 +17,45 @@ pub const SRC: &str = include_str!("../../shaders/argmax.wgsl");
 pub struct Params {
     pub vocab: u32,
     pub _p: [u32; 3],
+}
+
+/// Words of [`RowStats`] per row in the `stats` buffer.
+pub const STATS_WORDS: usize = 4;
+
+/// A logits row's finiteness, as the argmax kernel writes it next to the id.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RowStats {
+    pub nan: u32,
+    pub inf: u32,
+    /// The first non-finite index and the bits of its value.
+    pub first: Option<(u32, u32)>,
+}
+
+impl RowStats {
+    /// From the kernel's 4 words `[nan, inf, first (u32::MAX: none), bits]`.
+    pub fn from_words(w: [u32; STATS_WORDS]) -> Self {
+        RowStats {
+            nan: w[0],
+            inf: w[1],
+            first: (w[2] != u32::MAX).then_some((w[2], w[3])),
+        }
+    }
+
+    pub fn is_finite(&self) -> bool {
+        self.first.is_none()
+    }
+
+    /// CPU reference (what the kernel computes for `row`).
+    pub fn of(row: &[f32]) -> Self {
+        RowStats {
+            nan: row.iter().filter(|x| x.is_nan()).count() as u32,
+            inf: row.iter().filter(|x| x.is_infinite()).count() as u32,
+            first: row
+                .iter()
+                .position(|x| !x.is_finite())
+                .map(|i| (i as u32, row[i].to_bits())),
+        }
+    }
 }
 
 /// The compiled argmax kernel (one workgroup per row).
@@ -46,7 +89,8 @@ impl Argmax {
         Ok(Argmax { kernel })
     }
 
-    /// Bindings: `step`, `logits` f32 `[tokens, vocab]`, `out` u32 `[tokens]`.
+    /// Bindings: `step`, `logits` f32 `[tokens, vocab]`, `out` u32 `[tokens]`,
+    /// `stats` u32 `[tokens, STATS_WORDS]` (see [`RowStats`]).
     pub fn bind(
         &self,
         gpu: &Gpu,
@@ -54,6 +98,7 @@ impl Argmax {
         logits: &wgpu::Buffer,
         vocab: usize,
         out: &wgpu::Buffer,
+        stats: &wgpu::Buffer,
     ) -> Result<ArgmaxBinding> {
         if vocab == 0 || vocab > u32::MAX as usize {
             return Err(Error::invalid(format!(
@@ -61,7 +106,9 @@ impl Argmax {
                 u32::MAX
             )));
         }
-        let rows = (logits.size() / (4 * vocab as u64)).min(out.size() / 4);
+        let rows = (logits.size() / (4 * vocab as u64))
+            .min(out.size() / 4)
+            .min(stats.size() / (4 * STATS_WORDS as u64));
         if rows == 0 {
             return Err(Error::invalid(format!(
                 "argmax: logits buffer ({} bytes) cannot hold one row of vocab {vocab}",
@@ -75,7 +122,7 @@ impl Argmax {
                 _p: [0; 3],
             },
         )?;
-        let bind = gpu.bind(&self.kernel, &[&params, step, logits, out]);
+        let bind = gpu.bind(&self.kernel, &[&params, step, logits, out, stats]);
         Ok(ArgmaxBinding {
             params,
             bind,
@@ -105,6 +152,15 @@ impl Argmax {
 
 /// One-shot argmax of `logits` (`[rows, vocab]`) on the device.
 pub fn argmax_once(gpu: &Gpu, logits: &[f32], vocab: usize) -> Result<Vec<u32>> {
+    Ok(argmax_stats_once(gpu, logits, vocab)?.0)
+}
+
+/// One-shot argmax and [`RowStats`] of every row on the device.
+pub fn argmax_stats_once(
+    gpu: &Gpu,
+    logits: &[f32],
+    vocab: usize,
+) -> Result<(Vec<u32>, Vec<RowStats>)> {
     if vocab == 0 || logits.is_empty() || logits.len() % vocab != 0 {
         return Err(Error::invalid(format!(
             "argmax: {} logits are not whole rows of vocab {vocab}",
@@ -116,7 +172,8 @@ pub fn argmax_once(gpu: &Gpu, logits: &[f32], vocab: usize) -> Result<Vec<u32>> 
     let step = gpu.uniform("argmax_once.step", &Step::new(rows as u32, 0))?;
     let lb = gpu.storage_init("argmax_once.logits", bytemuck::cast_slice(logits))?;
     let ob = gpu.storage("argmax_once.out", (rows * 4) as u64);
-    let b = op.bind(gpu, &step, &lb, vocab, &ob)?;
+    let sb = gpu.storage("argmax_once.stats", (rows * 4 * STATS_WORDS) as u64);
+    let b = op.bind(gpu, &step, &lb, vocab, &ob, &sb)?;
     let mut enc = gpu.encoder();
     {
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -126,7 +183,13 @@ pub fn argmax_once(gpu: &Gpu, logits: &[f32], vocab: usize) -> Result<Vec<u32>> 
         op.encode(gpu, &mut pass, &b, rows as u32)?;
     }
     gpu.submit_wait(enc)?;
-    gpu.read_u32(&ob, rows)
+    let ids = gpu.read_u32(&ob, rows)?;
+    let words = gpu.read_u32(&sb, rows * STATS_WORDS)?;
+    let stats = words
+        .chunks_exact(STATS_WORDS)
+        .map(|w| RowStats::from_words([w[0], w[1], w[2], w[3]]))
+        .collect();
+    Ok((ids, stats))
 }
 
 /// CPU reference: per row, the first index of the maximum, ignoring NaN;
@@ -156,9 +219,11 @@ mod tests {
     use crate::testutil::{gpu, rand_vec};
 
     fn check(logits: &[f32], vocab: usize, what: &str) {
-        let got = argmax_once(gpu(), logits, vocab).unwrap();
+        let (got, stats) = argmax_stats_once(gpu(), logits, vocab).unwrap();
         let want = reference(logits, vocab);
         assert_eq!(got, want, "{what}");
+        let want: Vec<RowStats> = logits.chunks(vocab).map(RowStats::of).collect();
+        assert_eq!(stats, want, "{what}: stats");
     }
 
     #[test]
@@ -252,8 +317,49 @@ mod tests {
         let step = gpu.uniform("s", &Step::new(1, 0)).unwrap();
         let logits = gpu.storage("l", 4 * 10);
         let out = gpu.storage("o", 4);
-        assert!(op.bind(gpu, &step, &logits, 11, &out).is_err());
-        let b = op.bind(gpu, &step, &logits, 5, &out).unwrap();
+        let stats = gpu.storage("s", 16);
+        assert!(op.bind(gpu, &step, &logits, 11, &out, &stats).is_err());
+        let b = op.bind(gpu, &step, &logits, 5, &out, &stats).unwrap();
         assert_eq!(b.max_tokens, 1);
+        let out2 = gpu.storage("o2", 8);
+        let b = op.bind(gpu, &step, &logits, 5, &out2, &stats).unwrap();
+        assert_eq!(b.max_tokens, 1, "stats for one row only");
+    }
+
+    #[test]
+    fn stats_count_and_locate_non_finite_logits() {
+        let (nan, inf) = (f32::NAN, f32::INFINITY);
+        let vocab = 1000;
+        let mut rows = vec![rand_vec(vocab, 5.0, 11); 4];
+        // row 1: one -inf late, NaN earlier at an index a later invocation
+        // of the workgroup scans (not the first lane's)
+        rows[1][977] = -inf;
+        rows[1][301] = nan;
+        // row 2: +inf at index 0, NaN at the end, several of each
+        rows[2][0] = inf;
+        rows[2][vocab - 1] = nan;
+        rows[2][500] = nan;
+        rows[2][64] = -inf;
+        // row 3: a NaN with an unusual payload; its bits come back exactly
+        rows[3][7] = f32::from_bits(0xffc0_1234);
+        let l: Vec<f32> = rows.concat();
+        check(&l, vocab, "non-finite rows");
+        let (_, s) = argmax_stats_once(gpu(), &l, vocab).unwrap();
+        assert!(s[0].is_finite());
+        assert_eq!((s[1].nan, s[1].inf, s[1].first.unwrap().0), (1, 1, 301));
+        assert_eq!(
+            s[2],
+            RowStats {
+                nan: 2,
+                inf: 2,
+                first: Some((0, inf.to_bits()))
+            }
+        );
+        assert_eq!(s[3].first, Some((7, 0xffc0_1234)));
+        // f32::MAX and the smallest subnormal are finite
+        let mut r = vec![f32::MAX, -f32::MAX, f32::from_bits(1), 0.0];
+        r.resize(70, 1.0);
+        let (_, s) = argmax_stats_once(gpu(), &r, 70).unwrap();
+        assert!(s[0].is_finite(), "{s:?}");
     }
 }

@@ -10,3 +10,4 @@ pub mod matmul;
 pub mod qmatmul;
 pub mod rmsnorm;
 pub mod rope;
+pub mod sample;

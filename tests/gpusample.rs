@@ -1,0 +1,315 @@
+//! Generation on the GPU-fed paths (`generate` with greedy decoding runs
+//! `Model::decode_greedy_checked`: the argmax feeds the next step on the
+//! GPU and reports each step's logits' finiteness with its id), held to an
+//! independent host loop that reads back every step's logits: the same ids,
+//! the same KV position afterwards, and the same error at the same step when
+//! the logits stop being finite.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use wgllm::generate::{check_logits, generate, GenerateOptions};
+use wgllm::model::{Model, ModelOptions};
+use wgllm::tokenizer::{token_type, Tokenizer, VocabSpec};
+use wgllm::{Gpu, GpuOptions};
+
+fn gpu() -> Arc<Gpu> {
+    static G: OnceLock<Arc<Gpu>> = OnceLock::new();
+    G.get_or_init(|| Arc::new(Gpu::new(&GpuOptions::default()).expect("GPU")))
+        .clone()
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn byte_symbol(b: u8) -> char {
+    let direct = |b: u8| (b'!'..=b'~').contains(&b) || (0xa1..=0xac).contains(&b) || b >= 0xae;
+    if direct(b) {
+        char::from(b)
+    } else {
+        let n = (0..b).filter(|&x| !direct(x)).count() as u32;
+        char::from_u32(256 + n).unwrap()
+    }
+}
+
+/// A 512-token byte-level tokenizer (bytes and letter pairs), only so that
+/// `generate` can stream text for the fixtures' 512-token vocabularies.
+fn tokenizer() -> Tokenizer {
+    let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_symbol(b).to_string()).collect();
+    let mut merges = Vec::new();
+    'outer: for a in b'a'..=b'z' {
+        for b in b'a'..=b'z' {
+            if tokens.len() == 512 {
+                break 'outer;
+            }
+            let (a, b) = (char::from(a), char::from(b));
+            merges.push(format!("{a} {b}"));
+            tokens.push(format!("{a}{b}"));
+        }
+    }
+    let spec = VocabSpec {
+        model: "gpt2".into(),
+        pre: Some("gpt2".into()),
+        token_types: Some(vec![token_type::NORMAL; tokens.len()]),
+        tokens,
+        merges,
+        ..Default::default()
+    };
+    Tokenizer::from_vocab_spec(&spec).unwrap()
+}
+
+fn prompt(name: &str) -> Vec<u32> {
+    let p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("prompt.json")).unwrap())
+            .unwrap();
+    p["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// A copy of fixture `name` with every lm_head weight multiplied by `scale`
+/// (rounded to bf16 and kept finite), so that its logits overflow f32 for
+/// some hidden states and not for others.
+fn scaled_head(name: &str, scale: f32, out: &Path) {
+    for f in ["config.json", "generation_config.json"] {
+        std::fs::copy(fixture(name).join(f), out.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(fixture(name).join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    let head = tensors
+        .iter_mut()
+        .find(|t| t.0 == "lm_head.weight")
+        .expect("an untied fixture");
+    assert_eq!(head.1, safetensors::Dtype::BF16);
+    for c in head.3.chunks_exact_mut(2) {
+        let w = half::bf16::from_le_bytes([c[0], c[1]]).to_f32() * scale;
+        let b = half::bf16::from_f32(w.clamp(-f32::MAX, f32::MAX));
+        let b = if b.is_infinite() {
+            half::bf16::MAX.copysign(b)
+        } else {
+            b
+        };
+        c.copy_from_slice(&b.to_le_bytes());
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &out.join("model.safetensors")).unwrap();
+}
+
+fn load(dir: &Path) -> Model {
+    let opts = ModelOptions {
+        max_context: Some(64),
+        ..Default::default()
+    };
+    Model::load(gpu(), dir, &opts).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+/// The reference loop: every step's logits read back, checked on the host,
+/// host argmax; `max_tokens` passes, no stop ids.
+fn host_greedy(m: &mut Model, prompt: &[u32], max_tokens: usize) -> Result<Vec<u32>, String> {
+    let mut ids = Vec::new();
+    let mut input = prompt.to_vec();
+    for step in 0..max_tokens {
+        let l = m.forward_logits(&input).map_err(|e| e.to_string())?;
+        check_logits(&l, step, m.position()).map_err(|e| e.to_string())?;
+        let id = wgllm::sampling::argmax(&l);
+        ids.push(id);
+        input = vec![id];
+    }
+    Ok(ids)
+}
+
+fn greedy_opts(max_tokens: usize, stop_ids: Vec<u32>) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        sampling: Default::default(),
+        stop_ids,
+    }
+}
+
+/// Pipelined greedy generation against the host loop on lm_heads scaled so
+/// that the logits overflow at different steps: identical ids while they
+/// are finite, and the identical error (step, context length, NaN/inf
+/// counts, first id and value) at the first step that is not. The scales
+/// must include a run that stops after step 0 and one that never stops,
+/// or the test proves nothing and fails.
+#[test]
+fn pipelined_greedy_matches_the_host_loop_and_stops_at_the_same_step() {
+    let tok = tokenizer();
+    let name = "llama_gqa3_untied";
+    let p = prompt(name);
+    let max_tokens = 24;
+    let mut late_stop = false;
+    let mut clean = false;
+    // 1.0 and 1e37 stay finite; between 1e37 and 3e37 the largest logit
+    // of some step crosses f32::MAX, and of the prompt's pass last.
+    let scales = [
+        1.0f32, 1e37, 1.2e37, 1.4e37, 1.6e37, 1.8e37, 2.0e37, 2.15e37, 2.3e37, 2.45e37, 2.6e37,
+        1e38,
+    ];
+    for scale in scales {
+        let d = tempfile::tempdir().unwrap();
+        scaled_head(name, scale, d.path());
+        let mut m = load(d.path());
+        let want = host_greedy(&mut m, &p, max_tokens);
+        let want_pos = m.position();
+        m.reset();
+        let got = generate(&mut m, &tok, &p, &greedy_opts(max_tokens, vec![]), |_| {})
+            .map(|g| g.generated_ids)
+            .map_err(|e| e.to_string());
+        println!("scale {scale:e}: {:?}", got.as_ref().map(|v| v.len()));
+        assert_eq!(got, want, "scale {scale:e}");
+        match &want {
+            // The last id is emitted but never run.
+            Ok(ids) => {
+                assert_eq!(m.position(), p.len() + ids.len() - 1, "scale {scale:e}");
+                clean = true;
+            }
+            Err(e) => {
+                assert_eq!(m.position(), want_pos, "scale {scale:e}: {e}");
+                late_stop |= !e.contains("generation step 0 ");
+            }
+        }
+    }
+    assert!(clean, "no scale generated to --max-tokens");
+    assert!(late_stop, "no scale overflowed after the prompt's pass");
+}
+
+/// EOS and --max-tokens stop the pipelined path exactly: the tokens before
+/// the stop id, and the KV cache holding exactly what ran, whatever was in
+/// flight.
+#[test]
+fn pipelined_greedy_stops_exactly_at_eos_and_max_tokens() {
+    let tok = tokenizer();
+    for name in ["qwen2_bias_tied", "llama_gqa3_untied"] {
+        let p = prompt(name);
+        let mut m = load(&fixture(name));
+        let all = host_greedy(&mut m, &p, 20).unwrap();
+        for max_tokens in [1usize, 2, 3, 5, 20] {
+            m.reset();
+            let g = generate(&mut m, &tok, &p, &greedy_opts(max_tokens, vec![]), |_| {}).unwrap();
+            assert_eq!(
+                g.generated_ids,
+                all[..max_tokens],
+                "{name} max {max_tokens}"
+            );
+            assert_eq!(g.stop_reason, "max_tokens");
+            assert_eq!(m.position(), p.len() + max_tokens - 1);
+        }
+        // Stop at the first occurrence of each id that appears after a few
+        // steps (so steps past it were in flight).
+        for j in [0usize, 1, 4, 9, 15] {
+            let stop = all[j];
+            let first = all.iter().position(|&t| t == stop).unwrap();
+            m.reset();
+            let g = generate(&mut m, &tok, &p, &greedy_opts(20, vec![stop]), |_| {}).unwrap();
+            assert_eq!(g.generated_ids, all[..first], "{name} stop at {stop}");
+            assert_eq!(g.stop_reason, "eos");
+            assert_eq!(m.position(), p.len() + first, "{name} stop at {stop}");
+            // and the cache is right: the next pass sees exactly that prefix
+            let next = m.forward_next(&[all[first]]).unwrap();
+            assert_eq!(Some(&next), all.get(first + 1), "{name} after stop {stop}");
+        }
+    }
+}
+
+/// The reference for sampling: every step's whole logits row read back and
+/// sampled by the CPU sampler.
+fn host_sample(
+    m: &mut Model,
+    prompt: &[u32],
+    max_tokens: usize,
+    params: &wgllm::sampling::SamplingParams,
+) -> Vec<u32> {
+    let mut s = wgllm::sampling::Sampler::new(params.clone()).unwrap();
+    let mut history = prompt.to_vec();
+    let mut ids = Vec::new();
+    let mut input = prompt.to_vec();
+    for _ in 0..max_tokens {
+        let l = m.forward_logits(&input).unwrap();
+        let id = s.sample(&l, &history);
+        ids.push(id);
+        history.push(id);
+        input = vec![id];
+    }
+    ids
+}
+
+/// `generate` with top-k sampling (and greedy with a repetition penalty)
+/// reads back only the GPU's candidates; over many seeds and parameter sets
+/// it produces exactly the ids of the CPU sampler over whole rows.
+#[test]
+fn gpu_candidate_sampling_matches_the_cpu_sampler() {
+    let tok = tokenizer();
+    let mut runs = 0;
+    // The sampled runs must actually differ between seeds and parameters,
+    // or agreeing with the CPU would prove little.
+    let mut distinct = std::collections::HashSet::new();
+    for name in ["qwen2_bias_tied", "llama_gqa3_untied"] {
+        let p = prompt(name);
+        let mut m = load(&fixture(name));
+        for seed in 0..6u64 {
+            for (temperature, top_k, top_p, min_p, penalty, last_n) in [
+                (0.0f32, 0usize, 1.0f32, 0.0f32, 1.3f32, 64usize),
+                (0.0, 0, 1.0, 0.0, 0.8, 4),
+                (0.9, 40, 1.0, 0.0, 1.0, 64),
+                (1.2, 20, 0.9, 0.05, 1.15, 0),
+                (0.7, 5, 0.8, 0.0, 0.9, 8),
+                (2.0, 300, 0.99, 0.01, 1.0, 64),
+            ] {
+                let params = wgllm::sampling::SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                    repeat_penalty: penalty,
+                    repeat_last_n: last_n,
+                    seed,
+                };
+                let s = wgllm::sampling::Sampler::new(params.clone()).unwrap();
+                assert!(
+                    s.candidate_request(&p).is_some(),
+                    "{params:?} takes the GPU path"
+                );
+                m.reset();
+                let want = host_sample(&mut m, &p, 12, &params);
+                m.reset();
+                let opts = GenerateOptions {
+                    max_tokens: 12,
+                    sampling: params.clone(),
+                    stop_ids: vec![],
+                };
+                let got = generate(&mut m, &tok, &p, &opts, |_| {}).unwrap();
+                assert_eq!(got.generated_ids, want, "{name} {params:?}");
+                if temperature > 0.0 {
+                    distinct.insert(want);
+                }
+                runs += 1;
+            }
+        }
+    }
+    assert_eq!(runs, 2 * 6 * 6);
+    assert!(
+        distinct.len() > 30,
+        "only {} distinct sampled runs",
+        distinct.len()
+    );
+}
