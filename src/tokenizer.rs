@@ -21,8 +21,12 @@
 //! ByteLevel decoder. `default`/absent is a best effort: llama.cpp writes it
 //! when its converter did not recognise the tokenizer, so no upstream
 //! pipeline is known; GPT-2's is the byte-level BPE baseline. Any other
-//! pre-tokenizer name, and any `tokenizer.ggml.model` other than `gpt2`
-//! (e.g. SentencePiece `llama`), is an error naming the value.
+//! pre-tokenizer name is an error naming the value.
+//!
+//! `tokenizer.ggml.model = llama` (SentencePiece: Llama 2, Mistral, Gemma)
+//! is built by [`spm`] (BPE merges from the piece scores, byte fallback, `▁`
+//! spaces). Any other `tokenizer.ggml.model` (`bert`, `t5`, `rwkv`, ...) is
+//! an error naming the value.
 //!
 //! Known differences from other GGUF readers (measured, see
 //! `tools/tokenizer_reference.py` and `tests/fixtures/tokenizer/`):
@@ -47,7 +51,9 @@
 //! vocabulary AND are added tokens, as in upstream `tokenizer.json` files.
 //!
 //! Added tokens: control (3) → special, user defined (4) → added but not
-//! special (not skipped by `decode(skip_special_tokens)`), never normalized.
+//! special (not skipped by `decode(skip_special_tokens)`), matched in the
+//! raw text (except SentencePiece user-defined tokens without the `▁`
+//! prefix, matched in the normalized text, see [`spm`]).
 //! Note llama.cpp's converter marks any added token that looks like
 //! `<|...|>` as control, so Qwen's `<|fim_*|>`, `<|repo_name|>` and
 //! `<|file_sep|>` are control in the GGUF (special here), although upstream
@@ -71,6 +77,11 @@ use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::error::{Error, Result};
+
+pub mod spm;
+
+/// Supported `tokenizer.ggml.model` values, for error messages.
+pub const SUPPORTED_MODELS: &[&str] = &["gpt2", "llama"];
 
 pub struct Tokenizer {
     pub inner: tokenizers::Tokenizer,
@@ -193,7 +204,8 @@ pub mod token_type {
 /// `tokenizer.chat_template`), independent of the GGUF reader.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct VocabSpec {
-    /// `tokenizer.ggml.model`; only `gpt2` (byte-level BPE) is supported.
+    /// `tokenizer.ggml.model`: `gpt2` (byte-level BPE) or `llama`
+    /// (SentencePiece, see [`spm`]).
     pub model: String,
     /// `tokenizer.ggml.pre`: llama.cpp's pre-tokenizer name.
     pub pre: Option<String>,
@@ -205,6 +217,12 @@ pub struct VocabSpec {
     pub token_types: Option<Vec<i32>>,
     /// `tokenizer.ggml.merges`: "left right" pairs, highest priority first.
     pub merges: Vec<String>,
+    /// `tokenizer.ggml.scores` (SentencePiece piece scores, by id).
+    pub scores: Option<Vec<f32>>,
+    /// `tokenizer.ggml.unknown_token_id`.
+    pub unk: Option<u32>,
+    /// `tokenizer.ggml.add_space_prefix` (SentencePiece's dummy prefix).
+    pub add_space_prefix: Option<bool>,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     pub padding: Option<u32>,
@@ -229,6 +247,11 @@ impl VocabSpec {
                 .opt_str_array("tokenizer.ggml.merges")?
                 .map(<[String]>::to_vec)
                 .unwrap_or_default(),
+            scores: g
+                .opt_f32_array("tokenizer.ggml.scores")?
+                .map(<[f32]>::to_vec),
+            unk: g.opt_u32("tokenizer.ggml.unknown_token_id")?,
+            add_space_prefix: g.opt_bool("tokenizer.ggml.add_space_prefix")?,
             bos: g.opt_u32("tokenizer.ggml.bos_token_id")?,
             eos: g.opt_u32("tokenizer.ggml.eos_token_id")?,
             padding: g.opt_u32("tokenizer.ggml.padding_token_id")?,
@@ -330,10 +353,10 @@ pub fn pre_tokenizer_kind(pre: Option<&str>) -> Result<PreTokenizerKind> {
 /// Check a [`VocabSpec`] and work out its id layout (see the module docs).
 pub fn vocab_layout(spec: &VocabSpec) -> Result<VocabLayout> {
     use token_type::*;
-    if spec.model != "gpt2" {
+    if !SUPPORTED_MODELS.contains(&spec.model.as_str()) {
         return Err(Error::invalid(format!(
-            "unsupported tokenizer.ggml.model `{}`: only `gpt2` (byte-level BPE) vocabularies \
-             can be built (SentencePiece `llama` and others are not supported)",
+            "unsupported tokenizer.ggml.model `{}`: only `gpt2` (byte-level BPE) and `llama` \
+             (SentencePiece) vocabularies can be built",
             spec.model
         )));
     }
@@ -381,7 +404,11 @@ pub fn vocab_layout(spec: &VocabSpec) -> Result<VocabLayout> {
             first_unused_tail.get_or_insert(i);
             continue;
         }
-        if t == CONTROL || t == USER_DEFINED {
+        // SentencePiece's unknown token (`<unk>`) is a special added token
+        // too, as in the upstream Llama tokenizer.json: `<unk>` in text is
+        // its id, and decoding without specials drops it.
+        let spm_unk = spec.model == "llama" && t == UNKNOWN;
+        if t == CONTROL || t == USER_DEFINED || spm_unk {
             if i >= model_tokens {
                 if let Some(u) = first_unused_tail {
                     return Err(Error::invalid(format!(
@@ -398,7 +425,7 @@ pub fn vocab_layout(spec: &VocabSpec) -> Result<VocabLayout> {
             added.push(AddedTokenSpec {
                 id: i as u32,
                 content: spec.tokens[i].clone(),
-                special: t == CONTROL,
+                special: t != USER_DEFINED,
             });
         }
     }
@@ -416,18 +443,17 @@ fn tok_err(what: &str) -> impl FnOnce(tokenizers::Error) -> Error + '_ {
 /// Build the upstream Hugging Face tokenizer pipeline from GGUF metadata
 /// (see the module docs for the pipelines and the id layout).
 pub fn build_tokenizer(spec: &VocabSpec) -> Result<tokenizers::Tokenizer> {
-    let kind = pre_tokenizer_kind(spec.pre.as_deref())?;
     let layout = vocab_layout(spec)?;
-
-    let mut vocab: Vocab = Vocab::default();
-    vocab.reserve(layout.model_tokens);
-    for (i, t) in spec.tokens[..layout.model_tokens].iter().enumerate() {
-        if let Some(prev) = vocab.insert(t.clone(), i as u32) {
-            return Err(Error::invalid(format!(
-                "token `{t}` appears twice in the vocabulary (ids {prev} and {i})"
-            )));
-        }
+    if spec.model == "llama" {
+        let (bpe, normalizer, decoder) =
+            spm::model_parts(spec, &layout, model_vocab(spec, &layout)?)?;
+        let mut tok = tokenizers::Tokenizer::new(bpe);
+        tok.with_normalizer(Some(normalizer));
+        tok.with_decoder(Some(decoder));
+        return finish(tok, spec, &layout, None);
     }
+    let kind = pre_tokenizer_kind(spec.pre.as_deref())?;
+    let vocab = model_vocab(spec, &layout)?;
     let mut merges = Vec::with_capacity(spec.merges.len());
     for (i, m) in spec.merges.iter().enumerate() {
         match m.split_once(' ') {
@@ -499,7 +525,38 @@ pub fn build_tokenizer(spec: &VocabSpec) -> Result<tokenizers::Tokenizer> {
     }
     tok.with_pre_tokenizer(Some(pre));
     tok.with_decoder(Some(decoder));
+    finish(tok, spec, &layout, Some(post.into()))
+}
 
+/// The model range's pieces as a BPE vocabulary (duplicates are an error).
+fn model_vocab(spec: &VocabSpec, layout: &VocabLayout) -> Result<Vocab> {
+    let mut vocab: Vocab = Vocab::default();
+    vocab.reserve(layout.model_tokens);
+    for (i, t) in spec.tokens[..layout.model_tokens].iter().enumerate() {
+        if let Some(prev) = vocab.insert(t.clone(), i as u32) {
+            return Err(Error::invalid(format!(
+                "token `{t}` appears twice in the vocabulary (ids {prev} and {i})"
+            )));
+        }
+    }
+    Ok(vocab)
+}
+
+/// Whether an added token is matched in the normalized text (true only for
+/// SentencePiece user-defined tokens without the `▁` prefix, see
+/// [`spm::user_defined_normalized`]) rather than in the raw text.
+fn added_normalized(spec: &VocabSpec, a: &AddedTokenSpec) -> bool {
+    spec.model == "llama" && !a.special && spm::user_defined_normalized(spec)
+}
+
+/// The BOS post-processor (after `post`, if any) and the added tokens, with
+/// the id checks; shared by the byte-level and SentencePiece pipelines.
+fn finish(
+    mut tok: tokenizers::Tokenizer,
+    spec: &VocabSpec,
+    layout: &VocabLayout,
+    post: Option<PostProcessorWrapper>,
+) -> Result<tokenizers::Tokenizer> {
     // BOS is added by the post-processor only when the GGUF asks for it.
     let bos = match (spec.add_bos, spec.bos) {
         (Some(true), Some(id)) => Some((spec.tokens[id as usize].clone(), id)),
@@ -510,8 +567,8 @@ pub fn build_tokenizer(spec: &VocabSpec) -> Result<tokenizers::Tokenizer> {
         }
         _ => None,
     };
-    let post: PostProcessorWrapper = match bos {
-        None => post.into(),
+    let post: Option<PostProcessorWrapper> = match bos {
+        None => post,
         Some((bos, id)) => {
             let template = TemplateProcessing::builder()
                 .try_single(format!("{bos} $A"))
@@ -520,15 +577,22 @@ pub fn build_tokenizer(spec: &VocabSpec) -> Result<tokenizers::Tokenizer> {
                 .special_tokens(vec![(bos.clone(), id)])
                 .build()
                 .map_err(|e| Error::invalid(format!("bos template: {e}")))?;
-            PostSequence::new(vec![post.into(), template.into()]).into()
+            Some(match post {
+                Some(post) => PostSequence::new(vec![post, template.into()]).into(),
+                None => template.into(),
+            })
         }
     };
-    tok.with_post_processor(Some(post));
+    if let Some(post) = post {
+        tok.with_post_processor(Some(post));
+    }
 
     let added: Vec<AddedToken> = layout
         .added
         .iter()
-        .map(|a| AddedToken::from(a.content.clone(), a.special).normalized(false))
+        .map(|a| {
+            AddedToken::from(a.content.clone(), a.special).normalized(added_normalized(spec, a))
+        })
         .collect();
     tok.add_tokens(&added);
 
@@ -588,7 +652,7 @@ pub fn write_tokenizer_files(spec: &VocabSpec, out_dir: &Path) -> Result<()> {
                 serde_json::json!({
                     "content": a.content,
                     "lstrip": false,
-                    "normalized": false,
+                    "normalized": added_normalized(spec, a),
                     "rstrip": false,
                     "single_word": false,
                     "special": a.special,
@@ -600,6 +664,11 @@ pub fn write_tokenizer_files(spec: &VocabSpec, out_dir: &Path) -> Result<()> {
     for (id, v) in decoder {
         decoder_json.insert(id.to_string(), v);
     }
+    // SentencePiece has an unknown token; the byte-level pipelines none.
+    let unk_token = match spec.model.as_str() {
+        "llama" => token_json(spec, spm::unk_id(spec)),
+        _ => serde_json::Value::Null,
+    };
     let mut config = serde_json::json!({
         "add_bos_token": spec.add_bos.unwrap_or(false),
         "add_eos_token": false,
@@ -608,11 +677,16 @@ pub fn write_tokenizer_files(spec: &VocabSpec, out_dir: &Path) -> Result<()> {
         "bos_token": token_json(spec, spec.bos),
         "eos_token": token_json(spec, spec.eos),
         "pad_token": token_json(spec, spec.padding),
-        "unk_token": serde_json::Value::Null,
+        "unk_token": unk_token,
         "clean_up_tokenization_spaces": false,
         "model_max_length": 1_000_000_000_000_000_000u64,
         "tokenizer_class": "PreTrainedTokenizerFast",
     });
+    if spec.model == "llama" {
+        // No pre-tokenizer to add a prefix space to: the `▁` prefix is the
+        // normalizer's `Prepend` (spm module docs).
+        config.as_object_mut().map(|c| c.remove("add_prefix_space"));
+    }
     if let Some(t) = &spec.chat_template {
         config["chat_template"] = serde_json::Value::String(t.clone());
     }
@@ -741,9 +815,12 @@ mod tests {
     #[test]
     fn clear_errors() {
         let mut spec = tiny_spec("qwen2", &[]);
-        spec.model = "llama".into();
+        spec.model = "bert".into();
         let e = build_tokenizer(&spec).unwrap_err().to_string();
-        assert!(e.contains("tokenizer.ggml.model `llama`"), "{e}");
+        assert!(
+            e.contains("tokenizer.ggml.model `bert`") && e.contains("llama"),
+            "{e}"
+        );
 
         let spec = tiny_spec("deepseek-llm", &[]);
         let e = build_tokenizer(&spec).unwrap_err().to_string();
