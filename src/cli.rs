@@ -613,3 +613,111 @@ mod interrupt {
         Ok(())
     }
 }
+
+// ------------------------------------------------------------------- serve
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every
+    /// interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0: any free one; the address is printed on stderr).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Sequences decoded together, each with its own KV cache of
+    /// --max-context tokens.
+    #[arg(long, default_value_t = 4, value_parser = parse_parallel)]
+    pub parallel: usize,
+    /// Require `Authorization: Bearer KEY` on /v1/* (401 otherwise).
+    #[arg(long, env = "WGLLM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Requests waiting for a free sequence beyond which new ones get 503.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// After SIGTERM/SIGINT: seconds in-flight requests may still run
+    /// before they are cancelled and the server exits.
+    #[arg(long, default_value_t = 10.0, value_parser = parse_grace)]
+    pub grace_seconds: f64,
+    /// Request bodies larger than this get 413.
+    #[arg(long, default_value_t = 2 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+fn parse_parallel(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=64).contains(&n) => Ok(n),
+        _ => Err(format!("`{s}`: expected a number of sequences in 1..=64")),
+    }
+}
+
+fn parse_grace(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && (0.0..=3600.0).contains(&x) => Ok(x),
+        _ => Err(format!("`{s}`: expected seconds in [0, 3600]")),
+    }
+}
+
+/// `wgllm serve`: parses flags, loads the model on the server's engine
+/// thread (the HTTP side answers /health with 503 until then) and runs
+/// [`crate::serve::serve`] until SIGTERM/SIGINT.
+pub fn serve(gpu_opts: &GpuOptions, a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let dtype: crate::loader::LoadDType = a
+        .model
+        .dtype
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    let model_name = match &a.model.model {
+        Some(p) => p
+            .file_name()
+            .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
+            .unwrap_or_else(|| p.display().to_string()),
+        None => crate::fetch::DEFAULT_MODEL.to_string(),
+    };
+    let opts = crate::serve::ServeOptions {
+        host: a.host.clone(),
+        port: a.port,
+        api_key: a.api_key.clone().filter(|k| !k.is_empty()),
+        max_queue: a.max_queue,
+        grace: std::time::Duration::from_secs_f64(a.grace_seconds),
+        max_body_bytes: a.max_body_bytes,
+        model_name,
+    };
+    let gpu_opts = gpu_opts.clone();
+    let m = a.model.clone();
+    let parallel = a.parallel;
+    let load = move || -> crate::Result<crate::serve::Loaded<crate::model::Model>> {
+        let dir = crate::fetch::resolve_model(m.model.as_deref(), &Default::default())?;
+        let gpu = std::sync::Arc::new(Gpu::new(&gpu_opts)?);
+        let tok = crate::tokenizer::Tokenizer::from_dir(&dir)?;
+        let template = crate::chat::ChatTemplate::from_dir(&dir).map_err(|e| e.to_string());
+        let mopts = crate::model::ModelOptions {
+            max_context: m.max_context,
+            dtype,
+            slots: parallel,
+            ..Default::default()
+        };
+        let model = crate::model::Model::load(gpu, &dir, &mopts)?;
+        let stop_ids = crate::generate::eos_ids(&dir, &model.cfg.eos_token_ids)?;
+        eprintln!(
+            "wgllm serve: loaded {} on {} ({} sequence(s) of {} tokens)",
+            dir.display(),
+            model.gpu.name(),
+            model.slots(),
+            model.max_context
+        );
+        Ok(crate::serve::Loaded {
+            engine: model,
+            tok,
+            template,
+            stop_ids,
+        })
+    };
+    crate::serve::serve(opts, load, |addr| {
+        eprintln!("wgllm serve: listening on http://{addr}");
+    })?;
+    eprintln!("wgllm serve: stopped");
+    Ok(ExitCode::SUCCESS)
+}

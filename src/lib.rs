@@ -22,6 +22,8 @@ pub mod program;
 pub mod qtensor;
 pub mod reference;
 pub mod sampling;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod serve;
 pub mod taps;
 pub mod tensor;
 pub mod tokenizer;

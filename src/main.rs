@@ -47,6 +47,9 @@ enum Cmd {
     /// Prefill and decode speed against the device's own measured read
     /// bandwidth (a probe kernel in the same run).
     Bench(wgllm::bench::BenchArgs),
+    /// OpenAI-compatible HTTP server with continuous batching
+    /// (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).
+    Serve(cli::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => cli::run(gpu, a),
         Cmd::Chat(a) => cli::chat(gpu, a),
         Cmd::Bench(a) => wgllm::bench::bench_cli(gpu, a),
+        Cmd::Serve(a) => cli::serve(gpu, a),
     };
     match res {
         Ok(code) => code,

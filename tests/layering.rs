@@ -29,6 +29,7 @@ const ORDER: &[&str] = &[
     "fetch",
     "generate",
     "bench",
+    "serve",
     "cli",
 ];
 

@@ -63,6 +63,15 @@ else
     apt_install libegl1 libegl-mesa0 libgl1-mesa-dri libgles2
 fi
 
+# tests/serve.rs makes a venv under target/ with `python3 -m venv` and pip
+# installs the `openai` client into it (Debian splits venv/ensurepip out).
+if python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    echo "setup: python3 venv is available (the openai client check in tests/serve.rs)"
+else
+    echo "setup: python3 cannot make venvs; installing python3-venv"
+    apt_install python3-venv
+fi
+
 # rustfmt and clippy are part of the toolchain on CI; add them if missing.
 if command -v rustup >/dev/null 2>&1; then
     rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
