@@ -1227,6 +1227,23 @@ impl Step {
     }
 }
 
+/// Seconds since an arbitrary start, for the tokens/s figures (std's
+/// `Instant` panics on wasm32-unknown-unknown; the browser's clock there).
+pub fn now_s() -> f64 {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs_f64()
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        js_sys::Date::now() / 1000.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1416,22 +1433,5 @@ mod tests {
         // every workgroup index < n is covered exactly once by x + y * X
         let (x, y, _) = grid_for(1000, 64);
         assert!(x * y >= 1000 && x * (y - 1) < 1000);
-    }
-}
-
-/// Seconds since an arbitrary start, for the tokens/s figures (std's
-/// `Instant` panics on wasm32-unknown-unknown; the browser's clock there).
-pub fn now_s() -> f64 {
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-        START
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_secs_f64()
-    }
-    #[cfg(target_arch = "wasm32")]
-    {
-        js_sys::Date::now() / 1000.0
     }
 }
