@@ -293,6 +293,7 @@ pub struct StepOp {
 }
 
 /// How a pass places its rows (see [`Model::decode_batch`]).
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))] // slot passes are native-only
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     /// The single sequence: row t at position `pos_offset + t` of slot 0.
@@ -306,6 +307,7 @@ enum Mode {
 }
 
 /// Activation buffers, sized for `max_batch` tokens.
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))] // slot passes are native-only
 struct Buffers {
     step: wgpu::Buffer,
     /// The batched step of slot passes (`kv_copy::rows_prelude`): a `Step`,
@@ -463,6 +465,7 @@ pub struct Model {
     /// Tokens already in the KV cache.
     pos: usize,
     /// Tokens cached per sequence slot; slot 0's count is `pos`.
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     slot_pos: Vec<usize>,
     faults: Faults,
     /// Where the load's time went.
@@ -2047,7 +2050,9 @@ fn apply_weight_faults(gpu: &Gpu, w: &mut Weights, f: &Faults) -> Result<()> {
 
 /// Sequence slots and the batched decode step (issue #10): `slots`
 /// independent sequences, each with its own region of every layer's KV
-/// cache; slot 0 is the sequence of `forward_*`/`decode_greedy`.
+/// cache; slot 0 is the sequence of `forward_*`/`decode_greedy`. Native
+/// only (their readbacks block; the browser page runs one sequence).
+#[cfg(not(target_arch = "wasm32"))]
 impl Model {
     /// Sequence slots (KV cache regions) this model holds.
     pub fn slots(&self) -> usize {
