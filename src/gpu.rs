@@ -1248,6 +1248,14 @@ pub fn now_s() -> f64 {
 mod tests {
     use super::*;
 
+    /// The test device (`testutil::gpu`'s, which sits above this module).
+    fn test_gpu() -> &'static Gpu {
+        static GPU: std::sync::OnceLock<Gpu> = std::sync::OnceLock::new();
+        GPU.get_or_init(|| {
+            Gpu::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("test GPU: {e}"))
+        })
+    }
+
     #[test]
     fn kernel_choice_parses_and_resolves() {
         let p = |s: &str| s.parse::<KernelChoice>();
@@ -1367,7 +1375,7 @@ mod tests {
     /// at its offset; a failing check stops it with that error.
     #[test]
     fn streamed_upload_round_trips_and_stops_on_a_failed_check() {
-        let g = crate::testutil::gpu();
+        let g = test_gpu();
         let n = 2 * UPLOAD_PIECE + UPLOAD_PIECE / 2 + 2;
         let data: Vec<u8> = (0..n).map(|i| (i * 7 + i / 251) as u8).collect();
         let mut seen = Vec::new();
@@ -1414,7 +1422,7 @@ mod tests {
     /// A second request for the same kernel reuses the first pipeline.
     #[test]
     fn identical_kernels_compile_once() {
-        let g = crate::testutil::gpu();
+        let g = test_gpu();
         let src = "@group(0) @binding(0) var<storage, read_write> y: array<u32>;
             @compute @workgroup_size(1) fn main() { y[0] = 7u; }";
         let a = g.kernel("dedupe_probe", src, "main", &[]).unwrap();
