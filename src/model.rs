@@ -352,6 +352,11 @@ struct Buffers {
 
 /// Slots in the token readback ring: more than any decode depth.
 const RING: usize = 8;
+/// How long a ring slot's map may stay pending after the device poll that
+/// finished its step (see [`Model::wait_ring`]); far above any scheduling
+/// delay, short of a hang.
+#[cfg(not(target_arch = "wasm32"))]
+const RING_MAP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Steps the pipelined greedy decode keeps in flight by default.
 pub const DECODE_DEPTH: usize = 3;
 /// Bytes of a row's argmax [`RowStats`] words, and of an id followed by
@@ -1429,13 +1434,53 @@ impl Model {
         Ok(run)
     }
 
+    /// Wait until ring slot `slot`'s map is no longer pending and return
+    /// its state. A device shared by several threads (the tests' one
+    /// `Arc<Gpu>`, a server's) may have its map callback collected by
+    /// another thread's poll, which runs it only after that poll returns:
+    /// our own poll then finds nothing left to do while the slot still
+    /// reads pending. So this yields and polls again until the callback has
+    /// run, bounded by wall-clock time rather than by a count of polls (an
+    /// idle poll returns at once, so a thousand of them can pass before the
+    /// other thread is scheduled again, which is how CI once failed here).
+    #[cfg(not(target_arch = "wasm32"))]
+    fn wait_ring(&self, slot: usize) -> Result<u8> {
+        let state = &self.b.ring_state[slot];
+        let t0 = std::time::Instant::now();
+        let mut polls = 0u32;
+        loop {
+            let s = state.load(Ordering::Acquire);
+            if s != MapState::PENDING {
+                return Ok(s);
+            }
+            if t0.elapsed() > RING_MAP_TIMEOUT {
+                return Err(Error::Gpu {
+                    what: "token readback map".into(),
+                    msg: format!(
+                        "ring slot {slot}'s map did not complete within {} s ({polls} device polls)",
+                        RING_MAP_TIMEOUT.as_secs()
+                    ),
+                });
+            }
+            self.gpu.wait()?;
+            polls += 1;
+            if polls > 1 && state.load(Ordering::Acquire) == MapState::PENDING {
+                // The GPU work is done (the poll waited for it), so only
+                // another thread's callback is outstanding: let it run.
+                if polls < 64 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            }
+        }
+    }
+
     /// Wait for ring slot `slot`'s map, read its id and unmap it.
     #[cfg(not(target_arch = "wasm32"))]
     fn take_ring(&self, slot: usize) -> Result<(u32, RowStats)> {
         let state = &self.b.ring_state[slot];
-        while state.load(Ordering::Acquire) == MapState::PENDING {
-            self.gpu.wait()?;
-        }
+        self.wait_ring(slot)?;
         let buf = &self.b.ring[slot];
         if state.swap(MapState::IDLE, Ordering::AcqRel) != MapState::MAPPED {
             return Err(Error::Gpu {
@@ -1454,37 +1499,22 @@ impl Model {
         Ok(id)
     }
 
-    /// Wait for every pending ring map and unmap what was mapped.
+    /// Wait for every pending ring map and unmap what was mapped, so the
+    /// ring is clean for the next decode. Every slot is waited for and
+    /// released even when one fails; the first failure is returned.
     #[cfg(not(target_arch = "wasm32"))]
     fn drain_ring(&self) -> Result<()> {
-        // Poll until no map is pending: one wait was once not enough in CI
-        // (after the session-3 merges, cause not pinned down). Bounded: an
-        // idle poll returns at once, and a map that never resolves is an
-        // error below rather than a hang.
-        for _ in 0..1000 {
-            if !self
-                .b
-                .ring_state
-                .iter()
-                .any(|s| s.load(Ordering::Acquire) == MapState::PENDING)
-            {
-                break;
+        let mut first_err = None;
+        for (slot, (buf, s)) in self.b.ring.iter().zip(&self.b.ring_state).enumerate() {
+            if let Err(e) = self.wait_ring(slot) {
+                first_err.get_or_insert(e);
+                continue;
             }
-            self.gpu.wait()?;
-        }
-        for (buf, s) in self.b.ring.iter().zip(&self.b.ring_state) {
-            match s.swap(MapState::IDLE, Ordering::AcqRel) {
-                MapState::MAPPED => buf.unmap(),
-                MapState::PENDING => {
-                    return Err(Error::Gpu {
-                        what: "token readback map".into(),
-                        msg: "a ring slot's map never completed".into(),
-                    })
-                }
-                _ => {}
+            if s.swap(MapState::IDLE, Ordering::AcqRel) == MapState::MAPPED {
+                buf.unmap();
             }
         }
-        Ok(())
+        first_err.map_or(Ok(()), Err)
     }
 
     /// Every op of one decode step in order (the embedding, every layer, the

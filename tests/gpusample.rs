@@ -313,3 +313,54 @@ fn gpu_candidate_sampling_matches_the_cpu_sampler() {
         distinct.len()
     );
 }
+
+/// The pipelined decode on a device that another thread polls too (a
+/// server's, or these tests' shared one). That thread's poll can collect a
+/// ring slot's map callback and run it only after its own callbacks, which
+/// here sleep: the decode must wait for it rather than report the slot as
+/// never mapped (CI once failed exactly so under the GPU profile). Stops
+/// at EOS leave steps in flight, so the drain after a stop is covered too.
+#[test]
+fn pipelined_greedy_waits_for_callbacks_another_thread_collected() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let tok = tokenizer();
+    let name = "llama_gqa3_untied";
+    let p = prompt(name);
+    let mut m = load(&fixture(name));
+    let all = host_greedy(&mut m, &p, 12).unwrap();
+    let g = gpu();
+    let done = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let (g, done) = (g.clone(), done.clone());
+        std::thread::spawn(move || {
+            let buf = g.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("other thread's readback"),
+                size: 4,
+                usage: wgpu::BufferUsages::MAP_READ,
+                mapped_at_creation: false,
+            });
+            let mut polls = 0u64;
+            while !done.load(Ordering::Acquire) {
+                buf.slice(..).map_async(wgpu::MapMode::Read, |_| {
+                    std::thread::sleep(std::time::Duration::from_millis(30))
+                });
+                g.device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+                buf.unmap();
+                polls += 1;
+            }
+            polls
+        })
+    };
+    for j in [1usize, 3, 5, 7, 9] {
+        let stop = all[j];
+        let first = all.iter().position(|&t| t == stop).unwrap();
+        m.reset();
+        let got = generate(&mut m, &tok, &p, &greedy_opts(12, vec![stop]), |_| {}).unwrap();
+        assert_eq!(got.generated_ids, all[..first], "stop at {stop}");
+        assert_eq!(m.position(), p.len() + first, "stop at {stop}");
+    }
+    done.store(true, Ordering::Release);
+    let polls = poller.join().unwrap();
+    // The other thread must really have polled meanwhile, or this proves nothing.
+    assert!(polls > 5, "the other thread polled only {polls} times");
+}
