@@ -10,22 +10,16 @@
 //! `<|im_end|>`: 512 tokens, the fixtures' vocab) written by the library's
 //! own `write_tokenizer_files`, and a ChatML template.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{fixture, scratch, CHATML};
 use serde_json::Value as Json;
-use wgllm::tokenizer::{token_type, VocabSpec};
-
-const BIN: &str = env!("CARGO_BIN_EXE_wgllm");
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 /// The result of one run of the binary.
 struct Run {
@@ -61,10 +55,8 @@ impl Run {
 /// A command for the binary, with its model cache in a scratch folder so a
 /// test never writes to (or reads from) the user's cache.
 fn cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args)
-        .env("WGLLM_CACHE", scratch().join("cache"))
-        .env_remove("WGLLM_ADAPTER");
+    let mut c = common::wgllm_command(&scratch().join("cache"));
+    c.args(args);
     c
 }
 
@@ -93,21 +85,7 @@ fn wgllm_stdin(args: &[&str], input: &str) -> Run {
     Run::from(child.wait_with_output().unwrap())
 }
 
-/// One scratch folder per test process, under cargo's target/tmp (statics
-/// are never dropped, so it is not removed at exit); each test uses its own
-/// subfolder.
-fn scratch() -> PathBuf {
-    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        tempfile::Builder::new()
-            .prefix("cli-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-            .unwrap()
-    })
-    .path()
-    .to_path_buf()
-}
-
+/// Each test uses its own subfolder of the scratch folder.
 fn subdir(name: &str) -> PathBuf {
     let d = scratch().join(name);
     std::fs::create_dir_all(&d).unwrap();
@@ -116,61 +94,10 @@ fn subdir(name: &str) -> PathBuf {
 
 // ------------------------------------------------------------ the fixtures
 
-/// GPT-2's byte-to-unicode map (the byte-level BPE alphabet).
-fn byte_symbol(b: u8) -> char {
-    let direct = |b: u8| (b'!'..=b'~').contains(&b) || (0xa1..=0xac).contains(&b) || b >= 0xae;
-    if direct(b) {
-        char::from(b)
-    } else {
-        let n = (0..b).filter(|&x| !direct(x)).count() as u32;
-        char::from_u32(256 + n).unwrap()
-    }
-}
-
-const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
-
-/// A 512-token byte-level tokenizer: bytes, letter-pair merges, two control
-/// tokens; with a ChatML template.
-fn vocab_spec() -> VocabSpec {
-    let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_symbol(b).to_string()).collect();
-    let mut merges = Vec::new();
-    'outer: for a in b'a'..=b'z' {
-        for b in b'a'..=b'z' {
-            if tokens.len() == 510 {
-                break 'outer;
-            }
-            let (a, b) = (char::from(a), char::from(b));
-            merges.push(format!("{a} {b}"));
-            tokens.push(format!("{a}{b}"));
-        }
-    }
-    let mut types = vec![token_type::NORMAL; tokens.len()];
-    for t in ["<|im_start|>", "<|im_end|>"] {
-        tokens.push(t.into());
-        types.push(token_type::CONTROL);
-    }
-    assert_eq!(tokens.len(), 512);
-    VocabSpec {
-        model: "gpt2".into(),
-        pre: Some("gpt2".into()),
-        eos: Some(511),
-        tokens,
-        token_types: Some(types),
-        merges,
-        chat_template: Some(CHATML.into()),
-        ..Default::default()
-    }
-}
-
 /// `base` fixture's config, weights and generation config, plus the
 /// tokenizer and template, in a fresh folder.
 fn with_tokenizer(base: &str, name: &str) -> PathBuf {
-    let dir = subdir(name);
-    for f in ["config.json", "generation_config.json", "model.safetensors"] {
-        std::fs::copy(fixture(base).join(f), dir.join(f)).unwrap();
-    }
-    wgllm::tokenizer::write_tokenizer_files(&vocab_spec(), &dir).unwrap();
-    dir
+    common::with_tokenizer(base, &subdir(name))
 }
 
 /// The Qwen2 fixture (config `eos_token_id: null`: replies always run to
@@ -182,14 +109,9 @@ fn chat_model() -> PathBuf {
 }
 
 fn prompt_tokens(fx: &str) -> String {
-    let p: Json =
-        serde_json::from_str(&std::fs::read_to_string(fixture(fx).join("prompt.json")).unwrap())
-            .unwrap();
-    p["tokens"]
-        .as_array()
-        .unwrap()
+    common::prompt_json_tokens(fx)
         .iter()
-        .map(|t| t.as_u64().unwrap().to_string())
+        .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -683,7 +605,7 @@ impl Gguf {
 /// A 1-layer llama GGUF (hidden 32, 4 heads, 2 KV heads) with the 512-token
 /// tokenizer in its metadata.
 fn tiny_gguf(path: &Path) {
-    let spec = vocab_spec();
+    let spec = common::byte_level_vocab();
     let (h, f, v) = (32u64, 64u64, 512u64);
     let mut g = Gguf {
         kvs: Vec::new(),

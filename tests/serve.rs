@@ -10,6 +10,8 @@
 //! `max_tokens` unless a stop string ends them: the greedy comparisons
 //! cover every requested token.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -17,87 +19,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::scratch;
 use serde_json::{json, Value as Json};
-use wgllm::tokenizer::{token_type, VocabSpec};
 
-const BIN: &str = env!("CARGO_BIN_EXE_wgllm");
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn scratch() -> PathBuf {
-    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        tempfile::Builder::new()
-            .prefix("serve-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-            .unwrap()
-    })
-    .path()
-    .to_path_buf()
-}
-
-/// GPT-2's byte-to-unicode map (the byte-level BPE alphabet).
-fn byte_symbol(b: u8) -> char {
-    let direct = |b: u8| (b'!'..=b'~').contains(&b) || (0xa1..=0xac).contains(&b) || b >= 0xae;
-    if direct(b) {
-        char::from(b)
-    } else {
-        let n = (0..b).filter(|&x| !direct(x)).count() as u32;
-        char::from_u32(256 + n).unwrap()
-    }
-}
-
-const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
-
-/// The same 512-token tokenizer as tests/cli.rs: bytes, letter-pair merges,
-/// two control tokens; with a ChatML template.
-fn vocab_spec() -> VocabSpec {
-    let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_symbol(b).to_string()).collect();
-    let mut merges = Vec::new();
-    'outer: for a in b'a'..=b'z' {
-        for b in b'a'..=b'z' {
-            if tokens.len() == 510 {
-                break 'outer;
-            }
-            let (a, b) = (char::from(a), char::from(b));
-            merges.push(format!("{a} {b}"));
-            tokens.push(format!("{a}{b}"));
-        }
-    }
-    let mut types = vec![token_type::NORMAL; tokens.len()];
-    for t in ["<|im_start|>", "<|im_end|>"] {
-        tokens.push(t.into());
-        types.push(token_type::CONTROL);
-    }
-    VocabSpec {
-        model: "gpt2".into(),
-        pre: Some("gpt2".into()),
-        eos: Some(511),
-        tokens,
-        token_types: Some(types),
-        merges,
-        chat_template: Some(CHATML.into()),
-        ..Default::default()
-    }
-}
-
-/// The Qwen2 fixture with the tokenizer and template, made once.
+/// The Qwen2 fixture with the 512-token tokenizer and ChatML template of
+/// tests/cli.rs (`common::with_tokenizer`), made once.
 fn chat_model() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = scratch().join("chat_model");
-        std::fs::create_dir_all(&dir).unwrap();
-        for f in ["config.json", "generation_config.json", "model.safetensors"] {
-            std::fs::copy(fixture("qwen2_bias_tied").join(f), dir.join(f)).unwrap();
-        }
-        wgllm::tokenizer::write_tokenizer_files(&vocab_spec(), &dir).unwrap();
-        dir
-    })
-    .clone()
+    DIR.get_or_init(|| common::with_tokenizer("qwen2_bias_tied", &scratch().join("chat_model")))
+        .clone()
 }
 
 fn path(p: &Path) -> &str {
@@ -118,10 +48,8 @@ impl Server {
         let m = chat_model();
         let mut args = vec!["serve", "--model", path(&m), "--port", "0"];
         args.extend_from_slice(extra);
-        let mut child = Command::new(BIN)
+        let mut child = common::wgllm_command(&scratch().join("cache"))
             .args(&args)
-            .env("WGLLM_CACHE", scratch().join("cache"))
-            .env_remove("WGLLM_ADAPTER")
             .env_remove("WGLLM_API_KEY")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -353,10 +281,8 @@ fn run_greedy(prompt: &str, max_tokens: usize, chat: bool) -> String {
     if chat {
         args.push("--chat");
     }
-    let o = Command::new(BIN)
+    let o = common::wgllm_command(&scratch().join("cache"))
         .args(&args)
-        .env("WGLLM_CACHE", scratch().join("cache"))
-        .env_remove("WGLLM_ADAPTER")
         .output()
         .unwrap();
     assert!(

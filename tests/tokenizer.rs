@@ -659,12 +659,10 @@ fn spm_gguf_runs_end_to_end() {
         .prefix("spm-run-")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wgllm"))
+    let out = common::wgllm_command(cache.path())
         .args(["run", "--model"])
         .arg(spm_dir().join("llama.gguf"))
         .args(["--prompt", s(&case["text"]), "--max-tokens", "4", "--json"])
-        .env("WGLLM_CACHE", cache.path())
-        .env_remove("WGLLM_ADAPTER")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
