@@ -141,18 +141,8 @@ impl<'t> StreamDecoder<'t> {
 
     /// The whole text of the ids pushed so far.
     pub fn text(&self) -> Result<String> {
-        if self.anchor.is_empty() {
-            return self.tok.decode_skip_special(&self.ids);
-        }
-        let all: Vec<u32> = self.anchor.iter().chain(&self.ids).copied().collect();
-        let text = self.tok.decode_skip_special(&all)?;
-        match text.strip_prefix(self.anchor_text.as_str()) {
-            Some(rest) => Ok(rest.to_string()),
-            // The context ended inside a character that the ids complete
-            // (raw `--tokens` prompts only): its text has no clean end, so
-            // the ids are decoded on their own.
-            None => self.tok.decode_skip_special(&self.ids),
-        }
+        self.tok
+            .decode_after(&self.anchor, &self.anchor_text, &self.ids)
     }
 }
 

@@ -209,6 +209,34 @@ impl Tokenizer {
         Ok(&context[last..])
     }
 
+    /// Text of `ids` as a continuation of `context`: the decode of
+    /// `context ++ ids` less the decode of `context`, special tokens
+    /// skipped (see [`Tokenizer::continuation_anchor`]). It differs from
+    /// decoding `ids` alone where a `▁`-prefix SentencePiece decoder would
+    /// drop a first space: after text, `▁Paris` is " Paris".
+    pub fn decode_continuation(&self, context: &[u32], ids: &[u32]) -> Result<String> {
+        let anchor = self.continuation_anchor(context)?;
+        let anchor_text = self.decode_skip_special(anchor)?;
+        self.decode_after(anchor, &anchor_text, ids)
+    }
+
+    /// [`Tokenizer::decode_continuation`] from the context's anchor and its
+    /// text, known already.
+    pub fn decode_after(&self, anchor: &[u32], anchor_text: &str, ids: &[u32]) -> Result<String> {
+        if anchor.is_empty() {
+            return self.decode_skip_special(ids);
+        }
+        let all: Vec<u32> = anchor.iter().chain(ids).copied().collect();
+        let text = self.decode_skip_special(&all)?;
+        match text.strip_prefix(anchor_text) {
+            Some(rest) => Ok(rest.to_string()),
+            // The context ended inside a character that `ids` complete (a
+            // raw id prompt): its text has no clean end, so `ids` are
+            // decoded on their own.
+            None => self.decode_skip_special(ids),
+        }
+    }
+
     /// Id of a token (vocabulary entry or added token), e.g. `<|im_end|>`.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

@@ -748,6 +748,9 @@ fn spm_stream_keeps_the_first_space_after_a_prompt() {
     assert_eq!(pieces.concat(), " merge each piece.");
     assert_eq!(pieces[0], " merge");
     assert_eq!(text, " merge each piece.");
+    // What `serve` decodes a completion with: the same text.
+    let whole = tok.decode_continuation(&prompt, &gen).unwrap();
+    assert_eq!(whole, " merge each piece.");
     assert_eq!(tok.decode_skip_special(&gen).unwrap(), "merge each piece.");
     // Control tokens at the prompt's end are skipped text: the space stays.
     let inst = tok.token_to_id("[INST]").unwrap();
