@@ -94,8 +94,7 @@ impl Tokenizer {
         if !path.is_file() {
             return Err(Error::Io {
                 path,
-                msg: "no tokenizer.json in the model folder (pass token ids with --tokens instead)"
-                    .into(),
+                msg: "no tokenizer.json in the model folder".into(),
                 source: None,
             });
         }

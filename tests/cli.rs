@@ -409,7 +409,7 @@ fn verify_input_errors_exit_2() {
         (vec!["verify", "--model", m], "give --tokens or --prompt"),
         (
             vec!["verify", "--model", m, "--prompt", "hi"],
-            "no tokenizer.json",
+            "no tokenizer.json in the model folder (pass token ids with --tokens instead)",
         ),
         (
             vec!["verify", "--model", m, "--prompt", "hi", "--tokens", "1"],
@@ -491,6 +491,22 @@ fn verify_input_errors_exit_2() {
         );
         assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
     }
+    // A missing file names it and says why once (the error's own text holds
+    // its source's; the CLI does not print that again).
+    let missing = dir.join("missing.json");
+    let why = std::fs::read(&missing).unwrap_err().to_string();
+    let args = [
+        "verify",
+        "--model",
+        m,
+        "--tokens",
+        "1",
+        "--tolerance-file",
+        path(&missing),
+    ];
+    let r = wgllm(&args).expect_code(2, "missing tolerance file");
+    assert!(r.stderr.contains(path(&missing)), "{}", r.stderr);
+    assert_eq!(r.stderr.matches(why.as_str()).count(), 1, "{}", r.stderr);
 }
 
 #[test]
@@ -961,6 +977,9 @@ fn run_input_errors_exit_2() {
         );
         assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
     }
+    // `run` takes no token ids: its missing-tokenizer error names no flag.
+    let r = wgllm(&["run", "--model", no_tok, "--prompt", "hi"]).expect_code(2, "no tokenizer");
+    assert!(!r.stderr.contains("--tokens"), "{}", r.stderr);
     // An empty prompt from stdin is the same error.
     let r = wgllm_stdin(&["run", "--model", m], "").expect_code(2, "empty stdin");
     assert!(
