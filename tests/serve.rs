@@ -45,10 +45,14 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
-        let m = chat_model();
-        let mut args = vec!["serve", "--model", path(&m), "--port", "0"];
+        Server::start_with(&chat_model(), &scratch().join("cache"), extra)
+    }
+
+    /// `wgllm serve --model model` with its model cache in `cache`.
+    fn start_with(model: &Path, cache: &Path, extra: &[&str]) -> Server {
+        let mut args = vec!["serve", "--model", path(model), "--port", "0"];
         args.extend_from_slice(extra);
-        let mut child = common::wgllm_command(&scratch().join("cache"))
+        let mut child = common::wgllm_command(cache)
             .args(&args)
             .env_remove("WGLLM_API_KEY")
             .stdout(Stdio::null())
@@ -822,4 +826,54 @@ fn the_official_openai_client_works() {
         s.log()
     );
     assert!(out.contains("all checks passed"), "{out}");
+}
+
+/// A `.gguf` under `--dtype bf16` is converted into the cache's bf16 folder
+/// as `run` does (serve once resolved every GGUF at its own types), and a
+/// SentencePiece completion's text is its prompt's continuation, the same
+/// text as `wgllm run` (tests/fixtures/spm/llama.gguf: a tiny random llama
+/// carrying the vocabulary, so the text is noise, but the same noise).
+#[test]
+fn a_gguf_served_as_bf16_completes_like_run() {
+    let gguf = common::fixture("spm/llama.gguf");
+    let cache = scratch().join("spm-cache");
+    let prompt = "The tokenizer will";
+    let s = Server::start_with(&gguf, &cache, &["--dtype", "bf16", "--max-context", "64"]);
+    // The log is read on its own thread: the line may trail /health.
+    let t0 = Instant::now();
+    let line = loop {
+        let log = s.log();
+        if let Some(l) = log.lines().find(|l| l.contains("wgllm serve: loaded")) {
+            break l.to_string();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no `loaded` line:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(line.contains("-bf16"), "{line}");
+    let r = s.post(
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let served = r.json()["choices"][0]["text"].as_str().unwrap().to_string();
+    let o = common::wgllm_command(&cache)
+        .args([
+            "run",
+            "--model",
+            path(&gguf),
+            "--dtype",
+            "bf16",
+            "--max-context",
+            "64",
+        ])
+        .args(["--prompt", prompt, "--max-tokens", "4", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Json = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["generated_ids"].as_array().unwrap().len(), 4, "{v}");
+    assert_eq!(served, v["text"].as_str().unwrap(), "{v}");
 }
