@@ -153,7 +153,10 @@ function showTable(text) {
 async function verify(ids) {
   const r = JSON.parse(await session.verify(new Uint32Array(ids), $("bug").value));
   $("verify-summary").textContent =
-    `${r.pass ? "PASS" : "FAIL"} on ${r.adapter} (${r.backend}), kernels ${r.kernels}, ` +
+    `${r.pass ? "PASS" : "FAIL"}: ` +
+    r.reports.map((x) => `${x.rows.filter((t) => t.pass).length} of ${x.rows.length} taps ` +
+      `within tolerance against ${x.against}`).join(", ") +
+    ` on ${r.adapter || "the page's adapter"} (${r.backend}), kernels ${r.kernels}, ` +
     `${r.tokens.length} tokens` +
     r.reports.map((x) => x.first_failure ? `; first failing tap vs ${x.against}: ${x.first_failure}` : "").join("");
   $("verify-summary").className = r.pass ? "pass" : "fail";
@@ -184,6 +187,15 @@ $("send").onclick = () => busy((async () => {
   if (!session) return showError("load a model first");
   try { await chat(); } catch (e) { showError(e); }
 })());
+$("new-chat").onclick = () => {
+  $("error").textContent = "";
+  if (!session) return showError("load a model first");
+  try {
+    session.new_chat();
+    $("reply").textContent = "";
+    $("chat-stats").textContent = "";
+  } catch (e) { showError(e); }
+};
 $("verify").onclick = () => busy((async () => {
   $("error").textContent = "";
   if (!session) return showError("load a model first");

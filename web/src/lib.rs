@@ -317,6 +317,19 @@ impl Session {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, JsValue> {
         busy(&self.inner)?.encode(text)
     }
+
+    /// Start a new conversation: the chat history and the KV cache are
+    /// dropped, so the next turn prefills its whole prompt.
+    pub fn new_chat(&self) -> Result<(), JsValue> {
+        let mut s = busy(&self.inner)?;
+        let s = &mut *s;
+        if let Some(c) = s.chat.as_mut() {
+            c.messages.clear();
+        }
+        // The conversation sees the cache no longer matches and starts over.
+        s.model.reset();
+        Ok(())
+    }
 }
 
 fn busy(s: &Rc<RefCell<Inner>>) -> Result<std::cell::RefMut<'_, Inner>, JsValue> {
