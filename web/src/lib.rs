@@ -85,6 +85,9 @@ pub struct WebGpu {
 #[wasm_bindgen]
 impl WebGpu {
     /// Request the browser's WebGPU adapter and a device with its limits.
+    // The library shares its device as `Arc<Gpu>` (native threads need
+    // that); on wasm32 wgpu's handles are not Send, and one thread uses it.
+    #[allow(clippy::arc_with_non_send_sync)]
     pub async fn open() -> Result<WebGpu, JsValue> {
         let gpu = Gpu::new_async(&GpuOptions::default())
             .await
@@ -161,6 +164,10 @@ struct Inner {
     dtype: LoadDType,
 }
 
+// The session's RefCell borrow is held across each await on purpose: it is
+// the "busy" lock, so a call that comes while another is awaiting gets
+// `busy`'s clear error from try_borrow_mut instead of a second borrow.
+#[allow(clippy::await_holding_refcell_ref)]
 #[wasm_bindgen]
 impl Session {
     /// Load a model folder from its files: `config.json`, the safetensors
