@@ -172,6 +172,9 @@ def main():
     chromium = shutil.which("chromium")
     if not chromium:
         sys.exit("chromium is not installed: run tools/setup.sh")
+    # Native before and after the page: on a shared machine the load
+    # changes during a run, and the two brackets show by how much.
+    natives = [run_native(a)]
     name = os.path.basename(os.path.normpath(a.model))
     handler = functools.partial(Handler, model_dir=os.path.abspath(a.model), model_name=name)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -224,22 +227,29 @@ def main():
         cdp.close()
         server.shutdown()
         shutil.rmtree(profile, ignore_errors=True)
-
-    if os.path.isfile(a.native):
-        devices = subprocess.run([a.native, "devices"], capture_output=True, text=True).stdout
-        print("native adapter: " + "".join(l for l in devices.splitlines() if "(selected)" in l))
-        out = subprocess.run([a.native, "run", "--model", a.model, "--chat", "--prompt", a.prompt,
-                              "--max-tokens", str(a.max_tokens), "--json"],
-                             capture_output=True, text=True, check=True).stdout
-        native = json.loads(out)
-        print(f"native: {len(native['prompt_ids'])} prompt tokens, "
-              f"{len(native['generated_ids'])} generated; prefill "
-              f"{native['prefill_tokens_per_s']:.2f} tok/s, decode "
-              f"{native['decode_tokens_per_s']:.2f} tok/s")
+    natives.append(run_native(a))
+    for native in filter(None, natives):
         same = native["generated_ids"] == page["generated_ids"]
         print(f"page and native generated the same ids: {same}")
         if not same:
             sys.exit(f"ids differ: page {page['generated_ids']} native {native['generated_ids']}")
+
+
+def run_native(a):
+    """`wgllm run --chat --json` on the same prompt, or None without the binary."""
+    if not os.path.isfile(a.native):
+        return None
+    devices = subprocess.run([a.native, "devices"], capture_output=True, text=True).stdout
+    print("native adapter: " + "".join(l for l in devices.splitlines() if "(selected)" in l))
+    out = subprocess.run([a.native, "run", "--model", a.model, "--chat", "--prompt", a.prompt,
+                          "--max-tokens", str(a.max_tokens), "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    native = json.loads(out)
+    print(f"native: {len(native['prompt_ids'])} prompt tokens, "
+          f"{len(native['generated_ids'])} generated; prefill "
+          f"{native['prefill_tokens_per_s']:.2f} tok/s, decode "
+          f"{native['decode_tokens_per_s']:.2f} tok/s")
+    return native
 
 
 if __name__ == "__main__":
