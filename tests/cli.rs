@@ -1196,34 +1196,65 @@ fn wait_for(
     }
 }
 
+/// A `chat` on the chat model with its pipes open and its output collected
+/// in the background. Replies of up to 2000 tokens: 1.5 to 10 s at the tiny
+/// model's 200 to 1500 tokens/s on lavapipe, far longer than the ~10 ms a
+/// test takes to react to the first output; the context (8192) holds two
+/// turns whatever the first one generated before an interrupt.
+#[cfg(unix)]
+struct LiveChat {
+    child: std::process::Child,
+    pid: libc::pid_t,
+    out: Arc<Mutex<Vec<u8>>>,
+    err: Arc<Mutex<Vec<u8>>>,
+    stdin: std::process::ChildStdin,
+}
+
+#[cfg(unix)]
+fn live_chat() -> LiveChat {
+    let m = chat_model();
+    let args = ["chat", "--model", path(&m), "--max-context", "8192"];
+    let mut child = cmd(&args)
+        .args(["--max-tokens", "2000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    LiveChat {
+        pid: child.id() as libc::pid_t,
+        out: collect(child.stdout.take().unwrap()),
+        err: collect(child.stderr.take().unwrap()),
+        stdin: child.stdin.take().unwrap(),
+        child,
+    }
+}
+
+/// The child's exit status (at most a minute: a hang guard).
+#[cfg(unix)]
+fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "chat did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Ctrl-C during a reply stops it and the session answers the next turn;
 /// Ctrl-C at the prompt ends the session with 130.
 #[cfg(unix)]
 #[test]
 fn chat_ctrl_c_stops_the_reply_then_exits_at_the_prompt() {
-    let m = chat_model();
-    // Replies of up to 2000 tokens: 1.5 to 10 s at the tiny model's 200 to
-    // 1500 tokens/s on lavapipe, far longer than the ~10 ms the test takes
-    // to react to the first output; the context holds both turns whatever
-    // the first one generated before the interrupt.
-    let mut child = cmd(&[
-        "chat",
-        "--model",
-        path(&m),
-        "--max-context",
-        "8192",
-        "--max-tokens",
-        "2000",
-    ])
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let out = collect(child.stdout.take().unwrap());
-    let err = collect(child.stderr.take().unwrap());
-    let mut stdin = child.stdin.take().unwrap();
+    let LiveChat {
+        mut child,
+        pid,
+        out,
+        err,
+        mut stdin,
+    } = live_chat();
     let sigint = || assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
 
     stdin.write_all(b"tell me a long story\n").unwrap();
@@ -1255,14 +1286,7 @@ fn chat_ctrl_c_stops_the_reply_then_exits_at_the_prompt() {
 
     // Ctrl-C at the (empty) prompt ends the session.
     sigint();
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "chat did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_exit(&mut child);
     assert_eq!(status.code(), Some(130), "{}", text(&err));
     assert!(
         text(&err).contains("interrupted at the prompt"),
@@ -1276,25 +1300,13 @@ fn chat_ctrl_c_stops_the_reply_then_exits_at_the_prompt() {
 #[cfg(unix)]
 #[test]
 fn chat_ctrl_c_twice_in_quick_succession_exits() {
-    let m = chat_model();
-    let mut child = cmd(&[
-        "chat",
-        "--model",
-        path(&m),
-        "--max-context",
-        "8192",
-        "--max-tokens",
-        "2000",
-    ])
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let out = collect(child.stdout.take().unwrap());
-    let err = collect(child.stderr.take().unwrap());
-    let mut stdin = child.stdin.take().unwrap();
+    let LiveChat {
+        mut child,
+        pid,
+        out,
+        err,
+        mut stdin,
+    } = live_chat();
     stdin.write_all(b"hello\n").unwrap();
     stdin.flush().unwrap();
     wait_for("the reply to start", &out, &err, || {
@@ -1306,14 +1318,7 @@ fn chat_ctrl_c_twice_in_quick_succession_exits() {
         assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
         std::thread::sleep(Duration::from_millis(50));
     }
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "chat did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_exit(&mut child);
     // Whether the second press lands before the reply stopped or at the
     // prompt after it, the session ends with 130 (stdin is still open).
     assert_eq!(status.code(), Some(130), "{}", text(&err));
