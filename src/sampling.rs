@@ -5,6 +5,7 @@
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
+pub use crate::ops::sample_full::Draw;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -89,6 +90,19 @@ pub fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
+/// The id at uniform `r` of the cumulative distribution `probs` (in its
+/// order): the first whose cumulative probability exceeds `r`, else the last.
+fn pick(probs: &[(u32, f64)], r: f64) -> u32 {
+    let mut acc = 0f64;
+    for &(i, p) in probs {
+        acc += p;
+        if r < acc {
+            return i;
+        }
+    }
+    probs.last().map(|&(i, _)| i).unwrap_or(0)
+}
+
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
@@ -112,14 +126,55 @@ impl Sampler {
         recent.iter().copied().filter(|&t| seen.insert(t)).collect()
     }
 
-    /// HF's penalty of one logit.
+    /// The penalty of one logit, HF's rule (a negative logit times the
+    /// penalty, any other divided by it) with the division done as a
+    /// multiply by `1 / penalty` rounded to f32 once: within 1 ulp of HF's
+    /// quotient, and one correctly rounded multiply, so the GPU sampler
+    /// (`ops::sample_full`) computes the same bits on every device.
     fn penalized(&self, l: f32) -> f32 {
         let p = self.params.repeat_penalty;
         if l < 0.0 {
             l * p
         } else {
-            l / p
+            l * (1.0 / p)
         }
+    }
+
+    /// The GPU sampler's settings for the next step and the penalty window
+    /// of `history`, or None where the kernel does not take them (a window
+    /// over `ops::sample_full::MAX_WINDOW` ids, a min-p under its floor).
+    /// Draws the step's uniform from the RNG (none for greedy), exactly as
+    /// [`Self::sample`] would: pass the same [`Draw`] to
+    /// [`Self::sample_drawn`] to sample that step on the host instead.
+    pub fn gpu_step(&mut self, history: &[u32]) -> Option<(Draw, Vec<u32>)> {
+        let window = self.window(history);
+        let mut d = Draw {
+            temperature: self.params.temperature,
+            top_k: self.params.top_k,
+            top_p: self.params.top_p,
+            min_p: self.params.min_p,
+            penalty: self.params.repeat_penalty,
+            r: 0.0,
+        };
+        if !d.supported(window.len()) {
+            return None;
+        }
+        if !self.params.is_greedy() {
+            d.r = self.rng.random::<f64>();
+        }
+        Some((d, window))
+    }
+
+    /// [`Self::sample`] with the step's uniform already drawn (`d.r`, from
+    /// [`Self::gpu_step`]): the id the GPU sampler would have given.
+    pub fn sample_drawn(&self, logits: &[f32], history: &[u32], d: &Draw) -> u32 {
+        let mut l = logits.to_vec();
+        self.penalize(&mut l, history);
+        if self.params.is_greedy() {
+            return argmax(&l);
+        }
+        let probs = self.distribution(&l);
+        pick(&probs, d.r)
     }
 
     /// Apply the repetition penalty to `logits` for the tokens in `history`.
@@ -192,14 +247,7 @@ impl Sampler {
     /// One uniform draw from `probs` (the RNG's next f64).
     fn draw(&mut self, probs: &[(u32, f64)]) -> u32 {
         let r: f64 = self.rng.random::<f64>();
-        let mut acc = 0f64;
-        for &(i, p) in probs {
-            acc += p;
-            if r < acc {
-                return i;
-            }
-        }
-        probs.last().map(|&(i, _)| i).unwrap_or(0)
+        pick(probs, r)
     }
 
     /// The filtered, renormalized distribution (token, probability), sorted

@@ -11,3 +11,4 @@ pub mod qmatmul;
 pub mod rmsnorm;
 pub mod rope;
 pub mod sample;
+pub mod sample_full;
