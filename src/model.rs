@@ -373,6 +373,8 @@ const ID_STATS_BYTES: u64 = 4 + STATS_BYTES;
 const CAND_BYTES: u64 = 4 * crate::ops::sample::OUT_WORDS as u64;
 /// Bytes of the GPU sampler's output (the id and its flags).
 const SAMPLED_BYTES: u64 = 4 * crate::ops::sample_full::OUT_WORDS as u64;
+/// Bytes a GPU-sampled step reads back: the pick and the row's stats.
+pub const SAMPLED_READBACK_BYTES: u64 = SAMPLED_BYTES + STATS_BYTES;
 /// Bytes of one [`Step`] uniform.
 #[cfg_attr(target_arch = "wasm32", allow(dead_code))] // the pipelined decode is native-only
 const STEP_BYTES: u64 = std::mem::size_of::<Step>() as u64;
