@@ -61,6 +61,11 @@ var<workgroup> s_prefix: u32;
 var<workgroup> s_want: u32;
 var<workgroup> s_len: u32;
 var<workgroup> s_need_id: u32;
+var<workgroup> s_nfin: u32;
+var<workgroup> a_tail: atomic<u32>;
+
+// Survivors in the head (see `main`).
+const HEAD: u32 = 1024u;
 
 fn is_finite(b: u32) -> bool {
     return (b & 0x7f800000u) != 0x7f800000u;
@@ -117,7 +122,7 @@ fn wg_sum(lid: u32, x: f32) -> f32 {
         }
         workgroupBarrier();
     }
-    let v = red[0];
+    let v = workgroupUniformLoad(&red[0]);
     workgroupBarrier();
     return v;
 }
@@ -245,6 +250,103 @@ fn find_cut(lid: u32, goal: f32, strict: bool, tol: f32, cut: bool, ck: u32, ci:
     return Cut(k, i, ok);
 }
 
+// The `want`-th token (1-based) in the order (key descending, id
+// ascending) among the finite penalized logits, as (key, id): an MSB-first
+// radix select on the key, then on the id within the key's ties.
+fn select_kth(lid: u32, want: u32) -> vec2<u32> {
+    let V = p.vocab;
+    if (lid == 0u) {
+        s_want = want;
+        s_prefix = 0u;
+        s_need_id = 0u;
+    }
+    workgroupBarrier();
+    for (var d = 0u; d < 4u; d += 1u) {
+        let shift = 24u - 8u * d;
+        let hi_mask = select(0xffffffffu << ((shift + 8u) & 31u), 0u, d == 0u);
+        for (var b = lid; b < 256u; b += WG) {
+            atomicStore(&hist[b], 0u);
+        }
+        workgroupBarrier();
+        let prefix = s_prefix;
+        for (var i = lid; i < V; i += WG) {
+            let b = work[i];
+            if (is_finite(b)) {
+                let k = tkey(b);
+                if ((k & hi_mask) == prefix) {
+                    atomicAdd(&hist[(k >> shift) & 255u], 1u);
+                }
+            }
+        }
+        workgroupBarrier();
+        if (lid == 0u) {
+            let w = s_want;
+            var acc = 0u;
+            for (var b = 255; b >= 0; b -= 1) {
+                let c = atomicLoad(&hist[u32(b)]);
+                if (acc + c >= w) {
+                    s_want = w - acc;
+                    s_prefix = prefix | (u32(b) << shift);
+                    // more ties at the threshold than the k-th needs
+                    s_need_id = select(0u, 1u, d == 3u && w - acc < c);
+                    break;
+                }
+                acc += c;
+            }
+        }
+        workgroupBarrier();
+    }
+    let ck = s_prefix;
+    var ci = 0xffffffffu;
+    if (workgroupUniformLoad(&s_need_id) != 0u) {
+        // the s_want-th smallest id among the key's ties
+        if (lid == 0u) {
+            s_prefix = 0u;
+        }
+        workgroupBarrier();
+        for (var d = 0u; d < 4u; d += 1u) {
+            let shift = 24u - 8u * d;
+            let hi_mask = select(0xffffffffu << ((shift + 8u) & 31u), 0u, d == 0u);
+            for (var b = lid; b < 256u; b += WG) {
+                atomicStore(&hist[b], 0u);
+            }
+            workgroupBarrier();
+            let prefix = s_prefix;
+            for (var i = lid; i < V; i += WG) {
+                let b = work[i];
+                if (is_finite(b) && tkey(b) == ck && (i & hi_mask) == prefix) {
+                    atomicAdd(&hist[(i >> shift) & 255u], 1u);
+                }
+            }
+            workgroupBarrier();
+            if (lid == 0u) {
+                let w = s_want;
+                var acc = 0u;
+                for (var b = 0u; b < 256u; b += 1u) {
+                    let c = atomicLoad(&hist[b]);
+                    if (acc + c >= w) {
+                        s_want = w - acc;
+                        s_prefix = prefix | (b << shift);
+                        break;
+                    }
+                    acc += c;
+                }
+            }
+            workgroupBarrier();
+        }
+        ci = s_prefix;
+    }
+    workgroupBarrier();
+    return vec2<u32>(ck, ci);
+}
+
+fn set_len(lid: u32, n: u32) {
+    if (lid == 0u) {
+        s_len = n;
+    }
+    workgroupBarrier();
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) lid: u32) {
     let V = p.vocab;
@@ -254,9 +356,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         atomicStore(&a_len, 0u);
         atomicStore(&a_flags, 0u);
         atomicStore(&a_cnt, 0u);
-        s_prefix = 0u;
-        s_want = p.top_k;
-        s_need_id = 0u;
+        atomicStore(&a_tail, 0u);
     }
     // The penalized row: a bit copy, then one multiply per window id
     // (distinct ids: no two invocations write one word).
@@ -327,84 +427,29 @@ fn main(@builtin(local_invocation_index) lid: u32) {
             s_want = 0u;
         }
     }
+    if (lid == 0u) {
+        s_nfin = atomicLoad(&a_cnt);
+    }
+    let n_fin = workgroupUniformLoad(&s_nfin);
     var ck = 0u;
     var ci = 0xffffffffu;
-    if (workgroupUniformLoad(&s_want) != 0u) {
-        for (var d = 0u; d < 4u; d += 1u) {
-            let shift = 24u - 8u * d;
-            let hi_mask = select(0xffffffffu << ((shift + 8u) & 31u), 0u, d == 0u);
-            for (var b = lid; b < 256u; b += WG) {
-                atomicStore(&hist[b], 0u);
-            }
-            workgroupBarrier();
-            let prefix = s_prefix;
-            for (var i = lid; i < V; i += WG) {
-                let b = work[i];
-                if (is_finite(b)) {
-                    let k = tkey(b);
-                    if ((k & hi_mask) == prefix) {
-                        atomicAdd(&hist[(k >> shift) & 255u], 1u);
-                    }
-                }
-            }
-            workgroupBarrier();
-            if (lid == 0u) {
-                let want = s_want;
-                var acc = 0u;
-                for (var b = 255; b >= 0; b -= 1) {
-                    let c = atomicLoad(&hist[u32(b)]);
-                    if (acc + c >= want) {
-                        s_want = want - acc;
-                        s_prefix = prefix | (u32(b) << shift);
-                        // more tie at the threshold than the k-th needs
-                        s_need_id = select(0u, 1u, d == 3u && want - acc < c);
-                        break;
-                    }
-                    acc += c;
-                }
-            }
-            workgroupBarrier();
-        }
-        ck = s_prefix;
-        if (workgroupUniformLoad(&s_need_id) != 0u) {
-            // the s_want-th smallest id among the key's ties
-            let kk = ck;
-            if (lid == 0u) {
-                s_prefix = 0u;
-            }
-            workgroupBarrier();
-            for (var d = 0u; d < 4u; d += 1u) {
-                let shift = 24u - 8u * d;
-                let hi_mask = select(0xffffffffu << ((shift + 8u) & 31u), 0u, d == 0u);
-                for (var b = lid; b < 256u; b += WG) {
-                    atomicStore(&hist[b], 0u);
-                }
-                workgroupBarrier();
-                let prefix = s_prefix;
-                for (var i = lid; i < V; i += WG) {
-                    let b = work[i];
-                    if (is_finite(b) && tkey(b) == kk && (i & hi_mask) == prefix) {
-                        atomicAdd(&hist[(i >> shift) & 255u], 1u);
-                    }
-                }
-                workgroupBarrier();
-                if (lid == 0u) {
-                    let want = s_want;
-                    var acc = 0u;
-                    for (var b = 0u; b < 256u; b += 1u) {
-                        let c = atomicLoad(&hist[b]);
-                        if (acc + c >= want) {
-                            s_want = want - acc;
-                            s_prefix = prefix | (b << shift);
-                            break;
-                        }
-                        acc += c;
-                    }
-                }
-                workgroupBarrier();
-            }
-            ci = s_prefix;
-        }
+    var n_surv = n_fin;
+    if (p.top_k != 0u && p.top_k < n_fin) {
+        let c = select_kth(lid, p.top_k);
+        ck = c.x;
+        ci = c.y;
+        n_surv = p.top_k;
+    }
+    // The head: the first HEAD survivors in the order. A search whose
+    // goal falls within the head's mass runs over the head alone.
+    var hk = ck;
+    var hi = ci;
+    var n_head = n_surv;
+    if (n_surv > HEAD) {
+        let c = select_kth(lid, HEAD);
+        hk = c.x;
+        hi = c.y;
+        n_head = HEAD;
     }
     workgroupBarrier();
 
@@ -418,11 +463,18 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     workgroupBarrier();
     let m = bitcast<f32>(untkey(atomicLoad(&a_max)));
     var part = vec2<f32>(0.0);
+    var phead = vec2<f32>(0.0);
     var perr = vec2<f32>(0.0);
     for (var i = lid; i < V; i += WG) {
         let b = work[i];
         if (is_finite(b) && upto(tkey(b), i, ck, ci)) {
-            let j = atomicAdd(&a_len, 1u);
+            let in_head = upto(tkey(b), i, hk, hi);
+            var j = 0u;
+            if (in_head) {
+                j = atomicAdd(&a_len, 1u);
+            } else {
+                j = n_head + atomicAdd(&a_tail, 1u);
+            }
             let x = bitcast<f32>(b);
             let z = (x - m) * p.inv_t;
             let e = select(exp(z), 1.0, x == m);
@@ -430,6 +482,9 @@ fn main(@builtin(local_invocation_index) lid: u32) {
             work[2u * V + j] = tkey(b);
             work[3u * V + j] = bitcast<u32>(e);
             part = kadd(part, e);
+            if (in_head) {
+                phead = kadd(phead, e);
+            }
             // this probability's error bound against the host's f64 value
             perr = kadd(perr, e * ebound(z));
         }
@@ -437,10 +492,11 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     storageBarrier();
     workgroupBarrier();
     if (lid == 0u) {
-        s_len = atomicLoad(&a_len);
+        s_len = atomicLoad(&a_len) + atomicLoad(&a_tail);
     }
     workgroupBarrier();
     let total = wg_sum(lid, part.x);
+    let head_total = wg_sum(lid, phead.x);
     let n_list = workgroupUniformLoad(&s_len);
     // Every sum below is over a subset of the list, so it is within `bound`
     // of the host's f64 sum: the probabilities' errors, and the summation's
@@ -453,7 +509,11 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     var pk = 0u;
     var pi = 0u;
     if (n_list > 0u && p.top_p < 1.0) {
-        let c = find_cut(lid, p.top_p * total, false, tol, false, 0u, 0u, false);
+        let goal = p.top_p * total;
+        // the head is a prefix of the order: a cut it reaches is the cut
+        set_len(lid, select(n_list, n_head, head_total >= goal));
+        let c = find_cut(lid, goal, false, tol, false, 0u, 0u, false);
+        set_len(lid, n_list);
         cut = true;
         pk = c.k;
         pi = c.i;
@@ -492,7 +552,11 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         workgroupBarrier();
         atomicAdd(&a_cnt, cnt);
         let s = mass_from(lid, 0u, cut, pk, pi, minp);
-        let c = find_cut(lid, p.r * s, true, tol, cut, pk, pi, minp);
+        let goal = p.r * s;
+        set_len(lid, n_head);
+        let sh = mass_from(lid, 0u, cut, pk, pi, minp);
+        set_len(lid, select(n_list, n_head, sh > goal));
+        let c = find_cut(lid, goal, true, tol, cut, pk, pi, minp);
         id = c.i;
         left = atomicLoad(&a_cnt);
         if (!c.ok) {
