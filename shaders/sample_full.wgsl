@@ -63,9 +63,7 @@ var<workgroup> s_len: u32;
 var<workgroup> s_need_id: u32;
 var<workgroup> s_nfin: u32;
 var<workgroup> a_tail: atomic<u32>;
-
-// Survivors in the head (see `main`).
-const HEAD: u32 = 1024u;
+var<workgroup> s_head: u32;
 
 fn is_finite(b: u32) -> bool {
     return (b & 0x7f800000u) != 0x7f800000u;
@@ -412,83 +410,73 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         return;
     }
 
-    // top-k: the k-th token in the order (key descending, id ascending) by
-    // an MSB-first radix select on the key, then on the id within its key.
+    // the finite count and the maximum
     var nfin = 0u;
     for (var i = lid; i < V; i += WG) {
-        if (is_finite(work[i])) {
+        let b = work[i];
+        if (is_finite(b)) {
             nfin += 1u;
+            atomicMax(&a_max, tkey(b));
         }
     }
     atomicAdd(&a_cnt, nfin);
     workgroupBarrier();
     if (lid == 0u) {
-        if (p.top_k == 0u || p.top_k >= atomicLoad(&a_cnt)) {
-            s_want = 0u;
-        }
-    }
-    if (lid == 0u) {
         s_nfin = atomicLoad(&a_cnt);
     }
     let n_fin = workgroupUniformLoad(&s_nfin);
+    let m = bitcast<f32>(untkey(atomicLoad(&a_max)));
+    // top-k: the k-th token in the order (key descending, id ascending)
     var ck = 0u;
     var ci = 0xffffffffu;
-    var n_surv = n_fin;
     if (p.top_k != 0u && p.top_k < n_fin) {
         let c = select_kth(lid, p.top_k);
         ck = c.x;
         ci = c.y;
-        n_surv = p.top_k;
     }
-    // The head: the first HEAD survivors in the order. A search whose
-    // goal falls within the head's mass runs over the head alone.
-    var hk = ck;
-    var hi = ci;
-    var n_head = n_surv;
-    if (n_surv > HEAD) {
-        let c = select_kth(lid, HEAD);
-        hk = c.x;
-        hi = c.y;
-        n_head = HEAD;
-    }
-    workgroupBarrier();
-
-    // the maximum, then the survivors' list with exp((x - max) / t)
-    for (var i = lid; i < V; i += WG) {
-        let b = work[i];
-        if (is_finite(b)) {
-            atomicMax(&a_max, tkey(b));
-        }
-    }
-    workgroupBarrier();
-    let m = bitcast<f32>(untkey(atomicLoad(&a_max)));
+    // The survivors' list with exp((x - max) / t), the head first: the
+    // survivors with z = (x - max) / t >= -16 by key, a prefix of the
+    // order. A search whose goal falls within the head's mass (the usual
+    // top-p nucleus and draw of a language model) runs over the head alone.
+    let head_key = tkey(bitcast<u32>(m - 16.0 / p.inv_t));
     var part = vec2<f32>(0.0);
     var phead = vec2<f32>(0.0);
     var perr = vec2<f32>(0.0);
-    for (var i = lid; i < V; i += WG) {
-        let b = work[i];
-        if (is_finite(b) && upto(tkey(b), i, ck, ci)) {
-            let in_head = upto(tkey(b), i, hk, hi);
-            var j = 0u;
-            if (in_head) {
-                j = atomicAdd(&a_len, 1u);
-            } else {
-                j = n_head + atomicAdd(&a_tail, 1u);
+    for (var round = 0u; round < 2u; round += 1u) {
+        let n_head = atomicLoad(&a_len);
+        for (var i = lid; i < V; i += WG) {
+            let b = work[i];
+            if (is_finite(b) && upto(tkey(b), i, ck, ci)) {
+                let in_head = tkey(b) >= head_key;
+                if (in_head != (round == 0u)) {
+                    continue;
+                }
+                var j = 0u;
+                if (in_head) {
+                    j = atomicAdd(&a_len, 1u);
+                } else {
+                    j = n_head + atomicAdd(&a_tail, 1u);
+                }
+                let x = bitcast<f32>(b);
+                let z = (x - m) * p.inv_t;
+                let e = select(exp(z), 1.0, x == m);
+                work[V + j] = i;
+                work[2u * V + j] = tkey(b);
+                work[3u * V + j] = bitcast<u32>(e);
+                part = kadd(part, e);
+                if (in_head) {
+                    phead = kadd(phead, e);
+                }
+                // this probability's error bound against the host's f64 value
+                perr = kadd(perr, e * ebound(z));
             }
-            let x = bitcast<f32>(b);
-            let z = (x - m) * p.inv_t;
-            let e = select(exp(z), 1.0, x == m);
-            work[V + j] = i;
-            work[2u * V + j] = tkey(b);
-            work[3u * V + j] = bitcast<u32>(e);
-            part = kadd(part, e);
-            if (in_head) {
-                phead = kadd(phead, e);
-            }
-            // this probability's error bound against the host's f64 value
-            perr = kadd(perr, e * ebound(z));
+        }
+        workgroupBarrier();
+        if (lid == 0u) {
+            s_head = atomicLoad(&a_len);
         }
     }
+    let n_head = workgroupUniformLoad(&s_head);
     storageBarrier();
     workgroupBarrier();
     if (lid == 0u) {
@@ -508,12 +496,16 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     var cut = false;
     var pk = 0u;
     var pi = 0u;
+    // the list entries the filters below can keep
+    var scope = n_list;
     if (n_list > 0u && p.top_p < 1.0) {
         let goal = p.top_p * total;
-        // the head is a prefix of the order: a cut it reaches is the cut
-        set_len(lid, select(n_list, n_head, head_total >= goal));
+        // The head is a prefix of the order: a cut it reaches is the cut,
+        // and then every token left is in it (when the cut is not decided,
+        // the host samples the step anyway).
+        scope = select(n_list, n_head, head_total >= goal);
+        set_len(lid, scope);
         let c = find_cut(lid, goal, false, tol, false, 0u, 0u, false);
-        set_len(lid, n_list);
         cut = true;
         pk = c.k;
         pi = c.i;
@@ -526,7 +518,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         // every floor decision away from the margin (the maximum's own
         // probability is exactly 1 on both sides)
         let top = atomicLoad(&a_max);
-        for (var j = lid; j < n_list; j += WG) {
+        for (var j = lid; j < scope; j += WG) {
             if (member(j, cut, pk, pi, false)) {
                 let e = bitcast<f32>(work[3u * V + j]);
                 let x = bitcast<f32>(untkey(work[2u * V + j]));
@@ -543,7 +535,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     var left = 0u;
     if (n_list > 0u) {
         var cnt = 0u;
-        for (var j = lid; j < n_list; j += WG) {
+        for (var j = lid; j < scope; j += WG) {
             if (member(j, cut, pk, pi, minp)) {
                 cnt += 1u;
             }
@@ -555,7 +547,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         let goal = p.r * s;
         set_len(lid, n_head);
         let sh = mass_from(lid, 0u, cut, pk, pi, minp);
-        set_len(lid, select(n_list, n_head, sh > goal));
+        set_len(lid, select(scope, n_head, sh > goal));
         let c = find_cut(lid, goal, true, tol, cut, pk, pi, minp);
         id = c.i;
         left = atomicLoad(&a_cnt);
