@@ -33,7 +33,12 @@
 //! Top-p and the draw find their cut without sorting: a bisection on the
 //! key (32 steps) and then on the id among ties (log2 vocab steps), each
 //! step one reduction over the top-k survivors, which the kernel first
-//! compacts into a list (so top-k = 40 scans 40 entries, not the row).
+//! compacts into a list (so top-k = 40 scans 40 entries, not the row). The
+//! list starts with its head, the survivors within 16 temperature-scaled
+//! logits of the maximum (a key threshold, so a prefix of the order): a
+//! cut whose goal falls within the head's mass, as a language model's
+//! top-p nucleus and draw nearly always do, is searched in the head alone,
+//! and the row is scanned only a handful of times per step.
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel};
