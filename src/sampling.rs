@@ -430,6 +430,104 @@ mod tests {
         assert_eq!(checked, 12 * 8 * 5);
     }
 
+    /// The claim for the GPU sampler (`ops::sample_full`), over many seeds and parameter sets (top-p without
+    /// top-k, min-p, the penalty both ways, greedy with a penalty, ties):
+    /// the GPU sampler gives exactly the CPU sampler's ids, with the RNG
+    /// streams in step, and decides nearly every step itself.
+    #[test]
+    fn gpu_sampling_gives_the_cpu_samplers_ids() {
+        let sets = [
+            (0.0f32, 0usize, 1.0f32, 0.0f32, 1.3f32, 64usize),
+            (0.0, 0, 1.0, 0.0, 0.7, 16),
+            (1.0, 0, 1.0, 0.0, 1.0, 64),
+            (0.8, 0, 0.9, 0.0, 1.0, 64),
+            (1.2, 0, 1.0, 0.05, 1.0, 64),
+            (0.7, 0, 0.95, 0.02, 1.2, 0),
+            (3.0, 0, 0.99, 0.0, 1.0, 64),
+            (1.0, 1, 1.0, 0.0, 1.0, 64),
+            (1.0, 40, 1.0, 0.0, 1.0, 64),
+            (1.0, 40, 0.9, 0.0, 1.1, 64),
+            (1.5, 10, 0.5, 0.2, 0.8, 8),
+            (0.6, 200, 0.95, 0.05, 1.2, 0),
+        ];
+        let (mut checked, mut undecided, mut sampled) = (0usize, 0usize, 0usize);
+        let mut distinct = std::collections::HashSet::new();
+        for (vocab, seeds) in [(2000usize, 0..10u64), (49_152, 10..12)] {
+            let rig = crate::ops::sample_full::tests::Rig::new(vocab);
+            for seed in seeds {
+                // a peaked row, as a language model's: a few tokens well
+                // above a broad tail
+                let mut l = crate::testutil::rand_vec(vocab, 4.0, 100 + seed);
+                for (j, x) in l.iter_mut().enumerate().filter(|(j, _)| j % 97 == 5) {
+                    *x += 4.0 + (j % 7) as f32;
+                }
+                if seed % 3 == 0 {
+                    for x in l.iter_mut() {
+                        *x = (*x * 4.0).round() / 4.0; // ties
+                    }
+                }
+                let history: Vec<u32> = (0..80)
+                    .map(|i| ((i * 37 + seed * 11) % vocab as u64) as u32)
+                    .collect();
+                for (temperature, top_k, top_p, min_p, penalty, last_n) in sets {
+                    let params = SamplingParams {
+                        temperature,
+                        top_k,
+                        top_p,
+                        min_p,
+                        repeat_penalty: penalty,
+                        repeat_last_n: last_n,
+                        seed: seed * 1000 + top_k as u64,
+                    };
+                    let mut full = Sampler::new(params.clone()).unwrap();
+                    let mut gpu_s = Sampler::new(params.clone()).unwrap();
+                    let mut pen = l.clone();
+                    full.penalize(&mut pen, &history);
+                    let dist = full.distribution(&pen);
+                    for _ in 0..4 {
+                        let want = full.sample(&l, &history);
+                        let (d, w) = gpu_s.gpu_step(&history).expect("GPU-able");
+                        let pk = rig.run(&l, &d, &w);
+                        let got = if pk.uncertain() {
+                            undecided += 1;
+                            eprintln!("undecided {vocab} {params:?} r {} {pk:?}", d.r);
+                            gpu_s.sample_drawn(&l, &history, &d)
+                        } else {
+                            pk.id
+                        };
+                        assert_eq!(got, want, "vocab {vocab} {params:?} {pk:?}");
+                        if temperature > 0.0 && !pk.uncertain() {
+                            // the kernel's sets are the host's
+                            let finite = pen.iter().filter(|x| x.is_finite()).count();
+                            let k = if top_k == 0 {
+                                finite
+                            } else {
+                                top_k.min(finite)
+                            };
+                            assert_eq!(pk.survivors as usize, k, "{params:?}");
+                            assert_eq!(pk.drawn_from as usize, dist.len(), "{params:?}");
+                            sampled += 1;
+                        }
+                        distinct.insert((vocab, seed, got));
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 12 * sets.len() * 4);
+        // The margin is 2e-4 of the mass: undecided steps are rare; if the
+        // kernel flagged most steps it would be the host that samples.
+        assert!(
+            undecided * 20 <= checked,
+            "{undecided} of {checked} steps were left to the host"
+        );
+        assert!(
+            sampled > checked / 2,
+            "only {sampled} sampled steps decided"
+        );
+        assert!(distinct.len() > 100, "only {} distinct ids", distinct.len());
+    }
+
     #[test]
     fn bad_params_are_errors() {
         for f in [
