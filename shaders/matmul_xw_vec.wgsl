@@ -47,12 +47,14 @@ fn x8(gx: u32) -> array<vec4<f32>, 2> {
 // Cost: TB more vec4 registers and 7 flops per group per row, against 8
 // multiply-adds and 2-4 128-bit loads; the kernel is bound by the loads (the
 // gathers across lanes), so the flops are hidden (BENCHMARKS.md). On a GPU the
-// same holds more so: a decode GEMV is bound by DRAM bandwidth. TwoSum needs
-// the compiler not to reassociate float adds (SPIR-V and naga's MSL/HLSL keep
-// the written order; contraction into fma is allowed and harmless).
+// same holds more so: a decode GEMV is bound by DRAM bandwidth. TwoSum is
+// common.wgsl's two_sum4, whose opaque zero keeps a reassociating compiler
+// (lavapipe's) from folding the error term to 0 (it did, before: the
+// compensation was silently lost).
 fn rows_dot4(t0: u32, r: vec4<u32>) -> array<vec4<f32>, TB> {
     let ng = p.k / 8u;
     let wb = r * ng;
+    let zero = step.zero;
     var xb: array<u32, TB>;
     var acc: array<vec4<f32>, TB>;
     var cmp: array<vec4<f32>, TB>;
@@ -73,10 +75,9 @@ fn rows_dot4(t0: u32, r: vec4<u32>) -> array<vec4<f32>, TB> {
                               dot(w2[0], xv[0]) + dot(w2[1], xv[1]),
                               dot(w3[0], xv[0]) + dot(w3[1], xv[1]));
             // acc += d, the rounding error kept in cmp (TwoSum)
-            let s = acc[i] + d;
-            let z = s - acc[i];
-            cmp[i] += (acc[i] - (s - z)) + (d - z);
-            acc[i] = s;
+            let ts = two_sum4(acc[i], d, zero);
+            cmp[i] += ts.e;
+            acc[i] = ts.s;
         }
     }
     for (var i = 0u; i < TB; i++) {
