@@ -92,3 +92,47 @@ fn two_sum4(a: vec4<f32>, b: vec4<f32>, zero: u32) -> TwoSum4 {
     let z = opaque4(s - a, zero);
     return TwoSum4(s, (a - (s - z)) + (b - z));
 }
+
+// RMSNorm's pieces (rmsnorm.wgsl, add_rmsnorm.wgsl; issue #14), shared so the
+// two stay bit-identical. A sum of squares is carried as (hi, lo): every
+// square split exactly by fma (v² = sq + fma(v, v, -sq)) and every add by
+// two_sum, so the sum is exact to ~2u however long the row and however it is
+// split over lanes. fma is exact where the device fuses it; where it does
+// not, the low parts are 0 and this is the plain sum again.
+struct SumSq {
+    hi: f32,
+    lo: f32,
+}
+fn sumsq_add(acc: SumSq, v: f32, zero: u32) -> SumSq {
+    let sq = opaque(v * v, zero);
+    let t = two_sum(acc.hi, sq, zero);
+    return SumSq(t.s, acc.lo + (t.e + fma(v, v, -sq)));
+}
+fn sumsq_merge(a: SumSq, b: SumSq, zero: u32) -> SumSq {
+    let t = two_sum(a.hi, b.hi, zero);
+    return SumSq(t.s, (a.lo + b.lo) + t.e);
+}
+// 1 / sqrt(ss / width + eps) to ~1u (the built-in inverseSqrt alone is
+// allowed 2 ulp and sees the mean already rounded): m = ss / width + eps as
+// (t, tl), then one Newton step r' = r + r (1 - m r²) / 2 on
+// r = inverseSqrt(t), with 1 - m r² evaluated from fma-exact products.
+fn rms_inv(ss: SumSq, width: u32, eps: f32, zero: u32) -> f32 {
+    let n = f32(width);
+    let mh = ss.hi / n;
+    let ml = (fma(-mh, n, ss.hi) + ss.lo) / n;
+    let te = two_sum(mh, eps, zero);
+    let t = te.s;
+    let tl = te.e + ml;
+    let r = inverseSqrt(t);
+    let r2 = opaque(r * r, zero);
+    let r2e = fma(r, r, -r2);
+    let q = opaque(t * r2, zero);
+    let qe = fma(t, r2, -q);
+    let e = ((1.0 - q) - qe) - (t * r2e + tl * r2);
+    return r + r * (0.5 * e);
+}
+// w * x * inv with one rounding: w * x split exactly by fma, then fused.
+fn norm_scale(w: f32, x: f32, inv: f32, zero: u32) -> f32 {
+    let wx = opaque(w * x, zero);
+    return fma(wx, inv, fma(w, x, -wx) * inv);
+}
