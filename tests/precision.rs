@@ -333,3 +333,109 @@ fn smollm2_is_nearer_f64_than_transformers_f32() {
 fn qwen25_is_nearer_f64_than_transformers_f32() {
     real_model("qwen25", "qwen2.5-coder-0.5b-instruct");
 }
+
+/// Runs `body` (WGSL statements over `i`, the element, `x: array<f32>`
+/// input, `y: array<f32>` output, `step.zero` bound) once per element of
+/// `xs`, and returns `outs` values per element.
+fn run_probe(body: &str, xs: &[f32], outs: usize) -> Vec<f32> {
+    let g = gpu();
+    let src = format!(
+        "@group(0) @binding(0) var<uniform> step: Step;\n\
+         @group(0) @binding(1) var<storage, read> x: array<f32>;\n\
+         @group(0) @binding(2) var<storage, read_write> y: array<f32>;\n\
+         @compute @workgroup_size(64)\n\
+         fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{\n\
+             let i = gid.x;\n\
+             _ = step.zero;\n\
+             if (i >= arrayLength(&x) / 2u) {{ return; }}\n\
+             {body}\n\
+         }}"
+    );
+    let k = g.kernel("precision probe", &src, "main", &[]).unwrap();
+    let step = g
+        .uniform("step", &wgllm::gpu::Step::new(1, 0))
+        .expect("uniform");
+    let xb = g
+        .storage_init("x", bytemuck::cast_slice(xs))
+        .expect("upload");
+    let n = xs.len() / 2;
+    let bytes = (n * outs * 4) as u64;
+    let yb = g.storage("y", bytes);
+    let bg = g.bind(&k, &[&step, &xb, &yb]);
+    let mut enc = g.encoder();
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        g.dispatch_in(&mut pass, &k, &bg, n.div_ceil(64) as u32);
+    }
+    g.submit_wait(enc).unwrap();
+    bytemuck::pod_collect_to_vec(&g.read_bytes(&yb, 0, bytes).unwrap())
+}
+
+/// The compensated sums rest on `two_sum` returning the exact rounding
+/// error of an add on the device. Written as plain adds, a reassociating
+/// compiler folds the error to 0 (lavapipe's did); this fails if the
+/// opaque zero ever stops keeping it. The claim is exact: s + e == a + b in
+/// f64 (both are f32, so their exact sum fits in f64) for every pair.
+#[test]
+fn two_sum_error_term_is_exact_on_the_device() {
+    let mut st = 0x9e3779b97f4a7c15u64;
+    let mut xs = Vec::new();
+    for i in 0..4096 {
+        st = st
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let a = ((st >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0;
+        // b from ~1e-9 |a| up to ~|a|: most adds round.
+        let b = a * ((st >> 8) & 0xffff) as f32 * 2f32.powi(-16 - (i % 24));
+        xs.extend([a, b]);
+    }
+    let y = run_probe(
+        "let t = two_sum(x[2u * i], x[2u * i + 1u], step.zero); y[2u * i] = t.s; y[2u * i + 1u] = t.e;",
+        &xs,
+        2,
+    );
+    let mut rounded = 0;
+    for (p, r) in xs.chunks(2).zip(y.chunks(2)) {
+        let exact = f64::from(p[0]) + f64::from(p[1]);
+        assert_eq!(
+            f64::from(r[0]) + f64::from(r[1]),
+            exact,
+            "two_sum({}, {}) = ({}, {}): the error term is not exact",
+            p[0],
+            p[1],
+            r[0],
+            r[1]
+        );
+        rounded += usize::from(r[1] != 0.0);
+    }
+    // The pairs are chosen so that most adds round; if none did, the check
+    // above proved nothing.
+    assert!(rounded > 2048, "only {rounded} of 4096 adds rounded");
+}
+
+/// common.wgsl's `exp_f32` against f64 exp: within 2 ulp everywhere the
+/// result is a normal f32 (Cephes expf's error is ~1 ulp: its reduction
+/// adds ~0.5 ulp, the polynomial < 0.2, the last add 0.5; measured 0.98 ulp
+/// worst on lavapipe, whose built-in exp is 33 ulp off there), 0 far below
+/// the range and inf above it.
+#[test]
+fn exp_f32_is_within_two_ulp() {
+    let n = 1 << 16;
+    let mut xs: Vec<f32> = (0..n)
+        .flat_map(|i| [-87.0 + 174.0 * i as f32 / n as f32, 0.0])
+        .collect();
+    xs.extend([-200.0, 0.0, 100.0, 0.0, 0.0, 0.0]);
+    let y = run_probe("y[i] = exp_f32(x[2u * i]);", &xs, 1);
+    let mut worst = 0.0f64;
+    for (i, &v) in xs.iter().step_by(2).enumerate().take(n) {
+        let want = f64::from(v).exp();
+        // one ulp of the f32 result
+        let ulp = f64::from(f32::EPSILON) * f64::from(want as f32).abs();
+        worst = worst.max((f64::from(y[i]) - want).abs() / ulp);
+    }
+    eprintln!("exp_f32: worst error {worst:.3} ulp over [-87, 87]");
+    assert!(worst <= 2.0, "exp_f32 is {worst:.3} ulp off (allowed 2)");
+    assert_eq!(y[n], 0.0, "exp_f32(-200)");
+    assert_eq!(y[n + 1], f32::INFINITY, "exp_f32(100)");
+    assert_eq!(y[n + 2], 1.0, "exp_f32(0)");
+}
