@@ -13,9 +13,12 @@
 //!
 //! For every sequence the test prints wgllm's and transformers' max|Δ| to
 //! float64 at the last layer's `out` (and the worst layer), `norm` and
-//! `logits`, and asserts, per set of sequences, that wgllm is nearer on
-//! average at `norm` and `logits` (see `assert_nearer`). There is no
-//! tolerance: the claim is an ordering.
+//! `logits`, and asserts that wgllm is nearer: on every sequence where that
+//! holds (issue #14's target; which taps, and why not the others, is said at
+//! each call), else on average over the set (see `assert_nearer`). There is
+//! no tolerance: the claim is an ordering. The device probes at the end check
+//! the two pieces the precision rests on: `two_sum`'s exact error term and
+//! `exp_f32`.
 //! Both distances are measured against the same float64 golden, which is
 //! itself exact to ~1e-12 here (far below the ~1e-6 and up distances
 //! compared), so the ordering is not a rounding artefact of the golden.
@@ -30,6 +33,7 @@ use std::sync::{Arc, OnceLock};
 
 use safetensors::{Dtype, SafeTensors};
 use wgllm::fetch::resolve_model;
+use wgllm::gpu::KernelProfile;
 use wgllm::model::{Model, ModelOptions};
 use wgllm::{Gpu, GpuOptions};
 
@@ -134,14 +138,17 @@ impl Row {
 }
 
 /// The assertion over one set of sequences (the fixtures, or one real
-/// model's prompts): at `norm` and at `logits`, the geometric mean over the
-/// sequences of wgllm's max|Δ| / transformers' max|Δ| is below 1. Per
-/// sequence, the ordering of two near-optimal f32 runs is partly chance
-/// (roundings of ~u grow chaotically through the layers; transformers' own
-/// distance varies 3x between prompts of one model), so the claim is made
-/// for the set, as the scale-free mean of the ratios. How many sequences are
-/// nearer one by one (issue #14's per-sequence target) is printed.
-fn assert_nearer(set: &str, rows: &[Row]) {
+/// model's prompts), at `norm` and at `logits`. At the taps in
+/// `per_sequence`, issue #14's target: wgllm is nearer float64 than
+/// transformers f32 on every sequence. At the others, the weaker claim for
+/// the set: the geometric mean over the sequences of wgllm's max|Δ| /
+/// transformers' max|Δ| is below 1. Per sequence, the ordering of two
+/// near-optimal f32 runs is partly chance (roundings of ~u grow chaotically
+/// through the layers; transformers' own distance varies 3x between prompts
+/// of one model), so where the margin is thin the set's mean is what holds;
+/// which taps are asserted per sequence is said at each call, with the
+/// measured reason. Both are printed for every tap.
+fn assert_nearer(set: &str, rows: &[Row], per_sequence: &[&str]) {
     let mut fails = Vec::new();
     for tap in ["norm", "logits"] {
         let ratios: Vec<f64> = rows
@@ -152,23 +159,31 @@ fn assert_nearer(set: &str, rows: &[Row]) {
             })
             .collect();
         let gmean = (ratios.iter().map(|r| r.ln()).sum::<f64>() / ratios.len() as f64).exp();
-        let not_nearer: Vec<&str> = rows
+        let not_nearer: Vec<String> = rows
             .iter()
             .zip(&ratios)
             .filter(|(_, &q)| q >= 1.0)
-            .map(|(r, _)| r.what.as_str())
+            .map(|(r, q)| format!("{} ({q:.2}x)", r.what))
             .collect();
+        let strict = per_sequence.contains(&tap);
         eprintln!(
             "{set} {tap}: wgllm / transformers f32 distance to f64, geometric mean {gmean:.3} over \
-             {} sequences; nearer on {} of them{}",
+             {} sequences; nearer on {} of them{} [asserted: {}]",
             rows.len(),
             rows.len() - not_nearer.len(),
             if not_nearer.is_empty() {
                 String::new()
             } else {
                 format!(" (not on: {})", not_nearer.join(", "))
-            }
+            },
+            if strict { "every sequence" } else { "the mean" }
         );
+        if strict && !not_nearer.is_empty() {
+            fails.push(format!(
+                "{set}: {tap}: wgllm is not nearer f64 than transformers f32 on: {}",
+                not_nearer.join(", ")
+            ));
+        }
         if gmean >= 1.0 {
             fails.push(format!(
                 "{set}: {tap}: wgllm is not nearer f64 than transformers f32 on average \
@@ -239,7 +254,18 @@ fn fixtures_are_nearer_f64_than_transformers_f32() {
         row.print();
         rows.push(row);
     }
-    assert_nearer("fixtures", &rows);
+    // Per sequence under the CPU-device profile (all 8 nearer at both taps,
+    // by 1.2x to 3.4x). Under the GPU profile qwen2_big_vocab (hidden 16)
+    // is 1.5x farther at both: its layer 0 is, though every op's own
+    // rounding there is at transformers' level or below (the MLP's, the
+    // largest, is 1.2x its f32 floor; measured op by op from verify's taps),
+    // so the ordering is the chance of a few roundings; the mean is asserted.
+    let strict: &[&str] = if g.caps.kernels == KernelProfile::CpuDevice {
+        &["norm", "logits"]
+    } else {
+        &[]
+    };
+    assert_nearer("fixtures", &rows, strict);
 }
 
 #[derive(serde::Deserialize)]
@@ -253,7 +279,7 @@ struct PromptName {
     name: String,
 }
 
-fn real_model(key: &str, known: &str) {
+fn real_model(key: &str, known: &str, per_sequence: &[&str]) {
     let g = gpu();
     eprintln!(
         "precision device: {}, kernels {}",
@@ -320,18 +346,27 @@ fn real_model(key: &str, known: &str) {
         row.print();
         rows.push(row);
     }
-    assert_nearer(key, &rows);
+    assert_nearer(key, &rows, per_sequence);
 }
 
 #[test]
 fn smollm2_is_nearer_f64_than_transformers_f32() {
-    real_model("smollm2", "smollm2-135m-instruct");
+    // Logits per sequence (nearer on all 6 prompts under both profiles, by
+    // 1.9x to 5x). The final norm is nearer on 5 of 6: on code_fibonacci
+    // transformers' own distance (5.6e-6) is the lowest of its six, 2x under
+    // its median, and wgllm's (8-9e-6) comes from the residual stream's
+    // 30 layers of f32 roundings, which both runs share (one rounding per
+    // add, no reduction to improve); the mean is asserted there.
+    real_model("smollm2", "smollm2-135m-instruct", &["logits"]);
 }
 
 #[test]
 #[ignore = "Qwen2.5-Coder-0.5B takes minutes on lavapipe; run with --ignored or --include-ignored"]
 fn qwen25_is_nearer_f64_than_transformers_f32() {
-    real_model("qwen25", "qwen2.5-coder-0.5b-instruct");
+    // The mean only: under the CPU profile nearer per sequence on 6 of 6 at
+    // the norm and 5 of 6 at the logits (chat_arith 1.17x farther); the GPU
+    // profile's full run takes longer than was measured (BENCHMARKS.md).
+    real_model("qwen25", "qwen2.5-coder-0.5b-instruct", &[]);
 }
 
 /// Runs `body` (WGSL statements over `i`, the element, `x: array<f32>`
