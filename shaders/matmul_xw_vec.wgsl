@@ -40,7 +40,7 @@ fn x8(gx: u32) -> array<vec4<f32>, 2> {
 // so each load is a gather; sharing them is what brings this near the
 // device's streaming read rate (4 rows: ~2x faster than 1; 8: slower).
 // Summation (issue #14): each group of 8 products is summed as two 4-wide
-// dots and their sum (depth <= 5), GB = 4 group sums are added in a fresh
+// dots and their sum (depth <= 5), gb = 4 group sums are added in a fresh
 // partial, and the k/32 partials are accumulated with Knuth's TwoSum, the
 // rounding error of every add kept in `cmp` and added at the end. Error bound
 // ~(5 + 4 + 2)·u·Σ|x_i w_i| + O(k·u²) (u = 2^-24), against (k/8 + 5)·u for the
@@ -52,12 +52,13 @@ fn x8(gx: u32) -> array<vec4<f32>, 2> {
 // common.wgsl's two_sum4, whose opaque zero keeps a reassociating compiler
 // (lavapipe's) from folding the error term to 0 (it did, before: the
 // compensation was silently lost).
-// Groups of 8 products per TwoSum'd partial.
-const GB: u32 = 4u;
 fn rows_dot4(t0: u32, r: vec4<u32>) -> array<vec4<f32>, TB> {
     let ng = p.k / 8u;
     let wb = r * ng;
     let zero = step.zero;
+    // Groups of 8 products per TwoSum'd partial (a local, not a module
+    // constant: ops::fused copies this file under other names).
+    let gb = 4u;
     var xb: array<u32, TB>;
     var acc: array<vec4<f32>, TB>;
     var cmp: array<vec4<f32>, TB>;
@@ -66,14 +67,14 @@ fn rows_dot4(t0: u32, r: vec4<u32>) -> array<vec4<f32>, TB> {
         acc[i] = vec4<f32>(0.0);
         cmp[i] = vec4<f32>(0.0);
     }
-    // Runs of GB groups (32 products) into a fresh partial, the partials
+    // Runs of gb groups (32 products) into a fresh partial, the partials
     // added with TwoSum: a quarter of the TwoSum work of one per group.
-    for (var g0 = 0u; g0 < ng; g0 += GB) {
+    for (var g0 = 0u; g0 < ng; g0 += gb) {
         var part: array<vec4<f32>, TB>;
         for (var i = 0u; i < TB; i++) {
             part[i] = vec4<f32>(0.0);
         }
-        for (var g = g0; g < min(g0 + GB, ng); g++) {
+        for (var g = g0; g < min(g0 + gb, ng); g++) {
             let w0 = w8(wb.x + g);
             let w1 = w8(wb.y + g);
             let w2 = w8(wb.z + g);

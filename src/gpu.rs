@@ -923,14 +923,14 @@ impl Gpu {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn read_f32(&self, src: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
         let bytes = self.read_bytes(src, 0, (n * 4) as u64)?;
-        Ok(bytemuck::cast_slice(&bytes).to_vec())
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Read `n` u32 values from the start of `src`.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn read_u32(&self, src: &wgpu::Buffer, n: usize) -> Result<Vec<u32>> {
         let bytes = self.read_bytes(src, 0, (n * 4) as u64)?;
-        Ok(bytemuck::cast_slice(&bytes).to_vec())
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Block until the queue is idle (in a browser, where nothing may
@@ -1044,6 +1044,28 @@ impl Gpu {
             .enumerate()
             .map(|(i, b)| wgpu::BindGroupEntry {
                 binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        Counters::bump(&self.counters.bind_groups);
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&kernel.label),
+            layout: &kernel.layout,
+            entries: &entries,
+        })
+    }
+
+    /// Bind `entries` (binding number, whole buffer) of `kernel`'s group 0:
+    /// for kernels whose bindings are not numbered 0..n.
+    pub fn bind_entries(
+        &self,
+        kernel: &Kernel,
+        entries: &[(u32, &wgpu::Buffer)],
+    ) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry> = entries
+            .iter()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: *i,
                 resource: b.as_entire_binding(),
             })
             .collect();
