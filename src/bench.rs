@@ -691,6 +691,61 @@ pub struct Repeat {
     pub record_cpu_s: Vec<f64>,
     /// Dispatches recorded per decode step (counted by the recorder).
     pub dispatches_per_step: u64,
+    /// The same number of steps sampled on the GPU ([`SAMPLED_SETTINGS`],
+    /// `Model::forward_sampled`, one blocking step at a time) after the
+    /// same prefill: total wall time, bytes read back (the pick and the
+    /// row's stats per step, plus the row of each step left to the host),
+    /// and how many steps were left to the host.
+    pub sampled_s: f64,
+    pub sampled_readback_bytes: u64,
+    pub sampled_undecided: usize,
+}
+
+/// The sampled decode `bench` times: no top-k, so the GPU sampler's
+/// full-vocabulary path (top-p over the whole row).
+pub const SAMPLED_SETTINGS: &str = "temperature 0.8, top-p 0.95, min-p 0.02, seed 0";
+
+fn sampled_params() -> crate::sampling::SamplingParams {
+    crate::sampling::SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        min_p: 0.02,
+        ..Default::default()
+    }
+}
+
+/// `steps` sampled decode steps after `prompt` (see [`Repeat::sampled_s`]):
+/// (wall seconds of the steps, bytes read back, undecided steps).
+fn sampled_decode(model: &mut Model, prompt: &[u32], steps: usize) -> Result<(f64, u64, usize)> {
+    let mut sampler = crate::sampling::Sampler::new(sampled_params())?;
+    let mut history = prompt.to_vec();
+    let (mut bytes, mut undecided) = (0u64, 0usize);
+    let mut input = prompt.to_vec();
+    let mut t = Instant::now();
+    for step in 0..=steps {
+        if step == 1 {
+            // the prompt's pass is prefill: time the decode steps only
+            t = Instant::now();
+            bytes = 0;
+            undecided = 0;
+        }
+        let (draw, window) = sampler.gpu_step(&history).ok_or_else(|| {
+            Error::invalid(format!("bench: the GPU sampler takes {SAMPLED_SETTINGS}"))
+        })?;
+        let (pk, _) = model.forward_sampled(&input, &draw, &window)?;
+        bytes += crate::model::SAMPLED_READBACK_BYTES;
+        let id = if pk.uncertain() {
+            let l = model.last_logits()?;
+            bytes += (l.len() * 4) as u64;
+            undecided += 1;
+            sampler.sample_drawn(&l, &history, &draw)
+        } else {
+            pk.id
+        };
+        history.push(id);
+        input = vec![id];
+    }
+    Ok((t.elapsed().as_secs_f64(), bytes, undecided))
 }
 
 /// One op kind of the decode-step breakdown.
@@ -859,6 +914,9 @@ pub fn run(
         })?;
         let pipelined_s = t.elapsed().as_secs_f64();
         pipelined_tokens.pop();
+        model.reset();
+        let (sampled_s, sampled_readback_bytes, sampled_undecided) =
+            sampled_decode(&mut model, &prompt, o.gen_tokens)?;
         repeats.push(Repeat {
             prefill_s,
             step_s,
@@ -867,6 +925,9 @@ pub fn run(
             pipelined_tokens,
             record_cpu_s: run.record_cpu_s,
             dispatches_per_step: run.dispatches_per_step,
+            sampled_s,
+            sampled_readback_bytes,
+            sampled_undecided,
         });
     }
     model.reset();
@@ -1139,6 +1200,24 @@ impl BenchResult {
             .collect();
         1.0 / median(&v)
     }
+    /// Median over repeats of the GPU-sampled decode's tokens/s.
+    pub fn sampled_tok_s(&self) -> f64 {
+        let v: Vec<f64> = self
+            .repeats
+            .iter()
+            .map(|r| r.sampled_s / self.opts.gen_tokens.max(1) as f64)
+            .collect();
+        1.0 / median(&v)
+    }
+    /// Mean bytes read back per GPU-sampled decode step, over all repeats.
+    pub fn sampled_readback_per_step(&self) -> f64 {
+        let b: u64 = self.repeats.iter().map(|r| r.sampled_readback_bytes).sum();
+        b as f64 / (self.repeats.len() * self.opts.gen_tokens).max(1) as f64
+    }
+    /// GPU-sampled decode steps left to the host, over all repeats.
+    pub fn sampled_undecided(&self) -> usize {
+        self.repeats.iter().map(|r| r.sampled_undecided).sum()
+    }
     /// Median host CPU ms to record and submit one decode step (None where
     /// the platform has no thread CPU clock).
     pub fn record_cpu_ms(&self) -> Option<f64> {
@@ -1279,6 +1358,10 @@ pub fn to_json(g: &Gpu, r: &BenchResult) -> serde_json::Value {
             "pipelined_depth": DECODE_DEPTH,
             "pipelined_identical_tokens": r.pipelined_identical(),
             "host_record_submit_cpu_ms": r.record_cpu_ms(),
+            "sampled_settings": SAMPLED_SETTINGS,
+            "sampled_tokens_per_s": r.sampled_tok_s(),
+            "sampled_readback_bytes_per_step": r.sampled_readback_per_step(),
+            "sampled_steps_left_to_host": r.sampled_undecided(),
         },
         "breakdown": r.breakdown,
     })
@@ -1471,6 +1554,17 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
         "decode pipelined, tokens/s",
         r.pipelined_tok_s(),
         format!("{DECODE_DEPTH} steps in flight")
+    );
+    let _ = writeln!(
+        s,
+        "{:<34} {:>12.2} {:>22}",
+        "decode sampled on GPU, tokens/s",
+        r.sampled_tok_s(),
+        format!(
+            "{:.0} B back/step, {} to host",
+            r.sampled_readback_per_step(),
+            r.sampled_undecided()
+        )
     );
     let _ = writeln!(
         s,
