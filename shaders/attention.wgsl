@@ -240,13 +240,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                 mb4 = max(mb4, mx_sh[r * (WG / 4u) + e]);
             }
             mn[r] = max(m[r], max4(mb4));
-            corr[r] = exp(m[r] - mn[r]);
+            corr[r] = exp_f32(m[r] - mn[r]);
         }
         for (var u = 0u; u < PPI; u++) {
             let jr = u * WG + lid;
             let valid = start + jr >= lo && start + jr < n;
             for (var r = 0u; r < HPW; r++) {
-                p_sh[r * BLK + jr] = select(0.0, exp(s[u * MAXH + r] - mn[r]), valid);
+                p_sh[r * BLK + jr] = select(0.0, exp_f32(s[u * MAXH + r] - mn[r]), valid);
             }
         }
         workgroupBarrier();

@@ -52,7 +52,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         for (var s = 0u; s < np; s++) {
             let b = base + s * (D4 + 1u);
             let ml = part[b + D4];
-            let w = exp(ml.x - mx);
+            let w = exp_f32(ml.x - mx);
             a += w * part[b + c];
             l += w * ml.y;
         }
