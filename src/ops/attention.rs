@@ -330,14 +330,14 @@ fn rows_source(hpw: usize, tpl: usize, d4: usize) -> String {
             body,
             "            let x{r} = select(NEG, s{r} * p.scale, in{k});
             let mn{r} = max(m{r}, x{r});
-            let c{r} = exp(m{r} - mn{r});
-            let e{r} = select(0.0, exp(x{r} - mn{r}), in{k});
+            let c{r} = exp_f32(m{r} - mn{r});
+            let e{r} = select(0.0, exp_f32(x{r} - mn{r}), in{k});
             m{r} = mn{r};
             lb{r} = lb{r} * c{r} + e{r};"
         );
         let _ = writeln!(
             fold,
-            "        let f{r} = exp(mf{r} - m{r});
+            "        let f{r} = exp_f32(mf{r} - m{r});
         l{r} = l{r} * f{r} + lb{r};
         lb{r} = 0.0;
         mf{r} = m{r};"
