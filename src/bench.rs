@@ -377,7 +377,7 @@ impl Probe {
             None => None,
             Some(t) => {
                 let b = gpu.map_staging(&t.staging, 16)?;
-                let q: &[u64] = bytemuck::cast_slice(&b);
+                let q: Vec<u64> = bytemuck::pod_collect_to_vec(&b);
                 let ticks = q[1].wrapping_sub(q[0]);
                 // A zero or wrapped interval means the timestamps are unusable
                 // on this adapter; fall back to the wall clock alone.

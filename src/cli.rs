@@ -689,7 +689,7 @@ pub fn serve(gpu_opts: &GpuOptions, a: ServeArgs) -> anyhow::Result<ExitCode> {
     let m = a.model.clone();
     let parallel = a.parallel;
     let load = move || -> crate::Result<crate::serve::Loaded<crate::model::Model>> {
-        let dir = crate::fetch::resolve_model(m.model.as_deref(), &Default::default())?;
+        let dir = crate::fetch::resolve_model_as(m.model.as_deref(), dtype, &Default::default())?;
         let gpu = std::sync::Arc::new(Gpu::new(&gpu_opts)?);
         let tok = crate::tokenizer::Tokenizer::from_dir(&dir)?;
         let template = crate::chat::ChatTemplate::from_dir(&dir).map_err(|e| e.to_string());

@@ -85,25 +85,46 @@ pub fn eos_ids_from(p: &Path, text: Option<&[u8]>, config_eos: &[u32]) -> Result
 }
 
 /// Decodes a growing id sequence to text, emitting only complete characters.
+///
+/// The text is the ids' text as a continuation of a context (the prompt):
+/// `decode(context ++ ids)` less `decode(context)`, special tokens skipped.
+/// That differs from decoding the ids alone only for SentencePiece
+/// vocabularies with the `▁` prefix, whose decoder drops the first space of
+/// a text: after the prompt "The tokenizer will", the generated `▁merge`
+/// streams as " merge", as transformers' `TextStreamer` prints it after the
+/// prompt (and as llama.cpp prints its pieces). transformers'
+/// `skip_prompt=True` streamer and the pipeline's new text decode the
+/// generated ids alone and drop that space (transformers 5.23, checked on
+/// tests/fixtures/spm/llama.gguf). Byte-level BPE text is the same either
+/// way. A context with no text (BOS only) starts a text: nothing is kept.
 pub struct StreamDecoder<'t> {
     tok: &'t Tokenizer,
+    /// The context's tail that decides how the ids' text begins
+    /// ([`Tokenizer::continuation_anchor`]), and its text.
+    anchor: Vec<u32>,
+    anchor_text: String,
     ids: Vec<u32>,
     emitted: usize,
 }
 
 impl<'t> StreamDecoder<'t> {
-    pub fn new(tok: &'t Tokenizer) -> Self {
-        StreamDecoder {
+    /// A decoder for ids that continue `context` (the tokens before them).
+    pub fn new(tok: &'t Tokenizer, context: &[u32]) -> Result<Self> {
+        let anchor = tok.continuation_anchor(context)?.to_vec();
+        let anchor_text = tok.decode_skip_special(&anchor)?;
+        Ok(StreamDecoder {
             tok,
+            anchor,
+            anchor_text,
             ids: Vec::new(),
             emitted: 0,
-        }
+        })
     }
 
     /// Add a token; returns the new text that is now complete.
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = self.tok.decode_skip_special(&self.ids)?;
+        let text = self.text()?;
         // A byte-level token can end in the middle of a UTF-8 sequence; the
         // decoder shows that as U+FFFD: wait for the next token.
         // `get` also waits when a decoder rewrote earlier text so that the
@@ -118,8 +139,10 @@ impl<'t> StreamDecoder<'t> {
         Ok(new)
     }
 
+    /// The whole text of the ids pushed so far.
     pub fn text(&self) -> Result<String> {
-        self.tok.decode_skip_special(&self.ids)
+        self.tok
+            .decode_after(&self.anchor, &self.anchor_text, &self.ids)
     }
 }
 
@@ -238,10 +261,11 @@ pub async fn generate_interruptible_async(
         )));
     }
     let history: Vec<u32> = earlier.iter().chain(prompt_ids).copied().collect();
+    let dec = StreamDecoder::new(tok, &history)?;
     let mut e = Emit {
         history,
         out: Vec::new(),
-        dec: StreamDecoder::new(tok),
+        dec,
         stop_reason: "max_tokens".to_string(),
     };
     let mut accept = |e: &mut Emit<'_>, id: u32| e.accept(id, opts, interrupted, &mut on_text);
@@ -445,11 +469,17 @@ impl Conversation {
             self.cached.clear();
         }
         self.messages.push(crate::chat::ChatMessage::user(user));
+        // The message is the reply's own text (its ids decoded alone, as
+        // transformers' chat pipeline stores it), not the streamed
+        // continuation: a SentencePiece reply streams as " Hi" after
+        // `[/INST]`, and the template puts its own separator before the
+        // message when it renders it again.
         let g = self.reply(model, tok, opts, interrupted, on_text).await;
+        let g = g.and_then(|g| Ok((tok.decode_skip_special(&g.generated_ids)?, g)));
         match g {
-            Ok(g) => {
+            Ok((text, g)) => {
                 self.messages
-                    .push(crate::chat::ChatMessage::assistant(g.text.clone()));
+                    .push(crate::chat::ChatMessage::assistant(text));
                 Ok(g)
             }
             Err(e) => {

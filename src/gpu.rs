@@ -923,14 +923,14 @@ impl Gpu {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn read_f32(&self, src: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
         let bytes = self.read_bytes(src, 0, (n * 4) as u64)?;
-        Ok(bytemuck::cast_slice(&bytes).to_vec())
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Read `n` u32 values from the start of `src`.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn read_u32(&self, src: &wgpu::Buffer, n: usize) -> Result<Vec<u32>> {
         let bytes = self.read_bytes(src, 0, (n * 4) as u64)?;
-        Ok(bytemuck::cast_slice(&bytes).to_vec())
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Block until the queue is idle (in a browser, where nothing may

@@ -997,7 +997,7 @@ impl Model {
     /// [`Model::forward_logits`] as a future (the browser build awaits it).
     pub async fn forward_logits_async(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let bytes = self.run_last(tokens, Readback::Logits).await?;
-        Ok(bytemuck::cast_slice(&bytes).to_vec())
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Run `tokens` in `max_batch` chunks (one submission each); the last
@@ -2194,7 +2194,7 @@ impl Model {
         }
         let len = (self.cfg.vocab_size * 4) as u64;
         let bytes = self.gpu.map_staging(&self.b.logits_staging, len)?;
-        Ok(bytemuck::cast_slice(&bytes).to_vec())
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// ONE forward pass advancing every listed `(slot, token)` by one token:
@@ -2241,7 +2241,7 @@ impl Model {
         for &(s, p) in &rows {
             self.set_slot_position(s, p + 1);
         }
-        let all: &[f32] = bytemuck::cast_slice(&bytes);
+        let all: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
         Ok(all.chunks(vocab).map(<[f32]>::to_vec).collect())
     }
 

@@ -94,8 +94,7 @@ impl Tokenizer {
         if !path.is_file() {
             return Err(Error::Io {
                 path,
-                msg: "no tokenizer.json in the model folder (pass token ids with --tokens instead)"
-                    .into(),
+                msg: "no tokenizer.json in the model folder".into(),
                 source: None,
             });
         }
@@ -142,8 +141,6 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// Text of `ids`, special tokens included. Ids the tokenizer does not
-    /// know (e.g. embedding rows past the vocabulary) are skipped.
     /// Token ids of `text` with the tokenizer's own special tokens added
     /// (e.g. a BOS where the model's tokenizer adds one), as transformers'
     /// `encode(text)` does by default; for raw (non-chat) prompts.
@@ -155,6 +152,8 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Text of `ids`, special tokens included. Ids the tokenizer does not
+    /// know (e.g. embedding rows past the vocabulary) are skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, false)
@@ -166,6 +165,75 @@ impl Tokenizer {
         self.inner
             .decode(ids, true)
             .map_err(|e| Error::invalid(format!("detokenizing: {e}")))
+    }
+
+    /// The tail of `context` that decides how text decoded after it
+    /// begins: from a token that [`Tokenizer::decode_skip_special`] keeps
+    /// (not special, known to the tokenizer) to the context's end. Empty
+    /// when there is none: text after such a context is a text's beginning.
+    ///
+    /// Decoders are local to a token and its neighbours except at the very
+    /// beginning of a text, where a SentencePiece decoder drops the `▁`
+    /// prefix's space (`Strip`, or `Metaspace`'s first-token rule). So the
+    /// text of `ids` as a continuation of `context` is the decode of
+    /// `anchor ++ ids` less the decode of `anchor`; see
+    /// [`crate::generate::StreamDecoder`]. The tail starts at the last kept
+    /// token, or earlier when that one's text is not whole characters (a
+    /// byte token ending a character: `ByteFallback` decodes a run of byte
+    /// tokens together, and an invalid run as U+FFFD each), looking back at
+    /// most 8 kept tokens (a character is at most 4 bytes).
+    pub fn continuation_anchor<'c>(&self, context: &'c [u32]) -> Result<&'c [u32]> {
+        let added = self.inner.get_added_vocabulary();
+        let kept = |id: &u32| {
+            self.inner
+                .id_to_token(*id)
+                .is_some_and(|t| !added.is_special_token(&t))
+        };
+        let starts: Vec<usize> = (0..context.len())
+            .rev()
+            .filter(|&i| kept(&context[i]))
+            .take(8)
+            .collect();
+        let Some(&last) = starts.first() else {
+            return Ok(&[]);
+        };
+        for &i in &starts {
+            if !self
+                .decode_skip_special(&context[i..])?
+                .contains('\u{FFFD}')
+            {
+                return Ok(&context[i..]);
+            }
+        }
+        Ok(&context[last..])
+    }
+
+    /// Text of `ids` as a continuation of `context`: the decode of
+    /// `context ++ ids` less the decode of `context`, special tokens
+    /// skipped (see [`Tokenizer::continuation_anchor`]). It differs from
+    /// decoding `ids` alone where a `▁`-prefix SentencePiece decoder would
+    /// drop a first space: after text, `▁Paris` is " Paris".
+    pub fn decode_continuation(&self, context: &[u32], ids: &[u32]) -> Result<String> {
+        let anchor = self.continuation_anchor(context)?;
+        let anchor_text = self.decode_skip_special(anchor)?;
+        self.decode_after(anchor, &anchor_text, ids)
+    }
+
+    /// [`Tokenizer::decode_continuation`] from the context's anchor and its
+    /// text, known already.
+    pub fn decode_after(&self, anchor: &[u32], anchor_text: &str, ids: &[u32]) -> Result<String> {
+        if anchor.is_empty() {
+            return self.decode_skip_special(ids);
+        }
+        let all: Vec<u32> = anchor.iter().chain(ids).copied().collect();
+        let text = self.decode_skip_special(&all)?;
+        match text.strip_prefix(anchor_text) {
+            Some(rest) => Ok(rest.to_string()),
+            // The context ended inside a character that `ids` complete (a
+            // raw id prompt): its text has no clean end, so `ids` are
+            // decoded on their own.
+            None => self.decode_skip_special(ids),
+        }
     }
 
     /// Id of a token (vocabulary entry or added token), e.g. `<|im_end|>`.

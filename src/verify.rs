@@ -97,7 +97,16 @@ fn resolve_tokens(o: &VerifyOptions) -> Result<Vec<u32>> {
     let mine = if let Some(t) = &o.tokens {
         Some(t.clone())
     } else if let Some(p) = &o.prompt {
-        Some(crate::tokenizer::encode_prompt(&o.model, p)?)
+        let ids = crate::tokenizer::encode_prompt(&o.model, p).map_err(|e| match e {
+            // Text needs the folder's tokenizer; ids do not.
+            Error::Io { path, msg, source } => Error::Io {
+                path,
+                msg: format!("{msg} (pass token ids with --tokens instead)"),
+                source,
+            },
+            e => e,
+        })?;
+        Some(ids)
     } else {
         None
     };

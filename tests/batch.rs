@@ -8,13 +8,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
+
+use common::{fixture, gpu};
 
 use wgllm::loader::{Checkpoint, LoadDType, MemoryPlan};
 use wgllm::model::{Model, ModelOptions};
-use wgllm::taps::read_i32;
 use wgllm::{Gpu, GpuOptions};
 
 const FIXTURES: [&str; 4] = [
@@ -29,26 +30,8 @@ const FIXTURES: [&str; 4] = [
 const STEPS: usize = 10;
 const SLOTS: usize = 4;
 
-fn gpu() -> Arc<Gpu> {
-    static G: OnceLock<Arc<Gpu>> = OnceLock::new();
-    G.get_or_init(|| Arc::new(Gpu::new(&GpuOptions::default()).expect("GPU")))
-        .clone()
-}
-
-fn dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
 fn prompt(name: &str) -> Vec<u32> {
-    let r = dir(name).join("reference_f32.safetensors");
-    read_i32(&r, "tokens")
-        .unwrap()
-        .unwrap_or_else(|| panic!("{}: no `tokens`", r.display()))
-        .into_iter()
-        .map(|x| x as u32)
-        .collect()
+    common::read_ints(&fixture(name).join("reference_f32.safetensors"), "tokens")
 }
 
 fn load(name: &str, slots: usize, max_context: usize) -> Model {
@@ -58,7 +41,7 @@ fn load(name: &str, slots: usize, max_context: usize) -> Model {
         slots,
         ..Default::default()
     };
-    Model::load(gpu(), &dir(name), &opts).unwrap_or_else(|e| panic!("{name}: {e}"))
+    common::load_fixture(name, &opts)
 }
 
 /// Prompts of different lengths and contents, one per slot.
@@ -259,7 +242,7 @@ fn bad_slots_batches_and_full_slots_are_errors() {
         slots: 3,
         ..Default::default()
     };
-    let Err(e) = Model::load(gpu(), &dir(name), &opts) else {
+    let Err(e) = Model::load(gpu(), &fixture(name), &opts) else {
         panic!("3 slots with max_batch 2 must fail");
     };
     assert!(e.to_string().contains("3 sequence slots"), "{e}");
@@ -279,7 +262,7 @@ fn nothing_is_created_per_slot_step() {
         slots: SLOTS,
         ..Default::default()
     };
-    let mut m = Model::load(g.clone(), &dir(name), &opts).unwrap();
+    let mut m = Model::load(g.clone(), &fixture(name), &opts).unwrap();
     let run = |m: &mut Model| {
         for s in 0..SLOTS {
             m.slot_truncate(s, 0).unwrap();
@@ -305,7 +288,7 @@ fn nothing_is_created_per_slot_step() {
 
 #[test]
 fn the_memory_plan_counts_kv_for_every_slot() {
-    let ckpt = Checkpoint::open(dir(FIXTURES[1])).unwrap();
+    let ckpt = Checkpoint::open(fixture(FIXTURES[1])).unwrap();
     let caps = &gpu().caps;
     let plan = MemoryPlan::new(&ckpt.config, &ckpt, LoadDType::Auto, caps).unwrap();
     let one = plan.device_memory(&ckpt.config, Some(64), 8, caps).unwrap();

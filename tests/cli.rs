@@ -10,22 +10,16 @@
 //! `<|im_end|>`: 512 tokens, the fixtures' vocab) written by the library's
 //! own `write_tokenizer_files`, and a ChatML template.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{fixture, scratch, CHATML};
 use serde_json::Value as Json;
-use wgllm::tokenizer::{token_type, VocabSpec};
-
-const BIN: &str = env!("CARGO_BIN_EXE_wgllm");
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 /// The result of one run of the binary.
 struct Run {
@@ -61,10 +55,8 @@ impl Run {
 /// A command for the binary, with its model cache in a scratch folder so a
 /// test never writes to (or reads from) the user's cache.
 fn cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args)
-        .env("WGLLM_CACHE", scratch().join("cache"))
-        .env_remove("WGLLM_ADAPTER");
+    let mut c = common::wgllm_command(&scratch().join("cache"));
+    c.args(args);
     c
 }
 
@@ -93,21 +85,7 @@ fn wgllm_stdin(args: &[&str], input: &str) -> Run {
     Run::from(child.wait_with_output().unwrap())
 }
 
-/// One scratch folder per test process, under cargo's target/tmp (statics
-/// are never dropped, so it is not removed at exit); each test uses its own
-/// subfolder.
-fn scratch() -> PathBuf {
-    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        tempfile::Builder::new()
-            .prefix("cli-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-            .unwrap()
-    })
-    .path()
-    .to_path_buf()
-}
-
+/// Each test uses its own subfolder of the scratch folder.
 fn subdir(name: &str) -> PathBuf {
     let d = scratch().join(name);
     std::fs::create_dir_all(&d).unwrap();
@@ -116,61 +94,10 @@ fn subdir(name: &str) -> PathBuf {
 
 // ------------------------------------------------------------ the fixtures
 
-/// GPT-2's byte-to-unicode map (the byte-level BPE alphabet).
-fn byte_symbol(b: u8) -> char {
-    let direct = |b: u8| (b'!'..=b'~').contains(&b) || (0xa1..=0xac).contains(&b) || b >= 0xae;
-    if direct(b) {
-        char::from(b)
-    } else {
-        let n = (0..b).filter(|&x| !direct(x)).count() as u32;
-        char::from_u32(256 + n).unwrap()
-    }
-}
-
-const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
-
-/// A 512-token byte-level tokenizer: bytes, letter-pair merges, two control
-/// tokens; with a ChatML template.
-fn vocab_spec() -> VocabSpec {
-    let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_symbol(b).to_string()).collect();
-    let mut merges = Vec::new();
-    'outer: for a in b'a'..=b'z' {
-        for b in b'a'..=b'z' {
-            if tokens.len() == 510 {
-                break 'outer;
-            }
-            let (a, b) = (char::from(a), char::from(b));
-            merges.push(format!("{a} {b}"));
-            tokens.push(format!("{a}{b}"));
-        }
-    }
-    let mut types = vec![token_type::NORMAL; tokens.len()];
-    for t in ["<|im_start|>", "<|im_end|>"] {
-        tokens.push(t.into());
-        types.push(token_type::CONTROL);
-    }
-    assert_eq!(tokens.len(), 512);
-    VocabSpec {
-        model: "gpt2".into(),
-        pre: Some("gpt2".into()),
-        eos: Some(511),
-        tokens,
-        token_types: Some(types),
-        merges,
-        chat_template: Some(CHATML.into()),
-        ..Default::default()
-    }
-}
-
 /// `base` fixture's config, weights and generation config, plus the
 /// tokenizer and template, in a fresh folder.
 fn with_tokenizer(base: &str, name: &str) -> PathBuf {
-    let dir = subdir(name);
-    for f in ["config.json", "generation_config.json", "model.safetensors"] {
-        std::fs::copy(fixture(base).join(f), dir.join(f)).unwrap();
-    }
-    wgllm::tokenizer::write_tokenizer_files(&vocab_spec(), &dir).unwrap();
-    dir
+    common::with_tokenizer(base, &subdir(name))
 }
 
 /// The Qwen2 fixture (config `eos_token_id: null`: replies always run to
@@ -182,14 +109,9 @@ fn chat_model() -> PathBuf {
 }
 
 fn prompt_tokens(fx: &str) -> String {
-    let p: Json =
-        serde_json::from_str(&std::fs::read_to_string(fixture(fx).join("prompt.json")).unwrap())
-            .unwrap();
-    p["tokens"]
-        .as_array()
-        .unwrap()
+    common::prompt_json_tokens(fx)
         .iter()
-        .map(|t| t.as_u64().unwrap().to_string())
+        .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -487,7 +409,7 @@ fn verify_input_errors_exit_2() {
         (vec!["verify", "--model", m], "give --tokens or --prompt"),
         (
             vec!["verify", "--model", m, "--prompt", "hi"],
-            "no tokenizer.json",
+            "no tokenizer.json in the model folder (pass token ids with --tokens instead)",
         ),
         (
             vec!["verify", "--model", m, "--prompt", "hi", "--tokens", "1"],
@@ -569,6 +491,22 @@ fn verify_input_errors_exit_2() {
         );
         assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
     }
+    // A missing file names it and says why once (the error's own text holds
+    // its source's; the CLI does not print that again).
+    let missing = dir.join("missing.json");
+    let why = std::fs::read(&missing).unwrap_err().to_string();
+    let args = [
+        "verify",
+        "--model",
+        m,
+        "--tokens",
+        "1",
+        "--tolerance-file",
+        path(&missing),
+    ];
+    let r = wgllm(&args).expect_code(2, "missing tolerance file");
+    assert!(r.stderr.contains(path(&missing)), "{}", r.stderr);
+    assert_eq!(r.stderr.matches(why.as_str()).count(), 1, "{}", r.stderr);
 }
 
 #[test]
@@ -683,7 +621,7 @@ impl Gguf {
 /// A 1-layer llama GGUF (hidden 32, 4 heads, 2 KV heads) with the 512-token
 /// tokenizer in its metadata.
 fn tiny_gguf(path: &Path) {
-    let spec = vocab_spec();
+    let spec = common::byte_level_vocab();
     let (h, f, v) = (32u64, 64u64, 512u64);
     let mut g = Gguf {
         kvs: Vec::new(),
@@ -1039,6 +977,9 @@ fn run_input_errors_exit_2() {
         );
         assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
     }
+    // `run` takes no token ids: its missing-tokenizer error names no flag.
+    let r = wgllm(&["run", "--model", no_tok, "--prompt", "hi"]).expect_code(2, "no tokenizer");
+    assert!(!r.stderr.contains("--tokens"), "{}", r.stderr);
     // An empty prompt from stdin is the same error.
     let r = wgllm_stdin(&["run", "--model", m], "").expect_code(2, "empty stdin");
     assert!(
@@ -1255,34 +1196,65 @@ fn wait_for(
     }
 }
 
+/// A `chat` on the chat model with its pipes open and its output collected
+/// in the background. Replies of up to 2000 tokens: 1.5 to 10 s at the tiny
+/// model's 200 to 1500 tokens/s on lavapipe, far longer than the ~10 ms a
+/// test takes to react to the first output; the context (8192) holds two
+/// turns whatever the first one generated before an interrupt.
+#[cfg(unix)]
+struct LiveChat {
+    child: std::process::Child,
+    pid: libc::pid_t,
+    out: Arc<Mutex<Vec<u8>>>,
+    err: Arc<Mutex<Vec<u8>>>,
+    stdin: std::process::ChildStdin,
+}
+
+#[cfg(unix)]
+fn live_chat() -> LiveChat {
+    let m = chat_model();
+    let args = ["chat", "--model", path(&m), "--max-context", "8192"];
+    let mut child = cmd(&args)
+        .args(["--max-tokens", "2000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    LiveChat {
+        pid: child.id() as libc::pid_t,
+        out: collect(child.stdout.take().unwrap()),
+        err: collect(child.stderr.take().unwrap()),
+        stdin: child.stdin.take().unwrap(),
+        child,
+    }
+}
+
+/// The child's exit status (at most a minute: a hang guard).
+#[cfg(unix)]
+fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "chat did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Ctrl-C during a reply stops it and the session answers the next turn;
 /// Ctrl-C at the prompt ends the session with 130.
 #[cfg(unix)]
 #[test]
 fn chat_ctrl_c_stops_the_reply_then_exits_at_the_prompt() {
-    let m = chat_model();
-    // Replies of up to 2000 tokens: 1.5 to 10 s at the tiny model's 200 to
-    // 1500 tokens/s on lavapipe, far longer than the ~10 ms the test takes
-    // to react to the first output; the context holds both turns whatever
-    // the first one generated before the interrupt.
-    let mut child = cmd(&[
-        "chat",
-        "--model",
-        path(&m),
-        "--max-context",
-        "8192",
-        "--max-tokens",
-        "2000",
-    ])
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let out = collect(child.stdout.take().unwrap());
-    let err = collect(child.stderr.take().unwrap());
-    let mut stdin = child.stdin.take().unwrap();
+    let LiveChat {
+        mut child,
+        pid,
+        out,
+        err,
+        mut stdin,
+    } = live_chat();
     let sigint = || assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
 
     stdin.write_all(b"tell me a long story\n").unwrap();
@@ -1314,14 +1286,7 @@ fn chat_ctrl_c_stops_the_reply_then_exits_at_the_prompt() {
 
     // Ctrl-C at the (empty) prompt ends the session.
     sigint();
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "chat did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_exit(&mut child);
     assert_eq!(status.code(), Some(130), "{}", text(&err));
     assert!(
         text(&err).contains("interrupted at the prompt"),
@@ -1335,25 +1300,13 @@ fn chat_ctrl_c_stops_the_reply_then_exits_at_the_prompt() {
 #[cfg(unix)]
 #[test]
 fn chat_ctrl_c_twice_in_quick_succession_exits() {
-    let m = chat_model();
-    let mut child = cmd(&[
-        "chat",
-        "--model",
-        path(&m),
-        "--max-context",
-        "8192",
-        "--max-tokens",
-        "2000",
-    ])
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let out = collect(child.stdout.take().unwrap());
-    let err = collect(child.stderr.take().unwrap());
-    let mut stdin = child.stdin.take().unwrap();
+    let LiveChat {
+        mut child,
+        pid,
+        out,
+        err,
+        mut stdin,
+    } = live_chat();
     stdin.write_all(b"hello\n").unwrap();
     stdin.flush().unwrap();
     wait_for("the reply to start", &out, &err, || {
@@ -1365,14 +1318,7 @@ fn chat_ctrl_c_twice_in_quick_succession_exits() {
         assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
         std::thread::sleep(Duration::from_millis(50));
     }
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "chat did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_exit(&mut child);
     // Whether the second press lands before the reply stopped or at the
     // prompt after it, the session ends with 130 (stdin is still open).
     assert_eq!(status.code(), Some(130), "{}", text(&err));

@@ -5,72 +5,24 @@
 //! the same KV position afterwards, and the same error at the same step when
 //! the logits stop being finite.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+mod common;
 
+use std::path::Path;
+use std::sync::Arc;
+
+use common::{fixture, gpu};
 use wgllm::generate::{check_logits, generate, GenerateOptions};
 use wgllm::model::{Model, ModelOptions};
-use wgllm::tokenizer::{token_type, Tokenizer, VocabSpec};
-use wgllm::{Gpu, GpuOptions};
+use wgllm::tokenizer::Tokenizer;
 
-fn gpu() -> Arc<Gpu> {
-    static G: OnceLock<Arc<Gpu>> = OnceLock::new();
-    G.get_or_init(|| Arc::new(Gpu::new(&GpuOptions::default()).expect("GPU")))
-        .clone()
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn byte_symbol(b: u8) -> char {
-    let direct = |b: u8| (b'!'..=b'~').contains(&b) || (0xa1..=0xac).contains(&b) || b >= 0xae;
-    if direct(b) {
-        char::from(b)
-    } else {
-        let n = (0..b).filter(|&x| !direct(x)).count() as u32;
-        char::from_u32(256 + n).unwrap()
-    }
-}
-
-/// A 512-token byte-level tokenizer (bytes and letter pairs), only so that
-/// `generate` can stream text for the fixtures' 512-token vocabularies.
+/// A byte-level tokenizer for the fixtures' 512-token vocabularies, only so
+/// that `generate` can stream text.
 fn tokenizer() -> Tokenizer {
-    let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_symbol(b).to_string()).collect();
-    let mut merges = Vec::new();
-    'outer: for a in b'a'..=b'z' {
-        for b in b'a'..=b'z' {
-            if tokens.len() == 512 {
-                break 'outer;
-            }
-            let (a, b) = (char::from(a), char::from(b));
-            merges.push(format!("{a} {b}"));
-            tokens.push(format!("{a}{b}"));
-        }
-    }
-    let spec = VocabSpec {
-        model: "gpt2".into(),
-        pre: Some("gpt2".into()),
-        token_types: Some(vec![token_type::NORMAL; tokens.len()]),
-        tokens,
-        merges,
-        ..Default::default()
-    };
-    Tokenizer::from_vocab_spec(&spec).unwrap()
+    common::byte_level_tokenizer()
 }
 
 fn prompt(name: &str) -> Vec<u32> {
-    let p: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("prompt.json")).unwrap())
-            .unwrap();
-    p["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_u64().unwrap() as u32)
-        .collect()
+    common::prompt_json_tokens(name)
 }
 
 /// A copy of fixture `name` with every lm_head weight multiplied by `scale`

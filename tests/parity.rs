@@ -4,16 +4,17 @@
 //! the GPU against transformers' native bf16 run at the bf16 tolerances, and
 //! greedy continuations token for token.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+mod common;
+
+use common::{fixture, gpu, read_ints};
 
 use wgllm::compare::{compare, RefKind, Tolerances};
 use wgllm::config::Arch;
 use wgllm::loader::{Checkpoint, HostWeights, LoadDType, MemoryPlan};
 use wgllm::model::{Model, ModelOptions};
 use wgllm::reference::CpuModel;
-use wgllm::taps::{read_i32, TapSet};
-use wgllm::{Gpu, GpuOptions};
+use wgllm::taps::TapSet;
+use wgllm::GpuOptions;
 
 const FIXTURES: [&str; 8] = [
     "qwen2_bias_tied",
@@ -39,34 +40,13 @@ fn taps_per_layer(arch: Arch) -> usize {
     }
 }
 
-fn gpu() -> Arc<Gpu> {
-    static G: OnceLock<Arc<Gpu>> = OnceLock::new();
-    G.get_or_init(|| Arc::new(Gpu::new(&GpuOptions::default()).expect("GPU")))
-        .clone()
-}
-
-fn dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn ints(path: &Path, name: &str) -> Vec<u32> {
-    read_i32(path, name)
-        .unwrap()
-        .unwrap_or_else(|| panic!("{}: no `{name}`", path.display()))
-        .into_iter()
-        .map(|x| x as u32)
-        .collect()
-}
-
 fn load(name: &str, max_context: usize, max_batch: usize) -> Model {
     let opts = ModelOptions {
         max_context: Some(max_context),
         max_batch,
         ..Default::default()
     };
-    Model::load(gpu(), &dir(name), &opts).unwrap_or_else(|e| panic!("{name}: {e}"))
+    common::load_fixture(name, &opts)
 }
 
 /// CI runs this file on several devices through wgllm's own variables
@@ -94,8 +74,8 @@ fn device_is_the_one_the_environment_asks_for() {
 #[test]
 fn gpu_taps_match_pytorch_f32_at_every_tap() {
     for name in FIXTURES {
-        let r = dir(name).join("reference_f32.safetensors");
-        let tokens = ints(&r, "tokens");
+        let r = fixture(name).join("reference_f32.safetensors");
+        let tokens = read_ints(&r, "tokens");
         let mut m = load(name, tokens.len(), tokens.len());
         let got = m.forward_taps(&tokens).unwrap();
         let want = TapSet::load(&r).unwrap();
@@ -117,8 +97,8 @@ fn gpu_taps_match_pytorch_f32_at_every_tap() {
 #[test]
 fn gpu_taps_match_pytorch_bf16_within_bf16_tolerances() {
     for name in FIXTURES {
-        let r = dir(name).join("reference_bf16.safetensors");
-        let tokens = ints(&r, "tokens");
+        let r = fixture(name).join("reference_bf16.safetensors");
+        let tokens = read_ints(&r, "tokens");
         let mut m = load(name, tokens.len(), tokens.len());
         let got = m.forward_taps(&tokens).unwrap();
         let want = TapSet::load(&r).unwrap();
@@ -136,9 +116,9 @@ fn gpu_taps_match_pytorch_bf16_within_bf16_tolerances() {
 #[test]
 fn cpu_reference_matches_pytorch_f32_at_every_tap() {
     for name in FIXTURES {
-        let r = dir(name).join("reference_f32.safetensors");
-        let tokens = ints(&r, "tokens");
-        let ckpt = Checkpoint::open(dir(name)).unwrap();
+        let r = fixture(name).join("reference_f32.safetensors");
+        let tokens = read_ints(&r, "tokens");
+        let ckpt = Checkpoint::open(fixture(name)).unwrap();
         let plan = MemoryPlan::new(&ckpt.config, &ckpt, LoadDType::Auto, &gpu().caps).unwrap();
         let host = HostWeights::load(&ckpt, &plan).unwrap();
         let mut cpu = CpuModel::new(&ckpt.config, &host, tokens.len()).unwrap();
@@ -160,9 +140,9 @@ fn cpu_reference_matches_pytorch_f32_at_every_tap() {
 #[test]
 fn greedy_continuations_match_transformers_token_for_token() {
     for name in FIXTURES {
-        let r = dir(name).join("reference_f32.safetensors");
-        let tokens = ints(&r, "tokens");
-        let want = ints(&r, "generated");
+        let r = fixture(name).join("reference_f32.safetensors");
+        let tokens = read_ints(&r, "tokens");
+        let want = read_ints(&r, "generated");
         let mut m = load(name, tokens.len() + want.len(), tokens.len());
         let mut got = vec![m.forward_next(&tokens).unwrap()];
         while got.len() < want.len() {
@@ -177,10 +157,10 @@ fn greedy_continuations_match_transformers_token_for_token() {
 #[test]
 fn cpu_reference_greedy_matches_transformers() {
     for name in ["qwen2_bias_tied", "llama3_rope_scaling", "gemma3_window"] {
-        let r = dir(name).join("reference_f32.safetensors");
-        let tokens = ints(&r, "tokens");
-        let want = ints(&r, "generated");
-        let ckpt = Checkpoint::open(dir(name)).unwrap();
+        let r = fixture(name).join("reference_f32.safetensors");
+        let tokens = read_ints(&r, "tokens");
+        let want = read_ints(&r, "generated");
+        let ckpt = Checkpoint::open(fixture(name)).unwrap();
         let plan = MemoryPlan::new(&ckpt.config, &ckpt, LoadDType::Auto, &gpu().caps).unwrap();
         let host = HostWeights::load(&ckpt, &plan).unwrap();
         let mut cpu = CpuModel::new(&ckpt.config, &host, tokens.len() + want.len()).unwrap();
@@ -202,8 +182,8 @@ fn chunked_prefill_and_decode_agree_with_one_pass() {
     // llama3_rope_scaling: 40 tokens, positions pass original_max 32;
     // the windowed fixtures: 28 tokens over a window of 8.
     for name in ["llama3_rope_scaling", "gemma3_window", "mistral_window"] {
-        let r = dir(name).join("reference_f32.safetensors");
-        let tokens = ints(&r, "tokens");
+        let r = fixture(name).join("reference_f32.safetensors");
+        let tokens = read_ints(&r, "tokens");
         let want = TapSet::load(&r).unwrap();
         let wl = want.get("logits").unwrap();
         let last_ref = &wl.data[(wl.rows - 1) * wl.cols..];
@@ -225,8 +205,8 @@ fn chunked_prefill_and_decode_agree_with_one_pass() {
 #[test]
 fn reset_and_truncate_reuse_the_cache() {
     let name = "qwen2_bias_tied";
-    let r = dir(name).join("reference_f32.safetensors");
-    let tokens = ints(&r, "tokens");
+    let r = fixture(name).join("reference_f32.safetensors");
+    let tokens = read_ints(&r, "tokens");
     let mut m = load(name, 64, 16);
     let a = m.forward_logits(&tokens).unwrap();
     // a different sequence, then reset: the same prompt must give the same

@@ -10,6 +10,8 @@
 //! `max_tokens` unless a stop string ends them: the greedy comparisons
 //! cover every requested token.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -17,87 +19,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::scratch;
 use serde_json::{json, Value as Json};
-use wgllm::tokenizer::{token_type, VocabSpec};
 
-const BIN: &str = env!("CARGO_BIN_EXE_wgllm");
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn scratch() -> PathBuf {
-    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        tempfile::Builder::new()
-            .prefix("serve-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-            .unwrap()
-    })
-    .path()
-    .to_path_buf()
-}
-
-/// GPT-2's byte-to-unicode map (the byte-level BPE alphabet).
-fn byte_symbol(b: u8) -> char {
-    let direct = |b: u8| (b'!'..=b'~').contains(&b) || (0xa1..=0xac).contains(&b) || b >= 0xae;
-    if direct(b) {
-        char::from(b)
-    } else {
-        let n = (0..b).filter(|&x| !direct(x)).count() as u32;
-        char::from_u32(256 + n).unwrap()
-    }
-}
-
-const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
-
-/// The same 512-token tokenizer as tests/cli.rs: bytes, letter-pair merges,
-/// two control tokens; with a ChatML template.
-fn vocab_spec() -> VocabSpec {
-    let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_symbol(b).to_string()).collect();
-    let mut merges = Vec::new();
-    'outer: for a in b'a'..=b'z' {
-        for b in b'a'..=b'z' {
-            if tokens.len() == 510 {
-                break 'outer;
-            }
-            let (a, b) = (char::from(a), char::from(b));
-            merges.push(format!("{a} {b}"));
-            tokens.push(format!("{a}{b}"));
-        }
-    }
-    let mut types = vec![token_type::NORMAL; tokens.len()];
-    for t in ["<|im_start|>", "<|im_end|>"] {
-        tokens.push(t.into());
-        types.push(token_type::CONTROL);
-    }
-    VocabSpec {
-        model: "gpt2".into(),
-        pre: Some("gpt2".into()),
-        eos: Some(511),
-        tokens,
-        token_types: Some(types),
-        merges,
-        chat_template: Some(CHATML.into()),
-        ..Default::default()
-    }
-}
-
-/// The Qwen2 fixture with the tokenizer and template, made once.
+/// The Qwen2 fixture with the 512-token tokenizer and ChatML template of
+/// tests/cli.rs (`common::with_tokenizer`), made once.
 fn chat_model() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = scratch().join("chat_model");
-        std::fs::create_dir_all(&dir).unwrap();
-        for f in ["config.json", "generation_config.json", "model.safetensors"] {
-            std::fs::copy(fixture("qwen2_bias_tied").join(f), dir.join(f)).unwrap();
-        }
-        wgllm::tokenizer::write_tokenizer_files(&vocab_spec(), &dir).unwrap();
-        dir
-    })
-    .clone()
+    DIR.get_or_init(|| common::with_tokenizer("qwen2_bias_tied", &scratch().join("chat_model")))
+        .clone()
 }
 
 fn path(p: &Path) -> &str {
@@ -115,13 +45,15 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
-        let m = chat_model();
-        let mut args = vec!["serve", "--model", path(&m), "--port", "0"];
+        Server::start_with(&chat_model(), &scratch().join("cache"), extra)
+    }
+
+    /// `wgllm serve --model model` with its model cache in `cache`.
+    fn start_with(model: &Path, cache: &Path, extra: &[&str]) -> Server {
+        let mut args = vec!["serve", "--model", path(model), "--port", "0"];
         args.extend_from_slice(extra);
-        let mut child = Command::new(BIN)
+        let mut child = common::wgllm_command(cache)
             .args(&args)
-            .env("WGLLM_CACHE", scratch().join("cache"))
-            .env_remove("WGLLM_ADAPTER")
             .env_remove("WGLLM_API_KEY")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -353,10 +285,8 @@ fn run_greedy(prompt: &str, max_tokens: usize, chat: bool) -> String {
     if chat {
         args.push("--chat");
     }
-    let o = Command::new(BIN)
+    let o = common::wgllm_command(&scratch().join("cache"))
         .args(&args)
-        .env("WGLLM_CACHE", scratch().join("cache"))
-        .env_remove("WGLLM_ADAPTER")
         .output()
         .unwrap();
     assert!(
@@ -896,4 +826,54 @@ fn the_official_openai_client_works() {
         s.log()
     );
     assert!(out.contains("all checks passed"), "{out}");
+}
+
+/// A `.gguf` under `--dtype bf16` is converted into the cache's bf16 folder
+/// as `run` does (serve once resolved every GGUF at its own types), and a
+/// SentencePiece completion's text is its prompt's continuation, the same
+/// text as `wgllm run` (tests/fixtures/spm/llama.gguf: a tiny random llama
+/// carrying the vocabulary, so the text is noise, but the same noise).
+#[test]
+fn a_gguf_served_as_bf16_completes_like_run() {
+    let gguf = common::fixture("spm/llama.gguf");
+    let cache = scratch().join("spm-cache");
+    let prompt = "The tokenizer will";
+    let s = Server::start_with(&gguf, &cache, &["--dtype", "bf16", "--max-context", "64"]);
+    // The log is read on its own thread: the line may trail /health.
+    let t0 = Instant::now();
+    let line = loop {
+        let log = s.log();
+        if let Some(l) = log.lines().find(|l| l.contains("wgllm serve: loaded")) {
+            break l.to_string();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no `loaded` line:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(line.contains("-bf16"), "{line}");
+    let r = s.post(
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let served = r.json()["choices"][0]["text"].as_str().unwrap().to_string();
+    let o = common::wgllm_command(&cache)
+        .args([
+            "run",
+            "--model",
+            path(&gguf),
+            "--dtype",
+            "bf16",
+            "--max-context",
+            "64",
+        ])
+        .args(["--prompt", prompt, "--max-tokens", "4", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Json = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["generated_ids"].as_array().unwrap().len(), 4, "{v}");
+    assert_eq!(served, v["text"].as_str().unwrap(), "{v}");
 }

@@ -17,6 +17,7 @@ use std::sync::OnceLock;
 
 use serde_json::Value as Json;
 use wgllm::chat::{render_chat, ChatMessage, ChatTemplate};
+use wgllm::generate::StreamDecoder;
 use wgllm::gguf::GgufFile;
 use wgllm::tokenizer::{build_tokenizer, write_tokenizer_files, Tokenizer, VocabSpec};
 
@@ -658,12 +659,10 @@ fn spm_gguf_runs_end_to_end() {
         .prefix("spm-run-")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wgllm"))
+    let out = common::wgllm_command(cache.path())
         .args(["run", "--model"])
         .arg(spm_dir().join("llama.gguf"))
         .args(["--prompt", s(&case["text"]), "--max-tokens", "4", "--json"])
-        .env("WGLLM_CACHE", cache.path())
-        .env_remove("WGLLM_ADAPTER")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -675,7 +674,10 @@ fn spm_gguf_runs_end_to_end() {
     let gen = ids(&r["generated_ids"]);
     assert!(!gen.is_empty() && gen.len() <= 4, "{gen:?}");
     let tok = Tokenizer::from_vocab_spec(&spm_spec("llama")).unwrap();
-    assert_eq!(s(&r["text"]), tok.decode_skip_special(&gen).unwrap());
+    // The text is the continuation of the prompt (a first `▁` piece keeps
+    // its space; see spm_stream_keeps_the_first_space_after_a_prompt).
+    let text = continuation(&tok, &want, &gen).unwrap();
+    assert_eq!(s(&r["text"]), text);
 }
 
 /// A real SentencePiece vocabulary: Gemma 3 270M's GGUF (262144 pieces,
@@ -707,5 +709,118 @@ fn spm_gemma3_real_vocab() {
     for c in g["cases"].as_array().unwrap() {
         let got = tok.decode(&ids(&c["ids"])).unwrap();
         assert_eq!(got, s(&c["decoded"]), "{}", s(&c["name"]));
+    }
+}
+
+/// `ids` streamed through a [`StreamDecoder`] after `context`: the pieces,
+/// and the decoder's whole text at the end.
+fn stream(tok: &Tokenizer, context: &[u32], ids: &[u32]) -> (Vec<String>, String) {
+    let mut dec = StreamDecoder::new(tok, context).unwrap();
+    let pieces = ids.iter().map(|&i| dec.push(i).unwrap()).collect();
+    (pieces, dec.text().unwrap())
+}
+
+/// The text `ids` add after `context`: decode(context ++ ids) less
+/// decode(context), special tokens skipped; None when the context's text is
+/// not a prefix of the whole (it ends inside a character).
+fn continuation(tok: &Tokenizer, context: &[u32], ids: &[u32]) -> Option<String> {
+    let all: Vec<u32> = context.iter().chain(ids).copied().collect();
+    let whole = tok.decode_skip_special(&all).unwrap();
+    let before = tok.decode_skip_special(context).unwrap();
+    whole.strip_prefix(before.as_str()).map(str::to_string)
+}
+
+/// The first generated word keeps its space after a prompt in a
+/// SentencePiece (`▁` prefix) vocabulary. transformers 5.23 on
+/// tests/fixtures/spm/llama.gguf: `TextStreamer(skip_prompt=False)` prints
+/// "The tokenizer will merge each piece." for the prompt "The tokenizer
+/// will" (ids below, BOS first) and the generated `▁merge ▁e ach ▁p iece .`;
+/// decoding the generated ids alone gives "merge each piece.", which is what
+/// the stream was before the fix.
+#[test]
+fn spm_stream_keeps_the_first_space_after_a_prompt() {
+    let tok = Tokenizer::from_vocab_spec(&spm_spec("llama")).unwrap();
+    let prompt = tok.encode_with_special("The tokenizer will").unwrap();
+    assert_eq!(prompt, [1, 376, 560, 360, 558, 557, 263, 555]);
+    let gen = [509, 365, 484, 280, 337, 598];
+    assert_eq!(tok.id_to_token(gen[0]).unwrap(), "\u{2581}merge");
+    let (pieces, text) = stream(&tok, &prompt, &gen);
+    assert_eq!(pieces.concat(), " merge each piece.");
+    assert_eq!(pieces[0], " merge");
+    assert_eq!(text, " merge each piece.");
+    // What `serve` decodes a completion with: the same text.
+    let whole = tok.decode_continuation(&prompt, &gen).unwrap();
+    assert_eq!(whole, " merge each piece.");
+    assert_eq!(tok.decode_skip_special(&gen).unwrap(), "merge each piece.");
+    // Control tokens at the prompt's end are skipped text: the space stays.
+    let inst = tok.token_to_id("[INST]").unwrap();
+    let end = tok.token_to_id("[/INST]").unwrap();
+    let mut chat = vec![1, inst];
+    chat.extend(tok.encode("hi").unwrap());
+    chat.push(end);
+    assert_eq!(stream(&tok, &chat, &gen).0.concat(), " merge each piece.");
+    // A context with no text (BOS only, or none) starts a text, as
+    // decoding the whole sequence does: the prefix space goes.
+    for ctx in [&[1u32][..], &[], &[inst, end]] {
+        let (pieces, text) = stream(&tok, ctx, &gen);
+        assert_eq!(pieces.concat(), "merge each piece.", "after {ctx:?}");
+        assert_eq!(text, "merge each piece.");
+    }
+}
+
+/// Every split of every golden case: the pieces streamed after the first
+/// part are the continuation's text, each piece whole characters (a byte
+/// fallback character arrives with its last byte).
+#[test]
+fn spm_stream_is_the_continuation_at_every_split() {
+    for name in ["llama", "gemma"] {
+        let g = spm_golden(name);
+        let tok = Tokenizer::from_vocab_spec(&spm_spec(name)).unwrap();
+        let bos = g["bos_id"].as_u64().unwrap() as u32;
+        let mut checked = 0;
+        for c in g["cases"].as_array().unwrap() {
+            let all = ids(&c["ids"]);
+            for k in 0..all.len() {
+                let context: Vec<u32> = std::iter::once(bos)
+                    .chain(all[..k].iter().copied())
+                    .collect();
+                let Some(want) = continuation(&tok, &context, &all[k..]) else {
+                    continue;
+                };
+                let (pieces, text) = stream(&tok, &context, &all[k..]);
+                let at = format!("{name} {} split at {k}", s(&c["name"]));
+                assert_eq!(pieces.concat(), want, "{at}: {pieces:?}");
+                assert_eq!(text, want, "{at}");
+                assert!(
+                    want.contains('\u{FFFD}') || pieces.iter().all(|p| !p.contains('\u{FFFD}')),
+                    "{at}: {pieces:?}"
+                );
+                checked += 1;
+            }
+        }
+        // Guards against a golden file that lost its cases.
+        assert!(checked > 200, "{name}: only {checked} splits checked");
+    }
+}
+
+/// Byte-level BPE (SmolLM2) streams as before: the generated ids' own text,
+/// which is also their text after the prompt; a character split over two
+/// byte-level tokens arrives whole.
+#[test]
+fn bpe_stream_is_unchanged() {
+    let tok = &smollm2().tok;
+    let prompt = tok
+        .encode(
+            "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+        )
+        .unwrap();
+    for reply in [" Paris, c'est la capitale 🇫🇷.", "Paris\n\n中文 café"] {
+        let gen = tok.encode(reply).unwrap();
+        let (pieces, text) = stream(tok, &prompt, &gen);
+        assert_eq!(pieces.concat(), reply);
+        assert_eq!(text, reply);
+        assert_eq!(tok.decode_skip_special(&gen).unwrap(), reply);
+        assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+        assert_eq!(continuation(tok, &prompt, &gen).unwrap(), reply);
     }
 }

@@ -6,7 +6,8 @@
 //! dump at the f32 tolerances, its greedy ids token for token, Verify (GPU
 //! vs the wasm CPU reference and the dump, every tap) passing with the
 //! table in the page, and a missing weight file, a corrupt weight file and
-//! a context the adapter cannot hold each shown as a clear error.
+//! a context the adapter cannot hold (typed into the page's "max context"
+//! field) each shown as a clear error in the page's words.
 //!
 //! Chromium, the wasm32 target or the wasm-bindgen CLI missing is a
 //! failure naming tools/setup.sh, never a pass.
@@ -15,11 +16,13 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, OnceLock};
 use std::time::Duration;
 
 use wgllm::compare::{metrics, RefKind, Tolerances};
 use wgllm::taps::{read_i32, TapSet};
+
+mod common;
 
 const FIXTURES: [&str; 8] = [
     "qwen2_bias_tied",
@@ -34,6 +37,9 @@ const FIXTURES: [&str; 8] = [
 
 /// The fixture the broken folders are made from.
 const BROKEN_FROM: &str = "qwen2_bias_tied";
+
+/// The real model folder served at /models/real/ (the ignored test's).
+static REAL_MODEL: OnceLock<PathBuf> = OnceLock::new();
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -116,6 +122,9 @@ fn serve_path(path: &str) -> Option<(Vec<u8>, &'static str)> {
             b
         }),
         p if p.starts_with("/broken/") => None,
+        p if p.starts_with("/models/real/") => {
+            std::fs::read(REAL_MODEL.get()?.join(&p["/models/real/".len()..])).ok()
+        }
         p if p.starts_with("/fixtures/") => std::fs::read(root().join("tests").join(&p[1..])).ok(),
         p => std::fs::read(root().join("web").join(&p[1..])).ok(),
     }?;
@@ -201,7 +210,12 @@ impl Drop for Browser {
 }
 
 fn open(chromium: &Path, url: &str) -> Browser {
-    let profile = std::env::temp_dir().join(format!("wgllm-web-{}", std::process::id()));
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let profile = std::env::temp_dir().join(format!(
+        "wgllm-web-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let child = Command::new(chromium)
         .args([
             "--headless=new",
@@ -352,5 +366,101 @@ fn the_page_in_headless_chromium_matches_pytorch_and_shows_errors() {
         .as_str()
         .unwrap_or_else(|| panic!("an oversized context was not refused: {}", v["huge"]));
     eprintln!("huge context: {huge}");
-    assert!(huge.contains("needs a KV cache buffer"), "{huge}");
+    // The page's words: the fix is its "max context" field, not the
+    // CLI's flag, which a page user cannot pass.
+    assert!(
+        huge.contains("needs a KV cache buffer")
+            && huge.contains("set \"max context\" to ")
+            && !huge.contains("--"),
+        "{huge}"
+    );
+}
+
+/// SmolLM2-135M-Instruct (bf16, fetched through the project's fetch path)
+/// in the page: load, one chat turn through its chat template whose greedy
+/// ids equal native `wgllm run --chat`'s on the same prompt, Verify on a
+/// prompt passing every tap against the wasm CPU reference, and Verify
+/// with interleaved RoPE injected failing with the first failing tap
+/// (layer 0's q_rope) marked in the page. Minutes on SwiftShader:
+/// `cargo test --release --test web -- --ignored --nocapture`.
+#[test]
+#[ignore = "real model (fetched into the test cache), minutes on SwiftShader"]
+fn smollm2_in_the_page_chats_like_native_and_verifies() {
+    let chromium = require_tools();
+    let dir = wgllm::fetch::resolve_model(
+        Some(Path::new("smollm2-135m-instruct")),
+        &common::test_fetch_options(),
+    )
+    .expect("SmolLM2 (fetched through the project's fetch path)");
+    REAL_MODEL.set(dir.clone()).unwrap();
+    const PROMPT: &str = "What is the capital of France?";
+    const MAX_TOKENS: usize = 16;
+    let native = Command::new(env!("CARGO_BIN_EXE_wgllm"))
+        .arg("run")
+        .arg("--model")
+        .arg(&dir)
+        .args(["--chat", "--prompt", PROMPT, "--json"])
+        .args(["--max-tokens", &MAX_TOKENS.to_string()])
+        .output()
+        .expect("run wgllm");
+    assert!(
+        native.status.success(),
+        "wgllm run: {}",
+        String::from_utf8_lossy(&native.stderr)
+    );
+    let native: serde_json::Value = serde_json::from_slice(&native.stdout).expect("run --json");
+    build_page();
+    let (port, results) = serve();
+    let url = format!(
+        "http://127.0.0.1:{port}/?real=models/real/&max_tokens={MAX_TOKENS}&chat={}",
+        PROMPT.replace(' ', "%20").replace('?', "%3F")
+    );
+    let _browser = open(&chromium, &url);
+    let body = results
+        .recv_timeout(Duration::from_secs(1800))
+        .expect("the page posted no result within 1800 s");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("result JSON");
+    let r = &v["real"];
+    assert!(
+        r["error"].is_null(),
+        "the page shows an error: {}",
+        r["error"]
+    );
+    eprintln!("page adapter: {}", v["adapter"]);
+    let chat = &r["chat"];
+    eprintln!(
+        "page: {:?}, prefill {} tok/s, decode {} tok/s; native prefill {} tok/s, decode {} tok/s",
+        chat["text"],
+        chat["prefill_tokens_per_s"],
+        chat["decode_tokens_per_s"],
+        native["prefill_tokens_per_s"],
+        native["decode_tokens_per_s"]
+    );
+    assert_eq!(chat["prompt_ids"], native["prompt_ids"], "chat template");
+    // Greedy on f32 accumulation both ways: the same ids token for token
+    // (only a near-tie, which this prompt does not have, could differ).
+    assert_eq!(chat["generated_ids"], native["generated_ids"], "greedy ids");
+    assert!(
+        !r["reply_text"].as_str().unwrap_or("").trim().is_empty(),
+        "no streamed reply"
+    );
+    assert_eq!(chat["text"], native["text"]);
+    let table = r["verify"]["table_text"].as_str().unwrap_or("");
+    assert_eq!(r["verify"]["pass"], true, "verify failed:\n{table}");
+    assert!(
+        table.contains("against cpu-reference") && table.contains(" taps pass"),
+        "{table}"
+    );
+    let bug = &r["verify_bug"];
+    assert_eq!(bug["pass"], false, "interleaved RoPE passed verify");
+    let first = bug["reports"][0]["first_failure"].as_str().unwrap_or("");
+    assert_eq!(first, "layers.0.q_rope", "{}", bug["summary_text"]);
+    let marked = bug["marked"].as_array().expect("marked rows");
+    assert!(
+        marked.len() == 1
+            && marked[0].as_str().is_some_and(
+                |l| l.starts_with("layers.0.q_rope ") && l.contains("<< first failure")
+            ),
+        "the page marks {marked:?}"
+    );
 }

@@ -108,14 +108,17 @@ async function pickedFolder(list) {
   return { label, files, notes: [] };
 }
 
-async function load(folder, maxContext) {
+// Load a folder with the page's "max context" and "weights" fields.
+async function load(folder) {
   const g = await device();
+  const maxContext = Number($("max-context").value) || 0;
+  const dtype = $("dtype").value;
   status("uploading to the GPU", 1, 1);
   const names = [...folder.files.keys()];
   const data = names.map((n) => folder.files.get(n));
   if (session) { session.free(); session = null; }
   try {
-    session = Session.load(g, folder.label, names, data, maxContext || 0);
+    session = Session.load(g, folder.label, names, data, maxContext, dtype);
   } catch (e) {
     const note = folder.notes.length ? ` [${folder.notes.join("; ")}]` : "";
     throw new Error(String(e) + note);
@@ -130,36 +133,77 @@ async function loadFrom(fn) {
   try { await load(await fn()); } catch (e) { showError(e); }
 }
 
+// The verify table, one line per tap; the first failing tap's line marked.
+function showTable(text) {
+  const pre = $("verify-table");
+  pre.textContent = "";
+  for (const line of text.split("\n")) {
+    const span = document.createElement("span");
+    span.textContent = line + "\n";
+    if (line.includes("<< first failure")) span.className = "first";
+    else if (/ FAIL\b/.test(line)) span.className = "bad";
+    pre.appendChild(span);
+  }
+  const first = pre.querySelector(".first");
+  // The table scrolls; bring the first failing tap into view (the pre is
+  // its rows' offsetParent: position relative).
+  pre.scrollTop = first ? first.offsetTop - pre.clientHeight / 3 : 0;
+}
+
 async function verify(ids) {
-  const r = JSON.parse(await session.verify(new Uint32Array(ids)));
+  const r = JSON.parse(await session.verify(new Uint32Array(ids), $("bug").value));
   $("verify-summary").textContent =
-    `${r.pass ? "PASS" : "FAIL"} on ${r.adapter} (${r.backend}), kernels ${r.kernels}, ` +
+    `${r.pass ? "PASS" : "FAIL"}: ` +
+    r.reports.map((x) => `${x.rows.filter((t) => t.pass).length} of ${x.rows.length} taps ` +
+      `within tolerance against ${x.against}`).join(", ") +
+    ` on ${r.adapter || "the page's adapter"} (${r.backend}), kernels ${r.kernels}, ` +
     `${r.tokens.length} tokens` +
     r.reports.map((x) => x.first_failure ? `; first failing tap vs ${x.against}: ${x.first_failure}` : "").join("");
-  $("verify-summary").className = r.pass ? "" : "fail";
-  $("verify-table").textContent = r.table;
+  $("verify-summary").className = r.pass ? "pass" : "fail";
+  showTable(r.table);
   return r;
 }
 
-$("load-url").onclick = () => loadFrom(() => fetchFolder($("url").value.trim()));
-$("files").onchange = (ev) => loadFrom(() => pickedFolder(ev.target.files));
-$("send").onclick = async () => {
+async function chat() {
+  $("reply").textContent = "";
+  $("chat-stats").textContent = "";
+  const g = JSON.parse(await session.chat($("prompt").value, Number($("max-tokens").value) || 48,
+    (t) => { $("reply").textContent += t; }));
+  $("chat-stats").textContent =
+    `${g.prompt_ids.length} prompt tokens, ${g.generated_ids.length} generated (${g.stop_reason}); ` +
+    `prefill ${g.prefill_tokens_per_s.toFixed(2)} tok/s, decode ${g.decode_tokens_per_s.toFixed(2)} tok/s`;
+  window.lastChat = g;
+  return g;
+}
+
+// What a button started, for drivers that wait on it (tools/web_screenshots.py).
+window.pageBusy = Promise.resolve();
+const busy = (p) => { window.pageBusy = p; return p; };
+
+$("load-url").onclick = () => busy(loadFrom(() => fetchFolder($("url").value.trim())));
+$("files").onchange = (ev) => busy(loadFrom(() => pickedFolder(ev.target.files)));
+$("send").onclick = () => busy((async () => {
   $("error").textContent = "";
   if (!session) return showError("load a model first");
-  $("reply").textContent = "";
+  try { await chat(); } catch (e) { showError(e); }
+})());
+$("new-chat").onclick = () => {
+  $("error").textContent = "";
+  if (!session) return showError("load a model first");
   try {
-    await session.chat($("prompt").value, Number($("max-tokens").value) || 48,
-      (t) => { $("reply").textContent += t; });
+    session.new_chat();
+    $("reply").textContent = "";
+    $("chat-stats").textContent = "";
   } catch (e) { showError(e); }
 };
-$("verify").onclick = async () => {
+$("verify").onclick = () => busy((async () => {
   $("error").textContent = "";
   if (!session) return showError("load a model first");
   try {
     const p = $("verify-prompt").value;
     await verify(p ? [...session.encode(p)] : []);
   } catch (e) { showError(e); }
-};
+})());
 
 // Driven mode (tests/web.rs): ?run=a,b&base=fixtures/&broken=x,y runs each
 // folder (logits, greedy ids, Verify) and POSTs what the page shows to
@@ -177,7 +221,7 @@ async function driven(params) {
     const r = {};
     const t0 = performance.now();
     try {
-      const s = await load(await fetchFolder(base + name), 0);
+      const s = await load(await fetchFolder(base + name));
       const tokens = [...s.reference_ids("reference_f32.safetensors", "tokens")];
       const want = [...s.reference_ids("reference_f32.safetensors", "generated")];
       const t1 = performance.now();
@@ -200,7 +244,7 @@ async function driven(params) {
   for (const name of (params.get("broken") || "").split(",").filter(Boolean)) {
     $("error").textContent = "";
     try {
-      await load(await fetchFolder(name), 0);
+      await load(await fetchFolder(name));
       out.broken[name] = { loaded: true };
     } catch (e) {
       showError(e);
@@ -209,22 +253,50 @@ async function driven(params) {
   }
   const huge = params.get("huge");
   if (huge) {
-    // A context no adapter binds: the memory plan's error, in the page.
+    // A context no adapter binds, typed into the page's "max context"
+    // field: the memory plan's error, in the page's words.
     $("error").textContent = "";
+    $("max-context").value = "4000000000";
     try {
-      await load(await fetchFolder(base + huge), 4000000000);
+      await load(await fetchFolder(base + huge));
       out.huge = { loaded: true };
     } catch (e) {
       showError(e);
       out.huge = { error_text: $("error").textContent };
     }
+    $("max-context").value = "0";
+  }
+  const real = params.get("real");
+  if (real) {
+    // A real model (tests/web.rs's ignored test): load, one chat turn,
+    // Verify on a prompt, then Verify with a porting bug injected.
+    const r = {};
+    try {
+      await load(await fetchFolder(real));
+      $("prompt").value = params.get("chat") || $("prompt").value;
+      $("max-tokens").value = params.get("max_tokens") || $("max-tokens").value;
+      r.chat = await chat();
+      r.reply_text = $("reply").textContent;
+      const ids = [...session.encode(params.get("verify_prompt") || "The capital of France is")];
+      r.verify = await verify(ids);
+      r.verify.table_text = $("verify-table").textContent;
+      $("bug").value = params.get("bug") || "rope_interleaved";
+      r.verify_bug = await verify(ids);
+      r.verify_bug.summary_text = $("verify-summary").textContent;
+      r.verify_bug.marked = [...$("verify-table").querySelectorAll(".first")].map((e) => e.textContent);
+      $("bug").value = "none";
+    } catch (e) {
+      r.error = showError(e);
+    }
+    out.real = r;
   }
   await fetch("/result", { method: "POST", body: JSON.stringify(out) });
 }
 
 await init();
+window.pageReady = true;
 const params = new URLSearchParams(location.search);
-if (params.has("run") || params.has("broken") || params.has("huge")) {
+if (params.has("run") || params.has("broken") || params.has("huge") || params.has("real")) {
   driven(params);
 } else if (params.has("model")) {
   $("url").value = params.get("model");

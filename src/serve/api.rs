@@ -611,6 +611,12 @@ mod tests {
 
     #[test]
     fn every_bad_field_is_a_400_naming_it() {
+        let check = |kind: Kind, body: &str, want: &str| {
+            let e = err(kind, body);
+            assert_eq!(e.status, 400, "{body}");
+            assert!(e.message.contains(want), "{body}: {}", e.message);
+            assert_eq!(e.body()["error"]["type"], "invalid_request_error");
+        };
         for (kind, body, want) in [
             (Kind::Chat, "{", "not valid JSON"),
             (Kind::Chat, "[1]", "must be a JSON object, got an array"),
@@ -630,46 +636,6 @@ mod tests {
                 r#"{"messages": [{"role": "user", "content": 3}]}"#,
                 "`messages[0].content`",
             ),
-            (
-                Kind::Chat,
-                r#"{"messages": [{"role": "user", "content": "x"}], "n": 2}"#,
-                "`n`: only 1",
-            ),
-            (
-                Kind::Chat,
-                r#"{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}"#,
-                "`temperature`: expected a number, got a string",
-            ),
-            (
-                Kind::Chat,
-                r#"{"messages": [{"role": "user", "content": "x"}], "temperature": 3}"#,
-                "[0, 2]",
-            ),
-            (
-                Kind::Chat,
-                r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}"#,
-                "`max_tokens`: expected a non-negative integer",
-            ),
-            (
-                Kind::Chat,
-                r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}"#,
-                "at least 1",
-            ),
-            (
-                Kind::Chat,
-                r#"{"messages": [{"role": "user", "content": "x"}], "stop": 5}"#,
-                "`stop`",
-            ),
-            (
-                Kind::Chat,
-                r#"{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}"#,
-                "`stream`: expected a boolean",
-            ),
-            (
-                Kind::Chat,
-                r#"{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}"#,
-                "needs `logprobs: true`",
-            ),
             (Kind::Completion, r#"{"prompt": 5}"#, "`prompt`"),
             (Kind::Completion, r#"{"prompt": ["a", "b"]}"#, "2 prompts"),
             (
@@ -683,10 +649,27 @@ mod tests {
                 "`echo`",
             ),
         ] {
-            let e = err(kind, body);
-            assert_eq!(e.status, 400, "{body}");
-            assert!(e.message.contains(want), "{body}: {}", e.message);
-            assert_eq!(e.body()["error"]["type"], "invalid_request_error");
+            check(kind, body, want);
+        }
+        // A valid chat request but for one field.
+        for (field, want) in [
+            (r#""n": 2"#, "`n`: only 1"),
+            (
+                r#""temperature": "hot""#,
+                "`temperature`: expected a number, got a string",
+            ),
+            (r#""temperature": 3"#, "[0, 2]"),
+            (
+                r#""max_tokens": -1"#,
+                "`max_tokens`: expected a non-negative integer",
+            ),
+            (r#""max_tokens": 0"#, "at least 1"),
+            (r#""stop": 5"#, "`stop`"),
+            (r#""stream": "yes""#, "`stream`: expected a boolean"),
+            (r#""top_logprobs": 2"#, "needs `logprobs: true`"),
+        ] {
+            let body = format!(r#"{{"messages": [{{"role": "user", "content": "x"}}], {field}}}"#);
+            check(Kind::Chat, &body, want);
         }
     }
 }

@@ -80,8 +80,8 @@ struct App {
 }
 
 impl<T: scheduler::TextDecoder> scheduler::TextDecoder for Arc<T> {
-    fn decode(&self, ids: &[u32]) -> Result<String> {
-        (**self).decode(ids)
+    fn decode(&self, prompt: &[u32], ids: &[u32]) -> Result<String> {
+        (**self).decode(prompt, ids)
     }
     fn token_text(&self, id: u32) -> String {
         (**self).token_text(id)

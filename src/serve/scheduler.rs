@@ -38,15 +38,17 @@ pub trait Engine {
 
 /// Token ids to text (the tokenizer, or a fake in tests).
 pub trait TextDecoder {
-    /// The text of a whole generated sequence (special tokens skipped).
-    fn decode(&self, ids: &[u32]) -> Result<String>;
+    /// The text of a generated sequence as it continues its prompt
+    /// (special tokens skipped; a SentencePiece first word keeps its space:
+    /// [`crate::tokenizer::Tokenizer::decode_continuation`]).
+    fn decode(&self, prompt: &[u32], ids: &[u32]) -> Result<String>;
     /// One token as text, for log-probabilities (special tokens kept).
     fn token_text(&self, id: u32) -> String;
 }
 
 impl TextDecoder for crate::tokenizer::Tokenizer {
-    fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.decode_skip_special(ids)
+    fn decode(&self, prompt: &[u32], ids: &[u32]) -> Result<String> {
+        self.decode_continuation(prompt, ids)
     }
     fn token_text(&self, id: u32) -> String {
         crate::tokenizer::Tokenizer::decode(self, &[id]).unwrap_or_default()
@@ -494,7 +496,7 @@ impl<E: Engine, D: TextDecoder> Scheduler<E, D> {
                 text_offset: seq.text.len(),
             });
         }
-        let full = self.dec.decode(&seq.generated)?;
+        let full = self.dec.decode(&seq.req.prompt, &seq.generated)?;
         // A byte-level token can end mid-character (shown as U+FFFD), and a
         // decoder may rewrite earlier text: wait for a clean extension.
         if !full.ends_with('\u{FFFD}') && full.is_char_boundary(seq.emitted) {
@@ -546,7 +548,7 @@ impl<E: Engine, D: TextDecoder> Scheduler<E, D> {
             Some(at) => at,
             None => {
                 // The final text, even if it ends mid-character.
-                seq.text = self.dec.decode(&seq.generated)?;
+                seq.text = self.dec.decode(&seq.req.prompt, &seq.generated)?;
                 if !seq.text.is_char_boundary(seq.emitted) {
                     seq.emitted = seq.text.len().min(seq.emitted);
                     while !seq.text.is_char_boundary(seq.emitted) {
@@ -643,14 +645,14 @@ pub(crate) mod tests {
 
     pub struct Letters;
     impl TextDecoder for Letters {
-        fn decode(&self, ids: &[u32]) -> Result<String> {
+        fn decode(&self, _prompt: &[u32], ids: &[u32]) -> Result<String> {
             Ok(ids
                 .iter()
                 .map(|&i| char::from(b'a' + (i % 26) as u8))
                 .collect())
         }
         fn token_text(&self, id: u32) -> String {
-            self.decode(&[id]).unwrap()
+            self.decode(&[], &[id]).unwrap()
         }
     }
 

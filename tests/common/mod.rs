@@ -12,6 +12,10 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::{json, Value};
 
+mod fixtures;
+#[allow(unused_imports)]
+pub use fixtures::*;
+
 /// A tiny model description.
 #[derive(Clone, Debug)]
 pub struct Tiny {

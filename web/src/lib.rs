@@ -31,7 +31,48 @@ use wgllm::verify::{Check, VerifyResult};
 use wgllm::{Gpu, GpuOptions};
 
 fn js_err(e: impl std::fmt::Display) -> JsValue {
-    JsValue::from_str(&e.to_string())
+    JsValue::from_str(&in_page_words(&e.to_string()))
+}
+
+/// The library's errors name the CLI's flags where a setting must change
+/// (`use --max-context 2048 or less`); a page user has the page's fields
+/// instead ("max context", "weights", "max tokens"), so the message names
+/// those. Every other word is the library's own.
+fn in_page_words(msg: &str) -> String {
+    [
+        ("use --max-context ", "set \"max context\" to "),
+        ("a shorter --max-context", "a smaller \"max context\""),
+        ("--max-context", "\"max context\""),
+        ("--max-tokens", "\"max tokens\""),
+        ("--dtype", "\"weights\""),
+        (
+            "(pass token ids with --tokens instead)",
+            "(the page needs one to encode text)",
+        ),
+    ]
+    .iter()
+    .fold(msg.to_string(), |m, (cli, page)| m.replace(cli, page))
+}
+
+/// The porting bugs the page can inject into Verify's GPU run, by the
+/// name its "porting bug" menu sends (all program or kernel faults: the
+/// weight-transpose faults are native-only, so the page does not offer
+/// them).
+fn faults_named(name: &str) -> Result<Faults, JsValue> {
+    let mut f = Faults::default();
+    match name {
+        "" | "none" => {}
+        "rope_interleaved" => f.rope_interleaved = true,
+        "gqa_modulo" => f.gqa_modulo = true,
+        "norm_eps_outside" => f.norm_eps_outside = true,
+        "drop_qkv_bias" => f.drop_qkv_bias = true,
+        other => {
+            return Err(js_err(format!(
+                "unknown porting bug {other:?}: expected none, rope_interleaved, gqa_modulo, norm_eps_outside or drop_qkv_bias"
+            )))
+        }
+    }
+    Ok(f)
 }
 
 /// The page's adapter, as `wgllm devices` describes one: name, backend,
@@ -44,6 +85,9 @@ pub struct WebGpu {
 #[wasm_bindgen]
 impl WebGpu {
     /// Request the browser's WebGPU adapter and a device with its limits.
+    // The library shares its device as `Arc<Gpu>` (native threads need
+    // that); on wasm32 wgpu's handles are not Send, and one thread uses it.
+    #[allow(clippy::arc_with_non_send_sync)]
     pub async fn open() -> Result<WebGpu, JsValue> {
         let gpu = Gpu::new_async(&GpuOptions::default())
             .await
@@ -116,8 +160,14 @@ struct Inner {
     stop_ids: Vec<u32>,
     /// Files besides the weights (reference dumps), by name.
     extra: HashMap<String, Vec<u8>>,
+    /// The weights' device dtype, for Verify's own model too.
+    dtype: LoadDType,
 }
 
+// The session's RefCell borrow is held across each await on purpose: it is
+// the "busy" lock, so a call that comes while another is awaiting gets
+// `busy`'s clear error from try_borrow_mut instead of a second borrow.
+#[allow(clippy::await_holding_refcell_ref)]
 #[wasm_bindgen]
 impl Session {
     /// Load a model folder from its files: `config.json`, the safetensors
@@ -125,15 +175,19 @@ impl Session {
     /// `generation_config.json`, `chat_template.jinja` and reference dumps.
     /// `label` names the folder in errors (its URL). The same loader,
     /// memory plan and row splitting as native; the memory plan's error
-    /// (a model that does not fit the adapter) comes back as the error.
+    /// (a model that does not fit the adapter) comes back as the error,
+    /// in the page's words. `max_context` 0 is the model's default;
+    /// `dtype` is `auto`, `bf16` or `f32` (the page's "weights" menu).
     pub fn load(
         gpu: &WebGpu,
         label: String,
         names: Array,
         data: Array,
         max_context: usize,
+        dtype: String,
     ) -> Result<Session, JsValue> {
         let label = PathBuf::from(label);
+        let dtype: LoadDType = dtype.parse().map_err(|e| js_err(format!("weights: {e}")))?;
         let mut files = files_of(&names, &data)?;
         let config = files.remove("config.json").ok_or_else(|| {
             js_err(format!(
@@ -166,6 +220,7 @@ impl Session {
         let ckpt = Checkpoint::from_memory(&label, &config, files).map_err(js_err)?;
         let opts = ModelOptions {
             max_context: (max_context > 0).then_some(max_context),
+            dtype,
             ..Default::default()
         };
         let model = Model::from_checkpoint(gpu.gpu.clone(), &ckpt, &opts).map_err(js_err)?;
@@ -195,6 +250,7 @@ impl Session {
             chat,
             stop_ids,
             extra,
+            dtype,
         };
         Ok(Session {
             describe: inner.describe(),
@@ -242,8 +298,10 @@ impl Session {
         busy(&self.inner)?.reference_ids(file, name)
     }
 
-    /// One chat turn (a promise of the whole reply); each piece of text
-    /// goes to `on_text` as it is produced.
+    /// One chat turn (a promise of `wgllm run --json`'s object as text:
+    /// prompt and generated ids, the reply, stop reason, prefill and
+    /// decode tokens/s); each piece of text goes to `on_text` as it is
+    /// produced.
     pub fn chat(&self, user: String, max_tokens: usize, on_text: js_sys::Function) -> Promise {
         self.run(|s| async move {
             let mut s = busy(&s)?;
@@ -252,17 +310,32 @@ impl Session {
     }
 
     /// Verify (a promise of `wgllm verify --json`'s object as text, with
-    /// the printed tables in `table`).
-    pub fn verify(&self, ids: Vec<u32>) -> Promise {
+    /// the printed tables in `table`), with the porting bug named `bug`
+    /// (`none`, or one of [`faults_named`]'s) injected into the GPU run.
+    pub fn verify(&self, ids: Vec<u32>, bug: String) -> Promise {
         self.run(|s| async move {
+            let faults = faults_named(&bug)?;
             let mut s = busy(&s)?;
-            Ok(JsValue::from_str(&s.verify(ids).await?))
+            Ok(JsValue::from_str(&s.verify(ids, faults).await?))
         })
     }
 
     /// Encode `text` with the folder's tokenizer.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, JsValue> {
         busy(&self.inner)?.encode(text)
+    }
+
+    /// Start a new conversation: the chat history and the KV cache are
+    /// dropped, so the next turn prefills its whole prompt.
+    pub fn new_chat(&self) -> Result<(), JsValue> {
+        let mut s = busy(&self.inner)?;
+        let s = &mut *s;
+        if let Some(c) = s.chat.as_mut() {
+            c.messages.clear();
+        }
+        // The conversation sees the cache no longer matches and starts over.
+        s.model.reset();
+        Ok(())
     }
 }
 
@@ -328,7 +401,7 @@ impl Inner {
     }
 
     /// One chat turn through the model's chat template, streaming each
-    /// piece of text to `on_text`; returns the whole reply.
+    /// piece of text to `on_text`; returns the generation as JSON.
     async fn chat(
         &mut self,
         user: String,
@@ -353,14 +426,14 @@ impl Inner {
             })
             .await
             .map_err(js_err)?;
-        Ok(g.text)
+        serde_json::to_string(&g).map_err(js_err)
     }
 
     /// Verify: every tap on the GPU against the wasm CPU reference and
     /// against each loaded PyTorch dump (`reference_*.safetensors`), on
     /// `ids`, or on the first dump's `tokens` when `ids` is empty. Returns
     /// `wgllm verify --json`'s object; `table` holds the printed tables.
-    async fn verify(&mut self, ids: Vec<u32>) -> Result<String, JsValue> {
+    async fn verify(&mut self, ids: Vec<u32>, faults: Faults) -> Result<String, JsValue> {
         let mut references = Vec::new();
         let mut names: Vec<&String> = self.extra.keys().collect();
         names.sort();
@@ -390,8 +463,8 @@ impl Inner {
         }
         let check = Check {
             tokens: &tokens,
-            dtype: LoadDType::Auto,
-            faults: Faults::default(),
+            dtype: self.dtype,
+            faults,
             cpu: true,
             references,
         };
