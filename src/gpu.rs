@@ -1055,6 +1055,28 @@ impl Gpu {
         })
     }
 
+    /// Bind `entries` (binding number, whole buffer) of `kernel`'s group 0:
+    /// for kernels whose bindings are not numbered 0..n.
+    pub fn bind_entries(
+        &self,
+        kernel: &Kernel,
+        entries: &[(u32, &wgpu::Buffer)],
+    ) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry> = entries
+            .iter()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: *i,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        Counters::bump(&self.counters.bind_groups);
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&kernel.label),
+            layout: &kernel.layout,
+            entries: &entries,
+        })
+    }
+
     /// Workgroup grid for `n` workgroups: 1D while it fits in one dimension,
     /// else 2D (`x` = max per dimension). Kernels recover the linear index with
     /// `wg_linear()` from common.wgsl and must guard against overshoot.

@@ -19,6 +19,7 @@ use crate::ops::argmax::{Argmax, ArgmaxBinding, RowStats, STATS_WORDS};
 use crate::ops::attention::{self, Attention};
 use crate::ops::elementwise::{self, AddRmsNorm, Binary, Elementwise, Softcap};
 use crate::ops::embedding::{Embedding, EmbeddingBinding};
+use crate::ops::fused::{self, Fused};
 use crate::ops::kv_copy::{self, KvCache, KvCopy};
 use crate::ops::matmul::{Linear, LinearBinding, LinearPath};
 use crate::ops::qmatmul::{
@@ -249,6 +250,23 @@ enum Fast {
         bg: wgpu::BindGroup,
         info: StepOp,
     },
+    /// The q, k and v projections, RoPE of q and k and the KV append (six
+    /// program ops) in one dispatch, for one-token steps of the single
+    /// sequence; other passes record `fallback` (the three linear ops and
+    /// their [`Fast::RopeKv`]).
+    QkvRope {
+        f: Fused,
+        fallback: Vec<Fast>,
+        info: StepOp,
+    },
+    /// The gate and up projections and the GLU (three program ops) in one
+    /// dispatch, for one-token steps of the single sequence; other passes
+    /// record `fallback` (the three ops).
+    GateUp {
+        f: Fused,
+        fallback: Vec<Fast>,
+        info: StepOp,
+    },
 }
 
 impl Fast {
@@ -256,7 +274,19 @@ impl Fast {
     fn info(&self) -> Option<&StepOp> {
         match self {
             Fast::Op(_) => None,
-            Fast::RopeKv { info, .. } | Fast::AddNorm { info, .. } => Some(info),
+            Fast::RopeKv { info, .. }
+            | Fast::AddNorm { info, .. }
+            | Fast::QkvRope { info, .. }
+            | Fast::GateUp { info, .. } => Some(info),
+        }
+    }
+
+    /// Whether a pass of `n` tokens in `mode` records this item's fused
+    /// kernel (else its fallback ops; only the one-token fusions have one).
+    fn fused_for(&self, n: u32, mode: Mode) -> bool {
+        match self {
+            Fast::QkvRope { .. } | Fast::GateUp { .. } => n == 1 && mode == Mode::Seq,
+            _ => true,
         }
     }
 }
@@ -1170,6 +1200,15 @@ impl Model {
             }
             Fast::RopeKv { bg, params, .. } => self.k.rope_kv.encode(g, pass, bg, params, n),
             Fast::AddNorm { key, bg, .. } => self.k.add_norm.get(*key).encode(g, pass, bg, n),
+            Fast::QkvRope { f, .. } | Fast::GateUp { f, .. } if n == 1 && mode == Mode::Seq => {
+                f.encode(g, pass)
+            }
+            Fast::QkvRope { .. } | Fast::GateUp { .. } => {
+                return Err(Error::invalid(
+                    "a one-token fused kernel in a pass of several tokens or slots (its fallback \
+                     ops record that pass)",
+                ))
+            }
             Fast::Op(_) => {
                 return Err(Error::invalid(
                     "a plain op is recorded by encode_op, not as a fused item",
@@ -1196,6 +1235,27 @@ impl Model {
             r.tap(|| name.clone(), &self.b.acts[*buf], n as usize, *width);
         }
         Ok(())
+    }
+
+    /// Record one fast-path item of a layer (`ops`) over `n` tokens: a
+    /// plain op, a fused kernel, or the fallback ops of a one-token fusion
+    /// that this pass does not take.
+    fn encode_fast(&self, ops: &[BoundOp], f: &Fast, r: &mut Rec, n: u32) -> Result<()> {
+        match f {
+            Fast::Op(j) => self.encode_op(&ops[*j], r, n),
+            Fast::QkvRope { fallback, .. } | Fast::GateUp { fallback, .. }
+                if !f.fused_for(n, r.mode) =>
+            {
+                for f in fallback {
+                    self.encode_fast(ops, f, r, n)?;
+                }
+                Ok(())
+            }
+            f => {
+                let mode = r.mode;
+                self.encode_fused_mode(f, r.pass(), n, mode)
+            }
+        }
     }
 
     /// Encode one pass over `tokens` at the current position.
@@ -1272,13 +1332,7 @@ impl Model {
         } else {
             for (ops, fast) in self.layers.iter().zip(&self.fast) {
                 for f in fast {
-                    match f {
-                        Fast::Op(j) => self.encode_op(&ops[*j], r, n)?,
-                        f => {
-                            let mode = r.mode;
-                            self.encode_fused_mode(f, r.pass(), n, mode)?
-                        }
-                    }
+                    self.encode_fast(ops, f, r, n)?;
                 }
             }
         }
@@ -1941,8 +1995,11 @@ impl BindCtx<'_> {
 
     /// A layer's fast path: its bound ops in order, except that RoPE(q),
     /// RoPE(k) on the same table and the append of that k (with v) become
-    /// one [`RopeKv`] dispatch. The program stays the one description: this
-    /// only finds the pattern in it.
+    /// one [`RopeKv`] dispatch, a residual add and the norm of its sum one
+    /// [`AddRmsNorm`], and, for one-token steps, the q/k/v projections with
+    /// that RoPE and append one [`Fast::QkvRope`] and gate/up with their GLU
+    /// one [`Fast::GateUp`]. The program stays the one description: this
+    /// only finds the patterns in it.
     fn fuse_layer(
         &self,
         k: &mut Kernels,
@@ -1951,93 +2008,309 @@ impl BindCtx<'_> {
         env: Env,
         cache: &KvCache,
     ) -> Result<Vec<Fast>> {
-        let (g, c) = (self.g, self.cfg);
         let mut out = Vec::new();
         let mut j = 0;
         while j < ops.len() {
-            let fused = match ops
-                .get(j..j + 3)
-                .map(|w| (&w[0].kind, &w[1].kind, &w[2].kind))
-            {
-                Some((
+            if let Some(f) = self.fuse_qkv_rope(k, b, ops, j, env, cache)? {
+                out.push(f);
+                j += 6;
+                continue;
+            }
+            if let Some(f) = self.fuse_gate_up(b, ops, j, env)? {
+                out.push(f);
+                j += 3;
+                continue;
+            }
+            if let Some(f) = self.fuse_add_norm(k, b, ops.get(j..j + 2), env)? {
+                out.push(f);
+                j += 2;
+                continue;
+            }
+            if let Some(f) = self.fuse_rope_kv(k, b, ops.get(j..j + 3), env, cache)? {
+                out.push(f);
+                j += 3;
+                continue;
+            }
+            out.push(Fast::Op(j));
+            j += 1;
+        }
+        Ok(out)
+    }
+
+    /// RoPE(q), RoPE(k) on the same table and the KV append of that k (with
+    /// v), as one [`RopeKv`] dispatch; None when `w` is not that pattern.
+    fn fuse_rope_kv(
+        &self,
+        k: &mut Kernels,
+        b: &Buffers,
+        w: Option<&[Op]>,
+        env: Env,
+        cache: &KvCache,
+    ) -> Result<Option<Fast>> {
+        let (g, c) = (self.g, self.cfg);
+        let Some(
+            [Op {
+                kind:
                     OpKind::Rope {
                         x: qx,
                         y: qy,
                         heads: nh,
                         table: tq,
                     },
+                ..
+            }, Op {
+                kind:
                     OpKind::Rope {
                         x: kx,
                         y: ky,
                         heads: nkv,
                         table: tk,
                     },
-                    OpKind::KvAppend { k: kk, v },
-                )) if tq == tk && kk == ky && qy != ky && qy != v && qy != kx => {
-                    Some((*qx, *qy, *nh, *kx, *nkv, *v, *tq))
-                }
-                _ => None,
-            };
-            if let Some(f) = self.fuse_add_norm(k, b, ops.get(j..j + 2), env)? {
-                out.push(f);
-                j += 2;
-                continue;
-            }
-            let Some((qx, qy, nh, kx, nkv, v, table)) = fused else {
-                out.push(Fast::Op(j));
-                j += 1;
-                continue;
-            };
-            let t = &self
-                .tables
-                .iter()
-                .find(|(t, _)| *t == table)
-                .expect("a table for every rope op")
-                .1;
-            let params = rope::KvParams {
-                n_heads: nh as u32,
-                n_kv_heads: nkv as u32,
-                head_dim: c.head_dim as u32,
-                max_positions: t.max_positions as u32,
-                max_ctx: cache.params.max_ctx,
-                _p: [0; 3],
-            };
-            let buf = |x: Buf| &b.acts[b.idx(env, x)];
-            let bg = k.rope_kv.bind(
-                g,
-                &params,
-                &b.step,
-                [buf(qx), buf(kx), buf(v)],
-                t,
-                buf(qy),
-                cache,
-            )?;
-            let bat = k.rope_kv_b.bind(
-                g,
-                &params,
-                &b.bstep,
-                [buf(qx), buf(kx), buf(v)],
-                t,
-                buf(qy),
-                cache,
-            )?;
-            let info = StepOp {
-                class: "rope+kv (fused)",
-                dispatches: 1,
-                weight_bytes: 0,
-                kv_bytes_per_position: 0,
-                window: 0,
-            };
-            out.push(Fast::RopeKv {
-                bg,
-                bat,
-                params,
-                info,
-            });
-            j += 3;
+                ..
+            }, Op {
+                kind: OpKind::KvAppend { k: kk, v },
+                ..
+            }],
+        ) = w
+        else {
+            return Ok(None);
+        };
+        if !(tq == tk && kk == ky && qy != ky && qy != v && qy != kx) {
+            return Ok(None);
         }
-        Ok(out)
+        let t = self.table(*tq);
+        let params = rope::KvParams {
+            n_heads: *nh as u32,
+            n_kv_heads: *nkv as u32,
+            head_dim: c.head_dim as u32,
+            max_positions: t.max_positions as u32,
+            max_ctx: cache.params.max_ctx,
+            _p: [0; 3],
+        };
+        let buf = |x: Buf| &b.acts[b.idx(env, x)];
+        let bg = k.rope_kv.bind(
+            g,
+            &params,
+            &b.step,
+            [buf(*qx), buf(*kx), buf(*v)],
+            t,
+            buf(*qy),
+            cache,
+        )?;
+        let bat = k.rope_kv_b.bind(
+            g,
+            &params,
+            &b.bstep,
+            [buf(*qx), buf(*kx), buf(*v)],
+            t,
+            buf(*qy),
+            cache,
+        )?;
+        let info = StepOp {
+            class: "rope+kv (fused)",
+            dispatches: 1,
+            weight_bytes: 0,
+            kv_bytes_per_position: 0,
+            window: 0,
+        };
+        Ok(Some(Fast::RopeKv {
+            bg,
+            bat,
+            params,
+            info,
+        }))
     }
+
+    fn table(&self, table: RopeTable) -> &RopeTables {
+        &self
+            .tables
+            .iter()
+            .find(|(t, _)| *t == table)
+            .expect("a table for every rope op")
+            .1
+    }
+
+    /// A linear op's dense weight and bias; None for a quantized weight
+    /// (the fused kernels have no quantized form).
+    fn dense_linear(
+        &self,
+        w: Role,
+        bias: Option<Role>,
+    ) -> Result<Option<(&DeviceTensor, Option<&DeviceTensor>)>> {
+        let WTensor::Dense(w) = self.weight_any(w)? else {
+            return Ok(None);
+        };
+        let bias = bias.map(|r| self.weight(r)).transpose()?;
+        Ok(Some((w, bias)))
+    }
+
+    /// ops[j..j + 6] = three linear ops over the same x (q, k, v), then the
+    /// [`Fast::RopeKv`] pattern over their outputs, none of which the rest
+    /// of the layer reads: one [`fused::qkv_rope`] dispatch for one-token
+    /// steps. None when not that pattern or not fusable here.
+    fn fuse_qkv_rope(
+        &self,
+        k: &mut Kernels,
+        b: &Buffers,
+        ops: &[Op],
+        j: usize,
+        env: Env,
+        cache: &KvCache,
+    ) -> Result<Option<Fast>> {
+        let Some(w) = ops.get(j..j + 6) else {
+            return Ok(None);
+        };
+        let lin = |o: &Op| match o.kind {
+            OpKind::Linear { x, w, bias, y } => Some((x, w, bias, y)),
+            _ => None,
+        };
+        let (Some(q), Some(kk), Some(v)) = (lin(&w[0]), lin(&w[1]), lin(&w[2])) else {
+            return Ok(None);
+        };
+        let (
+            OpKind::Rope {
+                x: qx,
+                y: qy,
+                table,
+                ..
+            },
+            OpKind::Rope { x: kx, y: ky, .. },
+            OpKind::KvAppend { v: vx, .. },
+        ) = (&w[3].kind, &w[4].kind, &w[5].kind)
+        else {
+            return Ok(None);
+        };
+        let x = q.0;
+        let outs = [q.3, kk.3, v.3];
+        let later_reads = |bufs: &[Buf]| {
+            ops[j + 6..]
+                .iter()
+                .any(|o| o.inputs().iter().any(|i| bufs.contains(i)))
+        };
+        if k.faults.rope_interleaved
+            || kk.0 != x
+            || v.0 != x
+            || (*qx, *kx, *vx) != (q.3, kk.3, v.3)
+            || outs.contains(&x)
+            || *qy == x
+            || later_reads(&[q.3, kk.3, v.3, *ky])
+        {
+            return Ok(None);
+        }
+        let Some(fallback_rope) = self.fuse_rope_kv(k, b, Some(&w[3..6]), env, cache)? else {
+            return Ok(None);
+        };
+        let (Some(wq), Some(wk), Some(wv)) = (
+            self.dense_linear(q.1, q.2)?,
+            self.dense_linear(kk.1, kk.2)?,
+            self.dense_linear(v.1, v.2)?,
+        ) else {
+            return Ok(None);
+        };
+        let buf = |x: Buf| &b.acts[b.idx(env, x)];
+        let Some(f) = fused::qkv_rope(
+            self.g,
+            &b.step,
+            buf(x),
+            [wq.0, wk.0, wv.0],
+            [wq.1, wk.1, wv.1],
+            self.cfg.head_dim,
+            self.table(*table),
+            buf(*qy),
+            cache,
+        )?
+        else {
+            return Ok(None);
+        };
+        let info = StepOp {
+            class: "q/k/v+rope+kv (fused)",
+            dispatches: 1,
+            weight_bytes: [wq, wk, wv].iter().map(|w| linear_bytes(w.0, w.1)).sum(),
+            kv_bytes_per_position: 0,
+            window: 0,
+        };
+        Ok(Some(Fast::QkvRope {
+            f,
+            fallback: vec![Fast::Op(j), Fast::Op(j + 1), Fast::Op(j + 2), fallback_rope],
+            info,
+        }))
+    }
+
+    /// ops[j..j + 3] = gate and up linear ops over the same x and the GLU of
+    /// their outputs, which the rest of the layer does not read: one
+    /// [`fused::gate_up`] dispatch for one-token steps. None when not that
+    /// pattern or not fusable here.
+    fn fuse_gate_up(&self, b: &Buffers, ops: &[Op], j: usize, env: Env) -> Result<Option<Fast>> {
+        let Some(
+            [Op {
+                kind:
+                    OpKind::Linear {
+                        x,
+                        w: wg,
+                        bias: bg,
+                        y: yg,
+                    },
+                ..
+            }, Op {
+                kind:
+                    OpKind::Linear {
+                        x: xu,
+                        w: wu,
+                        bias: bu,
+                        y: yu,
+                    },
+                ..
+            }, Op {
+                kind: OpKind::Glu { gate, up, y, act },
+                ..
+            }],
+        ) = ops.get(j..j + 3)
+        else {
+            return Ok(None);
+        };
+        let later_reads = ops[j + 3..]
+            .iter()
+            .any(|o| o.inputs().iter().any(|i| i == yg || i == yu));
+        if xu != x || (gate, up) != (yg, yu) || yg == yu || [x, yg, yu].contains(&y) || later_reads
+        {
+            return Ok(None);
+        }
+        let (Some(g), Some(u)) = (self.dense_linear(*wg, *bg)?, self.dense_linear(*wu, *bu)?)
+        else {
+            return Ok(None);
+        };
+        let buf = |x: Buf| &b.acts[b.idx(env, x)];
+        let gelu_tanh = *act == Activation::GeluTanh;
+        let Some(f) = fused::gate_up(
+            self.g,
+            &b.step,
+            buf(*x),
+            [g.0, u.0],
+            [g.1, u.1],
+            gelu_tanh,
+            buf(*y),
+        )?
+        else {
+            return Ok(None);
+        };
+        let info = StepOp {
+            class: "gate/up+glu (fused)",
+            dispatches: 1,
+            weight_bytes: linear_bytes(g.0, g.1) + linear_bytes(u.0, u.1),
+            kv_bytes_per_position: 0,
+            window: 0,
+        };
+        Ok(Some(Fast::GateUp {
+            f,
+            fallback: vec![Fast::Op(j), Fast::Op(j + 1), Fast::Op(j + 2)],
+            info,
+        }))
+    }
+}
+
+/// Weight bytes of a linear op's weight and bias.
+fn linear_bytes(w: &DeviceTensor, bias: Option<&DeviceTensor>) -> u64 {
+    dense_bytes(w) + bias.map_or(0, dense_bytes)
 }
 
 /// Dispatches of the plain op `f` (`Fast::Op`) of a layer.

@@ -274,7 +274,14 @@ fn gpu_candidate_sampling_matches_the_cpu_sampler() {
 /// at EOS leave steps in flight, so the drain after a stop is covered too.
 #[test]
 fn pipelined_greedy_waits_for_callbacks_another_thread_collected() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    /// Polls of the other thread that must overlap the generations, or the
+    /// test proves nothing (the loop below runs until they have happened).
+    const MIN_POLLS: u64 = 12;
+    /// Generations at most: far more than MIN_POLLS polls take (one poll
+    /// is its 30 ms callback plus a device wait), so only a poller that
+    /// never gets the CPU can exhaust them.
+    const MAX_ROUNDS: usize = 400;
     let tok = tokenizer();
     let name = "llama_gqa3_untied";
     let p = prompt(name);
@@ -282,8 +289,9 @@ fn pipelined_greedy_waits_for_callbacks_another_thread_collected() {
     let all = host_greedy(&mut m, &p, 12).unwrap();
     let g = gpu();
     let done = Arc::new(AtomicBool::new(false));
+    let polls = Arc::new(AtomicU64::new(0));
     let poller = {
-        let (g, done) = (g.clone(), done.clone());
+        let (g, done, polls) = (g.clone(), done.clone(), polls.clone());
         std::thread::spawn(move || {
             let buf = g.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("other thread's readback"),
@@ -291,28 +299,34 @@ fn pipelined_greedy_waits_for_callbacks_another_thread_collected() {
                 usage: wgpu::BufferUsages::MAP_READ,
                 mapped_at_creation: false,
             });
-            let mut polls = 0u64;
             while !done.load(Ordering::Acquire) {
                 buf.slice(..).map_async(wgpu::MapMode::Read, |_| {
                     std::thread::sleep(std::time::Duration::from_millis(30))
                 });
                 g.device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
                 buf.unmap();
-                polls += 1;
+                polls.fetch_add(1, Ordering::AcqRel);
             }
-            polls
         })
     };
-    for j in [1usize, 3, 5, 7, 9] {
-        let stop = all[j];
+    let stops = [1usize, 3, 5, 7, 9];
+    let mut rounds = 0;
+    while rounds < stops.len() || (polls.load(Ordering::Acquire) < MIN_POLLS && rounds < MAX_ROUNDS)
+    {
+        let stop = all[stops[rounds % stops.len()]];
         let first = all.iter().position(|&t| t == stop).unwrap();
         m.reset();
         let got = generate(&mut m, &tok, &p, &greedy_opts(12, vec![stop]), |_| {}).unwrap();
         assert_eq!(got.generated_ids, all[..first], "stop at {stop}");
         assert_eq!(m.position(), p.len() + first, "stop at {stop}");
+        rounds += 1;
     }
     done.store(true, Ordering::Release);
-    let polls = poller.join().unwrap();
-    // The other thread must really have polled meanwhile, or this proves nothing.
-    assert!(polls > 5, "the other thread polled only {polls} times");
+    poller.join().unwrap();
+    let polls = polls.load(Ordering::Acquire);
+    assert!(
+        polls >= MIN_POLLS,
+        "the other thread polled only {polls} times in {rounds} generations"
+    );
+    println!("{rounds} generations, {polls} polls of the other thread");
 }

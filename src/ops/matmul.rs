@@ -103,6 +103,18 @@ impl LinearVariant {
     }
 }
 
+impl LinearVariant {
+    /// Workgroup size of this variant's GEMV (the fused decode GEMVs of
+    /// `ops::fused` use the same).
+    pub fn workgroup(self, caps: &Caps) -> u32 {
+        match self {
+            LinearVariant::RowPerThread => ROWS_WG,
+            // A power of two covering whole subgroups of the largest size.
+            _ => 64u32.max(caps.subgroup_max_size.next_power_of_two()),
+        }
+    }
+}
+
 /// Kernel of the prefill (many-token) path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PrefillKernel {
@@ -292,11 +304,7 @@ impl Linear {
                 gpu.name()
             )));
         }
-        let gemv_wg = match variant {
-            LinearVariant::RowPerThread => ROWS_WG,
-            // A power of two covering whole subgroups of the largest size.
-            _ => 64u32.max(caps.subgroup_max_size.next_power_of_two()),
-        };
+        let gemv_wg = variant.workgroup(caps);
         if gemv_wg > caps.max_invocations {
             return Err(Error::invalid(format!(
                 "linear: GEMV workgroup of {gemv_wg} exceeds the adapter's max of {} invocations",

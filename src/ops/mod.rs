@@ -5,6 +5,7 @@ pub mod argmax;
 pub mod attention;
 pub mod elementwise;
 pub mod embedding;
+pub mod fused;
 pub mod kv_copy;
 pub mod matmul;
 pub mod qmatmul;

@@ -1,0 +1,461 @@
+//! Fused decode GEMVs: one dispatch for several linear layers over the same
+//! x, with what follows them done in the epilogue (`shaders/gemv_fused_*`).
+//!
+//! - [`qkv_rope`]: the q, k and v projections (+ bias), RoPE of q and k and
+//!   the KV-cache append: what `q_proj`, `k_proj`, `v_proj` and
+//!   `ops::rope::RopeKv` do for one token, in one dispatch.
+//! - [`gate_up`]: the gate and up projections (+ bias) and the GLU (SwiGLU
+//!   or Gemma's tanh GeGLU): `gate_proj`, `up_proj` and the elementwise GLU.
+//!
+//! Each weight keeps its own buffer in nn.Linear's `[out, in]` layout; the
+//! kernel binds all of them. Every row is summed by the GEMV's own inner
+//! loop (`matmul_xw*.wgsl`, compiled once per weight with its identifiers
+//! renamed, [`xw_copy`]) and, in the workgroup shapes, reduced by the
+//! GEMV's own `wg_sum`; the epilogues do the unfused kernels' f32 operations
+//! in their order. So the fused path is bit-identical to the ops it
+//! replaces: that is its reference, tested in tests/decode.rs
+//! (`fused_and_op_by_op_paths_agree_bit_for_bit`) rather than against a
+//! plain-Rust model here.
+//!
+//! One token only (decode): prefill and slot passes record the unfused ops.
+//! Dense weights in one buffer each; anything else (quantized weights,
+//! weights split into chunks, an adapter with too few storage bindings per
+//! stage) is reported as not fusable (`Ok(None)`) and the caller keeps the
+//! unfused ops.
+
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Kernel};
+use crate::ops::kv_copy::KvCache;
+use crate::ops::matmul::{
+    LinearVariant, SRC_COMMON, SRC_GEMV_WG_SHARED, SRC_GEMV_WG_SUBGROUP, SRC_XW, SRC_XW_VEC,
+};
+use crate::ops::rope::RopeTables;
+use crate::tensor::{DeviceTensor, WDType};
+
+/// Bindings, epilogues and params shared by the fused kernels.
+pub const SRC_FUSED_COMMON: &str = include_str!("../../shaders/gemv_fused_common.wgsl");
+/// Entry points in the row-per-invocation shape (CPU device profile).
+pub const SRC_FUSED_ROWS: &str = include_str!("../../shaders/gemv_fused_rows.wgsl");
+/// Entry points in the workgroup-per-row shape (GPU profile).
+pub const SRC_FUSED_WG: &str = include_str!("../../shaders/gemv_fused_wg.wgsl");
+
+/// Storage bindings the q/k/v kernel needs in one stage (x, 3 weights, 3
+/// biases, q out, K and V cache, cos and sin).
+pub const QKV_STORAGE_BINDINGS: u32 = 12;
+/// ... and the gate/up kernel (x, 2 weights, 3 bias slots, out).
+pub const GATE_UP_STORAGE_BINDINGS: u32 = 7;
+
+/// Mirrors `FusedParams` in gemv_fused_common.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FusedParams {
+    pub rows_a: u32,
+    pub rows_b: u32,
+    pub rows_c: u32,
+    pub groups_a: u32,
+    pub groups_b: u32,
+    pub head_dim: u32,
+    pub max_ctx: u32,
+    pub max_positions: u32,
+    pub bias_mode: u32,
+    pub _p: [u32; 3],
+}
+
+/// Mirrors matmul_common.wgsl's `Params` (only `k` is read by the fused
+/// kernels' inner loops).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct LinParams {
+    k: u32,
+    n: u32,
+    row_start: u32,
+    rows: u32,
+    bias_mode: u32,
+    _p: [u32; 3],
+}
+
+/// One fused dispatch, bound at load.
+pub struct Fused {
+    kernel: Kernel,
+    bg: wgpu::BindGroup,
+    groups: u32,
+    /// Uniforms the bind group reads (kept alive here).
+    _params: [wgpu::Buffer; 2],
+    /// Bound in place of absent biases.
+    _dummy: wgpu::Buffer,
+}
+
+impl Fused {
+    /// Record the dispatch (one token; the step uniform must say so).
+    pub fn encode(&self, gpu: &Gpu, pass: &mut wgpu::ComputePass<'_>) {
+        gpu.dispatch_in(pass, &self.kernel, &self.bg, self.groups);
+    }
+
+    /// Workgroups of the dispatch.
+    pub fn groups(&self) -> u32 {
+        self.groups
+    }
+}
+
+/// `src` (one of the matmul_xw*.wgsl files) for another weight: the x
+/// binding dropped (the first copy declares it), the weight binding `w`
+/// moved to `binding` and renamed `w{suffix}`, and every function it
+/// declares renamed `name{suffix}`. Swizzles (`.w`) are left alone.
+pub fn xw_copy(src: &str, suffix: &str, binding: u32) -> Result<String> {
+    let bad = |what: &str| {
+        Error::invalid(format!(
+            "fused GEMV: the linear inner-loop source no longer has {what} (matmul_xw*.wgsl \
+             changed shape; update ops::fused::xw_copy)"
+        ))
+    };
+    let mut names = vec!["w".to_string()];
+    for line in src.lines() {
+        if let Some(rest) = line.trim_start().strip_prefix("fn ") {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            names.push(name);
+        }
+    }
+    let x_decl = "var<storage, read> x:";
+    let w_decl = "@group(0) @binding(3) var<storage, read> w:";
+    if !src.lines().any(|l| l.contains(x_decl)) {
+        return Err(bad("the x binding"));
+    }
+    if !src.lines().any(|l| l.trim_start().starts_with(w_decl)) {
+        return Err(bad("the weight binding `w` at binding 3"));
+    }
+    let mut out = String::with_capacity(src.len() + 256);
+    for line in src.lines() {
+        if line.contains(x_decl) {
+            continue;
+        }
+        let line = if line.trim_start().starts_with(w_decl) {
+            line.replacen("@binding(3)", &format!("@binding({binding})"), 1)
+        } else {
+            line.to_string()
+        };
+        out.push_str(&rename(&line, &names, suffix));
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// `line` with every identifier in `names` (not after a `.`) suffixed.
+fn rename(line: &str, names: &[String], suffix: &str) -> String {
+    let b = line.as_bytes();
+    let mut out = String::with_capacity(line.len() + 16);
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c.is_ascii_alphanumeric() || c == b'_' {
+            let start = i;
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                i += 1;
+            }
+            let word = &line[start..i];
+            out.push_str(word);
+            let ident = !c.is_ascii_digit();
+            let after_dot = start > 0 && b[start - 1] == b'.';
+            if ident && !after_dot && names.iter().any(|n| n == word) {
+                out.push_str(suffix);
+            }
+        } else {
+            out.push(c as char);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Which fused kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Entry {
+    QkvRope,
+    GateUp,
+}
+
+/// Compile the fused kernel `entry` for `wdtype` weights with inner
+/// dimension layout `vec` (matmul_xw_vec.wgsl) or generic, in the shape of
+/// the adapter's GEMV variant.
+fn compile(gpu: &Gpu, wdtype: WDType, vec: bool, entry: Entry, gelu_tanh: bool) -> Result<Kernel> {
+    let variant = LinearVariant::for_adapter(&gpu.caps);
+    let wg = variant.workgroup(&gpu.caps);
+    let xw = if vec { SRC_XW_VEC } else { SRC_XW };
+    let tail = match variant {
+        LinearVariant::RowPerThread => SRC_FUSED_ROWS.to_string(),
+        LinearVariant::WorkgroupSubgroup => format!("{SRC_GEMV_WG_SUBGROUP}\n{SRC_FUSED_WG}"),
+        LinearVariant::WorkgroupShared => format!("{SRC_GEMV_WG_SHARED}\n{SRC_FUSED_WG}"),
+    };
+    let src = format!(
+        "const WG: u32 = {wg}u;\nconst TB: u32 = 1u;\n{SRC_COMMON}\n{xw}\n{}\n{}\n{SRC_FUSED_COMMON}\n{tail}",
+        xw_copy(xw, "_b", 7)?,
+        xw_copy(xw, "_c", 8)?,
+    );
+    let name = match entry {
+        Entry::QkvRope => "qkv_rope",
+        Entry::GateUp => "gate_up",
+    };
+    let label = format!(
+        "fused.{name}.{variant:?}.{}.{wdtype:?}",
+        if vec { "vec" } else { "any" }
+    );
+    gpu.kernel(
+        &label,
+        &src,
+        name,
+        &[
+            ("W_BF16", wdtype.is_bf16_const()),
+            ("GLU_GELU_TANH", if gelu_tanh { 1.0 } else { 0.0 }),
+        ],
+    )
+}
+
+/// The weights of one fused kernel, checked: dense, one buffer each, the
+/// same dtype and inner dimension; biases all present or all absent, one
+/// dtype. None when they cannot be fused.
+fn check<'a>(
+    ws: &[&'a DeviceTensor],
+    biases: &[Option<&'a DeviceTensor>],
+) -> Option<(WDType, usize, u32)> {
+    let (dt, k) = (ws[0].dtype, ws[0].cols());
+    let fits = ws
+        .iter()
+        .all(|w| w.shape.len() == 2 && w.dtype == dt && w.cols() == k && w.chunks.len() == 1);
+    if !fits || k == 0 {
+        return None;
+    }
+    let bias_mode = match biases {
+        b if b.iter().all(Option::is_none) => 0,
+        b if b.iter().all(Option::is_some) => {
+            let bs: Vec<&DeviceTensor> = b.iter().flatten().copied().collect();
+            let bdt = bs[0].dtype;
+            let ok = bs.iter().zip(ws).all(|(b, w)| {
+                b.dtype == bdt && b.chunks.len() == 1 && b.shape.len() == 1 && b.numel() == w.rows()
+            });
+            if !ok {
+                return None;
+            }
+            match bdt {
+                WDType::F32 => 1,
+                WDType::Bf16 => 2,
+            }
+        }
+        _ => return None,
+    };
+    Some((dt, k, bias_mode))
+}
+
+/// Whether x (f32 `[k]`) can be read by the vec4 inner loop (as Linear
+/// decides it).
+fn vec_layout(k: usize, x: &wgpu::Buffer) -> bool {
+    k % 8 == 0 && x.size() % 16 == 0
+}
+
+fn storage_ok(gpu: &Gpu, need: u32) -> bool {
+    gpu.device.limits().max_storage_buffers_per_shader_stage >= need
+}
+
+/// The fused q/k/v + bias + RoPE + KV append for one decode token: `x` the
+/// normed hidden state, `q_out` the QRope buffer, `cache` the layer's K and V
+/// cache (slot 0), `tables` the layer's RoPE table. None when not fusable.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope(
+    gpu: &Gpu,
+    step: &wgpu::Buffer,
+    x: &wgpu::Buffer,
+    w: [&DeviceTensor; 3],
+    bias: [Option<&DeviceTensor>; 3],
+    head_dim: usize,
+    tables: &RopeTables,
+    q_out: &wgpu::Buffer,
+    cache: &KvCache,
+) -> Result<Option<Fused>> {
+    let Some((dt, k, bias_mode)) = check(&w, &bias) else {
+        return Ok(None);
+    };
+    let rows = w.map(|w| w.rows() as u32);
+    let hd = head_dim as u32;
+    if !storage_ok(gpu, QKV_STORAGE_BINDINGS)
+        || hd == 0
+        || hd % 2 == 1
+        || rows.iter().any(|r| r % hd != 0)
+        || rows[1] != rows[2]
+        || rows[1] != cache.params.n_kv_heads * cache.params.head_dim
+        || cache.params.head_dim != hd
+        || tables.head_dim != head_dim
+    {
+        return Ok(None);
+    }
+    let kernel = compile(gpu, dt, vec_layout(k, x), Entry::QkvRope, false)?;
+    let variant = LinearVariant::for_adapter(&gpu.caps);
+    let wg = variant.workgroup(&gpu.caps);
+    let pairs = rows.map(|r| r / 2);
+    // rows shape: 2 WG pairs per workgroup per section; workgroup shapes:
+    // one workgroup per pair.
+    let (groups_a, groups_b, groups) = match variant {
+        LinearVariant::RowPerThread => {
+            let g = pairs.map(|p| p.div_ceil(2 * wg));
+            (g[0], g[1], g[0] + g[1] + g[2])
+        }
+        _ => (0, 0, pairs.iter().sum()),
+    };
+    let fp = FusedParams {
+        rows_a: rows[0],
+        rows_b: rows[1],
+        rows_c: rows[2],
+        groups_a,
+        groups_b,
+        head_dim: hd,
+        max_ctx: cache.params.max_ctx,
+        max_positions: tables.max_positions as u32,
+        bias_mode,
+        _p: [0; 3],
+    };
+    let dummy = gpu.storage("fused.no_bias", 4);
+    let b = bias.map(|b| b.map_or(&dummy, |b| &b.chunks[0].buffer));
+    let lin = lin_params(gpu, k, rows[0], bias_mode)?;
+    let fpb = gpu.uniform("fused.qkv_rope.params", &fp)?;
+    let bg = gpu.bind_entries(
+        &kernel,
+        &[
+            (0, &lin),
+            (1, step),
+            (2, x),
+            (3, &w[0].chunks[0].buffer),
+            (6, &fpb),
+            (7, &w[1].chunks[0].buffer),
+            (8, &w[2].chunks[0].buffer),
+            (9, b[0]),
+            (10, b[1]),
+            (11, b[2]),
+            (12, q_out),
+            (13, &cache.k),
+            (14, &cache.v),
+            (15, &tables.cos),
+            (16, &tables.sin),
+        ],
+    );
+    Ok(Some(Fused {
+        kernel,
+        bg,
+        groups,
+        _params: [lin, fpb],
+        _dummy: dummy,
+    }))
+}
+
+/// The fused gate/up + bias + GLU for one decode token into `y`
+/// (`gelu_tanh`: Gemma's GeGLU, else SwiGLU). None when not fusable.
+#[allow(clippy::too_many_arguments)]
+pub fn gate_up(
+    gpu: &Gpu,
+    step: &wgpu::Buffer,
+    x: &wgpu::Buffer,
+    w: [&DeviceTensor; 2],
+    bias: [Option<&DeviceTensor>; 2],
+    gelu_tanh: bool,
+    y: &wgpu::Buffer,
+) -> Result<Option<Fused>> {
+    let Some((dt, k, bias_mode)) = check(&w, &bias) else {
+        return Ok(None);
+    };
+    let rows = w[0].rows() as u32;
+    if !storage_ok(gpu, GATE_UP_STORAGE_BINDINGS) || w[1].rows() as u32 != rows {
+        return Ok(None);
+    }
+    let kernel = compile(gpu, dt, vec_layout(k, x), Entry::GateUp, gelu_tanh)?;
+    let variant = LinearVariant::for_adapter(&gpu.caps);
+    let groups = match variant {
+        LinearVariant::RowPerThread => rows.div_ceil(4 * variant.workgroup(&gpu.caps)),
+        _ => rows,
+    };
+    let fp = FusedParams {
+        rows_a: rows,
+        rows_b: rows,
+        rows_c: 0,
+        groups_a: groups,
+        groups_b: 0,
+        head_dim: 0,
+        max_ctx: 0,
+        max_positions: 0,
+        bias_mode,
+        _p: [0; 3],
+    };
+    let dummy = gpu.storage("fused.no_bias", 4);
+    let b = bias.map(|b| b.map_or(&dummy, |b| &b.chunks[0].buffer));
+    let lin = lin_params(gpu, k, rows, bias_mode)?;
+    let fpb = gpu.uniform("fused.gate_up.params", &fp)?;
+    let bg = gpu.bind_entries(
+        &kernel,
+        &[
+            (0, &lin),
+            (1, step),
+            (2, x),
+            (3, &w[0].chunks[0].buffer),
+            (6, &fpb),
+            (7, &w[1].chunks[0].buffer),
+            (9, b[0]),
+            (10, b[1]),
+            (11, &dummy),
+            (12, y),
+        ],
+    );
+    Ok(Some(Fused {
+        kernel,
+        bg,
+        groups,
+        _params: [lin, fpb],
+        _dummy: dummy,
+    }))
+}
+
+fn lin_params(gpu: &Gpu, k: usize, rows: u32, bias_mode: u32) -> Result<wgpu::Buffer> {
+    gpu.uniform(
+        "fused.linear.params",
+        &LinParams {
+            k: k as u32,
+            n: rows,
+            row_start: 0,
+            rows,
+            bias_mode,
+            _p: [0; 3],
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xw_copy_renames_the_weight_and_functions_but_not_swizzles_or_x() {
+        for src in [SRC_XW, SRC_XW_VEC] {
+            let c = xw_copy(src, "_b", 7).unwrap();
+            assert!(!c.contains("var<storage, read> x:"), "x declared once");
+            assert!(c.contains("@group(0) @binding(7) var<storage, read> w_b:"));
+            assert!(!c.contains("@binding(3)"));
+            assert!(c.contains("fn rows_dot4_b(") && c.contains("fn row_part_b("));
+            assert!(
+                !c.contains(" w[") && !c.contains("(w["),
+                "every w access renamed"
+            );
+            // reads of x stay on the one x binding
+            assert!(c.contains("x["));
+        }
+        // swizzles and numbers stay as written
+        let c = xw_copy(SRC_XW_VEC, "_b", 7).unwrap();
+        assert!(c.contains("wb.w + g") && c.contains("0xffff0000u"));
+        assert_eq!(
+            rename("a.w + w[1] + w8(w)", &["w".into(), "w8".into()], "_c"),
+            "a.w + w_c[1] + w8_c(w_c)"
+        );
+    }
+
+    #[test]
+    fn xw_copy_rejects_a_source_of_another_shape() {
+        let e = xw_copy("fn f() {}", "_b", 7).unwrap_err().to_string();
+        assert!(e.contains("x binding"), "{e}");
+    }
+}
