@@ -27,7 +27,7 @@ override FAULT_EPS_OUTSIDE: bool = false;
 @group(0) @binding(5) var<storage, read_write> sum: array<f32>;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 
-var<workgroup> partial: array<f32, WG>;
+var<workgroup> partial: array<SumSq, WG>;
 
 fn load_w(i: u32) -> f32 {
     if (W_BF16) {
@@ -45,23 +45,25 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let base = row * p.width;
-    var acc = 0.0;
+    let zero = step.zero;
+    var acc = SumSq(0.0, 0.0);
     for (var i = lid; i < p.width; i += WG) {
         let v = a[base + i] + b[base + i];
         sum[base + i] = v;
-        acc += v * v;
+        acc = sumsq_add(acc, v, zero);
     }
     partial[lid] = acc;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
         if (lid < s) {
-            partial[lid] += partial[lid + s];
+            partial[lid] = sumsq_merge(partial[lid], partial[lid + s], zero);
         }
         workgroupBarrier();
     }
-    var inv = inverseSqrt(partial[0] / f32(p.width) + p.eps);
+    let ss = partial[0];
+    var inv = rms_inv(ss, p.width, p.eps, zero);
     if (FAULT_EPS_OUTSIDE) {
-        inv = 1.0 / (sqrt(partial[0] / f32(p.width)) + p.eps);
+        inv = 1.0 / (sqrt((ss.hi + ss.lo) / f32(p.width)) + p.eps);
     }
     for (var i = lid; i < p.width; i += WG) {
         var wi = load_w(i);
@@ -69,6 +71,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             wi = 1.0 + wi;
         }
         // Each invocation re-reads only the elements it wrote itself.
-        y[base + i] = wi * (sum[base + i] * inv);
+        y[base + i] = norm_scale(wi, sum[base + i], inv, zero);
     }
 }

@@ -25,7 +25,10 @@
 // not once per query head. Flash-decoding: with SPLITS > 1 the blocks of a
 // query's range are cut into SPLITS contiguous runs, one workgroup each, so a
 // decode step (one token, few KV heads) still fills the device; each writes
-// its partial (acc, m, l) and a second small pass combines them. Prefill
+// its partial (acc, m, l) and a second small pass combines them. The number
+// of splits used is n_splits(lo, n) (split_prelude in attention.rs: at least
+// MINU blocks per split, at most SPLITS), from the row's own KV length at run
+// time; the dispatch is always SPLITS workgroups per row. Prefill
 // (many tokens) runs SPLITS = 1 with PARTIAL false and writes out directly.
 //
 // Per block of BLK positions:
@@ -137,6 +140,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     let ch = rest % nchunk;
     let kvh = (rest / nchunk) % p.n_kv_heads;
     let t = rest / nchunk / p.n_kv_heads;
+    // Causal: positions lo..=pos_offset+t, never past the cache; lo > 0 only
+    // under a sliding window. Both are workgroup-uniform. The split count
+    // follows the row's own length (n_splits, shared with the combine); the
+    // workgroups past it return here, before any barrier.
+    let rr = row_range(t);
+    let lo = rr.x;
+    let n = rr.y;
+    let ns = n_splits(lo, n);
+    if (sp >= ns) {
+        return;
+    }
     // Query head of slot r: kvh * group + ch * HPW + r; under the fault the
     // heads h with h % n_kv == kvh instead.
     var hstride = 1u;
@@ -152,20 +166,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     }
     workgroupBarrier();
 
-    // Causal: positions lo..=pos_offset+t, never past the cache; lo > 0 only
-    // under a sliding window. Both are workgroup-uniform.
-    let pos = row_pos(t);
-    let n = min(pos + 1u, p.max_ctx);
-    var lo = 0u;
-    if (p.window > 0u && pos + 1u > p.window) {
-        lo = pos + 1u - p.window;
-    }
     // Blocks b0..b1 hold lo..n (earlier blocks are never read); this split
     // takes its run of them. Every block of the range holds a visible
     // position, so a non-empty split has a finite max.
     let b0 = lo / BLK;
     let nb = (n + BLK - 1u) / BLK - b0;
-    let per = (nb + SPLITS - 1u) / SPLITS;
+    let per = (nb + ns - 1u) / ns;
     let sb0 = b0 + min(sp * per, nb);
     let sb1 = b0 + min(sp * per + per, nb);
     let kvbase = (row_slot(t) * p.n_kv_heads + kvh) * p.max_ctx * D4;
@@ -234,13 +240,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                 mb4 = max(mb4, mx_sh[r * (WG / 4u) + e]);
             }
             mn[r] = max(m[r], max4(mb4));
-            corr[r] = exp(m[r] - mn[r]);
+            corr[r] = exp_f32(m[r] - mn[r]);
         }
         for (var u = 0u; u < PPI; u++) {
             let jr = u * WG + lid;
             let valid = start + jr >= lo && start + jr < n;
             for (var r = 0u; r < HPW; r++) {
-                p_sh[r * BLK + jr] = select(0.0, exp(s[u * MAXH + r] - mn[r]), valid);
+                p_sh[r * BLK + jr] = select(0.0, exp_f32(s[u * MAXH + r] - mn[r]), valid);
             }
         }
         workgroupBarrier();

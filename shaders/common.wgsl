@@ -5,7 +5,9 @@ struct Step {
     n_tokens: u32,
     pos_offset: u32,
     kv_len: u32,
-    _pad: u32,
+    // Always 0 (gpu::Step::new), read at run time: the opaque zero of
+    // two_sum below.
+    zero: u32,
 }
 
 // bf16 -> f32 widening. Two bf16 values are packed per u32, element 2i in the
@@ -24,4 +26,113 @@ fn bf16_at(word: u32, e: u32) -> f32 {
 // Linear workgroup index for 1D or 2D grids (see Gpu::grid): x + y * X.
 fn wg_linear(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
+}
+
+// exp(x) within ~1 ulp in f32 (issue #14). The built-in exp is allowed
+// 3 + 2|x| ulp by WGSL and lavapipe's is ~8 ulp at worst, 1.4 ulp on average
+// (tests/precision.rs probes it), which made the SwiGLU activation the largest
+// rounding source of the MLP. Cephes' expf: n = round(x / ln 2),
+// r = x - n ln 2 by Cody-Waite (n * 0.693359375 is exact, its constant
+// having 9 significant bits and |n| <= 150, and the subtraction is exact by
+// Sterbenz; the low part 2.12194440e-4 adds one rounding of ~u |r|), then a
+// degree-7 polynomial for exp(r) on |r| <= ln(2)/2 (error < 0.2 ulp) added
+// to 1 last, and 2^n applied exactly by ldexp. Measured error: at most ~1 ulp,
+// ~0.25 ulp on average. Cost: ~15 flops, for kernels bound by memory.
+// Over- and underflow as exp: > 88.72 gives inf, < -104 gives 0, NaN stays NaN.
+fn exp_f32(x: f32) -> f32 {
+    let xc = clamp(x, -104.0, 88.72283);
+    let n = round(xc * 1.442695041);
+    var r = xc - n * 0.693359375;
+    r = r + n * 2.12194440e-4;
+    let z = r * r;
+    var q = 1.9875691500e-4;
+    q = q * r + 1.3981999507e-3;
+    q = q * r + 8.3334519073e-3;
+    q = q * r + 4.1665795894e-2;
+    q = q * r + 1.6666665459e-1;
+    q = q * r + 5.0000001201e-1;
+    var y = ldexp((q * z + r) + 1.0, i32(n));
+    y = select(y, 0.0, x < -104.0);
+    y = select(y, bitcast<f32>(0x7f800000u), x > 88.72283);
+    return select(y, x, x != x);
+}
+
+// Compensated summation (issue #14): TwoSum (Knuth) splits a + b into its
+// rounded sum s and the exact rounding error e (a + b = s + e). Summing a
+// dot product's partials with two_sum and adding the errors once at the end
+// gives ~2u·Σ|terms| + O(n u²) however long the sum, against ~n·u for the
+// plain running sum (u = 2^-24).
+// Written as plain adds, TwoSum is algebraically zero error: a compiler that
+// reassociates float adds folds (a - (s - (s - a))) + (b - (s - a)) to 0, and
+// lavapipe's does (tests/precision.rs probes it; so may other drivers). So s
+// and s - a pass through `opaque`: an xor of their bits with a zero the
+// compiler cannot see (Step.zero, a uniform), which no float rewrite can
+// look through. Cost: two integer xors per add.
+fn opaque(v: f32, zero: u32) -> f32 {
+    return bitcast<f32>(bitcast<u32>(v) ^ zero);
+}
+fn opaque4(v: vec4<f32>, zero: u32) -> vec4<f32> {
+    return bitcast<vec4<f32>>(bitcast<vec4<u32>>(v) ^ vec4<u32>(zero));
+}
+struct TwoSum {
+    s: f32,
+    e: f32,
+}
+struct TwoSum4 {
+    s: vec4<f32>,
+    e: vec4<f32>,
+}
+fn two_sum(a: f32, b: f32, zero: u32) -> TwoSum {
+    let s = opaque(a + b, zero);
+    let z = opaque(s - a, zero);
+    return TwoSum(s, (a - (s - z)) + (b - z));
+}
+fn two_sum4(a: vec4<f32>, b: vec4<f32>, zero: u32) -> TwoSum4 {
+    let s = opaque4(a + b, zero);
+    let z = opaque4(s - a, zero);
+    return TwoSum4(s, (a - (s - z)) + (b - z));
+}
+
+// RMSNorm's pieces (rmsnorm.wgsl, add_rmsnorm.wgsl; issue #14), shared so the
+// two stay bit-identical. A sum of squares is carried as (hi, lo): every
+// square split exactly by fma (v² = sq + fma(v, v, -sq)) and every add by
+// two_sum, so the sum is exact to ~2u however long the row and however it is
+// split over lanes. fma is exact where the device fuses it; where it does
+// not, the low parts are 0 and this is the plain sum again.
+struct SumSq {
+    hi: f32,
+    lo: f32,
+}
+fn sumsq_add(acc: SumSq, v: f32, zero: u32) -> SumSq {
+    let sq = opaque(v * v, zero);
+    let t = two_sum(acc.hi, sq, zero);
+    return SumSq(t.s, acc.lo + (t.e + fma(v, v, -sq)));
+}
+fn sumsq_merge(a: SumSq, b: SumSq, zero: u32) -> SumSq {
+    let t = two_sum(a.hi, b.hi, zero);
+    return SumSq(t.s, (a.lo + b.lo) + t.e);
+}
+// 1 / sqrt(ss / width + eps) to ~1u (the built-in inverseSqrt alone is
+// allowed 2 ulp and sees the mean already rounded): m = ss / width + eps as
+// (t, tl), then one Newton step r' = r + r (1 - m r²) / 2 on
+// r = inverseSqrt(t), with 1 - m r² evaluated from fma-exact products.
+fn rms_inv(ss: SumSq, width: u32, eps: f32, zero: u32) -> f32 {
+    let n = f32(width);
+    let mh = ss.hi / n;
+    let ml = (fma(-mh, n, ss.hi) + ss.lo) / n;
+    let te = two_sum(mh, eps, zero);
+    let t = te.s;
+    let tl = te.e + ml;
+    let r = inverseSqrt(t);
+    let r2 = opaque(r * r, zero);
+    let r2e = fma(r, r, -r2);
+    let q = opaque(t * r2, zero);
+    let qe = fma(t, r2, -q);
+    let e = ((1.0 - q) - qe) - (t * r2e + tl * r2);
+    return r + r * (0.5 * e);
+}
+// w * x * inv with one rounding: w * x split exactly by fma, then fused.
+fn norm_scale(w: f32, x: f32, inv: f32, zero: u32) -> f32 {
+    let wx = opaque(w * x, zero);
+    return fma(wx, inv, fma(w, x, -wx) * inv);
 }

@@ -20,7 +20,8 @@ fn elem(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return wg_linear(wid, nwg) * WG + lid;
 }
 
-// SwiGLU: y = silu(gate) * up, silu(g) = g / (1 + exp(-g)) as torch computes it.
+// SwiGLU: y = silu(gate) * up, silu(g) = g / (1 + exp(-g)) as torch computes it
+// (exp_f32 from common.wgsl: the built-in exp is a few ulp off on some devices).
 @compute @workgroup_size(WG)
 fn swiglu(@builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>,
@@ -30,7 +31,7 @@ fn swiglu(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let g = a[i];
-    y[i] = g / (1.0 + exp(-g)) * b[i];
+    y[i] = g / (1.0 + exp_f32(-g)) * b[i];
 }
 
 // GeGLU with torch's tanh GELU: y = 0.5 g (1 + tanh(c (g + 0.044715 g^3))) * up,
@@ -47,7 +48,7 @@ fn gelu_tanh_glu(@builtin(workgroup_id) wid: vec3<u32>,
     }
     let g = a[i];
     let u = 0.7978845608028654 * (g + 0.044715 * g * g * g);
-    y[i] = g / (1.0 + exp(-2.0 * u)) * b[i];
+    y[i] = g / (1.0 + exp_f32(-2.0 * u)) * b[i];
 }
 
 // Residual add: y = a + b.

@@ -75,9 +75,9 @@ fn bias_of(sec: u32, col: u32) -> f32 {
 fn glu(g: f32, u: f32) -> f32 {
     if (GLU_GELU_TANH) {
         let a = 0.7978845608028654 * (g + 0.044715 * g * g * g);
-        return g / (1.0 + exp(-2.0 * a)) * u;
+        return g / (1.0 + exp_f32(-2.0 * a)) * u;
     }
-    return g / (1.0 + exp(-g)) * u;
+    return g / (1.0 + exp_f32(-g)) * u;
 }
 
 // rope_kv.wgsl's rotation of the pair (x1, x2).

@@ -21,9 +21,9 @@
 // 2·TM·TN more registers and 6 flops per output per SUB multiply-adds. On a
 // real GPU this kernel is bound by workgroup-memory loads (TM + TN per TM·TN
 // multiply-adds) and barriers, leaving ALU slack for those flops; on lavapipe
-// see BENCHMARKS.md. TwoSum needs the compiler not to reassociate float adds:
-// SPIR-V (no fast-math flags), naga's MSL/HLSL and llvmpipe keep the written
-// order (contraction into fma is allowed and harmless here).
+// see BENCHMARKS.md. TwoSum is common.wgsl's two_sum, whose opaque zero keeps
+// a reassociating compiler (lavapipe's) from folding the error term to 0 (it
+// did, before: the compensation was silently lost).
 
 const NT: u32 = (BM / TM) * (BN / TN);
 // Products per partial sum.
@@ -46,6 +46,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     }
     let k = p.k;
     let ntok = step.n_tokens;
+    let zero = step.zero;
     let tx = lid % (BN / TN);
     let ty = lid / (BN / TN);
     var acc: array<f32, TM * TN>;
@@ -123,10 +124,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             }
             // acc += part with the rounding error kept in cmp (TwoSum).
             for (var i = 0u; i < TM * TN; i++) {
-                let t = acc[i] + part[i];
-                let z = t - acc[i];
-                cmp[i] += (acc[i] - (t - z)) + (part[i] - z);
-                acc[i] = t;
+                let ts = two_sum(acc[i], part[i], zero);
+                cmp[i] += ts.e;
+                acc[i] = ts.s;
             }
         }
         workgroupBarrier();

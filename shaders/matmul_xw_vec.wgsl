@@ -40,19 +40,25 @@ fn x8(gx: u32) -> array<vec4<f32>, 2> {
 // so each load is a gather; sharing them is what brings this near the
 // device's streaming read rate (4 rows: ~2x faster than 1; 8: slower).
 // Summation (issue #14): each group of 8 products is summed as two 4-wide
-// dots and their sum (depth <= 5), and the k/8 group sums are accumulated with
-// Knuth's TwoSum, the rounding error of every add kept in `cmp` and added at
-// the end. Error bound ~(5 + 2)·u·Σ|x_i w_i| + O(k·u²) (u = 2^-24), against
-// (k/8 + 5)·u for the plain running sum (77·u at k = 576, 613·u at k = 4864).
-// Cost: TB more vec4 registers and 7 flops per group per row, against 8
-// multiply-adds and 2-4 128-bit loads; the kernel is bound by the loads (the
+// dots and their sum (depth <= 5), gb = 4 group sums are added in a fresh
+// partial, and the k/32 partials are accumulated with Knuth's TwoSum, the
+// rounding error of every add kept in `cmp` and added at the end. Error bound
+// ~(5 + 4 + 2)·u·Σ|x_i w_i| + O(k·u²) (u = 2^-24), against (k/8 + 5)·u for the
+// plain running sum (77·u at k = 576, 613·u at k = 4864). Cost: 2·TB more vec4
+// registers and 7 flops + 2 xors per 4 groups per row, against 32
+// multiply-adds and 8-16 128-bit loads; the kernel is bound by the loads (the
 // gathers across lanes), so the flops are hidden (BENCHMARKS.md). On a GPU the
-// same holds more so: a decode GEMV is bound by DRAM bandwidth. TwoSum needs
-// the compiler not to reassociate float adds (SPIR-V and naga's MSL/HLSL keep
-// the written order; contraction into fma is allowed and harmless).
+// same holds more so: a decode GEMV is bound by DRAM bandwidth. TwoSum is
+// common.wgsl's two_sum4, whose opaque zero keeps a reassociating compiler
+// (lavapipe's) from folding the error term to 0 (it did, before: the
+// compensation was silently lost).
 fn rows_dot4(t0: u32, r: vec4<u32>) -> array<vec4<f32>, TB> {
     let ng = p.k / 8u;
     let wb = r * ng;
+    let zero = step.zero;
+    // Groups of 8 products per TwoSum'd partial (a local, not a module
+    // constant: ops::fused copies this file under other names).
+    let gb = 4u;
     var xb: array<u32, TB>;
     var acc: array<vec4<f32>, TB>;
     var cmp: array<vec4<f32>, TB>;
@@ -61,22 +67,31 @@ fn rows_dot4(t0: u32, r: vec4<u32>) -> array<vec4<f32>, TB> {
         acc[i] = vec4<f32>(0.0);
         cmp[i] = vec4<f32>(0.0);
     }
-    for (var g = 0u; g < ng; g++) {
-        let w0 = w8(wb.x + g);
-        let w1 = w8(wb.y + g);
-        let w2 = w8(wb.z + g);
-        let w3 = w8(wb.w + g);
+    // Runs of gb groups (32 products) into a fresh partial, the partials
+    // added with TwoSum: a quarter of the TwoSum work of one per group.
+    for (var g0 = 0u; g0 < ng; g0 += gb) {
+        var part: array<vec4<f32>, TB>;
         for (var i = 0u; i < TB; i++) {
-            let xv = x8(xb[i] + g);
-            let d = vec4<f32>(dot(w0[0], xv[0]) + dot(w0[1], xv[1]),
-                              dot(w1[0], xv[0]) + dot(w1[1], xv[1]),
-                              dot(w2[0], xv[0]) + dot(w2[1], xv[1]),
-                              dot(w3[0], xv[0]) + dot(w3[1], xv[1]));
-            // acc += d, the rounding error kept in cmp (TwoSum)
-            let s = acc[i] + d;
-            let z = s - acc[i];
-            cmp[i] += (acc[i] - (s - z)) + (d - z);
-            acc[i] = s;
+            part[i] = vec4<f32>(0.0);
+        }
+        for (var g = g0; g < min(g0 + gb, ng); g++) {
+            let w0 = w8(wb.x + g);
+            let w1 = w8(wb.y + g);
+            let w2 = w8(wb.z + g);
+            let w3 = w8(wb.w + g);
+            for (var i = 0u; i < TB; i++) {
+                let xv = x8(xb[i] + g);
+                part[i] += vec4<f32>(dot(w0[0], xv[0]) + dot(w0[1], xv[1]),
+                                     dot(w1[0], xv[0]) + dot(w1[1], xv[1]),
+                                     dot(w2[0], xv[0]) + dot(w2[1], xv[1]),
+                                     dot(w3[0], xv[0]) + dot(w3[1], xv[1]));
+            }
+        }
+        for (var i = 0u; i < TB; i++) {
+            // acc += part, the rounding error kept in cmp (TwoSum)
+            let ts = two_sum4(acc[i], part[i], zero);
+            cmp[i] += ts.e;
+            acc[i] = ts.s;
         }
     }
     for (var i = 0u; i < TB; i++) {

@@ -3,7 +3,9 @@
 // or, with UNIT_OFFSET (Gemma3RMSNorm), y = (1 + w) * (x * inverseSqrt(...)).
 // One workgroup per row of `width`; a token holds `rows_per_token` rows (a
 // per-head norm). A strided sum of squares then a tree reduction in
-// workgroup memory.
+// workgroup memory, both compensated, the scale refined by a Newton step and
+// applied with one rounding (common.wgsl's sumsq_add / sumsq_merge /
+// rms_inv / norm_scale; issue #14).
 
 struct Params {
     width: u32,
@@ -27,7 +29,7 @@ override FAULT_EPS_OUTSIDE: bool = false;
 @group(0) @binding(3) var<storage, read> w: array<u32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
-var<workgroup> partial: array<f32, WG>;
+var<workgroup> partial: array<SumSq, WG>;
 
 fn load_w(i: u32) -> f32 {
     if (W_BF16) {
@@ -46,28 +48,29 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let base = row * p.width;
-    var acc = 0.0;
+    let zero = step.zero;
+    var acc = SumSq(0.0, 0.0);
     for (var i = lid; i < p.width; i += WG) {
-        let v = x[base + i];
-        acc += v * v;
+        acc = sumsq_add(acc, x[base + i], zero);
     }
     partial[lid] = acc;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
         if (lid < s) {
-            partial[lid] += partial[lid + s];
+            partial[lid] = sumsq_merge(partial[lid], partial[lid + s], zero);
         }
         workgroupBarrier();
     }
-    var inv = inverseSqrt(partial[0] / f32(p.width) + p.eps);
+    let ss = partial[0];
+    var inv = rms_inv(ss, p.width, p.eps, zero);
     if (FAULT_EPS_OUTSIDE) {
-        inv = 1.0 / (sqrt(partial[0] / f32(p.width)) + p.eps);
+        inv = 1.0 / (sqrt((ss.hi + ss.lo) / f32(p.width)) + p.eps);
     }
     for (var i = lid; i < p.width; i += WG) {
         var wi = load_w(i);
         if (UNIT_OFFSET) {
             wi = 1.0 + wi;
         }
-        y[base + i] = wi * (x[base + i] * inv);
+        y[base + i] = norm_scale(wi, x[base + i], inv, zero);
     }
 }

@@ -24,6 +24,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let t = x[i] / p.cap;
-    let e = exp(-2.0 * abs(t));
+    let e = exp_f32(-2.0 * abs(t));
     x[i] = sign(t) * ((1.0 - e) / (1.0 + e)) * p.cap;
 }

@@ -125,6 +125,13 @@ pub struct BenchArgs {
     /// Also time each kind of op of one decode step in isolation.
     #[arg(long)]
     pub breakdown: bool,
+    /// Prefill this many extra tokens once, before the repeats, and start
+    /// every repeat's prompt and decode after them (the cache is truncated
+    /// back to them, not refilled): decode is then timed at a KV length of
+    /// about kv-fill + prompt-tokens without a long prefill per repeat. The
+    /// fill is a real prefill (its time is reported as well).
+    #[arg(long, default_value_t = 0)]
+    pub kv_fill: usize,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -672,6 +679,8 @@ pub struct BenchOptions {
     pub repeats: usize,
     pub probe_repeats: usize,
     pub breakdown: bool,
+    /// Tokens prefilled once before the repeats (see [`BenchArgs::kv_fill`]).
+    pub kv_fill: usize,
 }
 
 /// One model repeat.
@@ -691,6 +700,61 @@ pub struct Repeat {
     pub record_cpu_s: Vec<f64>,
     /// Dispatches recorded per decode step (counted by the recorder).
     pub dispatches_per_step: u64,
+    /// The same number of steps sampled on the GPU ([`SAMPLED_SETTINGS`],
+    /// `Model::forward_sampled`, one blocking step at a time) after the
+    /// same prefill: total wall time, bytes read back (the pick and the
+    /// row's stats per step, plus the row of each step left to the host),
+    /// and how many steps were left to the host.
+    pub sampled_s: f64,
+    pub sampled_readback_bytes: u64,
+    pub sampled_undecided: usize,
+}
+
+/// The sampled decode `bench` times: no top-k, so the GPU sampler's
+/// full-vocabulary path (top-p over the whole row).
+pub const SAMPLED_SETTINGS: &str = "temperature 0.8, top-p 0.95, min-p 0.02, seed 0";
+
+fn sampled_params() -> crate::sampling::SamplingParams {
+    crate::sampling::SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        min_p: 0.02,
+        ..Default::default()
+    }
+}
+
+/// `steps` sampled decode steps after `prompt` (see [`Repeat::sampled_s`]):
+/// (wall seconds of the steps, bytes read back, undecided steps).
+fn sampled_decode(model: &mut Model, prompt: &[u32], steps: usize) -> Result<(f64, u64, usize)> {
+    let mut sampler = crate::sampling::Sampler::new(sampled_params())?;
+    let mut history = prompt.to_vec();
+    let (mut bytes, mut undecided) = (0u64, 0usize);
+    let mut input = prompt.to_vec();
+    let mut t = Instant::now();
+    for step in 0..=steps {
+        if step == 1 {
+            // the prompt's pass is prefill: time the decode steps only
+            t = Instant::now();
+            bytes = 0;
+            undecided = 0;
+        }
+        let (draw, window) = sampler.gpu_step(&history).ok_or_else(|| {
+            Error::invalid(format!("bench: the GPU sampler takes {SAMPLED_SETTINGS}"))
+        })?;
+        let (pk, _) = model.forward_sampled(&input, &draw, &window)?;
+        bytes += crate::model::SAMPLED_READBACK_BYTES;
+        let id = if pk.uncertain() {
+            let l = model.last_logits()?;
+            bytes += (l.len() * 4) as u64;
+            undecided += 1;
+            sampler.sample_drawn(&l, &history, &draw)
+        } else {
+            pk.id
+        };
+        history.push(id);
+        input = vec![id];
+    }
+    Ok((t.elapsed().as_secs_f64(), bytes, undecided))
 }
 
 /// One op kind of the decode-step breakdown.
@@ -760,6 +824,8 @@ pub struct BenchResult {
     /// Flops of one prefill of `prompt_tokens` (see [`prefill_flops`]).
     pub prefill_flops: f64,
     pub repeats: Vec<Repeat>,
+    /// Wall time of the one prefill of `opts.kv_fill` tokens (when > 0).
+    pub kv_fill_s: Option<f64>,
     pub breakdown: Option<Breakdown>,
     pub opts: BenchOptions,
     pub max_batch: usize,
@@ -775,6 +841,13 @@ const PROMPT_SEED: u64 = 0x5eed_0b0e;
 /// Fixed pseudo-random prompt ids below `vocab` (the same every run).
 pub fn bench_prompt(n: usize, vocab: usize) -> Vec<u32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(PROMPT_SEED);
+    let hi = vocab.clamp(1, u32::MAX as usize) as u32;
+    (0..n).map(|_| rng.random_range(0..hi)).collect()
+}
+
+/// Fixed pseudo-random ids of `--kv-fill` (another seed than the prompt's).
+pub fn fill_prompt(n: usize, vocab: usize) -> Vec<u32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(PROMPT_SEED ^ 0xf111);
     let hi = vocab.clamp(1, u32::MAX as usize) as u32;
     (0..n).map(|_| rng.random_range(0..hi)).collect()
 }
@@ -805,7 +878,7 @@ pub fn run(
     model.reset();
 
     // The probe reads what one decode step reads at the mean KV length.
-    let mean_kv = o.prompt_tokens as f64 + (o.gen_tokens as f64 + 1.0) / 2.0;
+    let mean_kv = (o.kv_fill + o.prompt_tokens) as f64 + (o.gen_tokens as f64 + 1.0) / 2.0;
     let step_bytes = bytes.step_weight_bytes + bytes.kv_bytes_read(mean_kv) as u64;
     let mut probe = Probe::new(&gpu, step_bytes)?;
 
@@ -825,6 +898,16 @@ pub fn run(
     let next = model.forward_next(&prompt)?;
     let _ = model.forward_next(&[next])?;
     model.reset();
+    // The fill, once; every repeat then starts right after it.
+    let kv_fill_s = if o.kv_fill > 0 {
+        let fill = fill_prompt(o.kv_fill, model.cfg.vocab_size);
+        let t = Instant::now();
+        model.forward_next(&fill)?;
+        Some(t.elapsed().as_secs_f64())
+    } else {
+        None
+    };
+    let restart = |m: &mut Model| m.truncate(o.kv_fill);
 
     let probe_per_repeat = o.probe_repeats.div_ceil(o.repeats).max(1);
     let mut samples = Vec::new();
@@ -835,7 +918,7 @@ pub fn run(
                 samples.push(probe.run(&gpu)?);
             }
         }
-        model.reset();
+        restart(&mut model)?;
         let t = Instant::now();
         let mut next = model.forward_next(&prompt)?;
         let prefill_s = t.elapsed().as_secs_f64();
@@ -849,7 +932,7 @@ pub fn run(
         }
         tokens.pop();
         // The same steps again, pipelined, after the same prefill.
-        model.reset();
+        restart(&mut model)?;
         let first = model.forward_next(&prompt)?;
         let mut pipelined_tokens = vec![first];
         let t = Instant::now();
@@ -859,6 +942,9 @@ pub fn run(
         })?;
         let pipelined_s = t.elapsed().as_secs_f64();
         pipelined_tokens.pop();
+        model.reset();
+        let (sampled_s, sampled_readback_bytes, sampled_undecided) =
+            sampled_decode(&mut model, &prompt, o.gen_tokens)?;
         repeats.push(Repeat {
             prefill_s,
             step_s,
@@ -867,11 +953,14 @@ pub fn run(
             pipelined_tokens,
             record_cpu_s: run.record_cpu_s,
             dispatches_per_step: run.dispatches_per_step,
+            sampled_s,
+            sampled_readback_bytes,
+            sampled_undecided,
         });
     }
     model.reset();
     let breakdown = if o.breakdown {
-        let kv_len = o.prompt_tokens + o.gen_tokens.div_ceil(2);
+        let kv_len = o.kv_fill + o.prompt_tokens + o.gen_tokens.div_ceil(2);
         Some(breakdown::run(&gpu, &model, &probe, kv_len, 5)?)
     } else {
         None
@@ -893,6 +982,7 @@ pub fn run(
         fma_gflop_s,
         prefill_flops: prefill_flops(&model.cfg, o.prompt_tokens),
         repeats,
+        kv_fill_s,
         breakdown,
         opts: o.clone(),
         max_batch: model.max_batch,
@@ -1056,7 +1146,8 @@ impl BenchResult {
     }
     /// Mean KV length read by a decode step.
     pub fn mean_kv_len(&self) -> f64 {
-        self.opts.prompt_tokens as f64 + (self.opts.gen_tokens as f64 + 1.0) / 2.0
+        (self.opts.kv_fill + self.opts.prompt_tokens) as f64
+            + (self.opts.gen_tokens as f64 + 1.0) / 2.0
     }
     /// Bytes one decode step reads (weights + KV at the mean length).
     pub fn decode_bytes_per_step(&self) -> f64 {
@@ -1138,6 +1229,24 @@ impl BenchResult {
             .map(|r| r.pipelined_s / self.opts.gen_tokens.max(1) as f64)
             .collect();
         1.0 / median(&v)
+    }
+    /// Median over repeats of the GPU-sampled decode's tokens/s.
+    pub fn sampled_tok_s(&self) -> f64 {
+        let v: Vec<f64> = self
+            .repeats
+            .iter()
+            .map(|r| r.sampled_s / self.opts.gen_tokens.max(1) as f64)
+            .collect();
+        1.0 / median(&v)
+    }
+    /// Mean bytes read back per GPU-sampled decode step, over all repeats.
+    pub fn sampled_readback_per_step(&self) -> f64 {
+        let b: u64 = self.repeats.iter().map(|r| r.sampled_readback_bytes).sum();
+        b as f64 / (self.repeats.len() * self.opts.gen_tokens).max(1) as f64
+    }
+    /// GPU-sampled decode steps left to the host, over all repeats.
+    pub fn sampled_undecided(&self) -> usize {
+        self.repeats.iter().map(|r| r.sampled_undecided).sum()
     }
     /// Median host CPU ms to record and submit one decode step (None where
     /// the platform has no thread CPU clock).
@@ -1233,7 +1342,9 @@ pub fn to_json(g: &Gpu, r: &BenchResult) -> serde_json::Value {
             "gen_tokens": r.opts.gen_tokens,
             "repeats": r.opts.repeats,
             "max_batch": r.max_batch,
+            "kv_fill": r.opts.kv_fill,
         },
+        "kv_fill_s": r.kv_fill_s,
         "load_average": load_average(),
         "load_s": r.load_s,
         "load": {
@@ -1279,6 +1390,10 @@ pub fn to_json(g: &Gpu, r: &BenchResult) -> serde_json::Value {
             "pipelined_depth": DECODE_DEPTH,
             "pipelined_identical_tokens": r.pipelined_identical(),
             "host_record_submit_cpu_ms": r.record_cpu_ms(),
+            "sampled_settings": SAMPLED_SETTINGS,
+            "sampled_tokens_per_s": r.sampled_tok_s(),
+            "sampled_readback_bytes_per_step": r.sampled_readback_per_step(),
+            "sampled_steps_left_to_host": r.sampled_undecided(),
         },
         "breakdown": r.breakdown,
     })
@@ -1347,6 +1462,16 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
         "settings     prompt {} tokens, {} decode steps, {} repeats, max batch {} (load {:.1} s)",
         r.opts.prompt_tokens, r.opts.gen_tokens, r.opts.repeats, r.max_batch, r.load_s
     );
+    if let Some(fs) = r.kv_fill_s {
+        let _ = writeln!(
+            s,
+            "kv fill      {} tokens prefilled once in {fs:.2} s ({:.1} tok/s); every prefill and \
+             decode below starts after them (mean decode KV length {:.0})",
+            r.opts.kv_fill,
+            r.opts.kv_fill as f64 / fs,
+            r.mean_kv_len()
+        );
+    }
     let lt = &r.load_times;
     let _ = writeln!(
         s,
@@ -1474,6 +1599,17 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
     );
     let _ = writeln!(
         s,
+        "{:<34} {:>12.2} {:>22}",
+        "decode sampled on GPU, tokens/s",
+        r.sampled_tok_s(),
+        format!(
+            "{:.0} B back/step, {} to host",
+            r.sampled_readback_per_step(),
+            r.sampled_undecided()
+        )
+    );
+    let _ = writeln!(
+        s,
         "{:<34} {:>12} {:>22}",
         "decode, dispatches per step",
         r.dispatches_per_step(),
@@ -1584,7 +1720,7 @@ pub fn bench_cli(gpu_opts: &GpuOptions, args: BenchArgs) -> anyhow::Result<ExitC
     let dir = crate::fetch::resolve_model_as(args.model.as_deref(), dtype, &Default::default())?;
     let gpu = Arc::new(Gpu::new(gpu_opts)?);
     let mopts = ModelOptions {
-        max_context: Some(args.prompt_tokens + args.gen_tokens + 1),
+        max_context: Some(args.kv_fill + args.prompt_tokens + args.gen_tokens + 1),
         dtype,
         ..Default::default()
     };
@@ -1594,6 +1730,7 @@ pub fn bench_cli(gpu_opts: &GpuOptions, args: BenchArgs) -> anyhow::Result<ExitC
         repeats: args.repeats,
         probe_repeats: args.probe_repeats,
         breakdown: args.breakdown,
+        kv_fill: args.kv_fill,
     };
     let r = run(gpu.clone(), dir, &mopts, &o)?;
     if args.json {
@@ -1764,6 +1901,46 @@ mod tests {
         }
     }
 
+    /// `--kv-fill`: one fill prefill, then every repeat's prompt and decode
+    /// after it (structure only; tests never assert timings).
+    #[test]
+    fn bench_kv_fill_starts_after_the_fill() {
+        let g = Arc::new(Gpu::new(&GpuOptions::default()).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        tiny_checkpoint(dir.path(), tiny_config("Qwen2ForCausalLM", false));
+        let o = BenchOptions {
+            prompt_tokens: 3,
+            gen_tokens: 2,
+            repeats: 2,
+            probe_repeats: 1,
+            breakdown: false,
+            kv_fill: 9,
+        };
+        // Exactly room for fill + prompt + decode (+1 for the last step).
+        let mopts = ModelOptions {
+            max_context: Some(9 + 3 + 2 + 1),
+            ..Default::default()
+        };
+        let r = run(g, dir.path().to_path_buf(), &mopts, &o).unwrap();
+        assert!(r.kv_fill_s.is_some());
+        assert_eq!(r.mean_kv_len(), 9.0 + 3.0 + 1.5);
+        assert!(r.deterministic() && r.pipelined_identical());
+        assert_eq!(fill_prompt(9, 200).len(), 9);
+        assert_ne!(fill_prompt(9, 200), bench_prompt(9, 200));
+        // Without room for the fill, the run is refused, not truncated.
+        let small = ModelOptions {
+            max_context: Some(3 + 2 + 1),
+            ..Default::default()
+        };
+        assert!(run(
+            Arc::new(Gpu::new(&GpuOptions::default()).unwrap()),
+            dir.path().to_path_buf(),
+            &small,
+            &o
+        )
+        .is_err());
+    }
+
     /// The whole benchmark on a tiny model: structure and determinism only
     /// (tests never assert timings).
     #[test]
@@ -1777,6 +1954,7 @@ mod tests {
             repeats: 2,
             probe_repeats: 3,
             breakdown: true,
+            kv_fill: 0,
         };
         let mopts = ModelOptions {
             max_context: Some(16),
@@ -1790,6 +1968,7 @@ mod tests {
             .iter()
             .all(|x| x.step_s.len() == 3 && x.tokens.len() == 3));
         assert!(r.deterministic(), "greedy decode differed between repeats");
+        assert!(r.kv_fill_s.is_none());
         assert!(r.prompt.iter().all(|&t| t < 200));
         assert!(r.probe_bytes >= r.decode_bytes_per_step() as u64);
         let b = r.breakdown.as_ref().unwrap();

@@ -196,9 +196,13 @@ pub fn generate(
 /// pipelined on the GPU ([`Model::decode_greedy_checked`]: the argmax feeds
 /// the next step, only each step's id and its logits' finiteness come
 /// back, `DECODE_DEPTH` steps in flight, each id streamed as it arrives);
-/// with top-k sampling, or greedy with a penalty, the GPU returns only the
-/// candidates the sampler needs (`ops::sample`; the same ids as sampling
-/// the whole row); otherwise each step's logits are read back.
+/// sampling, and greedy with a penalty, run the whole sampler on the GPU
+/// (`ops::sample_full`: only the id and the row's finiteness come back; a
+/// step the kernel cannot decide within its f32 error bound is sampled on
+/// the host from the row with the same uniform, so the ids are the CPU
+/// sampler's); settings it does not take (a penalty window over 4096 ids,
+/// min-p under 1e-30) read back `ops::sample`'s candidates with top-k, else
+/// each step's logits.
 ///
 /// `earlier` are the tokens the cache already holds before `prompt_ids`
 /// (a chat's previous turns); they only join the repetition penalty's
@@ -301,29 +305,45 @@ pub async fn generate_interruptible_async(
             }
         }
     } else if opts.max_tokens > 0 {
-        // One blocking step at a time. With top-k (or greedy with a
-        // penalty) the GPU picks the candidates and only they come back
-        // (`ops::sample`: the same ids as sampling the whole row); else the
-        // whole row is read back. Either way a non-finite step stops here.
+        // One blocking step at a time. The GPU sampler picks the id
+        // (`ops::sample_full`); where it does not take the settings, with
+        // top-k the GPU picks the candidates and only they come back
+        // (`ops::sample`: the same ids as sampling the whole row), else the
+        // whole row is read back. Any way a non-finite step stops here.
         let mut input = prompt_ids.to_vec();
         loop {
-            let id = match sampler.candidate_request(&e.history) {
-                Some((want, window)) => {
-                    let (c, st) = model
-                        .forward_candidates_async(&input, want, &window)
-                        .await?;
-                    check_stats(&st, vocab, decode_steps, model.position())?;
-                    if c.overflow {
-                        let logits = model.last_logits_async().await?;
-                        sampler.sample(&logits, &e.history)
-                    } else {
-                        sampler.sample_candidates(&c.with_extra(&window), &e.history)
-                    }
+            let id = if let Some((draw, window)) = sampler.gpu_step(&e.history) {
+                // The whole sampler on the GPU: only the id comes back,
+                // unless the kernel could not decide the step within its
+                // error bound; then the host samples the row with the same
+                // uniform (the CPU sampler's id either way).
+                let (pk, st) = model.forward_sampled_async(&input, &draw, &window).await?;
+                check_stats(&st, vocab, decode_steps, model.position())?;
+                if pk.uncertain() {
+                    let logits = model.last_logits_async().await?;
+                    sampler.sample_drawn(&logits, &e.history, &draw)
+                } else {
+                    pk.id
                 }
-                None => {
-                    let logits = model.forward_logits_async(&input).await?;
-                    check_logits(&logits, decode_steps, model.position())?;
-                    sampler.sample(&logits, &e.history)
+            } else {
+                match sampler.candidate_request(&e.history) {
+                    Some((want, window)) => {
+                        let (c, st) = model
+                            .forward_candidates_async(&input, want, &window)
+                            .await?;
+                        check_stats(&st, vocab, decode_steps, model.position())?;
+                        if c.overflow {
+                            let logits = model.last_logits_async().await?;
+                            sampler.sample(&logits, &e.history)
+                        } else {
+                            sampler.sample_candidates(&c.with_extra(&window), &e.history)
+                        }
+                    }
+                    None => {
+                        let logits = model.forward_logits_async(&input).await?;
+                        check_logits(&logits, decode_steps, model.position())?;
+                        sampler.sample(&logits, &e.history)
+                    }
                 }
             };
             if decode_steps == 0 {

@@ -1235,6 +1235,8 @@ pub struct Step {
     pub pos_offset: u32,
     /// Valid KV positions after this pass (= pos_offset + n_tokens).
     pub kv_len: u32,
+    /// Always 0: the kernels read it as an opaque zero (`Step.zero` in
+    /// common.wgsl, for the compensated sums) that no compiler can fold.
     pub _pad: u32,
 }
 

@@ -28,6 +28,7 @@ use crate::ops::qmatmul::{
 use crate::ops::rmsnorm::{self, RmsNorm};
 use crate::ops::rope::{self, Rope, RopeKv, RopeTables};
 use crate::ops::sample::{Candidates, TopK, TopKBinding};
+use crate::ops::sample_full::{Draw, GpuSampler, Picked, SampleBinding};
 use crate::program::{attention_params, Activation, Buf, Op, OpKind, Program, RopeTable, Scope};
 use crate::taps::TapSet;
 use crate::tensor::{DeviceTensor, WDType};
@@ -105,6 +106,9 @@ enum Readback {
     /// The sampling candidates of the last token's logits, and their
     /// finiteness (see [`Model::forward_candidates`]).
     Candidates,
+    /// The GPU sampler's pick and the last row's finiteness (see
+    /// [`Model::forward_sampled`]).
+    Sampled,
 }
 
 /// Which logits a pass computes.
@@ -165,6 +169,8 @@ struct Kernels {
     faults: Faults,
     /// Sampling candidates (`ops::sample`), after the last-row argmax.
     topk: TopK,
+    /// Whole sampling on the GPU (`ops::sample_full`), after the argmax.
+    sampler: GpuSampler,
 }
 
 /// The embedding gather for the table's type.
@@ -395,6 +401,10 @@ const STATS_BYTES: u64 = 4 * STATS_WORDS as u64;
 const ID_STATS_BYTES: u64 = 4 + STATS_BYTES;
 /// Bytes of the candidate kernel's output.
 const CAND_BYTES: u64 = 4 * crate::ops::sample::OUT_WORDS as u64;
+/// Bytes of the GPU sampler's output (the id and its flags).
+const SAMPLED_BYTES: u64 = 4 * crate::ops::sample_full::OUT_WORDS as u64;
+/// Bytes a GPU-sampled step reads back: the pick and the row's stats.
+pub const SAMPLED_READBACK_BYTES: u64 = SAMPLED_BYTES + STATS_BYTES;
 /// Bytes of one [`Step`] uniform.
 #[cfg_attr(target_arch = "wasm32", allow(dead_code))] // the pipelined decode is native-only
 const STEP_BYTES: u64 = std::mem::size_of::<Step>() as u64;
@@ -495,6 +505,8 @@ pub struct Model {
     argmax_last: ArgmaxBinding,
     /// The candidate kernel over the last-row logits.
     topk_last: TopKBinding,
+    /// The GPU sampler over the last-row logits.
+    sample_last: SampleBinding,
     kv: Vec<KvCache>,
     _rope_tables: Vec<(RopeTable, RopeTables)>,
     /// Tokens already in the KV cache.
@@ -708,6 +720,7 @@ impl Model {
             softcap: Cache(Vec::new()),
             argmax: Argmax::new(g)?,
             topk: TopK::new(g)?,
+            sampler: GpuSampler::new(g)?,
             faults: f,
         };
         let kv_params = kv_copy::Params::new(nkv, hd, max_context)?;
@@ -856,6 +869,7 @@ impl Model {
             .argmax
             .bind(g, &b.step_one, logits, vocab, &b.next, &b.next_stats)?;
         let topk_last = k.topk.bind(g, logits, vocab)?;
+        let sample_last = k.sampler.bind(g, logits, vocab)?;
         Ok(Model {
             gpu,
             cfg,
@@ -875,6 +889,7 @@ impl Model {
             head_last,
             argmax_last,
             topk_last,
+            sample_last,
             kv,
             _rope_tables: tables,
             pos: 0,
@@ -1001,6 +1016,37 @@ impl Model {
         Ok((c, s))
     }
 
+    /// Run `tokens` and sample the last token's logits on the GPU
+    /// (`ops::sample_full`) with `draw` and the penalty `window`: only the
+    /// pick and the row's finiteness come back (32 bytes). A pick flagged
+    /// uncertain is to be sampled on the host from [`Self::last_logits`].
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward_sampled(
+        &mut self,
+        tokens: &[u32],
+        draw: &Draw,
+        window: &[u32],
+    ) -> Result<(Picked, RowStats)> {
+        crate::gpu::block_on(self.forward_sampled_async(tokens, draw, window))
+    }
+
+    /// [`Self::forward_sampled`] as a future.
+    pub async fn forward_sampled_async(
+        &mut self,
+        tokens: &[u32],
+        draw: &Draw,
+        window: &[u32],
+    ) -> Result<(Picked, RowStats)> {
+        self.k
+            .sampler
+            .prepare(&self.gpu, &self.sample_last, draw, window)?;
+        let bytes = self.run_last(tokens, Readback::Sampled).await?;
+        let w: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
+        let n = crate::ops::sample_full::OUT_WORDS;
+        let s = RowStats::from_words([w[n], w[n + 1], w[n + 2], w[n + 3]]);
+        Ok((Picked::from_words(&w[..n]), s))
+    }
+
     /// The last pass's last-row logits, read again (nothing runs).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn last_logits(&mut self) -> Result<Vec<f32>> {
@@ -1052,6 +1098,7 @@ impl Model {
             Readback::NextId => (&self.b.next_staging, ID_STATS_BYTES),
             Readback::Logits => (&self.b.logits_staging, (self.cfg.vocab_size * 4) as u64),
             Readback::Candidates => (&self.b.cand_staging, CAND_BYTES + STATS_BYTES),
+            Readback::Sampled => (&self.b.cand_staging, SAMPLED_BYTES + STATS_BYTES),
         };
         self.gpu.map_staging_async(staging, len).await
     }
@@ -1299,6 +1346,19 @@ impl Model {
                 let len = (self.cfg.vocab_size * 4) as u64;
                 r.enc()
                     .copy_buffer_to_buffer(logits_buf, 0, &b.logits_staging, 0, len);
+            }
+            Some(Readback::Sampled) => {
+                self.k.sampler.encode(g, r.pass(), &self.sample_last);
+                let out = &self.sample_last.out;
+                r.enc()
+                    .copy_buffer_to_buffer(out, 0, &b.cand_staging, 0, SAMPLED_BYTES);
+                r.enc().copy_buffer_to_buffer(
+                    &b.next_stats,
+                    0,
+                    &b.cand_staging,
+                    SAMPLED_BYTES,
+                    STATS_BYTES,
+                );
             }
             Some(Readback::Candidates) => {
                 self.k.topk.encode(g, r.pass(), &self.topk_last);

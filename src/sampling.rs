@@ -5,6 +5,7 @@
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
+pub use crate::ops::sample_full::Draw;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -89,6 +90,19 @@ pub fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
+/// The id at uniform `r` of the cumulative distribution `probs` (in its
+/// order): the first whose cumulative probability exceeds `r`, else the last.
+fn pick(probs: &[(u32, f64)], r: f64) -> u32 {
+    let mut acc = 0f64;
+    for &(i, p) in probs {
+        acc += p;
+        if r < acc {
+            return i;
+        }
+    }
+    probs.last().map(|&(i, _)| i).unwrap_or(0)
+}
+
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
@@ -112,14 +126,55 @@ impl Sampler {
         recent.iter().copied().filter(|&t| seen.insert(t)).collect()
     }
 
-    /// HF's penalty of one logit.
+    /// The penalty of one logit, HF's rule (a negative logit times the
+    /// penalty, any other divided by it) with the division done as a
+    /// multiply by `1 / penalty` rounded to f32 once: within 1 ulp of HF's
+    /// quotient, and one correctly rounded multiply, so the GPU sampler
+    /// (`ops::sample_full`) computes the same bits on every device.
     fn penalized(&self, l: f32) -> f32 {
         let p = self.params.repeat_penalty;
         if l < 0.0 {
             l * p
         } else {
-            l / p
+            l * (1.0 / p)
         }
+    }
+
+    /// The GPU sampler's settings for the next step and the penalty window
+    /// of `history`, or None where the kernel does not take them (a window
+    /// over `ops::sample_full::MAX_WINDOW` ids, a min-p under its floor).
+    /// Draws the step's uniform from the RNG (none for greedy), exactly as
+    /// [`Self::sample`] would: pass the same [`Draw`] to
+    /// [`Self::sample_drawn`] to sample that step on the host instead.
+    pub fn gpu_step(&mut self, history: &[u32]) -> Option<(Draw, Vec<u32>)> {
+        let window = self.window(history);
+        let mut d = Draw {
+            temperature: self.params.temperature,
+            top_k: self.params.top_k,
+            top_p: self.params.top_p,
+            min_p: self.params.min_p,
+            penalty: self.params.repeat_penalty,
+            r: 0.0,
+        };
+        if !d.supported(window.len()) {
+            return None;
+        }
+        if !self.params.is_greedy() {
+            d.r = self.rng.random::<f64>();
+        }
+        Some((d, window))
+    }
+
+    /// [`Self::sample`] with the step's uniform already drawn (`d.r`, from
+    /// [`Self::gpu_step`]): the id the GPU sampler would have given.
+    pub fn sample_drawn(&self, logits: &[f32], history: &[u32], d: &Draw) -> u32 {
+        let mut l = logits.to_vec();
+        self.penalize(&mut l, history);
+        if self.params.is_greedy() {
+            return argmax(&l);
+        }
+        let probs = self.distribution(&l);
+        pick(&probs, d.r)
     }
 
     /// Apply the repetition penalty to `logits` for the tokens in `history`.
@@ -192,14 +247,7 @@ impl Sampler {
     /// One uniform draw from `probs` (the RNG's next f64).
     fn draw(&mut self, probs: &[(u32, f64)]) -> u32 {
         let r: f64 = self.rng.random::<f64>();
-        let mut acc = 0f64;
-        for &(i, p) in probs {
-            acc += p;
-            if r < acc {
-                return i;
-            }
-        }
-        probs.last().map(|&(i, _)| i).unwrap_or(0)
+        pick(probs, r)
     }
 
     /// The filtered, renormalized distribution (token, probability), sorted
@@ -380,6 +428,104 @@ mod tests {
             }
         }
         assert_eq!(checked, 12 * 8 * 5);
+    }
+
+    /// The claim for the GPU sampler (`ops::sample_full`), over many seeds and parameter sets (top-p without
+    /// top-k, min-p, the penalty both ways, greedy with a penalty, ties):
+    /// the GPU sampler gives exactly the CPU sampler's ids, with the RNG
+    /// streams in step, and decides nearly every step itself.
+    #[test]
+    fn gpu_sampling_gives_the_cpu_samplers_ids() {
+        let sets = [
+            (0.0f32, 0usize, 1.0f32, 0.0f32, 1.3f32, 64usize),
+            (0.0, 0, 1.0, 0.0, 0.7, 16),
+            (1.0, 0, 1.0, 0.0, 1.0, 64),
+            (0.8, 0, 0.9, 0.0, 1.0, 64),
+            (1.2, 0, 1.0, 0.05, 1.0, 64),
+            (0.7, 0, 0.95, 0.02, 1.2, 0),
+            (3.0, 0, 0.99, 0.0, 1.0, 64),
+            (1.0, 1, 1.0, 0.0, 1.0, 64),
+            (1.0, 40, 1.0, 0.0, 1.0, 64),
+            (1.0, 40, 0.9, 0.0, 1.1, 64),
+            (1.5, 10, 0.5, 0.2, 0.8, 8),
+            (0.6, 200, 0.95, 0.05, 1.2, 0),
+        ];
+        let (mut checked, mut undecided, mut sampled) = (0usize, 0usize, 0usize);
+        let mut distinct = std::collections::HashSet::new();
+        for (vocab, seeds) in [(2000usize, 0..10u64), (49_152, 10..12)] {
+            let rig = crate::ops::sample_full::tests::Rig::new(vocab);
+            for seed in seeds {
+                // a peaked row, as a language model's: a few tokens well
+                // above a broad tail
+                let mut l = crate::testutil::rand_vec(vocab, 4.0, 100 + seed);
+                for (j, x) in l.iter_mut().enumerate().filter(|(j, _)| j % 97 == 5) {
+                    *x += 4.0 + (j % 7) as f32;
+                }
+                if seed % 3 == 0 {
+                    for x in l.iter_mut() {
+                        *x = (*x * 4.0).round() / 4.0; // ties
+                    }
+                }
+                let history: Vec<u32> = (0..80)
+                    .map(|i| ((i * 37 + seed * 11) % vocab as u64) as u32)
+                    .collect();
+                for (temperature, top_k, top_p, min_p, penalty, last_n) in sets {
+                    let params = SamplingParams {
+                        temperature,
+                        top_k,
+                        top_p,
+                        min_p,
+                        repeat_penalty: penalty,
+                        repeat_last_n: last_n,
+                        seed: seed * 1000 + top_k as u64,
+                    };
+                    let mut full = Sampler::new(params.clone()).unwrap();
+                    let mut gpu_s = Sampler::new(params.clone()).unwrap();
+                    let mut pen = l.clone();
+                    full.penalize(&mut pen, &history);
+                    let dist = full.distribution(&pen);
+                    for _ in 0..4 {
+                        let want = full.sample(&l, &history);
+                        let (d, w) = gpu_s.gpu_step(&history).expect("GPU-able");
+                        let pk = rig.run(&l, &d, &w);
+                        let got = if pk.uncertain() {
+                            undecided += 1;
+                            eprintln!("undecided {vocab} {params:?} r {} {pk:?}", d.r);
+                            gpu_s.sample_drawn(&l, &history, &d)
+                        } else {
+                            pk.id
+                        };
+                        assert_eq!(got, want, "vocab {vocab} {params:?} {pk:?}");
+                        if temperature > 0.0 && !pk.uncertain() {
+                            // the kernel's sets are the host's
+                            let finite = pen.iter().filter(|x| x.is_finite()).count();
+                            let k = if top_k == 0 {
+                                finite
+                            } else {
+                                top_k.min(finite)
+                            };
+                            assert_eq!(pk.survivors as usize, k, "{params:?}");
+                            assert_eq!(pk.drawn_from as usize, dist.len(), "{params:?}");
+                            sampled += 1;
+                        }
+                        distinct.insert((vocab, seed, got));
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 12 * sets.len() * 4);
+        // The margin is 2e-4 of the mass: undecided steps are rare; if the
+        // kernel flagged most steps it would be the host that samples.
+        assert!(
+            undecided * 20 <= checked,
+            "{undecided} of {checked} steps were left to the host"
+        );
+        assert!(
+            sampled > checked / 2,
+            "only {sampled} sampled steps decided"
+        );
+        assert!(distinct.len() > 100, "only {} distinct ids", distinct.len());
     }
 
     #[test]

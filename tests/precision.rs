@@ -13,9 +13,12 @@
 //!
 //! For every sequence the test prints wgllm's and transformers' max|Δ| to
 //! float64 at the last layer's `out` (and the worst layer), `norm` and
-//! `logits`, and asserts, per set of sequences, that wgllm is nearer on
-//! average at `norm` and `logits` (see `assert_nearer`). There is no
-//! tolerance: the claim is an ordering.
+//! `logits`, and asserts that wgllm is nearer: on every sequence where that
+//! holds (issue #14's target; which taps, and why not the others, is said at
+//! each call), else on average over the set (see `assert_nearer`). There is
+//! no tolerance: the claim is an ordering. The device probes at the end check
+//! the two pieces the precision rests on: `two_sum`'s exact error term and
+//! `exp_f32`.
 //! Both distances are measured against the same float64 golden, which is
 //! itself exact to ~1e-12 here (far below the ~1e-6 and up distances
 //! compared), so the ordering is not a rounding artefact of the golden.
@@ -30,6 +33,7 @@ use std::sync::{Arc, OnceLock};
 
 use safetensors::{Dtype, SafeTensors};
 use wgllm::fetch::resolve_model;
+use wgllm::gpu::KernelProfile;
 use wgllm::model::{Model, ModelOptions};
 use wgllm::{Gpu, GpuOptions};
 
@@ -134,14 +138,17 @@ impl Row {
 }
 
 /// The assertion over one set of sequences (the fixtures, or one real
-/// model's prompts): at `norm` and at `logits`, the geometric mean over the
-/// sequences of wgllm's max|Δ| / transformers' max|Δ| is below 1. Per
-/// sequence, the ordering of two near-optimal f32 runs is partly chance
-/// (roundings of ~u grow chaotically through the layers; transformers' own
-/// distance varies 3x between prompts of one model), so the claim is made
-/// for the set, as the scale-free mean of the ratios. How many sequences are
-/// nearer one by one (issue #14's per-sequence target) is printed.
-fn assert_nearer(set: &str, rows: &[Row]) {
+/// model's prompts), at `norm` and at `logits`. At the taps in
+/// `per_sequence`, issue #14's target: wgllm is nearer float64 than
+/// transformers f32 on every sequence. At the others, the weaker claim for
+/// the set: the geometric mean over the sequences of wgllm's max|Δ| /
+/// transformers' max|Δ| is below 1. Per sequence, the ordering of two
+/// near-optimal f32 runs is partly chance (roundings of ~u grow chaotically
+/// through the layers; transformers' own distance varies 3x between prompts
+/// of one model), so where the margin is thin the set's mean is what holds;
+/// which taps are asserted per sequence is said at each call, with the
+/// measured reason. Both are printed for every tap.
+fn assert_nearer(set: &str, rows: &[Row], per_sequence: &[&str]) {
     let mut fails = Vec::new();
     for tap in ["norm", "logits"] {
         let ratios: Vec<f64> = rows
@@ -152,23 +159,31 @@ fn assert_nearer(set: &str, rows: &[Row]) {
             })
             .collect();
         let gmean = (ratios.iter().map(|r| r.ln()).sum::<f64>() / ratios.len() as f64).exp();
-        let not_nearer: Vec<&str> = rows
+        let not_nearer: Vec<String> = rows
             .iter()
             .zip(&ratios)
             .filter(|(_, &q)| q >= 1.0)
-            .map(|(r, _)| r.what.as_str())
+            .map(|(r, q)| format!("{} ({q:.2}x)", r.what))
             .collect();
+        let strict = per_sequence.contains(&tap);
         eprintln!(
             "{set} {tap}: wgllm / transformers f32 distance to f64, geometric mean {gmean:.3} over \
-             {} sequences; nearer on {} of them{}",
+             {} sequences; nearer on {} of them{} [asserted: {}]",
             rows.len(),
             rows.len() - not_nearer.len(),
             if not_nearer.is_empty() {
                 String::new()
             } else {
                 format!(" (not on: {})", not_nearer.join(", "))
-            }
+            },
+            if strict { "every sequence" } else { "the mean" }
         );
+        if strict && !not_nearer.is_empty() {
+            fails.push(format!(
+                "{set}: {tap}: wgllm is not nearer f64 than transformers f32 on: {}",
+                not_nearer.join(", ")
+            ));
+        }
         if gmean >= 1.0 {
             fails.push(format!(
                 "{set}: {tap}: wgllm is not nearer f64 than transformers f32 on average \
@@ -239,7 +254,18 @@ fn fixtures_are_nearer_f64_than_transformers_f32() {
         row.print();
         rows.push(row);
     }
-    assert_nearer("fixtures", &rows);
+    // Per sequence under the CPU-device profile (all 8 nearer at both taps,
+    // by 1.2x to 3.4x). Under the GPU profile qwen2_big_vocab (hidden 16)
+    // is 1.5x farther at both: its layer 0 is, though every op's own
+    // rounding there is at transformers' level or below (the MLP's, the
+    // largest, is 1.2x its f32 floor; measured op by op from verify's taps),
+    // so the ordering is the chance of a few roundings; the mean is asserted.
+    let strict: &[&str] = if g.caps.kernels == KernelProfile::CpuDevice {
+        &["norm", "logits"]
+    } else {
+        &[]
+    };
+    assert_nearer("fixtures", &rows, strict);
 }
 
 #[derive(serde::Deserialize)]
@@ -253,7 +279,7 @@ struct PromptName {
     name: String,
 }
 
-fn real_model(key: &str, known: &str) {
+fn real_model(key: &str, known: &str, per_sequence: &[&str]) {
     let g = gpu();
     eprintln!(
         "precision device: {}, kernels {}",
@@ -320,16 +346,133 @@ fn real_model(key: &str, known: &str) {
         row.print();
         rows.push(row);
     }
-    assert_nearer(key, &rows);
+    assert_nearer(key, &rows, per_sequence);
 }
 
 #[test]
 fn smollm2_is_nearer_f64_than_transformers_f32() {
-    real_model("smollm2", "smollm2-135m-instruct");
+    // Logits per sequence (nearer on all 6 prompts under both profiles). The
+    // final norm is nearer on 5 of 6, the one left depending on the kernels'
+    // roundings: code_fibonacci (1.5x to 1.7x farther; transformers' own
+    // distance there, 5.6e-6, is the lowest of its six, 2x under its median)
+    // or code_is_prime (1.05x). What is left of wgllm's distance there comes
+    // from the residual stream's 30 layers of f32 roundings, which both runs
+    // share (one rounding per add, no reduction to improve); the mean is
+    // asserted at the norm.
+    real_model("smollm2", "smollm2-135m-instruct", &["logits"]);
 }
 
 #[test]
 #[ignore = "Qwen2.5-Coder-0.5B takes minutes on lavapipe; run with --ignored or --include-ignored"]
 fn qwen25_is_nearer_f64_than_transformers_f32() {
-    real_model("qwen25", "qwen2.5-coder-0.5b-instruct");
+    // The mean only: under the CPU profile nearer per sequence on 6 of 6 at
+    // the norm and 5 of 6 at the logits (chat_arith 1.17x farther); the GPU
+    // profile's full run takes longer than was measured (BENCHMARKS.md).
+    real_model("qwen25", "qwen2.5-coder-0.5b-instruct", &[]);
+}
+
+/// Runs `body` (WGSL statements over `i`, the element, `x: array<f32>`
+/// input, `y: array<f32>` output, `step.zero` bound) once per element of
+/// `xs`, and returns `outs` values per element.
+fn run_probe(body: &str, xs: &[f32], outs: usize) -> Vec<f32> {
+    let g = gpu();
+    let src = format!(
+        "@group(0) @binding(0) var<uniform> step: Step;\n\
+         @group(0) @binding(1) var<storage, read> x: array<f32>;\n\
+         @group(0) @binding(2) var<storage, read_write> y: array<f32>;\n\
+         @compute @workgroup_size(64)\n\
+         fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{\n\
+             let i = gid.x;\n\
+             _ = step.zero;\n\
+             if (i >= arrayLength(&x) / 2u) {{ return; }}\n\
+             {body}\n\
+         }}"
+    );
+    let k = g.kernel("precision probe", &src, "main", &[]).unwrap();
+    let step = g
+        .uniform("step", &wgllm::gpu::Step::new(1, 0))
+        .expect("uniform");
+    let xb = g
+        .storage_init("x", bytemuck::cast_slice(xs))
+        .expect("upload");
+    let n = xs.len() / 2;
+    let bytes = (n * outs * 4) as u64;
+    let yb = g.storage("y", bytes);
+    let bg = g.bind(&k, &[&step, &xb, &yb]);
+    let mut enc = g.encoder();
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        g.dispatch_in(&mut pass, &k, &bg, n.div_ceil(64) as u32);
+    }
+    g.submit_wait(enc).unwrap();
+    bytemuck::pod_collect_to_vec(&g.read_bytes(&yb, 0, bytes).unwrap())
+}
+
+/// The compensated sums rest on `two_sum` returning the exact rounding
+/// error of an add on the device. Written as plain adds, a reassociating
+/// compiler folds the error to 0 (lavapipe's did); this fails if the
+/// opaque zero ever stops keeping it. The claim is exact: s + e == a + b in
+/// f64 (both are f32, so their exact sum fits in f64) for every pair.
+#[test]
+fn two_sum_error_term_is_exact_on_the_device() {
+    let mut st = 0x9e3779b97f4a7c15u64;
+    let mut xs = Vec::new();
+    for i in 0..4096 {
+        st = st
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let a = ((st >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0;
+        // b from ~1e-9 |a| up to ~|a|: most adds round.
+        let b = a * ((st >> 8) & 0xffff) as f32 * 2f32.powi(-16 - (i % 24));
+        xs.extend([a, b]);
+    }
+    let y = run_probe(
+        "let t = two_sum(x[2u * i], x[2u * i + 1u], step.zero); y[2u * i] = t.s; y[2u * i + 1u] = t.e;",
+        &xs,
+        2,
+    );
+    let mut rounded = 0;
+    for (p, r) in xs.chunks(2).zip(y.chunks(2)) {
+        let exact = f64::from(p[0]) + f64::from(p[1]);
+        assert_eq!(
+            f64::from(r[0]) + f64::from(r[1]),
+            exact,
+            "two_sum({}, {}) = ({}, {}): the error term is not exact",
+            p[0],
+            p[1],
+            r[0],
+            r[1]
+        );
+        rounded += usize::from(r[1] != 0.0);
+    }
+    // The pairs are chosen so that most adds round; if none did, the check
+    // above proved nothing.
+    assert!(rounded > 2048, "only {rounded} of 4096 adds rounded");
+}
+
+/// common.wgsl's `exp_f32` against f64 exp: within 2 ulp everywhere the
+/// result is a normal f32 (Cephes expf's error is ~1 ulp: its reduction
+/// adds ~0.5 ulp, the polynomial < 0.2, the last add 0.5; measured 0.98 ulp
+/// worst on lavapipe, whose built-in exp is 33 ulp off there), 0 far below
+/// the range and inf above it.
+#[test]
+fn exp_f32_is_within_two_ulp() {
+    let n = 1 << 16;
+    let mut xs: Vec<f32> = (0..n)
+        .flat_map(|i| [-87.0 + 174.0 * i as f32 / n as f32, 0.0])
+        .collect();
+    xs.extend([-200.0, 0.0, 100.0, 0.0, 0.0, 0.0]);
+    let y = run_probe("y[i] = exp_f32(x[2u * i]);", &xs, 1);
+    let mut worst = 0.0f64;
+    for (i, &v) in xs.iter().step_by(2).enumerate().take(n) {
+        let want = f64::from(v).exp();
+        // one ulp of the f32 result
+        let ulp = f64::from(f32::EPSILON) * f64::from(want as f32).abs();
+        worst = worst.max((f64::from(y[i]) - want).abs() / ulp);
+    }
+    eprintln!("exp_f32: worst error {worst:.3} ulp over [-87, 87]");
+    assert!(worst <= 2.0, "exp_f32 is {worst:.3} ulp off (allowed 2)");
+    assert_eq!(y[n], 0.0, "exp_f32(-200)");
+    assert_eq!(y[n + 1], f32::INFINITY, "exp_f32(100)");
+    assert_eq!(y[n + 2], 1.0, "exp_f32(0)");
 }

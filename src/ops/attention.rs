@@ -44,6 +44,36 @@ use crate::ops::kv_copy::{check_cache_fits, KvCache};
 
 pub const SRC: &str = include_str!("../../shaders/attention.wgsl");
 pub const COMBINE_SRC: &str = include_str!("../../shaders/attention_combine.wgsl");
+/// The row kernel's template (CPU-device profile, see [`Shape::rows`]).
+pub const ROWS_SRC: &str = include_str!("../../shaders/attention_rows.wgsl");
+
+/// WGSL shared by the attention kernels and the combine (after the rows
+/// prelude, which defines `row_pos`): a row's visible range and the number
+/// of KV splits it uses. `UNIT` positions make a unit (attention.wgsl's
+/// block, or 1 for the row kernel); a split takes at least `MINU` units and
+/// there are at most `SPLITS`. Both passes count the splits from the row's
+/// own range with this one function, so the combine reads exactly the
+/// partials written.
+const SPLIT_PRELUDE: &str = "
+override UNIT: u32 = 1u;
+override MINU: u32 = 1u;
+fn row_range(t: u32) -> vec2<u32> {
+    let pos = row_pos(t);
+    let n = min(pos + 1u, p.max_ctx);
+    var lo = 0u;
+    if (p.window > 0u && pos + 1u > p.window) {
+        lo = pos + 1u - p.window;
+    }
+    return vec2<u32>(lo, n);
+}
+fn n_splits(lo: u32, n: u32) -> u32 {
+    let units = (n + UNIT - 1u) / UNIT - lo / UNIT;
+    return clamp((units + MINU - 1u) / MINU, 1u, SPLITS);
+}
+";
+/// Most q (and output) vec4 per invocation of the row kernel: its rows x
+/// head_dim / 4.
+const ROWS_MAX_VEC4: usize = 128;
 
 /// Largest head_dim the kernel handles.
 pub const MAX_HEAD_DIM: usize = 512;
@@ -153,8 +183,17 @@ pub struct Shape {
     /// positions, and one block max is found per block (one scan, two
     /// barriers).
     pub ppi: u32,
-    /// KV splits of a decode step (1 = no split, no combine pass).
+    /// Most KV splits of a decode step (1 = no split, no combine pass).
     pub splits: u32,
+    /// Fewest units per split: blocks (attention.wgsl) or positions (the
+    /// row kernel). A decode row uses `ceil(units / min_split)` splits, at
+    /// most `splits`, counted at run time from its own KV length.
+    pub min_split: u32,
+    /// The row kernel (attention_rows.wgsl: an invocation per query row or
+    /// per position phase, everything in registers) instead of the
+    /// shared-memory kernel (attention.wgsl). `wg` is then its lanes and
+    /// `ppi` is unused.
+    pub rows: bool,
 }
 
 impl Shape {
@@ -171,30 +210,198 @@ impl Shape {
     ///   workgroups rather than by registers), and 32 splits so a decode
     ///   step's KV heads x splits fill the SMs; the combine reads 32 small
     ///   partials per head.
+    ///
+    /// Since the row kernel (2026-12-02), the CPU profile runs it with 8
+    /// lanes (one 8-wide SIMD group on lavapipe, so a workgroup is one pass
+    /// of straight-line code), up to 16 splits of at least 128 positions: 2
+    /// splits (6 workgroups for SmolLM2) at KV 160, 16 (48) at 3000; see
+    /// BENCHMARKS.md "Long contexts" for the measurements behind it (1
+    /// split was 10x slower at KV 3000, 4 and 8 splits 1.4 to 1.7x). The
+    /// GPU profile splits at run time too, from 1 block per split up to 32.
     pub fn for_profile(k: KernelProfile) -> Shape {
         match k {
             KernelProfile::CpuDevice => Shape {
-                wg: 64,
-                ppi: 4,
-                splits: 2,
+                wg: 8,
+                ppi: 1,
+                splits: 16,
+                min_split: 128,
+                rows: true,
             },
             KernelProfile::Gpu => Shape {
                 wg: 64,
                 ppi: 1,
                 splits: 32,
+                min_split: 1,
+                rows: false,
             },
         }
     }
 
-    /// Positions per block.
-    pub fn block(&self) -> u32 {
-        self.wg * self.ppi
+    /// The shared-memory kernel's shape as the CPU profile ran it before
+    /// the row kernel (64 x 4 positions, 2 splits): kept for comparisons.
+    pub fn shared_cpu() -> Shape {
+        Shape {
+            wg: 64,
+            ppi: 4,
+            splits: 2,
+            min_split: 1,
+            rows: false,
+        }
     }
+
+    /// Positions per block (the row kernel: 1; it has no blocks).
+    pub fn block(&self) -> u32 {
+        if self.rows {
+            1
+        } else {
+            self.wg * self.ppi
+        }
+    }
+}
+
+/// The row kernel's tokens per invocation in a prefill: 2 when the rows fit
+/// the register budget (each K/V row then serves twice the query rows) and
+/// every row of the step shares one KV slot (`max_rows` None), else 1.
+fn rows_tpl(hpw: usize, d4: usize, batched: bool) -> usize {
+    if !batched && 2 * hpw * d4 <= ROWS_MAX_VEC4 {
+        2
+    } else {
+        1
+    }
+}
+
+/// The row kernel's source for `hpw` heads, `tpl` tokens per invocation and
+/// `d4` vec4 per head: the template with its per-row statements written out.
+fn rows_source(hpw: usize, tpl: usize, d4: usize) -> String {
+    use std::fmt::Write;
+    let rows = hpw * tpl;
+    let (mut consts, mut tokens, mut union, mut init) =
+        (String::new(), String::new(), String::new(), String::new());
+    let (mut body, mut fold, mut out) = (String::new(), String::new(), String::new());
+    let _ = writeln!(
+        consts,
+        "const HPW: u32 = {hpw}u;\nconst TPL: u32 = {tpl}u;\nconst D4: u32 = {d4}u;"
+    );
+    for k in 0..tpl {
+        let _ = writeln!(
+            tokens,
+            "    let t{k} = tb * tpw + lt + TQ * {k}u;
+    let ok{k} = t{k} < step.n_tokens;
+    let t{k}c = min(t{k}, last);
+    let qrow{k} = t{k}c * p.n_heads + h0;
+    let rr{k} = row_range(t{k}c);
+    let lo{k} = select(0u, rr{k}.x, ok{k});
+    let n{k} = select(0u, rr{k}.y, ok{k});"
+        );
+        if k == 0 {
+            let _ = writeln!(union, "    jlo = lo0;\n    jhi = n0;");
+        } else {
+            let _ = writeln!(
+                union,
+                "    if (ok{k}) {{\n        jlo = min(jlo, lo{k});\n        jhi = max(jhi, n{k});\n    }}"
+            );
+        }
+    }
+    for i in 0..d4 {
+        let _ = writeln!(body, "            let k_{i} = k_cache[kb + {i}u];");
+    }
+    for k in 0..tpl {
+        let _ = writeln!(body, "            let in{k} = j >= lo{k} && j < n{k};");
+    }
+    for r in 0..rows {
+        let (k, hh) = (r / hpw, r % hpw);
+        let _ = writeln!(init, "    let qb{r} = (qrow{k} + {hh}u * hstride) * D4;");
+        for i in 0..d4 {
+            let _ = writeln!(init, "    let q{r}_{i} = q[qb{r} + {i}u];");
+            let _ = writeln!(
+                init,
+                "    var a{r}_{i} = vec4<f32>(0.0);\n    var b{r}_{i} = vec4<f32>(0.0);"
+            );
+        }
+        let _ = writeln!(
+            init,
+            "    var m{r} = NEG;\n    var mf{r} = NEG;\n    var l{r} = 0.0;\n    var lb{r} = 0.0;"
+        );
+        let _ = writeln!(body, "            var s{r} = dot(q{r}_0, k_0);");
+        for i in 1..d4 {
+            let _ = writeln!(body, "            s{r} += dot(q{r}_{i}, k_{i});");
+        }
+        let _ = writeln!(
+            body,
+            "            let x{r} = select(NEG, s{r} * p.scale, in{k});
+            let mn{r} = max(m{r}, x{r});
+            let c{r} = exp(m{r} - mn{r});
+            let e{r} = select(0.0, exp(x{r} - mn{r}), in{k});
+            m{r} = mn{r};
+            lb{r} = lb{r} * c{r} + e{r};"
+        );
+        let _ = writeln!(
+            fold,
+            "        let f{r} = exp(mf{r} - m{r});
+        l{r} = l{r} * f{r} + lb{r};
+        lb{r} = 0.0;
+        mf{r} = m{r};"
+        );
+        for i in 0..d4 {
+            let _ = writeln!(
+                fold,
+                "        a{r}_{i} = a{r}_{i} * f{r} + b{r}_{i};\n        b{r}_{i} = vec4<f32>(0.0);"
+            );
+        }
+    }
+    for i in 0..d4 {
+        let _ = writeln!(body, "            let v_{i} = v_cache[kb + {i}u];");
+    }
+    for r in 0..rows {
+        for i in 0..d4 {
+            let _ = writeln!(
+                body,
+                "            b{r}_{i} = b{r}_{i} * c{r} + e{r} * v_{i};"
+            );
+        }
+    }
+    let _ = writeln!(out, "    if (PARTIAL) {{");
+    for r in 0..hpw {
+        let _ = writeln!(
+            out,
+            "        let base{r} = (((qrow0 + {r}u * hstride) * SPLITS + sp) * PH + ph) * (D4 + 1u);"
+        );
+        for i in 0..d4 {
+            let _ = writeln!(out, "        dst[base{r} + {i}u] = a{r}_{i};");
+        }
+        let _ = writeln!(
+            out,
+            "        dst[base{r} + D4] = vec4<f32>(mf{r}, l{r}, 0.0, 0.0);"
+        );
+    }
+    let _ = writeln!(out, "        return;\n    }}");
+    for r in 0..rows {
+        let (k, hh) = (r / hpw, r % hpw);
+        let _ = writeln!(
+            out,
+            "    if (ok{k}) {{\n        let o{r} = (qrow{k} + {hh}u * hstride) * D4;"
+        );
+        for i in 0..d4 {
+            let _ = writeln!(out, "        dst[o{r} + {i}u] = a{r}_{i} / l{r};");
+        }
+        let _ = writeln!(out, "    }}");
+    }
+    ROWS_SRC
+        .replace("//@ROWS_CONSTS\n", &consts)
+        .replace("//@ROWS_TOKENS\n", &tokens)
+        .replace("//@ROWS_UNION\n", &union)
+        .replace("//@ROWS_INIT\n", &init)
+        .replace("//@ROWS_BODY\n", &body)
+        .replace("//@ROWS_FOLD\n", &fold)
+        .replace("//@ROWS_OUT\n", &out)
 }
 
 /// The pipelines for one number of query heads per workgroup.
 struct Variant {
     hpw: u32,
+    /// Tokens per workgroup of the direct kernel (row kernel: lanes x
+    /// tokens per lane; attention.wgsl: 1).
+    tokens_per_wg: u32,
     /// SPLITS 1, writes the output.
     direct: Kernel,
     /// SPLITS `shape.splits`, writes partials for the combine.
@@ -283,29 +490,40 @@ impl Attention {
                 gpu.caps.max_invocations
             )));
         }
-        let limit = MAX_HEAD_DIM.min(4 * MAX_DPT4 * wg as usize);
+        let limit = if shape.rows {
+            MAX_HEAD_DIM
+        } else {
+            MAX_HEAD_DIM.min(4 * MAX_DPT4 * wg as usize)
+        };
         if head_dim == 0 || head_dim % 4 != 0 || head_dim > limit {
             return Err(Error::invalid(format!(
                 "attention: head_dim {head_dim} is not supported; the kernel needs a multiple of 4 \
                  (it reads q, K and V as vec4) of at most {limit} (workgroup size {wg})"
             )));
         }
-        if !(1..=MAX_PPI).contains(&shape.ppi) || shape.splits == 0 {
+        if !(1..=MAX_PPI).contains(&shape.ppi) || shape.splits == 0 || shape.min_split == 0 {
             return Err(Error::invalid(format!(
-                "attention: positions per invocation {} must be in 1..={MAX_PPI} and splits {} \
-                 at least 1",
-                shape.ppi, shape.splits
+                "attention: positions per invocation {} must be in 1..={MAX_PPI}, splits {} and \
+                 units per split {} at least 1",
+                shape.ppi, shape.splits, shape.min_split
             )));
         }
         let d4 = (head_dim / 4) as u32;
+        let src = format!(
+            "{}{SPLIT_PRELUDE}{COMBINE_SRC}",
+            crate::ops::kv_copy::rows_prelude(max_rows)
+        );
         let combine = gpu.kernel(
             "attention_combine",
-            COMBINE_SRC,
+            &src,
             "main",
             &[
                 ("WG", d4.min(64) as f64),
                 ("D4", d4 as f64),
                 ("SPLITS", shape.splits as f64),
+                ("PH", if shape.rows { wg } else { 1 } as f64),
+                ("UNIT", shape.block() as f64),
+                ("MINU", shape.min_split as f64),
             ],
         )?;
         let att = Attention {
@@ -327,6 +545,9 @@ impl Attention {
     /// Workgroup memory in bytes the kernel needs with `hpw` heads per
     /// workgroup (q_sh + mx_sh + p_sh + red + l_sh in attention.wgsl).
     fn shared_bytes(&self, hpw: usize) -> u32 {
+        if self.shape.rows {
+            return 0;
+        }
         let (wg, d4) = (self.shape.wg as usize, self.head_dim / 4);
         let (g, _) = layout(self.head_dim, self.shape.wg);
         let red = if g > 1 { hpw * wg } else { 1 };
@@ -334,12 +555,23 @@ impl Attention {
     }
 
     /// Query heads per workgroup for a GQA group of `group` heads: the
-    /// largest divisor of `group` up to 8 whose workgroup memory fits.
+    /// largest divisor of `group` up to 8 whose workgroup memory fits (the
+    /// row kernel: whose q vec4 fit its register budget).
     pub fn heads_per_workgroup(&self, group: usize) -> usize {
+        let d4 = self.head_dim / 4;
         (1..=MAX_HPW.min(group))
             .rev()
-            .find(|&h| group % h == 0 && self.shared_bytes(h) <= self.max_workgroup_storage)
+            .find(|&h| {
+                group % h == 0
+                    && self.shared_bytes(h) <= self.max_workgroup_storage
+                    && (!self.shape.rows || h * d4 <= ROWS_MAX_VEC4)
+            })
             .unwrap_or(1)
+    }
+
+    /// The row kernel's tokens per invocation in a prefill.
+    fn tpl(&self, hpw: usize) -> usize {
+        rows_tpl(hpw, self.head_dim / 4, self.max_rows.is_some())
     }
 
     fn variant(&self, gpu: &Gpu, hpw: usize) -> Result<Arc<Variant>> {
@@ -360,8 +592,43 @@ impl Attention {
         let (g, dpt4) = layout(self.head_dim, wg);
         let h = hpw as u32;
         let red = if g > 1 { h * wg } else { 1 };
-        let src = format!("{}{SRC}", crate::ops::kv_copy::rows_prelude(self.max_rows));
+        let pre = format!(
+            "{}{SPLIT_PRELUDE}",
+            crate::ops::kv_copy::rows_prelude(self.max_rows)
+        );
+        let src = format!("{pre}{SRC}");
+        let split_consts = [
+            ("UNIT", self.shape.block() as f64),
+            ("MINU", self.shape.min_split as f64),
+        ];
+        let tpl = self.tpl(hpw);
+        let rows_direct = format!("{pre}{}", rows_source(hpw, tpl, d4 as usize));
+        let rows_partial = format!("{pre}{}", rows_source(hpw, 1, d4 as usize));
+        let compile_rows = |splits: u32, partial: bool| {
+            let mut c = vec![
+                ("WG", wg as f64),
+                ("TQ", if partial { 1 } else { wg } as f64),
+                ("PH", if partial { wg } else { 1 } as f64),
+                ("SPLITS", splits as f64),
+                ("PARTIAL", if partial { 1.0 } else { 0.0 }),
+                ("FAULT_GQA_MODULO", if self.gqa_modulo { 1.0 } else { 0.0 }),
+            ];
+            c.extend_from_slice(&split_consts);
+            gpu.kernel(
+                if partial {
+                    "attention_rows_split"
+                } else {
+                    "attention_rows"
+                },
+                if partial { &rows_partial } else { &rows_direct },
+                "main",
+                &c,
+            )
+        };
         let compile = |splits: u32, partial: bool| {
+            if self.shape.rows {
+                return compile_rows(splits, partial);
+            }
             gpu.kernel(
                 if partial {
                     "attention_split"
@@ -385,6 +652,8 @@ impl Attention {
                     ("PSH", (h * blk) as f64),
                     ("RED", red as f64),
                     ("FAULT_GQA_MODULO", if self.gqa_modulo { 1.0 } else { 0.0 }),
+                    split_consts[0],
+                    split_consts[1],
                 ],
             )
         };
@@ -406,6 +675,7 @@ impl Attention {
         });
         let v = Arc::new(Variant {
             hpw: h,
+            tokens_per_wg: if self.shape.rows { wg * tpl as u32 } else { 1 },
             direct: direct?,
             partial: partial?,
         });
@@ -417,6 +687,13 @@ impl Attention {
     /// attends to `n_positions` positions with `hpw` heads per workgroup
     /// (every loop of attention.wgsl counted, none assumed unrolled).
     pub fn loop_iterations(&self, hpw: usize, n_positions: usize) -> u64 {
+        if self.shape.rows {
+            // The row kernel's only loops: the positions of the union of a
+            // lane's token ranges (its tokens are wg apart), one block loop
+            // iteration per 32 of them (BP), and the exit checks.
+            let n = n_positions as u64 + self.shape.wg as u64 * (self.tpl(hpw) as u64 - 1);
+            return n + n.div_ceil(32) + 4;
+        }
         let (wg, ppi, blk) = (
             self.shape.wg as u64,
             self.shape.ppi as u64,
@@ -449,6 +726,10 @@ impl Attention {
         let ctx = params.max_ctx as usize;
         match params.window as usize {
             0 => ctx,
+            w if self.shape.rows => {
+                let hpw = self.heads_per_workgroup(params.group());
+                ctx.min(w + self.shape.wg as usize * (self.tpl(hpw) - 1))
+            }
             w => ctx.min(w + self.shape.block() as usize - 1),
         }
     }
@@ -546,11 +827,13 @@ impl Attention {
         let ub = gpu.uniform("attention params", params)?;
         // Partials of up to SPLIT_MAX_TOKENS tokens: per (token, head, split)
         // head_dim / 4 + 1 vec4.
+        let per_split = if self.shape.rows { self.shape.wg } else { 1 };
         let part = gpu.storage(
             "attention partials",
             self.split_rows as u64
                 * params.n_heads as u64
                 * self.shape.splits as u64
+                * per_split as u64
                 * (self.head_dim as u64 / 4 + 1)
                 * 16,
         );
@@ -618,6 +901,8 @@ impl Attention {
                 n_tokens * params.n_heads,
             );
         } else {
+            let tb = n_tokens.div_ceil(bind.variant.tokens_per_wg);
+            let wgs = tb * params.n_kv_heads * chunks;
             gpu.dispatch_in(pass, &bind.variant.direct, &bind.direct, wgs);
         }
     }
@@ -713,6 +998,26 @@ mod tests {
                 wg,
                 ppi: 2,
                 splits: 3,
+                min_split: 1,
+                rows: false,
+            },
+        )
+        .unwrap()
+    }
+
+    /// The row kernel off the CPU profile's path: `wg` lanes, up to 3 splits
+    /// of at least 16 positions (uneven runs, lanes with no position, and
+    /// 1, 2 or 3 splits as the KV length grows).
+    fn rows_wg(g: &Gpu, d: usize, wg: u32) -> Attention {
+        Attention::with_shape(
+            g,
+            d,
+            Shape {
+                wg,
+                ppi: 1,
+                splits: 3,
+                min_split: 16,
+                rows: true,
             },
         )
         .unwrap()
@@ -949,6 +1254,7 @@ mod tests {
             // chunks of 6 heads per KV head; group 8 one chunk of 8.
             let mut atts = profiles(g, d);
             atts.push(with_wg(g, d, 64));
+            atts.push(rows_wg(g, d, 4));
             for att in &atts {
                 run(g, att, &case(nh, nkv, d, 1104, &STEPS));
             }
@@ -960,7 +1266,81 @@ mod tests {
         for &d in &[12usize, 96, 192, 256, 512] {
             let att = with_wg(g, d, 64);
             run(g, &att, &case(4, 2, d, 80, &[(1, 0), (3, 30), (1, 79)]));
+            let att = rows_wg(g, d, 8);
+            run(g, &att, &case(4, 2, d, 80, &[(1, 0), (3, 30), (1, 79)]));
         }
+    }
+
+    /// Long KV under both profiles: GQA ratios 1, 3 and 7 at head_dim 64,
+    /// 128 and 256; decode at KV 3000 (the GPU profile's 32 splits, the row
+    /// kernel's 16), a 128-token prefill chunk ending
+    /// there, and a 700-token
+    /// window over the same cache.
+    #[test]
+    fn long_kv_profiles_gqa_and_head_dims() {
+        let g = gpu();
+        let steps = [(1usize, 2999usize), (128, 2872), (1, 1500)];
+        for &(nh, nkv, d) in &[
+            (4usize, 4usize, 64usize),
+            (9, 3, 64),
+            (7, 1, 64),
+            (6, 2, 128),
+            (14, 2, 128),
+            (2, 2, 256),
+            (6, 2, 256),
+            (7, 1, 256),
+        ] {
+            for att in profiles(g, d) {
+                // On llvmpipe the GPU profile's kernel with 7 heads per
+                // workgroup at head_dim 256 covers only 2432 positions (bind
+                // refuses more, by name): run it at its own limit there.
+                let hpw = att.heads_per_workgroup(nh / nkv);
+                let ctx = if att.llvmpipe {
+                    3000.min(att.llvmpipe_max_ctx(hpw))
+                } else {
+                    3000
+                };
+                let steps: Vec<(usize, usize)> = steps
+                    .iter()
+                    .map(|&(n, off)| (n, off + ctx - 3000))
+                    .collect();
+                run(g, &att, &case(nh, nkv, d, ctx, &steps));
+                if d == 64 {
+                    run(g, &att, &windowed(case(nh, nkv, d, ctx, &steps), 700));
+                }
+            }
+        }
+    }
+
+    /// The run-time split count: one formula for both passes, from the row's
+    /// own range; the CPU profile's 2 splits at KV 160 and 16 at 3000.
+    #[test]
+    fn split_count_follows_the_kv_length() {
+        let g = gpu();
+        let cpu = Shape::for_profile(KernelProfile::CpuDevice);
+        // ceil(units / min_split) clamped to 1..=splits.
+        let ns = |s: &Shape, n: u32| {
+            n.div_ceil(s.block())
+                .div_ceil(s.min_split)
+                .clamp(1, s.splits)
+        };
+        assert_eq!((ns(&cpu, 160), ns(&cpu, 1040), ns(&cpu, 3000)), (2, 9, 16));
+        let gpu_shape = Shape::for_profile(KernelProfile::Gpu);
+        assert_eq!((ns(&gpu_shape, 160), ns(&gpu_shape, 3000)), (3, 32));
+        // Every count from 1 to 3 (rows_wg: splits of >= 16 positions), and
+        // a row whose split runs are shorter than its lanes.
+        let att = rows_wg(g, 64, 8);
+        run(
+            g,
+            &att,
+            &case(
+                6,
+                2,
+                64,
+                80,
+                &[(1, 5), (1, 15), (1, 16), (1, 40), (1, 79), (3, 60)],
+            ),
+        );
     }
 
     /// Windows 1, 7, 16, one block (64) and one block + 1, and one longer than
@@ -982,6 +1362,15 @@ mod tests {
         for &(wg, d) in &[(32u32, 128usize), (128, 64), (4, 16)] {
             let att = with_wg(g, d, wg);
             for &w in &[7usize, 16, 129] {
+                let c = case(6, 2, d, 400, &[(1, 0), (9, 3), (1, 399), (30, 200)]);
+                run(g, &att, &windowed(c, w));
+            }
+        }
+        // The row kernel with other lane counts: a lane's two prefill tokens
+        // are wg apart, so windows shorter and longer than that.
+        for &(wg, d) in &[(4u32, 64usize), (16, 24)] {
+            let att = rows_wg(g, d, wg);
+            for &w in &[1usize, 7, 16, 129] {
                 let c = case(6, 2, d, 400, &[(1, 0), (9, 3), (1, 399), (30, 200)]);
                 run(g, &att, &windowed(c, w));
             }
@@ -1014,6 +1403,8 @@ mod tests {
                 wg,
                 ppi: 1,
                 splits: 3,
+                min_split: 1,
+                rows: false,
             },
         )
         .unwrap();
@@ -1142,6 +1533,8 @@ mod tests {
                 wg: 16,
                 ppi: 1,
                 splits: 1,
+                min_split: 1,
+                rows: false,
             },
         )
         .err()
@@ -1153,9 +1546,31 @@ mod tests {
             .expect("66 % 4 != 0")
             .to_string();
         assert!(e.contains("66") && e.contains("multiple of 4"), "{e}");
-        for (wg, ppi, splits) in [(30, 1, 1), (0, 1, 1), (64, 0, 1), (64, 9, 1), (64, 1, 0)] {
-            assert!(Attention::with_shape(g, 64, Shape { wg, ppi, splits }).is_err());
+        for (wg, ppi, splits, min_split) in [
+            (30, 1, 1, 1),
+            (0, 1, 1, 1),
+            (64, 0, 1, 1),
+            (64, 9, 1, 1),
+            (64, 1, 0, 1),
+            (64, 1, 2, 0),
+        ] {
+            for rows in [false, true] {
+                let shape = Shape {
+                    wg,
+                    ppi,
+                    splits,
+                    min_split,
+                    rows,
+                };
+                assert!(Attention::with_shape(g, 64, shape).is_err(), "{shape:?}");
+            }
         }
+        // The row kernel has no per-workgroup head_dim limit below 512.
+        let rows = Shape {
+            wg: 8,
+            ..Shape::for_profile(KernelProfile::CpuDevice)
+        };
+        assert!(Attention::with_shape(g, 512, rows).is_ok());
         assert!(Params::new(6, 4, 64, 16).is_err());
         assert!(Params::new(4, 4, 600, 16).is_err());
         assert!(Params::new(4, 4, 66, 16).is_err());
@@ -1291,9 +1706,12 @@ mod tests {
     }
 }
 
-/// Decode attention timing at SmolLM2's shape (not a test of speed: it
-/// asserts nothing about time, only prints).
-/// `cargo test --release --lib -- --ignored decode_attention_timing --nocapture`
+/// Attention timing at SmolLM2's shape (not a test of speed: it asserts
+/// nothing about time, only prints): decode steps at KV 160 / 1040 / 3000
+/// and a 3000-token prefill in the model's 128-token chunks, each kernel
+/// shape in one run.
+/// `cargo test --release --lib -- --ignored attention_timing --nocapture`
+/// (`WGLLM_TIMING_SHAPES=decode` or `prefill` runs only that half).
 #[cfg(test)]
 mod timing {
     use super::*;
@@ -1302,49 +1720,121 @@ mod timing {
     use crate::testutil::gpu;
     use std::time::Instant;
 
+    /// SmolLM2-135M: 9 query heads, 3 KV heads, head_dim 64, 30 layers.
+    const SMOL: (usize, usize, usize, usize, usize) = (9, 3, 64, 4096, 30);
+
+    fn shapes(g: &Gpu) -> Vec<(&'static str, Shape)> {
+        let profile = Shape::for_profile(g.caps.kernels);
+        let mut v = vec![
+            (
+                "shared-memory kernel, CPU shape before (64 x 4, 2 splits)",
+                Shape::shared_cpu(),
+            ),
+            ("profile shape", profile),
+        ];
+        if profile.rows {
+            for (splits, min_split) in [(1u32, 256u32), (4, 256), (8, 128), (16, 128)] {
+                let name = match (splits, min_split) {
+                    (1, _) => "rows, 1 split",
+                    (4, _) => "rows, <= 4 splits of >= 256",
+                    (8, _) => "rows, <= 8 splits of >= 128",
+                    _ => "rows, <= 16 splits of >= 128",
+                };
+                v.push((
+                    name,
+                    Shape {
+                        splits,
+                        min_split,
+                        ..profile
+                    },
+                ));
+            }
+        }
+        v
+    }
+
+    /// Best of `n` submit+wait times of `enc` (the least disturbed by load).
+    fn best_ms(g: &Gpu, n: usize, enc: &dyn Fn(&mut wgpu::ComputePass<'_>)) -> f64 {
+        let run = || {
+            let mut e = g.encoder();
+            {
+                let mut pass = e.begin_compute_pass(&Default::default());
+                enc(&mut pass);
+            }
+            g.submit_wait(e).unwrap();
+        };
+        run();
+        (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                run();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+
     #[test]
     #[ignore = "prints timings only; run by hand"]
-    fn decode_attention_timing() {
+    fn attention_timing() {
         let g = gpu();
-        // SmolLM2-135M: 9 query heads, 3 KV heads, head_dim 64, 30 layers.
-        let (nh, nkv, d, ctx, layers) = (9usize, 3usize, 64usize, 4096usize, 30usize);
-        let base = Shape::for_profile(g.caps.kernels);
+        let which = std::env::var("WGLLM_TIMING_SHAPES").unwrap_or_default();
+        let (nh, nkv, d, ctx, layers) = SMOL;
         let p = Params::new(nh, nkv, d, ctx).unwrap();
         let caches: Vec<KvCache> = (0..layers)
             .map(|_| KvCache::new(g, kv_copy::Params::new(nkv, d, ctx).unwrap()).unwrap())
             .collect();
-        let qb = g.storage("q", (nh * d * 4) as u64);
-        let ob = g.storage("out", (nh * d * 4) as u64);
+        let chunk = 128usize;
+        let qb = g.storage("q", (chunk * nh * d * 4) as u64);
+        let ob = g.storage("out", (chunk * nh * d * 4) as u64);
         let stepb = g.uniform("step", &Step::new(1, 0)).unwrap();
-        for shape in [base, Shape { splits: 1, ..base }] {
+        for (i, (name, shape)) in shapes(g).into_iter().enumerate() {
             let att = Attention::with_shape(g, d, shape).unwrap();
             let binds: Vec<Binding> = caches
                 .iter()
                 .map(|c| att.bind(g, &p, &stepb, &qb, c, &ob).unwrap())
                 .collect();
-            for kv in [160u32, 1040, 3000] {
-                g.queue
-                    .write_buffer(&stepb, 0, bytemuck::bytes_of(&Step::new(1, kv - 1)));
-                let run = || {
-                    let mut enc = g.encoder();
-                    {
-                        let mut pass = enc.begin_compute_pass(&Default::default());
+            if which != "prefill" {
+                for kv in [160u32, 1040, 3000] {
+                    g.queue
+                        .write_buffer(&stepb, 0, bytemuck::bytes_of(&Step::new(1, kv - 1)));
+                    let best = best_ms(g, 9, &|pass| {
                         for b in &binds {
-                            att.encode(g, &mut pass, b, &p, 1);
+                            att.encode(g, pass, b, &p, 1);
                         }
+                    });
+                    eprintln!("{name} {shape:?}: decode kv {kv}: best {best:.2} ms per step ({layers} layers)");
+                }
+            }
+            // Prefill does not depend on the split count: the first two only.
+            if which != "decode" && i < 2 {
+                // 3000 tokens in 128-token steps, one submission each (as
+                // the model's prefill chunks), one run (minutes under load).
+                let mut total = [0f64; 1];
+                for t in total.iter_mut() {
+                    for off in (0..3000usize).step_by(chunk) {
+                        let n = chunk.min(3000 - off) as u32;
+                        g.queue.write_buffer(
+                            &stepb,
+                            0,
+                            bytemuck::bytes_of(&Step::new(n, off as u32)),
+                        );
+                        let t0 = Instant::now();
+                        let mut e = g.encoder();
+                        {
+                            let mut pass = e.begin_compute_pass(&Default::default());
+                            for b in &binds {
+                                att.encode(g, &mut pass, b, &p, n);
+                            }
+                        }
+                        g.submit_wait(e).unwrap();
+                        *t += t0.elapsed().as_secs_f64();
                     }
-                    g.submit_wait(enc).unwrap();
-                };
-                run();
-                // Best of 9: the least disturbed by other load.
-                let best = (0..9)
-                    .map(|_| {
-                        let t = Instant::now();
-                        run();
-                        t.elapsed().as_secs_f64() * 1e3
-                    })
-                    .fold(f64::INFINITY, f64::min);
-                eprintln!("{shape:?} kv {kv}: best {best:.2} ms per step ({layers} layers)");
+                }
+                let best = total[0];
+                eprintln!(
+                    "{name} {shape:?}: prefill 3000 tokens: best {best:.2} s of attention ({layers} layers), {:.1} tok/s",
+                    3000.0 / best
+                );
             }
         }
     }

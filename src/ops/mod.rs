@@ -12,3 +12,4 @@ pub mod qmatmul;
 pub mod rmsnorm;
 pub mod rope;
 pub mod sample;
+pub mod sample_full;

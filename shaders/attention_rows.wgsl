@@ -1,0 +1,147 @@
+// Causal grouped-query attention, the row kernel (CPU-device profile), in f32.
+// Same bindings, layouts and semantics as attention.wgsl (see there): q
+// [n_tokens, n_heads * d], head-major caches [n_kv_heads, max_ctx, d] per
+// slot, query head h reads KV head h / (n_heads / n_kv_heads), token t at
+// row_pos(t) sees row_range(t) = lo..n (causal, optional sliding window).
+//
+// Each invocation owns R = TPL * HPW query rows (TPL tokens x HPW query
+// heads of one KV head's group) and keeps their q, running max, softmax sum
+// and output sums in private variables; it walks cache positions one at a
+// time, loading each K and V row once for all R rows. The host generates
+// the per-row statements (ROWS_* below) for the kernel's HPW, TPL and D4,
+// so every value lives in a named variable (registers or stack slots, never
+// an indexed array) and only the position loop counts against llvmpipe's
+// loop budget. No workgroup memory, no barrier.
+//
+// Why this shape on a CPU device: lavapipe turns every storage or workgroup
+// load whose address is not a constant into a per-lane loop of scalar loads
+// (gallivm emit_load_mem), so a kernel's cost there is the words it loads
+// per lane; register and stack traffic is cheap. Loading q once and each
+// K/V word once per R rows is the least it can load (the shared-memory
+// kernel reloads q and the softmax weights from workgroup memory for every
+// position). On a GPU the same shape would hold 3 * R * d floats per thread
+// (spills, low occupancy), which is why the GPU profile keeps attention.wgsl.
+//
+// Two entry shapes, chosen by the host:
+// - prefill (PARTIAL false, PH 1): lane lt of a workgroup owns tokens
+//   tb * TQ * TPL + lt + TQ * k, k < TPL; it walks the union of their
+//   ranges (a lane's tokens are TQ apart, so at most TQ * (TPL - 1) extra
+//   positions, masked), skipping everything before the first window and
+//   after the last causal limit (causal block skipping at the finest grain).
+// - decode (PARTIAL true, TQ 1, TPL 1, PH = WG): one token per workgroup; the
+//   token's range is cut into n_splits(lo, n) runs (from the row's own
+//   length, at run time: the dispatch is SPLITS workgroups per row whatever
+//   the KV length, and the surplus ones return at once), and lane ph of a
+//   run takes its positions ph, ph + PH, ...; each lane writes its partial
+//   (acc, m, l) and attention_combine.wgsl merges the ns * PH partials.
+//
+// Precision: scores are the same running f32 sum of vec4 dots as
+// attention.wgsl's, scaled once; the running max keeps every exp argument
+// <= 0. The softmax sum and output sums are blocked: positions add into a
+// block sum (lb, ab, kept relative to the current max) that is folded into
+// the total (l, a, relative to the max at the last fold) every BP positions,
+// so their rounding grows with BP + length / BP terms, not with the length.
+
+struct Params {
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    max_ctx: u32,
+    scale: f32,
+    window: u32,
+    _p1: u32,
+    _p2: u32,
+}
+
+// Invocations per workgroup.
+override WG: u32 = 8u;
+// Token lanes per workgroup (prefill: WG; decode: 1).
+override TQ: u32 = 8u;
+// Position phases per token: WG / TQ (prefill 1, decode WG).
+override PH: u32 = 1u;
+// Most KV splits per row (decode); the run-time count is n_splits().
+override SPLITS: u32 = 1u;
+// Write partials (acc, m, l) per (split, lane) instead of the output.
+override PARTIAL: bool = false;
+// Deliberate bug for verify's self-tests (model::Faults), as in
+// attention.wgsl. Never set in use.
+override FAULT_GQA_MODULO: bool = false;
+// Below any real score; exp(NEG - finite) is 0.
+const NEG: f32 = -3.0e38;
+// Positions per block sum (see Precision).
+const BP: u32 = 32u;
+//@ROWS_CONSTS
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<uniform> step: StepT;
+@group(0) @binding(2) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> k_cache: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> v_cache: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> dst: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let idx = wg_linear(wid, nwg);
+    let group = p.n_heads / p.n_kv_heads;
+    let nchunk = group / HPW;
+    let tpw = TQ * TPL;
+    let ntb = (step.n_tokens + tpw - 1u) / tpw;
+    // Workgroup-uniform: overshoot of the (possibly 2D) grid.
+    if (idx >= ntb * p.n_kv_heads * nchunk * SPLITS) {
+        return;
+    }
+    let sp = idx % SPLITS;
+    let rest = idx / SPLITS;
+    let ch = rest % nchunk;
+    let kvh = (rest / nchunk) % p.n_kv_heads;
+    let tb = rest / nchunk / p.n_kv_heads;
+    let lt = lid / PH;
+    let ph = lid % PH;
+    // Query head of head slot r: kvh * group + ch * HPW + r; under the fault
+    // the heads h with h % n_kv == kvh instead.
+    var hstride = 1u;
+    var h0 = kvh * group + ch * HPW;
+    if (FAULT_GQA_MODULO) {
+        hstride = p.n_kv_heads;
+        h0 = kvh + ch * HPW * p.n_kv_heads;
+    }
+    let last = step.n_tokens - 1u;
+    // Per token k of this lane: t{k}, whether it exists (ok{k}), its query
+    // row base, its visible range lo{k}..n{k} (empty when it does not exist).
+//@ROWS_TOKENS
+    // The positions this lane walks.
+    var jlo = 0u;
+    var jhi = 0u;
+//@ROWS_UNION
+    // The slot of the lane's first token (a workgroup's tokens share one
+    // slot except in batched steps, where each workgroup holds one token).
+    let kvbase = (row_slot(t0c) * p.n_kv_heads + kvh) * p.max_ctx * D4;
+    if (PARTIAL) {
+        // Decode: one token (host-checked TQ == TPL == 1); this split's run.
+        let ns = n_splits(lo0, n0);
+        if (sp >= ns) {
+            return;
+        }
+        let span = n0 - lo0;
+        let per = (span + ns - 1u) / ns;
+        jlo = lo0 + min(sp * per, span);
+        jhi = lo0 + min(sp * per + per, span);
+    }
+    jlo += ph;
+//@ROWS_INIT
+    var j = jlo;
+    loop {
+        if (j >= jhi) {
+            break;
+        }
+        let jend = min(jhi, j + BP * PH);
+        for (; j < jend; j += PH) {
+            let kb = kvbase + j * D4;
+//@ROWS_BODY
+        }
+//@ROWS_FOLD
+    }
+//@ROWS_OUT
+}
