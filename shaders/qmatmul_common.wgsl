@@ -82,3 +82,48 @@ fn bits4(qh: u32, e: u32) -> vec4<u32> {
 fn dequant4(bw: u32, g: u32, j: u32) -> vec4<f32> {
     return dequant4s(bw, g, j, gscales(bw, g));
 }
+
+// ---- K-quants with 6-bit scales and mins (Q4_K, Q5_K): f16 d, f16 dmin
+// (word 0), u8 scales[12] (words 1..3), as ggml's get_scale_min_k4.
+// The 6-bit scale and min of sub-block j (0..8) of a Q4_K / Q5_K block
+// (ggml's get_scale_min_k4) from the three words s0, s1, s2 holding
+// scales[0..12].
+fn kscale(s0: u32, s1: u32, s2: u32, j: u32) -> vec2<u32> {
+    if (j < 4u) {
+        return vec2<u32>(byte_of(s0, j) & 63u, byte_of(s1, j) & 63u);
+    }
+    let i = j - 4u;
+    let lo = byte_of(s2, i); // scales[j + 4]
+    let sc = (lo & 15u) | ((byte_of(s0, i) >> 6u) << 4u);
+    let mn = (lo >> 4u) | ((byte_of(s1, i) >> 6u) << 4u);
+    return vec2<u32>(sc, mn);
+}
+// The same with the words read from the block's scales at word sw.
+fn scale_min_k4(sw: u32, j: u32) -> vec2<u32> {
+    return kscale(w[sw], w[sw + 1u], w[sw + 2u], j);
+}
+// The group part's scales of sub-block g: (d * sc, dmin * m, 0, 0).
+fn kgscales(bw: u32, g: u32) -> vec4<f32> {
+    let sm = scale_min_k4(bw + 1u, g);
+    return vec4<f32>(scale16(bw, false) * f32(sm.x), scale16(bw, true) * f32(sm.y), 0.0, 0.0);
+}
+// A block's header for the row kernel's qblock: d, dmin and the three
+// scale words, each loaded once.
+struct KHead {
+    d: f32,
+    dmin: f32,
+    s0: u32,
+    s1: u32,
+    s2: u32,
+}
+fn khead(bw: u32) -> KHead {
+    return KHead(scale16(bw, false), scale16(bw, true), w[bw + 1u], w[bw + 2u], w[bw + 3u]);
+}
+// The scales of the sub-block pair 2p, 2p + 1 (the low and high nibbles of
+// the same 32 quant bytes): (d * sc, dmin * m) of 2p, then of 2p + 1 (the
+// same products as kgscales).
+fn kpair(h: KHead, p: u32) -> vec4<f32> {
+    let sa = kscale(h.s0, h.s1, h.s2, 2u * p);
+    let sb = kscale(h.s0, h.s1, h.s2, 2u * p + 1u);
+    return vec4<f32>(h.d * f32(sa.x), h.dmin * f32(sa.y), h.d * f32(sb.x), h.dmin * f32(sb.y));
+}

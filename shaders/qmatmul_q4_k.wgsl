@@ -1,12 +1,11 @@
 // Q4_K: f16 d, f16 dmin (word 0), u8 scales[12] (words 1..3), u8 qs[128]
 // (words 4..35). Group g: scale/min g, element l from byte qs[32 (g / 2) +
 // l], low nibble for even g, high for odd; y = (d * sc) * q - (dmin * m).
-// Needs qmatmul_kscale.wgsl.
+// Scales through qmatmul_common.wgsl's K-quant helpers.
 const QBW: u32 = 36u;
 const QGPB: u32 = 8u;
 fn gscales(bw: u32, g: u32) -> vec4<f32> {
-    let sm = scale_min_k4(bw + 1u, g);
-    return vec4<f32>(scale16(bw, false) * f32(sm.x), scale16(bw, true) * f32(sm.y), 0.0, 0.0);
+    return kgscales(bw, g);
 }
 fn dequant4s(bw: u32, g: u32, j: u32, s: vec4<f32>) -> vec4<f32> {
     let q = nibbles4(w[bw + 4u + 8u * (g / 2u) + j], (g & 1u) == 1u);
@@ -18,38 +17,22 @@ fn dequant4s(bw: u32, g: u32, j: u32, s: vec4<f32>) -> vec4<f32> {
 // once, and use4(e4, v) called with elements 4 e4 .. 4 e4 + 3 of the block
 // for each row, so the entry loads each 4 values of x once for all R rows.
 fn qblock(rb: array<u32, R>) {
-    var d: array<f32, R>;
-    var dmin: array<f32, R>;
-    var s0: array<u32, R>;
-    var s1: array<u32, R>;
-    var s2: array<u32, R>;
+    var hd: array<KHead, R>;
     for (var a = 0u; a < R; a++) {
-        d[a] = scale16(rb[a], false);
-        dmin[a] = scale16(rb[a], true);
-        s0[a] = w[rb[a] + 1u];
-        s1[a] = w[rb[a] + 2u];
-        s2[a] = w[rb[a] + 3u];
+        hd[a] = khead(rb[a]);
     }
     for (var p = 0u; p < 4u; p++) {
-        var da: array<f32, R>;
-        var ma: array<f32, R>;
-        var db: array<f32, R>;
-        var mb: array<f32, R>;
+        var sc: array<vec4<f32>, R>;
         for (var a = 0u; a < R; a++) {
-            let sa = kscale(s0[a], s1[a], s2[a], 2u * p);
-            let sb = kscale(s0[a], s1[a], s2[a], 2u * p + 1u);
-            da[a] = d[a] * f32(sa.x);
-            ma[a] = dmin[a] * f32(sa.y);
-            db[a] = d[a] * f32(sb.x);
-            mb[a] = dmin[a] * f32(sb.y);
+            sc[a] = kpair(hd[a], p);
         }
         for (var j = 0u; j < 8u; j++) {
             var lo: array<vec4<f32>, R>;
             var hi: array<vec4<f32>, R>;
             for (var a = 0u; a < R; a++) {
                 let wd = w[rb[a] + 4u + 8u * p + j];
-                lo[a] = da[a] * vec4<f32>(nibbles4(wd, false)) - vec4<f32>(ma[a]);
-                hi[a] = db[a] * vec4<f32>(nibbles4(wd, true)) - vec4<f32>(mb[a]);
+                lo[a] = sc[a].x * vec4<f32>(nibbles4(wd, false)) - vec4<f32>(sc[a].y);
+                hi[a] = sc[a].z * vec4<f32>(nibbles4(wd, true)) - vec4<f32>(sc[a].w);
             }
             use4(16u * p + j, lo);
             use4(16u * p + 8u + j, hi);

@@ -1,11 +1,10 @@
 // Q5_K: f16 d, f16 dmin (word 0), u8 scales[12] (words 1..3), u8 qh[32]
 // (words 4..11), u8 qs[128] (words 12..43). As Q4_K, plus bit g of qh[l]
-// as the fifth bit of element l. Needs qmatmul_kscale.wgsl.
+// as the fifth bit of element l. Scales through qmatmul_common.wgsl's K-quant helpers.
 const QBW: u32 = 44u;
 const QGPB: u32 = 8u;
 fn gscales(bw: u32, g: u32) -> vec4<f32> {
-    let sm = scale_min_k4(bw + 1u, g);
-    return vec4<f32>(scale16(bw, false) * f32(sm.x), scale16(bw, true) * f32(sm.y), 0.0, 0.0);
+    return kgscales(bw, g);
 }
 fn dequant4s(bw: u32, g: u32, j: u32, s: vec4<f32>) -> vec4<f32> {
     let h = (bytes4(w[bw + 4u + j]) >> vec4<u32>(g)) & vec4<u32>(1u);
@@ -18,30 +17,14 @@ fn dequant4s(bw: u32, g: u32, j: u32, s: vec4<f32>) -> vec4<f32> {
 // once, and use4(e4, v) called with elements 4 e4 .. 4 e4 + 3 of the block
 // for each row, so the entry loads each 4 values of x once for all R rows.
 fn qblock(rb: array<u32, R>) {
-    var d: array<f32, R>;
-    var dmin: array<f32, R>;
-    var s0: array<u32, R>;
-    var s1: array<u32, R>;
-    var s2: array<u32, R>;
+    var hd: array<KHead, R>;
     for (var a = 0u; a < R; a++) {
-        d[a] = scale16(rb[a], false);
-        dmin[a] = scale16(rb[a], true);
-        s0[a] = w[rb[a] + 1u];
-        s1[a] = w[rb[a] + 2u];
-        s2[a] = w[rb[a] + 3u];
+        hd[a] = khead(rb[a]);
     }
     for (var p = 0u; p < 4u; p++) {
-        var da: array<f32, R>;
-        var ma: array<f32, R>;
-        var db: array<f32, R>;
-        var mb: array<f32, R>;
+        var sc: array<vec4<f32>, R>;
         for (var a = 0u; a < R; a++) {
-            let sa = kscale(s0[a], s1[a], s2[a], 2u * p);
-            let sb = kscale(s0[a], s1[a], s2[a], 2u * p + 1u);
-            da[a] = d[a] * f32(sa.x);
-            ma[a] = dmin[a] * f32(sa.y);
-            db[a] = d[a] * f32(sb.x);
-            mb[a] = dmin[a] * f32(sb.y);
+            sc[a] = kpair(hd[a], p);
         }
         for (var j = 0u; j < 8u; j++) {
             var lo: array<vec4<f32>, R>;
@@ -51,8 +34,8 @@ fn qblock(rb: array<u32, R>) {
                 let h = bytes4(w[rb[a] + 4u + j]);
                 let ha = ((h >> vec4<u32>(2u * p)) & vec4<u32>(1u)) << vec4<u32>(4u);
                 let hb = ((h >> vec4<u32>(2u * p + 1u)) & vec4<u32>(1u)) << vec4<u32>(4u);
-                lo[a] = da[a] * vec4<f32>(nibbles4(wd, false) + ha) - vec4<f32>(ma[a]);
-                hi[a] = db[a] * vec4<f32>(nibbles4(wd, true) + hb) - vec4<f32>(mb[a]);
+                lo[a] = sc[a].x * vec4<f32>(nibbles4(wd, false) + ha) - vec4<f32>(sc[a].y);
+                hi[a] = sc[a].z * vec4<f32>(nibbles4(wd, true) + hb) - vec4<f32>(sc[a].w);
             }
             use4(16u * p + j, lo);
             use4(16u * p + 8u + j, hi);

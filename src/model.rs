@@ -1169,10 +1169,12 @@ impl Model {
                 return Ok(());
             }
             (Bound::QLinear { key, b }, Mode::SlotDecode) => {
-                // Quantized weights: the one-token GEMV for every row (each
-                // row summed as it is alone, so a sequence's bits do not
-                // depend on its batch); no shared-weight batched kernel yet.
-                k.qlinear.get(*key).encode_path(g, pass, b, n, false)?;
+                // Quantized weights: one row, the one-token GEMV; more, the
+                // prefill-shaped kernel, one weight pass per
+                // qmatmul::PREFILL_TOKENS rows, which sums each row exactly
+                // as the GEMV does (so a sequence's bits do not depend on
+                // its batch; ops::qmatmul's tests check the bits).
+                k.qlinear.get(*key).encode_path(g, pass, b, n, n > 1)?;
                 return Ok(());
             }
             (Bound::Rope { bat, params, .. }, Mode::SlotPrefill | Mode::SlotDecode) => {

@@ -318,6 +318,89 @@ fn smollm2_f16_scale_read_as_f32_is_caught_at_the_first_linear() {
     assert_eq!(first.as_deref(), Some("layers.0.q"));
 }
 
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn smollm2_native_batched_decode_is_bit_identical_to_alone() {
+    // Slot decode over quantized weights: B > 1 rows go through the
+    // shared-weight-pass kernel (the prefill shape, one weight pass per 4
+    // rows), which must give every sequence the bits of its B = 1 decode
+    // (the one-token GEMV) and of the single-sequence path, in both
+    // kernel profiles. 4 of the golden prompts, 3 greedy steps each.
+    const STEPS: usize = 3;
+    let g = golden(&SMOLLM2);
+    let ps: Vec<Vec<u32>> = g
+        .prompts
+        .iter()
+        .take(4)
+        .map(|p| p.prompt_ids.clone())
+        .collect();
+    let ctx = ps.iter().map(Vec::len).max().unwrap() + STEPS + 1;
+    for k in [KernelProfile::CpuDevice, KernelProfile::Gpu] {
+        let opts = ModelOptions {
+            max_context: Some(ctx),
+            max_batch: ctx,
+            slots: ps.len(),
+            ..Default::default()
+        };
+        let mut m = Model::load(gpu(Some(k), None), &gguf(&SMOLLM2), &opts)
+            .unwrap_or_else(|e| panic!("smollm2 {k:?}: loading natively: {e}"));
+        assert!(m.weights.layers[0].q.quant().is_some());
+        let run = |m: &mut Model, batch: &[usize]| {
+            let mut out: Vec<Vec<Vec<f32>>> = vec![Vec::new(); ps.len()];
+            for &s in batch {
+                m.slot_truncate(s, 0).unwrap();
+                out[s].push(m.prefill_slot(s, &ps[s]).unwrap());
+            }
+            for _ in 0..STEPS {
+                let steps: Vec<(usize, u32)> = batch
+                    .iter()
+                    .map(|&s| (s, argmax(out[s].last().unwrap()) as u32))
+                    .collect();
+                for (&s, l) in batch.iter().zip(m.decode_batch(&steps).unwrap()) {
+                    out[s].push(l);
+                }
+            }
+            out
+        };
+        let alone: Vec<Vec<Vec<f32>>> = (0..ps.len())
+            .map(|s| run(&mut m, &[s]).swap_remove(s))
+            .collect();
+        // B = 1 against the single-sequence path (prefill, then one
+        // forward_logits per token): the same kernels, exact.
+        m.reset();
+        let mut seq = vec![m.forward_logits(&ps[0]).unwrap()];
+        for _ in 0..STEPS {
+            let t = argmax(seq.last().unwrap()) as u32;
+            seq.push(m.forward_logits(&[t]).unwrap());
+        }
+        m.reset();
+        for (step, (a, b)) in alone[0].iter().zip(&seq).enumerate() {
+            assert_eq!(
+                bits(a),
+                bits(b),
+                "{k:?} step {step}: decode_batch (B = 1) vs forward_logits"
+            );
+        }
+        // B = 4 (one full block of rows) and B = 3 (a partial one), slots
+        // in a shuffled order: every row as alone, bit for bit.
+        for batch in [&[3usize, 1, 0, 2][..], &[2, 0, 1]] {
+            let got = run(&mut m, batch);
+            for &s in batch {
+                for (step, (a, b)) in got[s].iter().zip(&alone[s]).enumerate() {
+                    assert_eq!(
+                        bits(a),
+                        bits(b),
+                        "{k:?} slot {s} step {step} in batch {batch:?} vs alone"
+                    );
+                }
+            }
+        }
+    }
+}
+
 // ------------------------------------------------------------------ Qwen2.5
 
 #[test]

@@ -12,6 +12,10 @@
 //! serve decode (one token per pass over the weights) and prefill (a block
 //! of [`PREFILL_TOKENS`] tokens per pass, each 4 weights dequantized once
 //! for all of them). A weight split by rows gets one dispatch per chunk.
+//! Each output is summed in the same order on both paths, so the prefill
+//! path also serves a batched slot decode (B rows, one weight pass per
+//! [`PREFILL_TOKENS`] of them) with every row's bits those of the one-token
+//! decode kernel (tests: `batch_path_is_bit_identical_to_the_one_row_kernel`).
 //! Not yet here: a subgroup reduction and a workgroup-memory tiled prefill
 //! matmul for the GPU profile.
 //!
@@ -30,13 +34,19 @@ use crate::qtensor::QTensor;
 use crate::tensor::{DeviceTensor, WDType};
 
 pub const SRC_QCOMMON: &str = include_str!("../../shaders/qmatmul_common.wgsl");
-pub const SRC_KSCALE: &str = include_str!("../../shaders/qmatmul_kscale.wgsl");
 pub const SRC_ROWS: &str = include_str!("../../shaders/qmatmul_rows.wgsl");
 pub const SRC_WG: &str = include_str!("../../shaders/qmatmul_wg.wgsl");
 pub const SRC_EMBED: &str = include_str!("../../shaders/qembedding.wgsl");
 
-/// Workgroup size of the row-per-invocation kernel.
+/// Workgroup size of the row-per-invocation kernel on the prefill path.
 const ROWS_WG: u32 = 64;
+/// The same on the decode path, where a workgroup covers
+/// [`ROWS_DECODE`] x this many rows: a CPU-type adapter runs each
+/// workgroup whole on one thread, so a layer of few rows (SmolLM2's 192-row
+/// k/v and 576-row q/o/down projections: 1 and 3 workgroups of 64 x 4 rows)
+/// left the device's threads idle; 32 gives twice the workgroups and was 1.1
+/// to 2.3x faster on those shapes, the same on large ones (BENCHMARKS.md).
+const ROWS_WG_DECODE: u32 = 32;
 /// Output rows per invocation of the row kernel (`qmatmul_rows.wgsl`'s R)
 /// on the decode path: each x load is shared by this many rows.
 const ROWS_DECODE: u32 = 4;
@@ -73,14 +83,8 @@ pub fn type_source_full(ty: GgmlType) -> Result<String> {
         Q8_0 => include_str!("../../shaders/qmatmul_q8_0.wgsl").to_string(),
         Q2_K => include_str!("../../shaders/qmatmul_q2_k.wgsl").to_string(),
         Q3_K => include_str!("../../shaders/qmatmul_q3_k.wgsl").to_string(),
-        Q4_K => format!(
-            "{SRC_KSCALE}\n{}",
-            include_str!("../../shaders/qmatmul_q4_k.wgsl")
-        ),
-        Q5_K => format!(
-            "{SRC_KSCALE}\n{}",
-            include_str!("../../shaders/qmatmul_q5_k.wgsl")
-        ),
+        Q4_K => include_str!("../../shaders/qmatmul_q4_k.wgsl").to_string(),
+        Q5_K => include_str!("../../shaders/qmatmul_q5_k.wgsl").to_string(),
         Q6_K => include_str!("../../shaders/qmatmul_q6_k.wgsl").to_string(),
         _ => {
             return Err(Error::invalid(
@@ -141,7 +145,6 @@ pub struct QLinear {
     ty: GgmlType,
     has_bias: bool,
     kernel: QKernel,
-    wg: u32,
     gemv: Kernel,
     prefill: Kernel,
     dummy_bias: wgpu::Buffer,
@@ -189,8 +192,9 @@ impl QLinear {
             QKernel::Workgroup => type_source(ty)?,
         };
 
+        // the larger of the two paths' workgroups, checked against the limit
         let wg = match kernel {
-            QKernel::Rows => ROWS_WG,
+            QKernel::Rows => ROWS_WG.max(ROWS_WG_DECODE),
             QKernel::Workgroup => 64u32.max(gpu.caps.subgroup_max_size.next_power_of_two()),
         };
         if wg > gpu.caps.max_invocations {
@@ -206,6 +210,11 @@ impl QLinear {
         let consts = faults.constants();
         let compile = |tb: u32| {
             let r = if tb == 1 { ROWS_DECODE } else { ROWS_PREFILL };
+            let wg = match kernel {
+                QKernel::Rows if tb == 1 => ROWS_WG_DECODE,
+                QKernel::Rows => ROWS_WG,
+                QKernel::Workgroup => wg,
+            };
             let src = format!(
                 "const WG: u32 = {wg}u;\nconst TB: u32 = {tb}u;\nconst R: u32 = {r}u;\n{SRC_COMMON}\n{SRC_QCOMMON}\n{tsrc}\n{entry}"
             );
@@ -220,7 +229,6 @@ impl QLinear {
             ty,
             has_bias,
             kernel,
-            wg,
             gemv: compile(1)?,
             prefill: compile(PREFILL_TOKENS)?,
             dummy_bias: gpu.storage("qlinear.no_bias", 4),
@@ -369,8 +377,12 @@ impl QLinear {
         for c in &b.chunks {
             let groups = match self.kernel {
                 QKernel::Rows => {
-                    let r = if prefill { ROWS_PREFILL } else { ROWS_DECODE };
-                    c.rows.div_ceil(r * self.wg) * tblocks
+                    let (r, wg) = if prefill {
+                        (ROWS_PREFILL, ROWS_WG)
+                    } else {
+                        (ROWS_DECODE, ROWS_WG_DECODE)
+                    };
+                    c.rows.div_ceil(r * wg) * tblocks
                 }
                 QKernel::Workgroup => c.rows * tblocks,
             };

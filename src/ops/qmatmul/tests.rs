@@ -187,9 +187,10 @@ fn ks(ty: GgmlType) -> &'static [usize] {
     }
 }
 
-/// n: 1 row, rows that fill no whole workgroup (7), just past one (65)
-/// and two (130) workgroups of the row kernel.
-const NS: [usize; 4] = [1, 7, 65, 130];
+/// n: 1 row, rows that fill no whole workgroup (7), just past one
+/// prefill workgroup of the row kernel (65 > 64 x 1 rows), just past one
+/// decode workgroup (129 > 32 x 4 rows) and two prefill ones.
+const NS: [usize; 4] = [1, 7, 65, 129];
 
 #[test]
 fn every_type_both_kernels_decode_and_prefill() {
@@ -393,4 +394,51 @@ fn kernel_profile_picks_the_shape_and_bad_bindings_are_errors() {
     assert!(e.to_string().contains("bias"), "{e}");
     let e = QLinear::new(gpu, GgmlType::IQ2_XXS, false).err().unwrap();
     assert!(e.to_string().contains("IQ2_XXS"), "{e}");
+}
+
+#[test]
+fn batch_path_is_bit_identical_to_the_one_row_kernel() {
+    // The slot decode of m rows through the prefill path (one weight pass
+    // per PREFILL_TOKENS rows) gives every row the bits the one-token
+    // decode kernel gives it: each output is summed from the same
+    // dequantized values in the same order in both shapes. Rows past a
+    // whole block of PREFILL_TOKENS (5, 9) and a weight split into chunks
+    // (65 rows at 4 rows per chunk) included, in both kernel shapes.
+    for &ty in GPU_TYPES {
+        let k = 2 * ty.block_size();
+        let db = crate::qtensor::BlockPad::of(ty)
+            .unwrap()
+            .device_block_bytes();
+        for split in [None, Some((4 * 2 * db) as u64)] {
+            let split_gpu;
+            let g: &Gpu = match split {
+                Some(b) => {
+                    split_gpu = gpu_with_split(b);
+                    &split_gpu
+                }
+                None => gpu(),
+            };
+            let bytes = random_blocks(ty, 65 * 2, 11);
+            let wt = QTensor::upload(g, "w", ty, [65, k], &bytes).unwrap();
+            assert_eq!(wt.chunks.len() > 1, split.is_some(), "{ty}");
+            for kernel in [QKernel::Rows, QKernel::Workgroup] {
+                let lin = QLinear::with_kernel(g, ty, false, kernel, QFaults::default()).unwrap();
+                for m in [2usize, 3, 4, 5, 9] {
+                    let x = rand_vec(m * k, 1.0, 12 + m as u64);
+                    let batch = lin.run_once(g, &x, m, &wt, None, true).unwrap();
+                    for t in 0..m {
+                        let one = lin
+                            .run_once(g, &x[t * k..(t + 1) * k], 1, &wt, None, false)
+                            .unwrap();
+                        let b: Vec<u32> = batch[t * 65..(t + 1) * 65]
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect();
+                        let o: Vec<u32> = one.iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(b, o, "{ty} {kernel:?} split={split:?} m={m} row {t}");
+                    }
+                }
+            }
+        }
+    }
 }
