@@ -53,7 +53,10 @@ fn exp_f32(x: f32) -> f32 {
     q = q * r + 5.0000001201e-1;
     var y = ldexp((q * z + r) + 1.0, i32(n));
     y = select(y, 0.0, x < -104.0);
-    y = select(y, bitcast<f32>(0x7f800000u), x > 88.72283);
+    // inf built from x's bits: a constant `bitcast<f32>(0x7f800000u)` is a
+    // const-expression, and WGSL (Tint, in browsers) rejects a const inf.
+    let inf = bitcast<f32>(0x7f800000u | (bitcast<u32>(x) & 0u));
+    y = select(y, inf, x > 88.72283);
     return select(y, x, x != x);
 }
 
