@@ -6,9 +6,9 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::model::Model;
 #[cfg(not(target_arch = "wasm32"))]
-use crate::model::DECODE_DEPTH;
+use crate::model::{SampledStep, DECODE_DEPTH};
 use crate::ops::argmax::RowStats;
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{Draw, Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
 #[derive(Clone, Debug)]
@@ -302,6 +302,69 @@ pub async fn generate_interruptible_async(
                     check_stats(&st, vocab, decode_steps, start + decode_steps)?;
                     accept(&mut e, id)
                 })?;
+            }
+        }
+    } else if let Some(d) = sampler.gpu_settings().filter(|_| {
+        opts.max_tokens > 0
+            && model.sampled_fits(sampler.penalty_last_n(), e.history.len(), opts.max_tokens)
+    }) {
+        // The whole sampler on the GPU with nothing written per step: the
+        // uniforms are drawn up front in the CPU sampler's order, the
+        // penalty window is a history ring the kernel appends its picks
+        // to. Only each pick and its row's finiteness come back; a step the
+        // kernel cannot decide within its error bound is sampled on the
+        // host from its row with the same uniform (the CPU sampler's id
+        // either way), and the GPU's state takes the host's id.
+        let draws = sampler.draw_table(opts.max_tokens);
+        let table: Vec<f32> = draws.iter().map(|&r| r as f32).collect();
+        let last_n = sampler.penalty_last_n();
+        model.begin_sampled(&d, last_n, &e.history, opts.max_tokens, &table)?;
+        // the host's id for step k from its row
+        let host = |row: &[f32], history: &[u32], k: usize| {
+            let r = draws.get(k).copied().unwrap_or(0.0);
+            sampler.sample_drawn(row, history, &Draw { r, ..d })
+        };
+        let (pk, st) = model.forward_sampled_step_async(prompt_ids).await?;
+        check_stats(&st, vocab, 0, model.position())?;
+        let mut id = pk.id;
+        if pk.uncertain() {
+            id = host(&model.last_logits_async().await?, &e.history, 0);
+            model.fix_sampled(0, id)?;
+        }
+        prefill_s = crate::gpu::now_s() - t0;
+        t1 = crate::gpu::now_s();
+        if accept(&mut e, id)? {
+            let start = model.position();
+            let steps = opts.max_tokens - e.out.len();
+            #[cfg(not(target_arch = "wasm32"))]
+            {
+                // Pipelined: each pick feeds the next step on the GPU, and
+                // a host id that differs rolls the steps after it back.
+                model.decode_sampled(id, 1, steps, DECODE_DEPTH, |pk, st, row| {
+                    decode_steps += 1;
+                    check_stats(&st, vocab, decode_steps, start + decode_steps)?;
+                    let id = row.map_or(pk.id, |l| host(l, &e.history, decode_steps));
+                    Ok(if accept(&mut e, id)? {
+                        SampledStep::Next(id)
+                    } else {
+                        SampledStep::Stop
+                    })
+                })?;
+            }
+            #[cfg(target_arch = "wasm32")]
+            for _ in 0..steps {
+                // In a browser one step at a time (each readback yields).
+                let (pk, st) = model.forward_sampled_step_async(&[id]).await?;
+                decode_steps += 1;
+                check_stats(&st, vocab, decode_steps, start + decode_steps)?;
+                id = pk.id;
+                if pk.uncertain() {
+                    id = host(&model.last_logits_async().await?, &e.history, decode_steps);
+                    model.fix_sampled(decode_steps, id)?;
+                }
+                if !accept(&mut e, id)? {
+                    break;
+                }
             }
         }
     } else if opts.max_tokens > 0 {

@@ -148,14 +148,7 @@ impl Sampler {
     /// [`Self::sample_drawn`] to sample that step on the host instead.
     pub fn gpu_step(&mut self, history: &[u32]) -> Option<(Draw, Vec<u32>)> {
         let window = self.window(history);
-        let mut d = Draw {
-            temperature: self.params.temperature,
-            top_k: self.params.top_k,
-            top_p: self.params.top_p,
-            min_p: self.params.min_p,
-            penalty: self.params.repeat_penalty,
-            r: 0.0,
-        };
+        let mut d = self.gpu_settings()?;
         if !d.supported(window.len()) {
             return None;
         }
@@ -163,6 +156,40 @@ impl Sampler {
             d.r = self.rng.random::<f64>();
         }
         Some((d, window))
+    }
+
+    /// The GPU sampler's settings for a whole generation (`r` 0: the
+    /// uniforms come from [`Self::draw_table`]), or None where the kernel
+    /// does not take them (a min-p under its floor).
+    pub fn gpu_settings(&self) -> Option<Draw> {
+        let d = Draw {
+            temperature: self.params.temperature,
+            top_k: self.params.top_k,
+            top_p: self.params.top_p,
+            min_p: self.params.min_p,
+            penalty: self.params.repeat_penalty,
+            r: 0.0,
+        };
+        d.supported(0).then_some(d)
+    }
+
+    /// The penalty's window as the GPU sampler's history ring takes it:
+    /// None without a penalty, else the last `repeat_last_n` tokens (0:
+    /// all), the ids [`Self::window`] keeps.
+    pub fn penalty_last_n(&self) -> Option<usize> {
+        (self.params.repeat_penalty != 1.0).then_some(self.params.repeat_last_n)
+    }
+
+    /// The uniforms of the next `steps` steps, drawn now from the RNG in
+    /// the order [`Self::sample`] would draw them (one per step; none for
+    /// greedy): step k of a generation sampled with `r = table[k]`
+    /// ([`Self::sample_drawn`]) gives the ids of `steps` calls of
+    /// [`Self::sample`].
+    pub fn draw_table(&mut self, steps: usize) -> Vec<f64> {
+        if self.params.is_greedy() {
+            return Vec::new();
+        }
+        (0..steps).map(|_| self.rng.random::<f64>()).collect()
     }
 
     /// [`Self::sample`] with the step's uniform already drawn (`d.r`, from

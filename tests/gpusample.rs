@@ -381,3 +381,208 @@ fn pipelined_greedy_waits_for_callbacks_another_thread_collected() {
     );
     println!("{rounds} generations, {polls} polls of the other thread");
 }
+
+/// The host loop of a sampled generation with some steps' ids replaced:
+/// every step's whole row read back and sampled by the CPU sampler (one
+/// uniform per step, drawn whether or not the id is then replaced), then
+/// `replace` may put another id in its place.
+fn host_sample_replaced(
+    m: &mut Model,
+    prompt: &[u32],
+    max_tokens: usize,
+    params: &wgllm::sampling::SamplingParams,
+    replace: &dyn Fn(usize, u32) -> u32,
+) -> Vec<u32> {
+    let mut s = wgllm::sampling::Sampler::new(params.clone()).unwrap();
+    let mut history = prompt.to_vec();
+    let mut ids = Vec::new();
+    let mut input = prompt.to_vec();
+    for k in 0..max_tokens {
+        let l = m.forward_logits(&input).unwrap();
+        let id = replace(k, s.sample(&l, &history));
+        ids.push(id);
+        history.push(id);
+        input = vec![id];
+    }
+    ids
+}
+
+/// A sampled generation on the Model API, as `generate` runs it: the
+/// prompt's pick, then `Model::decode_sampled` with the host deciding
+/// every flagged step from its row with the same uniform, and `replace`
+/// changing picks (to force a roll back). Returns the ids and the run.
+fn gpu_sample_replaced(
+    m: &mut Model,
+    prompt: &[u32],
+    max_tokens: usize,
+    params: &wgllm::sampling::SamplingParams,
+    replace: &dyn Fn(usize, u32) -> u32,
+) -> (Vec<u32>, wgllm::model::DecodeRun) {
+    use wgllm::model::SampledStep;
+    let mut s = wgllm::sampling::Sampler::new(params.clone()).unwrap();
+    let d = s.gpu_settings().expect("GPU-able settings");
+    let draws = s.draw_table(max_tokens);
+    let table: Vec<f32> = draws.iter().map(|&r| r as f32).collect();
+    let last_n = s.penalty_last_n();
+    assert!(m.sampled_fits(last_n, prompt.len(), max_tokens));
+    m.begin_sampled(&d, last_n, prompt, max_tokens, &table)
+        .unwrap();
+    let host = |row: &[f32], history: &[u32], k: usize| {
+        let r = draws.get(k).copied().unwrap_or(0.0);
+        s.sample_drawn(row, history, &wgllm::sampling::Draw { r, ..d })
+    };
+    let mut history = prompt.to_vec();
+    let (pk, _) = m.forward_sampled_step(prompt).unwrap();
+    let mut id = pk.id;
+    if pk.uncertain() {
+        id = host(&m.last_logits().unwrap(), &history, 0);
+    }
+    id = replace(0, id);
+    if id != pk.id {
+        m.fix_sampled(0, id).unwrap();
+    }
+    history.push(id);
+    let mut k = 0;
+    let run = m
+        .decode_sampled(id, 1, max_tokens - 1, 3, |pk, st, row| {
+            assert!(st.first.is_none());
+            k += 1;
+            let id = replace(k, row.map_or(pk.id, |l| host(l, &history, k)));
+            history.push(id);
+            Ok(SampledStep::Next(id))
+        })
+        .unwrap();
+    (history[prompt.len()..].to_vec(), run)
+}
+
+/// The pipelined sampled decode's exact fallback: with settings whose
+/// steps the GPU often cannot decide within its error bound (temperature
+/// 3, top-p 0.99: a flat distribution cut near its whole mass), each
+/// flagged step is sampled on the host from that step's own row, and the
+/// ids are the host loop's. The run must have had flagged steps, or the
+/// test proves nothing.
+#[test]
+fn pipelined_sampling_decides_flagged_steps_on_the_host() {
+    let (mut host_sampled, mut runs) = (0, 0);
+    for name in ["qwen2_bias_tied", "llama_gqa3_untied"] {
+        let p = prompt(name);
+        let mut m = load(&fixture(name));
+        for seed in 0..6u64 {
+            for (temperature, top_p, penalty) in [(3.0f32, 0.99f32, 1.0f32), (3.0, 0.99, 1.2)] {
+                let params = wgllm::sampling::SamplingParams {
+                    temperature,
+                    top_p,
+                    repeat_penalty: penalty,
+                    seed,
+                    ..Default::default()
+                };
+                m.reset();
+                let want = host_sample_replaced(&mut m, &p, 16, &params, &|_, id| id);
+                m.reset();
+                let (got, run) = gpu_sample_replaced(&mut m, &p, 16, &params, &|_, id| id);
+                assert_eq!(got, want, "{name} {params:?}");
+                // the prompt and every id but the last ran
+                assert_eq!(m.position(), p.len() + 15);
+                host_sampled += run.host_sampled;
+                runs += 1;
+            }
+        }
+    }
+    eprintln!("{host_sampled} steps of {runs} runs sampled on the host");
+    assert!(
+        host_sampled > 0,
+        "no step was flagged: the fallback is untested"
+    );
+}
+
+/// A host id that differs from the GPU's pick rolls the pipeline back: the
+/// steps after it are discarded, the KV cache and the GPU's history and
+/// step counter take the host's id, and the ids from there are the host
+/// loop's with the same replacement (so the cache, the penalty window and
+/// the uniforms all followed). Replaced at the prompt's pick, mid-run and
+/// at the last step.
+#[test]
+fn pipelined_sampling_rolls_back_to_the_hosts_id() {
+    for name in ["qwen2_bias_tied", "llama_gqa3_untied"] {
+        let p = prompt(name);
+        let mut m = load(&fixture(name));
+        let vocab = m.cfg.vocab_size as u32;
+        for (seed, penalty, last_n) in [(1u64, 1.0f32, 64usize), (2, 1.3, 4), (3, 0.8, 0)] {
+            let params = wgllm::sampling::SamplingParams {
+                temperature: 0.9,
+                top_k: 50,
+                top_p: 0.95,
+                repeat_penalty: penalty,
+                repeat_last_n: last_n,
+                seed,
+                ..Default::default()
+            };
+            let replace = |k: usize, id: u32| {
+                if [0usize, 3, 4, 9, 13].contains(&k) {
+                    (id + 7 + k as u32) % vocab
+                } else {
+                    id
+                }
+            };
+            m.reset();
+            let want = host_sample_replaced(&mut m, &p, 14, &params, &replace);
+            // the host's cache after the same tokens, seen by one more step
+            let want_next = m.forward_logits(&[want[13]]).unwrap();
+            m.reset();
+            let (got, run) = gpu_sample_replaced(&mut m, &p, 14, &params, &replace);
+            assert_eq!(got, want, "{name} {params:?}");
+            assert_eq!(m.position(), p.len() + 13);
+            // Steps 3, 4, 9 and 13 of the decode changed (and any flagged
+            // step the host decided otherwise); each but the last, with
+            // nothing in flight behind it, discarded the two steps in
+            // flight (depth 3).
+            assert!(run.host_changed >= 4, "{run:?}");
+            assert!(run.rolled_back >= 6, "{run:?}");
+            // The cache holds exactly the host's: the same kernels on the
+            // same cache give the same bits.
+            let next = m.forward_logits(&[want[13]]).unwrap();
+            assert_eq!(next, want_next, "{name} {params:?}");
+        }
+    }
+}
+
+/// EOS and --max-tokens stop the pipelined sampled path exactly, as the
+/// greedy one: the tokens before the stop id (none past it), and the KV
+/// cache holding exactly what ran.
+#[test]
+fn pipelined_sampling_stops_exactly_at_eos_and_max_tokens() {
+    let tok = tokenizer();
+    let params = wgllm::sampling::SamplingParams {
+        temperature: 1.0,
+        top_p: 0.9,
+        repeat_penalty: 1.1,
+        seed: 5,
+        ..Default::default()
+    };
+    for name in ["qwen2_bias_tied", "llama_gqa3_untied"] {
+        let p = prompt(name);
+        let mut m = load(&fixture(name));
+        let all = host_sample_replaced(&mut m, &p, 20, &params, &|_, id| id);
+        let opts = |max_tokens, stop_ids| GenerateOptions {
+            max_tokens,
+            sampling: params.clone(),
+            stop_ids,
+        };
+        for max_tokens in [1usize, 2, 3, 5, 20] {
+            m.reset();
+            let g = generate(&mut m, &tok, &p, &opts(max_tokens, vec![]), |_| {}).unwrap();
+            assert_eq!(g.generated_ids, all[..max_tokens], "{name} {max_tokens}");
+            assert_eq!(g.stop_reason, "max_tokens");
+            assert_eq!(m.position(), p.len() + max_tokens - 1);
+        }
+        for j in [0usize, 1, 4, 9, 15] {
+            let stop = all[j];
+            let first = all.iter().position(|&t| t == stop).unwrap();
+            m.reset();
+            let g = generate(&mut m, &tok, &p, &opts(20, vec![stop]), |_| {}).unwrap();
+            assert_eq!(g.generated_ids, all[..first], "{name} stop at {stop}");
+            assert_eq!(g.stop_reason, "eos");
+            assert_eq!(m.position(), p.len() + first, "{name} stop at {stop}");
+        }
+    }
+}
