@@ -555,6 +555,75 @@ mod tests {
         assert!(distinct.len() > 100, "only {} distinct ids", distinct.len());
     }
 
+    /// The GPU-resident state of a generation (`GpuSampler::begin`): the
+    /// window is the tail of a history ring the kernel appends its picks to
+    /// (duplicates and all, as `Sampler::window` reads the history), the
+    /// uniform is the next entry of the table drawn up front, and a host
+    /// decision written back (`fix`) is what the next steps see. Over
+    /// several steps of changing rows, the ids are the CPU sampler's.
+    #[test]
+    fn gpu_history_ring_and_draw_table_give_the_cpu_samplers_ids() {
+        let vocab = 3000;
+        let rig = crate::ops::sample_full::tests::Rig::new(vocab);
+        let (mut checked, mut fixed) = (0, 0);
+        for (seed, temperature, top_p, penalty, last_n) in [
+            (1u64, 0.0f32, 1.0f32, 1.5f32, 8usize),
+            (2, 0.9, 0.95, 1.3, 0),
+            (3, 1.1, 1.0, 0.7, 5),
+            (4, 0.8, 0.9, 1.0, 64),
+        ] {
+            let params = SamplingParams {
+                temperature,
+                top_p,
+                repeat_penalty: penalty,
+                repeat_last_n: last_n,
+                seed,
+                ..Default::default()
+            };
+            let mut cpu = Sampler::new(params.clone()).unwrap();
+            let mut gpu_s = Sampler::new(params.clone()).unwrap();
+            // a history with repeats, which the penalty counts once
+            let mut history: Vec<u32> = (0..30).map(|i| (i * 7 % 11) as u32 * 13).collect();
+            let d = gpu_s.gpu_settings().unwrap();
+            let draws = gpu_s.draw_table(24);
+            let table: Vec<f32> = draws.iter().map(|&r| r as f32).collect();
+            let at = rig.begin(&d, gpu_s.penalty_last_n(), &history, &table);
+            for k in 0..24 {
+                let mut l = crate::testutil::rand_vec(vocab, 3.0, 1000 * seed + k as u64);
+                // the history's tokens high, so the penalty decides
+                for &t in &history[history.len() - 6..] {
+                    l[t as usize] += 6.0;
+                }
+                let want = cpu.sample(&l, &history);
+                let pk = rig.step(&l);
+                let dk = Draw {
+                    r: draws.get(k).copied().unwrap_or(0.0),
+                    ..d
+                };
+                let got = if pk.uncertain() {
+                    gpu_s.sample_drawn(&l, &history, &dk)
+                } else {
+                    pk.id
+                };
+                assert_eq!(got, want, "{params:?} step {k} {pk:?}");
+                // every 7th step the host takes another id (a roll back)
+                let id = if k % 7 == 3 {
+                    (got + 1) % vocab as u32
+                } else {
+                    got
+                };
+                if id != pk.id {
+                    rig.fix(at + k, k, id);
+                    fixed += 1;
+                }
+                history.push(id);
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 4 * 24);
+        assert!(fixed >= 4 * 3);
+    }
+
     #[test]
     fn bad_params_are_errors() {
         for f in [

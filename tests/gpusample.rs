@@ -586,3 +586,42 @@ fn pipelined_sampling_stops_exactly_at_eos_and_max_tokens() {
         }
     }
 }
+
+/// After warm-up, a pipelined sampled generation (with a roll back)
+/// creates no buffer, bind group or pipeline, and each step records the
+/// decode step's ops and the sampler: nothing is built per token.
+#[test]
+fn pipelined_sampling_creates_nothing_per_token() {
+    let name = "qwen2_bias_tied";
+    let p = prompt(name);
+    // its own device: the other tests run in parallel on the shared one
+    let g = Arc::new(wgllm::gpu::Gpu::new(&wgllm::gpu::GpuOptions::default()).expect("GPU"));
+    let opts = ModelOptions {
+        max_context: Some(64),
+        ..Default::default()
+    };
+    let mut m = Model::load(g.clone(), &fixture(name), &opts).unwrap();
+    let params = wgllm::sampling::SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        repeat_penalty: 1.1,
+        seed: 3,
+        ..Default::default()
+    };
+    let replace = |k: usize, id: u32| if k == 4 { (id + 1) % 512 } else { id };
+    let first = gpu_sample_replaced(&mut m, &p, 12, &params, &replace).0;
+    m.reset();
+    let before = g.counters.snapshot();
+    let (ids, run) = gpu_sample_replaced(&mut m, &p, 12, &params, &replace);
+    let after = g.counters.snapshot();
+    assert_eq!(ids, first);
+    assert!(run.rolled_back > 0, "{run:?}");
+    assert_eq!(after.buffers, before.buffers, "buffers created per token");
+    assert_eq!(
+        after.bind_groups, before.bind_groups,
+        "bind groups per token"
+    );
+    assert_eq!(after.pipelines, before.pipelines, "pipelines per token");
+    let per_op: usize = m.decode_ops().iter().map(|o| o.dispatches).sum();
+    assert_eq!(run.dispatches_per_step, per_op as u64 + 1);
+}

@@ -431,7 +431,7 @@ pub(crate) mod tests {
             let g = gpu();
             let op = GpuSampler::new(g).unwrap();
             let lb = g.storage("rig.logits", (vocab * 4) as u64);
-            let b = op.bind(g, &lb, vocab, MAX_WINDOW, 1).unwrap();
+            let b = op.bind(g, &lb, vocab, MAX_WINDOW, 64).unwrap();
             Rig { op, lb, b }
         }
 
@@ -450,6 +450,45 @@ pub(crate) mod tests {
             }
             g.submit_wait(enc).unwrap();
             Picked::from_words(&g.read_u32(&self.b.out, OUT_WORDS).unwrap())
+        }
+    }
+
+    impl Rig {
+        /// A generation's state, as [`GpuSampler::begin`] writes it.
+        /// Returns the ring index of the first pick.
+        pub(crate) fn begin(
+            &self,
+            d: &Draw,
+            last_n: Option<usize>,
+            history: &[u32],
+            draws: &[f32],
+        ) -> usize {
+            let g = gpu();
+            let steps = draws.len().max(8);
+            self.op
+                .begin(g, &self.b, d, last_n, history, steps, draws, 0)
+                .unwrap()
+        }
+
+        /// One step of it on `logits`: nothing but the row is written.
+        pub(crate) fn step(&self, logits: &[f32]) -> Picked {
+            let g = gpu();
+            g.queue
+                .write_buffer(&self.lb, 0, bytemuck::cast_slice(logits));
+            let mut enc = g.encoder();
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("rig"),
+                    timestamp_writes: None,
+                });
+                self.op.encode(g, &mut pass, &self.b);
+            }
+            g.submit_wait(enc).unwrap();
+            Picked::from_words(&g.read_u32(&self.b.out, OUT_WORDS).unwrap())
+        }
+
+        pub(crate) fn fix(&self, at: usize, step: usize, id: u32) {
+            self.op.fix(gpu(), &self.b, at, step, id).unwrap();
         }
     }
 
