@@ -453,6 +453,16 @@ pub struct DecodeRun {
     pub rolled_back: usize,
 }
 
+/// What a pipelined decode does after a delivered step (see
+/// [`Model::decode_ring`]).
+#[cfg(not(target_arch = "wasm32"))]
+enum Deliver {
+    Go,
+    Stop,
+    /// Drop the steps in flight and go on from this id (the host's).
+    Refeed(u32),
+}
+
 /// What a sampled decode's caller decided for a step (see
 /// [`Model::decode_sampled`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1607,6 +1617,34 @@ impl Model {
         depth: usize,
         mut on_step: impl FnMut(u32, RowStats) -> Result<bool>,
     ) -> Result<DecodeRun> {
+        let record = Self::record_decode_step;
+        self.decode_ring(first, max_steps, depth, record, |m, slot, _| {
+            let (id, stats) = m.take_ring(slot, id_stats)?;
+            Ok(if on_step(id, stats)? {
+                Deliver::Go
+            } else {
+                Deliver::Stop
+            })
+        })
+    }
+
+    /// The pipeline of [`Self::decode_greedy_checked`] and
+    /// [`Self::decode_sampled`]: feed `first` at the current position;
+    /// keep up to `depth` steps in flight, each recorded by `record` (at a
+    /// position, with whether its input id is the host's in `ids`, into a
+    /// ring slot) and its map asked for; hand each slot, in order, to
+    /// `deliver`. [`Deliver::Refeed`] drops the steps in flight behind the
+    /// delivered one and goes on from the host's id. At most `max_steps`
+    /// steps run; the KV cache then keeps exactly the delivered steps.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn decode_ring(
+        &mut self,
+        first: u32,
+        max_steps: usize,
+        depth: usize,
+        record: fn(&Self, usize, bool, usize) -> Result<wgpu::CommandBuffer>,
+        mut deliver: impl FnMut(&Self, usize, &mut DecodeRun) -> Result<Deliver>,
+    ) -> Result<DecodeRun> {
         self.check_tokens(&[first], Logits::Last)?;
         if self.pos + max_steps > self.max_context {
             return Err(Error::invalid(format!(
@@ -1624,32 +1662,47 @@ impl Model {
             ..DecodeRun::default()
         };
         let d0 = g.counters.snapshot().dispatches;
-        let mut delivered = 0;
+        // steps (since `start`) recorded, and delivered; whether the next
+        // step's input is the host's
+        let (mut next, mut delivered, mut host_fed) = (0usize, 0usize, true);
         let mut stopped = false;
         let result = (|| -> Result<()> {
             loop {
-                while !stopped && run.submitted < max_steps && run.submitted - delivered < depth {
-                    let slot = run.submitted % RING;
+                while !stopped && next < max_steps && next - delivered < depth {
+                    let slot = next % RING;
                     let t = thread_cpu_s();
-                    let cmd =
-                        self.record_decode_step(start + run.submitted, run.submitted == 0, slot)?;
+                    let cmd = record(self, start + next, host_fed, slot)?;
                     g.queue.submit([cmd]);
                     if let (Some(t0), Some(t1)) = (t, thread_cpu_s()) {
                         run.record_cpu_s.push(t1 - t0);
                     }
                     self.map_ring(slot);
+                    host_fed = false;
+                    next += 1;
                     run.submitted += 1;
                     if run.submitted == 1 {
                         run.dispatches_per_step = g.counters.snapshot().dispatches - d0;
                     }
                 }
-                if stopped || delivered == run.submitted {
+                if stopped || delivered == next {
                     return Ok(());
                 }
-                let (id, stats) = self.take_ring(delivered % RING, id_stats)?;
+                let slot = delivered % RING;
                 delivered += 1;
-                if !on_step(id, stats)? {
-                    stopped = true;
+                match deliver(self, slot, &mut run)? {
+                    Deliver::Go => {}
+                    Deliver::Stop => stopped = true,
+                    Deliver::Refeed(id) => {
+                        // The steps in flight ran on the GPU's id: drop
+                        // them (their positions are overwritten) and feed
+                        // the host's.
+                        self.drain_ring()?;
+                        run.rolled_back += next - delivered;
+                        next = delivered;
+                        g.queue
+                            .write_buffer(&self.b.ids, 0, bytemuck::bytes_of(&id));
+                        host_fed = true;
+                    }
                 }
             }
         })();
@@ -1721,81 +1774,28 @@ impl Model {
         depth: usize,
         mut on_step: impl FnMut(Picked, RowStats, Option<&[f32]>) -> Result<SampledStep>,
     ) -> Result<DecodeRun> {
-        self.check_tokens(&[first], Logits::Last)?;
-        if self.pos + max_steps > self.max_context {
-            return Err(Error::invalid(format!(
-                "context full: {} tokens in the cache + {max_steps} decode steps > max context {}",
-                self.pos, self.max_context
-            )));
-        }
-        let depth = depth.clamp(1, RING - 1);
-        let g = self.gpu.clone();
-        let start = self.pos;
-        g.queue
-            .write_buffer(&self.b.ids, 0, bytemuck::bytes_of(&first));
-        let mut run = DecodeRun {
-            record_cpu_s: Vec::with_capacity(max_steps),
-            ..DecodeRun::default()
-        };
-        let d0 = g.counters.snapshot().dispatches;
-        // steps (since `start`) recorded, and delivered; whether the next
-        // step's input is the host's
-        let (mut next, mut delivered, mut host_fed) = (0usize, 0usize, true);
-        let mut stopped = false;
-        let result = (|| -> Result<()> {
-            loop {
-                while !stopped && next < max_steps && next - delivered < depth {
-                    let slot = next % RING;
-                    let t = thread_cpu_s();
-                    let cmd = self.record_sampled_step(start + next, host_fed, slot)?;
-                    g.queue.submit([cmd]);
-                    if let (Some(t0), Some(t1)) = (t, thread_cpu_s()) {
-                        run.record_cpu_s.push(t1 - t0);
-                    }
-                    self.map_ring(slot);
-                    host_fed = false;
-                    next += 1;
-                    run.submitted += 1;
-                    if run.submitted == 1 {
-                        run.dispatches_per_step = g.counters.snapshot().dispatches - d0;
-                    }
+        let mut step = first_step;
+        let record = Self::record_sampled_step;
+        self.decode_ring(first, max_steps, depth, record, |m, slot, run| {
+            let (pk, stats) = m.take_ring(slot, pick_stats)?;
+            let row = if pk.uncertain() {
+                run.host_sampled += 1;
+                Some(m.ring_row(slot)?)
+            } else {
+                None
+            };
+            step += 1;
+            Ok(match on_step(pk, stats, row.as_deref())? {
+                SampledStep::Stop => Deliver::Stop,
+                SampledStep::Next(id) if id != pk.id => {
+                    // the GPU's history and step counter take the host's id
+                    run.host_changed += 1;
+                    m.fix_sampled(step - 1, id)?;
+                    Deliver::Refeed(id)
                 }
-                if stopped || delivered == next {
-                    return Ok(());
-                }
-                let slot = delivered % RING;
-                let (pk, stats) = self.take_ring(slot, pick_stats)?;
-                let row = if pk.uncertain() {
-                    run.host_sampled += 1;
-                    Some(self.ring_row(slot)?)
-                } else {
-                    None
-                };
-                delivered += 1;
-                match on_step(pk, stats, row.as_deref())? {
-                    SampledStep::Stop => stopped = true,
-                    SampledStep::Next(id) if id != pk.id => {
-                        // Roll back to the host's id: the steps in flight
-                        // ran on the GPU's; drop them and feed the host's.
-                        run.host_changed += 1;
-                        self.drain_ring()?;
-                        run.rolled_back += next - delivered;
-                        next = delivered;
-                        self.fix_sampled(first_step + delivered - 1, id)?;
-                        g.queue
-                            .write_buffer(&self.b.ids, 0, bytemuck::bytes_of(&id));
-                        host_fed = true;
-                    }
-                    SampledStep::Next(_) => {}
-                }
-            }
-        })();
-        let drained = self.drain_ring();
-        self.pos = start + delivered;
-        run.kept = delivered;
-        result?;
-        drained?;
-        Ok(run)
+                SampledStep::Next(_) => Deliver::Go,
+            })
+        })
     }
 
     /// Wait until ring slot `slot`'s map is no longer pending and return

@@ -402,6 +402,28 @@ mod tests {
         assert!((ones - 0.75).abs() < 0.035, "{ones}");
     }
 
+    /// Parameters (temperature, top-k, top-p, min-p, penalty, last n) with
+    /// a seed of their own, and two samplers of them (whose RNG streams the
+    /// tests hold in step).
+    fn samplers(
+        set: (f32, usize, f32, f32, f32, usize),
+        seed: u64,
+    ) -> (SamplingParams, Sampler, Sampler) {
+        let (temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n) = set;
+        let params = SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            repeat_last_n,
+            seed: seed * 1000 + top_k as u64,
+        };
+        let a = Sampler::new(params.clone()).unwrap();
+        let b = Sampler::new(params.clone()).unwrap();
+        (params, a, b)
+    }
+
     /// The exactness claim: over many seeds and parameters, sampling from
     /// the GPU's candidates gives exactly the id (and consumes exactly the
     /// RNG stream) of sampling from the whole row.
@@ -430,17 +452,8 @@ mod tests {
                 (1.5, 10, 0.5, 0.2, 0.8, 8),
                 (0.7, 64, 1.0, 0.1, 1.0, 64),
             ] {
-                let params = SamplingParams {
-                    temperature,
-                    top_k,
-                    top_p,
-                    min_p,
-                    repeat_penalty: penalty,
-                    repeat_last_n: last_n,
-                    seed: seed * 1000 + top_k as u64,
-                };
-                let mut full = Sampler::new(params.clone()).unwrap();
-                let mut part = Sampler::new(params.clone()).unwrap();
+                let set = (temperature, top_k, top_p, min_p, penalty, last_n);
+                let (params, mut full, mut part) = samplers(set, seed);
                 let (want, window) = part.candidate_request(&history).expect("GPU-able");
                 let c = crate::ops::sample::candidates_once(g, &l, want, &window).unwrap();
                 assert!(!c.overflow);
@@ -496,18 +509,9 @@ mod tests {
                 let history: Vec<u32> = (0..80)
                     .map(|i| ((i * 37 + seed * 11) % vocab as u64) as u32)
                     .collect();
-                for (temperature, top_k, top_p, min_p, penalty, last_n) in sets {
-                    let params = SamplingParams {
-                        temperature,
-                        top_k,
-                        top_p,
-                        min_p,
-                        repeat_penalty: penalty,
-                        repeat_last_n: last_n,
-                        seed: seed * 1000 + top_k as u64,
-                    };
-                    let mut full = Sampler::new(params.clone()).unwrap();
-                    let mut gpu_s = Sampler::new(params.clone()).unwrap();
+                for set in sets {
+                    let (temperature, top_k) = (set.0, set.1);
+                    let (params, mut full, mut gpu_s) = samplers(set, seed);
                     let mut pen = l.clone();
                     full.penalize(&mut pen, &history);
                     let dist = full.distribution(&pen);

@@ -150,36 +150,50 @@ fn pipelined_greedy_matches_the_host_loop_and_stops_at_the_same_step() {
 /// flight.
 #[test]
 fn pipelined_greedy_stops_exactly_at_eos_and_max_tokens() {
-    let tok = tokenizer();
     for name in ["qwen2_bias_tied", "llama_gqa3_untied"] {
         let p = prompt(name);
         let mut m = load(&fixture(name));
         let all = host_greedy(&mut m, &p, 20).unwrap();
-        for max_tokens in [1usize, 2, 3, 5, 20] {
-            m.reset();
-            let g = generate(&mut m, &tok, &p, &greedy_opts(max_tokens, vec![]), |_| {}).unwrap();
-            assert_eq!(
-                g.generated_ids,
-                all[..max_tokens],
-                "{name} max {max_tokens}"
-            );
-            assert_eq!(g.stop_reason, "max_tokens");
-            assert_eq!(m.position(), p.len() + max_tokens - 1);
-        }
-        // Stop at the first occurrence of each id that appears after a few
-        // steps (so steps past it were in flight).
-        for j in [0usize, 1, 4, 9, 15] {
-            let stop = all[j];
-            let first = all.iter().position(|&t| t == stop).unwrap();
-            m.reset();
-            let g = generate(&mut m, &tok, &p, &greedy_opts(20, vec![stop]), |_| {}).unwrap();
-            assert_eq!(g.generated_ids, all[..first], "{name} stop at {stop}");
-            assert_eq!(g.stop_reason, "eos");
-            assert_eq!(m.position(), p.len() + first, "{name} stop at {stop}");
+        assert_stops_exactly(name, &mut m, &p, &all, &greedy_opts, &|m, first| {
             // and the cache is right: the next pass sees exactly that prefix
             let next = m.forward_next(&[all[first]]).unwrap();
-            assert_eq!(Some(&next), all.get(first + 1), "{name} after stop {stop}");
-        }
+            assert_eq!(Some(&next), all.get(first + 1), "{name} after {first}");
+        });
+    }
+}
+
+/// `generate` with `opts(max_tokens, stop_ids)` stops exactly at
+/// --max-tokens and at the first occurrence of a stop id, against `all`
+/// (the host loop's first 20 ids): the tokens before the stop (none past
+/// it), and the KV cache holding exactly what ran, whatever was in flight.
+/// `after_stop(m, first)` checks the cache after a stop at `all[first]`.
+fn assert_stops_exactly(
+    name: &str,
+    m: &mut Model,
+    p: &[u32],
+    all: &[u32],
+    opts: &dyn Fn(usize, Vec<u32>) -> GenerateOptions,
+    after_stop: &dyn Fn(&mut Model, usize),
+) {
+    let tok = tokenizer();
+    for max_tokens in [1usize, 2, 3, 5, 20] {
+        m.reset();
+        let g = generate(m, &tok, p, &opts(max_tokens, vec![]), |_| {}).unwrap();
+        assert_eq!(g.generated_ids, all[..max_tokens], "{name} {max_tokens}");
+        assert_eq!(g.stop_reason, "max_tokens");
+        assert_eq!(m.position(), p.len() + max_tokens - 1);
+    }
+    // Stop at the first occurrence of each id that appears after a few
+    // steps (so steps past it were in flight).
+    for j in [0usize, 1, 4, 9, 15] {
+        let stop = all[j];
+        let first = all.iter().position(|&t| t == stop).unwrap();
+        m.reset();
+        let g = generate(m, &tok, p, &opts(20, vec![stop]), |_| {}).unwrap();
+        assert_eq!(g.generated_ids, all[..first], "{name} stop at {stop}");
+        assert_eq!(g.stop_reason, "eos");
+        assert_eq!(m.position(), p.len() + first, "{name} stop at {stop}");
+        after_stop(m, first);
     }
 }
 
@@ -191,18 +205,7 @@ fn host_sample(
     max_tokens: usize,
     params: &wgllm::sampling::SamplingParams,
 ) -> Vec<u32> {
-    let mut s = wgllm::sampling::Sampler::new(params.clone()).unwrap();
-    let mut history = prompt.to_vec();
-    let mut ids = Vec::new();
-    let mut input = prompt.to_vec();
-    for _ in 0..max_tokens {
-        let l = m.forward_logits(&input).unwrap();
-        let id = s.sample(&l, &history);
-        ids.push(id);
-        history.push(id);
-        input = vec![id];
-    }
-    ids
+    host_sample_replaced(m, prompt, max_tokens, params, &|_, id| id)
 }
 
 /// `generate` samples on the GPU (`ops::sample_full`: penalty,
@@ -551,7 +554,6 @@ fn pipelined_sampling_rolls_back_to_the_hosts_id() {
 /// cache holding exactly what ran.
 #[test]
 fn pipelined_sampling_stops_exactly_at_eos_and_max_tokens() {
-    let tok = tokenizer();
     let params = wgllm::sampling::SamplingParams {
         temperature: 1.0,
         top_p: 0.9,
@@ -568,22 +570,8 @@ fn pipelined_sampling_stops_exactly_at_eos_and_max_tokens() {
             sampling: params.clone(),
             stop_ids,
         };
-        for max_tokens in [1usize, 2, 3, 5, 20] {
-            m.reset();
-            let g = generate(&mut m, &tok, &p, &opts(max_tokens, vec![]), |_| {}).unwrap();
-            assert_eq!(g.generated_ids, all[..max_tokens], "{name} {max_tokens}");
-            assert_eq!(g.stop_reason, "max_tokens");
-            assert_eq!(m.position(), p.len() + max_tokens - 1);
-        }
-        for j in [0usize, 1, 4, 9, 15] {
-            let stop = all[j];
-            let first = all.iter().position(|&t| t == stop).unwrap();
-            m.reset();
-            let g = generate(&mut m, &tok, &p, &opts(20, vec![stop]), |_| {}).unwrap();
-            assert_eq!(g.generated_ids, all[..first], "{name} stop at {stop}");
-            assert_eq!(g.stop_reason, "eos");
-            assert_eq!(m.position(), p.len() + first, "{name} stop at {stop}");
-        }
+        // (the KV count is checked; the greedy test checks the contents)
+        assert_stops_exactly(name, &mut m, &p, &all, &opts, &|_, _| {});
     }
 }
 
@@ -616,12 +604,9 @@ fn pipelined_sampling_creates_nothing_per_token() {
     let after = g.counters.snapshot();
     assert_eq!(ids, first);
     assert!(run.rolled_back > 0, "{run:?}");
-    assert_eq!(after.buffers, before.buffers, "buffers created per token");
-    assert_eq!(
-        after.bind_groups, before.bind_groups,
-        "bind groups per token"
-    );
-    assert_eq!(after.pipelines, before.pipelines, "pipelines per token");
+    let made = |c: wgllm::gpu::CounterSnapshot| (c.buffers, c.bind_groups, c.pipelines);
+    assert_eq!(made(after), made(before), "buffers, bind groups, pipelines");
+    // the decode step's ops and the sampler
     let per_op: usize = m.decode_ops().iter().map(|o| o.dispatches).sum();
     assert_eq!(run.dispatches_per_step, per_op as u64 + 1);
 }

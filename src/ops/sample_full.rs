@@ -276,19 +276,34 @@ impl GpuSampler {
     pub fn prepare(&self, gpu: &Gpu, b: &SampleBinding, d: &Draw, window: &[u32]) -> Result<()> {
         Self::check(b, d, window.len(), window)?;
         let last_n = (!window.is_empty()).then_some(0);
+        Self::write_state(gpu, b, d, last_n, window, &[d.r as f32]);
+        Ok(())
+    }
+
+    /// Write the settings, a history of `tail` (the window's tokens) with
+    /// the step counter at 0, and the uniforms `draws`.
+    fn write_state(
+        gpu: &Gpu,
+        b: &SampleBinding,
+        d: &Draw,
+        last_n: Option<usize>,
+        tail: &[u32],
+        draws: &[f32],
+    ) {
         let p = Self::params(b.vocab, last_n, b.hist_cap, b.n_draws, d);
         gpu.queue.write_buffer(&b.params, 0, bytemuck::bytes_of(&p));
-        let head = [window.len() as u32, 0, 0, 0];
+        let head = [tail.len() as u32, 0, 0, 0];
         gpu.queue
             .write_buffer(&b.seq, 0, bytemuck::cast_slice(&head));
-        if !window.is_empty() {
+        if !tail.is_empty() {
             let off = (SEQ_HEAD * 4) as u64;
             gpu.queue
-                .write_buffer(&b.seq, off, bytemuck::cast_slice(window));
+                .write_buffer(&b.seq, off, bytemuck::cast_slice(tail));
         }
-        gpu.queue
-            .write_buffer(&b.draws, 0, bytemuck::bytes_of(&(d.r as f32)));
-        Ok(())
+        if !draws.is_empty() {
+            gpu.queue
+                .write_buffer(&b.draws, 0, bytemuck::cast_slice(draws));
+        }
     }
 
     /// The most history tokens the window of a generation of `steps` steps
@@ -342,20 +357,7 @@ impl GpuSampler {
             Some(n) => &history[history.len().saturating_sub(n)..],
         };
         Self::check(b, d, 0, tail)?;
-        let p = Self::params(b.vocab, last_n, b.hist_cap, b.n_draws, d);
-        gpu.queue.write_buffer(&b.params, 0, bytemuck::bytes_of(&p));
-        let head = [tail.len() as u32, 0, 0, 0];
-        gpu.queue
-            .write_buffer(&b.seq, 0, bytemuck::cast_slice(&head));
-        if !tail.is_empty() {
-            let off = (SEQ_HEAD * 4) as u64;
-            gpu.queue
-                .write_buffer(&b.seq, off, bytemuck::cast_slice(tail));
-        }
-        if !draws.is_empty() {
-            gpu.queue
-                .write_buffer(&b.draws, 0, bytemuck::cast_slice(draws));
-        }
+        Self::write_state(gpu, b, d, last_n, tail, draws);
         Ok(tail.len())
     }
 
@@ -436,20 +438,8 @@ pub(crate) mod tests {
         }
 
         pub(crate) fn run(&self, logits: &[f32], d: &Draw, window: &[u32]) -> Picked {
-            let g = gpu();
-            g.queue
-                .write_buffer(&self.lb, 0, bytemuck::cast_slice(logits));
-            self.op.prepare(g, &self.b, d, window).unwrap();
-            let mut enc = g.encoder();
-            {
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("rig"),
-                    timestamp_writes: None,
-                });
-                self.op.encode(g, &mut pass, &self.b);
-            }
-            g.submit_wait(enc).unwrap();
-            Picked::from_words(&g.read_u32(&self.b.out, OUT_WORDS).unwrap())
+            self.op.prepare(gpu(), &self.b, d, window).unwrap();
+            self.step(logits)
         }
     }
 
