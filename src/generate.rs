@@ -196,13 +196,16 @@ pub fn generate(
 /// pipelined on the GPU ([`Model::decode_greedy_checked`]: the argmax feeds
 /// the next step, only each step's id and its logits' finiteness come
 /// back, `DECODE_DEPTH` steps in flight, each id streamed as it arrives);
-/// sampling, and greedy with a penalty, run the whole sampler on the GPU
-/// (`ops::sample_full`: only the id and the row's finiteness come back; a
-/// step the kernel cannot decide within its f32 error bound is sampled on
-/// the host from the row with the same uniform, so the ids are the CPU
-/// sampler's); settings it does not take (a penalty window over 4096 ids,
-/// min-p under 1e-30) read back `ops::sample`'s candidates with top-k, else
-/// each step's logits.
+/// sampling, and greedy with a penalty, run the whole sampler on the GPU,
+/// pipelined the same way ([`Model::decode_sampled`], `ops::sample_full`:
+/// the uniforms drawn up front, the penalty window a history ring on the
+/// GPU, only the id and the row's finiteness come back; a step the kernel
+/// cannot decide within its f32 error bound is sampled on the host from its
+/// row with the same uniform, and a host id other than the GPU's rolls the
+/// steps after it back, so the ids are the CPU sampler's); settings it
+/// does not take (a window larger than the history ring, min-p under
+/// 1e-30) read back `ops::sample`'s candidates with top-k, else each step's
+/// logits.
 ///
 /// `earlier` are the tokens the cache already holds before `prompt_ids`
 /// (a chat's previous turns); they only join the repetition penalty's

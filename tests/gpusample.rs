@@ -66,6 +66,15 @@ fn scaled_head(name: &str, scale: f32, out: &Path) {
     safetensors::serialize_to_file(views, None, &out.join("model.safetensors")).unwrap();
 }
 
+/// The tests of this file one at a time: they all drive the one shared
+/// device hard, and under the GL backend a thread that waits more than
+/// wgpu's 6 s for the GL context (held by another test's submissions on a
+/// loaded machine) panics.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn load(dir: &Path) -> Model {
     let opts = ModelOptions {
         max_context: Some(64),
@@ -105,6 +114,7 @@ fn greedy_opts(max_tokens: usize, stop_ids: Vec<u32>) -> GenerateOptions {
 /// or the test proves nothing and fails.
 #[test]
 fn pipelined_greedy_matches_the_host_loop_and_stops_at_the_same_step() {
+    let _serial = serial();
     let tok = tokenizer();
     let name = "llama_gqa3_untied";
     let p = prompt(name);
@@ -150,6 +160,7 @@ fn pipelined_greedy_matches_the_host_loop_and_stops_at_the_same_step() {
 /// flight.
 #[test]
 fn pipelined_greedy_stops_exactly_at_eos_and_max_tokens() {
+    let _serial = serial();
     for name in ["qwen2_bias_tied", "llama_gqa3_untied"] {
         let p = prompt(name);
         let mut m = load(&fixture(name));
@@ -215,6 +226,7 @@ fn host_sample(
 /// the CPU sampler over whole rows.
 #[test]
 fn gpu_sampling_matches_the_cpu_sampler() {
+    let _serial = serial();
     let tok = tokenizer();
     let mut runs = 0;
     // The sampled runs must actually differ between seeds and parameters,
@@ -279,6 +291,7 @@ fn gpu_sampling_matches_the_cpu_sampler() {
 /// uniform), with finite stats read back with the pick.
 #[test]
 fn forward_sampled_decides_on_the_gpu() {
+    let _serial = serial();
     let name = "llama_gqa3_untied";
     let p = prompt(name);
     let mut m = load(&fixture(name));
@@ -328,6 +341,7 @@ fn forward_sampled_decides_on_the_gpu() {
 /// at EOS leave steps in flight, so the drain after a stop is covered too.
 #[test]
 fn pipelined_greedy_waits_for_callbacks_another_thread_collected() {
+    let _serial = serial();
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     /// Polls of the other thread that must overlap the generations, or the
     /// test proves nothing (the loop below runs until they have happened).
@@ -466,6 +480,7 @@ fn gpu_sample_replaced(
 /// test proves nothing.
 #[test]
 fn pipelined_sampling_decides_flagged_steps_on_the_host() {
+    let _serial = serial();
     let (mut host_sampled, mut runs) = (0, 0);
     for name in ["qwen2_bias_tied", "llama_gqa3_untied"] {
         let p = prompt(name);
@@ -506,6 +521,7 @@ fn pipelined_sampling_decides_flagged_steps_on_the_host() {
 /// at the last step.
 #[test]
 fn pipelined_sampling_rolls_back_to_the_hosts_id() {
+    let _serial = serial();
     for name in ["qwen2_bias_tied", "llama_gqa3_untied"] {
         let p = prompt(name);
         let mut m = load(&fixture(name));
@@ -554,6 +570,7 @@ fn pipelined_sampling_rolls_back_to_the_hosts_id() {
 /// cache holding exactly what ran.
 #[test]
 fn pipelined_sampling_stops_exactly_at_eos_and_max_tokens() {
+    let _serial = serial();
     let params = wgllm::sampling::SamplingParams {
         temperature: 1.0,
         top_p: 0.9,
@@ -580,6 +597,7 @@ fn pipelined_sampling_stops_exactly_at_eos_and_max_tokens() {
 /// decode step's ops and the sampler: nothing is built per token.
 #[test]
 fn pipelined_sampling_creates_nothing_per_token() {
+    let _serial = serial();
     let name = "qwen2_bias_tied";
     let p = prompt(name);
     // its own device: the other tests run in parallel on the shared one
