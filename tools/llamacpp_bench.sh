@@ -240,7 +240,7 @@ for model in dict.fromkeys(r[0] for r in runs):
     for i, (_, rnd, kind, d) in enumerate(rs):
         if kind == "wgllm":
             w = wg(d)
-            print(f"| {rnd} | wgllm lavapipe | {w['pp']:.1f} | {w['tg']:.2f} (pipelined {w['tg_pipe']:.2f}) | {w['load'][0]:.2f} |")
+            print(f"| {rnd} | wgllm lavapipe | {w['pp']:.1f} | {w['tg']:.2f} (pipelined {w['tg_pipe']:.2f}) | {str(w['load']).split()[0]} |")
             continue
         x = lc(d)
         print(f"| {rnd} | llama.cpp {kind.split('-')[1]} | {x['pp']:.1f} ± {x['pp_sd']:.1f} | {x['tg']:.2f} ± {x['tg_sd']:.2f} | |")
