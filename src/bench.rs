@@ -99,6 +99,13 @@ pub const PROBE_SHAPES: [ProbeShape; 7] = [
     },
 ];
 
+fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}`: expected an integer >= 1")),
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Model: a Hugging Face folder, a .gguf file, or a known model name
@@ -106,14 +113,14 @@ pub struct BenchArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Prompt length for the prefill measurement (fixed pseudo-random ids).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub prompt_tokens: usize,
     /// Single-token decode steps after the prompt.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
     pub gen_tokens: usize,
     /// Repeats of prefill + decode (the model is reset between); medians are
     /// reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
     pub repeats: usize,
     /// Bandwidth probe runs (median), spread between the model repeats.
     #[arg(long, default_value_t = 6)]
@@ -862,7 +869,7 @@ pub fn run(
 ) -> Result<BenchResult> {
     if o.prompt_tokens == 0 || o.gen_tokens == 0 || o.repeats == 0 {
         return Err(Error::invalid(
-            "bench: --prompt-tokens, --gen-tokens and --repeats must be at least 1",
+            "bench: prompt_tokens, gen_tokens and repeats must each be at least 1",
         ));
     }
     let t0 = Instant::now();

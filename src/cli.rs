@@ -4,7 +4,52 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::error::{Setting, SettingNames};
 use crate::gpu::{list_adapters, AdapterDesc, Gpu, GpuOptions};
+
+/// The CLI's names for the settings a library error's hint asks to change:
+/// its flags.
+pub struct Flags;
+
+impl SettingNames for Flags {
+    fn name(&self, s: Setting) -> String {
+        match s {
+            Setting::MaxContext => "--max-context",
+            Setting::MaxTokens => "--max-tokens",
+            Setting::DType => "--dtype",
+            Setting::Model => "--model",
+            Setting::Tokens => "--tokens",
+            Setting::Prompt => "--prompt",
+            Setting::Reference => "--reference",
+        }
+        .into()
+    }
+    fn set(&self, s: Setting, value: &str) -> String {
+        format!("use {} {value}", self.name(s))
+    }
+}
+
+/// The error and its causes, as anyhow's `{:#}` writes them, with the
+/// library's settings named by their flags ([`Flags`]), less the causes
+/// its text already holds: wgllm's errors put their source's message in
+/// their own (`Error::io`), which `{:#}` would print twice.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let text_of = |c: &(dyn std::error::Error + 'static)| match c.downcast_ref::<crate::Error>() {
+        Some(w) => w.render(&Flags),
+        None => c.to_string(),
+    };
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = text_of(cause);
+        if text.is_empty() {
+            text = c;
+        } else if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
+}
 
 fn features_list(f: wgpu::Features) -> Vec<String> {
     let interesting = [
