@@ -332,7 +332,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// KV cache length (default: the model's, capped at 4096).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_max_context)]
     pub max_context: Option<usize>,
     /// Device weight dtype: auto (as stored; f16 widened to f32; a .gguf at
     /// its own types), native (the same), bf16, f32 (a .gguf widened).
@@ -362,6 +362,19 @@ pub struct SamplingArgs {
     pub repeat_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// At least 1, refused while parsing: `serve` binds and says "listening"
+/// before its engine thread loads the model, and a load error then comes
+/// after the address.
+fn parse_max_context(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("0: the max context must be at least 1 token".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "`{s}` is not a token count (expected an integer >= 1)"
+        )),
+    }
 }
 
 fn parse_max_tokens(s: &str) -> Result<usize, String> {
