@@ -1650,6 +1650,14 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
                 String::new()
             }
         };
+        // The op column fits the longest name (the fused kinds' are long).
+        let w = b
+            .ops
+            .iter()
+            .map(|o| o.op.chars().count())
+            .chain(["all, in order".len()])
+            .max()
+            .unwrap_or(0);
         let _ = writeln!(s);
         let _ = writeln!(
             s,
@@ -1662,13 +1670,13 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
         );
         let _ = writeln!(
             s,
-            "{:<14} {:>5} {:>9} {:>7} {:>8} {:>9} {:>8}",
+            "{:<w$} {:>5} {:>9} {:>7} {:>8} {:>9} {:>8}",
             "op", "disp.", "cold ms", "% step", "GB/s", "warm ms", "GB/s"
         );
         for o in &b.ops {
             let _ = writeln!(
                 s,
-                "{:<14} {:>5} {:>9.2} {:>6.1}% {:>8} {:>9.2} {:>8}",
+                "{:<w$} {:>5} {:>9.2} {:>6.1}% {:>8} {:>9.2} {:>8}",
                 o.op,
                 o.dispatches,
                 o.ms_cold,
@@ -1680,7 +1688,7 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
         }
         let _ = writeln!(
             s,
-            "{:<14} {:>5} {:>9.2} {:>6.1}% {:>8} {:>9.2}",
+            "{:<w$} {:>5} {:>9.2} {:>6.1}% {:>8} {:>9.2}",
             "sum",
             "",
             cold,
@@ -1691,7 +1699,7 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
         let all = b.all_in_order_ms_cold;
         let _ = writeln!(
             s,
-            "{:<14} {:>5} {:>9.2} {:>6.1}% {:>8} {:>9.2}",
+            "{:<w$} {:>5} {:>9.2} {:>6.1}% {:>8} {:>9.2}",
             "all, in order",
             "",
             all,
@@ -1701,7 +1709,7 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
         );
         let _ = writeln!(
             s,
-            "{:<14} {:>5} {:>9.2} {:>6.1}%",
+            "{:<w$} {:>5} {:>9.2} {:>6.1}%",
             "step - all",
             "",
             step_ms - all,
@@ -1988,6 +1996,16 @@ mod tests {
         // 2 layers, bf16: q [64, 64] and k, v [32, 64], each with its bias.
         let qkv_bytes = 2 * 2 * ((64 * 64 + 64) + 2 * (32 * 64 + 32));
         assert_eq!((qkv.dispatches, qkv.bytes), (2, qkv_bytes), "{names:?}");
+        // The table's op column fits the longest name ("q/k/v+rope+kv
+        // (fused)"): every op's row has its name, padded to that width,
+        // then its dispatch count in the next column.
+        let t = table(&g, &r);
+        let w = names.iter().map(|n| n.chars().count()).max().unwrap();
+        assert!(w > 14, "{names:?}");
+        for o in &b.ops {
+            let row = format!("{:<w$} {:>5} ", o.op, o.dispatches);
+            assert!(t.lines().any(|l| l.starts_with(&row)), "{row:?}\n{t}");
+        }
         let v = to_json(&g, &r);
         // A figure at most 100%, or none (a beaten probe is not a ceiling).
         let e = &v["decode"]["efficiency_vs_probe"];
