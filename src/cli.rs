@@ -364,12 +364,10 @@ pub struct SamplingArgs {
     pub seed: u64,
 }
 
-/// At least 1, refused while parsing: `serve` binds and says "listening"
-/// before its engine thread loads the model, and a load error then comes
-/// after the address.
-fn parse_max_context(s: &str) -> Result<usize, String> {
+/// A token count of at least 1; `zero` says why 0 is refused.
+fn token_count(s: &str, zero: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
-        Ok(0) => Err("0: the max context must be at least 1 token".into()),
+        Ok(0) => Err(format!("0: {zero}")),
         Ok(n) => Ok(n),
         Err(_) => Err(format!(
             "`{s}` is not a token count (expected an integer >= 1)"
@@ -377,14 +375,15 @@ fn parse_max_context(s: &str) -> Result<usize, String> {
     }
 }
 
+/// At least 1, refused while parsing: `serve` binds and says "listening"
+/// before its engine thread loads the model, and a load error then comes
+/// after the address.
+fn parse_max_context(s: &str) -> Result<usize, String> {
+    token_count(s, "the max context must be at least 1 token")
+}
+
 fn parse_max_tokens(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(0) => Err("0: nothing would be generated (expected at least 1)".into()),
-        Ok(n) => Ok(n),
-        Err(_) => Err(format!(
-            "`{s}` is not a token count (expected an integer >= 1)"
-        )),
-    }
+    token_count(s, "nothing would be generated (expected at least 1)")
 }
 
 impl SamplingArgs {
