@@ -426,12 +426,28 @@ pub fn tune(gpu_opts: &GpuOptions, a: TuneArgs) -> anyhow::Result<ExitCode> {
     let dir = crate::fetch::resolve_model_as(a.model.as_deref(), dtype, &Default::default())?;
     crate::config::ModelConfig::from_file(dir.join("config.json"))?;
     let mut gpu = Gpu::new(gpu_opts)?;
+    if !a.json {
+        let i = &gpu.adapter.info;
+        println!(
+            "adapter  {} ({:?}; {} {})",
+            i.name, i.backend, i.driver, i.driver_info
+        );
+        println!("profile  {}", gpu.kernels_desc());
+    }
+    let json = a.json;
     let report = crate::tune::prepare(
         &mut gpu,
         gpu_opts,
         &dir,
         crate::tune::wdtype_for(dtype),
         true,
+        &mut |k| {
+            if !json {
+                use std::io::Write;
+                print!("{}", crate::tune::format_kernel(k));
+                let _ = std::io::stdout().flush();
+            }
+        },
     )?;
     let cache = report
         .cache
@@ -471,13 +487,9 @@ pub fn tune(gpu_opts: &GpuOptions, a: TuneArgs) -> anyhow::Result<ExitCode> {
             }))?
         );
     } else {
-        let i = &gpu.adapter.info;
-        println!(
-            "adapter  {} ({:?}; {} {})",
-            i.name, i.backend, i.driver, i.driver_info
-        );
-        println!("profile  {}", gpu.kernels_desc());
-        print!("{}", crate::tune::format_report(&report));
+        for w in &report.warnings {
+            println!("warning: {w}");
+        }
         println!("cache    {cache}");
     }
     Ok(ExitCode::SUCCESS)

@@ -12,8 +12,8 @@
 //!   distinct Linear shape of a decoder layer and the lm_head, weighted by
 //!   how often a decode step runs it. The fused q/k/v and gate/up decode
 //!   kernels take the same variant, so this one choice sets them too.
-//! - `prefill`: the many-token matmul (`prefill`, `prefill_tile`), the same
-//!   shapes at [`PREFILL_TOKENS`] tokens.
+//! - `prefill`: the many-token matmul (`prefill`, `prefill_tile`), the
+//!   layers' shapes at [`PREFILL_TOKENS`] tokens.
 //! - `attention`: decode attention (`attention`, `attn_splits`,
 //!   `attn_min_split`) for the model's heads at KV lengths [`ATTN_KV`].
 //! - `argmax`: the greedy argmax (`argmax_wg`) over the vocabulary.
@@ -21,8 +21,8 @@
 //! Time is the GPU's own (timestamp queries around the pass) when the
 //! adapter has TIMESTAMP_QUERY and they read sensibly, else the wall clock
 //! around submit + wait; each candidate runs once to warm up (pipeline
-//! compilation, first touch) and then [`REPEATS`] times, and its median
-//! counts. Every candidate is a kernel the parity tests hold to the same
+//! compilation, first touch) and then up to [`REPEATS`] times (fewer once
+//! its runs add up to half a second), and its median counts. Every candidate is a kernel the parity tests hold to the same
 //! tolerances, so the choice changes speed only.
 
 use std::path::{Path, PathBuf};
@@ -43,6 +43,10 @@ use crate::tensor::{DeviceTensor, WDType};
 
 /// Timed runs per candidate (after one warm-up); the median counts.
 pub const REPEATS: usize = 5;
+/// Once a pass's timed runs add up to this many seconds, it stops
+/// repeating (at least one timed run): slow candidates on slow devices
+/// (a shared-memory GEMV on lavapipe) then cost a few runs, not five.
+const PASS_BUDGET_S: f64 = 0.5;
 /// Tokens of the prefill matmul's timed runs.
 pub const PREFILL_TOKENS: u32 = 64;
 /// KV lengths decode attention is timed at (their times are summed: a
@@ -139,9 +143,17 @@ impl ModelShapes {
             v.push(format!("head {}x{}", self.lm_head.0, self.lm_head.1));
             format!("{dt} layers {} {}", self.layers, v.join(" "))
         };
+        let lin_layers = || {
+            let v: Vec<String> = self
+                .linears
+                .iter()
+                .map(|(k, n, c)| format!("{k}x{n}*{c}"))
+                .collect();
+            format!("{dt} layers {} {}", self.layers, v.join(" "))
+        };
         match kernel {
             "gemv" => lin(),
-            "prefill" => format!("{} tokens {PREFILL_TOKENS}", lin()),
+            "prefill" => format!("{} tokens {PREFILL_TOKENS}", lin_layers()),
             "attention" => format!(
                 "heads {} kv_heads {} head_dim {} kv {:?}",
                 self.n_heads, self.n_kv_heads, self.head_dim, ATTN_KV
@@ -464,7 +476,8 @@ pub fn describe(gpu: &Gpu) -> Vec<String> {
 type Record<'a> = dyn FnMut(&mut wgpu::ComputePass<'_>) -> Result<()> + 'a;
 
 /// Median seconds of `record`'s pass over [`REPEATS`] runs after one
-/// warm-up, and the clock used.
+/// warm-up (fewer once they add up to [`PASS_BUDGET_S`]), and the clock
+/// used.
 fn time_pass(gpu: &Gpu, record: &mut Record<'_>) -> Result<(f64, &'static str)> {
     let ts = gpu
         .adapter
@@ -512,6 +525,7 @@ fn time_pass(gpu: &Gpu, record: &mut Record<'_>) -> Result<(f64, &'static str)> 
             continue;
         }
         wall_s.push(wall);
+        let last = rep == REPEATS || wall_s.iter().sum::<f64>() >= PASS_BUDGET_S;
         if let Some((_, resolve)) = &ts {
             let q: Vec<u64> = bytemuck::pod_collect_to_vec(&gpu.read_bytes(resolve, 0, 16)?);
             if q[1] > q[0] {
@@ -519,10 +533,13 @@ fn time_pass(gpu: &Gpu, record: &mut Record<'_>) -> Result<(f64, &'static str)> 
                 gpu_s.push((q[1] - q[0]) as f64 * period * 1e-9);
             }
         }
+        if last {
+            break;
+        }
     }
     // Timestamps that read zero or beyond the wall clock are not trusted.
     let wall = median(&mut wall_s);
-    if gpu_s.len() == REPEATS {
+    if !gpu_s.is_empty() && gpu_s.len() == wall_s.len() {
         let g = median(&mut gpu_s);
         if g > 0.0 && g <= wall * 1.5 {
             return Ok((g, "gpu timestamps"));
@@ -569,18 +586,28 @@ struct LinearShape {
 }
 
 impl LinearFixture {
+    /// The decode GEMV (`tokens` 1) cycles through copies of each weight
+    /// and includes the lm_head; the prefill matmul (compute-bound, and the
+    /// head runs on one row there) uses one copy of each layer weight.
     fn new(gpu: &Gpu, s: &ModelShapes, tokens: u32) -> Result<Self> {
         let es = s.wdtype.bytes_per_elem();
+        let decode = tokens == 1;
         let mut all: Vec<(usize, usize, f64)> = s
             .linears
             .iter()
             .map(|&(k, n, c)| (k, n, (c * s.layers) as f64))
             .collect();
-        all.push((s.lm_head.0, s.lm_head.1, 1.0));
+        if decode {
+            all.push((s.lm_head.0, s.lm_head.1, 1.0));
+        }
         let mut shapes = Vec::new();
         for (i, (k, n_full, weight)) in all.into_iter().enumerate() {
             let n = n_full.min((MAX_TIMED_WEIGHT / (k * es)).max(1));
-            let copies = GEMV_WORKING_SET.div_ceil(n * k * es).clamp(1, 64);
+            let copies = if decode {
+                GEMV_WORKING_SET.div_ceil(n * k * es).clamp(1, 64)
+            } else {
+                1
+            };
             let wdata = noise(n * k, 7 + i as u32);
             let bytes: Vec<u8> = match s.wdtype {
                 WDType::Bf16 => crate::tensor::f32_to_bf16_bytes(&wdata),
@@ -791,6 +818,20 @@ pub fn prepare_with(
     force: bool,
     path: &Path,
 ) -> Result<TuneReport> {
+    prepare_with_progress(gpu, shapes, mode, force, path, &mut |_| {})
+}
+
+/// [`prepare_with`], calling `progress` with each kernel's report as soon
+/// as it is decided (a tuning run of a real model takes minutes on a CPU
+/// device).
+pub fn prepare_with_progress(
+    gpu: &mut Gpu,
+    shapes: &ModelShapes,
+    mode: TuneMode,
+    force: bool,
+    path: &Path,
+    progress: &mut dyn FnMut(&KernelReport),
+) -> Result<TuneReport> {
     let mut report = TuneReport {
         mode: Some(mode),
         cache: Some(path.to_path_buf()),
@@ -832,6 +873,7 @@ pub fn prepare_with(
                 candidates: Vec::new(),
                 clock: "",
             });
+            progress(report.kernels.last().expect("just pushed"));
             continue;
         }
         if mode != TuneMode::Auto && !force {
@@ -843,6 +885,7 @@ pub fn prepare_with(
                 candidates: Vec::new(),
                 clock: "",
             });
+            progress(report.kernels.last().expect("just pushed"));
             continue;
         }
         let r = tune_kernel(gpu, kernel, shapes);
@@ -863,6 +906,7 @@ pub fn prepare_with(
             clock: r.clock.into(),
         });
         dirty = true;
+        progress(&r);
         report.kernels.push(r);
     }
     if dirty {
@@ -901,6 +945,7 @@ pub fn prepare(
     dir: &Path,
     wdtype: WDType,
     force: bool,
+    progress: &mut dyn FnMut(&KernelReport),
 ) -> Result<TuneReport> {
     let (mode, _) = opts.resolve_tune()?;
     if mode == TuneMode::Off && !force {
@@ -928,44 +973,48 @@ pub fn prepare(
         }
         Err(e) => return Err(e),
     };
-    prepare_with(gpu, &shapes, mode, force, &path)
+    prepare_with_progress(gpu, &shapes, mode, force, &path, progress)
 }
 
 /// A [`Gpu`] for the model in `dir` with the tune cache (or tuner) applied:
 /// [`Gpu::new`] then [`prepare`].
 pub fn gpu_for_model(opts: &GpuOptions, dir: &Path, wdtype: WDType) -> Result<(Gpu, TuneReport)> {
     let mut gpu = Gpu::new(opts)?;
-    let report = prepare(&mut gpu, opts, dir, wdtype, false)?;
+    let report = prepare(&mut gpu, opts, dir, wdtype, false, &mut |_| {})?;
     Ok((gpu, report))
 }
 
-/// The report as text: per kernel its candidates' times (when tuned) and
-/// the choice with where it came from.
-pub fn format_report(r: &TuneReport) -> String {
+/// One kernel's report as text: its candidates' times (when tuned) and the
+/// choice with where it came from.
+pub fn format_kernel(k: &KernelReport) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    for k in &r.kernels {
-        let _ = writeln!(s, "{} [{}]", k.kernel, k.shape);
-        for (d, t) in &k.candidates {
-            let mark = if *d == k.choice { " <- chosen" } else { "" };
-            match t {
-                Ok(ms) => {
-                    let _ = writeln!(s, "  {:>10.3} ms  {d}{mark}", ms);
-                }
-                Err(e) => {
-                    let _ = writeln!(s, "      failed  {d}: {e}");
-                }
+    let _ = writeln!(s, "{} [{}]", k.kernel, k.shape);
+    for (d, t) in &k.candidates {
+        let mark = if *d == k.choice { " <- chosen" } else { "" };
+        match t {
+            Ok(ms) => {
+                let _ = writeln!(s, "  {ms:>10.3} ms  {d}{mark}");
+            }
+            Err(e) => {
+                let _ = writeln!(s, "      failed  {d}: {e}");
             }
         }
-        let clock = if k.clock.is_empty() {
-            String::new()
-        } else {
-            format!(", {}", k.clock)
-        };
-        let _ = writeln!(s, "  choice: {} ({}{clock})", k.choice, k.source);
     }
+    let clock = if k.clock.is_empty() {
+        String::new()
+    } else {
+        format!(", {}", k.clock)
+    };
+    let _ = writeln!(s, "  choice: {} ({}{clock})", k.choice, k.source);
+    s
+}
+
+/// The whole report as text: [`format_kernel`] of each, then the warnings.
+pub fn format_report(r: &TuneReport) -> String {
+    let mut s: String = r.kernels.iter().map(format_kernel).collect();
     for w in &r.warnings {
-        let _ = writeln!(s, "warning: {w}");
+        s.push_str(&format!("warning: {w}\n"));
     }
     s
 }
