@@ -1723,7 +1723,9 @@ pub fn bench_cli(gpu_opts: &GpuOptions, args: BenchArgs) -> anyhow::Result<ExitC
         .parse()
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let dir = crate::fetch::resolve_model_as(args.model.as_deref(), dtype, &Default::default())?;
-    let gpu = Arc::new(crate::cli::gpu_for_model(gpu_opts, &dir, dtype)?);
+    let (gpu, tuned) = crate::tune::gpu_for_model(gpu_opts, &dir, crate::tune::wdtype_for(dtype))?;
+    eprint!("{}", crate::tune::load_notes(&tuned));
+    let gpu = Arc::new(gpu);
     let mopts = ModelOptions {
         max_context: Some(args.kv_fill + args.prompt_tokens + args.gen_tokens + 1),
         dtype,

@@ -391,13 +391,7 @@ pub fn gpu_for_model(
     dtype: crate::loader::LoadDType,
 ) -> anyhow::Result<Gpu> {
     let (gpu, report) = crate::tune::gpu_for_model(gpu_opts, dir, crate::tune::wdtype_for(dtype))?;
-    if report.kernels.iter().any(|k| k.source == "tuner") {
-        eprint!("{}", crate::tune::format_report(&report));
-    } else {
-        for w in &report.warnings {
-            eprintln!("warning: {w}");
-        }
-    }
+    eprint!("{}", crate::tune::load_notes(&report));
     Ok(gpu)
 }
 
@@ -805,9 +799,7 @@ pub fn serve(gpu_opts: &GpuOptions, a: ServeArgs) -> anyhow::Result<ExitCode> {
         let dir = crate::fetch::resolve_model_as(m.model.as_deref(), dtype, &Default::default())?;
         let (gpu, report) =
             crate::tune::gpu_for_model(&gpu_opts, &dir, crate::tune::wdtype_for(dtype))?;
-        for w in &report.warnings {
-            eprintln!("warning: {w}");
-        }
+        eprint!("{}", crate::tune::load_notes(&report));
         let gpu = std::sync::Arc::new(gpu);
         let tok = crate::tokenizer::Tokenizer::from_dir(&dir)?;
         let template = crate::chat::ChatTemplate::from_dir(&dir).map_err(|e| e.to_string());

@@ -1019,6 +1019,19 @@ pub fn format_report(r: &TuneReport) -> String {
     s
 }
 
+/// What a load should tell the user about `r` (stderr): the whole report
+/// when something was tuned, else only the warnings; empty when neither.
+pub fn load_notes(r: &TuneReport) -> String {
+    if r.kernels.iter().any(|k| k.source == "tuner") {
+        format_report(r)
+    } else {
+        r.warnings
+            .iter()
+            .map(|w| format!("warning: {w}\n"))
+            .collect()
+    }
+}
+
 /// The weight dtype a load with `dtype` puts on the device for the dense
 /// Linears the tuner times (f32 when widened, else bf16).
 pub fn wdtype_for(dtype: crate::loader::LoadDType) -> WDType {
