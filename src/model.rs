@@ -372,8 +372,9 @@ struct Buffers {
     /// Uniforms of the bind groups (kept alive here).
     params: Vec<wgpu::Buffer>,
     /// `Step::new(1, p)` for every position `p` of the cache: a pipelined
-    /// decode step copies its entry into `step` and `step_one` on the GPU,
-    /// so no host write is needed per token.
+    /// decode step copies its entry into `step` (and into `step_one` on the
+    /// op-by-op path, whose last-row head binds it) on the GPU, so no host
+    /// write is needed per token.
     #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     // the pipelined decode is native-only
     steps: wgpu::Buffer,
@@ -553,6 +554,10 @@ pub struct Model {
     head_all: Vec<BoundOp>,
     head_last: Vec<BoundOp>,
     argmax_last: ArgmaxBinding,
+    /// The argmax of a one-token pass, which runs `head_all` on the stream
+    /// itself (no copy of its only row into `last`) under the `step`
+    /// uniform (equal to `step_one` when one token runs).
+    argmax_one: ArgmaxBinding,
     /// The candidate kernel over the last-row logits.
     topk_last: TopKBinding,
     /// The GPU sampler over the last-row logits.
@@ -928,6 +933,9 @@ impl Model {
         let argmax_last = k
             .argmax
             .bind(g, &b.step_one, logits, vocab, &b.next, &b.next_stats)?;
+        let argmax_one = k
+            .argmax
+            .bind(g, &b.step, logits, vocab, &b.next, &b.next_stats)?;
         let topk_last = k.topk.bind(g, logits, vocab)?;
         // the history ring holds a whole context and the spare; a
         // generation samples at most a context of tokens
@@ -956,6 +964,7 @@ impl Model {
             head_all,
             head_last,
             argmax_last,
+            argmax_one,
             topk_last,
             sample_last,
             sampled_at: 0,
@@ -1537,6 +1546,17 @@ impl Model {
                     self.encode_op(op, r, n)?;
                 }
             }
+            Some(Logits::Last) if self.one_token_head(n, r.mode) => {
+                // One token: its row is the stream's only row, so the head
+                // over every row is the head over the last one, with no
+                // copy and no second pass (the same kernels on the same
+                // values as the copy path below, which the op-by-op path
+                // keeps so that tests/decode.rs compares the two).
+                for op in &self.head_all {
+                    self.encode_op(op, r, 1)?;
+                }
+                self.k.argmax.encode(g, r.pass(), &self.argmax_one, 1)?;
+            }
             Some(Logits::Last) => {
                 // The head on the last token's row only.
                 let row = (self.cfg.hidden_size * 4) as u64;
@@ -1557,8 +1577,25 @@ impl Model {
         Ok(())
     }
 
+    /// Whether a pass of `n` tokens in `mode` runs its last-row head as
+    /// `head_all` on the stream (one token, fast path) instead of copying
+    /// the row into `last`. Sequence passes only: a slot pass does not
+    /// write `step`.
+    fn one_token_head(&self, n: u32, mode: Mode) -> bool {
+        n == 1 && mode == Mode::Seq && self.fuse
+    }
+
+    /// The argmax binding a one-token step's head ends with.
+    fn argmax_for_one_token(&self) -> &ArgmaxBinding {
+        if self.one_token_head(1, Mode::Seq) {
+            &self.argmax_one
+        } else {
+            &self.argmax_last
+        }
+    }
+
     /// Record one greedy decode step at position `pos` without any host
-    /// write: the step uniforms come from the `steps` table, the input id
+    /// write: the step uniform comes from the `steps` table, the input id
     /// from the previous step's argmax (`next`) unless `host_id` (the first
     /// step, whose id the host wrote into `ids`), and the new id is copied
     /// into ring slot `slot`.
@@ -1574,7 +1611,11 @@ impl Model {
         let enc = r.enc();
         let off = pos as u64 * STEP_BYTES;
         enc.copy_buffer_to_buffer(&b.steps, off, &b.step, 0, STEP_BYTES);
-        enc.copy_buffer_to_buffer(&b.steps, off, &b.step_one, 0, STEP_BYTES);
+        // The fast path's one-token head binds `step`, not `step_one` (see
+        // encode_body).
+        if !self.one_token_head(1, Mode::Seq) {
+            enc.copy_buffer_to_buffer(&b.steps, off, &b.step_one, 0, STEP_BYTES);
+        }
         if !host_id {
             enc.copy_buffer_to_buffer(&b.next, 0, &b.ids, 0, 4);
         }
@@ -1584,6 +1625,42 @@ impl Model {
         r.enc()
             .copy_buffer_to_buffer(&b.next_stats, 0, &b.ring[slot], 4, STATS_BYTES);
         Ok(r.finish().0)
+    }
+
+    /// Host-side profiling only: record `steps` pipelined decode steps (the
+    /// command buffers [`Self::decode_greedy`] submits) at the current
+    /// position. With `submit` each is submitted and waited for (the wait
+    /// outside the figures), else dropped unsubmitted so nothing runs on the
+    /// device; `between` runs after each step, outside the figures. Returns
+    /// each step's thread CPU seconds to record and to submit. The KV cache
+    /// is left as it was (`examples/record_steps`).
+    #[doc(hidden)]
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn profile_record_decode(
+        &self,
+        steps: usize,
+        submit: bool,
+        mut between: impl FnMut(),
+    ) -> Result<Vec<(f64, f64)>> {
+        let mut out = Vec::with_capacity(steps);
+        for i in 0..steps {
+            let t0 = thread_cpu_s();
+            let cmd = self.record_decode_step(self.pos, i == 0, i % RING)?;
+            let t1 = thread_cpu_s();
+            if submit {
+                self.gpu.queue.submit([cmd]);
+            } else {
+                drop(cmd);
+            }
+            if let (Some(t0), Some(t1), Some(t2)) = (t0, t1, thread_cpu_s()) {
+                out.push((t1 - t0, t2 - t1));
+            }
+            if submit {
+                self.gpu.wait()?;
+            }
+            between();
+        }
+        Ok(out)
     }
 
     /// Greedy decode with no host round trip between steps: feed `first` at
@@ -1736,7 +1813,10 @@ impl Model {
         let enc = r.enc();
         let off = pos as u64 * STEP_BYTES;
         enc.copy_buffer_to_buffer(&b.steps, off, &b.step, 0, STEP_BYTES);
-        enc.copy_buffer_to_buffer(&b.steps, off, &b.step_one, 0, STEP_BYTES);
+        // As in record_decode_step: the fast path's head binds `step`.
+        if !self.one_token_head(1, Mode::Seq) {
+            enc.copy_buffer_to_buffer(&b.steps, off, &b.step_one, 0, STEP_BYTES);
+        }
         if !host_id {
             enc.copy_buffer_to_buffer(&self.sample_last.out, 0, &b.ids, 0, 4);
         }
@@ -1933,8 +2013,8 @@ impl Model {
         v
     }
 
-    /// What one decode step records, in order (the fast path when fusing),
-    /// the argmax aside.
+    /// What one decode step records, in order (the fast path when fusing,
+    /// the head over the stream's one row), the argmax aside.
     fn decode_items(&self) -> Vec<Item<'_>> {
         let mut v: Vec<Item> = self.embed.iter().map(Item::Op).collect();
         for (ops, fast) in self.layers.iter().zip(&self.fast) {
@@ -1947,7 +2027,12 @@ impl Model {
                 v.extend(ops.iter().map(Item::Op));
             }
         }
-        v.extend(self.head_last.iter().map(Item::Op));
+        let head = if self.one_token_head(1, Mode::Seq) {
+            &self.head_all
+        } else {
+            &self.head_last
+        };
+        v.extend(head.iter().map(Item::Op));
         v
     }
 
@@ -1998,7 +2083,7 @@ impl Model {
         if select(n_ops) {
             self.k
                 .argmax
-                .encode(&self.gpu, pass, &self.argmax_last, 1)?;
+                .encode(&self.gpu, pass, self.argmax_for_one_token(), 1)?;
         }
         Ok(())
     }
