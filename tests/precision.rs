@@ -29,32 +29,15 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
 
 use safetensors::{Dtype, SafeTensors};
 use wgllm::fetch::resolve_model;
 use wgllm::gpu::KernelProfile;
 use wgllm::model::{Model, ModelOptions};
-use wgllm::{Gpu, GpuOptions};
 
 mod common;
 
-const FIXTURES: [&str; 8] = [
-    "qwen2_bias_tied",
-    "llama_gqa3_untied",
-    "llama3_rope_scaling",
-    "mistral_head_dim",
-    "qwen2_big_vocab",
-    "qwen3_qk_norm",
-    "gemma3_window",
-    "mistral_window",
-];
-
-fn gpu() -> Arc<Gpu> {
-    static G: OnceLock<Arc<Gpu>> = OnceLock::new();
-    G.get_or_init(|| Arc::new(Gpu::new(&GpuOptions::default()).expect("GPU")))
-        .clone()
-}
+use common::{gpu, FIXTURES};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
