@@ -1359,6 +1359,7 @@ fn adapter_json(g: &Gpu) -> serde_json::Value {
         "driver": i.driver,
         "driver_info": i.driver_info,
         "kernels": g.kernels_desc(),
+        "variants": crate::tune::describe(g),
     })
 }
 
@@ -1490,6 +1491,9 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
     );
     let _ = writeln!(s, "driver       {} {}", i.driver, i.driver_info);
     let _ = writeln!(s, "kernels      {}", g.kernels_desc());
+    for v in crate::tune::describe(g) {
+        let _ = writeln!(s, "variant      {v}");
+    }
     let _ = writeln!(
         s,
         "model        {} ({}, {} layers, hidden {}, vocab {}, file {}, device {})",
@@ -1786,7 +1790,9 @@ pub fn bench_cli(gpu_opts: &GpuOptions, args: BenchArgs) -> anyhow::Result<ExitC
         .parse()
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let dir = crate::fetch::resolve_model_as(args.model.as_deref(), dtype, &Default::default())?;
-    let gpu = Arc::new(Gpu::new(gpu_opts)?);
+    let (gpu, tuned) = crate::tune::gpu_for_model(gpu_opts, &dir, crate::tune::wdtype_for(dtype))?;
+    eprint!("{}", crate::tune::load_notes(&tuned));
+    let gpu = Arc::new(gpu);
     let mopts = ModelOptions {
         max_context: Some(args.kv_fill + args.prompt_tokens + args.gen_tokens + 1),
         dtype,

@@ -240,7 +240,7 @@ pub fn verify(gpu_opts: &GpuOptions, a: VerifyArgs) -> anyhow::Result<ExitCode> 
         .parse()
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let model = crate::fetch::resolve_model_as(Some(&a.model), dtype, &Default::default())?;
-    let gpu = std::sync::Arc::new(Gpu::new(gpu_opts)?);
+    let gpu = std::sync::Arc::new(gpu_for_model(gpu_opts, &model, dtype)?);
     let opts = crate::verify::VerifyOptions {
         model,
         tokens: a.tokens.map(|t| t.0),
@@ -439,13 +439,120 @@ pub struct Session {
     pub stop_ids: Vec<u32>,
 }
 
+/// A [`Gpu`] for the model in `dir` with the tune cache applied (and with
+/// `--tune auto` / `WGLLM_TUNE=auto`, a tuning run where the cache has no
+/// entry, reported on stderr); cache warnings go to stderr.
+pub fn gpu_for_model(
+    gpu_opts: &GpuOptions,
+    dir: &std::path::Path,
+    dtype: crate::loader::LoadDType,
+) -> anyhow::Result<Gpu> {
+    let (gpu, report) = crate::tune::gpu_for_model(gpu_opts, dir, crate::tune::wdtype_for(dtype))?;
+    eprint!("{}", crate::tune::load_notes(&report));
+    Ok(gpu)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TuneArgs {
+    /// Model: a Hugging Face folder, a .gguf file, or a known model name
+    /// (default: SmolLM2-135M-Instruct). Its config.json gives the shapes.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Device weight dtype, as for `run` (bf16 unless f32).
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `wgllm tune`: time every candidate of every tuned kernel for the model's
+/// shapes on the chosen adapter, print the times and choices, and write the
+/// tune cache (whatever `--tune` / `WGLLM_TUNE` say).
+pub fn tune(gpu_opts: &GpuOptions, a: TuneArgs) -> anyhow::Result<ExitCode> {
+    let dtype: crate::loader::LoadDType = a
+        .dtype
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    let dir = crate::fetch::resolve_model_as(a.model.as_deref(), dtype, &Default::default())?;
+    crate::config::ModelConfig::from_file(dir.join("config.json"))?;
+    let mut gpu = Gpu::new(gpu_opts)?;
+    if !a.json {
+        let i = &gpu.adapter.info;
+        println!(
+            "adapter  {} ({:?}; {} {})",
+            i.name, i.backend, i.driver, i.driver_info
+        );
+        println!("profile  {}", gpu.kernels_desc());
+    }
+    let json = a.json;
+    let report = crate::tune::prepare(
+        &mut gpu,
+        gpu_opts,
+        &dir,
+        crate::tune::wdtype_for(dtype),
+        true,
+        &mut |k| {
+            if !json {
+                use std::io::Write;
+                print!("{}", crate::tune::format_kernel(k));
+                let _ = std::io::stdout().flush();
+            }
+        },
+    )?;
+    let cache = report
+        .cache
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    if a.json {
+        let kernels: Vec<serde_json::Value> = report
+            .kernels
+            .iter()
+            .map(|k| {
+                serde_json::json!({
+                    "kernel": k.kernel,
+                    "shape": k.shape,
+                    "choice": k.choice.to_string(),
+                    "source": k.source,
+                    "clock": k.clock,
+                    "candidates": k.candidates.iter().map(|(d, t)| serde_json::json!({
+                        "decisions": d.to_string(),
+                        "ms": t.as_ref().ok(),
+                        "error": t.as_ref().err(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "adapter": gpu.name(),
+                "backend": format!("{:?}", gpu.adapter.info.backend),
+                "driver": gpu.adapter.info.driver,
+                "driver_info": gpu.adapter.info.driver_info,
+                "kernels_profile": gpu.kernels_desc(),
+                "kernels": kernels,
+                "warnings": report.warnings,
+                "cache": cache,
+            }))?
+        );
+    } else {
+        for w in &report.warnings {
+            println!("warning: {w}");
+        }
+        println!("cache    {cache}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn load_session(gpu_opts: &GpuOptions, m: &ModelArgs) -> anyhow::Result<Session> {
     let dtype: crate::loader::LoadDType = m
         .dtype
         .parse()
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let dir = crate::fetch::resolve_model_as(m.model.as_deref(), dtype, &Default::default())?;
-    let gpu = std::sync::Arc::new(Gpu::new(gpu_opts)?);
+    let gpu = std::sync::Arc::new(gpu_for_model(gpu_opts, &dir, dtype)?);
     let tok = crate::tokenizer::Tokenizer::from_dir(&dir)?;
     let opts = crate::model::ModelOptions {
         max_context: m.max_context,
@@ -747,7 +854,10 @@ pub fn serve(gpu_opts: &GpuOptions, a: ServeArgs) -> anyhow::Result<ExitCode> {
     let parallel = a.parallel;
     let load = move || -> crate::Result<crate::serve::Loaded<crate::model::Model>> {
         let dir = crate::fetch::resolve_model_as(m.model.as_deref(), dtype, &Default::default())?;
-        let gpu = std::sync::Arc::new(Gpu::new(&gpu_opts)?);
+        let (gpu, report) =
+            crate::tune::gpu_for_model(&gpu_opts, &dir, crate::tune::wdtype_for(dtype))?;
+        eprint!("{}", crate::tune::load_notes(&report));
+        let gpu = std::sync::Arc::new(gpu);
         let tok = crate::tokenizer::Tokenizer::from_dir(&dir)?;
         let template = crate::chat::ChatTemplate::from_dir(&dir).map_err(|e| e.to_string());
         let mopts = crate::model::ModelOptions {

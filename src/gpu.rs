@@ -30,6 +30,8 @@ pub struct Caps {
     pub is_cpu: bool,
     /// The kernel shapes the ops use on this device.
     pub kernels: KernelProfile,
+    /// Shader decisions overriding the profile's, one by one.
+    pub decisions: Decisions,
 }
 
 /// The family of kernel shapes the ops use, chosen once per device. Both
@@ -211,6 +213,324 @@ impl FromStr for ParamsChoice {
     }
 }
 
+// ------------------------------------------------------- shader decisions
+
+/// Shape of the GEMV (decode) kernel (`ops::matmul` re-exports it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LinearVariant {
+    /// Each invocation computes whole output rows (4 of them, sharing the x
+    /// loads), a workgroup of [`Decisions::gemv_rows_wg`] (default 64).
+    /// Best on CPU-type adapters (lavapipe): lanes of a SIMD workgroup walk
+    /// different rows and no barrier is needed.
+    RowPerThread,
+    /// One workgroup per output row, reduced with `subgroupAdd` and one
+    /// workgroup-memory step. The usual GPU shape (coalesced row reads).
+    WorkgroupSubgroup,
+    /// One workgroup per output row, workgroup-memory tree reduction. For
+    /// GPUs without subgroup operations.
+    WorkgroupShared,
+}
+
+/// Kernel of the prefill (many-token) linear path (`ops::matmul`
+/// re-exports it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PrefillKernel {
+    /// Matmul tiled in workgroup memory (`ops::matmul::TileConfig`),
+    /// register-tiled. The GPU shape.
+    Tiled,
+    /// Invocations over rows, each computing 4 rows x 4 tokens in registers
+    /// (gemv_rows.wgsl with TB = 4): no workgroup memory, no barriers. On
+    /// lavapipe this is far faster than the tiled kernel.
+    RowBlocks,
+}
+
+/// Which decode-attention kernel (`ops::attention::Shape::rows`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttentionKernel {
+    /// attention_rows.wgsl: everything in registers, no barriers.
+    Rows,
+    /// attention.wgsl: positions scored across a workgroup, shared memory.
+    Workgroup,
+}
+
+/// One shader decision: a typed key of [`Decisions`] (ggml-webgpu calls
+/// these "shader decisions"). Each is overridable on its own; unset, the
+/// kernel profile decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DecisionKey {
+    /// GEMV kernel: `rows`, `wg_subgroup` or `wg_shared`.
+    Gemv,
+    /// Workgroup size of the row-per-thread GEMV: 32, 64, 128 or 256.
+    GemvRowsWg,
+    /// Prefill matmul kernel: `rows` or `tiled`.
+    Prefill,
+    /// Tile of the tiled prefill matmul, outputs per workgroup side: 16, 32
+    /// or 64.
+    PrefillTile,
+    /// Decode attention kernel: `rows` or `workgroup`.
+    Attention,
+    /// Most KV splits of a decode attention step: 1 to 64.
+    AttnSplits,
+    /// Fewest units (positions for the row kernel, blocks for the workgroup
+    /// kernel) per KV split: 1 to 4096.
+    AttnMinSplit,
+    /// Argmax workgroup size: a power of two in 32..=1024.
+    ArgmaxWg,
+}
+
+impl DecisionKey {
+    pub const ALL: [DecisionKey; 8] = [
+        DecisionKey::Gemv,
+        DecisionKey::GemvRowsWg,
+        DecisionKey::Prefill,
+        DecisionKey::PrefillTile,
+        DecisionKey::Attention,
+        DecisionKey::AttnSplits,
+        DecisionKey::AttnMinSplit,
+        DecisionKey::ArgmaxWg,
+    ];
+
+    /// Its name in `WGLLM_DECISIONS` and the tune cache.
+    pub fn name(self) -> &'static str {
+        match self {
+            DecisionKey::Gemv => "gemv",
+            DecisionKey::GemvRowsWg => "gemv_rows_wg",
+            DecisionKey::Prefill => "prefill",
+            DecisionKey::PrefillTile => "prefill_tile",
+            DecisionKey::Attention => "attention",
+            DecisionKey::AttnSplits => "attn_splits",
+            DecisionKey::AttnMinSplit => "attn_min_split",
+            DecisionKey::ArgmaxWg => "argmax_wg",
+        }
+    }
+
+    /// The values it takes, for messages.
+    pub fn allowed(self) -> &'static str {
+        match self {
+            DecisionKey::Gemv => "rows, wg_subgroup or wg_shared",
+            DecisionKey::GemvRowsWg => "32, 64, 128 or 256",
+            DecisionKey::Prefill => "rows or tiled",
+            DecisionKey::PrefillTile => "16, 32 or 64",
+            DecisionKey::Attention => "rows or workgroup",
+            DecisionKey::AttnSplits => "an integer in 1..=64",
+            DecisionKey::AttnMinSplit => "an integer in 1..=4096",
+            DecisionKey::ArgmaxWg => "a power of two in 32..=1024",
+        }
+    }
+}
+
+impl FromStr for DecisionKey {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let s = s.trim().to_ascii_lowercase();
+        DecisionKey::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = DecisionKey::ALL.iter().map(|k| k.name()).collect();
+                format!(
+                    "'{s}' is not a shader decision; expected one of {}",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// The shader decisions set explicitly (options, `WGLLM_DECISIONS`, the
+/// tune cache or a tuning run); `None` leaves a decision to the kernel
+/// profile, whose default each op computes (`LinearVariant::for_adapter`,
+/// `PrefillKernel::for_adapter`, `TileConfig::for_adapter`,
+/// `attention::Shape::for_gpu`, `Argmax::new`). Every value is correct on
+/// every adapter that can run it; they differ only in speed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Decisions {
+    pub gemv: Option<LinearVariant>,
+    pub gemv_rows_wg: Option<u32>,
+    pub prefill: Option<PrefillKernel>,
+    pub prefill_tile: Option<u32>,
+    pub attention: Option<AttentionKernel>,
+    pub attn_splits: Option<u32>,
+    pub attn_min_split: Option<u32>,
+    pub argmax_wg: Option<u32>,
+}
+
+impl Decisions {
+    /// The value of `key` as [`Decisions::set`] reads it, `None` when unset.
+    pub fn get(&self, key: DecisionKey) -> Option<String> {
+        let num = |v: Option<u32>| v.map(|v| v.to_string());
+        match key {
+            DecisionKey::Gemv => self.gemv.map(|v| gemv_name(v).to_string()),
+            DecisionKey::GemvRowsWg => num(self.gemv_rows_wg),
+            DecisionKey::Prefill => self.prefill.map(|v| prefill_name(v).to_string()),
+            DecisionKey::PrefillTile => num(self.prefill_tile),
+            DecisionKey::Attention => self.attention.map(|v| attention_name(v).to_string()),
+            DecisionKey::AttnSplits => num(self.attn_splits),
+            DecisionKey::AttnMinSplit => num(self.attn_min_split),
+            DecisionKey::ArgmaxWg => num(self.argmax_wg),
+        }
+    }
+
+    /// Set `key` from its text form; an error names the key and the values
+    /// it takes.
+    pub fn set(&mut self, key: DecisionKey, value: &str) -> std::result::Result<(), String> {
+        let v = value.trim().to_ascii_lowercase();
+        let bad = || {
+            format!(
+                "'{value}' is not a value of {}; expected {}",
+                key.name(),
+                key.allowed()
+            )
+        };
+        let int =
+            |ok: &dyn Fn(u32) -> bool| v.parse::<u32>().ok().filter(|&n| ok(n)).ok_or_else(bad);
+        match key {
+            DecisionKey::Gemv => {
+                self.gemv = Some(match v.as_str() {
+                    "rows" => LinearVariant::RowPerThread,
+                    "wg_subgroup" => LinearVariant::WorkgroupSubgroup,
+                    "wg_shared" => LinearVariant::WorkgroupShared,
+                    _ => return Err(bad()),
+                })
+            }
+            DecisionKey::GemvRowsWg => {
+                self.gemv_rows_wg = Some(int(&|n| matches!(n, 32 | 64 | 128 | 256))?)
+            }
+            DecisionKey::Prefill => {
+                self.prefill = Some(match v.as_str() {
+                    "rows" => PrefillKernel::RowBlocks,
+                    "tiled" => PrefillKernel::Tiled,
+                    _ => return Err(bad()),
+                })
+            }
+            DecisionKey::PrefillTile => {
+                self.prefill_tile = Some(int(&|n| matches!(n, 16 | 32 | 64))?)
+            }
+            DecisionKey::Attention => {
+                self.attention = Some(match v.as_str() {
+                    "rows" => AttentionKernel::Rows,
+                    "workgroup" => AttentionKernel::Workgroup,
+                    _ => return Err(bad()),
+                })
+            }
+            DecisionKey::AttnSplits => self.attn_splits = Some(int(&|n| (1..=64).contains(&n))?),
+            DecisionKey::AttnMinSplit => {
+                self.attn_min_split = Some(int(&|n| (1..=4096).contains(&n))?)
+            }
+            DecisionKey::ArgmaxWg => {
+                self.argmax_wg = Some(int(&|n| n.is_power_of_two() && (32..=1024).contains(&n))?)
+            }
+        }
+        Ok(())
+    }
+
+    /// The decisions that are set, as `(key, value)`.
+    pub fn entries(&self) -> Vec<(DecisionKey, String)> {
+        DecisionKey::ALL
+            .into_iter()
+            .filter_map(|k| self.get(k).map(|v| (k, v)))
+            .collect()
+    }
+
+    /// `self`, with every decision `other` sets taken from `other`.
+    pub fn overlaid(mut self, other: &Decisions) -> Decisions {
+        for (k, v) in other.entries() {
+            self.set(k, &v).expect("a value get() wrote");
+        }
+        self
+    }
+}
+
+/// `key=value` pairs separated by commas (`WGLLM_DECISIONS`), e.g.
+/// `gemv=rows,gemv_rows_wg=128,attn_splits=8`; blank means none.
+impl FromStr for Decisions {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let mut d = Decisions::default();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("'{part}' is not key=value"))?;
+            d.set(k.parse()?, v)?;
+        }
+        Ok(d)
+    }
+}
+
+impl std::fmt::Display for Decisions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self
+            .entries()
+            .into_iter()
+            .map(|(k, v)| format!("{}={v}", k.name()))
+            .collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// The name [`Decisions`] uses for a GEMV variant.
+pub fn gemv_name(v: LinearVariant) -> &'static str {
+    match v {
+        LinearVariant::RowPerThread => "rows",
+        LinearVariant::WorkgroupSubgroup => "wg_subgroup",
+        LinearVariant::WorkgroupShared => "wg_shared",
+    }
+}
+
+/// The name [`Decisions`] uses for a prefill kernel.
+pub fn prefill_name(v: PrefillKernel) -> &'static str {
+    match v {
+        PrefillKernel::RowBlocks => "rows",
+        PrefillKernel::Tiled => "tiled",
+    }
+}
+
+/// The name [`Decisions`] uses for an attention kernel.
+pub fn attention_name(v: AttentionKernel) -> &'static str {
+    match v {
+        AttentionKernel::Rows => "rows",
+        AttentionKernel::Workgroup => "workgroup",
+    }
+}
+
+/// When the autotuner (`tune`) runs at a model load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TuneMode {
+    /// Profile defaults only; the cache is neither read nor written.
+    Off,
+    /// Use the tune cache's choices for this adapter and model shape when
+    /// present, else the profile's defaults; never time anything.
+    #[default]
+    Cache,
+    /// As `Cache`, and tune (then write the cache) when it has no entry.
+    Auto,
+}
+
+impl TuneMode {
+    pub const ALLOWED: &'static str = "off, cache or auto";
+    pub fn name(self) -> &'static str {
+        match self {
+            TuneMode::Off => "off",
+            TuneMode::Cache => "cache",
+            TuneMode::Auto => "auto",
+        }
+    }
+}
+
+impl FromStr for TuneMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "off" => Ok(TuneMode::Off),
+            "cache" => Ok(TuneMode::Cache),
+            "auto" => Ok(TuneMode::Auto),
+            _ => Err(format!(
+                "'{s}' is not a tune mode; expected {}",
+                Self::ALLOWED
+            )),
+        }
+    }
+}
+
 /// Mesa's lavapipe: the Vulkan driver on llvmpipe (wgpu reports the device
 /// as `llvmpipe (LLVM ...)`; the GL backend's llvmpipe is not lavapipe).
 fn is_lavapipe(info: &wgpu::AdapterInfo) -> bool {
@@ -263,6 +583,9 @@ pub struct Gpu {
     /// How kernels bind their parameter blocks, and why.
     pub params: ParamsBinding,
     pub params_chosen_by: &'static str,
+    /// What set each decision in `caps.decisions` (options, the variable,
+    /// the tune cache, a tuning run); unset decisions are the profile's.
+    pub decision_sources: Vec<(DecisionKey, String)>,
     /// Device loss and uncaptured errors, recorded by wgpu's callbacks.
     health: Arc<Health>,
     /// What this `Gpu` has created and recorded (for the per-step
@@ -514,19 +837,21 @@ pub struct GpuOptions {
     /// Parameter-block binding ([`ParamsBinding`]); falls back to
     /// `WGLLM_PARAMS`, then auto.
     pub params: Option<ParamsChoice>,
+    /// Shader decisions to force ([`Decisions`]); falls back to
+    /// `WGLLM_DECISIONS`, then none (the profile, or the tune cache).
+    pub decisions: Option<Decisions>,
+    /// When `tune` runs at a model load; falls back to `WGLLM_TUNE`, then
+    /// [`TuneMode::Cache`]. Read by `tune::prepare`, not by [`Gpu::new`].
+    pub tune: Option<TuneMode>,
 }
 
 impl GpuOptions {
     /// The backends to enumerate and what chose them (for messages).
     pub fn resolve_backends(&self) -> Result<(wgpu::Backends, &'static str)> {
-        if let Some(b) = self.backends {
-            return Ok((b.0, "GpuOptions::backends"));
-        }
-        if let Some(v) = env_value("WGLLM_BACKEND") {
-            let b: BackendChoice = v
-                .parse()
-                .map_err(|e| Error::invalid(format!("WGLLM_BACKEND={v:?}: {e}")))?;
-            return Ok((b.0, "WGLLM_BACKEND"));
+        if let Some((b, by)) =
+            resolve_choice(self.backends, "GpuOptions::backends", "WGLLM_BACKEND")?
+        {
+            return Ok((b.0, by));
         }
         if env_value("WGPU_BACKEND").is_some() {
             // wgpu's own variable and parsing (unknown names are ignored).
@@ -537,30 +862,53 @@ impl GpuOptions {
 
     /// The requested kernel profile and what chose it.
     pub fn resolve_kernels(&self) -> Result<(KernelChoice, &'static str)> {
-        if let Some(k) = self.kernels {
-            return Ok((k, "GpuOptions::kernels"));
-        }
-        if let Some(v) = env_value("WGLLM_KERNELS") {
-            let k: KernelChoice = v
-                .parse()
-                .map_err(|e| Error::invalid(format!("WGLLM_KERNELS={v:?}: {e}")))?;
-            return Ok((k, "WGLLM_KERNELS"));
-        }
-        Ok((KernelChoice::Auto, "default"))
+        Ok(
+            resolve_choice(self.kernels, "GpuOptions::kernels", "WGLLM_KERNELS")?
+                .unwrap_or((KernelChoice::Auto, "default")),
+        )
     }
 
     /// The requested parameter binding and what chose it.
     pub fn resolve_params(&self) -> Result<(ParamsChoice, &'static str)> {
-        if let Some(p) = self.params {
-            return Ok((p, "GpuOptions::params"));
-        }
-        if let Some(v) = env_value("WGLLM_PARAMS") {
-            let p: ParamsChoice = v
-                .parse()
-                .map_err(|e| Error::invalid(format!("WGLLM_PARAMS={v:?}: {e}")))?;
-            return Ok((p, "WGLLM_PARAMS"));
-        }
-        Ok((ParamsChoice::Auto, "default"))
+        Ok(
+            resolve_choice(self.params, "GpuOptions::params", "WGLLM_PARAMS")?
+                .unwrap_or((ParamsChoice::Auto, "default")),
+        )
+    }
+
+    /// The shader decisions forced by options or `WGLLM_DECISIONS`, and
+    /// what set them (none: `default`).
+    pub fn resolve_decisions(&self) -> Result<(Decisions, &'static str)> {
+        Ok(
+            resolve_choice(self.decisions, "GpuOptions::decisions", "WGLLM_DECISIONS")?
+                .unwrap_or((Decisions::default(), "default")),
+        )
+    }
+
+    /// When the autotuner runs at a model load, and what chose it.
+    pub fn resolve_tune(&self) -> Result<(TuneMode, &'static str)> {
+        Ok(resolve_choice(self.tune, "GpuOptions::tune", "WGLLM_TUNE")?
+            .unwrap_or((TuneMode::default(), "default")))
+    }
+}
+
+/// The one resolver behind every `GpuOptions::resolve_*`: the option when
+/// set, else the environment variable `var` when set and not blank (a value
+/// that does not parse is an error naming the variable), else `None`.
+fn resolve_choice<T: FromStr<Err = String>>(
+    option: Option<T>,
+    field: &'static str,
+    var: &'static str,
+) -> Result<Option<(T, &'static str)>> {
+    if let Some(v) = option {
+        return Ok(Some((v, field)));
+    }
+    match env_value(var) {
+        Some(v) => v
+            .parse()
+            .map(|t| Some((t, var)))
+            .map_err(|e| Error::invalid(format!("{var}={v:?}: {e}"))),
+        None => Ok(None),
     }
 }
 
@@ -579,6 +927,7 @@ impl Gpu {
     pub async fn new_async(opts: &GpuOptions) -> Result<Self> {
         let (kernel_choice, kernels_by) = opts.resolve_kernels()?;
         let (params_choice, params_by) = opts.resolve_params()?;
+        let (decisions, decisions_by) = opts.resolve_decisions()?;
         let backends = if cfg!(target_arch = "wasm32") {
             (wgpu::Backends::BROWSER_WEBGPU, "the browser")
         } else {
@@ -636,6 +985,7 @@ impl Gpu {
             max_invocations: limits.max_compute_invocations_per_workgroup,
             is_cpu,
             kernels: kernel_choice.resolve(is_cpu),
+            decisions,
         };
         let desc = AdapterDesc {
             features,
@@ -660,6 +1010,11 @@ impl Gpu {
             kernels_chosen_by,
             params,
             params_chosen_by,
+            decision_sources: decisions
+                .entries()
+                .into_iter()
+                .map(|(k, _)| (k, decisions_by.to_string()))
+                .collect(),
             health,
             counters: Counters::default(),
             upload_pending: Default::default(),
@@ -743,6 +1098,33 @@ impl Gpu {
 
     pub fn name(&self) -> &str {
         &self.adapter.info.name
+    }
+
+    /// Take `d`'s decisions (those it sets) over the current ones, recording
+    /// `source` for each: the tune cache or a tuning run, before the model's
+    /// ops are built. A decision forced by options or `WGLLM_DECISIONS`
+    /// stays forced. (Ops read `caps.decisions` when they are built;
+    /// already built ones keep their kernels.)
+    pub fn set_decisions(&mut self, d: &Decisions, source: &str) {
+        for (k, v) in d.entries() {
+            let forced = self.decision_sources.iter().any(|(key, by)| {
+                *key == k && (by == "WGLLM_DECISIONS" || by == "GpuOptions::decisions")
+            });
+            if forced {
+                continue;
+            }
+            self.caps.decisions.set(k, &v).expect("a value get() wrote");
+            self.decision_sources.retain(|(key, _)| *key != k);
+            self.decision_sources.push((k, source.to_string()));
+        }
+    }
+
+    /// What set decision `k` ("profile" when nothing did).
+    pub fn decision_source(&self, k: DecisionKey) -> &str {
+        self.decision_sources
+            .iter()
+            .find(|(key, _)| *key == k)
+            .map_or("profile", |(_, by)| by.as_str())
     }
 
     /// The kernel profile in use and why, e.g. `cpu (auto: CPU-type

@@ -27,6 +27,8 @@ pub mod serve;
 pub mod taps;
 pub mod tensor;
 pub mod tokenizer;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod tune;
 pub mod verify;
 
 #[cfg(test)]

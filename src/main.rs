@@ -22,6 +22,11 @@ struct Cli {
     /// Default: $WGLLM_KERNELS, else auto.
     #[arg(long, global = true)]
     kernels: Option<wgllm::gpu::KernelChoice>,
+    /// Autotuner at model load: off, cache (use tuned choices cached for
+    /// this adapter and model shape) or auto (tune when none are cached).
+    /// Default: $WGLLM_TUNE, else cache.
+    #[arg(long, global = true)]
+    tune: Option<wgllm::gpu::TuneMode>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -50,6 +55,9 @@ enum Cmd {
     /// OpenAI-compatible HTTP server with continuous batching
     /// (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).
     Serve(cli::ServeArgs),
+    /// Time every candidate shape of the tuned kernels for a model's shapes
+    /// on this adapter, print the times and choices, and cache the choices.
+    Tune(cli::TuneArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +66,7 @@ fn main() -> ExitCode {
         adapter: cli.adapter,
         backends: cli.backend,
         kernels: cli.kernels,
+        tune: cli.tune,
         ..Default::default()
     };
     let res = match cli.cmd {
@@ -68,6 +77,7 @@ fn main() -> ExitCode {
         Cmd::Chat(a) => cli::chat(gpu, a),
         Cmd::Bench(a) => wgllm::bench::bench_cli(gpu, a),
         Cmd::Serve(a) => cli::serve(gpu, a),
+        Cmd::Tune(a) => cli::tune(gpu, a),
     };
     match res {
         Ok(code) => code,

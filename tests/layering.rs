@@ -27,6 +27,7 @@ const ORDER: &[&str] = &[
     "sampling",
     "verify",
     "fetch",
+    "tune",
     "generate",
     "bench",
     "serve",

@@ -50,6 +50,7 @@ fn caps(max_binding: u64) -> Caps {
         max_invocations: 256,
         is_cpu: true,
         kernels: wgllm::gpu::KernelProfile::CpuDevice,
+        decisions: Default::default(),
     }
 }
 

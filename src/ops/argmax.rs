@@ -63,6 +63,9 @@ impl RowStats {
 /// The compiled argmax kernel (one workgroup per row).
 pub struct Argmax {
     pub kernel: Kernel,
+    /// Its workgroup size (the profile's or the `argmax_wg` decision's,
+    /// capped by the adapter).
+    pub wg: u32,
 }
 
 /// Bindings of one logits / output pair; built once at load.
@@ -74,21 +77,30 @@ pub struct ArgmaxBinding {
     pub max_tokens: u32,
 }
 
+/// The argmax workgroup size on a device: the `argmax_wg` shader decision
+/// when set, else the profile's. CPU-type adapters run a workgroup as SIMD
+/// lanes and pay for every barrier: a narrow workgroup keeps the tree short
+/// (CPU-device profile, 64). GPUs want more invocations streaming the row
+/// (256). Halved until it fits the adapter's invocation and workgroup
+/// memory limits (five arrays of WG words).
+pub fn workgroup(caps: &crate::gpu::Caps) -> u32 {
+    let mut wg: u32 = match (caps.decisions.argmax_wg, caps.kernels) {
+        (Some(wg), _) => wg,
+        (None, KernelProfile::CpuDevice) => 64,
+        (None, KernelProfile::Gpu) => 256,
+    };
+    while wg > 1 && (wg > caps.max_invocations || 20 * wg > caps.max_workgroup_storage) {
+        wg /= 2;
+    }
+    wg
+}
+
 impl Argmax {
     pub fn new(gpu: &Gpu) -> Result<Self> {
-        // CPU-type adapters run a workgroup as SIMD lanes and pay for every
-        // barrier: a narrow workgroup keeps the tree short (CPU-device
-        // profile). GPUs want more invocations streaming the row.
-        let mut wg: u32 = match gpu.caps.kernels {
-            KernelProfile::CpuDevice => 64,
-            KernelProfile::Gpu => 256,
-        };
-        while wg > gpu.caps.max_invocations.max(1) {
-            wg /= 2;
-        }
+        let wg = workgroup(&gpu.caps);
         let src = format!("const WG: u32 = {wg}u;\n{SRC}");
         let kernel = gpu.kernel("argmax", &src, "main", &[])?;
-        Ok(Argmax { kernel })
+        Ok(Argmax { kernel, wg })
     }
 
     /// Bindings: `step`, `logits` f32 `[tokens, vocab]`, `out` u32 `[tokens]`,

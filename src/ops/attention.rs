@@ -237,6 +237,30 @@ impl Shape {
         }
     }
 
+    /// The device's shape: the profile's, with the attention shader
+    /// decisions laid over it one by one. `attention` picks the kernel and
+    /// with it that kernel's profile shape (rows: the CPU profile's 8 lanes
+    /// and 128-position splits; workgroup: the GPU profile's 64 x 1 and
+    /// 1-block splits); `attn_splits` and `attn_min_split` then replace
+    /// those two numbers. The workgroup is capped at the adapter's limit.
+    pub fn for_gpu(caps: &crate::gpu::Caps) -> Shape {
+        use crate::gpu::AttentionKernel;
+        let d = &caps.decisions;
+        let mut shape = match d.attention {
+            Some(AttentionKernel::Rows) => Shape::for_profile(KernelProfile::CpuDevice),
+            Some(AttentionKernel::Workgroup) => Shape::for_profile(KernelProfile::Gpu),
+            None => Shape::for_profile(caps.kernels),
+        };
+        if let Some(n) = d.attn_splits {
+            shape.splits = n;
+        }
+        if let Some(n) = d.attn_min_split {
+            shape.min_split = n;
+        }
+        shape.wg = shape.wg.min(caps.max_invocations / 4 * 4).max(4);
+        shape
+    }
+
     /// The shared-memory kernel's shape as the CPU profile ran it before
     /// the row kernel (64 x 4 positions, 2 splits): kept for comparisons.
     pub fn shared_cpu() -> Shape {
@@ -452,8 +476,7 @@ impl Attention {
     /// h reads KV head h % n_kv_heads): for verify's self-tests only.
     #[doc(hidden)]
     pub fn with_faults(gpu: &Gpu, head_dim: usize, gqa_modulo: bool) -> Result<Self> {
-        let mut shape = Shape::for_profile(gpu.caps.kernels);
-        shape.wg = shape.wg.min(gpu.caps.max_invocations / 4 * 4).max(4);
+        let shape = Shape::for_gpu(&gpu.caps);
         Self::build(gpu, head_dim, shape, gqa_modulo, None, SPLIT_MAX_TOKENS)
     }
 
@@ -469,8 +492,7 @@ impl Attention {
         max_rows: u32,
         decode_rows: u32,
     ) -> Result<Self> {
-        let mut shape = Shape::for_profile(gpu.caps.kernels);
-        shape.wg = shape.wg.min(gpu.caps.max_invocations / 4 * 4).max(4);
+        let shape = Shape::for_gpu(&gpu.caps);
         let split_rows = decode_rows.max(SPLIT_MAX_TOKENS);
         Self::build(gpu, head_dim, shape, gqa_modulo, Some(max_rows), split_rows)
     }

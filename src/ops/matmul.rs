@@ -26,6 +26,9 @@ use crate::error::{Error, Result};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::gpu::Step;
 use crate::gpu::{Caps, Gpu, Kernel, KernelProfile};
+/// The GEMV and prefill kernel choices are shader decisions
+/// ([`crate::gpu::Decisions`]), so their types live in `gpu`.
+pub use crate::gpu::{LinearVariant, PrefillKernel};
 use crate::tensor::{DeviceTensor, WDType};
 
 /// Params, bias and output (shared by every linear kernel).
@@ -73,27 +76,15 @@ pub struct Params {
     pub _p: [u32; 3],
 }
 
-/// Shape of the GEMV (decode) kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LinearVariant {
-    /// Each invocation computes whole output rows (4 of them, sharing the x
-    /// loads), workgroup of 64. Best on CPU-type adapters (lavapipe): lanes
-    /// of a SIMD workgroup walk different rows and no barrier is needed.
-    RowPerThread,
-    /// One workgroup per output row, reduced with `subgroupAdd` and one
-    /// workgroup-memory step. The usual GPU shape (coalesced row reads).
-    WorkgroupSubgroup,
-    /// One workgroup per output row, workgroup-memory tree reduction. For
-    /// GPUs without subgroup operations.
-    WorkgroupShared,
-}
-
 impl LinearVariant {
-    /// The variant for the device's kernel profile: row-per-thread in the
-    /// CPU-device profile, workgroup-per-row (subgroup reduction when the
-    /// device has SUBGROUP, else shared memory) in the GPU profile.
+    /// The variant for the device: the `gemv` shader decision when set,
+    /// else the kernel profile's: row-per-thread in the CPU-device profile,
+    /// workgroup-per-row (subgroup reduction when the device has SUBGROUP,
+    /// else shared memory) in the GPU profile.
     pub fn for_adapter(caps: &Caps) -> Self {
-        if caps.kernels == KernelProfile::CpuDevice {
+        if let Some(v) = caps.decisions.gemv {
+            v
+        } else if caps.kernels == KernelProfile::CpuDevice {
             LinearVariant::RowPerThread
         } else if caps.subgroup {
             LinearVariant::WorkgroupSubgroup
@@ -108,29 +99,20 @@ impl LinearVariant {
     /// `ops::fused` use the same).
     pub fn workgroup(self, caps: &Caps) -> u32 {
         match self {
-            LinearVariant::RowPerThread => ROWS_WG,
+            LinearVariant::RowPerThread => caps.decisions.gemv_rows_wg.unwrap_or(ROWS_WG),
             // A power of two covering whole subgroups of the largest size.
             _ => 64u32.max(caps.subgroup_max_size.next_power_of_two()),
         }
     }
 }
 
-/// Kernel of the prefill (many-token) path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PrefillKernel {
-    /// Matmul tiled in workgroup memory ([`TileConfig`]), register-tiled.
-    /// The GPU shape.
-    Tiled,
-    /// Invocations over rows, each computing 4 rows x 4 tokens in registers
-    /// (gemv_rows.wgsl with TB = 4): no workgroup memory, no barriers. On
-    /// lavapipe this is far faster than the tiled kernel.
-    RowBlocks,
-}
-
 impl PrefillKernel {
-    /// Row blocks in the CPU-device profile, tiled in the GPU profile.
+    /// The `prefill` shader decision when set, else row blocks in the
+    /// CPU-device profile and tiled in the GPU profile.
     pub fn for_adapter(caps: &Caps) -> Self {
-        if caps.kernels == KernelProfile::CpuDevice {
+        if let Some(k) = caps.decisions.prefill {
+            k
+        } else if caps.kernels == KernelProfile::CpuDevice {
             PrefillKernel::RowBlocks
         } else {
             PrefillKernel::Tiled
@@ -174,9 +156,42 @@ impl TileConfig {
         self.threads() <= caps.max_invocations && self.shared_bytes() <= caps.max_workgroup_storage
     }
 
-    /// The largest of a few standard tiles that fits the adapter's limits.
+    /// The tile of the `prefill_tile` shader decision when set (an error
+    /// when it does not fit the adapter), else the largest of a few
+    /// standard tiles that fits the adapter's limits.
     pub fn for_adapter(caps: &Caps) -> Result<Self> {
-        let candidates = [
+        if let Some(side) = caps.decisions.prefill_tile {
+            let t = Self::candidates()
+                .into_iter()
+                .find(|c| c.bm == side)
+                .ok_or_else(|| Error::invalid(format!("matmul: no {side}x{side} tile")))?;
+            if !t.fits(caps) {
+                return Err(Error::invalid(format!(
+                    "matmul: the {side}x{side} tile (prefill_tile) needs {} invocations and {} \
+                     bytes of workgroup memory; the adapter allows {} and {}",
+                    t.threads(),
+                    t.shared_bytes(),
+                    caps.max_invocations,
+                    caps.max_workgroup_storage
+                )));
+            }
+            return Ok(t);
+        }
+        Self::candidates()
+            .into_iter()
+            .find(|c| c.fits(caps))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "matmul: adapter allows {} invocations and {} bytes of workgroup memory per \
+                     workgroup; the smallest tile needs 16 and 1024",
+                    caps.max_invocations, caps.max_workgroup_storage
+                ))
+            })
+    }
+
+    /// The standard tiles, largest first (the `prefill_tile` values).
+    pub fn candidates() -> [TileConfig; 3] {
+        [
             // 256 invocations, 4x4 each, 8 KiB of workgroup memory
             TileConfig {
                 bm: 64,
@@ -201,17 +216,12 @@ impl TileConfig {
                 tm: 4,
                 tn: 4,
             },
-        ];
-        candidates
-            .into_iter()
-            .find(|c| c.fits(caps))
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "matmul: adapter allows {} invocations and {} bytes of workgroup memory per \
-                     workgroup; the smallest tile needs 16 and 1024",
-                    caps.max_invocations, caps.max_workgroup_storage
-                ))
-            })
+        ]
+    }
+
+    /// Whether the adapter can run this tile.
+    pub fn fits_adapter(&self, caps: &Caps) -> bool {
+        self.fits(caps)
     }
 
     fn prefix(&self) -> String {
