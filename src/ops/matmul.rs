@@ -1282,6 +1282,18 @@ mod tests {
             case(gpu, &lin, 2, 8, 70_000, None, LinearPath::Gemv, 5);
             case(gpu, &lin, 1, 3, 70_000, None, LinearPath::Gemv, 6);
         }
+        // The row-block prefill with a 4-row x 1-token block of 1 invocation:
+        // 17,500 row blocks x 5 tokens = 87,500 workgroups.
+        let lin = Linear::new(gpu, WDType::Bf16, false)
+            .unwrap()
+            .with_prefill(PrefillKernel::RowBlocks)
+            .with_row_block(RowBlock {
+                rq: 1,
+                tb: 1,
+                wg: 1,
+            })
+            .unwrap();
+        case(gpu, &lin, 5, 8, 70_000, None, LinearPath::Prefill, 7);
     }
 
     #[test]
