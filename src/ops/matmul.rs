@@ -135,15 +135,15 @@ pub struct RowBlock {
 }
 
 impl RowBlock {
-    /// The default block: 16 rows x 8 tokens, workgroups of 16. Measured
-    /// on lavapipe (SmolLM2's seven projections, 128 tokens, one run, best
-    /// of 5; BENCHMARKS.md "Prefill matmul"): 1.9 to 2.2x faster per layer
-    /// than gemv_rows.wgsl's 4 x 4 in workgroups of 64; 8 rows x 16 tokens
-    /// and 8 x 8 tied within the noise, 4 x 4 and 32 x 4 were 1.3x slower
-    /// than this, and blocks of 64 or more vec4 sums (16 x 16, 32 x 8) took
-    /// minutes to compile.
+    /// The default block: 8 rows x 8 tokens, workgroups of 16. Measured on
+    /// lavapipe (SmolLM2's seven projections, 128 tokens, one run, best of
+    /// 5; BENCHMARKS.md "Prefill matmul"): 2x faster per layer than
+    /// gemv_rows.wgsl's 4 x 4 in workgroups of 64; 16 x 8 and 8 x 16 tied
+    /// with it within the noise at twice the code, 4 x 4 and 32 x 4 were
+    /// 1.2 to 1.3x slower, and blocks of 64 or more vec4 sums (16 x 16, 32 x 8)
+    /// took minutes to compile.
     pub const DEFAULT: RowBlock = RowBlock {
-        rq: 4,
+        rq: 2,
         tb: 8,
         wg: 16,
     };
