@@ -10,7 +10,14 @@
 // draw) is taken only when it holds with a margin of `tol` times a running
 // bound of the f32 error on both sides; otherwise the kernel flags the
 // step uncertain and the host samples that step from the row instead.
-// Prepended: `const WG: u32`.
+// Prepended: `const WG: u32` and shaders/sample_keys.wgsl.
+//
+// Nothing is written by the host per step: the penalty's window is the
+// tail of a token history ring in `seq` that this kernel appends its pick
+// to, and the step's uniform is entry `step` of a per-generation table of
+// draws (`draws`, filled from the sampler's RNG in the CPU sampler's
+// order). seq: [0] tokens in the history, [1] the step (index into
+// `draws`), [2], [3] unused, [4 + (j % hist_cap)] = history token j.
 //
 // work: [0, V) penalized logit bits; list of the top-k survivors:
 // [V, 2V) ids, [2V, 3V) keys, [3V, 4V) unnormalized probabilities.
@@ -19,7 +26,8 @@
 
 struct Params {
     vocab: u32,
-    n_window: u32,
+    // the penalty's window: the last `last_n` history tokens (0 = all)
+    last_n: u32,
     // 0 = off
     top_k: u32,
     // 1: argmax of the penalized row (temperature 0)
@@ -29,18 +37,25 @@ struct Params {
     min_p: f32,
     penalty: f32,
     inv_penalty: f32,
-    r: f32,
     // safety factor on the error bounds
     tol: f32,
     // bisection steps that cover an id in 0..vocab
     id_steps: u32,
+    // 1: apply the penalty to the window (0: no penalty, no window)
+    penalize: u32,
+    // entries of seq's history ring, of `draws`
+    hist_cap: u32,
+    n_draws: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> logits: array<u32>;
-@group(0) @binding(2) var<storage, read> window: array<u32>;
-@group(0) @binding(3) var<storage, read_write> work: array<u32>;
-@group(0) @binding(4) var<storage, read_write> out: array<u32>;
+@group(0) @binding(2) var<storage, read_write> seq: array<u32>;
+@group(0) @binding(3) var<storage, read> draws: array<f32>;
+@group(0) @binding(4) var<storage, read_write> work: array<u32>;
+@group(0) @binding(5) var<storage, read_write> out: array<u32>;
 
 const U_TINY: u32 = 1u;      // a penalized logit near the subnormal range
 const U_TOP_P: u32 = 2u;     // top-p's cut within the margin
@@ -65,27 +80,12 @@ var<workgroup> s_nfin: u32;
 var<workgroup> a_tail: atomic<u32>;
 var<workgroup> s_head: u32;
 
-fn is_finite(b: u32) -> bool {
-    return (b & 0x7f800000u) != 0x7f800000u;
-}
-
 fn is_nan(b: u32) -> bool {
     return (b & 0x7fffffffu) > 0x7f800000u;
 }
 
-// Total-order key of f32 bits (as f64::total_cmp on the widened value:
-// -0 below +0).
-fn tkey(b: u32) -> u32 {
-    return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
-}
-
 fn untkey(k: u32) -> u32 {
     return select(~k, k ^ 0x80000000u, (k & 0x80000000u) != 0u);
-}
-
-// The greedy argmax's key: -0 and +0 tie (it compares with `>`).
-fn gkey(b: u32) -> u32 {
-    return tkey(select(b, 0u, b == 0x80000000u));
 }
 
 fn tiny(b: u32) -> bool {
@@ -248,11 +248,55 @@ fn find_cut(lid: u32, goal: f32, strict: bool, tol: f32, cut: bool, ck: u32, ci:
     return Cut(k, i, ok);
 }
 
-// The `want`-th token (1-based) in the order (key descending, id
-// ascending) among the finite penalized logits, as (key, id): an MSB-first
-// radix select on the key, then on the id within the key's ties.
-fn select_kth(lid: u32, want: u32) -> vec2<u32> {
+// One pass of `select_kth`'s MSB-first radix select, over byte `d` of the
+// key (`ids` false: keys descending) or of the id among the ties of key
+// `ck` (`ids` true: ids ascending): narrows s_prefix to the byte that holds
+// the s_want-th token, and s_want to its rank within that byte's bucket.
+fn radix_pass(lid: u32, d: u32, ids: bool, ck: u32) {
     let V = p.vocab;
+    let shift = 24u - 8u * d;
+    // the bits decided by earlier passes (none in the first)
+    let hi_mask = select(0xffffffffu << ((shift + 8u) & 31u), 0u, d == 0u);
+    for (var b = lid; b < 256u; b += WG) {
+        atomicStore(&hist[b], 0u);
+    }
+    workgroupBarrier();
+    let prefix = s_prefix;
+    for (var i = lid; i < V; i += WG) {
+        let b = work[i];
+        let k = tkey(b);
+        let v = select(k, i, ids);
+        if (is_finite(b) && (!ids || k == ck) && (v & hi_mask) == prefix) {
+            // buckets in scan order: keys descending, ids ascending
+            let digit = (v >> shift) & 255u;
+            atomicAdd(&hist[select(255u - digit, digit, ids)], 1u);
+        }
+    }
+    workgroupBarrier();
+    if (lid == 0u) {
+        let w = s_want;
+        var acc = 0u;
+        for (var r = 0u; r < 256u; r += 1u) {
+            let c = atomicLoad(&hist[r]);
+            if (acc + c >= w) {
+                s_want = w - acc;
+                s_prefix = prefix | (select(255u - r, r, ids) << shift);
+                if (!ids) {
+                    // more ties at the threshold than the k-th needs
+                    s_need_id = select(0u, 1u, d == 3u && w - acc < c);
+                }
+                break;
+            }
+            acc += c;
+        }
+    }
+    workgroupBarrier();
+}
+
+// The `want`-th token (1-based) in the order (key descending, id
+// ascending) among the finite penalized logits, as (key, id): a radix
+// select on the key, then on the id within the key's ties.
+fn select_kth(lid: u32, want: u32) -> vec2<u32> {
     if (lid == 0u) {
         s_want = want;
         s_prefix = 0u;
@@ -260,39 +304,7 @@ fn select_kth(lid: u32, want: u32) -> vec2<u32> {
     }
     workgroupBarrier();
     for (var d = 0u; d < 4u; d += 1u) {
-        let shift = 24u - 8u * d;
-        let hi_mask = select(0xffffffffu << ((shift + 8u) & 31u), 0u, d == 0u);
-        for (var b = lid; b < 256u; b += WG) {
-            atomicStore(&hist[b], 0u);
-        }
-        workgroupBarrier();
-        let prefix = s_prefix;
-        for (var i = lid; i < V; i += WG) {
-            let b = work[i];
-            if (is_finite(b)) {
-                let k = tkey(b);
-                if ((k & hi_mask) == prefix) {
-                    atomicAdd(&hist[(k >> shift) & 255u], 1u);
-                }
-            }
-        }
-        workgroupBarrier();
-        if (lid == 0u) {
-            let w = s_want;
-            var acc = 0u;
-            for (var b = 255; b >= 0; b -= 1) {
-                let c = atomicLoad(&hist[u32(b)]);
-                if (acc + c >= w) {
-                    s_want = w - acc;
-                    s_prefix = prefix | (u32(b) << shift);
-                    // more ties at the threshold than the k-th needs
-                    s_need_id = select(0u, 1u, d == 3u && w - acc < c);
-                    break;
-                }
-                acc += c;
-            }
-        }
-        workgroupBarrier();
+        radix_pass(lid, d, false, 0u);
     }
     let ck = s_prefix;
     var ci = 0xffffffffu;
@@ -303,39 +315,26 @@ fn select_kth(lid: u32, want: u32) -> vec2<u32> {
         }
         workgroupBarrier();
         for (var d = 0u; d < 4u; d += 1u) {
-            let shift = 24u - 8u * d;
-            let hi_mask = select(0xffffffffu << ((shift + 8u) & 31u), 0u, d == 0u);
-            for (var b = lid; b < 256u; b += WG) {
-                atomicStore(&hist[b], 0u);
-            }
-            workgroupBarrier();
-            let prefix = s_prefix;
-            for (var i = lid; i < V; i += WG) {
-                let b = work[i];
-                if (is_finite(b) && tkey(b) == ck && (i & hi_mask) == prefix) {
-                    atomicAdd(&hist[(i >> shift) & 255u], 1u);
-                }
-            }
-            workgroupBarrier();
-            if (lid == 0u) {
-                let w = s_want;
-                var acc = 0u;
-                for (var b = 0u; b < 256u; b += 1u) {
-                    let c = atomicLoad(&hist[b]);
-                    if (acc + c >= w) {
-                        s_want = w - acc;
-                        s_prefix = prefix | (b << shift);
-                        break;
-                    }
-                    acc += c;
-                }
-            }
-            workgroupBarrier();
+            radix_pass(lid, d, true, ck);
         }
         ci = s_prefix;
     }
     workgroupBarrier();
     return vec2<u32>(ck, ci);
+}
+
+// Write the step's output and append its pick to the history ring (every
+// invocation read `seq` at the start, before the barriers since).
+fn finish(lid: u32, hl: u32, st: u32, id: u32, why: u32, survivors: u32, left: u32) {
+    if (lid == 0u) {
+        out[0] = id;
+        out[1] = why;
+        out[2] = survivors;
+        out[3] = left;
+        seq[4u + hl % p.hist_cap] = id;
+        seq[0] = hl + 1u;
+        seq[1] = st + 1u;
+    }
 }
 
 fn set_len(lid: u32, n: u32) {
@@ -356,15 +355,25 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         atomicStore(&a_cnt, 0u);
         atomicStore(&a_tail, 0u);
     }
-    // The penalized row: a bit copy, then one multiply per window id
-    // (distinct ids: no two invocations write one word).
+    // the history and the step, as the host or the previous step left them
+    let hl = seq[0];
+    let st = seq[1];
+    var n_window = 0u;
+    if (p.penalize != 0u) {
+        n_window = min(select(min(p.last_n, hl), hl, p.last_n == 0u), p.hist_cap);
+    }
+    let w0 = hl - n_window;
+    // The penalized row: a bit copy, then one multiply per window token. A
+    // token the window holds twice is written twice with the same bits (the
+    // product of its raw logit, read from `logits`), so the order does not
+    // matter.
     for (var i = lid; i < V; i += WG) {
         work[i] = logits[i];
     }
     storageBarrier();
     workgroupBarrier();
-    for (var e = lid; e < p.n_window; e += WG) {
-        let id = window[e];
+    for (var e = lid; e < n_window; e += WG) {
+        let id = seq[4u + (w0 + e) % p.hist_cap];
         if (id < V) {
             let lb = logits[id];
             let l = bitcast<f32>(lb);
@@ -400,13 +409,9 @@ fn main(@builtin(local_invocation_index) lid: u32) {
             }
         }
         workgroupBarrier();
-        if (lid == 0u) {
-            let none = km <= gkey(0xff800000u);
-            out[0] = select(atomicLoad(&a_min), 0u, none);
-            out[1] = atomicLoad(&a_flags) & U_TINY;
-            out[2] = 0u;
-            out[3] = 0u;
-        }
+        let none = km <= gkey(0xff800000u);
+        let id = select(atomicLoad(&a_min), 0u, none);
+        finish(lid, hl, st, id, atomicLoad(&a_flags) & U_TINY, 0u, 0u);
         return;
     }
 
@@ -544,7 +549,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         workgroupBarrier();
         atomicAdd(&a_cnt, cnt);
         let s = mass_from(lid, 0u, cut, pk, pi, minp);
-        let goal = p.r * s;
+        let goal = draws[min(st, p.n_draws - 1u)] * s;
         set_len(lid, n_head);
         let sh = mass_from(lid, 0u, cut, pk, pi, minp);
         set_len(lid, select(scope, n_head, sh > goal));
@@ -556,10 +561,5 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         }
     }
     workgroupBarrier();
-    if (lid == 0u) {
-        out[0] = id;
-        out[1] = flags | atomicLoad(&a_flags);
-        out[2] = n_list;
-        out[3] = left;
-    }
+    finish(lid, hl, st, id, flags | atomicLoad(&a_flags), n_list, left);
 }

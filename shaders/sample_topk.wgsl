@@ -9,7 +9,8 @@
 // every candidate at or above it. Keys order finite f32 as their values do
 // (-0 and +0 tie); NaN and infinities are never candidates
 // (the argmax's finiteness report stops generation at such a step).
-// Prepended: `const WG: u32`.
+// Prepended: `const WG: u32` and shaders/sample_keys.wgsl (`is_finite`,
+// `gkey`: -0 and +0 tie).
 //
 // out: [0] candidates found (may exceed cap: then only cap were written and
 // the caller falls back to the full row), [1] the threshold key,
@@ -34,16 +35,6 @@ var<workgroup> s_prefix: u32;
 var<workgroup> s_want: u32;
 var<workgroup> s_all: u32;
 
-fn is_finite(b: u32) -> bool {
-    return (b & 0x7f800000u) != 0x7f800000u;
-}
-
-// Order-preserving map of f32 bits to u32, -0 and +0 equal (a tie).
-fn key_of(bits: u32) -> u32 {
-    let b = select(bits, 0u, bits == 0x80000000u);
-    return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
-}
-
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) lid: u32) {
     if (lid == 0u) {
@@ -64,7 +55,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         for (var i = lid; i < p.vocab; i += WG) {
             let b = bitcast<u32>(logits[i]);
             if (is_finite(b)) {
-                let k = key_of(b);
+                let k = gkey(b);
                 if ((k & hi_mask) == prefix) {
                     atomicAdd(&hist[(k >> shift) & 255u], 1u);
                 }
@@ -98,7 +89,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     let thr = select(s_prefix, 0u, s_all != 0u);
     for (var i = lid; i < p.vocab; i += WG) {
         let b = bitcast<u32>(logits[i]);
-        if (is_finite(b) && key_of(b) >= thr) {
+        if (is_finite(b) && gkey(b) >= thr) {
             let slot = atomicAdd(&n_out, 1u);
             if (slot < p.cap) {
                 out[2u + 2u * slot] = i;

@@ -701,13 +701,16 @@ pub struct Repeat {
     /// Dispatches recorded per decode step (counted by the recorder).
     pub dispatches_per_step: u64,
     /// The same number of steps sampled on the GPU ([`SAMPLED_SETTINGS`],
-    /// `Model::forward_sampled`, one blocking step at a time) after the
+    /// `Model::forward_sampled_step`, one blocking step at a time) after the
     /// same prefill: total wall time, bytes read back (the pick and the
     /// row's stats per step, plus the row of each step left to the host),
     /// and how many steps were left to the host.
     pub sampled_s: f64,
     pub sampled_readback_bytes: u64,
     pub sampled_undecided: usize,
+    /// The same sampled steps pipelined (`Model::decode_sampled`, the same
+    /// ids): total wall time.
+    pub sampled_pipelined_s: f64,
 }
 
 /// The sampled decode `bench` times: no top-k, so the GPU sampler's
@@ -723,38 +726,63 @@ fn sampled_params() -> crate::sampling::SamplingParams {
     }
 }
 
-/// `steps` sampled decode steps after `prompt` (see [`Repeat::sampled_s`]):
-/// (wall seconds of the steps, bytes read back, undecided steps).
-fn sampled_decode(model: &mut Model, prompt: &[u32], steps: usize) -> Result<(f64, u64, usize)> {
+/// `steps` sampled decode steps after `prompt` (see [`Repeat::sampled_s`]),
+/// one blocking step at a time or pipelined (`Model::decode_sampled`):
+/// (wall seconds of the steps, bytes read back, undecided steps, the ids).
+/// The two give the same ids (the CPU sampler's for the seed).
+fn sampled_decode(
+    model: &mut Model,
+    prompt: &[u32],
+    steps: usize,
+    pipelined: bool,
+) -> Result<(f64, u64, usize, Vec<u32>)> {
     let mut sampler = crate::sampling::Sampler::new(sampled_params())?;
+    let d = sampler.gpu_settings().ok_or_else(|| {
+        Error::invalid(format!("bench: the GPU sampler takes {SAMPLED_SETTINGS}"))
+    })?;
+    let draws = sampler.draw_table(steps + 1);
+    let table: Vec<f32> = draws.iter().map(|&r| r as f32).collect();
+    model.begin_sampled(&d, sampler.penalty_last_n(), prompt, steps + 1, &table)?;
+    let host = |row: &[f32], history: &[u32], k: usize| {
+        let dk = crate::sampling::Draw { r: draws[k], ..d };
+        sampler.sample_drawn(row, history, &dk)
+    };
     let mut history = prompt.to_vec();
-    let (mut bytes, mut undecided) = (0u64, 0usize);
-    let mut input = prompt.to_vec();
-    let mut t = Instant::now();
-    for step in 0..=steps {
-        if step == 1 {
-            // the prompt's pass is prefill: time the decode steps only
-            t = Instant::now();
-            bytes = 0;
-            undecided = 0;
-        }
-        let (draw, window) = sampler.gpu_step(&history).ok_or_else(|| {
-            Error::invalid(format!("bench: the GPU sampler takes {SAMPLED_SETTINGS}"))
-        })?;
-        let (pk, _) = model.forward_sampled(&input, &draw, &window)?;
-        bytes += crate::model::SAMPLED_READBACK_BYTES;
-        let id = if pk.uncertain() {
-            let l = model.last_logits()?;
-            bytes += (l.len() * 4) as u64;
-            undecided += 1;
-            sampler.sample_drawn(&l, &history, &draw)
-        } else {
-            pk.id
-        };
-        history.push(id);
-        input = vec![id];
+    // the prompt's pass is prefill: time the decode steps only
+    let (pk, _) = model.forward_sampled_step(prompt)?;
+    let mut id = pk.id;
+    if pk.uncertain() {
+        id = host(&model.last_logits()?, &history, 0);
+        model.fix_sampled(0, id)?;
     }
-    Ok((t.elapsed().as_secs_f64(), bytes, undecided))
+    history.push(id);
+    let mut undecided = 0;
+    let t = Instant::now();
+    if pipelined {
+        let run = model.decode_sampled(id, 1, steps, DECODE_DEPTH, |pk, _, row| {
+            let k = history.len() - prompt.len();
+            let id = row.map_or(pk.id, |l| host(l, &history, k));
+            history.push(id);
+            Ok(crate::model::SampledStep::Next(id))
+        })?;
+        undecided = run.host_sampled;
+    } else {
+        for k in 1..=steps {
+            let (pk, _) = model.forward_sampled_step(&[id])?;
+            id = pk.id;
+            if pk.uncertain() {
+                undecided += 1;
+                id = host(&model.last_logits()?, &history, k);
+                model.fix_sampled(k, id)?;
+            }
+            history.push(id);
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    // the pick and the row's stats per step, and each undecided step's row
+    let row = (model.cfg.vocab_size * 4) as u64;
+    let bytes = steps as u64 * crate::model::SAMPLED_READBACK_BYTES + undecided as u64 * row;
+    Ok((secs, bytes, undecided, history.split_off(prompt.len())))
 }
 
 /// One op kind of the decode-step breakdown.
@@ -944,8 +972,18 @@ pub fn run(
         pipelined_tokens.pop();
         // and sampled on the GPU, after the same fill
         restart(&mut model)?;
-        let (sampled_s, sampled_readback_bytes, sampled_undecided) =
-            sampled_decode(&mut model, &prompt, o.gen_tokens)?;
+        let (sampled_s, sampled_readback_bytes, sampled_undecided, ids) =
+            sampled_decode(&mut model, &prompt, o.gen_tokens, false)?;
+        // and pipelined, back to back
+        restart(&mut model)?;
+        let (sampled_pipelined_s, _, _, pipelined_ids) =
+            sampled_decode(&mut model, &prompt, o.gen_tokens, true)?;
+        if pipelined_ids != ids {
+            return Err(Error::invalid(format!(
+                "bench: the pipelined sampled decode gave other ids than the blocking one \
+                 ({pipelined_ids:?} against {ids:?})"
+            )));
+        }
         repeats.push(Repeat {
             prefill_s,
             step_s,
@@ -957,6 +995,7 @@ pub fn run(
             sampled_s,
             sampled_readback_bytes,
             sampled_undecided,
+            sampled_pipelined_s,
         });
     }
     model.reset();
@@ -1233,11 +1272,16 @@ impl BenchResult {
     }
     /// Median over repeats of the GPU-sampled decode's tokens/s.
     pub fn sampled_tok_s(&self) -> f64 {
-        let v: Vec<f64> = self
-            .repeats
-            .iter()
-            .map(|r| r.sampled_s / self.opts.gen_tokens.max(1) as f64)
-            .collect();
+        self.median_tok_s(|r| r.sampled_s)
+    }
+    /// Median over repeats of the pipelined GPU-sampled decode's tokens/s.
+    pub fn sampled_pipelined_tok_s(&self) -> f64 {
+        self.median_tok_s(|r| r.sampled_pipelined_s)
+    }
+    /// Median over repeats of `gen_tokens` over `secs` of a repeat.
+    fn median_tok_s(&self, secs: impl Fn(&Repeat) -> f64) -> f64 {
+        let n = self.opts.gen_tokens.max(1) as f64;
+        let v: Vec<f64> = self.repeats.iter().map(|r| secs(r) / n).collect();
         1.0 / median(&v)
     }
     /// Mean bytes read back per GPU-sampled decode step, over all repeats.
@@ -1393,6 +1437,7 @@ pub fn to_json(g: &Gpu, r: &BenchResult) -> serde_json::Value {
             "host_record_submit_cpu_ms": r.record_cpu_ms(),
             "sampled_settings": SAMPLED_SETTINGS,
             "sampled_tokens_per_s": r.sampled_tok_s(),
+            "sampled_pipelined_tokens_per_s": r.sampled_pipelined_tok_s(),
             "sampled_readback_bytes_per_step": r.sampled_readback_per_step(),
             "sampled_steps_left_to_host": r.sampled_undecided(),
         },
@@ -1601,13 +1646,20 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
     let _ = writeln!(
         s,
         "{:<34} {:>12.2} {:>22}",
-        "decode sampled on GPU, tokens/s",
+        "decode sampled blocking, tok/s",
         r.sampled_tok_s(),
         format!(
             "{:.0} B back/step, {} to host",
             r.sampled_readback_per_step(),
             r.sampled_undecided()
         )
+    );
+    let _ = writeln!(
+        s,
+        "{:<34} {:>12.2} {:>22}",
+        "decode sampled pipelined, tok/s",
+        r.sampled_pipelined_tok_s(),
+        format!("{DECODE_DEPTH} steps in flight")
     );
     let _ = writeln!(
         s,

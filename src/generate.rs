@@ -6,9 +6,9 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::model::Model;
 #[cfg(not(target_arch = "wasm32"))]
-use crate::model::DECODE_DEPTH;
+use crate::model::{SampledStep, DECODE_DEPTH};
 use crate::ops::argmax::RowStats;
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{Draw, Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
 #[derive(Clone, Debug)]
@@ -196,13 +196,16 @@ pub fn generate(
 /// pipelined on the GPU ([`Model::decode_greedy_checked`]: the argmax feeds
 /// the next step, only each step's id and its logits' finiteness come
 /// back, `DECODE_DEPTH` steps in flight, each id streamed as it arrives);
-/// sampling, and greedy with a penalty, run the whole sampler on the GPU
-/// (`ops::sample_full`: only the id and the row's finiteness come back; a
-/// step the kernel cannot decide within its f32 error bound is sampled on
-/// the host from the row with the same uniform, so the ids are the CPU
-/// sampler's); settings it does not take (a penalty window over 4096 ids,
-/// min-p under 1e-30) read back `ops::sample`'s candidates with top-k, else
-/// each step's logits.
+/// sampling, and greedy with a penalty, run the whole sampler on the GPU,
+/// pipelined the same way ([`Model::decode_sampled`], `ops::sample_full`:
+/// the uniforms drawn up front, the penalty window a history ring on the
+/// GPU, only the id and the row's finiteness come back; a step the kernel
+/// cannot decide within its f32 error bound is sampled on the host from its
+/// row with the same uniform, and a host id other than the GPU's rolls the
+/// steps after it back, so the ids are the CPU sampler's); settings it
+/// does not take (a window larger than the history ring, min-p under
+/// 1e-30) read back `ops::sample`'s candidates with top-k, else each step's
+/// logits.
 ///
 /// `earlier` are the tokens the cache already holds before `prompt_ids`
 /// (a chat's previous turns); they only join the repetition penalty's
@@ -302,6 +305,69 @@ pub async fn generate_interruptible_async(
                     check_stats(&st, vocab, decode_steps, start + decode_steps)?;
                     accept(&mut e, id)
                 })?;
+            }
+        }
+    } else if let Some(d) = sampler.gpu_settings().filter(|_| {
+        opts.max_tokens > 0
+            && model.sampled_fits(sampler.penalty_last_n(), e.history.len(), opts.max_tokens)
+    }) {
+        // The whole sampler on the GPU with nothing written per step: the
+        // uniforms are drawn up front in the CPU sampler's order, the
+        // penalty window is a history ring the kernel appends its picks
+        // to. Only each pick and its row's finiteness come back; a step the
+        // kernel cannot decide within its error bound is sampled on the
+        // host from its row with the same uniform (the CPU sampler's id
+        // either way), and the GPU's state takes the host's id.
+        let draws = sampler.draw_table(opts.max_tokens);
+        let table: Vec<f32> = draws.iter().map(|&r| r as f32).collect();
+        let last_n = sampler.penalty_last_n();
+        model.begin_sampled(&d, last_n, &e.history, opts.max_tokens, &table)?;
+        // the host's id for step k from its row
+        let host = |row: &[f32], history: &[u32], k: usize| {
+            let r = draws.get(k).copied().unwrap_or(0.0);
+            sampler.sample_drawn(row, history, &Draw { r, ..d })
+        };
+        let (pk, st) = model.forward_sampled_step_async(prompt_ids).await?;
+        check_stats(&st, vocab, 0, model.position())?;
+        let mut id = pk.id;
+        if pk.uncertain() {
+            id = host(&model.last_logits_async().await?, &e.history, 0);
+            model.fix_sampled(0, id)?;
+        }
+        prefill_s = crate::gpu::now_s() - t0;
+        t1 = crate::gpu::now_s();
+        if accept(&mut e, id)? {
+            let start = model.position();
+            let steps = opts.max_tokens - e.out.len();
+            #[cfg(not(target_arch = "wasm32"))]
+            {
+                // Pipelined: each pick feeds the next step on the GPU, and
+                // a host id that differs rolls the steps after it back.
+                model.decode_sampled(id, 1, steps, DECODE_DEPTH, |pk, st, row| {
+                    decode_steps += 1;
+                    check_stats(&st, vocab, decode_steps, start + decode_steps)?;
+                    let id = row.map_or(pk.id, |l| host(l, &e.history, decode_steps));
+                    Ok(if accept(&mut e, id)? {
+                        SampledStep::Next(id)
+                    } else {
+                        SampledStep::Stop
+                    })
+                })?;
+            }
+            #[cfg(target_arch = "wasm32")]
+            for _ in 0..steps {
+                // In a browser one step at a time (each readback yields).
+                let (pk, st) = model.forward_sampled_step_async(&[id]).await?;
+                decode_steps += 1;
+                check_stats(&st, vocab, decode_steps, start + decode_steps)?;
+                id = pk.id;
+                if pk.uncertain() {
+                    id = host(&model.last_logits_async().await?, &e.history, decode_steps);
+                    model.fix_sampled(decode_steps, id)?;
+                }
+                if !accept(&mut e, id)? {
+                    break;
+                }
             }
         }
     } else if opts.max_tokens > 0 {

@@ -372,8 +372,9 @@ struct Buffers {
     /// Uniforms of the bind groups (kept alive here).
     params: Vec<wgpu::Buffer>,
     /// `Step::new(1, p)` for every position `p` of the cache: a pipelined
-    /// decode step copies its entry into `step` and `step_one` on the GPU,
-    /// so no host write is needed per token.
+    /// decode step copies its entry into `step` (and into `step_one` on the
+    /// op-by-op path, whose last-row head binds it) on the GPU, so no host
+    /// write is needed per token.
     #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     // the pipelined decode is native-only
     steps: wgpu::Buffer,
@@ -384,6 +385,11 @@ struct Buffers {
     ring: Vec<wgpu::Buffer>,
     #[cfg_attr(target_arch = "wasm32", allow(dead_code))] // the pipelined decode is native-only
     ring_state: Vec<Arc<AtomicU8>>,
+    /// Each ring slot's copy of its step's logits row, for a sampled step
+    /// the GPU left to the host (see [`Model::decode_sampled`]).
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    // the pipelined decode is native-only
+    ring_rows: Vec<wgpu::Buffer>,
 }
 
 /// Slots in the token readback ring: more than any decode depth.
@@ -405,6 +411,17 @@ const CAND_BYTES: u64 = 4 * crate::ops::sample::OUT_WORDS as u64;
 const SAMPLED_BYTES: u64 = 4 * crate::ops::sample_full::OUT_WORDS as u64;
 /// Bytes a GPU-sampled step reads back: the pick and the row's stats.
 pub const SAMPLED_READBACK_BYTES: u64 = SAMPLED_BYTES + STATS_BYTES;
+/// Bytes of a token ring slot: a greedy step's id and stats, or a sampled
+/// step's pick and stats.
+const RING_BYTES: u64 = if ID_STATS_BYTES > SAMPLED_READBACK_BYTES {
+    ID_STATS_BYTES
+} else {
+    SAMPLED_READBACK_BYTES
+};
+/// History ring entries kept free for the steps a sampled decode discards
+/// after a stop or a rollback (they append to the ring too): more than
+/// twice the deepest pipeline.
+const HIST_SPARE: usize = 2 * RING;
 /// Bytes of one [`Step`] uniform.
 #[cfg_attr(target_arch = "wasm32", allow(dead_code))] // the pipelined decode is native-only
 const STEP_BYTES: u64 = std::mem::size_of::<Step>() as u64;
@@ -430,6 +447,40 @@ pub struct DecodeRun {
     pub record_cpu_s: Vec<f64>,
     /// Compute dispatches recorded per step.
     pub dispatches_per_step: u64,
+    /// Sampled decode: steps the GPU left to the host (flagged uncertain),
+    /// steps whose id the host changed, and steps discarded after those.
+    pub host_sampled: usize,
+    pub host_changed: usize,
+    pub rolled_back: usize,
+}
+
+/// What a pipelined decode does after a delivered step (see
+/// [`Model::decode_ring`]).
+#[cfg(not(target_arch = "wasm32"))]
+enum Deliver {
+    Go,
+    Stop,
+    /// Drop the steps in flight and go on from this id (the host's).
+    Refeed(u32),
+}
+
+/// What a sampled decode's caller decided for a step (see
+/// [`Model::decode_sampled`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SampledStep {
+    /// Go on with this id (the GPU's pick, or the host's own).
+    Next(u32),
+    /// Stop here.
+    Stop,
+}
+
+/// A GPU sampler's pick and its row's [`RowStats`] as a step reads them
+/// back.
+fn pick_stats(b: &[u8]) -> (Picked, RowStats) {
+    let w = |i: usize| u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
+    let n = crate::ops::sample_full::OUT_WORDS;
+    let s = RowStats::from_words([w(n), w(n + 1), w(n + 2), w(n + 3)]);
+    (Picked::from_words(&[w(0), w(1), w(2), w(3)]), s)
 }
 
 /// An id and its row's [`RowStats`] as a step reads them back.
@@ -503,10 +554,17 @@ pub struct Model {
     head_all: Vec<BoundOp>,
     head_last: Vec<BoundOp>,
     argmax_last: ArgmaxBinding,
+    /// The argmax of a one-token pass, which runs `head_all` on the stream
+    /// itself (no copy of its only row into `last`) under the `step`
+    /// uniform (equal to `step_one` when one token runs).
+    argmax_one: ArgmaxBinding,
     /// The candidate kernel over the last-row logits.
     topk_last: TopKBinding,
     /// The GPU sampler over the last-row logits.
     sample_last: SampleBinding,
+    /// Ring index of the current sampled generation's first pick (see
+    /// [`Self::begin_sampled`]).
+    sampled_at: usize,
     kv: Vec<KvCache>,
     _rope_tables: Vec<(RopeTable, RopeTables)>,
     /// Tokens already in the KV cache.
@@ -781,10 +839,17 @@ impl Model {
                 g.storage_init("steps", bytemuck::cast_slice(&table))?
             },
             ring: (0..RING)
-                .map(|i| g.staging(&format!("next_ring{i}"), ID_STATS_BYTES))
+                .map(|i| g.staging(&format!("next_ring{i}"), RING_BYTES))
                 .collect(),
             ring_state: (0..RING)
                 .map(|_| Arc::new(AtomicU8::new(MapState::IDLE)))
+                .collect(),
+            ring_rows: (0..if cfg!(target_arch = "wasm32") {
+                0
+            } else {
+                RING
+            })
+                .map(|i| g.storage(&format!("ring_row{i}"), (vocab * 4) as u64))
                 .collect(),
         };
         let ctx = BindCtx {
@@ -868,8 +933,19 @@ impl Model {
         let argmax_last = k
             .argmax
             .bind(g, &b.step_one, logits, vocab, &b.next, &b.next_stats)?;
+        let argmax_one = k
+            .argmax
+            .bind(g, &b.step, logits, vocab, &b.next, &b.next_stats)?;
         let topk_last = k.topk.bind(g, logits, vocab)?;
-        let sample_last = k.sampler.bind(g, logits, vocab)?;
+        // the history ring holds a whole context and the spare; a
+        // generation samples at most a context of tokens
+        let sample_last = k.sampler.bind(
+            g,
+            logits,
+            vocab,
+            max_context.max(crate::ops::sample_full::MAX_WINDOW) + HIST_SPARE,
+            max_context,
+        )?;
         Ok(Model {
             gpu,
             cfg,
@@ -888,8 +964,10 @@ impl Model {
             head_all,
             head_last,
             argmax_last,
+            argmax_one,
             topk_last,
             sample_last,
+            sampled_at: 0,
             kv,
             _rope_tables: tables,
             pos: 0,
@@ -1040,11 +1118,76 @@ impl Model {
         self.k
             .sampler
             .prepare(&self.gpu, &self.sample_last, draw, window)?;
+        self.forward_sampled_step_async(tokens).await
+    }
+
+    /// Whether the GPU sampler's history ring and uniform table hold a
+    /// generation of `steps` steps after `history` tokens with the
+    /// penalty window `last_n` (as in [`Self::begin_sampled`]).
+    pub fn sampled_fits(&self, last_n: Option<usize>, history: usize, steps: usize) -> bool {
+        let b = &self.sample_last;
+        GpuSampler::max_window(last_n, history, steps) + HIST_SPARE <= b.hist_cap
+            && steps <= b.n_draws
+    }
+
+    /// Start a sampled generation of up to `steps` steps on the GPU
+    /// sampler: its settings `d` (`r` unused), the penalty window of
+    /// `history` (`last_n` None: no penalty; Some(0): all of it; Some(n):
+    /// the last n) and the steps' uniforms `draws` (none for greedy) are
+    /// written once; then each [`Self::forward_sampled_step`] and each
+    /// step of [`Self::decode_sampled`] takes the next uniform and appends
+    /// its pick to the window on the GPU, with nothing written per step.
+    pub fn begin_sampled(
+        &mut self,
+        d: &Draw,
+        last_n: Option<usize>,
+        history: &[u32],
+        steps: usize,
+        draws: &[f32],
+    ) -> Result<()> {
+        self.sampled_at = self.k.sampler.begin(
+            &self.gpu,
+            &self.sample_last,
+            d,
+            last_n,
+            history,
+            steps,
+            draws,
+            HIST_SPARE,
+        )?;
+        Ok(())
+    }
+
+    /// The host decided step `step` (0: the first pick after
+    /// [`Self::begin_sampled`]) as `id` instead of the GPU's pick: write it
+    /// into the GPU's history and step counter.
+    pub fn fix_sampled(&self, step: usize, id: u32) -> Result<()> {
+        self.k.sampler.fix(
+            &self.gpu,
+            &self.sample_last,
+            self.sampled_at + step,
+            step,
+            id,
+        )
+    }
+
+    /// Run `tokens` and sample the last row on the GPU with the state
+    /// [`Self::begin_sampled`] set (the next uniform, the window so far):
+    /// only the pick and the row's finiteness come back. A pick flagged
+    /// uncertain is to be sampled on the host from [`Self::last_logits`],
+    /// and a different id written back with [`Self::fix_sampled`].
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward_sampled_step(&mut self, tokens: &[u32]) -> Result<(Picked, RowStats)> {
+        crate::gpu::block_on(self.forward_sampled_step_async(tokens))
+    }
+
+    /// [`Self::forward_sampled_step`] as a future.
+    pub async fn forward_sampled_step_async(
+        &mut self,
+        tokens: &[u32],
+    ) -> Result<(Picked, RowStats)> {
         let bytes = self.run_last(tokens, Readback::Sampled).await?;
-        let w: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
-        let n = crate::ops::sample_full::OUT_WORDS;
-        let s = RowStats::from_words([w[n], w[n + 1], w[n + 2], w[n + 3]]);
-        Ok((Picked::from_words(&w[..n]), s))
+        Ok(pick_stats(&bytes))
     }
 
     /// The last pass's last-row logits, read again (nothing runs).
@@ -1403,6 +1546,17 @@ impl Model {
                     self.encode_op(op, r, n)?;
                 }
             }
+            Some(Logits::Last) if self.one_token_head(n, r.mode) => {
+                // One token: its row is the stream's only row, so the head
+                // over every row is the head over the last one, with no
+                // copy and no second pass (the same kernels on the same
+                // values as the copy path below, which the op-by-op path
+                // keeps so that tests/decode.rs compares the two).
+                for op in &self.head_all {
+                    self.encode_op(op, r, 1)?;
+                }
+                self.k.argmax.encode(g, r.pass(), &self.argmax_one, 1)?;
+            }
             Some(Logits::Last) => {
                 // The head on the last token's row only.
                 let row = (self.cfg.hidden_size * 4) as u64;
@@ -1423,8 +1577,25 @@ impl Model {
         Ok(())
     }
 
+    /// Whether a pass of `n` tokens in `mode` runs its last-row head as
+    /// `head_all` on the stream (one token, fast path) instead of copying
+    /// the row into `last`. Sequence passes only: a slot pass does not
+    /// write `step`.
+    fn one_token_head(&self, n: u32, mode: Mode) -> bool {
+        n == 1 && mode == Mode::Seq && self.fuse
+    }
+
+    /// The argmax binding a one-token step's head ends with.
+    fn argmax_for_one_token(&self) -> &ArgmaxBinding {
+        if self.one_token_head(1, Mode::Seq) {
+            &self.argmax_one
+        } else {
+            &self.argmax_last
+        }
+    }
+
     /// Record one greedy decode step at position `pos` without any host
-    /// write: the step uniforms come from the `steps` table, the input id
+    /// write: the step uniform comes from the `steps` table, the input id
     /// from the previous step's argmax (`next`) unless `host_id` (the first
     /// step, whose id the host wrote into `ids`), and the new id is copied
     /// into ring slot `slot`.
@@ -1440,7 +1611,11 @@ impl Model {
         let enc = r.enc();
         let off = pos as u64 * STEP_BYTES;
         enc.copy_buffer_to_buffer(&b.steps, off, &b.step, 0, STEP_BYTES);
-        enc.copy_buffer_to_buffer(&b.steps, off, &b.step_one, 0, STEP_BYTES);
+        // The fast path's one-token head binds `step`, not `step_one` (see
+        // encode_body).
+        if !self.one_token_head(1, Mode::Seq) {
+            enc.copy_buffer_to_buffer(&b.steps, off, &b.step_one, 0, STEP_BYTES);
+        }
         if !host_id {
             enc.copy_buffer_to_buffer(&b.next, 0, &b.ids, 0, 4);
         }
@@ -1450,6 +1625,42 @@ impl Model {
         r.enc()
             .copy_buffer_to_buffer(&b.next_stats, 0, &b.ring[slot], 4, STATS_BYTES);
         Ok(r.finish().0)
+    }
+
+    /// Host-side profiling only: record `steps` pipelined decode steps (the
+    /// command buffers [`Self::decode_greedy`] submits) at the current
+    /// position. With `submit` each is submitted and waited for (the wait
+    /// outside the figures), else dropped unsubmitted so nothing runs on the
+    /// device; `between` runs after each step, outside the figures. Returns
+    /// each step's thread CPU seconds to record and to submit. The KV cache
+    /// is left as it was (`examples/record_steps`).
+    #[doc(hidden)]
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn profile_record_decode(
+        &self,
+        steps: usize,
+        submit: bool,
+        mut between: impl FnMut(),
+    ) -> Result<Vec<(f64, f64)>> {
+        let mut out = Vec::with_capacity(steps);
+        for i in 0..steps {
+            let t0 = thread_cpu_s();
+            let cmd = self.record_decode_step(self.pos, i == 0, i % RING)?;
+            let t1 = thread_cpu_s();
+            if submit {
+                self.gpu.queue.submit([cmd]);
+            } else {
+                drop(cmd);
+            }
+            if let (Some(t0), Some(t1), Some(t2)) = (t0, t1, thread_cpu_s()) {
+                out.push((t1 - t0, t2 - t1));
+            }
+            if submit {
+                self.gpu.wait()?;
+            }
+            between();
+        }
+        Ok(out)
     }
 
     /// Greedy decode with no host round trip between steps: feed `first` at
@@ -1483,6 +1694,34 @@ impl Model {
         depth: usize,
         mut on_step: impl FnMut(u32, RowStats) -> Result<bool>,
     ) -> Result<DecodeRun> {
+        let record = Self::record_decode_step;
+        self.decode_ring(first, max_steps, depth, record, |m, slot, _| {
+            let (id, stats) = m.take_ring(slot, id_stats)?;
+            Ok(if on_step(id, stats)? {
+                Deliver::Go
+            } else {
+                Deliver::Stop
+            })
+        })
+    }
+
+    /// The pipeline of [`Self::decode_greedy_checked`] and
+    /// [`Self::decode_sampled`]: feed `first` at the current position;
+    /// keep up to `depth` steps in flight, each recorded by `record` (at a
+    /// position, with whether its input id is the host's in `ids`, into a
+    /// ring slot) and its map asked for; hand each slot, in order, to
+    /// `deliver`. [`Deliver::Refeed`] drops the steps in flight behind the
+    /// delivered one and goes on from the host's id. At most `max_steps`
+    /// steps run; the KV cache then keeps exactly the delivered steps.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn decode_ring(
+        &mut self,
+        first: u32,
+        max_steps: usize,
+        depth: usize,
+        record: fn(&Self, usize, bool, usize) -> Result<wgpu::CommandBuffer>,
+        mut deliver: impl FnMut(&Self, usize, &mut DecodeRun) -> Result<Deliver>,
+    ) -> Result<DecodeRun> {
         self.check_tokens(&[first], Logits::Last)?;
         if self.pos + max_steps > self.max_context {
             return Err(Error::invalid(format!(
@@ -1500,43 +1739,47 @@ impl Model {
             ..DecodeRun::default()
         };
         let d0 = g.counters.snapshot().dispatches;
-        let mut delivered = 0;
+        // steps (since `start`) recorded, and delivered; whether the next
+        // step's input is the host's
+        let (mut next, mut delivered, mut host_fed) = (0usize, 0usize, true);
         let mut stopped = false;
         let result = (|| -> Result<()> {
             loop {
-                while !stopped && run.submitted < max_steps && run.submitted - delivered < depth {
-                    let slot = run.submitted % RING;
+                while !stopped && next < max_steps && next - delivered < depth {
+                    let slot = next % RING;
                     let t = thread_cpu_s();
-                    let cmd =
-                        self.record_decode_step(start + run.submitted, run.submitted == 0, slot)?;
+                    let cmd = record(self, start + next, host_fed, slot)?;
                     g.queue.submit([cmd]);
                     if let (Some(t0), Some(t1)) = (t, thread_cpu_s()) {
                         run.record_cpu_s.push(t1 - t0);
                     }
-                    let state = self.b.ring_state[slot].clone();
-                    state.store(MapState::PENDING, Ordering::Release);
-                    self.b.ring[slot]
-                        .slice(..)
-                        .map_async(wgpu::MapMode::Read, move |r| {
-                            let s = if r.is_ok() {
-                                MapState::MAPPED
-                            } else {
-                                MapState::FAILED
-                            };
-                            state.store(s, Ordering::Release);
-                        });
+                    self.map_ring(slot);
+                    host_fed = false;
+                    next += 1;
                     run.submitted += 1;
                     if run.submitted == 1 {
                         run.dispatches_per_step = g.counters.snapshot().dispatches - d0;
                     }
                 }
-                if stopped || delivered == run.submitted {
+                if stopped || delivered == next {
                     return Ok(());
                 }
-                let (id, stats) = self.take_ring(delivered % RING)?;
+                let slot = delivered % RING;
                 delivered += 1;
-                if !on_step(id, stats)? {
-                    stopped = true;
+                match deliver(self, slot, &mut run)? {
+                    Deliver::Go => {}
+                    Deliver::Stop => stopped = true,
+                    Deliver::Refeed(id) => {
+                        // The steps in flight ran on the GPU's id: drop
+                        // them (their positions are overwritten) and feed
+                        // the host's.
+                        self.drain_ring()?;
+                        run.rolled_back += next - delivered;
+                        next = delivered;
+                        g.queue
+                            .write_buffer(&self.b.ids, 0, bytemuck::bytes_of(&id));
+                        host_fed = true;
+                    }
                 }
             }
         })();
@@ -1548,6 +1791,91 @@ impl Model {
         result?;
         drained?;
         Ok(run)
+    }
+
+    /// Record one sampled decode step at position `pos` without any host
+    /// write, as [`Self::record_decode_step`] but for the GPU sampler: the
+    /// input id is the previous step's pick (`sample_last.out`) unless
+    /// `host_id` (the host wrote it into `ids`); the sampler takes its
+    /// uniform and window from the state [`Self::begin_sampled`] set and
+    /// appends its pick; the pick and the row's stats are copied into ring
+    /// slot `slot`, and the logits row into that slot's row buffer (read
+    /// only when the step is left to the host).
+    #[cfg(not(target_arch = "wasm32"))]
+    fn record_sampled_step(
+        &self,
+        pos: usize,
+        host_id: bool,
+        slot: usize,
+    ) -> Result<wgpu::CommandBuffer> {
+        let (g, b) = (&*self.gpu, &self.b);
+        let mut r = Rec::new(g, None);
+        let enc = r.enc();
+        let off = pos as u64 * STEP_BYTES;
+        enc.copy_buffer_to_buffer(&b.steps, off, &b.step, 0, STEP_BYTES);
+        // As in record_decode_step: the fast path's head binds `step`.
+        if !self.one_token_head(1, Mode::Seq) {
+            enc.copy_buffer_to_buffer(&b.steps, off, &b.step_one, 0, STEP_BYTES);
+        }
+        if !host_id {
+            enc.copy_buffer_to_buffer(&self.sample_last.out, 0, &b.ids, 0, 4);
+        }
+        self.encode_body(&mut r, 1, Some(Logits::Last))?;
+        self.k.sampler.encode(g, r.pass(), &self.sample_last);
+        let (enc, ring) = (r.enc(), &b.ring[slot]);
+        let logits = &b.acts[b.index[&Buf::Logits]];
+        let len = (self.cfg.vocab_size * 4) as u64;
+        enc.copy_buffer_to_buffer(logits, 0, &b.ring_rows[slot], 0, len);
+        enc.copy_buffer_to_buffer(&self.sample_last.out, 0, ring, 0, SAMPLED_BYTES);
+        enc.copy_buffer_to_buffer(&b.next_stats, 0, ring, SAMPLED_BYTES, STATS_BYTES);
+        Ok(r.finish().0)
+    }
+
+    /// Sampled decode with no host round trip between steps, as
+    /// [`Self::decode_greedy_checked`] for the GPU sampler: feed `first` at
+    /// the current position; each step's pick feeds the next step on the
+    /// GPU, up to `depth` steps in flight, and comes back through the ring
+    /// to `on_step` with its row's stats and, when the GPU left the step to
+    /// the host (flagged uncertain), the step's logits row. `on_step`
+    /// returns the id to go on with, or [`SampledStep::Stop`]. An id other
+    /// than the GPU's pick rolls back: the steps after it are discarded
+    /// (the KV cache is truncated to it), the GPU's history and step
+    /// counter take the host's id, and the decode goes on from it, so the
+    /// ids are exactly the host's. `first_step` is the index (since
+    /// [`Self::begin_sampled`]) of the first step's pick; at most
+    /// `max_steps` steps run. The KV cache then keeps exactly the steps
+    /// whose picks were delivered.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn decode_sampled(
+        &mut self,
+        first: u32,
+        first_step: usize,
+        max_steps: usize,
+        depth: usize,
+        mut on_step: impl FnMut(Picked, RowStats, Option<&[f32]>) -> Result<SampledStep>,
+    ) -> Result<DecodeRun> {
+        let mut step = first_step;
+        let record = Self::record_sampled_step;
+        self.decode_ring(first, max_steps, depth, record, |m, slot, run| {
+            let (pk, stats) = m.take_ring(slot, pick_stats)?;
+            let row = if pk.uncertain() {
+                run.host_sampled += 1;
+                Some(m.ring_row(slot)?)
+            } else {
+                None
+            };
+            step += 1;
+            Ok(match on_step(pk, stats, row.as_deref())? {
+                SampledStep::Stop => Deliver::Stop,
+                SampledStep::Next(id) if id != pk.id => {
+                    // the GPU's history and step counter take the host's id
+                    run.host_changed += 1;
+                    m.fix_sampled(step - 1, id)?;
+                    Deliver::Refeed(id)
+                }
+                SampledStep::Next(_) => Deliver::Go,
+            })
+        })
     }
 
     /// Wait until ring slot `slot`'s map is no longer pending and return
@@ -1592,9 +1920,27 @@ impl Model {
         }
     }
 
-    /// Wait for ring slot `slot`'s map, read its id and unmap it.
+    /// Ask for ring slot `slot`'s map once its step (just submitted) is
+    /// done; [`Self::take_ring`] waits for it.
     #[cfg(not(target_arch = "wasm32"))]
-    fn take_ring(&self, slot: usize) -> Result<(u32, RowStats)> {
+    fn map_ring(&self, slot: usize) {
+        let state = self.b.ring_state[slot].clone();
+        state.store(MapState::PENDING, Ordering::Release);
+        self.b.ring[slot]
+            .slice(..)
+            .map_async(wgpu::MapMode::Read, move |r| {
+                let s = if r.is_ok() {
+                    MapState::MAPPED
+                } else {
+                    MapState::FAILED
+                };
+                state.store(s, Ordering::Release);
+            });
+    }
+
+    /// Wait for ring slot `slot`'s map, read it with `read` and unmap it.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn take_ring<T>(&self, slot: usize, read: fn(&[u8]) -> T) -> Result<T> {
         let state = &self.b.ring_state[slot];
         self.wait_ring(slot)?;
         let buf = &self.b.ring[slot];
@@ -1604,15 +1950,27 @@ impl Model {
                 msg: "the map of a token ring slot failed".into(),
             });
         }
-        let id = {
+        let v = {
             let view = buf.slice(..).get_mapped_range().map_err(|e| Error::Gpu {
                 what: "token readback view".into(),
                 msg: e.to_string(),
             })?;
-            id_stats(&view)
+            read(&view)
         };
         buf.unmap();
-        Ok(id)
+        Ok(v)
+    }
+
+    /// The logits row ring slot `slot`'s step copied (a sampled step the
+    /// GPU left to the host); blocks.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn ring_row(&self, slot: usize) -> Result<Vec<f32>> {
+        let len = (self.cfg.vocab_size * 4) as u64;
+        let mut enc = self.gpu.encoder();
+        enc.copy_buffer_to_buffer(&self.b.ring_rows[slot], 0, &self.b.logits_staging, 0, len);
+        self.gpu.queue.submit([enc.finish()]);
+        let bytes = self.gpu.map_staging(&self.b.logits_staging, len)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Wait for every pending ring map and unmap what was mapped, so the
@@ -1655,8 +2013,8 @@ impl Model {
         v
     }
 
-    /// What one decode step records, in order (the fast path when fusing),
-    /// the argmax aside.
+    /// What one decode step records, in order (the fast path when fusing,
+    /// the head over the stream's one row), the argmax aside.
     fn decode_items(&self) -> Vec<Item<'_>> {
         let mut v: Vec<Item> = self.embed.iter().map(Item::Op).collect();
         for (ops, fast) in self.layers.iter().zip(&self.fast) {
@@ -1669,7 +2027,12 @@ impl Model {
                 v.extend(ops.iter().map(Item::Op));
             }
         }
-        v.extend(self.head_last.iter().map(Item::Op));
+        let head = if self.one_token_head(1, Mode::Seq) {
+            &self.head_all
+        } else {
+            &self.head_last
+        };
+        v.extend(head.iter().map(Item::Op));
         v
     }
 
@@ -1720,7 +2083,7 @@ impl Model {
         if select(n_ops) {
             self.k
                 .argmax
-                .encode(&self.gpu, pass, &self.argmax_last, 1)?;
+                .encode(&self.gpu, pass, self.argmax_for_one_token(), 1)?;
         }
         Ok(())
     }

@@ -148,14 +148,7 @@ impl Sampler {
     /// [`Self::sample_drawn`] to sample that step on the host instead.
     pub fn gpu_step(&mut self, history: &[u32]) -> Option<(Draw, Vec<u32>)> {
         let window = self.window(history);
-        let mut d = Draw {
-            temperature: self.params.temperature,
-            top_k: self.params.top_k,
-            top_p: self.params.top_p,
-            min_p: self.params.min_p,
-            penalty: self.params.repeat_penalty,
-            r: 0.0,
-        };
+        let mut d = self.gpu_settings()?;
         if !d.supported(window.len()) {
             return None;
         }
@@ -163,6 +156,40 @@ impl Sampler {
             d.r = self.rng.random::<f64>();
         }
         Some((d, window))
+    }
+
+    /// The GPU sampler's settings for a whole generation (`r` 0: the
+    /// uniforms come from [`Self::draw_table`]), or None where the kernel
+    /// does not take them (a min-p under its floor).
+    pub fn gpu_settings(&self) -> Option<Draw> {
+        let d = Draw {
+            temperature: self.params.temperature,
+            top_k: self.params.top_k,
+            top_p: self.params.top_p,
+            min_p: self.params.min_p,
+            penalty: self.params.repeat_penalty,
+            r: 0.0,
+        };
+        d.supported(0).then_some(d)
+    }
+
+    /// The penalty's window as the GPU sampler's history ring takes it:
+    /// None without a penalty, else the last `repeat_last_n` tokens (0:
+    /// all), the ids [`Self::window`] keeps.
+    pub fn penalty_last_n(&self) -> Option<usize> {
+        (self.params.repeat_penalty != 1.0).then_some(self.params.repeat_last_n)
+    }
+
+    /// The uniforms of the next `steps` steps, drawn now from the RNG in
+    /// the order [`Self::sample`] would draw them (one per step; none for
+    /// greedy): step k of a generation sampled with `r = table[k]`
+    /// ([`Self::sample_drawn`]) gives the ids of `steps` calls of
+    /// [`Self::sample`].
+    pub fn draw_table(&mut self, steps: usize) -> Vec<f64> {
+        if self.params.is_greedy() {
+            return Vec::new();
+        }
+        (0..steps).map(|_| self.rng.random::<f64>()).collect()
     }
 
     /// [`Self::sample`] with the step's uniform already drawn (`d.r`, from
@@ -375,6 +402,28 @@ mod tests {
         assert!((ones - 0.75).abs() < 0.035, "{ones}");
     }
 
+    /// Parameters (temperature, top-k, top-p, min-p, penalty, last n) with
+    /// a seed of their own, and two samplers of them (whose RNG streams the
+    /// tests hold in step).
+    fn samplers(
+        set: (f32, usize, f32, f32, f32, usize),
+        seed: u64,
+    ) -> (SamplingParams, Sampler, Sampler) {
+        let (temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n) = set;
+        let params = SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            repeat_last_n,
+            seed: seed * 1000 + top_k as u64,
+        };
+        let a = Sampler::new(params.clone()).unwrap();
+        let b = Sampler::new(params.clone()).unwrap();
+        (params, a, b)
+    }
+
     /// The exactness claim: over many seeds and parameters, sampling from
     /// the GPU's candidates gives exactly the id (and consumes exactly the
     /// RNG stream) of sampling from the whole row.
@@ -403,17 +452,8 @@ mod tests {
                 (1.5, 10, 0.5, 0.2, 0.8, 8),
                 (0.7, 64, 1.0, 0.1, 1.0, 64),
             ] {
-                let params = SamplingParams {
-                    temperature,
-                    top_k,
-                    top_p,
-                    min_p,
-                    repeat_penalty: penalty,
-                    repeat_last_n: last_n,
-                    seed: seed * 1000 + top_k as u64,
-                };
-                let mut full = Sampler::new(params.clone()).unwrap();
-                let mut part = Sampler::new(params.clone()).unwrap();
+                let set = (temperature, top_k, top_p, min_p, penalty, last_n);
+                let (params, mut full, mut part) = samplers(set, seed);
                 let (want, window) = part.candidate_request(&history).expect("GPU-able");
                 let c = crate::ops::sample::candidates_once(g, &l, want, &window).unwrap();
                 assert!(!c.overflow);
@@ -469,18 +509,9 @@ mod tests {
                 let history: Vec<u32> = (0..80)
                     .map(|i| ((i * 37 + seed * 11) % vocab as u64) as u32)
                     .collect();
-                for (temperature, top_k, top_p, min_p, penalty, last_n) in sets {
-                    let params = SamplingParams {
-                        temperature,
-                        top_k,
-                        top_p,
-                        min_p,
-                        repeat_penalty: penalty,
-                        repeat_last_n: last_n,
-                        seed: seed * 1000 + top_k as u64,
-                    };
-                    let mut full = Sampler::new(params.clone()).unwrap();
-                    let mut gpu_s = Sampler::new(params.clone()).unwrap();
+                for set in sets {
+                    let (temperature, top_k) = (set.0, set.1);
+                    let (params, mut full, mut gpu_s) = samplers(set, seed);
                     let mut pen = l.clone();
                     full.penalize(&mut pen, &history);
                     let dist = full.distribution(&pen);
@@ -526,6 +557,75 @@ mod tests {
             "only {sampled} sampled steps decided"
         );
         assert!(distinct.len() > 100, "only {} distinct ids", distinct.len());
+    }
+
+    /// The GPU-resident state of a generation (`GpuSampler::begin`): the
+    /// window is the tail of a history ring the kernel appends its picks to
+    /// (duplicates and all, as `Sampler::window` reads the history), the
+    /// uniform is the next entry of the table drawn up front, and a host
+    /// decision written back (`fix`) is what the next steps see. Over
+    /// several steps of changing rows, the ids are the CPU sampler's.
+    #[test]
+    fn gpu_history_ring_and_draw_table_give_the_cpu_samplers_ids() {
+        let vocab = 3000;
+        let rig = crate::ops::sample_full::tests::Rig::new(vocab);
+        let (mut checked, mut fixed) = (0, 0);
+        for (seed, temperature, top_p, penalty, last_n) in [
+            (1u64, 0.0f32, 1.0f32, 1.5f32, 8usize),
+            (2, 0.9, 0.95, 1.3, 0),
+            (3, 1.1, 1.0, 0.7, 5),
+            (4, 0.8, 0.9, 1.0, 64),
+        ] {
+            let params = SamplingParams {
+                temperature,
+                top_p,
+                repeat_penalty: penalty,
+                repeat_last_n: last_n,
+                seed,
+                ..Default::default()
+            };
+            let mut cpu = Sampler::new(params.clone()).unwrap();
+            let mut gpu_s = Sampler::new(params.clone()).unwrap();
+            // a history with repeats, which the penalty counts once
+            let mut history: Vec<u32> = (0..30).map(|i| (i * 7 % 11) as u32 * 13).collect();
+            let d = gpu_s.gpu_settings().unwrap();
+            let draws = gpu_s.draw_table(24);
+            let table: Vec<f32> = draws.iter().map(|&r| r as f32).collect();
+            let at = rig.begin(&d, gpu_s.penalty_last_n(), &history, &table);
+            for k in 0..24 {
+                let mut l = crate::testutil::rand_vec(vocab, 3.0, 1000 * seed + k as u64);
+                // the history's tokens high, so the penalty decides
+                for &t in &history[history.len() - 6..] {
+                    l[t as usize] += 6.0;
+                }
+                let want = cpu.sample(&l, &history);
+                let pk = rig.step(&l);
+                let dk = Draw {
+                    r: draws.get(k).copied().unwrap_or(0.0),
+                    ..d
+                };
+                let got = if pk.uncertain() {
+                    gpu_s.sample_drawn(&l, &history, &dk)
+                } else {
+                    pk.id
+                };
+                assert_eq!(got, want, "{params:?} step {k} {pk:?}");
+                // every 7th step the host takes another id (a roll back)
+                let id = if k % 7 == 3 {
+                    (got + 1) % vocab as u32
+                } else {
+                    got
+                };
+                if id != pk.id {
+                    rig.fix(at + k, k, id);
+                    fixed += 1;
+                }
+                history.push(id);
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 4 * 24);
+        assert!(fixed >= 4 * 3);
     }
 
     #[test]

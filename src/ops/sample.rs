@@ -117,7 +117,7 @@ impl TopK {
         while wg > gpu.caps.max_invocations.max(1) {
             wg /= 2;
         }
-        let src = format!("const WG: u32 = {wg}u;\n{SRC}");
+        let src = format!("const WG: u32 = {wg}u;\n{}{SRC}", super::sample_full::KEYS);
         let kernel = gpu.kernel("sample_topk", &src, "main", &[])?;
         Ok(TopK { kernel })
     }

@@ -39,11 +39,20 @@
 //! cut whose goal falls within the head's mass, as a language model's
 //! top-p nucleus and draw nearly always do, is searched in the head alone,
 //! and the row is scanned only a handful of times per step.
+//!
+//! Nothing is written per step in a generation ([`GpuSampler::begin`]):
+//! the window is the tail of a history ring on the GPU that the kernel
+//! appends each pick to, and the uniforms are a table drawn up front from
+//! the sampler's RNG in the CPU sampler's order, indexed by a step counter
+//! the kernel advances. A step the host decides otherwise (an uncertain
+//! pick) is written back with [`GpuSampler::fix`].
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel};
 
 pub const SRC: &str = include_str!("../../shaders/sample_full.wgsl");
+/// The bit keys both sampling kernels order logits by (prepended to each).
+pub const KEYS: &str = include_str!("../../shaders/sample_keys.wgsl");
 
 /// Safety factor on the kernel's error bounds: a sum-based decision must
 /// clear twice the bound (see the module doc).
@@ -67,7 +76,7 @@ pub const U_DRAW: u32 = 8;
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Params {
     pub vocab: u32,
-    pub n_window: u32,
+    pub last_n: u32,
     pub top_k: u32,
     pub greedy: u32,
     pub inv_t: f32,
@@ -75,10 +84,16 @@ pub struct Params {
     pub min_p: f32,
     pub penalty: f32,
     pub inv_penalty: f32,
-    pub r: f32,
     pub tol: f32,
     pub id_steps: u32,
+    pub penalize: u32,
+    pub hist_cap: u32,
+    pub n_draws: u32,
+    pub _pad: [u32; 2],
 }
+
+/// u32 words of `seq` before its history ring (see sample_full.wgsl).
+const SEQ_HEAD: usize = 4;
 
 /// One step's sampling settings, as the kernel takes them (the sampler
 /// builds it; this module knows nothing above `ops`).
@@ -140,14 +155,21 @@ pub struct GpuSampler {
 }
 
 /// Bindings of one logits row; built once at load. The host writes
-/// `params` and `window` per step (no allocation).
+/// `params`, `seq` and `draws` once per generation ([`GpuSampler::begin`]),
+/// or per call in the one-step API ([`GpuSampler::prepare`]).
 pub struct SampleBinding {
     pub params: wgpu::Buffer,
-    pub window: wgpu::Buffer,
+    /// The history ring and its counters (see sample_full.wgsl).
+    pub seq: wgpu::Buffer,
+    /// The uniforms of a generation's steps (f32).
+    pub draws: wgpu::Buffer,
     pub work: wgpu::Buffer,
     pub out: wgpu::Buffer,
     pub bind: wgpu::BindGroup,
     pub vocab: usize,
+    /// Tokens the history ring holds, uniforms the table holds.
+    pub hist_cap: usize,
+    pub n_draws: usize,
 }
 
 impl GpuSampler {
@@ -157,40 +179,63 @@ impl GpuSampler {
         while wg > gpu.caps.max_invocations.max(1) {
             wg /= 2;
         }
-        let src = format!("const WG: u32 = {wg}u;\n{SRC}");
+        let src = format!("const WG: u32 = {wg}u;\n{KEYS}{SRC}");
         let kernel = gpu.kernel("sample_full", &src, "main", &[])?;
         Ok(GpuSampler { kernel })
     }
 
-    /// Bind row 0 of `logits` (`vocab` wide).
-    pub fn bind(&self, gpu: &Gpu, logits: &wgpu::Buffer, vocab: usize) -> Result<SampleBinding> {
+    /// Bind row 0 of `logits` (`vocab` wide), with a history ring of
+    /// `hist_cap` tokens (at least [`MAX_WINDOW`]) and a table of `n_draws`
+    /// uniforms (the most steps of one generation).
+    pub fn bind(
+        &self,
+        gpu: &Gpu,
+        logits: &wgpu::Buffer,
+        vocab: usize,
+        hist_cap: usize,
+        n_draws: usize,
+    ) -> Result<SampleBinding> {
         if vocab == 0 || (vocab as u64) * 4 > logits.size() || vocab >= (u32::MAX / 4) as usize {
             return Err(Error::invalid(format!(
                 "GPU sampler: vocab {vocab} does not fit the logits buffer ({} bytes)",
                 logits.size()
             )));
         }
-        let params = gpu.uniform("sample_full.params", &Self::params(vocab, 0, &GREEDY))?;
-        let window = gpu.storage("sample_full.window", (MAX_WINDOW * 4) as u64);
+        let hist_cap = hist_cap.max(MAX_WINDOW);
+        let n_draws = n_draws.max(1);
+        if hist_cap >= (u32::MAX / 8) as usize || n_draws >= (u32::MAX / 8) as usize {
+            return Err(Error::invalid(format!(
+                "GPU sampler: a history of {hist_cap} tokens or {n_draws} steps is too long"
+            )));
+        }
+        let p = Self::params(vocab, None, hist_cap, n_draws, &GREEDY);
+        let params = gpu.uniform("sample_full.params", &p)?;
+        let seq = gpu.storage("sample_full.seq", ((SEQ_HEAD + hist_cap) * 4) as u64);
+        let draws = gpu.storage("sample_full.draws", (n_draws * 4) as u64);
         let work = gpu.storage("sample_full.work", (vocab * 16) as u64);
         let out = gpu.storage("sample_full.out", (OUT_WORDS * 4) as u64);
-        let bind = gpu.bind(&self.kernel, &[&params, logits, &window, &work, &out]);
+        let bind = gpu.bind(&self.kernel, &[&params, logits, &seq, &draws, &work, &out]);
         Ok(SampleBinding {
             params,
-            window,
+            seq,
+            draws,
             work,
             out,
             bind,
             vocab,
+            hist_cap,
+            n_draws,
         })
     }
 
-    fn params(vocab: usize, n_window: usize, d: &Draw) -> Params {
+    /// The kernel's settings: `last_n` None for no penalty, Some(0) for a
+    /// window over the whole history.
+    fn params(vocab: usize, last_n: Option<usize>, cap: usize, n_draws: usize, d: &Draw) -> Params {
         let t = d.temperature.max(1e-6);
         let v = vocab as u32;
         Params {
             vocab: v,
-            n_window: n_window as u32,
+            last_n: last_n.unwrap_or(0).min(cap) as u32,
             top_k: d.top_k as u32,
             greedy: (d.temperature == 0.0) as u32,
             inv_t: 1.0 / t,
@@ -198,35 +243,141 @@ impl GpuSampler {
             min_p: d.min_p,
             penalty: d.penalty,
             inv_penalty: 1.0 / d.penalty,
-            r: d.r as f32,
             tol: TOL,
             // enough halvings to narrow 0..vocab to one id, and one more
             id_steps: u32::BITS - v.leading_zeros() + 1,
+            penalize: last_n.is_some() as u32,
+            hist_cap: cap as u32,
+            n_draws: n_draws as u32,
+            _pad: [0; 2],
         }
     }
 
-    /// Write this step's settings and penalty window (distinct ids, in the
-    /// vocabulary) before the pass is submitted.
-    pub fn prepare(&self, gpu: &Gpu, b: &SampleBinding, d: &Draw, window: &[u32]) -> Result<()> {
-        if !d.supported(window.len()) {
+    fn check(b: &SampleBinding, d: &Draw, window: usize, ids: &[u32]) -> Result<()> {
+        if !d.supported(window) || window > b.hist_cap {
             return Err(Error::invalid(format!(
-                "GPU sampler: settings {d:?} with {} window ids are not supported \
-                 (at most {MAX_WINDOW} ids, min-p 0 or >= {MIN_P_FLOOR})",
-                window.len()
+                "GPU sampler: settings {d:?} with a window of {window} ids are not supported \
+                 (at most {MAX_WINDOW} ids, min-p 0 or >= {MIN_P_FLOOR})"
             )));
         }
-        if let Some(&bad) = window.iter().find(|&&t| t as usize >= b.vocab) {
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= b.vocab) {
             return Err(Error::invalid(format!(
                 "GPU sampler: window id {bad} is outside the vocabulary ({})",
                 b.vocab
             )));
         }
-        let p = Self::params(b.vocab, window.len(), d);
+        Ok(())
+    }
+
+    /// One step on its own: write `d` (its uniform `r` included) and the
+    /// penalty window (distinct ids, in the vocabulary) before the pass is
+    /// submitted. Writes the whole state each call; a generation uses
+    /// [`Self::begin`] once instead.
+    pub fn prepare(&self, gpu: &Gpu, b: &SampleBinding, d: &Draw, window: &[u32]) -> Result<()> {
+        Self::check(b, d, window.len(), window)?;
+        let last_n = (!window.is_empty()).then_some(0);
+        Self::write_state(gpu, b, d, last_n, window, &[d.r as f32]);
+        Ok(())
+    }
+
+    /// Write the settings, a history of `tail` (the window's tokens) with
+    /// the step counter at 0, and the uniforms `draws`.
+    fn write_state(
+        gpu: &Gpu,
+        b: &SampleBinding,
+        d: &Draw,
+        last_n: Option<usize>,
+        tail: &[u32],
+        draws: &[f32],
+    ) {
+        let p = Self::params(b.vocab, last_n, b.hist_cap, b.n_draws, d);
         gpu.queue.write_buffer(&b.params, 0, bytemuck::bytes_of(&p));
-        if !window.is_empty() {
+        let head = [tail.len() as u32, 0, 0, 0];
+        gpu.queue
+            .write_buffer(&b.seq, 0, bytemuck::cast_slice(&head));
+        if !tail.is_empty() {
+            let off = (SEQ_HEAD * 4) as u64;
             gpu.queue
-                .write_buffer(&b.window, 0, bytemuck::cast_slice(window));
+                .write_buffer(&b.seq, off, bytemuck::cast_slice(tail));
         }
+        if !draws.is_empty() {
+            gpu.queue
+                .write_buffer(&b.draws, 0, bytemuck::cast_slice(draws));
+        }
+    }
+
+    /// The most history tokens the window of a generation of `steps` steps
+    /// after `history` tokens reads (`last_n` as in [`Self::begin`]).
+    pub fn max_window(last_n: Option<usize>, history: usize, steps: usize) -> usize {
+        match last_n {
+            None => 0,
+            Some(0) => history + steps,
+            Some(n) => n.min(history + steps),
+        }
+    }
+
+    /// Set up a generation of up to `steps` steps after `history`: the
+    /// settings `d` (its `r` unused), the penalty window (`last_n` None: no
+    /// penalty; Some(0): the whole history; Some(n): the last n tokens) and
+    /// the steps' uniforms `draws` (none for greedy), written once. The
+    /// kernel then appends each pick to the history and takes the next
+    /// uniform itself. `spare` ring entries are kept for steps a caller
+    /// discards (they append too). Returns the ring index of the first
+    /// pick (for [`Self::fix`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn begin(
+        &self,
+        gpu: &Gpu,
+        b: &SampleBinding,
+        d: &Draw,
+        last_n: Option<usize>,
+        history: &[u32],
+        steps: usize,
+        draws: &[f32],
+        spare: usize,
+    ) -> Result<usize> {
+        let window = Self::max_window(last_n, history.len(), steps);
+        if window + spare > b.hist_cap {
+            return Err(Error::invalid(format!(
+                "GPU sampler: a penalty window of {window} tokens does not fit its history ring \
+                 ({} tokens)",
+                b.hist_cap - spare.min(b.hist_cap)
+            )));
+        }
+        if draws.len() > b.n_draws || (d.temperature != 0.0 && draws.len() < steps) {
+            return Err(Error::invalid(format!(
+                "GPU sampler: {} uniforms for {steps} steps (the table holds {})",
+                draws.len(),
+                b.n_draws
+            )));
+        }
+        let tail = match last_n {
+            None => &[][..],
+            Some(0) => history,
+            Some(n) => &history[history.len().saturating_sub(n)..],
+        };
+        Self::check(b, d, 0, tail)?;
+        Self::write_state(gpu, b, d, last_n, tail, draws);
+        Ok(tail.len())
+    }
+
+    /// Step `step` of a generation picked `id` (the host's decision, in
+    /// place of the kernel's): write it at ring index `at` (the return of
+    /// [`Self::begin`] plus `step`) and set the counters to the step after
+    /// it, as the kernel would have left them. Steps that ran after it are
+    /// the caller's to discard.
+    pub fn fix(&self, gpu: &Gpu, b: &SampleBinding, at: usize, step: usize, id: u32) -> Result<()> {
+        if id as usize >= b.vocab {
+            return Err(Error::invalid(format!(
+                "GPU sampler: id {id} is outside the vocabulary ({})",
+                b.vocab
+            )));
+        }
+        let off = ((SEQ_HEAD + at % b.hist_cap) * 4) as u64;
+        gpu.queue.write_buffer(&b.seq, off, bytemuck::bytes_of(&id));
+        let head = [at as u32 + 1, step as u32 + 1];
+        gpu.queue
+            .write_buffer(&b.seq, 0, bytemuck::cast_slice(&head));
         Ok(())
     }
 
@@ -249,7 +400,7 @@ const GREEDY: Draw = Draw {
 pub fn sample_once(gpu: &Gpu, logits: &[f32], d: &Draw, window: &[u32]) -> Result<Picked> {
     let op = GpuSampler::new(gpu)?;
     let lb = gpu.storage_init("sample_full_once.logits", bytemuck::cast_slice(logits))?;
-    let b = op.bind(gpu, &lb, logits.len())?;
+    let b = op.bind(gpu, &lb, logits.len(), MAX_WINDOW, 1)?;
     op.prepare(gpu, &b, d, window)?;
     let mut enc = gpu.encoder();
     {
@@ -282,15 +433,38 @@ pub(crate) mod tests {
             let g = gpu();
             let op = GpuSampler::new(g).unwrap();
             let lb = g.storage("rig.logits", (vocab * 4) as u64);
-            let b = op.bind(g, &lb, vocab).unwrap();
+            let b = op.bind(g, &lb, vocab, MAX_WINDOW, 64).unwrap();
             Rig { op, lb, b }
         }
 
         pub(crate) fn run(&self, logits: &[f32], d: &Draw, window: &[u32]) -> Picked {
+            self.op.prepare(gpu(), &self.b, d, window).unwrap();
+            self.step(logits)
+        }
+    }
+
+    impl Rig {
+        /// A generation's state, as [`GpuSampler::begin`] writes it.
+        /// Returns the ring index of the first pick.
+        pub(crate) fn begin(
+            &self,
+            d: &Draw,
+            last_n: Option<usize>,
+            history: &[u32],
+            draws: &[f32],
+        ) -> usize {
+            let g = gpu();
+            let steps = draws.len().max(8);
+            self.op
+                .begin(g, &self.b, d, last_n, history, steps, draws, 0)
+                .unwrap()
+        }
+
+        /// One step of it on `logits`: nothing but the row is written.
+        pub(crate) fn step(&self, logits: &[f32]) -> Picked {
             let g = gpu();
             g.queue
                 .write_buffer(&self.lb, 0, bytemuck::cast_slice(logits));
-            self.op.prepare(g, &self.b, d, window).unwrap();
             let mut enc = g.encoder();
             {
                 let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -301,6 +475,10 @@ pub(crate) mod tests {
             }
             g.submit_wait(enc).unwrap();
             Picked::from_words(&g.read_u32(&self.b.out, OUT_WORDS).unwrap())
+        }
+
+        pub(crate) fn fix(&self, at: usize, step: usize, id: u32) {
+            self.op.fix(gpu(), &self.b, at, step, id).unwrap();
         }
     }
 
@@ -352,7 +530,7 @@ pub(crate) mod tests {
         let mut d = draw(1.0, 0, 0.5);
         let err = |d: &Draw, w: &[u32]| sample_once(g, &l, d, w).unwrap_err().to_string();
         assert!(err(&d, &[10]).contains("window id 10 is outside"));
-        assert!(err(&d, &vec![0; MAX_WINDOW + 1]).contains("not supported"));
+        assert!(err(&d, &vec![0; MAX_WINDOW + 1]).contains("window of 4097 ids"));
         d.min_p = 1e-35;
         assert!(err(&d, &[]).contains("not supported"));
         d.min_p = 0.0;
