@@ -1,16 +1,25 @@
-// Residual add fused with the RMSNorm that reads its result, in f32:
-//   s = a + b             (written to `sum`: the residual stream)
-//   y = w * (s * inverseSqrt(mean(s^2) + eps))   ((1 + w) with UNIT_OFFSET)
-// The same operations in the same order as elementwise.wgsl's `add` then
-// rmsnorm.wgsl (strided sum of squares, the same tree reduction), so the
-// result is bit-identical to the two dispatches it replaces. One workgroup
-// per token row of `width`.
+// Residual add fused with the RMSNorm that reads its result, in f32, on the
+// residual stream as (hi, lo) (common.wgsl's stream_add):
+//   (s, sl) = stream_add(a, al, b)   (written to `sum`: the residual stream,
+//                                     its low halves at float offset y_lo)
+//   y = w * ((s + sl) * inv)         inv = 1 / sqrt(mean((s + sl)^2) + eps)
+//                                    ((1 + w) with UNIT_OFFSET)
+// a's low halves are at float offset x_lo of a (0: a has none, the
+// embedding's output). The same operations in the same order as
+// elementwise.wgsl's `add` then rmsnorm.wgsl (strided sum of squares, the
+// same tree reduction), so the result is bit-identical to the two dispatches
+// it replaces. One workgroup per token row of `width`.
 
 struct Params {
     width: u32,
     eps: f32,
     rows_per_token: u32,
+    // Float offsets of a's and sum's low halves; x_lo 0 = a has none.
+    x_lo: u32,
+    y_lo: u32,
+    _p0: u32,
     _p1: u32,
+    _p2: u32,
 }
 
 override WG: u32 = 64u;
@@ -47,10 +56,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     let base = row * p.width;
     let zero = step.zero;
     var acc = SumSq(0.0, 0.0);
+    let has_lo = p.x_lo != 0u;
+    let has_ylo = p.y_lo != 0u;
     for (var i = lid; i < p.width; i += WG) {
-        let v = a[base + i] + b[base + i];
-        sum[base + i] = v;
-        acc = sumsq_add(acc, v, zero);
+        let j = base + i;
+        let al = select(0.0, a[p.x_lo + j], has_lo);
+        let v = stream_add(a[j], al, b[j], zero);
+        // Without a low half for the sum (y_lo 0), as the plain add and
+        // norm: hi only.
+        let vl = select(0.0, v.e, has_ylo);
+        sum[j] = v.s;
+        if (has_ylo) {
+            sum[p.y_lo + j] = vl;
+        }
+        acc = sumsq_add(acc, v.s, vl, zero);
     }
     partial[lid] = acc;
     workgroupBarrier();
@@ -71,6 +90,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             wi = 1.0 + wi;
         }
         // Each invocation re-reads only the elements it wrote itself.
-        y[base + i] = norm_scale(wi, sum[base + i], inv, zero);
+        let j = base + i;
+        y[j] = norm_scale(wi, sum[j], select(0.0, sum[p.y_lo + j], has_ylo), inv, zero);
     }
 }

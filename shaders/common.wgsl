@@ -106,10 +106,14 @@ struct SumSq {
     hi: f32,
     lo: f32,
 }
-fn sumsq_add(acc: SumSq, v: f32, zero: u32) -> SumSq {
+// `v` is an element as (hi, lo) (the residual stream, see stream_add; lo = 0
+// for any other tensor): (v + l)^2 = v^2 + 2 v l + l^2, the last below u^2
+// v^2 and dropped; 2 v l joins the low part (with l = 0 the value is the
+// plain element's, bit for bit).
+fn sumsq_add(acc: SumSq, v: f32, l: f32, zero: u32) -> SumSq {
     let sq = opaque(v * v, zero);
     let t = two_sum(acc.hi, sq, zero);
-    return SumSq(t.s, acc.lo + (t.e + fma(v, v, -sq)));
+    return SumSq(t.s, acc.lo + ((t.e + fma(v, v, -sq)) + 2.0 * v * l));
 }
 fn sumsq_merge(a: SumSq, b: SumSq, zero: u32) -> SumSq {
     let t = two_sum(a.hi, b.hi, zero);
@@ -134,8 +138,26 @@ fn rms_inv(ss: SumSq, width: u32, eps: f32, zero: u32) -> f32 {
     let e = ((1.0 - q) - qe) - (t * r2e + tl * r2);
     return r + r * (0.5 * e);
 }
-// w * x * inv with one rounding: w * x split exactly by fma, then fused.
-fn norm_scale(w: f32, x: f32, inv: f32, zero: u32) -> f32 {
+// w * (x + l) * inv with one rounding: w * x split exactly by fma, w * l
+// (l the element's low half, 0 outside the residual stream) added to its
+// error part, then fused.
+fn norm_scale(w: f32, x: f32, l: f32, inv: f32, zero: u32) -> f32 {
     let wx = opaque(w * x, zero);
-    return fma(wx, inv, fma(w, x, -wx) * inv);
+    return fma(wx, inv, (fma(w, x, -wx) + w * l) * inv);
+}
+
+// The residual stream as (hi, lo) (issue #14): every element is the
+// unevaluated sum hi + lo, renormalised after each add so that hi is
+// hi + lo rounded to nearest (what taps show, one rounding of the exact
+// stream) and |lo| <= ulp(hi) / 2. A residual add of x:
+//   (s, e) = two_sum(hi, x)         s + e = hi + x exactly
+//   (hi', lo') = two_sum(s, lo + e) exactly, one rounding in lo + e
+// so each add's error is ~u * |lo + e| <= ~u^2 |hi|, where the plain f32
+// add rounds by up to u |hi|: the stream holds its 2L adds at ~2^-48
+// relative instead of accumulating 2L roundings of 2^-24. (two_sum, not
+// fast_two_sum, for the renormalisation: |s| may be below |lo + e| when
+// hi + x cancels.) Returned as TwoSum: s = hi', e = lo'.
+fn stream_add(hi: f32, lo: f32, x: f32, zero: u32) -> TwoSum {
+    let t = two_sum(hi, x, zero);
+    return two_sum(t.s, lo + t.e, zero);
 }

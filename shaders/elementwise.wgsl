@@ -4,8 +4,10 @@
 struct Params {
     width: u32,
     _p0: u32,
-    _p1: u32,
-    _p2: u32,
+    // `add` only: float offsets of a's and y's low halves (the residual
+    // stream as (hi, lo), common.wgsl's stream_add); 0 = none.
+    a_lo: u32,
+    y_lo: u32,
 }
 
 override WG: u32 = 256u;
@@ -51,7 +53,9 @@ fn gelu_tanh_glu(@builtin(workgroup_id) wid: vec3<u32>,
     y[i] = g / (1.0 + exp_f32(-2.0 * u)) * b[i];
 }
 
-// Residual add: y = a + b.
+// Residual add on the stream as (hi, lo): (y, y_lo) = stream_add(a, a_lo, b).
+// Without low halves (both offsets 0) this is y = a + b, correctly rounded:
+// two_sum(fl(a + b), e) with e the exact error rounds back to fl(a + b).
 @compute @workgroup_size(WG)
 fn add(@builtin(workgroup_id) wid: vec3<u32>,
        @builtin(num_workgroups) nwg: vec3<u32>,
@@ -60,5 +64,10 @@ fn add(@builtin(workgroup_id) wid: vec3<u32>,
     if (i >= step.n_tokens * p.width) {
         return;
     }
-    y[i] = a[i] + b[i];
+    let al = select(0.0, a[p.a_lo + i], p.a_lo != 0u);
+    let v = stream_add(a[i], al, b[i], step.zero);
+    y[i] = v.s;
+    if (p.y_lo != 0u) {
+        y[p.y_lo + i] = v.e;
+    }
 }

@@ -5,13 +5,21 @@
 // per-head norm). A strided sum of squares then a tree reduction in
 // workgroup memory, both compensated, the scale refined by a Newton step and
 // applied with one rounding (common.wgsl's sumsq_add / sumsq_merge /
-// rms_inv / norm_scale; issue #14).
+// rms_inv / norm_scale; issue #14). A norm of the residual stream reads it as
+// (hi, lo) (common.wgsl's stream_add): the low halves at float offset
+// `x_lo` of x (0: x has none), and normalises hi + lo.
 
 struct Params {
     width: u32,
     eps: f32,
     rows_per_token: u32,
+    // Float offset in x of its low halves (the residual stream); 0 = none.
+    x_lo: u32,
+    // add_rmsnorm.wgsl only (the sum's low halves).
+    y_lo: u32,
+    _p0: u32,
     _p1: u32,
+    _p2: u32,
 }
 
 override WG: u32 = 64u;
@@ -38,6 +46,12 @@ fn load_w(i: u32) -> f32 {
     return bitcast<f32>(w[i]);
 }
 
+// The low half of element j of x (0 without one; x[j] itself is read then,
+// in bounds, and discarded).
+fn lo_at(j: u32, has_lo: bool) -> f32 {
+    return select(0.0, x[p.x_lo + j], has_lo);
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>,
         @builtin(num_workgroups) nwg: vec3<u32>,
@@ -50,8 +64,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     let base = row * p.width;
     let zero = step.zero;
     var acc = SumSq(0.0, 0.0);
+    let has_lo = p.x_lo != 0u;
     for (var i = lid; i < p.width; i += WG) {
-        acc = sumsq_add(acc, x[base + i], zero);
+        acc = sumsq_add(acc, x[base + i], lo_at(base + i, has_lo), zero);
     }
     partial[lid] = acc;
     workgroupBarrier();
@@ -71,6 +86,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         if (UNIT_OFFSET) {
             wi = 1.0 + wi;
         }
-        y[base + i] = norm_scale(wi, x[base + i], inv, zero);
+        y[base + i] = norm_scale(wi, x[base + i], lo_at(base + i, has_lo), inv, zero);
     }
 }

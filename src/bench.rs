@@ -99,6 +99,13 @@ pub const PROBE_SHAPES: [ProbeShape; 7] = [
     },
 ];
 
+fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}`: expected an integer >= 1")),
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Model: a Hugging Face folder, a .gguf file, or a known model name
@@ -106,14 +113,14 @@ pub struct BenchArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Prompt length for the prefill measurement (fixed pseudo-random ids).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub prompt_tokens: usize,
     /// Single-token decode steps after the prompt.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
     pub gen_tokens: usize,
     /// Repeats of prefill + decode (the model is reset between); medians are
     /// reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
     pub repeats: usize,
     /// Bandwidth probe runs (median), spread between the model repeats.
     #[arg(long, default_value_t = 6)]
@@ -890,7 +897,7 @@ pub fn run(
 ) -> Result<BenchResult> {
     if o.prompt_tokens == 0 || o.gen_tokens == 0 || o.repeats == 0 {
         return Err(Error::invalid(
-            "bench: --prompt-tokens, --gen-tokens and --repeats must be at least 1",
+            "bench: prompt_tokens, gen_tokens and repeats must each be at least 1",
         ));
     }
     let t0 = Instant::now();
@@ -1695,6 +1702,14 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
                 String::new()
             }
         };
+        // The op column fits the longest name (the fused kinds' are long).
+        let w = b
+            .ops
+            .iter()
+            .map(|o| o.op.chars().count())
+            .chain(["all, in order".len()])
+            .max()
+            .unwrap_or(0);
         let _ = writeln!(s);
         let _ = writeln!(
             s,
@@ -1707,13 +1722,13 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
         );
         let _ = writeln!(
             s,
-            "{:<14} {:>5} {:>9} {:>7} {:>8} {:>9} {:>8}",
+            "{:<w$} {:>5} {:>9} {:>7} {:>8} {:>9} {:>8}",
             "op", "disp.", "cold ms", "% step", "GB/s", "warm ms", "GB/s"
         );
         for o in &b.ops {
             let _ = writeln!(
                 s,
-                "{:<14} {:>5} {:>9.2} {:>6.1}% {:>8} {:>9.2} {:>8}",
+                "{:<w$} {:>5} {:>9.2} {:>6.1}% {:>8} {:>9.2} {:>8}",
                 o.op,
                 o.dispatches,
                 o.ms_cold,
@@ -1725,7 +1740,7 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
         }
         let _ = writeln!(
             s,
-            "{:<14} {:>5} {:>9.2} {:>6.1}% {:>8} {:>9.2}",
+            "{:<w$} {:>5} {:>9.2} {:>6.1}% {:>8} {:>9.2}",
             "sum",
             "",
             cold,
@@ -1736,7 +1751,7 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
         let all = b.all_in_order_ms_cold;
         let _ = writeln!(
             s,
-            "{:<14} {:>5} {:>9.2} {:>6.1}% {:>8} {:>9.2}",
+            "{:<w$} {:>5} {:>9.2} {:>6.1}% {:>8} {:>9.2}",
             "all, in order",
             "",
             all,
@@ -1746,7 +1761,7 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
         );
         let _ = writeln!(
             s,
-            "{:<14} {:>5} {:>9.2} {:>6.1}%",
+            "{:<w$} {:>5} {:>9.2} {:>6.1}%",
             "step - all",
             "",
             step_ms - all,
@@ -2033,6 +2048,16 @@ mod tests {
         // 2 layers, bf16: q [64, 64] and k, v [32, 64], each with its bias.
         let qkv_bytes = 2 * 2 * ((64 * 64 + 64) + 2 * (32 * 64 + 32));
         assert_eq!((qkv.dispatches, qkv.bytes), (2, qkv_bytes), "{names:?}");
+        // The table's op column fits the longest name ("q/k/v+rope+kv
+        // (fused)"): every op's row has its name, padded to that width,
+        // then its dispatch count in the next column.
+        let t = table(&g, &r);
+        let w = names.iter().map(|n| n.chars().count()).max().unwrap();
+        assert!(w > 14, "{names:?}");
+        for o in &b.ops {
+            let row = format!("{:<w$} {:>5} ", o.op, o.dispatches);
+            assert!(t.lines().any(|l| l.starts_with(&row)), "{row:?}\n{t}");
+        }
         let v = to_json(&g, &r);
         // A figure at most 100%, or none (a beaten probe is not a ceiling).
         let e = &v["decode"]["efficiency_vs_probe"];

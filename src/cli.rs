@@ -4,7 +4,52 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::error::{Setting, SettingNames};
 use crate::gpu::{list_adapters, AdapterDesc, Gpu, GpuOptions};
+
+/// The CLI's names for the settings a library error's hint asks to change:
+/// its flags.
+pub struct Flags;
+
+impl SettingNames for Flags {
+    fn name(&self, s: Setting) -> String {
+        match s {
+            Setting::MaxContext => "--max-context",
+            Setting::MaxTokens => "--max-tokens",
+            Setting::DType => "--dtype",
+            Setting::Model => "--model",
+            Setting::Tokens => "--tokens",
+            Setting::Prompt => "--prompt",
+            Setting::Reference => "--reference",
+        }
+        .into()
+    }
+    fn set(&self, s: Setting, value: &str) -> String {
+        format!("use {} {value}", self.name(s))
+    }
+}
+
+/// The error and its causes, as anyhow's `{:#}` writes them, with the
+/// library's settings named by their flags ([`Flags`]), less the causes
+/// its text already holds: wgllm's errors put their source's message in
+/// their own (`Error::io`), which `{:#}` would print twice.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let text_of = |c: &(dyn std::error::Error + 'static)| match c.downcast_ref::<crate::Error>() {
+        Some(w) => w.render(&Flags),
+        None => c.to_string(),
+    };
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = text_of(cause);
+        if text.is_empty() {
+            text = c;
+        } else if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
+}
 
 fn features_list(f: wgpu::Features) -> Vec<String> {
     let interesting = [
@@ -287,7 +332,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// KV cache length (default: the model's, capped at 4096).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_max_context)]
     pub max_context: Option<usize>,
     /// Device weight dtype: auto (as stored; f16 widened to f32; a .gguf at
     /// its own types), native (the same), bf16, f32 (a .gguf widened).
@@ -319,14 +364,26 @@ pub struct SamplingArgs {
     pub seed: u64,
 }
 
-fn parse_max_tokens(s: &str) -> Result<usize, String> {
+/// A token count of at least 1; `zero` says why 0 is refused.
+fn token_count(s: &str, zero: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
-        Ok(0) => Err("0: nothing would be generated (expected at least 1)".into()),
+        Ok(0) => Err(format!("0: {zero}")),
         Ok(n) => Ok(n),
         Err(_) => Err(format!(
             "`{s}` is not a token count (expected an integer >= 1)"
         )),
     }
+}
+
+/// At least 1, refused while parsing: `serve` binds and says "listening"
+/// before its engine thread loads the model, and a load error then comes
+/// after the address.
+fn parse_max_context(s: &str) -> Result<usize, String> {
+    token_count(s, "the max context must be at least 1 token")
+}
+
+fn parse_max_tokens(s: &str) -> Result<usize, String> {
+    token_count(s, "nothing would be generated (expected at least 1)")
 }
 
 impl SamplingArgs {

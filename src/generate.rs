@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Hint, Result, Setting};
 use crate::model::Model;
 #[cfg(not(target_arch = "wasm32"))]
 use crate::model::{SampledStep, DECODE_DEPTH};
@@ -256,7 +256,7 @@ pub async fn generate_interruptible_async(
         .saturating_add(opts.max_tokens);
     if needed > model.max_context {
         return Err(Error::invalid(format!(
-            "prompt ({} tokens{}) + --max-tokens {} = {needed} exceeds the context of {} tokens; lower --max-tokens or raise --max-context",
+            "prompt ({} tokens{}) + {} new tokens = {needed} exceeds the context of {} tokens",
             prompt_ids.len(),
             if model.position() > 0 {
                 format!(" after {} cached", model.position())
@@ -265,7 +265,14 @@ pub async fn generate_interruptible_async(
             },
             opts.max_tokens,
             model.max_context
-        )));
+        ))
+        .hint(
+            Hint::new()
+                .text("lower ")
+                .name(Setting::MaxTokens)
+                .text(" or raise ")
+                .name(Setting::MaxContext),
+        ));
     }
     let history: Vec<u32> = earlier.iter().chain(prompt_ids).copied().collect();
     let dec = StreamDecoder::new(tok, &history)?;

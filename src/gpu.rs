@@ -7,7 +7,7 @@
 use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Hint, Result, Setting};
 
 /// WGSL helpers prepended to every kernel (bf16 widening, 2D grid indexing).
 pub const COMMON_WGSL: &str = include_str!("../shaders/common.wgsl");
@@ -720,10 +720,17 @@ impl Gpu {
             return Err(Error::Gpu {
                 what: format!("allocating buffer '{label}' of {size} bytes"),
                 msg: format!(
-                    "{kind}: {e} (the device offers max_buffer_size {} bytes; try a shorter --max-context or --dtype bf16)",
+                    "{kind}: {e}; the device offers max_buffer_size {} bytes",
                     self.caps.max_buffer
                 ),
-            });
+            }
+            .hint(
+                Hint::new()
+                    .text("try a smaller ")
+                    .name(Setting::MaxContext)
+                    .text(" or ")
+                    .set(Setting::DType, "bf16"),
+            ));
         }
         Ok(buf)
     }

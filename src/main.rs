@@ -72,23 +72,8 @@ fn main() -> ExitCode {
     match res {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", error_text(&e));
+            eprintln!("error: {}", cli::error_text(&e));
             ExitCode::from(2)
         }
     }
-}
-
-/// The error and its causes, as anyhow's `{:#}` writes them, less the
-/// causes its text already holds: wgllm's errors put their source's message
-/// in their own (`Error::io`), which `{:#}` would print twice.
-fn error_text(e: &anyhow::Error) -> String {
-    let mut text = e.to_string();
-    for cause in e.chain().skip(1) {
-        let c = cause.to_string();
-        if !text.contains(&c) {
-            text.push_str(": ");
-            text.push_str(&c);
-        }
-    }
-    text
 }

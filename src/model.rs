@@ -357,6 +357,9 @@ struct Buffers {
     /// Every program buffer, plus the residual stream's two halves and the
     /// last-row copy (`h0`, `h1`, `last`).
     acts: Vec<wgpu::Buffer>,
+    /// Per buffer of `acts`: the float offset of its rows' low halves when
+    /// it holds the residual stream as (hi, lo), else 0.
+    lo: Vec<u32>,
     /// Index in `acts` of each program buffer (the residual stream aside).
     index: HashMap<Buf, usize>,
     h: [usize; 2],
@@ -515,6 +518,9 @@ struct Env {
     stream_out: usize,
     /// The step uniform its ops bind (`step_one` for the last-row head).
     one_row: bool,
+    /// Whether `Stream` holds low halves: not when it is the embedding's
+    /// output (layer 0 reads it as hi alone).
+    stream_lo: bool,
 }
 
 impl Buffers {
@@ -524,6 +530,15 @@ impl Buffers {
             Buf::StreamOut => env.stream_out,
             other => self.index[&other],
         }
+    }
+
+    /// The float offset of `b`'s low halves as its reader sees them (0:
+    /// none, or none written, as for the embedding's output).
+    fn lo(&self, env: Env, b: Buf) -> u32 {
+        if b == Buf::Stream && !env.stream_lo {
+            return 0;
+        }
+        self.lo[self.idx(env, b)]
     }
 }
 
@@ -791,23 +806,33 @@ impl Model {
             .collect::<Result<Vec<_>>>()?;
 
         // Activation buffers: one per program buffer, sized for max_batch
-        // tokens (logits for logits_rows), the residual stream twice.
+        // tokens (logits for logits_rows), the residual stream twice. The
+        // residual stream's buffers (h0, h1, Resid, last) hold it as
+        // (hi, lo) (common.wgsl's stream_add): rows of hi from offset 0
+        // (what taps and every other op read), the rows' lo halves after
+        // them, from float offset `lo[i]`.
         let mut acts = Vec::new();
+        let mut lo = Vec::new();
         let mut index = HashMap::new();
+        let mut push = |acts: &mut Vec<wgpu::Buffer>, label: &str, n: usize, split: bool| {
+            lo.push(if split { n as u32 } else { 0 });
+            acts.push(f32_buf(g, label, if split { 2 * n } else { n }));
+        };
         for b in program.buffers() {
             if matches!(b, Buf::Stream | Buf::StreamOut) {
                 continue;
             }
             let rows = if b == Buf::Logits { logits_rows } else { batch };
             index.insert(b, acts.len());
-            acts.push(f32_buf(g, &format!("{b:?}"), rows * b.width(&cfg)));
+            let n = rows * b.width(&cfg);
+            push(&mut acts, &format!("{b:?}"), n, b.is_stream());
         }
         let hidden = cfg.hidden_size;
         let h = [acts.len(), acts.len() + 1];
-        acts.push(f32_buf(g, "h0", batch * hidden));
-        acts.push(f32_buf(g, "h1", batch * hidden));
+        push(&mut acts, "h0", batch * hidden, true);
+        push(&mut acts, "h1", batch * hidden, true);
         let last = acts.len();
-        acts.push(f32_buf(g, "last", hidden));
+        push(&mut acts, "last", hidden, true);
         let mut b = Buffers {
             step: g.uniform("step", &Step::new(0, 0))?,
             bstep: g.create_buffer(&wgpu::BufferDescriptor {
@@ -825,6 +850,7 @@ impl Model {
             step_one: g.uniform("step_one", &Step::new(1, 0))?,
             ids: g.storage("ids", (batch * 4) as u64),
             acts,
+            lo,
             index,
             h,
             last,
@@ -864,6 +890,7 @@ impl Model {
             stream: b.h[0],
             stream_out: b.h[0],
             one_row: false,
+            stream_lo: false,
         };
         let embed = ctx.bind_all(
             &mut k,
@@ -883,6 +910,7 @@ impl Model {
                 stream: b.h[i % 2],
                 stream_out: b.h[(i + 1) % 2],
                 one_row: false,
+                stream_lo: i > 0,
             };
             let bound = ctx.bind_all(&mut k, &mut b, ops, Scope::Layer(i), env, Some(&cache))?;
             fast.push(ctx.fuse_layer(&mut k, &b, ops, env, &cache)?);
@@ -921,12 +949,14 @@ impl Model {
             stream: b.h[nl % 2],
             stream_out: b.h[nl % 2],
             one_row: false,
+            stream_lo: nl > 0,
         };
         let head_all = ctx.bind_all(&mut k, &mut b, &program.head, Scope::Head, head_env, None)?;
         let last_env = Env {
             stream: b.last,
             stream_out: b.last,
             one_row: true,
+            stream_lo: nl > 0,
         };
         let head_last = ctx.bind_all(&mut k, &mut b, &program.head, Scope::Head, last_env, None)?;
         let logits = &b.acts[b.index[&Buf::Logits]];
@@ -1560,14 +1590,18 @@ impl Model {
             Some(Logits::Last) => {
                 // The head on the last token's row only.
                 let row = (self.cfg.hidden_size * 4) as u64;
-                let stream = &b.acts[b.h[self.layers.len() % 2]];
-                r.enc().copy_buffer_to_buffer(
-                    stream,
-                    row * (n as u64 - 1),
-                    &b.acts[b.last],
-                    0,
-                    row,
-                );
+                let h = b.h[self.layers.len() % 2];
+                let stream = &b.acts[h];
+                // Its hi row, then its lo row (see `Buffers::lo`).
+                for (from, to) in [(0, 0), (b.lo[h], b.lo[b.last])] {
+                    r.enc().copy_buffer_to_buffer(
+                        stream,
+                        4 * from as u64 + row * (n as u64 - 1),
+                        &b.acts[b.last],
+                        4 * to as u64,
+                        row,
+                    );
+                }
                 for op in &self.head_last {
                     self.encode_op(op, r, 1)?;
                 }
@@ -2224,7 +2258,8 @@ impl BindCtx<'_> {
                             x.width(c) / heads,
                             heads,
                             c.rms_norm_eps as f32,
-                        ),
+                        )
+                        .with_lo(b.lo(env, x), 0),
                     )?;
                     let bg = kern.bind(g, &p, step, buf(x), &w.chunks[0].buffer, buf(y));
                     params.push(p);
@@ -2324,7 +2359,10 @@ impl BindCtx<'_> {
                 }
                 OpKind::Add { a, b: bb, y } => {
                     let width = y.width(c);
-                    let p = g.uniform("add.params", &elementwise::Params::new(width))?;
+                    let p = g.uniform(
+                        "add.params",
+                        &elementwise::Params::add_split(width, b.lo(env, a), b.lo(env, y)),
+                    )?;
                     let bg = k.add.bind(g, &p, step, buf(a), buf(bb), buf(y));
                     params.push(p);
                     Bound::Add { bg, width }
@@ -2393,7 +2431,8 @@ impl BindCtx<'_> {
         let kern = k.add_norm.get(key);
         let p = g.uniform(
             "add_norm.params",
-            &rmsnorm::Params::per_token(r.width(c), 1, c.rms_norm_eps as f32),
+            &rmsnorm::Params::per_token(r.width(c), 1, c.rms_norm_eps as f32)
+                .with_lo(b.lo(env, *a), b.lo(env, *r)),
         )?;
         let buf = |x: Buf| &b.acts[b.idx(env, x)];
         let bg = kern.bind(

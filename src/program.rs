@@ -55,6 +55,13 @@ pub enum Buf {
 }
 
 impl Buf {
+    /// Whether it holds the residual stream (entering or leaving a layer, or
+    /// between its two residual adds): the buffers kept as (hi, lo) pairs
+    /// (common.wgsl's `stream_add`).
+    pub fn is_stream(self) -> bool {
+        matches!(self, Buf::Stream | Buf::StreamOut | Buf::Resid)
+    }
+
     /// Floats per token.
     pub fn width(self, c: &ModelConfig) -> usize {
         use Buf::*;

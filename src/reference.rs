@@ -86,18 +86,26 @@ impl<'w> CpuModel<'w> {
         let program = self.program.clone();
         let mut taps = TapSet::default();
         let mut acts: HashMap<Buf, Vec<f32>> = HashMap::new();
+        // The residual stream's low halves (the GPU's (hi, lo) stream, see
+        // elementwise::add_split_reference), for the buffers the residual
+        // adds wrote; `acts` holds the hi halves, what the taps show.
+        let mut lo: HashMap<Buf, Vec<f32>> = HashMap::new();
         for (scope, op) in program.ops() {
             let layer = match scope {
                 Scope::Layer(i) => i,
                 _ => 0,
             };
-            self.run_op(&op.kind, layer, tokens, &mut acts)?;
+            self.run_op(&op.kind, layer, tokens, &mut acts, &mut lo)?;
             if let (Some(t), Some(b)) = (op.tap, op.output()) {
                 taps.push(scope.tap_name(t), n, b.width(c), acts[&b].clone());
             }
             // The layer's output is the next layer's input.
             if let Some(out) = acts.remove(&Buf::StreamOut) {
                 acts.insert(Buf::Stream, out);
+                match lo.remove(&Buf::StreamOut) {
+                    Some(l) => lo.insert(Buf::Stream, l),
+                    None => lo.remove(&Buf::Stream),
+                };
             }
         }
         self.pos += n;
@@ -110,6 +118,7 @@ impl<'w> CpuModel<'w> {
         layer: usize,
         tokens: &[u32],
         acts: &mut HashMap<Buf, Vec<f32>>,
+        lo: &mut HashMap<Buf, Vec<f32>>,
     ) -> Result<()> {
         let c = self.cfg;
         let n = tokens.len();
@@ -136,7 +145,8 @@ impl<'w> CpuModel<'w> {
             } => {
                 let w = &self.weight(w)?.data;
                 let width = x.width(c) / heads;
-                let v = rmsnorm::reference(&get(acts, x)?, w, width, eps, unit_offset);
+                let l = lo.get(&x).map(Vec::as_slice);
+                let v = rmsnorm::reference_split(&get(acts, x)?, l, w, width, eps, unit_offset);
                 (y, v)
             }
             OpKind::Linear { x, w, bias, y } => {
@@ -193,10 +203,13 @@ impl<'w> CpuModel<'w> {
                 };
                 (y, v)
             }
-            OpKind::Add { a, b, y } => (
-                y,
-                elementwise::add_reference(&get(acts, a)?, &get(acts, b)?),
-            ),
+            OpKind::Add { a, b, y } => {
+                let l = lo.get(&a).map(Vec::as_slice);
+                let (hi, l) = elementwise::add_split_reference(&get(acts, a)?, l, &get(acts, b)?);
+                acts.insert(y, hi);
+                lo.insert(y, l);
+                return Ok(());
+            }
             OpKind::Softcap { x, cap } => {
                 let mut v = get(acts, x)?;
                 elementwise::softcap_reference(&mut v, cap);
@@ -205,6 +218,8 @@ impl<'w> CpuModel<'w> {
             OpKind::Copy { x, y } => (y, get(acts, x)?),
         };
         acts.insert(y, v);
+        // Any other op writes hi alone.
+        lo.remove(&y);
         Ok(())
     }
 

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::compare::{compare, RefKind, Report, Tolerances};
-#[cfg(not(target_arch = "wasm32"))]
-use crate::error::Error;
 use crate::error::Result;
+#[cfg(not(target_arch = "wasm32"))]
+use crate::error::{Error, Hint, Setting};
 use crate::gpu::Gpu;
 use crate::loader::{Checkpoint, HostWeights, LoadDType, MemoryPlan};
 use crate::model::{Faults, Model, ModelOptions};
@@ -99,11 +99,12 @@ fn resolve_tokens(o: &VerifyOptions) -> Result<Vec<u32>> {
     } else if let Some(p) = &o.prompt {
         let ids = crate::tokenizer::encode_prompt(&o.model, p).map_err(|e| match e {
             // Text needs the folder's tokenizer; ids do not.
-            Error::Io { path, msg, source } => Error::Io {
-                path,
-                msg: format!("{msg} (pass token ids with --tokens instead)"),
-                source,
-            },
+            e @ Error::Io { .. } => e.hint(
+                Hint::new()
+                    .text("pass token ids with ")
+                    .name(Setting::Tokens)
+                    .text(" instead"),
+            ),
             e => e,
         })?;
         Some(ids)
@@ -122,8 +123,15 @@ fn resolve_tokens(o: &VerifyOptions) -> Result<Vec<u32>> {
         (Some(m), None) => m,
         (None, Some(r)) => r,
         (None, None) => {
-            return Err(Error::invalid(
-                "give --tokens or --prompt (or a --reference dump that holds `tokens`)",
+            return Err(Error::invalid("no input to verify").hint(
+                Hint::new()
+                    .text("give ")
+                    .name(Setting::Tokens)
+                    .text(" or ")
+                    .name(Setting::Prompt)
+                    .text(", or a ")
+                    .name(Setting::Reference)
+                    .text(" that holds `tokens`"),
             ))
         }
     };

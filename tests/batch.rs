@@ -277,12 +277,7 @@ fn nothing_is_created_per_slot_step() {
     let before = g.counters.snapshot();
     run(&mut m);
     let after = g.counters.snapshot();
-    assert_eq!(after.buffers, before.buffers, "buffers created per step");
-    assert_eq!(
-        after.bind_groups, before.bind_groups,
-        "bind groups per step"
-    );
-    assert_eq!(after.pipelines, before.pipelines, "pipelines per step");
+    common::assert_nothing_created(&before, &after, "per step");
     assert!(after.dispatches > before.dispatches);
 }
 

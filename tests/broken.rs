@@ -5,24 +5,12 @@
 //! both the CPU reference and the PyTorch f32 dump, and checks the first
 //! failing tap of each.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+mod common;
+
+use common::{fixture, gpu};
 
 use wgllm::model::Faults;
 use wgllm::verify::{run, VerifyOptions};
-use wgllm::{Gpu, GpuOptions};
-
-fn gpu() -> Arc<Gpu> {
-    static G: OnceLock<Arc<Gpu>> = OnceLock::new();
-    G.get_or_init(|| Arc::new(Gpu::new(&GpuOptions::default()).expect("GPU")))
-        .clone()
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 /// Run verify with `faults` and check the first failure of every report.
 fn check(name: &str, faults: Faults, first: Option<&str>) {

@@ -997,6 +997,30 @@ fn run_input_errors_exit_2() {
     assert!(r.stderr.contains("no chat template"), "{}", r.stderr);
 }
 
+/// `serve` refuses a bad `--max-context` (and `--parallel`) while parsing,
+/// before it binds or says it is listening: the model loads on the engine
+/// thread only after the address is printed, so a load-time refusal would
+/// come after "listening".
+#[test]
+fn serve_refuses_bad_settings_before_listening() {
+    let m = chat_model();
+    for (flag, value, want) in [
+        ("--max-context", "0", "max context must be at least 1"),
+        ("--max-context", "many", "not a token count"),
+        ("--parallel", "0", "number of sequences"),
+    ] {
+        let args = ["serve", "--model", path(&m), "--port", "0", flag, value];
+        let r = wgllm(&args).expect_code(2, &args.join(" "));
+        assert!(
+            r.stderr.contains(flag) && r.stderr.contains(want),
+            "{}: stderr lacks `{flag}` / `{want}`:\n{}",
+            args.join(" "),
+            r.stderr
+        );
+        assert!(!r.stderr.contains("listening"), "{}", r.stderr);
+    }
+}
+
 /// A checkpoint whose lm_head overflows f32 at run time (every weight the
 /// largest finite bf16, 3.39e38: finite, so the loader accepts it, but any
 /// logit sums 64 such products): generation stops at step 0 with an error

@@ -4,11 +4,13 @@
 //! a stop that leaves the KV cache exactly as if the wasted steps never ran,
 //! and no buffer, bind group or pipeline created per token.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+mod common;
+
+use std::sync::Arc;
+
+use common::{assert_nothing_created, fixture, fixture_reference, gpu, load_sized};
 
 use wgllm::model::{Model, ModelOptions};
-use wgllm::taps::read_i32;
 use wgllm::{Gpu, GpuOptions};
 
 const FIXTURES: [&str; 4] = [
@@ -17,41 +19,6 @@ const FIXTURES: [&str; 4] = [
     "qwen3_qk_norm",
     "gemma3_window",
 ];
-
-fn gpu() -> Arc<Gpu> {
-    static G: OnceLock<Arc<Gpu>> = OnceLock::new();
-    G.get_or_init(|| Arc::new(Gpu::new(&GpuOptions::default()).expect("GPU")))
-        .clone()
-}
-
-fn dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-/// The fixture's prompt and transformers' greedy continuation.
-fn reference(name: &str) -> (Vec<u32>, Vec<u32>) {
-    let r = dir(name).join("reference_f32.safetensors");
-    let ints = |n: &str| -> Vec<u32> {
-        read_i32(&r, n)
-            .unwrap()
-            .unwrap_or_else(|| panic!("{}: no `{n}`", r.display()))
-            .into_iter()
-            .map(|x| x as u32)
-            .collect()
-    };
-    (ints("tokens"), ints("generated"))
-}
-
-fn load(name: &str, max_context: usize, max_batch: usize) -> Model {
-    let opts = ModelOptions {
-        max_context: Some(max_context),
-        max_batch,
-        ..Default::default()
-    };
-    Model::load(gpu(), &dir(name), &opts).unwrap_or_else(|e| panic!("{name}: {e}"))
-}
 
 /// Prefill, then `steps` pipelined steps at `depth`: every id delivered.
 fn pipelined(m: &mut Model, prompt: &[u32], steps: usize, depth: usize) -> Vec<u32> {
@@ -70,8 +37,8 @@ fn pipelined(m: &mut Model, prompt: &[u32], steps: usize, depth: usize) -> Vec<u
 #[test]
 fn pipelined_greedy_matches_transformers_at_every_depth() {
     for name in FIXTURES {
-        let (tokens, want) = reference(name);
-        let mut m = load(name, tokens.len() + want.len(), tokens.len());
+        let (tokens, want) = fixture_reference(name);
+        let mut m = load_sized(name, tokens.len() + want.len(), tokens.len());
         for depth in [1, 3, 7] {
             m.reset();
             let got = pipelined(&mut m, &tokens, want.len() - 1, depth);
@@ -87,13 +54,13 @@ fn pipelined_greedy_matches_transformers_at_every_depth() {
 #[test]
 fn a_stop_discards_the_steps_in_flight() {
     let name = "llama_gqa3_untied";
-    let (tokens, want) = reference(name);
+    let (tokens, want) = fixture_reference(name);
     assert!(
         want.len() >= 6,
         "{name}: the fixture generates {}",
         want.len()
     );
-    let mut m = load(name, tokens.len() + want.len(), tokens.len());
+    let mut m = load_sized(name, tokens.len() + want.len(), tokens.len());
     let first = m.forward_next(&tokens).unwrap();
     let mut got = vec![first];
     let run = m
@@ -130,7 +97,7 @@ fn a_stop_discards_the_steps_in_flight() {
 #[test]
 fn nothing_is_created_per_token_and_dispatches_are_counted() {
     let name = "qwen2_bias_tied";
-    let (tokens, want) = reference(name);
+    let (tokens, want) = fixture_reference(name);
     // its own device: the other tests run in parallel on the shared one
     let g = Arc::new(Gpu::new(&GpuOptions::default()).expect("GPU"));
     let opts = ModelOptions {
@@ -138,7 +105,7 @@ fn nothing_is_created_per_token_and_dispatches_are_counted() {
         max_batch: tokens.len(),
         ..Default::default()
     };
-    let mut m = Model::load(g.clone(), &dir(name), &opts).unwrap();
+    let mut m = Model::load(g.clone(), &fixture(name), &opts).unwrap();
     pipelined(&mut m, &tokens, 2, 3);
     m.reset();
     let before = g.counters.snapshot();
@@ -154,12 +121,7 @@ fn nothing_is_created_per_token_and_dispatches_are_counted() {
     }
     m.forward_logits(&[id]).unwrap();
     let after = g.counters.snapshot();
-    assert_eq!(after.buffers, before.buffers, "buffers created per token");
-    assert_eq!(
-        after.bind_groups, before.bind_groups,
-        "bind groups per token"
-    );
-    assert_eq!(after.pipelines, before.pipelines, "pipelines per token");
+    assert_nothing_created(&before, &after, "per token");
     let per_op: usize = m.decode_ops().iter().map(|o| o.dispatches).sum();
     assert_eq!(run.dispatches_per_step, per_op as u64);
     // the pipelined steps and 3 + 1 blocking one-token steps each record
@@ -206,10 +168,10 @@ const FUSED_FIXTURES: [(&str, usize); 7] = [
 #[test]
 fn fused_and_op_by_op_paths_agree_bit_for_bit() {
     for (name, saved) in FUSED_FIXTURES {
-        let (tokens, want) = reference(name);
+        let (tokens, want) = fixture_reference(name);
         let ctx = tokens.len() + want.len();
-        let mut fused = load(name, ctx, tokens.len());
-        let mut plain = load(name, ctx, tokens.len());
+        let mut fused = load_sized(name, ctx, tokens.len());
+        let mut plain = load_sized(name, ctx, tokens.len());
         plain.set_fuse(false);
         let layers = fused.cfg.num_hidden_layers;
         let total = |m: &Model| (0..layers).map(|l| m.layer_dispatches(l)).sum::<usize>();

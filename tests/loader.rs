@@ -9,8 +9,10 @@ use std::sync::OnceLock;
 use common::*;
 use safetensors::Dtype;
 use serde_json::json;
+use wgllm::cli::Flags;
 use wgllm::config::RopeScaling;
 use wgllm::config::{Arch, ModelConfig};
+use wgllm::error::Setting;
 use wgllm::gpu::Caps;
 use wgllm::loader::{expected_tensors, Checkpoint, HostWeights, LoadDType, MemoryPlan, Weights};
 use wgllm::tensor::WDType;
@@ -959,13 +961,14 @@ fn poisoned_fixture(dtype: Dtype, poison: &[(&str, usize, f32)]) -> tempfile::Te
 fn load_errors(dir: &Path, policy: LoadDType) -> (String, String) {
     let ck = Checkpoint::open(dir).unwrap();
     let plan = MemoryPlan::new(&ck.config, &ck, policy, &gpu().caps).unwrap();
+    // As the CLI shows them: a hint's settings named by their flags.
     let dev = match Weights::upload(gpu(), &ck, &plan) {
         Ok(_) => panic!("upload of {} ({policy}) should fail", dir.display()),
-        Err(e) => e.to_string(),
+        Err(e) => e.render(&Flags),
     };
     let host = match HostWeights::load(&ck, &plan) {
         Ok(_) => panic!("host load of {} ({policy}) should fail", dir.display()),
-        Err(e) => e.to_string(),
+        Err(e) => e.render(&Flags),
     };
     (dev, host)
 }
@@ -1342,8 +1345,10 @@ fn device_memory_plan_refuses_contexts_the_device_cannot_hold() {
     let fit = (1u64 << 27) / per_pos;
     let e = plan
         .device_memory(cfg, Some(fit as usize + 1), 8, &c)
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
+    // The library names the setting; the CLI renders it as its flag.
+    assert_eq!(e.settings(), [Setting::MaxContext]);
+    let e = e.render(&Flags);
     println!("too long: {e}");
     assert_has(
         &e,
@@ -1358,7 +1363,7 @@ fn device_memory_plan_refuses_contexts_the_device_cannot_hold() {
     let e = plan
         .device_memory(cfg, Some(usize::MAX), 8, &c)
         .unwrap_err()
-        .to_string();
+        .render(&Flags);
     assert_has(&e, &["more than 2^64 bytes", "--max-context"]);
     assert!(plan
         .device_memory(cfg, Some(0), 8, &c)
@@ -1371,7 +1376,7 @@ fn device_memory_plan_refuses_contexts_the_device_cannot_hold() {
     let e = plan
         .device_memory(cfg, Some(11), 8, &small)
         .unwrap_err()
-        .to_string();
+        .render(&Flags);
     assert_has(&e, &["use --max-context 10 or less"]);
     // An activation buffer for the batch beyond the binding limit.
     let mut tight = c.clone();
@@ -1401,7 +1406,7 @@ fn model_load_refuses_a_huge_context_before_upload() {
     };
     let e = match wgllm::model::Model::from_checkpoint(g, &ck, &opts) {
         Ok(_) => panic!("a 2^40-token context was accepted"),
-        Err(e) => e.to_string(),
+        Err(e) => e.render(&Flags),
     };
     println!("{e}");
     assert_has(&e, &["a context of 1099511627776 tokens", "--max-context"]);

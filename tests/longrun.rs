@@ -193,19 +193,26 @@ fn prompt_longer_than_the_context_and_empty_prompt_are_refused() {
     let e = model.forward_next(&[]).unwrap_err().to_string();
     assert!(e.contains("no tokens to process"), "{e}");
 
-    // Through generate(): the pre-check names prompt, --max-tokens, context.
+    // Through generate(): the pre-check names prompt, max tokens, context,
+    // and the settings to change (as the CLI renders them: its flags).
     let tok = tiny_tokenizer();
     let opts = wgllm::generate::GenerateOptions {
         max_tokens: 8,
         sampling: Default::default(),
         stop_ids: vec![],
     };
-    let e = wgllm::generate::generate(&mut model, &tok, &long[..10], &opts, |_| {})
-        .unwrap_err()
-        .to_string();
+    let e = wgllm::generate::generate(&mut model, &tok, &long[..10], &opts, |_| {}).unwrap_err();
+    assert_eq!(
+        e.settings(),
+        [
+            wgllm::error::Setting::MaxTokens,
+            wgllm::error::Setting::MaxContext
+        ]
+    );
+    let e = e.render(&wgllm::cli::Flags);
     assert!(
-        e.contains("prompt (10 tokens) + --max-tokens 8 = 18 exceeds the context of 16 tokens")
-            && e.contains("--max-context"),
+        e.contains("prompt (10 tokens) + 8 new tokens = 18 exceeds the context of 16 tokens")
+            && e.contains("(lower --max-tokens or raise --max-context)"),
         "{e}"
     );
     let e = wgllm::generate::generate(&mut model, &tok, &[], &opts, |_| {})

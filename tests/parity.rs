@@ -6,26 +6,14 @@
 
 mod common;
 
-use common::{fixture, gpu, read_ints};
+use common::{fixture, gpu, load_sized, read_ints, FIXTURES};
 
 use wgllm::compare::{compare, RefKind, Tolerances};
 use wgllm::config::Arch;
 use wgllm::loader::{Checkpoint, HostWeights, LoadDType, MemoryPlan};
-use wgllm::model::{Model, ModelOptions};
 use wgllm::reference::CpuModel;
 use wgllm::taps::TapSet;
 use wgllm::GpuOptions;
-
-const FIXTURES: [&str; 8] = [
-    "qwen2_bias_tied",
-    "llama_gqa3_untied",
-    "llama3_rope_scaling",
-    "mistral_head_dim",
-    "qwen2_big_vocab",
-    "qwen3_qk_norm",
-    "gemma3_window",
-    "mistral_window",
-];
 
 /// Taps per layer, counted from each family's modeling code (written out
 /// here, not taken from wgllm's program, so a dropped tap cannot hide).
@@ -38,15 +26,6 @@ fn taps_per_layer(arch: Arch) -> usize {
         // + q_norm k_norm post_attn_norm post_mlp_norm
         Arch::Gemma3 => 16,
     }
-}
-
-fn load(name: &str, max_context: usize, max_batch: usize) -> Model {
-    let opts = ModelOptions {
-        max_context: Some(max_context),
-        max_batch,
-        ..Default::default()
-    };
-    common::load_fixture(name, &opts)
 }
 
 /// CI runs this file on several devices through wgllm's own variables
@@ -76,7 +55,7 @@ fn gpu_taps_match_pytorch_f32_at_every_tap() {
     for name in FIXTURES {
         let r = fixture(name).join("reference_f32.safetensors");
         let tokens = read_ints(&r, "tokens");
-        let mut m = load(name, tokens.len(), tokens.len());
+        let mut m = load_sized(name, tokens.len(), tokens.len());
         let got = m.forward_taps(&tokens).unwrap();
         let want = TapSet::load(&r).unwrap();
         // Default F32 tolerances (see compare::Tolerances::defaults).
@@ -99,7 +78,7 @@ fn gpu_taps_match_pytorch_bf16_within_bf16_tolerances() {
     for name in FIXTURES {
         let r = fixture(name).join("reference_bf16.safetensors");
         let tokens = read_ints(&r, "tokens");
-        let mut m = load(name, tokens.len(), tokens.len());
+        let mut m = load_sized(name, tokens.len(), tokens.len());
         let got = m.forward_taps(&tokens).unwrap();
         let want = TapSet::load(&r).unwrap();
         let rep = compare(
@@ -143,7 +122,7 @@ fn greedy_continuations_match_transformers_token_for_token() {
         let r = fixture(name).join("reference_f32.safetensors");
         let tokens = read_ints(&r, "tokens");
         let want = read_ints(&r, "generated");
-        let mut m = load(name, tokens.len() + want.len(), tokens.len());
+        let mut m = load_sized(name, tokens.len() + want.len(), tokens.len());
         let mut got = vec![m.forward_next(&tokens).unwrap()];
         while got.len() < want.len() {
             let last = *got.last().unwrap();
@@ -188,7 +167,7 @@ fn chunked_prefill_and_decode_agree_with_one_pass() {
         let wl = want.get("logits").unwrap();
         let last_ref = &wl.data[(wl.rows - 1) * wl.cols..];
         for batch in [tokens.len(), 5, 1] {
-            let mut m = load(name, tokens.len(), batch);
+            let mut m = load_sized(name, tokens.len(), batch);
             let got = m.forward_logits(&tokens).unwrap();
             let met = wgllm::compare::metrics(&got, last_ref);
             // same f32 bound as the taps
@@ -207,7 +186,7 @@ fn reset_and_truncate_reuse_the_cache() {
     let name = "qwen2_bias_tied";
     let r = fixture(name).join("reference_f32.safetensors");
     let tokens = read_ints(&r, "tokens");
-    let mut m = load(name, 64, 16);
+    let mut m = load_sized(name, 64, 16);
     let a = m.forward_logits(&tokens).unwrap();
     // a different sequence, then reset: the same prompt must give the same
     // logits (bit for bit: same kernels, same order)
@@ -223,7 +202,7 @@ fn reset_and_truncate_reuse_the_cache() {
 
 #[test]
 fn bad_inputs_are_errors_not_panics() {
-    let mut m = load("qwen2_bias_tied", 16, 8);
+    let mut m = load_sized("qwen2_bias_tied", 16, 8);
     let e = m.forward_next(&[]).unwrap_err().to_string();
     assert!(e.contains("no tokens"), "{e}");
     let e = m.forward_next(&[512]).unwrap_err().to_string();

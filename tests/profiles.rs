@@ -4,8 +4,11 @@
 //! `verify` report. Parity under each setting is tests/parity.rs's job (CI
 //! runs it under each); this file checks that the switches reach the device.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::{Command, Output};
+
+use common::fixture;
 
 fn wgllm(env: &[(&str, &str)], args: &[&str]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_wgllm"));
@@ -22,12 +25,6 @@ fn wgllm(env: &[(&str, &str)], args: &[&str]) -> Output {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
 }
 
 /// The `kernels:` line of the selected adapter in `wgllm devices`.

@@ -30,16 +30,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+use common::gpu;
 use serde::Deserialize;
 use wgllm::chat::{ChatMessage, ChatTemplate};
 use wgllm::fetch::resolve_model;
 use wgllm::model::{Model, ModelOptions};
 use wgllm::tokenizer::Tokenizer;
 use wgllm::verify::{self, VerifyOptions};
-use wgllm::{Gpu, GpuOptions};
 
 struct RealModel {
     /// Short key: in the test and fixture names.
@@ -164,12 +164,6 @@ fn setup(m: &'static RealModel, test: &str) -> &'static Setup {
         );
         Setup { dir, from_var }
     })
-}
-
-fn gpu() -> Arc<Gpu> {
-    static G: OnceLock<Arc<Gpu>> = OnceLock::new();
-    G.get_or_init(|| Arc::new(Gpu::new(&GpuOptions::default()).expect("GPU")))
-        .clone()
 }
 
 /// Held by every test that runs a model, so that the two cores are not

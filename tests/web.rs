@@ -20,30 +20,17 @@ use std::sync::{mpsc, OnceLock};
 use std::time::Duration;
 
 use wgllm::compare::{metrics, RefKind, Tolerances};
-use wgllm::taps::{read_i32, TapSet};
+use wgllm::taps::TapSet;
 
 mod common;
 
-const FIXTURES: [&str; 8] = [
-    "qwen2_bias_tied",
-    "llama_gqa3_untied",
-    "llama3_rope_scaling",
-    "mistral_head_dim",
-    "qwen2_big_vocab",
-    "qwen3_qk_norm",
-    "gemma3_window",
-    "mistral_window",
-];
+use common::{fixture, fixture_reference, repo_root as root, FIXTURES};
 
 /// The fixture the broken folders are made from.
 const BROKEN_FROM: &str = "qwen2_bias_tied";
 
 /// The real model folder served at /models/real/ (the ignored test's).
 static REAL_MODEL: OnceLock<PathBuf> = OnceLock::new();
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn on_path(tool: &str) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
@@ -111,13 +98,12 @@ fn serve_path(path: &str) -> Option<(Vec<u8>, &'static str)> {
     if path.split('/').any(|c| c == "..") {
         return None;
     }
-    let fixture =
-        |name: &str| std::fs::read(root().join("tests/fixtures").join(BROKEN_FROM).join(name)).ok();
+    let broken_from = |name: &str| std::fs::read(fixture(BROKEN_FROM).join(name)).ok();
     let file = match path {
         "/" | "/index.html" => std::fs::read(root().join("web/index.html")).ok(),
-        "/broken/missing/config.json" | "/broken/corrupt/config.json" => fixture("config.json"),
+        "/broken/missing/config.json" | "/broken/corrupt/config.json" => broken_from("config.json"),
         // The header promises tensors the file no longer holds.
-        "/broken/corrupt/model.safetensors" => fixture("model.safetensors").map(|mut b| {
+        "/broken/corrupt/model.safetensors" => broken_from("model.safetensors").map(|mut b| {
             b.truncate(b.len() / 2);
             b
         }),
@@ -235,19 +221,6 @@ fn open(chromium: &Path, url: &str) -> Browser {
     Browser(child, profile)
 }
 
-fn fixture_ints(name: &str, tensor: &str) -> Vec<u32> {
-    let p = root()
-        .join("tests/fixtures")
-        .join(name)
-        .join("reference_f32.safetensors");
-    read_i32(&p, tensor)
-        .unwrap()
-        .unwrap_or_else(|| panic!("{}: no `{tensor}`", p.display()))
-        .into_iter()
-        .map(|x| x as u32)
-        .collect()
-}
-
 #[test]
 fn the_page_in_headless_chromium_matches_pytorch_and_shows_errors() {
     let chromium = require_tools();
@@ -279,10 +252,7 @@ fn the_page_in_headless_chromium_matches_pytorch_and_shows_errors() {
         );
         // Last-token logits against transformers f32, at verify's f32
         // tolerance for the logits tap (compare::Tolerances::defaults).
-        let dump = root()
-            .join("tests/fixtures")
-            .join(name)
-            .join("reference_f32.safetensors");
+        let dump = fixture(name).join("reference_f32.safetensors");
         let want = TapSet::load(&dump).unwrap();
         let wl = want.get("logits").unwrap();
         let last = &wl.data[(wl.rows - 1) * wl.cols..];
@@ -310,11 +280,7 @@ fn the_page_in_headless_chromium_matches_pytorch_and_shows_errors() {
             .iter()
             .map(|x| x.as_u64().unwrap() as u32)
             .collect();
-        assert_eq!(
-            greedy,
-            fixture_ints(name, "generated"),
-            "{name}: greedy ids"
-        );
+        assert_eq!(greedy, fixture_reference(name).1, "{name}: greedy ids");
         // Verify: the CPU reference and both dumps, every tap, all pass.
         assert_eq!(
             r["pass"], true,

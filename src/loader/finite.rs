@@ -17,7 +17,7 @@
 use ::safetensors::Dtype;
 
 use super::shard::TensorMeta;
-use crate::error::{Error, Result};
+use crate::error::{Error, Hint, Result, Setting};
 
 /// Lane layout of one float format: width in bits and exponent mask.
 #[derive(Clone, Copy)]
@@ -198,12 +198,13 @@ pub fn narrowed_to_bf16_error(m: &TensorMeta, i: usize) -> Error {
         tensor: m.name.clone(),
         msg: format!(
             "element {} (flat index {i} of shape {:?}) is finite in the file ({}) but outside \
-             the bf16 range, so it would be infinite on the device; load with --dtype f32",
+             the bf16 range, so it would be infinite on the device",
             format_index(&unravel(i, &m.shape)),
             m.shape,
             m.dtype
         ),
     }
+    .hint(Hint::new().set(Setting::DType, "f32"))
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use ::safetensors::Dtype;
 
 use super::shard::TensorMeta;
-use crate::error::{Error, Result};
+use crate::error::{Error, Hint, Result, Setting};
 use crate::gguf::convert::{plan_tensors, tensor_to_bytes, PlannedTensor};
 use crate::gguf::{native_blocks, ConvertDType, GgmlType, GgufFile};
 
@@ -158,13 +158,18 @@ pub fn manifest_gguf(dir: &Path) -> Result<Option<PathBuf>> {
     let size = v["size"]
         .as_u64()
         .ok_or_else(|| field("size", "missing or not a byte count"))?;
-    let stale = |what: String| Error::Io {
-        path: gguf.clone(),
-        msg: format!(
-            "{what}; {} names this file as its weights: pass the .gguf itself with --model again",
-            mpath.display()
-        ),
-        source: None,
+    let stale = |what: String| {
+        Error::Io {
+            path: gguf.clone(),
+            msg: format!("{what}; {} names this file as its weights", mpath.display()),
+            source: None,
+        }
+        .hint(
+            Hint::new()
+                .text("give the .gguf itself as the ")
+                .name(Setting::Model)
+                .text(" again"),
+        )
     };
     match std::fs::metadata(&gguf) {
         Ok(m) if m.len() == size => Ok(Some(gguf)),

@@ -8,7 +8,7 @@ use ::safetensors::Dtype;
 
 use super::Checkpoint;
 use crate::config::ModelConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, Hint, Result, Setting};
 use crate::gguf::GgmlType;
 use crate::gpu::{pad4, Caps};
 use crate::qtensor::{gpu_supports, BlockPad};
@@ -520,15 +520,23 @@ impl DeviceMemory {
         let per_token = self.kv_cache / self.context.max(1) as u64;
         let fit = room / per_token.max(1);
         let fix = if fit >= 1 {
-            format!("use --max-context {fit} or less, or smaller weights (--dtype bf16, a quantized GGUF)")
+            Hint::new()
+                .set(Setting::MaxContext, format!("{fit} or less"))
+                .text(", or smaller weights: ")
+                .set(Setting::DType, "bf16")
+                .text(", or a quantized GGUF")
         } else {
-            "the weights alone do not fit: use smaller weights (--dtype bf16, a quantized GGUF) or free host memory".into()
+            Hint::new()
+                .text("the weights alone do not fit: smaller weights (")
+                .set(Setting::DType, "bf16")
+                .text(", or a quantized GGUF), or free host memory")
         };
         Err(Error::invalid(format!(
-            "this CPU device uses host memory, and the model needs {} but the host has {} available              (MemAvailable); {fix}",
+            "this CPU device uses host memory, and the model needs {} but the host has {} available (MemAvailable in /proc/meminfo)",
             self.summary(),
             mib(available)
-        )))
+        ))
+        .hint(fix))
     }
 }
 
@@ -603,12 +611,13 @@ impl MemoryPlan {
             return Err(Error::invalid(format!(
                 "a context of {context} tokens needs a KV cache buffer of {} per layer for K and again for V \
                  ({} KV heads × head_dim {} × 4 bytes × {slots} sequence slot(s) = {per_pos} bytes per token), but this device binds at most {} \
-                 ({limit} bytes) in one buffer; use --max-context {fit} or less",
+                 ({limit} bytes) in one buffer",
                 kv_layer.map_or_else(|| "more than 2^64 bytes".into(), mib),
                 cfg.num_key_value_heads,
                 cfg.head_dim,
                 mib(limit),
-            )));
+            ))
+            .hint(Hint::new().set(Setting::MaxContext, format!("{fit} or less"))));
         }
         let kv_layer = kv_layer.unwrap_or_default();
         let vocab_row = cfg.vocab_size as u64 * 4;
@@ -701,15 +710,20 @@ mod tests {
             total: 1500 * mib,
         };
         assert!(mem.check_host(1500 * mib).is_ok());
-        let e = mem.check_host(1300 * mib).unwrap_err().to_string();
+        let e = mem.check_host(1300 * mib).unwrap_err();
+        // The fix names the settings, not a front end's spelling of them.
+        assert_eq!(e.settings(), [Setting::MaxContext, Setting::DType]);
+        let e = e.to_string();
         // 200 MiB of room at 0.1 MiB of KV per token: 2048 tokens.
         assert!(
             e.contains("1500.0 MiB on the device")
                 && e.contains("1300.0 MiB available")
-                && e.contains("--max-context 2048 or less"),
+                && e.contains("set max context to 2048 or less"),
             "{e}"
         );
-        let e = mem.check_host(900 * mib).unwrap_err().to_string();
+        let e = mem.check_host(900 * mib).unwrap_err();
+        assert_eq!(e.settings(), [Setting::DType]);
+        let e = e.to_string();
         assert!(e.contains("the weights alone do not fit"), "{e}");
         assert!(host_available_bytes().is_some_and(|b| b > 0) || !cfg!(target_os = "linux"));
     }

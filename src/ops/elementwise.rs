@@ -15,7 +15,9 @@ pub struct Params {
     pub width: u32,
     /// The soft-cap `c` (softcap kernel only).
     pub cap: f32,
-    pub _p: [u32; 2],
+    /// The residual add only: float offsets of a's and y's low halves (the
+    /// residual stream as (hi, lo), common.wgsl's `stream_add`); 0 = none.
+    pub lo: [u32; 2],
 }
 
 impl Params {
@@ -26,7 +28,15 @@ impl Params {
         Params {
             width: width as u32,
             cap,
-            _p: [0; 2],
+            lo: [0; 2],
+        }
+    }
+    /// The residual add over the stream as (hi, lo): a's low halves at
+    /// float offset `a_lo` (0 = none), y's written at `y_lo` (0 = none).
+    pub fn add_split(width: usize, a_lo: u32, y_lo: u32) -> Self {
+        Params {
+            lo: [a_lo, y_lo],
+            ..Self::new(width)
         }
     }
 }
@@ -160,6 +170,28 @@ impl Softcap {
 /// CPU reference for the residual add.
 pub fn add_reference(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter().zip(b).map(|(x, y)| x + y).collect()
+}
+
+/// CPU reference for the residual add on the stream as (hi, lo)
+/// (common.wgsl's `stream_add`), the kernel's operations in f32 exactly
+/// (Rust neither reassociates nor fuses them): returns (hi, lo) of
+/// `(a + a_lo) + b`, `a_lo` all zero when None.
+pub fn add_split_reference(a: &[f32], a_lo: Option<&[f32]>, b: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    // Knuth's TwoSum: s + e == x + y exactly.
+    fn two_sum(x: f32, y: f32) -> (f32, f32) {
+        let s = x + y;
+        let z = s - x;
+        (s, (x - (s - z)) + (y - z))
+    }
+    let mut hi = Vec::with_capacity(a.len());
+    let mut lo = Vec::with_capacity(a.len());
+    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+        let (s, e) = two_sum(x, y);
+        let (h, l) = two_sum(s, a_lo.map_or(0.0, |v| v[i]) + e);
+        hi.push(h);
+        lo.push(l);
+    }
+    (hi, lo)
 }
 
 /// Source of the fused residual add + RMSNorm.
@@ -318,6 +350,73 @@ mod tests {
         // 1e-5 absolute over values up to 30; no cap at all, or a cap
         // applied twice, is off by more than 1.
         assert_close(&got, &want, 1e-5, 1e-5, "softcap");
+    }
+
+    /// The residual add on the stream as (hi, lo): the kernel's (hi, lo)
+    /// equal add_split_reference's bit for bit (the same operations, each
+    /// correctly rounded), hi is hi + lo rounded to nearest (the tap), and
+    /// hi + lo is within ~2^-46 |hi| of the exact (a + a_lo) + b, where the
+    /// plain f32 add is up to 2^-24 off (checked to be so on most
+    /// elements, else the data proves nothing).
+    #[test]
+    fn split_add_carries_the_rounding_error() {
+        let gpu = gpu();
+        let (n, width) = (3usize, 577usize);
+        let len = n * width;
+        let a = rand_vec(len, 12.0, 50);
+        let b = rand_vec(len, 3.0, 51);
+        // Low halves of up to half an ulp of a.
+        let a_lo: Vec<f32> = rand_vec(len, 1.0, 52)
+            .iter()
+            .zip(&a)
+            .map(|(r, x)| r * x.abs() * f32::EPSILON * 0.5)
+            .collect();
+        let k = Elementwise::new(gpu, Binary::Add).unwrap();
+        let lo_off = len as u32;
+        let params = gpu
+            .uniform("p", &Params::add_split(width, lo_off, lo_off))
+            .unwrap();
+        let step = gpu.uniform("step", &Step::new(n as u32, 0)).unwrap();
+        let ab: Vec<f32> = a.iter().chain(&a_lo).copied().collect();
+        let ab = gpu.storage_init("a", bytemuck::cast_slice(&ab)).unwrap();
+        let bb = gpu.storage_init("b", bytemuck::cast_slice(&b)).unwrap();
+        let yb = gpu.storage("y", (2 * len * 4) as u64);
+        let bg = k.bind(gpu, &params, &step, &ab, &bb, &yb);
+        let mut enc = gpu.encoder();
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            k.encode(gpu, &mut pass, &bg, n as u32, width);
+        }
+        gpu.submit_wait(enc).unwrap();
+        let got = gpu.read_f32(&yb, 2 * len).unwrap();
+        let (hi, lo) = (&got[..len], &got[len..]);
+        let (want_hi, want_lo) = add_split_reference(&a, Some(&a_lo), &b);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(hi), bits(&want_hi), "hi halves");
+        assert_eq!(bits(lo), bits(&want_lo), "lo halves");
+        let mut plain_off = 0;
+        for i in 0..len {
+            // Exact in f64 to ~2^-53: three f32 of nearby magnitudes.
+            let exact = (a[i] as f64 + a_lo[i] as f64) + b[i] as f64;
+            let pair = hi[i] as f64 + lo[i] as f64;
+            assert_eq!(
+                (pair as f32).to_bits(),
+                hi[i].to_bits(),
+                "hi is not hi + lo rounded"
+            );
+            // One f32 rounding of lo + e (~2^-24 |hi|), times 2^-24, with
+            // room for the f64 sums: 2^-46.
+            let bound = 2f64.powi(-46) * (hi[i].abs() as f64).max(f64::from(f32::MIN_POSITIVE));
+            assert!(
+                (pair - exact).abs() <= bound,
+                "element {i}: hi + lo = {pair:e}, exact {exact:e}"
+            );
+            plain_off += usize::from((a[i] + b[i]) as f64 != exact);
+        }
+        assert!(
+            plain_off > len / 2,
+            "only {plain_off} of {len} plain adds rounded"
+        );
     }
 
     #[test]

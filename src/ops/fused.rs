@@ -313,37 +313,15 @@ pub fn qkv_rope(
         bias_mode,
         _p: [0; 3],
     };
-    let dummy = gpu.storage("fused.no_bias", 4);
-    let b = bias.map(|b| b.map_or(&dummy, |b| &b.chunks[0].buffer));
-    let lin = lin_params(gpu, k, rows[0], bias_mode)?;
-    let fpb = gpu.uniform("fused.qkv_rope.params", &fp)?;
-    let bg = gpu.bind_entries(
-        &kernel,
-        &[
-            (0, &lin),
-            (1, step),
-            (2, x),
-            (3, &w[0].chunks[0].buffer),
-            (6, &fpb),
-            (7, &w[1].chunks[0].buffer),
-            (8, &w[2].chunks[0].buffer),
-            (9, b[0]),
-            (10, b[1]),
-            (11, b[2]),
-            (12, q_out),
-            (13, &cache.k),
-            (14, &cache.v),
-            (15, &tables.cos),
-            (16, &tables.sin),
-        ],
-    );
-    Ok(Some(Fused {
-        kernel,
-        bg,
-        groups,
-        _params: [lin, fpb],
-        _dummy: dummy,
-    }))
+    let outputs = [q_out, &cache.k, &cache.v, &tables.cos, &tables.sin];
+    let io = Io {
+        step,
+        x,
+        w: &w,
+        bias: &bias,
+        outputs: &outputs,
+    };
+    bind(gpu, kernel, "fused.qkv_rope.params", k, fp, io, groups).map(Some)
 }
 
 /// The fused gate/up + bias + GLU for one decode token into `y`
@@ -383,32 +361,65 @@ pub fn gate_up(
         bias_mode,
         _p: [0; 3],
     };
+    let io = Io {
+        step,
+        x,
+        w: &w,
+        bias: &bias,
+        outputs: &[y],
+    };
+    bind(gpu, kernel, "fused.gate_up.params", k, fp, io, groups).map(Some)
+}
+
+/// The buffers a fused kernel reads and writes, by binding: the step (1),
+/// x (2), the weights at 3, 7 and 8, their biases at 9, 10 and 11, then
+/// `outputs` from 12 on.
+struct Io<'a> {
+    step: &'a wgpu::Buffer,
+    x: &'a wgpu::Buffer,
+    w: &'a [&'a DeviceTensor],
+    bias: &'a [Option<&'a DeviceTensor>],
+    outputs: &'a [&'a wgpu::Buffer],
+}
+
+/// Bind `kernel` to `io` and its two parameter blocks (the linear one at 0,
+/// for the first weight's `fp.rows_a` rows of `k` inputs; `fp` at 6): every
+/// fused kernel's bindings, the same numbers in the shaders. A bias slot
+/// with no bias (an absent one, or the third of two weights) gets a 4-byte
+/// dummy, which the kernel never reads (`fp.bias_mode`).
+fn bind(
+    gpu: &Gpu,
+    kernel: Kernel,
+    label: &str,
+    k: usize,
+    fp: FusedParams,
+    io: Io<'_>,
+    groups: u32,
+) -> Result<Fused> {
     let dummy = gpu.storage("fused.no_bias", 4);
-    let b = bias.map(|b| b.map_or(&dummy, |b| &b.chunks[0].buffer));
-    let lin = lin_params(gpu, k, rows, bias_mode)?;
-    let fpb = gpu.uniform("fused.gate_up.params", &fp)?;
-    let bg = gpu.bind_entries(
-        &kernel,
-        &[
-            (0, &lin),
-            (1, step),
-            (2, x),
-            (3, &w[0].chunks[0].buffer),
-            (6, &fpb),
-            (7, &w[1].chunks[0].buffer),
-            (9, b[0]),
-            (10, b[1]),
-            (11, &dummy),
-            (12, y),
-        ],
-    );
-    Ok(Some(Fused {
+    let lin = lin_params(gpu, k, fp.rows_a, fp.bias_mode)?;
+    let fpb = gpu.uniform(label, &fp)?;
+    let bg = {
+        let mut e: Vec<(u32, &wgpu::Buffer)> = vec![(0, &lin), (1, io.step), (2, io.x), (6, &fpb)];
+        e.extend(
+            [3, 7, 8]
+                .into_iter()
+                .zip(io.w.iter().map(|w| &w.chunks[0].buffer)),
+        );
+        e.extend((0..3).map(|i| {
+            let b = io.bias.get(i).copied().flatten();
+            (9 + i as u32, b.map_or(&dummy, |b| &b.chunks[0].buffer))
+        }));
+        e.extend((12..).zip(io.outputs.iter().copied()));
+        gpu.bind_entries(&kernel, &e)
+    };
+    Ok(Fused {
         kernel,
         bg,
         groups,
         _params: [lin, fpb],
         _dummy: dummy,
-    }))
+    })
 }
 
 fn lin_params(gpu: &Gpu, k: usize, rows: u32, bias_mode: u32) -> Result<wgpu::Buffer> {

@@ -18,7 +18,12 @@ pub struct Params {
     /// Rows per token: 1 for a norm over the hidden state, n_heads for a
     /// per-head norm.
     pub rows_per_token: u32,
-    pub _p: u32,
+    /// Float offset of the input's low halves when it is the residual
+    /// stream as (hi, lo) (common.wgsl's `stream_add`); 0 = none.
+    pub x_lo: u32,
+    /// The fused add+norm only: float offset of the sum's low halves.
+    pub y_lo: u32,
+    pub _p: [u32; 3],
 }
 
 impl Params {
@@ -31,8 +36,15 @@ impl Params {
             width: width as u32,
             eps,
             rows_per_token: rows_per_token as u32,
-            _p: 0,
+            x_lo: 0,
+            y_lo: 0,
+            _p: [0; 3],
         }
+    }
+    /// The same, reading the input's low halves at float offset `x_lo` and
+    /// (fused add+norm) writing the sum's at `y_lo` (0 = none).
+    pub fn with_lo(self, x_lo: u32, y_lo: u32) -> Self {
+        Params { x_lo, y_lo, ..self }
     }
 }
 
@@ -101,13 +113,39 @@ impl RmsNorm {
 /// With `unit_offset` the weight is `(1 + w)` (rounded to f32, as
 /// `1.0 + weight.float()` is).
 pub fn reference(x: &[f32], w: &[f32], width: usize, eps: f32, unit_offset: bool) -> Vec<f32> {
+    reference_split(x, None, w, width, eps, unit_offset)
+}
+
+/// [`reference`] of the residual stream as (hi, lo): each element is
+/// `x[i] + lo[i]` (exact in f64), so the sum of squares and `x * inv` see
+/// the unrounded stream; `w * (x * inv)` as in [`reference`] otherwise.
+pub fn reference_split(
+    x: &[f32],
+    lo: Option<&[f32]>,
+    w: &[f32],
+    width: usize,
+    eps: f32,
+    unit_offset: bool,
+) -> Vec<f32> {
+    if let Some(lo) = lo {
+        assert_eq!(
+            lo.len(),
+            x.len(),
+            "rmsnorm reference: hi and lo halves differ in length"
+        );
+    }
     let mut y = vec![0f32; x.len()];
-    for (xr, yr) in x.chunks(width).zip(y.chunks_mut(width)) {
-        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    for (r, (xr, yr)) in x.chunks(width).zip(y.chunks_mut(width)).enumerate() {
+        let v = |i: usize| xr[i] as f64 + lo.map_or(0.0, |l| l[r * width + i] as f64);
+        let ss: f64 = (0..width).map(|i| v(i) * v(i)).sum();
         let inv = 1.0 / ((ss / width as f64) as f32 + eps).sqrt();
         for i in 0..width {
             let wi = if unit_offset { 1.0 + w[i] } else { w[i] };
-            yr[i] = wi * (xr[i] * inv);
+            let xi = match lo {
+                None => xr[i] * inv,
+                Some(_) => (v(i) * inv as f64) as f32,
+            };
+            yr[i] = wi * xi;
         }
     }
     y
@@ -182,6 +220,54 @@ mod tests {
         gpu.submit_wait(enc).unwrap();
         let got = gpu.read_f32(&yb, n * width).unwrap();
         (got, reference(&x, &w, width, eps, ref_unit_offset))
+    }
+
+    /// A norm of the residual stream as (hi, lo) normalises hi + lo: with
+    /// low halves of 2^-12 |hi| (far above a real stream's half ulp, so
+    /// that dropping them shows: ~2.4e-4 relative, while the kernel drops
+    /// only lo^2, ~2^-24 relative) it matches reference_split at the
+    /// tolerance of `check` and not the norm of hi alone.
+    #[test]
+    fn reads_the_low_halves() {
+        let gpu = gpu();
+        let (n, width, eps) = (3usize, 896usize, 1e-6f32);
+        let len = n * width;
+        let x = rand_vec(len, 3.0, 61);
+        let lo: Vec<f32> = rand_vec(len, 1.0, 62)
+            .iter()
+            .zip(&x)
+            .map(|(r, v)| r * v * 2f32.powi(-12))
+            .collect();
+        let w = round_bf16(&rand_vec(width, 1.0, 63));
+        let wt = DeviceTensor::from_f32(gpu, "w", WDType::Bf16, &[width], &w).unwrap();
+        let op = RmsNorm::new(gpu, WDType::Bf16, false).unwrap();
+        let params = gpu
+            .uniform("p", &Params::new(width, eps).with_lo(len as u32, 0))
+            .unwrap();
+        let step = gpu.uniform("step", &Step::new(n as u32, 0)).unwrap();
+        let xl: Vec<f32> = x.iter().chain(&lo).copied().collect();
+        let xb = gpu.storage_init("x", bytemuck::cast_slice(&xl)).unwrap();
+        let yb = gpu.storage("y", (len * 4) as u64);
+        let bg = op.bind(gpu, &params, &step, &xb, &wt.chunks[0].buffer, &yb);
+        let mut enc = gpu.encoder();
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            op.encode(gpu, &mut pass, &bg, n as u32);
+        }
+        gpu.submit_wait(enc).unwrap();
+        let got = gpu.read_f32(&yb, len).unwrap();
+        let want = reference_split(&x, Some(&lo), &w, width, eps, false);
+        check(&got, &want, width, n, WDType::Bf16, false);
+        let hi_only = reference(&x, &w, width, eps, false);
+        let far = got
+            .iter()
+            .zip(&hi_only)
+            .filter(|(g, h)| (*g - *h).abs() > 1e-5 * h.abs() + 1e-6)
+            .count();
+        assert!(
+            far > len / 2,
+            "only {far} of {len} outputs moved with the low halves"
+        );
     }
 
     #[test]

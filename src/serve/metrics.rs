@@ -244,7 +244,7 @@ impl Metrics {
         gauge(
             &mut o,
             "wgllm_slots",
-            "Sequence slots (--parallel).",
+            "Sequence slots (sequences decoded together).",
             m.slots.to_string(),
         );
         gauge(

@@ -6,12 +6,31 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
+use wgllm::gpu::CounterSnapshot;
 use wgllm::model::{Model, ModelOptions};
 use wgllm::tokenizer::{token_type, Tokenizer, VocabSpec};
 use wgllm::{Gpu, GpuOptions};
 
 /// The built binary (cargo builds it for integration tests).
 pub const WGLLM: &str = env!("CARGO_BIN_EXE_wgllm");
+
+/// Every committed tiny fixture (tools/make_tiny_models.py), one per
+/// family and feature the loader and program must get right.
+pub const FIXTURES: [&str; 8] = [
+    "qwen2_bias_tied",
+    "llama_gqa3_untied",
+    "llama3_rope_scaling",
+    "mistral_head_dim",
+    "qwen2_big_vocab",
+    "qwen3_qk_norm",
+    "gemma3_window",
+    "mistral_window",
+];
+
+/// The repository's root (the crate's manifest folder).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
 
 /// A committed fixture's folder, `tests/fixtures/<name>`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -31,6 +50,13 @@ pub fn read_ints(path: &Path, name: &str) -> Vec<u32> {
             u32::try_from(x).unwrap_or_else(|_| panic!("{}: `{name}` holds {x}", path.display()))
         })
         .collect()
+}
+
+/// A fixture's prompt and transformers' greedy continuation of it
+/// (`tokens` and `generated` of its `reference_f32.safetensors`).
+pub fn fixture_reference(name: &str) -> (Vec<u32>, Vec<u32>) {
+    let r = fixture(name).join("reference_f32.safetensors");
+    (read_ints(&r, "tokens"), read_ints(&r, "generated"))
 }
 
 /// The token ids in a fixture's `prompt.json` (`{"tokens": [...]}`).
@@ -62,6 +88,25 @@ pub fn gpu() -> Arc<Gpu> {
 /// Fixture `name` loaded on [`gpu`].
 pub fn load_fixture(name: &str, opts: &ModelOptions) -> Model {
     Model::load(gpu(), &fixture(name), opts).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Fixture `name` on [`gpu`] with a KV cache of `max_context` tokens and
+/// passes of up to `max_batch` tokens.
+pub fn load_sized(name: &str, max_context: usize, max_batch: usize) -> Model {
+    let opts = ModelOptions {
+        max_context: Some(max_context),
+        max_batch,
+        ..Default::default()
+    };
+    load_fixture(name, &opts)
+}
+
+/// Nothing was created on the device between two counter snapshots (no
+/// buffer, bind group or pipeline `per`: "per token", "per step").
+pub fn assert_nothing_created(before: &CounterSnapshot, after: &CounterSnapshot, per: &str) {
+    assert_eq!(after.buffers, before.buffers, "buffers created {per}");
+    assert_eq!(after.bind_groups, before.bind_groups, "bind groups {per}");
+    assert_eq!(after.pipelines, before.pipelines, "pipelines {per}");
 }
 
 /// One scratch folder per test process under cargo's target/tmp, named

@@ -21,6 +21,7 @@ use wasm_bindgen_futures::future_to_promise;
 
 use wgllm::chat::ChatTemplate;
 use wgllm::compare::{RefKind, Tolerances};
+use wgllm::error::{Setting, SettingNames};
 use wgllm::generate::{eos_ids_from, Conversation, GenerateOptions};
 use wgllm::loader::{Checkpoint, LoadDType};
 use wgllm::model::{Faults, Model, ModelOptions};
@@ -30,28 +31,59 @@ use wgllm::tokenizer::Tokenizer;
 use wgllm::verify::{Check, VerifyResult};
 use wgllm::{Gpu, GpuOptions};
 
-fn js_err(e: impl std::fmt::Display) -> JsValue {
-    JsValue::from_str(&in_page_words(&e.to_string()))
+fn js_err(e: impl PageText) -> JsValue {
+    JsValue::from_str(&e.page_text())
 }
 
-/// The library's errors name the CLI's flags where a setting must change
-/// (`use --max-context 2048 or less`); a page user has the page's fields
-/// instead ("max context", "weights", "max tokens"), so the message names
-/// those. Every other word is the library's own.
-fn in_page_words(msg: &str) -> String {
-    [
-        ("use --max-context ", "set \"max context\" to "),
-        ("a shorter --max-context", "a smaller \"max context\""),
-        ("--max-context", "\"max context\""),
-        ("--max-tokens", "\"max tokens\""),
-        ("--dtype", "\"weights\""),
-        (
-            "(pass token ids with --tokens instead)",
-            "(the page needs one to encode text)",
-        ),
-    ]
-    .iter()
-    .fold(msg.to_string(), |m, (cli, page)| m.replace(cli, page))
+/// The page's names for the settings a library error's hint asks to
+/// change (`Error::Hint`): its form fields ("max context", "weights",
+/// "max tokens"), as the CLI names its flags.
+struct Fields;
+
+impl SettingNames for Fields {
+    fn name(&self, s: Setting) -> String {
+        match s {
+            Setting::MaxContext => "\"max context\"",
+            Setting::MaxTokens => "\"max tokens\"",
+            Setting::DType => "\"weights\"",
+            Setting::Model => "the model folder",
+            Setting::Prompt => "Verify's \"prompt\"",
+            // The page has no field for these: the words for what it takes.
+            Setting::Tokens => "token ids",
+            Setting::Reference => "a PyTorch dump loaded with the model",
+        }
+        .into()
+    }
+}
+
+/// An error's text as the page shows it: the library's errors with their
+/// settings named by the page's fields ([`Fields`]).
+trait PageText {
+    fn page_text(&self) -> String;
+}
+
+impl PageText for wgllm::Error {
+    fn page_text(&self) -> String {
+        self.render(&Fields)
+    }
+}
+
+impl PageText for String {
+    fn page_text(&self) -> String {
+        self.clone()
+    }
+}
+
+impl PageText for &str {
+    fn page_text(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl PageText for serde_json::Error {
+    fn page_text(&self) -> String {
+        self.to_string()
+    }
 }
 
 /// The porting bugs the page can inject into Verify's GPU run, by the
