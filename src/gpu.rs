@@ -238,9 +238,10 @@ pub enum PrefillKernel {
     /// Matmul tiled in workgroup memory (`ops::matmul::TileConfig`),
     /// register-tiled. The GPU shape.
     Tiled,
-    /// Invocations over rows, each computing 4 rows x 4 tokens in registers
-    /// (gemv_rows.wgsl with TB = 4): no workgroup memory, no barriers. On
-    /// lavapipe this is far faster than the tiled kernel.
+    /// Invocations over rows, each computing a `ops::matmul::RowBlock` of
+    /// rows x tokens in registers (matmul_rowblk.wgsl for k % 8 == 0, else
+    /// gemv_rows.wgsl with 4 rows x 4 tokens): no workgroup memory, no
+    /// barriers. On lavapipe this is far faster than the tiled kernel.
     RowBlocks,
 }
 

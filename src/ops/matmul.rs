@@ -7,7 +7,7 @@
 //!   ([`PrefillKernel`]): on GPUs a matmul tiled in workgroup memory, each
 //!   invocation accumulating a register block of outputs; on CPU-type
 //!   adapters, where workgroup memory and barriers are slow, a register-only
-//!   kernel computing 4 rows x 4 tokens per invocation.
+//!   kernel computing a block of rows x tokens per invocation ([`RowBlock`]).
 //!
 //! - **Batched decode** ([`LinearPath::Batch`]): one row of x per sequence;
 //!   the GEMV's kernel shape for [`BATCH_TOKENS`] tokens at once, each weight
@@ -31,6 +31,71 @@ use crate::gpu::{Caps, Gpu, Kernel, KernelProfile};
 pub use crate::gpu::{LinearVariant, PrefillKernel};
 use crate::tensor::{DeviceTensor, WDType};
 
+/// The row-block prefill kernel's source for `rq` row quads x `tb` tokens:
+/// `matmul_rowblk.wgsl` with its per-(token, quad) statements written out.
+fn rowblk_source(rq: u32, tb: u32) -> String {
+    use std::fmt::Write;
+    let (mut init, mut zero, mut body, mut fold, mut out) = (
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+    );
+    for q in 0..rq {
+        let _ = writeln!(
+            init,
+            "    let rb{q} = r0 + {}u * WG;\n    let rq{q} = vec4<u32>(rb{q}, rb{q} + WG, rb{q} + 2u * WG, rb{q} + 3u * WG);\n    let wb{q} = min(rq{q}, last) * ng;",
+            4 * q
+        );
+        let _ = writeln!(
+            body,
+            "            let w{q}a = w8(wb{q}.x + gg);\n            let w{q}b = w8(wb{q}.y + gg);\n            let w{q}c = w8(wb{q}.z + gg);\n            let w{q}d = w8(wb{q}.w + gg);"
+        );
+    }
+    for i in 0..tb {
+        let _ = writeln!(init, "    let xb{i} = min(t0 + {i}u, lt) * ng;");
+        let _ = writeln!(body, "            let xv{i} = x8(xb{i} + gg);");
+        for q in 0..rq {
+            let _ = writeln!(
+                init,
+                "    var a{i}_{q} = vec4<f32>(0.0);\n    var c{i}_{q} = vec4<f32>(0.0);"
+            );
+            let _ = writeln!(zero, "        var s{i}_{q} = vec4<f32>(0.0);");
+            let d = |r: char| format!("dot(w{q}{r}[0], xv{i}[0]) + dot(w{q}{r}[1], xv{i}[1])");
+            let _ = writeln!(
+                body,
+                "            s{i}_{q} += vec4<f32>({}, {}, {}, {});",
+                d('a'),
+                d('b'),
+                d('c'),
+                d('d')
+            );
+            let _ = writeln!(
+                fold,
+                "        let ts{i}_{q} = two_sum4(a{i}_{q}, s{i}_{q}, zero);\n        c{i}_{q} += ts{i}_{q}.e;\n        a{i}_{q} = ts{i}_{q}.s;"
+            );
+        }
+        let _ = writeln!(out, "    if (t0 + {i}u < step.n_tokens) {{");
+        for q in 0..rq {
+            let _ = writeln!(out, "        let v{i}_{q} = a{i}_{q} + c{i}_{q};");
+            for (j, c) in ['x', 'y', 'z', 'w'].iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "        if (rq{q}.{c} < p.rows) {{ store(t0 + {i}u, rq{q}.{c}, v{i}_{q}[{j}]); }}"
+                );
+            }
+        }
+        let _ = writeln!(out, "    }}");
+    }
+    SRC_MATMUL_ROWBLK
+        .replace("//@INIT\n", &init)
+        .replace("//@ZERO\n", &zero)
+        .replace("//@BODY\n", &body)
+        .replace("//@FOLD\n", &fold)
+        .replace("//@OUT\n", &out)
+}
+
 /// Params, bias and output (shared by every linear kernel).
 pub const SRC_COMMON: &str = include_str!("../../shaders/matmul_common.wgsl");
 /// x / W bindings and row dot products for any k.
@@ -45,6 +110,9 @@ pub const SRC_GEMV_WG_SUBGROUP: &str = include_str!("../../shaders/gemv_wg_subgr
 pub const SRC_GEMV_WG_SHARED: &str = include_str!("../../shaders/gemv_wg_shared.wgsl");
 /// Tiled matmul entry point.
 pub const SRC_MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
+/// Row-block prefill entry point (k % 8 == 0): R = 4·RQ rows x TB tokens per
+/// invocation.
+pub const SRC_MATMUL_ROWBLK: &str = include_str!("../../shaders/matmul_rowblk.wgsl");
 
 /// Entry points of the batched decode GEMV for the workgroup variants.
 pub const SRC_GEMV_WG_SUBGROUP_BATCH: &str =
@@ -56,8 +124,37 @@ pub const BATCH_TOKENS: u32 = 4;
 const ROWS_PER_INVOCATION: u32 = 4;
 /// Workgroup size of gemv_rows.wgsl.
 const ROWS_WG: u32 = 64;
-/// Tokens per invocation of gemv_rows.wgsl when used for prefill.
+/// Tokens per invocation of gemv_rows.wgsl when used for prefill (k % 8 != 0).
 const ROWS_PREFILL_TOKENS: u32 = 4;
+
+/// Register block of the row-block prefill kernel (`matmul_rowblk.wgsl`,
+/// k % 8 == 0): each invocation computes `4·rq` weight rows x `tb` tokens,
+/// workgroups of `wg` invocations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RowBlock {
+    pub rq: u32,
+    pub tb: u32,
+    pub wg: u32,
+}
+
+impl RowBlock {
+    /// The default block: 8 rows x 8 tokens, workgroups of 16. Measured on
+    /// lavapipe (SmolLM2's seven projections, 128 tokens, one run, best of
+    /// 5; BENCHMARKS.md "Prefill matmul"): 2x faster per layer than
+    /// gemv_rows.wgsl's 4 x 4 in workgroups of 64; 16 x 8 and 8 x 16 tied
+    /// with it within the noise at twice the code, 4 x 4 and 32 x 4 were
+    /// 1.2 to 1.3x slower, and blocks of 64 or more vec4 sums (16 x 16, 32 x 8)
+    /// took minutes to compile.
+    pub const DEFAULT: RowBlock = RowBlock {
+        rq: 2,
+        tb: 8,
+        wg: 16,
+    };
+    /// Rows one workgroup covers.
+    fn span(&self) -> u32 {
+        4 * self.rq * self.wg
+    }
+}
 
 /// Mirrors `Params` in matmul_common.wgsl. One per weight chunk.
 #[repr(C)]
@@ -242,6 +339,7 @@ pub struct Linear {
     variant: LinearVariant,
     prefill: PrefillKernel,
     tile: TileConfig,
+    row_block: RowBlock,
     /// Workgroup size of the GEMV kernel.
     gemv_wg: u32,
     /// Largest token count that takes the GEMV path in `encode`.
@@ -282,6 +380,9 @@ pub struct LinearBinding {
     prefill: PrefillKernel,
     gemv_wg: u32,
     tile: TileConfig,
+    row_block: RowBlock,
+    /// The prefill kernel is `matmul_rowblk.wgsl` (RowBlocks with k % 8 == 0).
+    rowblk: bool,
 }
 
 fn get_or_compile(cell: &OnceLock<Kernel>, f: impl FnOnce() -> Result<Kernel>) -> Result<&Kernel> {
@@ -336,6 +437,7 @@ impl Linear {
             variant,
             prefill: PrefillKernel::for_adapter(caps),
             tile,
+            row_block: RowBlock::DEFAULT,
             gemv_wg,
             gemv_max_tokens,
             gemv_vec: OnceLock::new(),
@@ -356,6 +458,24 @@ impl Linear {
             self.prefill_any = OnceLock::new();
         }
         self
+    }
+
+    /// Use `block` for the row-block prefill kernel (tests, benchmarks).
+    pub fn with_row_block(mut self, block: RowBlock) -> Result<Self> {
+        if block.rq == 0 || block.tb == 0 || block.wg == 0 {
+            return Err(Error::invalid(format!(
+                "linear: row block {block:?} has a zero dimension"
+            )));
+        }
+        if block != self.row_block {
+            self.row_block = block;
+            self.prefill_vec = OnceLock::new();
+        }
+        Ok(self)
+    }
+
+    pub fn row_block(&self) -> RowBlock {
+        self.row_block
     }
 
     pub fn variant(&self) -> LinearVariant {
@@ -453,11 +573,18 @@ impl Linear {
             &self.prefill_any
         };
         get_or_compile(cell, || match self.prefill {
+            PrefillKernel::RowBlocks if vec => {
+                let RowBlock { rq, tb, wg } = self.row_block;
+                let consts = format!(
+                    "const WG: u32 = {wg}u;\nconst TB: u32 = {tb}u;\nconst RQ: u32 = {rq}u;\n"
+                );
+                self.compile(gpu, "prefill.rowblk", &consts, true, &rowblk_source(rq, tb))
+            }
             PrefillKernel::RowBlocks => {
                 let consts = format!(
                     "const WG: u32 = {ROWS_WG}u;\nconst TB: u32 = {ROWS_PREFILL_TOKENS}u;\n"
                 );
-                self.compile(gpu, "prefill.rows", &consts, vec, SRC_GEMV_ROWS)
+                self.compile(gpu, "prefill.rows", &consts, false, SRC_GEMV_ROWS)
             }
             PrefillKernel::Tiled => {
                 // W_PAIRS is spelled as a const here (the tiled kernel always
@@ -607,6 +734,8 @@ impl Linear {
             prefill: self.prefill,
             gemv_wg: self.gemv_wg,
             tile: self.tile,
+            row_block: self.row_block,
+            rowblk: self.prefill == PrefillKernel::RowBlocks && vec,
         })
     }
 
@@ -668,6 +797,9 @@ impl Linear {
                 let groups = match b.prefill {
                     PrefillKernel::Tiled => {
                         c.rows.div_ceil(b.tile.bn) * n_tokens.div_ceil(b.tile.bm)
+                    }
+                    PrefillKernel::RowBlocks if b.rowblk => {
+                        c.rows.div_ceil(b.row_block.span()) * n_tokens.div_ceil(b.row_block.tb)
                     }
                     PrefillKernel::RowBlocks => {
                         c.rows.div_ceil(ROWS_PER_INVOCATION * ROWS_WG)
@@ -1035,6 +1167,79 @@ mod tests {
         }
     }
 
+    /// The row-block prefill kernel at several register blocks (the
+    /// default and others the generator must get right: single quads and
+    /// tokens, odd counts, blocks larger than the data) gives every output
+    /// the bits the one-token row GEMV gives it (the same summation order,
+    /// so the precision table's bound for the row GEMV holds), including
+    /// ragged edges: token counts and rows that are not multiples of the
+    /// block, k whose group count is not a multiple of 4, and a bias.
+    #[test]
+    fn row_blocks_are_the_row_gemv_bits() {
+        let gpu = gpu();
+        let blocks = [
+            RowBlock::DEFAULT,
+            RowBlock {
+                rq: 1,
+                tb: 1,
+                wg: 8,
+            },
+            RowBlock {
+                rq: 3,
+                tb: 5,
+                wg: 16,
+            },
+            RowBlock {
+                rq: 2,
+                tb: 16,
+                wg: 64,
+            },
+        ];
+        let gemv =
+            Linear::with_variant(gpu, WDType::Bf16, true, LinearVariant::RowPerThread).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (bi, block) in blocks.into_iter().enumerate() {
+            let lin = Linear::new(gpu, WDType::Bf16, true)
+                .unwrap()
+                .with_prefill(PrefillKernel::RowBlocks)
+                .with_row_block(block)
+                .unwrap();
+            // (m, k, n): k = 8·groups with groups % 4 in {0, 1, 3}
+            for (ci, &(m, k, n)) in [(9usize, 64usize, 65usize), (3, 8, 577), (17, 200, 7)]
+                .iter()
+                .enumerate()
+            {
+                let seed = 500 + (bi * 10 + ci) as u64;
+                let w = round_bf16(&rand_vec(n * k, 1.0, seed));
+                let wt = DeviceTensor::from_f32(gpu, "w", WDType::Bf16, &[n, k], &w).unwrap();
+                let b = rand_vec(n, 1.0, seed + 1);
+                let bt = DeviceTensor::from_f32(gpu, "b", WDType::F32, &[n], &b).unwrap();
+                let x = rand_vec(m * k, 1.0, seed + 2);
+                let got = lin
+                    .run_once(gpu, &x, m, &wt, Some(&bt), LinearPath::Prefill)
+                    .unwrap();
+                for t in 0..m {
+                    let one = gemv
+                        .run_once(gpu, &x[t * k..][..k], 1, &wt, Some(&bt), LinearPath::Gemv)
+                        .unwrap();
+                    assert_eq!(
+                        bits(&got[t * n..][..n]),
+                        bits(&one),
+                        "{block:?} m={m} k={k} n={n}: token {t}"
+                    );
+                }
+            }
+        }
+        let bad = Linear::new(gpu, WDType::Bf16, false)
+            .unwrap()
+            .with_row_block(RowBlock {
+                rq: 0,
+                tb: 4,
+                wg: 64,
+            });
+        assert!(bad.is_err());
+    }
+
     #[test]
     fn split_weights_every_variant_and_path() {
         // bf16 k=7: a row is 14 bytes; 224 bytes holds 16 rows (an even count,
@@ -1086,6 +1291,18 @@ mod tests {
             case(gpu, &lin, 2, 8, 70_000, None, LinearPath::Gemv, 5);
             case(gpu, &lin, 1, 3, 70_000, None, LinearPath::Gemv, 6);
         }
+        // The row-block prefill with a 4-row x 1-token block of 1 invocation:
+        // 17,500 row blocks x 5 tokens = 87,500 workgroups.
+        let lin = Linear::new(gpu, WDType::Bf16, false)
+            .unwrap()
+            .with_prefill(PrefillKernel::RowBlocks)
+            .with_row_block(RowBlock {
+                rq: 1,
+                tb: 1,
+                wg: 1,
+            })
+            .unwrap();
+        case(gpu, &lin, 5, 8, 70_000, None, LinearPath::Prefill, 7);
     }
 
     #[test]
@@ -1191,5 +1408,157 @@ mod tests {
         let mut pass = enc.begin_compute_pass(&Default::default());
         let e = lin.encode(gpu, &mut pass, &bound, 2).unwrap_err();
         assert!(e.to_string().contains("layer.w"), "{e}");
+    }
+}
+
+/// Prefill matmul timing at SmolLM2-135M's layer shapes (not a test of
+/// speed: it asserts nothing about time, only prints): one layer's seven
+/// projections for a 128-token chunk (the model's prefill chunk), `REPS`
+/// times in one pass, best of 5, each kernel shape in the same run,
+/// round-robin so that load drifts hit every shape alike.
+/// `cargo test --release --lib -- --ignored matmul_timing --nocapture`
+/// (`WGLLM_TIMING_SHAPES=rq,tb,wg;rq,tb,wg;...` picks the row blocks; the
+/// default compares the old kernel, a 4 x 4 row block and the default).
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::gpu::Step;
+    use crate::testutil::{gpu, rand_vec};
+    use std::time::Instant;
+
+    /// (name, n, k) of one SmolLM2 decoder layer's linear layers.
+    const SMOL: [(&str, usize, usize); 7] = [
+        ("q", 576, 576),
+        ("k", 192, 576),
+        ("v", 192, 576),
+        ("o", 576, 576),
+        ("gate", 1536, 576),
+        ("up", 1536, 576),
+        ("down", 576, 1536),
+    ];
+    const M: usize = 128;
+    const REPS: usize = 4;
+
+    #[test]
+    #[ignore = "prints timings only; run by hand"]
+    fn matmul_timing() {
+        let g = gpu();
+        let blocks: Vec<RowBlock> = match std::env::var("WGLLM_TIMING_SHAPES") {
+            Ok(s) if !s.is_empty() => s
+                .split(';')
+                .map(|b| {
+                    let v: Vec<u32> = b.split(',').map(|x| x.trim().parse().unwrap()).collect();
+                    RowBlock {
+                        rq: v[0],
+                        tb: v[1],
+                        wg: v[2],
+                    }
+                })
+                .collect(),
+            _ => vec![
+                RowBlock {
+                    rq: 1,
+                    tb: 4,
+                    wg: 64,
+                },
+                RowBlock::DEFAULT,
+            ],
+        };
+        let step = g.uniform("step", &Step::new(M as u32, 0)).unwrap();
+        let xb = g
+            .storage_init("x", bytemuck::cast_slice(&rand_vec(M * 1536, 1.0, 1)))
+            .unwrap();
+        let yb = g.storage("y", (M * 1536 * 4) as u64);
+        let ws: Vec<DeviceTensor> = SMOL
+            .iter()
+            .map(|&(name, n, k)| {
+                let w = crate::tensor::round_bf16(&rand_vec(n * k, 0.05, n as u64 + k as u64));
+                DeviceTensor::from_f32(g, name, WDType::Bf16, &[n, k], &w).unwrap()
+            })
+            .collect();
+        // the old kernel (gemv_rows.wgsl, 4 x 4) first, then each row block
+        let mut lins: Vec<(String, Linear)> = vec![];
+        let old = Linear::new(g, WDType::Bf16, false)
+            .unwrap()
+            .with_prefill(PrefillKernel::RowBlocks);
+        lins.push(("gemv_rows 4 rows x 4 tokens (before)".into(), old));
+        for b in &blocks {
+            let lin = Linear::new(g, WDType::Bf16, false)
+                .unwrap()
+                .with_prefill(PrefillKernel::RowBlocks)
+                .with_row_block(*b)
+                .unwrap();
+            lins.push((format!("rowblk {b:?}"), lin));
+        }
+        let binds: Vec<Vec<LinearBinding>> = lins
+            .iter()
+            .enumerate()
+            .map(|(i, (_, lin))| {
+                ws.iter()
+                    .map(|w| {
+                        let mut b = lin.bind(g, &step, &xb, w, None, &yb).unwrap();
+                        if i == 0 {
+                            // gemv_rows.wgsl with TB = 4 on the vec4 bindings
+                            let consts = format!(
+                                "const WG: u32 = {ROWS_WG}u;\nconst TB: u32 = {ROWS_PREFILL_TOKENS}u;\n"
+                            );
+                            let kern = lin
+                                .compile(g, "prefill.rows.before", &consts, true, SRC_GEMV_ROWS)
+                                .unwrap();
+                            for (c, wc) in b.chunks.iter_mut().zip(&w.chunks) {
+                                let bufs = [&c.params, &step, &xb, &wc.buffer, &lin.dummy_bias, &yb];
+                                let bg = g.bind(&kern, &bufs);
+                                c.prefill = bg;
+                            }
+                            b.prefill_kernel = kern;
+                            b.rowblk = false;
+                        }
+                        b
+                    })
+                    .collect()
+            })
+            .collect();
+        let flops: f64 = SMOL
+            .iter()
+            .map(|&(_, n, k)| 2.0 * (M * n * k) as f64)
+            .sum::<f64>()
+            * REPS as f64;
+        let mut best = vec![f64::INFINITY; lins.len()];
+        for _round in 0..5 {
+            for (i, (_, lin)) in lins.iter().enumerate() {
+                let run = || {
+                    let mut e = g.encoder();
+                    {
+                        let mut pass = e.begin_compute_pass(&Default::default());
+                        for _ in 0..REPS {
+                            for b in &binds[i] {
+                                lin.encode_path(g, &mut pass, b, M as u32, LinearPath::Prefill)
+                                    .unwrap();
+                            }
+                        }
+                    }
+                    g.submit_wait(e).unwrap();
+                };
+                if _round == 0 {
+                    run();
+                }
+                let t = Instant::now();
+                run();
+                best[i] = best[i].min(t.elapsed().as_secs_f64());
+            }
+            eprintln!(
+                "round {_round}: best ms per layer so far {:?}",
+                best.iter()
+                    .map(|b| (b * 1e3 / REPS as f64).round())
+                    .collect::<Vec<_>>()
+            );
+        }
+        for (i, (name, _)) in lins.iter().enumerate() {
+            eprintln!(
+                "{name}: {:.1} ms per layer of {M} tokens, {:.2} GFLOP/s",
+                best[i] * 1e3 / REPS as f64,
+                flops / best[i] / 1e9
+            );
+        }
     }
 }
