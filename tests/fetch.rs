@@ -377,7 +377,11 @@ fn resolve_gguf_file_converts_once_into_the_cache() {
     let moved = t.path().join("moved.gguf");
     std::fs::rename(&file, &moved).unwrap();
     let e = wgllm::loader::Checkpoint::open(&native).err().unwrap();
-    assert!(e.to_string().contains("pass the .gguf itself"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("give the .gguf itself as the model again"),
+        "{e}"
+    );
     assert_eq!(
         resolve_model(Some(&moved), &opts(&cache, None)).unwrap(),
         native
