@@ -88,7 +88,9 @@ fn out_of_memory_child() {
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &inf) }, 0);
     let e = match r {
         Ok(_) => panic!("a 1 GiB buffer with 256 MiB of address space left was allocated"),
-        Err(e) => e.to_string(),
+        // Rendered as the CLI shows it (the library names the setting, the
+        // CLI its flag).
+        Err(e) => e.render(&wgllm::cli::Flags),
     };
     println!("OOM-ERROR: {e}");
     assert!(
