@@ -17,7 +17,9 @@
 // to, and the step's uniform is entry `step` of a per-generation table of
 // draws (`draws`, filled from the sampler's RNG in the CPU sampler's
 // order). seq: [0] tokens in the history, [1] the step (index into
-// `draws`), [2], [3] unused, [4 + (j % hist_cap)] = history token j.
+// `draws`), [2] the row of `logits` to sample (0 but in a batched step of
+// several sequences, where the host writes it per step), [3] unused,
+// [4 + (j % hist_cap)] = history token j.
 //
 // work: [0, V) penalized logit bits; list of the top-k survivors:
 // [V, 2V) ids, [2V, 3V) keys, [3V, 4V) unnormalized probabilities.
@@ -358,6 +360,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     // the history and the step, as the host or the previous step left them
     let hl = seq[0];
     let st = seq[1];
+    let row = seq[2] * V;
     var n_window = 0u;
     if (p.penalize != 0u) {
         n_window = min(select(min(p.last_n, hl), hl, p.last_n == 0u), p.hist_cap);
@@ -368,14 +371,14 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     // product of its raw logit, read from `logits`), so the order does not
     // matter.
     for (var i = lid; i < V; i += WG) {
-        work[i] = logits[i];
+        work[i] = logits[row + i];
     }
     storageBarrier();
     workgroupBarrier();
     for (var e = lid; e < n_window; e += WG) {
         let id = seq[4u + (w0 + e) % p.hist_cap];
         if (id < V) {
-            let lb = logits[id];
+            let lb = logits[row + id];
             let l = bitcast<f32>(lb);
             var q = l * p.inv_penalty;
             if (l < 0.0) {

@@ -167,6 +167,8 @@ pub struct SampleBinding {
     pub out: wgpu::Buffer,
     pub bind: wgpu::BindGroup,
     pub vocab: usize,
+    /// Rows of `vocab` logits the bound buffer holds (see [`GpuSampler::set_row`]).
+    pub rows: usize,
     /// Tokens the history ring holds, uniforms the table holds.
     pub hist_cap: usize,
     pub n_draws: usize,
@@ -184,7 +186,8 @@ impl GpuSampler {
         Ok(GpuSampler { kernel })
     }
 
-    /// Bind row 0 of `logits` (`vocab` wide), with a history ring of
+    /// Bind `logits` (rows of `vocab`; row 0 sampled unless
+    /// [`Self::set_row`] says otherwise), with a history ring of
     /// `hist_cap` tokens (at least [`MAX_WINDOW`]) and a table of `n_draws`
     /// uniforms (the most steps of one generation).
     pub fn bind(
@@ -223,9 +226,26 @@ impl GpuSampler {
             out,
             bind,
             vocab,
+            rows: (logits.size() / (vocab as u64 * 4)) as usize,
             hist_cap,
             n_draws,
         })
+    }
+
+    /// Sample row `row` of the bound logits (`[rows, vocab]`) from the next
+    /// pass on (row 0 until set; [`Self::begin`] and [`Self::prepare`] set
+    /// it back to 0). A batched step of several sequences sets each
+    /// sequence's row before its submission: 4 bytes, no allocation.
+    pub fn set_row(&self, gpu: &Gpu, b: &SampleBinding, row: usize) -> Result<()> {
+        if row >= b.rows {
+            return Err(Error::invalid(format!(
+                "GPU sampler: logits row {row} is outside the bound buffer ({} rows of {})",
+                b.rows, b.vocab
+            )));
+        }
+        gpu.queue
+            .write_buffer(&b.seq, 8, bytemuck::bytes_of(&(row as u32)));
+        Ok(())
     }
 
     /// The kernel's settings: `last_n` None for no penalty, Some(0) for a
@@ -521,6 +541,44 @@ pub(crate) mod tests {
         let dead = vec![f32::NEG_INFINITY; 3000];
         assert_eq!(rig.run(&dead, &draw(0.0, 0, 0.0), &[]).id, 0);
         assert_eq!(rig.run(&dead, &draw(1.0, 0, 0.5), &[]).id, 0);
+    }
+
+    /// A row of a multi-row buffer (`set_row`) samples as that row alone.
+    #[test]
+    fn a_set_row_samples_that_row_of_the_buffer() {
+        let g = gpu();
+        let vocab = 2000;
+        let rows: Vec<Vec<f32>> = (0..3).map(|i| rand_vec(vocab, 3.0, 40 + i)).collect();
+        let flat: Vec<f32> = rows.concat();
+        let op = GpuSampler::new(g).unwrap();
+        let lb = g
+            .storage_init("rows.logits", bytemuck::cast_slice(&flat))
+            .unwrap();
+        let b = op.bind(g, &lb, vocab, MAX_WINDOW, 4).unwrap();
+        assert_eq!(b.rows, 3);
+        let d = Draw {
+            top_p: 0.9,
+            ..draw(0.8, 0, 0.0)
+        };
+        // four steps per row, each with its own uniform from the table
+        let draws = [0.13f32, 0.71, 0.42, 0.97];
+        for (k, row) in rows.iter().enumerate() {
+            op.begin(g, &b, &d, None, &[], 4, &draws, 0).unwrap();
+            op.set_row(g, &b, k).unwrap();
+            for &r in &draws {
+                let mut enc = g.encoder();
+                {
+                    let mut pass = enc.begin_compute_pass(&Default::default());
+                    op.encode(g, &mut pass, &b);
+                }
+                g.submit_wait(enc).unwrap();
+                let got = Picked::from_words(&g.read_u32(&b.out, OUT_WORDS).unwrap());
+                let alone = sample_once(g, row, &Draw { r: r as f64, ..d }, &[]).unwrap();
+                assert_eq!(got, alone, "row {k}, r {r}");
+            }
+        }
+        let err = op.set_row(g, &b, 3).unwrap_err().to_string();
+        assert!(err.contains("row 3 is outside"), "{err}");
     }
 
     #[test]
