@@ -350,8 +350,19 @@ struct Buffers {
     /// then (slot, position) per row, for up to `max_rows` rows.
     bstep: wgpu::Buffer,
     max_rows: u32,
-    /// Logits of a batched decode step, `[slots, vocab]`.
+    /// Logits of a batched decode step, `[slots, vocab]` (rows asked for
+    /// or left to the host, compacted, in a sampled step).
     batch_logits_staging: wgpu::Buffer,
+    /// A batched sampled step's argmax of every row and each row's
+    /// [`RowStats`] (`[slots]`, `[slots, STATS_WORDS]`), and the readback
+    /// of those and of the sampled rows' picks (see
+    /// [`Model::decode_batch_picks`]).
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))] // slot passes are native-only
+    batch_next: wgpu::Buffer,
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    batch_stats: wgpu::Buffer,
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    picks_staging: wgpu::Buffer,
     step_one: wgpu::Buffer,
     ids: wgpu::Buffer,
     /// Every program buffer, plus the residual stream's two halves and the
@@ -414,6 +425,9 @@ const CAND_BYTES: u64 = 4 * crate::ops::sample::OUT_WORDS as u64;
 const SAMPLED_BYTES: u64 = 4 * crate::ops::sample_full::OUT_WORDS as u64;
 /// Bytes a GPU-sampled step reads back: the pick and the row's stats.
 pub const SAMPLED_READBACK_BYTES: u64 = SAMPLED_BYTES + STATS_BYTES;
+/// Most bytes a row of a batched sampled step reads back besides its
+/// logits: its argmax id, its stats and its sampler's pick.
+const PICK_ROW_BYTES: u64 = 4 + STATS_BYTES + SAMPLED_BYTES;
 /// Bytes of a token ring slot: a greedy step's id and stats, or a sampled
 /// step's pick and stats.
 const RING_BYTES: u64 = if ID_STATS_BYTES > SAMPLED_READBACK_BYTES {
@@ -475,6 +489,39 @@ pub enum SampledStep {
     Next(u32),
     /// Stop here.
     Stop,
+}
+
+/// One row of a batched sampled step ([`Model::decode_batch_picks`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotStep {
+    pub slot: usize,
+    /// The token to append to the slot.
+    pub token: u32,
+    /// Pick with the slot's GPU sampler (as [`Model::begin_slot_sampled`]
+    /// set it up), else the argmax of the row.
+    pub sample: bool,
+    /// Read the row's logits back too (log-probabilities).
+    pub want_row: bool,
+}
+
+/// What a row of a batched sampled step gives back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlotPick {
+    /// The sampler's pick (`why != 0`: left to the host, see
+    /// [`Picked::uncertain`]), or the row's argmax as a decided pick.
+    pub pick: Picked,
+    /// The row's finiteness.
+    pub stats: RowStats,
+    /// The row's logits: asked for, or the pick left to the host.
+    pub row: Option<Vec<f32>>,
+}
+
+/// A batched sampled step's rows, in the order asked, and the bytes it read
+/// back from the device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchPicks {
+    pub picks: Vec<SlotPick>,
+    pub bytes_read: u64,
 }
 
 /// A GPU sampler's pick and its row's [`RowStats`] as a step reads them
@@ -575,8 +622,16 @@ pub struct Model {
     argmax_one: ArgmaxBinding,
     /// The candidate kernel over the last-row logits.
     topk_last: TopKBinding,
-    /// The GPU sampler over the last-row logits.
+    /// The GPU sampler over the last-row logits; also slot 0's sampler in
+    /// a batched step (slot 0 is the single sequence).
     sample_last: SampleBinding,
+    /// Batched sampled steps: the argmax and stats of every row, and the
+    /// GPU sampler of slots 1.. over the batch logits (see
+    /// [`Self::decode_batch_picks`]).
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))] // slot passes are native-only
+    argmax_batch: ArgmaxBinding,
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    slot_samplers: Vec<SampleBinding>,
     /// Ring index of the current sampled generation's first pick (see
     /// [`Self::begin_sampled`]).
     sampled_at: usize,
@@ -847,6 +902,9 @@ impl Model {
             }),
             max_rows,
             batch_logits_staging: g.staging("batch_logits_staging", (slots * vocab * 4) as u64),
+            batch_next: g.storage("batch_next", (slots * 4) as u64),
+            batch_stats: g.storage("batch_stats", slots as u64 * STATS_BYTES),
+            picks_staging: g.staging("picks_staging", slots as u64 * PICK_ROW_BYTES),
             step_one: g.uniform("step_one", &Step::new(1, 0))?,
             ids: g.storage("ids", (batch * 4) as u64),
             acts,
@@ -976,6 +1034,26 @@ impl Model {
             max_context.max(crate::ops::sample_full::MAX_WINDOW) + HIST_SPARE,
             max_context,
         )?;
+        let argmax_batch =
+            k.argmax
+                .bind(g, &b.step, logits, vocab, &b.batch_next, &b.batch_stats)?;
+        // Slots 1.. (slot 0 samples with `sample_last`): a history ring of
+        // the kernel's least, a uniform for every step a slot can run.
+        let slot_samplers = (1..if cfg!(target_arch = "wasm32") {
+            1
+        } else {
+            slots
+        })
+            .map(|_| {
+                k.sampler.bind(
+                    g,
+                    logits,
+                    vocab,
+                    crate::ops::sample_full::MAX_WINDOW,
+                    max_context,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Model {
             gpu,
             cfg,
@@ -997,6 +1075,8 @@ impl Model {
             argmax_one,
             topk_last,
             sample_last,
+            argmax_batch,
+            slot_samplers,
             sampled_at: 0,
             kv,
             _rope_tables: tables,
@@ -1520,31 +1600,19 @@ impl Model {
                 r.enc()
                     .copy_buffer_to_buffer(logits_buf, 0, &b.logits_staging, 0, len);
             }
-            Some(Readback::Sampled) => {
-                self.k.sampler.encode(g, r.pass(), &self.sample_last);
-                let out = &self.sample_last.out;
-                r.enc()
-                    .copy_buffer_to_buffer(out, 0, &b.cand_staging, 0, SAMPLED_BYTES);
-                r.enc().copy_buffer_to_buffer(
-                    &b.next_stats,
-                    0,
-                    &b.cand_staging,
-                    SAMPLED_BYTES,
-                    STATS_BYTES,
-                );
-            }
-            Some(Readback::Candidates) => {
-                self.k.topk.encode(g, r.pass(), &self.topk_last);
-                let out = &self.topk_last.out;
-                r.enc()
-                    .copy_buffer_to_buffer(out, 0, &b.cand_staging, 0, CAND_BYTES);
-                r.enc().copy_buffer_to_buffer(
-                    &b.next_stats,
-                    0,
-                    &b.cand_staging,
-                    CAND_BYTES,
-                    STATS_BYTES,
-                );
+            Some(rb @ (Readback::Sampled | Readback::Candidates)) => {
+                // the kernel after the argmax, then its output and the
+                // row's stats
+                let (out, len) = if rb == Readback::Sampled {
+                    self.k.sampler.encode(g, r.pass(), &self.sample_last);
+                    (&self.sample_last.out, SAMPLED_BYTES)
+                } else {
+                    self.k.topk.encode(g, r.pass(), &self.topk_last);
+                    (&self.topk_last.out, CAND_BYTES)
+                };
+                let enc = r.enc();
+                enc.copy_buffer_to_buffer(out, 0, &b.cand_staging, 0, len);
+                enc.copy_buffer_to_buffer(&b.next_stats, 0, &b.cand_staging, len, STATS_BYTES);
             }
         }
         Ok(r.finish())
@@ -1641,6 +1709,22 @@ impl Model {
         slot: usize,
     ) -> Result<wgpu::CommandBuffer> {
         let b = &self.b;
+        let mut r = self.record_fed_step(pos, (!host_id).then_some(&b.next))?;
+        r.enc()
+            .copy_buffer_to_buffer(&b.next, 0, &b.ring[slot], 0, 4);
+        r.enc()
+            .copy_buffer_to_buffer(&b.next_stats, 0, &b.ring[slot], 4, STATS_BYTES);
+        Ok(r.finish().0)
+    }
+
+    /// The start of a pipelined one-token step at position `pos` with no
+    /// host write: its uniforms copied from the `steps` table, its input id
+    /// from `fed`'s first word (the previous step's pick) unless None (the
+    /// host wrote it into `ids`), then the forward pass and the last-row
+    /// head (the argmax into `next`).
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))] // the pipelined decode is native-only
+    fn record_fed_step(&self, pos: usize, fed: Option<&wgpu::Buffer>) -> Result<Rec> {
+        let b = &self.b;
         let mut r = Rec::new(&self.gpu, None);
         let enc = r.enc();
         let off = pos as u64 * STEP_BYTES;
@@ -1650,15 +1734,11 @@ impl Model {
         if !self.one_token_head(1, Mode::Seq) {
             enc.copy_buffer_to_buffer(&b.steps, off, &b.step_one, 0, STEP_BYTES);
         }
-        if !host_id {
-            enc.copy_buffer_to_buffer(&b.next, 0, &b.ids, 0, 4);
+        if let Some(from) = fed {
+            enc.copy_buffer_to_buffer(from, 0, &b.ids, 0, 4);
         }
         self.encode_body(&mut r, 1, Some(Logits::Last))?;
-        r.enc()
-            .copy_buffer_to_buffer(&b.next, 0, &b.ring[slot], 0, 4);
-        r.enc()
-            .copy_buffer_to_buffer(&b.next_stats, 0, &b.ring[slot], 4, STATS_BYTES);
-        Ok(r.finish().0)
+        Ok(r)
     }
 
     /// Host-side profiling only: record `steps` pipelined decode steps (the
@@ -1843,18 +1923,8 @@ impl Model {
         slot: usize,
     ) -> Result<wgpu::CommandBuffer> {
         let (g, b) = (&*self.gpu, &self.b);
-        let mut r = Rec::new(g, None);
-        let enc = r.enc();
-        let off = pos as u64 * STEP_BYTES;
-        enc.copy_buffer_to_buffer(&b.steps, off, &b.step, 0, STEP_BYTES);
-        // As in record_decode_step: the fast path's head binds `step`.
-        if !self.one_token_head(1, Mode::Seq) {
-            enc.copy_buffer_to_buffer(&b.steps, off, &b.step_one, 0, STEP_BYTES);
-        }
-        if !host_id {
-            enc.copy_buffer_to_buffer(&self.sample_last.out, 0, &b.ids, 0, 4);
-        }
-        self.encode_body(&mut r, 1, Some(Logits::Last))?;
+        let fed = (!host_id).then_some(&self.sample_last.out);
+        let mut r = self.record_fed_step(pos, fed)?;
         self.k.sampler.encode(g, r.pass(), &self.sample_last);
         let (enc, ring) = (r.enc(), &b.ring[slot]);
         let logits = &b.acts[b.index[&Buf::Logits]];
@@ -2942,23 +3012,8 @@ impl Model {
         if steps.is_empty() {
             return Ok(Vec::new());
         }
-        let mut seen = vec![false; self.slots()];
-        for &(slot, tok) in steps {
-            self.check_slot_tokens(slot, &[tok])?;
-            if std::mem::replace(&mut seen[slot], true) {
-                return Err(Error::invalid(format!(
-                    "sequence slot {slot} appears twice in one decode batch"
-                )));
-            }
-        }
         let n = steps.len();
-        let tokens: Vec<u32> = steps.iter().map(|s| s.1).collect();
-        let rows: Vec<(usize, usize)> = steps
-            .iter()
-            .map(|&(s, _)| (s, self.slot_position(s)))
-            .collect();
-        let mut r = self.record_slots(&tokens, &rows, Mode::SlotDecode)?;
-        self.encode_body(&mut r, n as u32, Some(Logits::All))?;
+        let (mut r, rows) = self.record_batch(steps)?;
         let vocab = self.cfg.vocab_size;
         let len = (n * vocab * 4) as u64;
         {
@@ -2978,6 +3033,173 @@ impl Model {
         }
         let all: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
         Ok(all.chunks(vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    /// The GPU sampler of `slot`'s rows in a batched step (slot 0 shares
+    /// the single sequence's).
+    fn slot_sampler(&self, slot: usize) -> &SampleBinding {
+        match slot {
+            0 => &self.sample_last,
+            s => &self.slot_samplers[s - 1],
+        }
+    }
+
+    /// Start a generation of `slot` on its GPU sampler, for the steps of
+    /// [`Self::decode_batch_picks`] that sample it: the settings `d` (`r`
+    /// unused) and one uniform per step in `draws` (none for greedy),
+    /// written once; each sampled step then takes the next uniform on the
+    /// GPU. No repetition penalty (`serve`'s sampler has none): so the
+    /// kernel reads no history, and a pick the host decides otherwise needs
+    /// no write-back (the step counter advances either way).
+    pub fn begin_slot_sampled(&mut self, slot: usize, d: &Draw, draws: &[f32]) -> Result<()> {
+        self.check_slot(slot)?;
+        if d.penalty != 1.0 {
+            return Err(Error::invalid(format!(
+                "sequence slot {slot}: the batched GPU sampler takes no repetition penalty \
+                 (got {}); sample such a sequence on the host",
+                d.penalty
+            )));
+        }
+        let b = self.slot_sampler(slot);
+        self.k
+            .sampler
+            .begin(&self.gpu, b, d, None, &[], draws.len(), draws, 0)?;
+        Ok(())
+    }
+
+    /// [`Self::decode_batch`] that reads back only what the caller needs:
+    /// ONE forward pass advancing every listed slot by one token, then per
+    /// row its argmax and finiteness ([`RowStats`], from the argmax kernel
+    /// over every row) and, for the rows with `sample`, the pick of the
+    /// slot's GPU sampler over its row of the batch logits. 20 bytes per row
+    /// and 16 per sampled row come back; the logits only for rows with
+    /// `want_row` and for picks the sampler left to the host (copied after
+    /// the first readback, with nothing run in between). Each row's logits
+    /// are the bits [`Self::decode_batch`] returns; the argmax is
+    /// [`crate::sampling::argmax`]'s; a decided pick is the CPU sampler's
+    /// for that step's uniform (`ops::sample_full`).
+    pub fn decode_batch_picks(&mut self, steps: &[SlotStep]) -> Result<BatchPicks> {
+        if steps.is_empty() {
+            return Ok(BatchPicks {
+                picks: Vec::new(),
+                bytes_read: 0,
+            });
+        }
+        let tokens: Vec<(usize, u32)> = steps.iter().map(|s| (s.slot, s.token)).collect();
+        let (mut r, rows) = self.record_batch(&tokens)?;
+        let n = steps.len();
+        let g = self.gpu.clone();
+        self.k
+            .argmax
+            .encode(&g, r.pass(), &self.argmax_batch, n as u32)?;
+        for (i, s) in steps.iter().enumerate().filter(|(_, s)| s.sample) {
+            let sb = self.slot_sampler(s.slot);
+            self.k.sampler.set_row(&g, sb, i)?;
+            self.k.sampler.encode(&g, r.pass(), sb);
+        }
+        let b = &self.b;
+        let nu = n as u64;
+        let stats_at = 4 * nu;
+        let picks_at = stats_at + STATS_BYTES * nu;
+        let sampled = steps.iter().filter(|s| s.sample).count() as u64;
+        let enc = r.enc();
+        enc.copy_buffer_to_buffer(&b.batch_next, 0, &b.picks_staging, 0, 4 * nu);
+        enc.copy_buffer_to_buffer(
+            &b.batch_stats,
+            0,
+            &b.picks_staging,
+            stats_at,
+            STATS_BYTES * nu,
+        );
+        for (j, s) in steps.iter().filter(|s| s.sample).enumerate() {
+            let out = &self.slot_sampler(s.slot).out;
+            let at = picks_at + SAMPLED_BYTES * j as u64;
+            enc.copy_buffer_to_buffer(out, 0, &b.picks_staging, at, SAMPLED_BYTES);
+        }
+        // the rows asked for, compacted in `batch_logits_staging`
+        let row_bytes = (self.cfg.vocab_size * 4) as u64;
+        let mut copied: Vec<usize> = (0..n).filter(|&i| steps[i].want_row).collect();
+        for (k, &i) in copied.iter().enumerate() {
+            let logits = &b.acts[b.index[&Buf::Logits]];
+            let (from, to) = (row_bytes * i as u64, row_bytes * k as u64);
+            enc.copy_buffer_to_buffer(logits, from, &b.batch_logits_staging, to, row_bytes);
+        }
+        g.queue.submit([r.finish().0]);
+        let len = picks_at + SAMPLED_BYTES * sampled;
+        let bytes = g.map_staging(&b.picks_staging, len)?;
+        for &(s, p) in &rows {
+            self.set_slot_position(s, p + 1);
+        }
+        let b = &self.b;
+        let w: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
+        let (ids, rest) = w.split_at(n);
+        let (stats, picks) = rest.split_at(STATS_WORDS * n);
+        let mut picked = picks.chunks(crate::ops::sample_full::OUT_WORDS);
+        let mut out: Vec<SlotPick> = Vec::with_capacity(n);
+        for (i, s) in steps.iter().enumerate() {
+            let st = &stats[STATS_WORDS * i..STATS_WORDS * (i + 1)];
+            let pick = match s.sample {
+                true => Picked::from_words(picked.next().expect("one per sampled row")),
+                false => Picked::from_words(&[ids[i], 0, 0, 0]),
+            };
+            out.push(SlotPick {
+                pick,
+                stats: RowStats::from_words([st[0], st[1], st[2], st[3]]),
+                row: None,
+            });
+        }
+        // the picks left to the host need their rows too (the logits buffer
+        // still holds this pass's)
+        let flagged: Vec<usize> = (0..n)
+            .filter(|&i| out[i].pick.uncertain() && !steps[i].want_row)
+            .collect();
+        if !flagged.is_empty() {
+            let mut enc = g.encoder();
+            let logits = &b.acts[b.index[&Buf::Logits]];
+            for (k, &i) in flagged.iter().enumerate() {
+                let (from, to) = (row_bytes * i as u64, row_bytes * (copied.len() + k) as u64);
+                enc.copy_buffer_to_buffer(logits, from, &b.batch_logits_staging, to, row_bytes);
+            }
+            g.queue.submit([enc.finish()]);
+            copied.extend(flagged);
+        }
+        let mut bytes_read = len;
+        if !copied.is_empty() {
+            let len = row_bytes * copied.len() as u64;
+            let rows = g.map_staging(&b.batch_logits_staging, len)?;
+            bytes_read += len;
+            let all: Vec<f32> = bytemuck::pod_collect_to_vec(&rows);
+            for (&i, row) in copied.iter().zip(all.chunks(self.cfg.vocab_size)) {
+                out[i].row = Some(row.to_vec());
+            }
+        }
+        Ok(BatchPicks {
+            picks: out,
+            bytes_read,
+        })
+    }
+
+    /// Check a batched step's `(slot, token)` rows, write its uniforms and
+    /// start its recording with the forward pass over all rows (the head
+    /// over every row); also the rows' (slot, position).
+    fn record_batch(&self, steps: &[(usize, u32)]) -> Result<(Rec, Vec<(usize, usize)>)> {
+        let mut seen = vec![false; self.slots()];
+        for &(slot, tok) in steps {
+            self.check_slot_tokens(slot, &[tok])?;
+            if std::mem::replace(&mut seen[slot], true) {
+                return Err(Error::invalid(format!(
+                    "sequence slot {slot} appears twice in one decode batch"
+                )));
+            }
+        }
+        let tokens: Vec<u32> = steps.iter().map(|s| s.1).collect();
+        let rows: Vec<(usize, usize)> = steps
+            .iter()
+            .map(|&(s, _)| (s, self.slot_position(s)))
+            .collect();
+        let mut r = self.record_slots(&tokens, &rows, Mode::SlotDecode)?;
+        self.encode_body(&mut r, steps.len() as u32, Some(Logits::All))?;
+        Ok((r, rows))
     }
 
     /// Write the uniforms and ids of a slot pass over `tokens`, row i at

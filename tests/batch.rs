@@ -15,7 +15,10 @@ use std::time::Instant;
 use common::{fixture, gpu};
 
 use wgllm::loader::{Checkpoint, LoadDType, MemoryPlan};
-use wgllm::model::{Model, ModelOptions};
+use wgllm::model::{BatchPicks, Model, ModelOptions, SlotStep};
+use wgllm::sampling::{Draw, Sampler, SamplingParams};
+use wgllm::serve::metrics::Metrics;
+use wgllm::serve::scheduler::{Engine, Event, GenRequest, Scheduler, TextDecoder};
 use wgllm::{Gpu, GpuOptions};
 
 const FIXTURES: [&str; 4] = [
@@ -257,7 +260,7 @@ fn nothing_is_created_per_slot_step() {
     // its own device: the other tests run in parallel on the shared one
     let g = Arc::new(Gpu::new(&GpuOptions::default()).expect("GPU"));
     let opts = ModelOptions {
-        max_context: Some(p.len() + 8),
+        max_context: Some(p.len() + 12),
         max_batch: 16,
         slots: SLOTS,
         ..Default::default()
@@ -271,6 +274,25 @@ fn nothing_is_created_per_slot_step() {
         for b in 1..=SLOTS {
             let steps: Vec<(usize, u32)> = (0..b).map(|s| (s, 3)).collect();
             m.decode_batch(&steps).unwrap();
+        }
+        // the GPU samplers' batched steps, rows read back or not
+        let d = Sampler::new(slot_params(1))
+            .unwrap()
+            .gpu_settings()
+            .unwrap();
+        for s in 0..SLOTS {
+            m.begin_slot_sampled(s, &d, &[0.25, 0.5, 0.75]).unwrap();
+        }
+        for b in 1..=SLOTS {
+            let steps: Vec<SlotStep> = (0..b)
+                .map(|s| SlotStep {
+                    slot: s,
+                    token: 3,
+                    sample: s != 0,
+                    want_row: s == 1,
+                })
+                .collect();
+            m.decode_batch_picks(&steps).unwrap();
         }
     };
     run(&mut m);
@@ -396,4 +418,247 @@ fn smollm2_batched_decode_b1_vs_b8() {
             (b as f64 / med) * one
         );
     }
+}
+
+/// A seeded sampler per slot, with its own settings (greedy among them);
+/// from 4 on, greedy and flat ones (temperature 3, top-p 0.99: the tiny
+/// fixtures' distributions are then flat enough for the GPU sampler to
+/// leave some picks to the host).
+fn slot_params(s: usize) -> SamplingParams {
+    let (temperature, top_k, top_p) = match s {
+        0..4 => [
+            (0.0, 0, 1.0),
+            (0.8, 0, 0.9),
+            (1.0, 20, 1.0),
+            (1.3, 50, 0.95),
+        ][s],
+        _ if s % 4 == 0 => (0.0, 0, 1.0),
+        _ => (3.0, 0, 0.99),
+    };
+    SamplingParams {
+        temperature,
+        top_k,
+        top_p,
+        seed: 17 + s as u64,
+        ..Default::default()
+    }
+}
+
+/// The batched step that reads back only the picks (`decode_batch_picks`,
+/// a GPU sampler per slot over its row of the batch logits) gives the ids
+/// of the CPU sampler over whole rows (`decode_batch` + `Sampler::sample`,
+/// serve's old path), token for token, for the same seeds; a row asked for
+/// is the bits `decode_batch` returns, and only flagged picks bring theirs.
+#[test]
+fn batched_gpu_picks_are_the_cpu_samplers_ids() {
+    let mut flagged = 0;
+    let mut sampled = 0;
+    // each fixture with the varied settings, then with flat ones
+    for (name, round) in FIXTURES.iter().flat_map(|n| [(*n, 0), (*n, 1), (*n, 2)]) {
+        let params = |s: usize| slot_params(s + 4 * round);
+        let ps = prompts(name);
+        let ctx = ps.iter().map(Vec::len).max().unwrap() + STEPS + 1;
+        let mut m = load(name, SLOTS, ctx);
+        let vocab = m.cfg.vocab_size;
+        // The CPU path: every row read back and sampled on the host.
+        let mut host_ids = vec![Vec::new(); SLOTS];
+        let mut host_rows = vec![Vec::new(); SLOTS];
+        let mut samplers: Vec<Sampler> = (0..SLOTS)
+            .map(|s| Sampler::new(params(s)).unwrap())
+            .collect();
+        for s in 0..SLOTS {
+            m.slot_truncate(s, 0).unwrap();
+            let l = m.prefill_slot(s, &ps[s]).unwrap();
+            host_ids[s].push(samplers[s].sample(&l, &[]));
+        }
+        for _ in 0..STEPS {
+            // a shuffled order, so row i is not slot i
+            let order = [2usize, 0, 3, 1];
+            let steps: Vec<(usize, u32)> = order
+                .iter()
+                .map(|&s| (s, *host_ids[s].last().unwrap()))
+                .collect();
+            for (&s, l) in order.iter().zip(m.decode_batch(&steps).unwrap()) {
+                host_ids[s].push(samplers[s].sample(&l, &[]));
+                host_rows[s].push(l);
+            }
+        }
+        // The GPU path: the first id from the prefill's row, then picks.
+        let mut ids = vec![Vec::new(); SLOTS];
+        let mut tables = Vec::new();
+        for s in 0..SLOTS {
+            let mut smp = Sampler::new(params(s)).unwrap();
+            m.slot_truncate(s, 0).unwrap();
+            let l = m.prefill_slot(s, &ps[s]).unwrap();
+            ids[s].push(smp.sample(&l, &[]));
+            let d = smp.gpu_settings().unwrap();
+            let table = smp.draw_table(STEPS);
+            let f: Vec<f32> = table.iter().map(|&r| r as f32).collect();
+            m.begin_slot_sampled(s, &d, &f).unwrap();
+            tables.push((smp, d, table));
+        }
+        for k in 0..STEPS {
+            let order = [1usize, 3, 0, 2];
+            let steps: Vec<SlotStep> = order
+                .iter()
+                .map(|&s| SlotStep {
+                    slot: s,
+                    token: *ids[s].last().unwrap(),
+                    sample: !params(s).is_greedy(),
+                    // slots 0 and 3 also read their rows back
+                    want_row: s % 3 == 0,
+                })
+                .collect();
+            let got = m.decode_batch_picks(&steps).unwrap();
+            assert_eq!(got.picks.len(), SLOTS);
+            let mut rows_back = 0;
+            for (st, p) in steps.iter().zip(&got.picks) {
+                let s = st.slot;
+                assert!(p.stats.is_finite(), "{name}: slot {s} step {k}");
+                let (smp, d, table) = &tables[s];
+                let id = if p.pick.uncertain() {
+                    flagged += 1;
+                    let row = p.row.as_ref().expect("a flagged pick brings its row");
+                    smp.sample_drawn(row, &[], &Draw { r: table[k], ..*d })
+                } else {
+                    p.pick.id
+                };
+                sampled += st.sample as usize;
+                if let Some(row) = &p.row {
+                    rows_back += 1;
+                    assert_eq!(
+                        bits(row),
+                        bits(&host_rows[s][k]),
+                        "{name}: slot {s} step {k}: row"
+                    );
+                } else {
+                    assert!(!st.want_row);
+                }
+                ids[s].push(id);
+            }
+            let sampled_rows = steps.iter().filter(|s| s.sample).count() as u64;
+            let expect = 20 * SLOTS as u64 + 16 * sampled_rows + rows_back * 4 * vocab as u64;
+            assert_eq!(got.bytes_read, expect, "{name}: step {k}");
+        }
+        for s in 0..SLOTS {
+            assert_eq!(ids[s], host_ids[s], "{name}: slot {s} ({:?})", params(s));
+        }
+    }
+    eprintln!("{flagged} of {sampled} sampled picks left to the host");
+    assert!(flagged > 0, "no pick was flagged: the fallback is untested");
+}
+
+/// Serve's scheduler over a model that samples on the GPU answers as over
+/// the same model sampling every row on the host (the old path): eight
+/// concurrent requests over four slots, with their own temperatures, top-p
+/// and seeds, two greedy, one with log-probabilities, three flat enough
+/// for some picks to be left to the host, event for event.
+#[test]
+fn the_scheduler_samples_on_the_gpu_as_on_the_host() {
+    struct HostSampled(Model);
+    impl Engine for HostSampled {
+        fn slots(&self) -> usize {
+            self.0.slots()
+        }
+        fn max_context(&self) -> usize {
+            self.0.max_context
+        }
+        fn slot_position(&self, slot: usize) -> usize {
+            self.0.slot_position(slot)
+        }
+        fn slot_truncate(&mut self, slot: usize, n: usize) -> wgllm::Result<()> {
+            self.0.slot_truncate(slot, n)
+        }
+        fn prefill_slot(&mut self, slot: usize, tokens: &[u32]) -> wgllm::Result<Vec<f32>> {
+            self.0.prefill_slot(slot, tokens)
+        }
+        fn decode_batch(&mut self, steps: &[(usize, u32)]) -> wgllm::Result<Vec<Vec<f32>>> {
+            self.0.decode_batch(steps)
+        }
+        fn vocab_size(&self) -> usize {
+            self.0.cfg.vocab_size
+        }
+        fn device_sampling(&self) -> bool {
+            false
+        }
+        fn begin_slot_sampling(&mut self, _: usize, _: &Draw, _: &[f32]) -> wgllm::Result<()> {
+            Err(wgllm::Error::invalid(
+                "the host-sampled engine has no device sampler",
+            ))
+        }
+        fn decode_picks(&mut self, _: &[SlotStep]) -> wgllm::Result<BatchPicks> {
+            Err(wgllm::Error::invalid(
+                "the host-sampled engine has no device sampler",
+            ))
+        }
+    }
+    /// Ids as text, so equal text is equal ids.
+    struct Ids;
+    impl TextDecoder for Ids {
+        fn decode(&self, _: &[u32], ids: &[u32]) -> wgllm::Result<String> {
+            Ok(ids.iter().map(|i| format!("{i} ")).collect())
+        }
+        fn token_text(&self, id: u32) -> String {
+            id.to_string()
+        }
+    }
+    fn run<E: Engine>(engine: E, ps: &[Vec<u32>]) -> (Vec<Vec<Event>>, String) {
+        let metrics = Arc::new(Metrics::default());
+        let mut s = Scheduler::new(engine, Ids, vec![], metrics.clone(), Default::default());
+        let mut rxs = Vec::new();
+        for (i, p) in ps.iter().enumerate() {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let mut sampling = slot_params(i);
+            // serve's sampler: no top-k
+            sampling.top_k = 0;
+            sampling.seed = 1000 + i as u64;
+            s.submit(GenRequest {
+                prompt: p.clone(),
+                max_tokens: STEPS,
+                sampling,
+                stop: vec![],
+                logprobs: (i == 1).then_some(3),
+                arrived: Instant::now(),
+                events: tx,
+            });
+            rxs.push(rx);
+        }
+        for _ in 0..1000 {
+            if s.is_idle() {
+                break;
+            }
+            s.step();
+        }
+        assert!(s.is_idle());
+        let events = rxs
+            .iter_mut()
+            .map(|rx| std::iter::from_fn(|| rx.try_recv().ok()).collect())
+            .collect();
+        (events, metrics.render())
+    }
+    let mut host_sampled = 0;
+    for name in ["qwen2_bias_tied", "llama_gqa3_untied", "gemma3_window"] {
+        let p = prompt(name);
+        let ps: Vec<Vec<u32>> = (0..8).map(|i| p[i..p.len() - i / 2].to_vec()).collect();
+        let ctx = p.len() + STEPS + 1;
+        let (host, _) = run(HostSampled(load(name, SLOTS, ctx)), &ps);
+        let (gpu, metrics) = run(load(name, SLOTS, ctx), &ps);
+        for (i, (h, g)) in host.iter().zip(&gpu).enumerate() {
+            assert!(
+                matches!(h.last(), Some(Event::Done { .. })),
+                "{name}: request {i}: {h:?}"
+            );
+            assert_eq!(h, g, "{name}: request {i}");
+        }
+        for l in metrics.lines().filter(|l| l.starts_with("wgllm_decode_")) {
+            eprintln!("{name}: {l}");
+            if let Some(n) = l.strip_prefix("wgllm_decode_host_sampled_total ") {
+                host_sampled += n.parse::<u64>().unwrap();
+            }
+        }
+    }
+    assert!(
+        host_sampled > 0,
+        "no pick was left to the host: that path is untested"
+    );
 }

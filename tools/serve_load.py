@@ -5,14 +5,18 @@
     python tools/serve_load.py --base-url http://127.0.0.1:8080 --clients 1,4,8 --requests 20
 
 For each concurrency level, that many clients each send `--requests`
-streamed greedy completions one after another (prompt i of a fixed set of
-20, shifted per client). Reported per level: aggregate generated tokens/s
+streamed completions one after another (prompt i of a fixed set of 20,
+shifted per client): greedy, or with `--temperature T [--top-p P]` seeded
+sampling, prompt i with seed `--seed + i`, so each prompt's answer is still
+the same whatever else is batched. Reported per level: aggregate generated tokens/s
 (completion tokens over the level's wall time), time to first token (p50,
 p99), inter-token latency between streamed chunks (p50, p99), the mean
 decode batch (from /metrics), and failures. The first level's answers are
 the reference: at every other level each prompt's text must be identical
-(greedy output does not depend on what else is batched), else it counts as
-mixed up. Exits 1 on any failed or mixed-up response.
+(neither greedy nor seeded output depends on what else is batched), else it
+counts as mixed up. With a server that reports it, the bytes decode steps
+read back from the device per step are printed too. Exits 1 on any failed or
+mixed-up response.
 """
 
 import argparse
@@ -51,16 +55,17 @@ def metrics(host, port):
     return out
 
 
-def one(host, port, model, prompt, max_tokens, chat):
-    """A streamed greedy request: (text, completion tokens, ttft, gaps)."""
+def one(host, port, model, prompt, max_tokens, chat, sampling):
+    """A streamed request: (text, completion tokens, ttft, gaps)."""
     if chat:
         path = "/v1/chat/completions"
         body = {"model": model, "messages": [{"role": "user", "content": prompt}]}
     else:
         path = "/v1/completions"
         body = {"model": model, "prompt": prompt}
-    body.update({"max_tokens": max_tokens, "temperature": 0, "stream": True,
+    body.update({"max_tokens": max_tokens, "stream": True,
                  "stream_options": {"include_usage": True}})
+    body.update(sampling)
     c = http.client.HTTPConnection(host, port, timeout=600)
     t0 = time.perf_counter()
     c.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
@@ -94,14 +99,14 @@ def one(host, port, model, prompt, max_tokens, chat):
     return "".join(text), usage["completion_tokens"], ttft, gaps
 
 
-def level(host, port, model, clients, requests, max_tokens, chat):
+def level(host, port, model, clients, requests, max_tokens, chat, sampling):
     results, errors, lock = [], [], threading.Lock()
 
     def client(k):
         for i in range(requests):
             j = (i + k) % len(PROMPTS)
             try:
-                r = one(host, port, model, PROMPTS[j], max_tokens, chat)
+                r = one(host, port, model, PROMPTS[j], max_tokens, chat, sampling(j))
                 with lock:
                     results.append((j,) + r)
             except Exception as e:  # noqa: BLE001 (counted and reported)
@@ -119,7 +124,11 @@ def level(host, port, model, clients, requests, max_tokens, chat):
     m1 = metrics(host, port)
     steps = m1["wgllm_decode_steps_total"] - m0["wgllm_decode_steps_total"]
     seqs = m1["wgllm_decode_step_sequences_total"] - m0["wgllm_decode_step_sequences_total"]
-    return results, errors, wall, (seqs / steps if steps else 0.0)
+    rb = "wgllm_decode_readback_bytes_total"
+    per_step = (m1[rb] - m0[rb]) / steps if rb in m1 and steps else float("nan")
+    hs = "wgllm_decode_host_sampled_total"
+    host = m1[hs] - m0[hs] if hs in m1 else float("nan")
+    return results, errors, wall, (seqs / steps if steps else 0.0), per_step, host
 
 
 def main():
@@ -130,14 +139,24 @@ def main():
     ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--chat", action="store_true")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args()
+
+    def sampling(j):
+        if a.temperature == 0:
+            return {"temperature": 0}
+        return {"temperature": a.temperature, "top_p": a.top_p, "seed": a.seed + j}
+
     u = urllib.parse.urlparse(a.base_url)
     host, port = u.hostname, u.port or 80
     if host not in ("127.0.0.1", "localhost", "::1"):
         sys.exit("loopback only: --base-url must be on 127.0.0.1/localhost")
     reference, bad, rows = {}, 0, []
     for n in [int(x) for x in a.clients.split(",")]:
-        res, errs, wall, batch = level(host, port, a.model, n, a.requests, a.max_tokens, a.chat)
+        res, errs, wall, batch, per_step, host_rows = level(
+            host, port, a.model, n, a.requests, a.max_tokens, a.chat, sampling)
         mixed = 0
         for j, text, _, _, _ in res:
             if j in reference and reference[j] != text:
@@ -155,7 +174,8 @@ def main():
               f"{toks} tokens in {wall:.1f} s = {toks / wall:.2f} tok/s; "
               f"TTFT p50 {pct(ttft, 50):.2f} s p99 {pct(ttft, 99):.2f} s; "
               f"inter-token p50 {pct(gaps, 50) * 1e3:.0f} ms p99 {pct(gaps, 99) * 1e3:.0f} ms; "
-              f"mean decode batch {batch:.2f}", flush=True)
+              f"mean decode batch {batch:.2f}; read back per decode step {per_step:.0f} bytes, "
+              f"rows sampled on the host {host_rows:.0f}", flush=True)
     print()
     print("| clients | requests | tokens | wall (s) | tok/s | TTFT p50 (s) | TTFT p99 (s) "
           "| ITL p50 (ms) | ITL p99 (ms) | mean batch | failed | mixed up |")

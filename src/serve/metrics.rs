@@ -59,6 +59,8 @@ struct Inner {
     itl: Histogram,
     decode_steps: u64,
     decode_step_sequences: u64,
+    decode_readback_bytes: u64,
+    decode_host_sampled: u64,
     prefix_lookups: u64,
     prefix_hits: u64,
     prefix_reused_tokens: u64,
@@ -114,6 +116,15 @@ impl Metrics {
         self.with(|m| {
             m.decode_steps += 1;
             m.decode_step_sequences += sequences as u64;
+        })
+    }
+    /// Bytes a decode pass read back from the device (every row's logits,
+    /// or the picks and the rows that needed them), and the rows whose pick
+    /// the device sampler left to the host.
+    pub fn decode_readback(&self, bytes: u64, host_sampled: usize) {
+        self.with(|m| {
+            m.decode_readback_bytes += bytes;
+            m.decode_host_sampled += host_sampled as u64;
         })
     }
     pub fn queue_depth(&self, n: usize) {
@@ -200,6 +211,18 @@ impl Metrics {
             "wgllm_decode_step_sequences_total",
             "Sequences advanced by decode passes (divide by wgllm_decode_steps_total for the mean batch).",
             m.decode_step_sequences,
+        );
+        counter(
+            &mut o,
+            "wgllm_decode_readback_bytes_total",
+            "Bytes decode passes read back from the device (logits rows, or picks and the rows that need them).",
+            m.decode_readback_bytes,
+        );
+        counter(
+            &mut o,
+            "wgllm_decode_host_sampled_total",
+            "Decode rows whose pick the device sampler left to the host (sampled there from the row).",
+            m.decode_host_sampled,
         );
         counter(
             &mut o,

@@ -735,4 +735,22 @@ impl Engine for crate::model::Model {
     fn decode_batch(&mut self, steps: &[(usize, u32)]) -> Result<Vec<Vec<f32>>> {
         crate::model::Model::decode_batch(self, steps)
     }
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+    /// Every slot has a GPU sampler over its row of the batch logits.
+    fn device_sampling(&self) -> bool {
+        true
+    }
+    fn begin_slot_sampling(
+        &mut self,
+        slot: usize,
+        d: &crate::sampling::Draw,
+        draws: &[f32],
+    ) -> Result<()> {
+        crate::model::Model::begin_slot_sampled(self, slot, d, draws)
+    }
+    fn decode_picks(&mut self, steps: &[scheduler::SlotStep]) -> Result<scheduler::BatchPicks> {
+        crate::model::Model::decode_batch_picks(self, steps)
+    }
 }

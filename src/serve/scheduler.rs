@@ -3,8 +3,11 @@
 //! Requests wait in a queue; each [`Scheduler::step`] drops sequences whose
 //! client went away, admits waiting requests into free slots (prefix reuse,
 //! then the prefill of the rest of the prompt), and advances every active
-//! sequence by one token in ONE [`Engine::decode_batch`] pass. Each sequence
-//! samples with its own seeded [`Sampler`], applies its stop ids and stop
+//! sequence by one token in ONE forward pass. Each sequence samples with its
+//! own seeded [`Sampler`]: on the device where the engine has a sampler per
+//! slot ([`Engine::decode_picks`]: only each row's pick comes back, the CPU
+//! sampler's id for the same seed), else on the host from the row
+//! ([`Engine::decode_batch`]). It applies its stop ids and stop
 //! strings (a stop string is never emitted: text that could be the start of
 //! one is held back), and reports text, log-probabilities and usage through
 //! its own event channel.
@@ -18,7 +21,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
 use crate::error::{Error, Result};
-use crate::sampling::{Sampler, SamplingParams};
+pub use crate::model::{BatchPicks, SlotPick, SlotStep};
+use crate::sampling::{Draw, Sampler, SamplingParams};
 
 /// What the scheduler needs from a model: `slots()` independent KV caches.
 pub trait Engine {
@@ -34,6 +38,21 @@ pub trait Engine {
     /// One forward pass appending one token to each listed slot; the logits
     /// per entry, in order.
     fn decode_batch(&mut self, steps: &[(usize, u32)]) -> Result<Vec<Vec<f32>>>;
+    /// Logits per row.
+    fn vocab_size(&self) -> usize;
+    /// Whether the engine samples on the device ([`Self::begin_slot_sampling`],
+    /// [`Self::decode_picks`]); else the scheduler reads every row with
+    /// [`Self::decode_batch`] and samples it on the host.
+    fn device_sampling(&self) -> bool;
+    /// Set up the slot's device sampler for a sequence: its settings (`r`
+    /// unused, no repetition penalty) and the uniform of each of its decode
+    /// steps, drawn from its seeded sampler.
+    fn begin_slot_sampling(&mut self, slot: usize, d: &Draw, draws: &[f32]) -> Result<()>;
+    /// One forward pass as [`Self::decode_batch`], reading back per row its
+    /// finiteness and its pick (the device sampler's, or the argmax), and
+    /// the logits only of the rows that ask for them or whose pick the
+    /// device left to the host.
+    fn decode_picks(&mut self, steps: &[SlotStep]) -> Result<BatchPicks>;
 }
 
 /// Token ids to text (the tokenizer, or a fake in tests).
@@ -124,6 +143,18 @@ pub struct GenRequest {
     pub events: UnboundedSender<Event>,
 }
 
+/// How a sequence's decode steps pick their token.
+enum Picks {
+    /// The host samples every row ([`Engine::decode_batch`], or a row read
+    /// back with [`Engine::decode_picks`]).
+    Host,
+    /// The device's argmax (greedy).
+    Argmax,
+    /// The slot's device sampler, with the uniforms of the decode steps (a
+    /// step left to the host is sampled there with the same uniform).
+    Device { d: Draw, draws: Vec<f64> },
+}
+
 #[derive(Debug, Default)]
 struct Slot {
     /// The token ids the engine's cache holds for this slot.
@@ -145,6 +176,9 @@ struct Seq {
     pending_lp: Vec<TokenLogprob>,
     /// The sampled token to feed in the next decode step.
     next: u32,
+    picks: Picks,
+    /// Decode steps run (the index of the next one's uniform).
+    steps: usize,
     cached_tokens: usize,
     last_token: Instant,
 }
@@ -413,17 +447,52 @@ impl<E: Engine, D: TextDecoder> Scheduler<E, D> {
             emitted: 0,
             pending_lp: Vec::new(),
             next: 0,
+            picks: Picks::Host,
+            steps: 0,
             cached_tokens: keep,
             last_token: Instant::now(),
         };
-        match self.on_logits(&mut seq, &logits) {
+        let r = match self.on_logits(&mut seq, &logits) {
+            Ok(false) => self.begin_picks(&mut seq).map(|_| false),
+            done => done,
+        };
+        match r {
             Ok(true) => self.release(slot),
             Ok(false) => self.active.push(seq),
             Err(e) => self.fail(slot, &seq.req, &e),
         }
     }
 
+    /// Choose how an admitted sequence's decode steps pick (after its first
+    /// token, sampled on the host from the prefill's row): on a device
+    /// that samples, greedy takes the argmax, and seeded sampling the
+    /// slot's sampler with every remaining step's uniform drawn now, in
+    /// the CPU sampler's order (`Sampler::draw_table`), so the ids are the
+    /// ones the host would draw.
+    fn begin_picks(&mut self, seq: &mut Seq) -> Result<()> {
+        if !self.engine.device_sampling() || seq.sampler.params.repeat_penalty != 1.0 {
+            return Ok(());
+        }
+        if seq.sampler.params.is_greedy() {
+            seq.picks = Picks::Argmax;
+            return Ok(());
+        }
+        let Some(d) = seq.sampler.gpu_settings() else {
+            return Ok(());
+        };
+        let draws = seq
+            .sampler
+            .draw_table(seq.req.max_tokens - seq.generated.len());
+        let f: Vec<f32> = draws.iter().map(|&r| r as f32).collect();
+        self.engine.begin_slot_sampling(seq.slot, &d, &f)?;
+        seq.picks = Picks::Device { d, draws };
+        Ok(())
+    }
+
     fn decode_step(&mut self) {
+        if self.engine.device_sampling() {
+            return self.decode_step_picks();
+        }
         let steps: Vec<(usize, u32)> = self.active.iter().map(|s| (s.slot, s.next)).collect();
         let res = self.engine.decode_batch(&steps).and_then(|v| {
             if v.len() == steps.len() {
@@ -439,13 +508,10 @@ impl<E: Engine, D: TextDecoder> Scheduler<E, D> {
         self.metrics.decode_step(steps.len());
         let all = match res {
             Ok(v) => v,
-            Err(e) => {
-                for s in std::mem::take(&mut self.active) {
-                    self.fail(s.slot, &s.req, &e);
-                }
-                return;
-            }
+            Err(e) => return self.fail_active(&e),
         };
+        let bytes: usize = all.iter().map(|l| 4 * l.len()).sum();
+        self.metrics.decode_readback(bytes as u64, 0);
         let mut keep = Vec::with_capacity(self.active.len());
         for (mut seq, logits) in std::mem::take(&mut self.active).into_iter().zip(all) {
             self.slots[seq.slot].cached.push(seq.next);
@@ -461,11 +527,103 @@ impl<E: Engine, D: TextDecoder> Scheduler<E, D> {
         self.active = keep;
     }
 
+    fn fail_active(&mut self, e: &Error) {
+        for s in std::mem::take(&mut self.active) {
+            self.fail(s.slot, &s.req, e);
+        }
+    }
+
+    /// [`Self::decode_step`] on a device that samples: only the picks come
+    /// back, and the rows of sequences that sample on the host, want
+    /// log-probabilities, or whose pick the device left to the host.
+    fn decode_step_picks(&mut self) {
+        let steps: Vec<SlotStep> = self
+            .active
+            .iter()
+            .map(|s| SlotStep {
+                slot: s.slot,
+                token: s.next,
+                sample: matches!(s.picks, Picks::Device { .. }),
+                want_row: s.req.logprobs.is_some() || matches!(s.picks, Picks::Host),
+            })
+            .collect();
+        let res = self.engine.decode_picks(&steps).and_then(|v| {
+            if v.picks.len() == steps.len() {
+                Ok(v)
+            } else {
+                Err(Error::invalid(format!(
+                    "decode_picks returned {} picks for {} sequences",
+                    v.picks.len(),
+                    steps.len()
+                )))
+            }
+        });
+        self.metrics.decode_step(steps.len());
+        let all = match res {
+            Ok(v) => v,
+            Err(e) => return self.fail_active(&e),
+        };
+        let host = all.picks.iter().filter(|p| p.pick.uncertain()).count();
+        self.metrics.decode_readback(all.bytes_read, host);
+        let vocab = self.engine.vocab_size();
+        let mut keep = Vec::with_capacity(self.active.len());
+        for (mut seq, p) in std::mem::take(&mut self.active).into_iter().zip(all.picks) {
+            self.slots[seq.slot].cached.push(seq.next);
+            let pos = self.slots[seq.slot].cached.len();
+            let r = crate::generate::check_stats(&p.stats, vocab, seq.generated.len(), pos)
+                .and_then(|_| self.pick(&mut seq, &p))
+                .and_then(|id| self.on_token(&mut seq, id, p.row.as_deref()));
+            match r {
+                Ok(true) => self.release(seq.slot),
+                Ok(false) => keep.push(seq),
+                Err(e) => self.fail(seq.slot, &seq.req, &e),
+            }
+        }
+        self.active = keep;
+    }
+
+    /// The id of a decode step's row: the device's pick, or the host's
+    /// sample of the row where the device left it (same uniform) or the
+    /// sequence samples on the host.
+    fn pick(&self, seq: &mut Seq, p: &SlotPick) -> Result<u32> {
+        let step = seq.steps;
+        seq.steps += 1;
+        let row = || {
+            p.row.as_deref().ok_or_else(|| {
+                Error::invalid(format!(
+                    "decode step {step} of slot {}: the engine returned no logits row to sample on the host",
+                    seq.slot
+                ))
+            })
+        };
+        Ok(match &seq.picks {
+            Picks::Argmax => p.pick.id,
+            Picks::Device { .. } if !p.pick.uncertain() => p.pick.id,
+            Picks::Device { d, draws } => {
+                let r = *draws.get(step).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "decode step {step} of slot {}: past the {} uniforms drawn at admission",
+                        seq.slot,
+                        draws.len()
+                    ))
+                })?;
+                seq.sampler.sample_drawn(row()?, &[], &Draw { r, ..*d })
+            }
+            Picks::Host => seq.sampler.sample(row()?, &[]),
+        })
+    }
+
     /// Sample from a step's logits; `Ok(true)` when the sequence finished.
     fn on_logits(&mut self, seq: &mut Seq, logits: &[f32]) -> Result<bool> {
         // The repetition penalty is off for the server (OpenAI has no such
         // field), so the sampler needs no history.
         let id = seq.sampler.sample(logits, &[]);
+        self.on_token(seq, id, Some(logits))
+    }
+
+    /// A step picked `id` (`logits`: its row, where read back; needed for
+    /// log-probabilities); `Ok(true)` when the sequence finished.
+    fn on_token(&mut self, seq: &mut Seq, id: u32, logits: Option<&[f32]>) -> Result<bool> {
         let now = Instant::now();
         if seq.generated.is_empty() {
             self.metrics
@@ -482,6 +640,9 @@ impl<E: Engine, D: TextDecoder> Scheduler<E, D> {
         seq.generated.push(id);
         self.metrics.generated(1);
         if let Some(top) = seq.req.logprobs {
+            let logits = logits.ok_or_else(|| {
+                Error::invalid("log-probabilities asked for, but the step read back no logits row")
+            })?;
             let (lp, best) = logprobs(logits, id, top);
             seq.pending_lp.push(TokenLogprob {
                 token: self.dec.token_text(id),
@@ -592,6 +753,12 @@ pub(crate) mod tests {
         pub vocab: usize,
         pub batches: Vec<usize>,
         pub prefilled: Vec<usize>,
+        /// Sample on the "device" (`decode_picks`): the host's sampler with
+        /// each step's f32 uniform, every third sampled step left to the
+        /// host.
+        pub device: bool,
+        /// Per slot: the device sampler's settings, uniforms and step.
+        pub samplers: Vec<Option<(Draw, Vec<f32>, usize)>>,
     }
 
     impl FakeEngine {
@@ -602,6 +769,8 @@ pub(crate) mod tests {
                 vocab: 26,
                 batches: Vec::new(),
                 prefilled: Vec::new(),
+                device: false,
+                samplers: vec![None; slots],
             }
         }
         fn logits(&self, slot: usize) -> Vec<f32> {
@@ -640,6 +809,57 @@ pub(crate) mod tests {
                 self.caches[s].push(t);
             }
             Ok(steps.iter().map(|&(s, _)| self.logits(s)).collect())
+        }
+        fn vocab_size(&self) -> usize {
+            self.vocab
+        }
+        fn device_sampling(&self) -> bool {
+            self.device
+        }
+        fn begin_slot_sampling(&mut self, slot: usize, d: &Draw, draws: &[f32]) -> Result<()> {
+            self.samplers[slot] = Some((*d, draws.to_vec(), 0));
+            Ok(())
+        }
+        fn decode_picks(&mut self, steps: &[SlotStep]) -> Result<BatchPicks> {
+            use crate::ops::argmax::RowStats;
+            use crate::ops::sample_full::{Picked, U_DRAW};
+            let pairs: Vec<(usize, u32)> = steps.iter().map(|s| (s.slot, s.token)).collect();
+            let rows = self.decode_batch(&pairs)?;
+            let mut picks = Vec::new();
+            for (s, l) in steps.iter().zip(rows) {
+                let mut pick = Picked {
+                    id: crate::sampling::argmax(&l),
+                    why: 0,
+                    survivors: 0,
+                    drawn_from: 0,
+                };
+                if s.sample {
+                    let (d, draws, step) = self.samplers[s.slot].as_mut().expect("begun");
+                    let sampler = Sampler::new(SamplingParams {
+                        temperature: d.temperature,
+                        top_k: d.top_k,
+                        top_p: d.top_p,
+                        min_p: d.min_p,
+                        ..Default::default()
+                    })?;
+                    let r = draws[*step] as f64;
+                    pick.id = sampler.sample_drawn(&l, &[], &Draw { r, ..*d });
+                    if *step % 3 == 1 {
+                        (pick.id, pick.why) = (0, U_DRAW);
+                    }
+                    *step += 1;
+                }
+                let row = (s.want_row || pick.uncertain()).then(|| l.clone());
+                picks.push(SlotPick {
+                    pick,
+                    stats: RowStats::of(&l),
+                    row,
+                });
+            }
+            Ok(BatchPicks {
+                picks,
+                bytes_read: 0,
+            })
         }
     }
 
@@ -833,6 +1053,52 @@ pub(crate) mod tests {
         run_all(&mut s);
         assert_eq!(collect(&mut rb).1, Some(FinishReason::Length));
         assert_eq!(s.metrics.outcome_count("cancelled"), 1);
+    }
+
+    /// Seeded sampling through the device path (picks only, every third
+    /// sampled step left to the host) gives the host path's text, beside
+    /// greedy and log-probability requests in the same batches.
+    #[test]
+    fn device_picks_give_the_host_samplers_ids() {
+        let run = |device: bool| {
+            let mut s = sched(4);
+            s.engine.device = device;
+            let mut rxs = Vec::new();
+            for i in 0..6u32 {
+                let (mut r, rx) = req(&[i + 1, 2 * i + 3, 5], 14, &[]);
+                r.sampling = SamplingParams {
+                    temperature: [0.0, 0.7, 1.0, 1.6][i as usize % 4],
+                    top_p: [1.0, 0.9, 1.0, 0.95][i as usize % 4],
+                    seed: 100 + i as u64,
+                    ..Default::default()
+                };
+                r.logprobs = (i == 2).then_some(2);
+                s.submit(r);
+                rxs.push(rx);
+            }
+            run_all(&mut s);
+            let mut out = Vec::new();
+            for rx in &mut rxs {
+                let mut all = Vec::new();
+                while let Ok(e) = rx.try_recv() {
+                    all.push(e);
+                }
+                out.push(all);
+            }
+            (out, s.metrics.render())
+        };
+        let (host, _) = run(false);
+        let (dev, m) = run(true);
+        assert_eq!(host, dev);
+        assert!(host
+            .iter()
+            .all(|evs| matches!(evs.last(), Some(Event::Done { .. }))));
+        // the fake left some sampled steps to the host
+        let n = m
+            .lines()
+            .find_map(|l| l.strip_prefix("wgllm_decode_host_sampled_total "))
+            .and_then(|v| v.parse::<u64>().ok());
+        assert!(n.is_some_and(|n| n > 0), "{m}");
     }
 
     #[test]
