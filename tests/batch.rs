@@ -33,6 +33,15 @@ const FIXTURES: [&str; 4] = [
 const STEPS: usize = 10;
 const SLOTS: usize = 4;
 
+/// The device tests of this file one at a time (as tests/gpusample.rs):
+/// under the GL backend on a loaded machine a thread that waits more than
+/// wgpu's 6 s for the GL context, held by another test's submissions,
+/// panics ("Could not lock adapter context").
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn prompt(name: &str) -> Vec<u32> {
     common::read_ints(&fixture(name).join("reference_f32.safetensors"), "tokens")
 }
@@ -113,6 +122,7 @@ fn batched(m: &mut Model, ps: &[Vec<u32>], batch: &[usize]) -> Vec<Vec<Vec<f32>>
 
 #[test]
 fn batched_decode_is_bit_identical_to_alone_and_to_the_single_sequence_path() {
+    let _serial = serial();
     for name in FIXTURES {
         let ps = prompts(name);
         let ctx = ps.iter().map(Vec::len).max().unwrap() + STEPS + 1;
@@ -155,6 +165,7 @@ fn batched_decode_is_bit_identical_to_alone_and_to_the_single_sequence_path() {
 
 #[test]
 fn slot_truncate_reuses_a_prefix_like_a_fresh_prefill() {
+    let _serial = serial();
     for name in FIXTURES {
         let p = prompt(name);
         let (a, rest) = p.split_at(p.len() / 2);
@@ -199,6 +210,7 @@ fn slot_truncate_reuses_a_prefix_like_a_fresh_prefill() {
 
 #[test]
 fn bad_slots_batches_and_full_slots_are_errors() {
+    let _serial = serial();
     let name = FIXTURES[0];
     let p = prompt(name);
     let ctx = p.len() + 1;
@@ -255,6 +267,7 @@ fn bad_slots_batches_and_full_slots_are_errors() {
 /// group or pipeline (everything is bound at load for every batch size).
 #[test]
 fn nothing_is_created_per_slot_step() {
+    let _serial = serial();
     let name = FIXTURES[1];
     let p = prompt(name);
     // its own device: the other tests run in parallel on the shared one
@@ -451,6 +464,7 @@ fn slot_params(s: usize) -> SamplingParams {
 /// is the bits `decode_batch` returns, and only flagged picks bring theirs.
 #[test]
 fn batched_gpu_picks_are_the_cpu_samplers_ids() {
+    let _serial = serial();
     let mut flagged = 0;
     let mut sampled = 0;
     // each fixture with the varied settings, then with flat ones
@@ -555,6 +569,7 @@ fn batched_gpu_picks_are_the_cpu_samplers_ids() {
 /// for some picks to be left to the host, event for event.
 #[test]
 fn the_scheduler_samples_on_the_gpu_as_on_the_host() {
+    let _serial = serial();
     struct HostSampled(Model);
     impl Engine for HostSampled {
         fn slots(&self) -> usize {
