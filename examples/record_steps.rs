@@ -19,6 +19,12 @@
 
 use std::sync::Arc;
 
+/// The `wgllm` binary's allocator (src/main.rs), so this measures what the
+/// binary gets; `--no-default-features` measures glibc's.
+#[cfg(all(feature = "mimalloc", not(target_arch = "wasm32")))]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use wgllm::gpu::{Gpu, GpuOptions};
 use wgllm::model::{Model, ModelOptions};
 

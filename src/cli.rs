@@ -100,6 +100,11 @@ fn adapter_json(d: &AdapterDesc, chosen: bool, kernels: &str) -> serde_json::Val
 /// `wgllm devices`: every adapter, and which one wgllm would use.
 pub fn devices(gpu_opts: &GpuOptions, json: bool) -> anyhow::Result<ExitCode> {
     let (kernels, _) = gpu_opts.resolve_kernels()?;
+    // Every setting Gpu::new reads, checked here: its errors are not
+    // reported below (a failed Gpu::new only leaves no adapter marked), so
+    // a malformed WGLLM_PARAMS or WGLLM_DECISIONS would pass unnoticed.
+    gpu_opts.resolve_params()?;
+    gpu_opts.resolve_decisions()?;
     // The kernel profile each adapter would get (the selected one says why).
     let profile = |d: &AdapterDesc| {
         let p = kernels.resolve(d.info.device_type == wgpu::DeviceType::Cpu);

@@ -657,7 +657,8 @@ struct Health {
     uncaptured: std::sync::Mutex<Option<String>>,
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Lock `m`, taking the value even if a panicking thread poisoned it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -1326,8 +1327,22 @@ impl Gpu {
     /// Block until the queue is idle (in a browser, where nothing may
     /// block, the device polls itself and this only checks health).
     pub fn wait(&self) -> Result<()> {
+        self.poll_wait(None)
+    }
+
+    /// Block until submission `sub` is done (and the callbacks it made
+    /// ready have run), not the work submitted after it; as [`Self::wait`]
+    /// in a browser.
+    pub fn wait_for(&self, sub: &wgpu::SubmissionIndex) -> Result<()> {
+        self.poll_wait(Some(sub.clone()))
+    }
+
+    fn poll_wait(&self, submission_index: Option<wgpu::SubmissionIndex>) -> Result<()> {
         self.device
-            .poll(wgpu::PollType::wait_indefinitely())
+            .poll(wgpu::PollType::Wait {
+                submission_index,
+                timeout: None,
+            })
             .map_err(|e| Error::Gpu {
                 what: "device poll".into(),
                 msg: e.to_string(),

@@ -4,6 +4,15 @@ use clap::{Parser, Subcommand};
 
 use wgllm::cli;
 
+/// The process allocator: mimalloc (feature `mimalloc`, on by default), for
+/// Rust's allocations and, through its `override` feature, for the C
+/// mallocs of the Vulkan/GL driver wgpu loads. glibc's malloc was 45% of a
+/// decode step's host instructions on lavapipe (ARCHITECTURE.md "Host
+/// allocator", BENCHMARKS.md). The binary chooses it, never the library.
+#[cfg(all(feature = "mimalloc", not(target_arch = "wasm32")))]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "wgllm",

@@ -399,6 +399,12 @@ struct Buffers {
     ring: Vec<wgpu::Buffer>,
     #[cfg_attr(target_arch = "wasm32", allow(dead_code))] // the pipelined decode is native-only
     ring_state: Vec<Arc<AtomicU8>>,
+    /// The submission each ring slot's map waits on (its step's), so that
+    /// [`Model::wait_ring`] waits for that step and not for the steps
+    /// submitted after it.
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    // the pipelined decode is native-only
+    ring_sub: Vec<std::sync::Mutex<Option<wgpu::SubmissionIndex>>>,
     /// Each ring slot's copy of its step's logits row, for a sampled step
     /// the GPU left to the host (see [`Model::decode_sampled`]).
     #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
@@ -928,6 +934,7 @@ impl Model {
             ring_state: (0..RING)
                 .map(|_| Arc::new(AtomicU8::new(MapState::IDLE)))
                 .collect(),
+            ring_sub: (0..RING).map(|_| std::sync::Mutex::new(None)).collect(),
             ring_rows: (0..if cfg!(target_arch = "wasm32") {
                 0
             } else {
@@ -1863,11 +1870,11 @@ impl Model {
                     let slot = next % RING;
                     let t = thread_cpu_s();
                     let cmd = record(self, start + next, host_fed, slot)?;
-                    g.queue.submit([cmd]);
+                    let sub = g.queue.submit([cmd]);
                     if let (Some(t0), Some(t1)) = (t, thread_cpu_s()) {
                         run.record_cpu_s.push(t1 - t0);
                     }
-                    self.map_ring(slot);
+                    self.map_ring(slot, sub);
                     host_fed = false;
                     next += 1;
                     run.submitted += 1;
@@ -1991,9 +1998,14 @@ impl Model {
     /// run, bounded by wall-clock time rather than by a count of polls (an
     /// idle poll returns at once, so a thousand of them can pass before the
     /// other thread is scheduled again, which is how CI once failed here).
+    /// Each poll waits for the slot's own submission only (what
+    /// [`Self::map_ring`] was given), not for everything submitted: the
+    /// steps in flight behind it keep the device busy while the host reads
+    /// this one.
     #[cfg(not(target_arch = "wasm32"))]
     fn wait_ring(&self, slot: usize) -> Result<u8> {
         let state = &self.b.ring_state[slot];
+        let sub = crate::gpu::lock(&self.b.ring_sub[slot]).clone();
         let t0 = std::time::Instant::now();
         let mut polls = 0u32;
         loop {
@@ -2010,7 +2022,12 @@ impl Model {
                     ),
                 });
             }
-            self.gpu.wait()?;
+            match &sub {
+                Some(sub) => self.gpu.wait_for(sub)?,
+                // a pending map always has its submission; in case not,
+                // wait for everything (still correct, only slower)
+                None => self.gpu.wait()?,
+            }
             polls += 1;
             if polls > 1 && state.load(Ordering::Acquire) == MapState::PENDING {
                 // The GPU work is done (the poll waited for it), so only
@@ -2024,10 +2041,11 @@ impl Model {
         }
     }
 
-    /// Ask for ring slot `slot`'s map once its step (just submitted) is
-    /// done; [`Self::take_ring`] waits for it.
+    /// Ask for ring slot `slot`'s map once its step (just submitted as
+    /// `sub`) is done; [`Self::take_ring`] waits for it.
     #[cfg(not(target_arch = "wasm32"))]
-    fn map_ring(&self, slot: usize) {
+    fn map_ring(&self, slot: usize, sub: wgpu::SubmissionIndex) {
+        *crate::gpu::lock(&self.b.ring_sub[slot]) = Some(sub);
         let state = self.b.ring_state[slot].clone();
         state.store(MapState::PENDING, Ordering::Release);
         self.b.ring[slot]

@@ -439,6 +439,40 @@ fn tuned_mixes_pass_verify_against_pytorch() {
     );
 }
 
+/// `wgllm devices` lists adapters without building a model, but a malformed
+/// `WGLLM_DECISIONS` (or `WGLLM_PARAMS`) is still an input error naming the
+/// variable and what it takes, as every other command reports it (it used
+/// to be swallowed: exit 0, no adapter marked selected).
+#[test]
+fn devices_rejects_malformed_decisions() {
+    for (var, value, expected) in [
+        ("WGLLM_DECISIONS", "gemv", "is not key=value"),
+        ("WGLLM_DECISIONS", "no_such=1", "expected one of gemv,"),
+        (
+            "WGLLM_DECISIONS",
+            "gemv=fast",
+            "rows, wg_subgroup or wg_shared",
+        ),
+        ("WGLLM_DECISIONS", "attn_splits=0", "an integer in 1..=64"),
+        ("WGLLM_PARAMS", "mmap", "is not a parameter binding"),
+    ] {
+        for args in [&["devices"][..], &["devices", "--json"][..]] {
+            let e = wgllm(&[(var, value)], args);
+            let s = text(&e.stderr);
+            assert_eq!(e.status.code(), Some(2), "{var}={value} {args:?}: {s}");
+            assert!(
+                s.contains(&format!("{var}=\"{value}\"")) && s.contains(expected),
+                "{var}={value} {args:?}: {s}"
+            );
+            assert!(e.stdout.is_empty(), "{var}={value}: {}", text(&e.stdout));
+        }
+    }
+    // a well-formed value still lists the adapters with one selected
+    let ok = wgllm(&[("WGLLM_DECISIONS", "attn_splits=4")], &["devices"]);
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    assert_eq!(text(&ok.stdout).matches("(selected)").count(), 1);
+}
+
 #[test]
 fn tune_command_and_tune_auto() {
     let dir = fixture("qwen2_bias_tied");
