@@ -7,6 +7,9 @@
 //             unnormalized sum acc = sum_j exp(s_j - m) v_j, then (m, l, 0, 0)
 //             with l = sum_j exp(s_j - m); attention_combine.wgsl merges them.
 // all read as vec4 (d % 4 == 0, checked on the host).
+// Prepended by src/ops/attention.rs: kv_copy.rs's rows prelude,
+// attention_common.wgsl (Params, the uniforms, row_range, n_splits) and
+// attention_work.wgsl (the q/cache/output bindings, wg_work, NEG).
 // Query token t sits at position p = row_pos(t) of KV slot row_slot(t)
 // (kv_copy.rs's prelude: step.pos_offset + t of slot 0, or per-row positions
 // and slots in a batched step; a slot's region is [n_kv_heads, max_ctx, d])
@@ -26,7 +29,7 @@
 // query's range are cut into SPLITS contiguous runs, one workgroup each, so a
 // decode step (one token, few KV heads) still fills the device; each writes
 // its partial (acc, m, l) and a second small pass combines them. The number
-// of splits used is n_splits(lo, n) (split_prelude in attention.rs: at least
+// of splits used is n_splits(lo, n) (attention_common.wgsl: at least
 // MINU blocks per split, at most SPLITS), from the row's own KV length at run
 // time; the dispatch is always SPLITS workgroups per row. Prefill
 // (many tokens) runs SPLITS = 1 with PARTIAL false and writes out directly.
@@ -64,18 +67,6 @@
 // BLK positions (the position loops at most PPI or BLK / G deep), and the
 // host bounds max_ctx accordingly (Attention::llvmpipe_max_ctx).
 
-struct Params {
-    n_heads: u32,
-    n_kv_heads: u32,
-    head_dim: u32,
-    max_ctx: u32,
-    scale: f32,
-    // 0 = full causal attention; else the sliding window in positions.
-    window: u32,
-    _p1: u32,
-    _p2: u32,
-}
-
 // Invocations per workgroup (a multiple of 4).
 override WG: u32 = 64u;
 // Positions each invocation scores per block; BLK = WG * PPI.
@@ -98,21 +89,9 @@ override QSH: u32 = 16u;   // HPW * D4
 override MX4: u32 = 16u;   // HPW * WG / 4
 override PSH: u32 = 64u;   // HPW * BLK
 override RED: u32 = 64u;   // HPW * WG when G > 1, else 1
-// Deliberate bug for verify's self-tests (model::Faults): map query head h to
-// KV head h % n_kv_heads instead of h / group. Never set in use.
-override FAULT_GQA_MODULO: bool = false;
 const MAXH: u32 = 8u;
 const MAX_PPI: u32 = 8u;
 const MAX_DPT4: u32 = 4u;
-// Below any real score; exp(NEG - finite) is 0.
-const NEG: f32 = -3.0e38;
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<uniform> step: StepT;
-@group(0) @binding(2) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> k_cache: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read> v_cache: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read_write> dst: array<vec4<f32>>;
 
 var<workgroup> q_sh: array<vec4<f32>, QSH>;
 var<workgroup> mx_sh: array<vec4<f32>, MX4>;
@@ -128,18 +107,14 @@ fn max4(v: vec4<f32>) -> f32 {
 fn main(@builtin(workgroup_id) wid: vec3<u32>,
         @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
-    let idx = wg_linear(wid, nwg);
-    let group = p.n_heads / p.n_kv_heads;
-    let nchunk = group / HPW;
-    // Workgroup-uniform: overshoot of the (possibly 2D) grid.
-    if (idx >= step.n_tokens * p.n_kv_heads * nchunk * SPLITS) {
+    // Workgroup-uniform: a token per token block (attention_work.wgsl).
+    let wk = wg_work(wg_linear(wid, nwg), step.n_tokens);
+    if (!wk.ok) {
         return;
     }
-    let sp = idx % SPLITS;
-    let rest = idx / SPLITS;
-    let ch = rest % nchunk;
-    let kvh = (rest / nchunk) % p.n_kv_heads;
-    let t = rest / nchunk / p.n_kv_heads;
+    let sp = wk.sp;
+    let kvh = wk.kvh;
+    let t = wk.tb;
     // Causal: positions lo..=pos_offset+t, never past the cache; lo > 0 only
     // under a sliding window. Both are workgroup-uniform. The split count
     // follows the row's own length (n_splits, shared with the combine); the
@@ -151,14 +126,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     if (sp >= ns) {
         return;
     }
-    // Query head of slot r: kvh * group + ch * HPW + r; under the fault the
-    // heads h with h % n_kv == kvh instead.
-    var hstride = 1u;
-    var h0 = kvh * group + ch * HPW;
-    if (FAULT_GQA_MODULO) {
-        hstride = p.n_kv_heads;
-        h0 = kvh + ch * HPW * p.n_kv_heads;
-    }
+    let hstride = wk.hstride;
+    let h0 = wk.h0;
     let row0 = t * p.n_heads;
     for (var i = lid; i < HPW * D4; i += WG) {
         let r = i / D4;

@@ -8,17 +8,8 @@
 // m = NEG, l = 0, acc = 0 and weigh exp(NEG - M) = 0; the first partial
 // always holds the first visible position, so M is finite.
 // One workgroup per (token, head); invocation c owns vec4 column c.
-
-struct Params {
-    n_heads: u32,
-    n_kv_heads: u32,
-    head_dim: u32,
-    max_ctx: u32,
-    scale: f32,
-    window: u32,
-    _p1: u32,
-    _p2: u32,
-}
+// Params, its uniforms (bindings 0 and 1), row_range and n_splits:
+// attention_common.wgsl, prepended.
 
 override WG: u32 = 64u;
 override D4: u32 = 16u;
@@ -26,8 +17,6 @@ override SPLITS: u32 = 1u;
 // Partials per split (see above).
 override PH: u32 = 1u;
 
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<uniform> step: StepT;
 @group(0) @binding(2) var<storage, read> part: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
 

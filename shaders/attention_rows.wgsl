@@ -1,5 +1,6 @@
 // Causal grouped-query attention, the row kernel (CPU-device profile), in f32.
-// Same bindings, layouts and semantics as attention.wgsl (see there): q
+// Same bindings (attention_common.wgsl, attention_work.wgsl), layouts and
+// semantics as attention.wgsl (see there): q
 // [n_tokens, n_heads * d], head-major caches [n_kv_heads, max_ctx, d] per
 // slot, query head h reads KV head h / (n_heads / n_kv_heads), token t at
 // row_pos(t) sees row_range(t) = lo..n (causal, optional sliding window).
@@ -42,17 +43,6 @@
 // the total (l, a, relative to the max at the last fold) every BP positions,
 // so their rounding grows with BP + length / BP terms, not with the length.
 
-struct Params {
-    n_heads: u32,
-    n_kv_heads: u32,
-    head_dim: u32,
-    max_ctx: u32,
-    scale: f32,
-    window: u32,
-    _p1: u32,
-    _p2: u32,
-}
-
 // Invocations per workgroup.
 override WG: u32 = 8u;
 // Token lanes per workgroup (prefill: WG; decode: 1).
@@ -63,50 +53,28 @@ override PH: u32 = 1u;
 override SPLITS: u32 = 1u;
 // Write partials (acc, m, l) per (split, lane) instead of the output.
 override PARTIAL: bool = false;
-// Deliberate bug for verify's self-tests (model::Faults), as in
-// attention.wgsl. Never set in use.
-override FAULT_GQA_MODULO: bool = false;
-// Below any real score; exp(NEG - finite) is 0.
-const NEG: f32 = -3.0e38;
 // Positions per block sum (see Precision).
 const BP: u32 = 32u;
 //@ROWS_CONSTS
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<uniform> step: StepT;
-@group(0) @binding(2) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> k_cache: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read> v_cache: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read_write> dst: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>,
         @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
-    let idx = wg_linear(wid, nwg);
-    let group = p.n_heads / p.n_kv_heads;
-    let nchunk = group / HPW;
     let tpw = TQ * TPL;
     let ntb = (step.n_tokens + tpw - 1u) / tpw;
-    // Workgroup-uniform: overshoot of the (possibly 2D) grid.
-    if (idx >= ntb * p.n_kv_heads * nchunk * SPLITS) {
+    // Workgroup-uniform (attention_work.wgsl).
+    let wk = wg_work(wg_linear(wid, nwg), ntb);
+    if (!wk.ok) {
         return;
     }
-    let sp = idx % SPLITS;
-    let rest = idx / SPLITS;
-    let ch = rest % nchunk;
-    let kvh = (rest / nchunk) % p.n_kv_heads;
-    let tb = rest / nchunk / p.n_kv_heads;
+    let sp = wk.sp;
+    let kvh = wk.kvh;
+    let tb = wk.tb;
+    let hstride = wk.hstride;
+    let h0 = wk.h0;
     let lt = lid / PH;
     let ph = lid % PH;
-    // Query head of head slot r: kvh * group + ch * HPW + r; under the fault
-    // the heads h with h % n_kv == kvh instead.
-    var hstride = 1u;
-    var h0 = kvh * group + ch * HPW;
-    if (FAULT_GQA_MODULO) {
-        hstride = p.n_kv_heads;
-        h0 = kvh + ch * HPW * p.n_kv_heads;
-    }
     let last = step.n_tokens - 1u;
     // Per token k of this lane: t{k}, whether it exists (ok{k}), its query
     // row base, its visible range lo{k}..n{k} (empty when it does not exist).

@@ -3,12 +3,15 @@
 // x weight rows), each invocation a TM x TN sub-block, stepping over k in
 // slabs of BK staged in workgroup memory (k-major, so the inner loop reads TM
 // and TN consecutive floats).
-// Prepended: `const BM, BN, BK, TM, TN: u32`, `const W_PAIRS: bool`,
-// matmul_common.wgsl and matmul_xw.wgsl. Workgroup g covers token tile
-// g / ncol, row tile g % ncol.
-// W_PAIRS (bf16 weight with even k): every row starts on a word boundary, so
-// a tile row is read one u32 (two elements) at a time. Odd k or f32: element
-// loads.
+// Prepended: `const BM, BN, BK, TM, TN: u32`, matmul_common.wgsl, the x/W
+// bindings and the slab loads `stage_x`, `stage_w`, by k (src/ops/matmul.rs,
+// `SlabLoads`): for k % 8 == 0 matmul_tile_vec.wgsl (x and W bound as vec4;
+// one load = 4 elements of x, 8 of a bf16 weight); else matmul_xw.wgsl's
+// generic bindings and matmul_tile_any.wgsl (bf16 with even k: one u32 = 2
+// elements per load, as every row starts on a word; odd k or f32: element
+// loads). Either way the
+// slabs hold the same f32 values, so the sums below, and the outputs, are
+// the same bits. Workgroup g covers token tile g / ncol, row tile g % ncol.
 //
 // Summation (issue #14): blocked, the blocks summed with compensation. Each
 // output's k products are summed SUB = min(BK, 8) at a time into a fresh
@@ -56,49 +59,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         cmp[i] = 0.0;
     }
     for (var k0 = 0u; k0 < k; k0 += BK) {
-        // x tile: consecutive invocations read consecutive k of one token.
-        for (var i = lid; i < BM * BK; i += NT) {
-            let mm = i / BK;
-            let kk = i % BK;
-            let tok = m0 + mm;
-            let gk = k0 + kk;
-            var v = 0.0;
-            if (tok < ntok && gk < k) {
-                v = x[tok * k + gk];
-            }
-            xs[kk * BM + mm] = v;
-        }
-        // weight tile
-        if (W_BF16 && W_PAIRS) {
-            for (var i = lid; i < BN * BK / 2u; i += NT) {
-                let nn = i / (BK / 2u);
-                let kk = 2u * (i % (BK / 2u));
-                let row = n0 + nn;
-                let gk = k0 + kk;
-                var lo = 0.0;
-                var hi = 0.0;
-                // k even: gk < k implies gk + 1 < k
-                if (row < p.rows && gk < k) {
-                    let wd = w[(row * k + gk) >> 1u];
-                    lo = bf16_lo(wd);
-                    hi = bf16_hi(wd);
-                }
-                ws[kk * BN + nn] = lo;
-                ws[(kk + 1u) * BN + nn] = hi;
-            }
-        } else {
-            for (var i = lid; i < BN * BK; i += NT) {
-                let nn = i / BK;
-                let kk = i % BK;
-                let row = n0 + nn;
-                let gk = k0 + kk;
-                var v = 0.0;
-                if (row < p.rows && gk < k) {
-                    v = load_w(row * k + gk);
-                }
-                ws[kk * BN + nn] = v;
-            }
-        }
+        // The slabs of x and W (matmul_tile_any.wgsl or matmul_tile_vec.wgsl).
+        stage_x(m0, k0, lid);
+        stage_w(n0, k0, lid);
         workgroupBarrier();
         // Blocked summation: each run of SUB = min(BK, 8) products goes into a
         // fresh partial, added to the total with TwoSum (see the header).

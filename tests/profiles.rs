@@ -6,25 +6,19 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::fixture;
+use common::{fixture, text};
 
+/// The binary with the switches this file tests cleared first.
 fn wgllm(env: &[(&str, &str)], args: &[&str]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_wgllm"));
-    c.args(args)
-        .env_remove("WGLLM_KERNELS")
-        .env_remove("WGLLM_BACKEND")
-        .env_remove("WGLLM_ADAPTER")
-        .env_remove("WGPU_BACKEND");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().expect("running wgllm")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    let cleared = [
+        "WGLLM_KERNELS",
+        "WGLLM_BACKEND",
+        "WGLLM_ADAPTER",
+        "WGPU_BACKEND",
+    ];
+    common::wgllm_output(&cleared, env, args)
 }
 
 /// The `kernels:` line of the selected adapter in `wgllm devices`.
@@ -159,13 +153,13 @@ fn verify_says_which_backend_and_profile_ran_and_passes_on_each() {
 /// layer off there (see gpu.rs).
 #[test]
 fn no_wayland_noise_on_a_headless_machine() {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_wgllm"));
-    c.arg("devices")
-        .env_remove("XDG_RUNTIME_DIR")
-        .env_remove("NODEVICE_SELECT")
-        .env_remove("WGLLM_BACKEND")
-        .env_remove("WGPU_BACKEND");
-    let out = c.output().unwrap();
+    let cleared = [
+        "XDG_RUNTIME_DIR",
+        "NODEVICE_SELECT",
+        "WGLLM_BACKEND",
+        "WGPU_BACKEND",
+    ];
+    let out = common::wgllm_output(&cleared, &[], &["devices"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let s = text(&out.stderr);
     assert!(!s.contains("XDG_RUNTIME_DIR"), "{s}");

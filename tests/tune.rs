@@ -4,8 +4,11 @@
 //! against PyTorch on a fixture, and `wgllm tune` / `--tune auto` as a user
 //! runs them. Timings are printed by the tuner but never asserted.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::process::Output;
+
+use common::{fixture, text};
 
 use wgllm::gpu::{
     AttentionKernel, DecisionKey, Decisions, Gpu, GpuOptions, LinearVariant, PrefillKernel,
@@ -13,12 +16,6 @@ use wgllm::gpu::{
 };
 use wgllm::tensor::WDType;
 use wgllm::tune::{self, AdapterKey, Cache, Entry, ModelShapes};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 fn shapes() -> ModelShapes {
     let cfg = wgllm::config::ModelConfig::from_file(fixture("qwen2_bias_tied").join("config.json"))
@@ -377,20 +374,11 @@ fn tuned_mixes_decode_like_transformers() {
 
 // ------------------------------------------------------------------- CLI
 
+/// The binary with the kernel and tuning settings this file chooses
+/// cleared first (the backend stays the caller's).
 fn wgllm(env: &[(&str, &str)], args: &[&str]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_wgllm"));
-    c.args(args)
-        .env_remove("WGLLM_KERNELS")
-        .env_remove("WGLLM_DECISIONS")
-        .env_remove("WGLLM_TUNE");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().expect("running wgllm")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    let cleared = ["WGLLM_KERNELS", "WGLLM_DECISIONS", "WGLLM_TUNE"];
+    common::wgllm_output(&cleared, env, args)
 }
 
 /// Mixes of decisions no profile makes: every one passes verify against

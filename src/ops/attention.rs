@@ -48,29 +48,15 @@ pub const COMBINE_SRC: &str = include_str!("../../shaders/attention_combine.wgsl
 pub const ROWS_SRC: &str = include_str!("../../shaders/attention_rows.wgsl");
 
 /// WGSL shared by the attention kernels and the combine (after the rows
-/// prelude, which defines `row_pos`): a row's visible range and the number
-/// of KV splits it uses. `UNIT` positions make a unit (attention.wgsl's
-/// block, or 1 for the row kernel); a split takes at least `MINU` units and
-/// there are at most `SPLITS`. Both passes count the splits from the row's
-/// own range with this one function, so the combine reads exactly the
-/// partials written.
-const SPLIT_PRELUDE: &str = "
-override UNIT: u32 = 1u;
-override MINU: u32 = 1u;
-fn row_range(t: u32) -> vec2<u32> {
-    let pos = row_pos(t);
-    let n = min(pos + 1u, p.max_ctx);
-    var lo = 0u;
-    if (p.window > 0u && pos + 1u > p.window) {
-        lo = pos + 1u - p.window;
-    }
-    return vec2<u32>(lo, n);
-}
-fn n_splits(lo: u32, n: u32) -> u32 {
-    let units = (n + UNIT - 1u) / UNIT - lo / UNIT;
-    return clamp((units + MINU - 1u) / MINU, 1u, SPLITS);
-}
-";
+/// prelude, which defines `row_pos`): the params and step bindings, a row's
+/// visible range and the number of KV splits it uses (`UNIT`, `MINU`), so
+/// both passes count the splits with one function and the combine reads
+/// exactly the partials written.
+pub const COMMON_SRC: &str = include_str!("../../shaders/attention_common.wgsl");
+/// WGSL shared by the two attention kernels (after [`COMMON_SRC`]): the q,
+/// cache and output bindings and which work a workgroup takes (`wg_work`,
+/// with the GQA fault).
+pub const WORK_SRC: &str = include_str!("../../shaders/attention_work.wgsl");
 /// Most q (and output) vec4 per invocation of the row kernel: its rows x
 /// head_dim / 4.
 const ROWS_MAX_VEC4: usize = 128;
@@ -297,18 +283,11 @@ fn rows_tpl(hpw: usize, d4: usize, batched: bool) -> usize {
 /// The row kernel's source for `hpw` heads, `tpl` tokens per invocation and
 /// `d4` vec4 per head: the template with its per-row statements written out.
 fn rows_source(hpw: usize, tpl: usize, d4: usize) -> String {
-    use std::fmt::Write;
     let rows = hpw * tpl;
-    let (mut consts, mut tokens, mut union, mut init) =
-        (String::new(), String::new(), String::new(), String::new());
-    let (mut body, mut fold, mut out) = (String::new(), String::new(), String::new());
-    let _ = writeln!(
-        consts,
-        "const HPW: u32 = {hpw}u;\nconst TPL: u32 = {tpl}u;\nconst D4: u32 = {d4}u;"
-    );
-    for k in 0..tpl {
-        let _ = writeln!(
-            tokens,
+    let consts =
+        format!("const HPW: u32 = {hpw}u;\nconst TPL: u32 = {tpl}u;\nconst D4: u32 = {d4}u;\n");
+    let tokens = lines(0..tpl, |k| {
+        format!(
             "    let t{k} = tb * tpw + lt + TQ * {k}u;
     let ok{k} = t{k} < step.n_tokens;
     let t{k}c = min(t{k}, last);
@@ -316,100 +295,85 @@ fn rows_source(hpw: usize, tpl: usize, d4: usize) -> String {
     let rr{k} = row_range(t{k}c);
     let lo{k} = select(0u, rr{k}.x, ok{k});
     let n{k} = select(0u, rr{k}.y, ok{k});"
-        );
-        if k == 0 {
-            let _ = writeln!(union, "    jlo = lo0;\n    jhi = n0;");
-        } else {
-            let _ = writeln!(
-                union,
-                "    if (ok{k}) {{\n        jlo = min(jlo, lo{k});\n        jhi = max(jhi, n{k});\n    }}"
-            );
-        }
-    }
-    for i in 0..d4 {
-        let _ = writeln!(body, "            let k_{i} = k_cache[kb + {i}u];");
-    }
-    for k in 0..tpl {
-        let _ = writeln!(body, "            let in{k} = j >= lo{k} && j < n{k};");
-    }
-    for r in 0..rows {
+        )
+    });
+    let union = "    jlo = lo0;\n    jhi = n0;\n".to_string()
+        + &lines(1..tpl, |k| {
+            format!("    if (ok{k}) {{\n        jlo = min(jlo, lo{k});\n        jhi = max(jhi, n{k});\n    }}")
+        });
+    // Per row r (token r / hpw, head slot r % hpw): q, the running max (m),
+    // the max at the last fold (mf), the totals (l, a) and block sums (lb, b).
+    let init = lines(0..rows, |r| {
         let (k, hh) = (r / hpw, r % hpw);
-        let _ = writeln!(init, "    let qb{r} = (qrow{k} + {hh}u * hstride) * D4;");
-        for i in 0..d4 {
-            let _ = writeln!(init, "    let q{r}_{i} = q[qb{r} + {i}u];");
-            let _ = writeln!(
-                init,
-                "    var a{r}_{i} = vec4<f32>(0.0);\n    var b{r}_{i} = vec4<f32>(0.0);"
-            );
-        }
-        let _ = writeln!(
-            init,
-            "    var m{r} = NEG;\n    var mf{r} = NEG;\n    var l{r} = 0.0;\n    var lb{r} = 0.0;"
-        );
-        let _ = writeln!(body, "            var s{r} = dot(q{r}_0, k_0);");
-        for i in 1..d4 {
-            let _ = writeln!(body, "            s{r} += dot(q{r}_{i}, k_{i});");
-        }
-        let _ = writeln!(
-            body,
-            "            let x{r} = select(NEG, s{r} * p.scale, in{k});
+        format!("    let qb{r} = (qrow{k} + {hh}u * hstride) * D4;\n")
+            + &lines(0..d4, |i| {
+                format!(
+                    "    let q{r}_{i} = q[qb{r} + {i}u];
+    var a{r}_{i} = vec4<f32>(0.0);
+    var b{r}_{i} = vec4<f32>(0.0);"
+                )
+            })
+            + &format!("    var m{r} = NEG;\n    var mf{r} = NEG;\n    var l{r} = 0.0;\n    var lb{r} = 0.0;")
+    });
+    // One position: the K row, which tokens see it, each row's score and
+    // softmax weight, the V row and each row's block sums.
+    let k_row = lines(0..d4, |i| {
+        format!("            let k_{i} = k_cache[kb + {i}u];")
+    });
+    let seen = lines(0..tpl, |k| {
+        format!("            let in{k} = j >= lo{k} && j < n{k};")
+    });
+    let scores = lines(0..rows, |r| {
+        let k = r / hpw;
+        format!("            var s{r} = dot(q{r}_0, k_0);\n")
+            + &lines(1..d4, |i| {
+                format!("            s{r} += dot(q{r}_{i}, k_{i});")
+            })
+            + &format!(
+                "            let x{r} = select(NEG, s{r} * p.scale, in{k});
             let mn{r} = max(m{r}, x{r});
             let c{r} = exp_f32(m{r} - mn{r});
             let e{r} = select(0.0, exp_f32(x{r} - mn{r}), in{k});
             m{r} = mn{r};
             lb{r} = lb{r} * c{r} + e{r};"
-        );
-        let _ = writeln!(
-            fold,
+            )
+    });
+    let v_row = lines(0..d4, |i| {
+        format!("            let v_{i} = v_cache[kb + {i}u];")
+    });
+    let sums = lines(0..rows * d4, |ri| {
+        let (r, i) = (ri / d4, ri % d4);
+        format!("            b{r}_{i} = b{r}_{i} * c{r} + e{r} * v_{i};")
+    });
+    let body = [k_row, seen, scores, v_row, sums].concat();
+    // Every BP positions: the block sums into the totals.
+    let fold = lines(0..rows, |r| {
+        format!(
             "        let f{r} = exp_f32(mf{r} - m{r});
         l{r} = l{r} * f{r} + lb{r};
         lb{r} = 0.0;
-        mf{r} = m{r};"
-        );
-        for i in 0..d4 {
-            let _ = writeln!(
-                fold,
-                "        a{r}_{i} = a{r}_{i} * f{r} + b{r}_{i};\n        b{r}_{i} = vec4<f32>(0.0);"
-            );
-        }
-    }
-    for i in 0..d4 {
-        let _ = writeln!(body, "            let v_{i} = v_cache[kb + {i}u];");
-    }
-    for r in 0..rows {
-        for i in 0..d4 {
-            let _ = writeln!(
-                body,
-                "            b{r}_{i} = b{r}_{i} * c{r} + e{r} * v_{i};"
-            );
-        }
-    }
-    let _ = writeln!(out, "    if (PARTIAL) {{");
-    for r in 0..hpw {
-        let _ = writeln!(
-            out,
-            "        let base{r} = (((qrow0 + {r}u * hstride) * SPLITS + sp) * PH + ph) * (D4 + 1u);"
-        );
-        for i in 0..d4 {
-            let _ = writeln!(out, "        dst[base{r} + {i}u] = a{r}_{i};");
-        }
-        let _ = writeln!(
-            out,
-            "        dst[base{r} + D4] = vec4<f32>(mf{r}, l{r}, 0.0, 0.0);"
-        );
-    }
-    let _ = writeln!(out, "        return;\n    }}");
-    for r in 0..rows {
+        mf{r} = m{r};\n"
+        ) + &lines(0..d4, |i| {
+            format!("        a{r}_{i} = a{r}_{i} * f{r} + b{r}_{i};\n        b{r}_{i} = vec4<f32>(0.0);")
+        })
+    });
+    // Decode writes each head's partial (one token), prefill each row's
+    // normalized output.
+    let partial = lines(0..hpw, |r| {
+        format!(
+            "        let base{r} = (((qrow0 + {r}u * hstride) * SPLITS + sp) * PH + ph) * (D4 + 1u);\n"
+        ) + &lines(0..d4, |i| format!("        dst[base{r} + {i}u] = a{r}_{i};"))
+            + &format!("        dst[base{r} + D4] = vec4<f32>(mf{r}, l{r}, 0.0, 0.0);")
+    });
+    let direct = lines(0..rows, |r| {
         let (k, hh) = (r / hpw, r % hpw);
-        let _ = writeln!(
-            out,
-            "    if (ok{k}) {{\n        let o{r} = (qrow{k} + {hh}u * hstride) * D4;"
-        );
-        for i in 0..d4 {
-            let _ = writeln!(out, "        dst[o{r} + {i}u] = a{r}_{i} / l{r};");
-        }
-        let _ = writeln!(out, "    }}");
-    }
+        format!("    if (ok{k}) {{\n        let o{r} = (qrow{k} + {hh}u * hstride) * D4;\n")
+            + &lines(0..d4, |i| {
+                format!("        dst[o{r} + {i}u] = a{r}_{i} / l{r};")
+            })
+            + "    }"
+    });
+    let out = format!("    if (PARTIAL) {{\n{partial}        return;\n    }}\n{direct}");
     ROWS_SRC
         .replace("//@ROWS_CONSTS\n", &consts)
         .replace("//@ROWS_TOKENS\n", &tokens)
@@ -418,6 +382,19 @@ fn rows_source(hpw: usize, tpl: usize, d4: usize) -> String {
         .replace("//@ROWS_BODY\n", &body)
         .replace("//@ROWS_FOLD\n", &fold)
         .replace("//@ROWS_OUT\n", &out)
+}
+
+/// `line(i)` for every `i` of `range`, each ending in one newline (added
+/// where it has none): the row kernel's generated statements.
+fn lines(range: std::ops::Range<usize>, line: impl Fn(usize) -> String) -> String {
+    let mut s = String::new();
+    for i in range {
+        s.push_str(&line(i));
+        if !s.ends_with('\n') {
+            s.push('\n');
+        }
+    }
+    s
 }
 
 /// The pipelines for one number of query heads per workgroup.
@@ -532,7 +509,7 @@ impl Attention {
         }
         let d4 = (head_dim / 4) as u32;
         let src = format!(
-            "{}{SPLIT_PRELUDE}{COMBINE_SRC}",
+            "{}{COMMON_SRC}{COMBINE_SRC}",
             crate::ops::kv_copy::rows_prelude(max_rows)
         );
         let combine = gpu.kernel(
@@ -615,7 +592,7 @@ impl Attention {
         let h = hpw as u32;
         let red = if g > 1 { h * wg } else { 1 };
         let pre = format!(
-            "{}{SPLIT_PRELUDE}",
+            "{}{COMMON_SRC}{WORK_SRC}",
             crate::ops::kv_copy::rows_prelude(self.max_rows)
         );
         let src = format!("{pre}{SRC}");

@@ -110,6 +110,10 @@ pub const SRC_GEMV_WG_SUBGROUP: &str = include_str!("../../shaders/gemv_wg_subgr
 pub const SRC_GEMV_WG_SHARED: &str = include_str!("../../shaders/gemv_wg_shared.wgsl");
 /// Tiled matmul entry point.
 pub const SRC_MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
+/// The tiled matmul's slab loads over the generic bindings (any k).
+pub const SRC_MATMUL_TILE_ANY: &str = include_str!("../../shaders/matmul_tile_any.wgsl");
+/// The tiled matmul's vec4 bindings and slab loads (k % 8 == 0).
+pub const SRC_MATMUL_TILE_VEC: &str = include_str!("../../shaders/matmul_tile_vec.wgsl");
 /// Row-block prefill entry point (k % 8 == 0): R = 4·RQ rows x TB tokens per
 /// invocation.
 pub const SRC_MATMUL_ROWBLK: &str = include_str!("../../shaders/matmul_rowblk.wgsl");
@@ -330,6 +334,39 @@ impl TileConfig {
     }
 }
 
+/// How the tiled matmul loads its x and W slabs into workgroup memory, by k
+/// (`matmul_tile_*.wgsl`). The slabs hold the same f32 values whichever it
+/// is, so every output is the same bits (a test); only the loads differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlabLoads {
+    /// k % 8 == 0 and x bindable as vec4: one vec4 of x (4 elements) or of
+    /// the weight (8 bf16, 4 f32) per load.
+    Vec4,
+    /// bf16 with even k: x by element, the weight one u32 (two bf16) per load.
+    Pairs,
+    /// Element by element (odd k, or f32 with k % 8 != 0).
+    Elements,
+}
+
+impl SlabLoads {
+    /// The widest loads a weight of `k` columns allows (`vec`: k % 8 == 0 and
+    /// the x buffer bindable as vec4); `allow_vec4` false keeps the scalar
+    /// loads (the bit-identity test's reference).
+    fn for_shape(wdtype: WDType, k: usize, vec: bool, tile: TileConfig, allow_vec4: bool) -> Self {
+        if vec && allow_vec4 && tile.bk % 8 == 0 {
+            SlabLoads::Vec4
+        } else if wdtype == WDType::Bf16 && k % 2 == 0 {
+            SlabLoads::Pairs
+        } else {
+            SlabLoads::Elements
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Compiled linear-layer kernels for one weight dtype. Kernels are compiled
 /// on first use (a model whose k are all multiples of 8 never builds the
 /// generic ones).
@@ -350,6 +387,11 @@ pub struct Linear {
     batch_any: OnceLock<Kernel>,
     prefill_vec: OnceLock<Kernel>,
     prefill_any: OnceLock<Kernel>,
+    /// The tiled matmul per [`SlabLoads`] (by `SlabLoads::index`).
+    tiled: [OnceLock<Kernel>; 3],
+    /// Whether the tiled matmul may take [`SlabLoads::Vec4`] (tests turn it
+    /// off to compare with the scalar loads).
+    vec4_slabs: bool,
     /// Bound in place of the bias when there is none.
     dummy_bias: wgpu::Buffer,
 }
@@ -446,6 +488,8 @@ impl Linear {
             batch_any: OnceLock::new(),
             prefill_vec: OnceLock::new(),
             prefill_any: OnceLock::new(),
+            tiled: Default::default(),
+            vec4_slabs: true,
             dummy_bias,
         })
     }
@@ -458,6 +502,20 @@ impl Linear {
             self.prefill_any = OnceLock::new();
         }
         self
+    }
+
+    /// Keep the tiled matmul on its scalar slab loads even where k allows
+    /// vec4 ones (tests: the two must give the same bits).
+    pub fn without_vec4_slabs(mut self) -> Self {
+        self.vec4_slabs = false;
+        self
+    }
+
+    /// The slab loads the tiled matmul takes for a weight of `k` columns
+    /// bound with an x buffer of `x_bytes`.
+    pub fn slab_loads(&self, k: usize, x_bytes: u64) -> SlabLoads {
+        let vec = k % 8 == 0 && x_bytes % 16 == 0;
+        SlabLoads::for_shape(self.wdtype, k, vec, self.tile, self.vec4_slabs)
     }
 
     /// Use `block` for the row-block prefill kernel (tests, benchmarks).
@@ -564,40 +622,54 @@ impl Linear {
         })
     }
 
-    /// `vec`: for RowBlocks the vec4 bindings (k % 8 == 0); for Tiled the
-    /// generic bindings with whole-word bf16 loads (k even).
+    /// The row-block prefill kernel: `vec`, the vec4 bindings (k % 8 == 0).
     fn prefill_kernel(&self, gpu: &Gpu, vec: bool) -> Result<&Kernel> {
         let cell = if vec {
             &self.prefill_vec
         } else {
             &self.prefill_any
         };
-        get_or_compile(cell, || match self.prefill {
-            PrefillKernel::RowBlocks if vec => {
+        get_or_compile(cell, || {
+            if vec {
                 let RowBlock { rq, tb, wg } = self.row_block;
                 let consts = format!(
                     "const WG: u32 = {wg}u;\nconst TB: u32 = {tb}u;\nconst RQ: u32 = {rq}u;\n"
                 );
                 self.compile(gpu, "prefill.rowblk", &consts, true, &rowblk_source(rq, tb))
-            }
-            PrefillKernel::RowBlocks => {
+            } else {
                 let consts = format!(
                     "const WG: u32 = {ROWS_WG}u;\nconst TB: u32 = {ROWS_PREFILL_TOKENS}u;\n"
                 );
                 self.compile(gpu, "prefill.rows", &consts, false, SRC_GEMV_ROWS)
             }
-            PrefillKernel::Tiled => {
-                // W_PAIRS is spelled as a const here (the tiled kernel always
-                // uses the generic bindings).
-                let consts = format!(
-                    "{}const TB: u32 = 1u;\nconst W_PAIRS: bool = {vec};\n",
-                    self.tile.prefix()
-                );
-                let label = if vec { "matmul.pairs" } else { "matmul.elems" };
-                self.compile(gpu, label, &consts, false, SRC_MATMUL)
-            }
         })
     }
+
+    /// The tiled matmul with `loads`: the vec4 bindings and loads of
+    /// matmul_tile_vec.wgsl, or the generic bindings with
+    /// matmul_tile_any.wgsl's word (`W_PAIRS`) or element loads.
+    fn tiled_kernel(&self, gpu: &Gpu, loads: SlabLoads) -> Result<&Kernel> {
+        get_or_compile(&self.tiled[loads.index()], || {
+            let consts = format!("{}const TB: u32 = 1u;\n", self.tile.prefix());
+            let src = match loads {
+                SlabLoads::Vec4 => {
+                    format!("{consts}{SRC_COMMON}\n{SRC_MATMUL_TILE_VEC}\n{SRC_MATMUL}")
+                }
+                SlabLoads::Pairs | SlabLoads::Elements => format!(
+                    "{consts}const W_PAIRS: bool = {};\n{SRC_COMMON}\n{SRC_XW}\n\
+                     {SRC_MATMUL_TILE_ANY}\n{SRC_MATMUL}",
+                    loads == SlabLoads::Pairs
+                ),
+            };
+            gpu.kernel(
+                &format!("matmul.{loads:?}.{:?}", self.wdtype),
+                &src,
+                "main",
+                &[("W_BF16", self.wdtype.is_bf16_const())],
+            )
+        })
+    }
+
     /// Bind one weight: `x` f32 `[tokens, k]`, `weight` `[n, k]`, optional
     /// `bias` `[n]` (f32 or bf16, one chunk), `y` f32 `[tokens, n]`. Creates
     /// the per-chunk Params uniforms and bind groups of both paths; call once
@@ -689,10 +761,7 @@ impl Linear {
         let batch_k = self.batch_kernel(gpu, vec)?.clone();
         let prefill_k = match self.prefill {
             PrefillKernel::RowBlocks => self.prefill_kernel(gpu, vec)?,
-            // whole-word loads: every bf16 row starts on a word boundary
-            PrefillKernel::Tiled => {
-                self.prefill_kernel(gpu, self.wdtype == WDType::Bf16 && k % 2 == 0)?
-            }
+            PrefillKernel::Tiled => self.tiled_kernel(gpu, self.slab_loads(k, x.size()))?,
         }
         .clone();
         let bias_buf = bias.map_or(&self.dummy_bias, |b| &b.chunks[0].buffer);
@@ -1238,6 +1307,79 @@ mod tests {
                 wg: 64,
             });
         assert!(bad.is_err());
+    }
+
+    /// The tiled matmul's vec4 slab loads (k % 8 == 0) stage the values its
+    /// scalar loads stage, in the same places, so every output is the same
+    /// bits: bf16 against the word loads, f32 against the element loads,
+    /// with token and row counts that are not multiples of the tile, k that
+    /// ends inside a slab (24, 200 with BK = 16), a bias, and a weight split
+    /// into several chunks. (Both are held to the f32 bound against the
+    /// reference by the tests over shapes.)
+    #[test]
+    fn tiled_vec4_slabs_are_the_scalar_bits() {
+        let whole = gpu();
+        let split = gpu_with_split(8192);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for g in [whole, &split] {
+            for dtype in [WDType::Bf16, WDType::F32] {
+                let new = |vec4: bool| {
+                    let lin = Linear::new(g, dtype, true)
+                        .unwrap()
+                        .with_prefill(PrefillKernel::Tiled);
+                    if vec4 {
+                        lin
+                    } else {
+                        lin.without_vec4_slabs()
+                    }
+                };
+                let (vec, scalar) = (new(true), new(false));
+                let old_loads = match dtype {
+                    WDType::Bf16 => SlabLoads::Pairs,
+                    WDType::F32 => SlabLoads::Elements,
+                };
+                for (ci, &(m, k, n)) in [
+                    (1usize, 8usize, 7usize),
+                    (5, 24, 65),
+                    (70, 200, 130),
+                    (3, 896, 17),
+                ]
+                .iter()
+                .enumerate()
+                {
+                    let x_bytes = (m * k * 4) as u64;
+                    assert_eq!(vec.slab_loads(k, x_bytes), SlabLoads::Vec4);
+                    assert_eq!(scalar.slab_loads(k, x_bytes), old_loads);
+                    let seed = 700 + ci as u64;
+                    let mut w = rand_vec(n * k, 1.0, seed);
+                    if dtype == WDType::Bf16 {
+                        w = round_bf16(&w);
+                    }
+                    let wt = DeviceTensor::from_f32(g, "w", dtype, &[n, k], &w).unwrap();
+                    let b = rand_vec(n, 1.0, seed + 1);
+                    let bt = DeviceTensor::from_f32(g, "b", WDType::F32, &[n], &b).unwrap();
+                    let x = rand_vec(m * k, 1.0, seed + 2);
+                    let run = |lin: &Linear| {
+                        lin.run_once(g, &x, m, &wt, Some(&bt), LinearPath::Prefill)
+                            .unwrap()
+                    };
+                    let (got, want) = (run(&vec), run(&scalar));
+                    assert!(
+                        want.iter().any(|&v| v != 0.0),
+                        "m={m} k={k} n={n}: all zero"
+                    );
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "{dtype:?} m={m} k={k} n={n} chunks={}",
+                        wt.chunks.len()
+                    );
+                }
+            }
+        }
+        // the split really split the largest weight
+        let w = DeviceTensor::from_f32(&split, "w", WDType::F32, &[17, 896], &[0.0; 17 * 896]);
+        assert!(w.unwrap().chunks.len() > 1);
     }
 
     #[test]

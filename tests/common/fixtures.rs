@@ -3,7 +3,7 @@
 //! built `wgllm` binary: what several test files need the same way.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::{Arc, OnceLock};
 
 use wgllm::gpu::CounterSnapshot;
@@ -131,6 +131,26 @@ pub fn wgllm_command(cache: &Path) -> Command {
     let mut c = Command::new(WGLLM);
     c.env("WGLLM_CACHE", cache).env_remove("WGLLM_ADAPTER");
     c
+}
+
+/// Runs the built binary with `args`: the variables `cleared` removed from
+/// its environment (so the caller's settings, CI's `WGLLM_KERNELS` for one,
+/// cannot leak into a test that chooses them), then `env` set.
+pub fn wgllm_output(cleared: &[&str], env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut c = Command::new(WGLLM);
+    c.args(args);
+    for k in cleared {
+        c.env_remove(k);
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("running wgllm")
+}
+
+/// A process's stdout or stderr as text (invalid UTF-8 replaced).
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
 }
 
 /// GPT-2's byte-to-unicode map (the byte-level BPE alphabet).
