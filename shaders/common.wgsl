@@ -96,12 +96,46 @@ fn two_sum4(a: vec4<f32>, b: vec4<f32>, zero: u32) -> TwoSum4 {
     return TwoSum4(s, (a - (s - z)) + (b - z));
 }
 
+// TwoProduct (Dekker, with Veltkamp's split): a * b = p + e exactly, p the
+// rounded product, from multiplies and adds alone. fma(a, b, -p) gives e in
+// one instruction where the device fuses fma, but WGSL does not promise
+// that, and lavapipe (Vulkan and GL) does not: its fma rounds the product
+// first, so fma(a, b, -p) is 0 (tests/precision.rs probes both). Each
+// factor is split into 12-bit halves (c = 4097 a, hi = c - (c - a)), whose
+// products are exact; the error is summed from them in Dekker's order, in
+// which every step is exact. `opaque` keeps a reassociating compiler from
+// folding the split (hi = a) or reordering the exact steps. Valid while
+// |a|, |b| < ~1e34 (4097 a must not overflow) and the product's error is a
+// normal number: activations here are far inside that. Cost: ~17 flops and
+// 6 xors per product.
+fn split_f32(a: f32, zero: u32) -> vec2<f32> {
+    let c = opaque(4097.0 * a, zero);
+    let hi = c - opaque(c - a, zero);
+    return vec2<f32>(hi, a - hi);
+}
+fn two_prod(a: f32, b: f32, zero: u32) -> TwoSum {
+    let p = opaque(a * b, zero);
+    let x = split_f32(a, zero);
+    let y = split_f32(b, zero);
+    let e1 = opaque(x.x * y.x - p, zero);
+    let e2 = opaque(e1 + x.x * y.y, zero);
+    let e3 = opaque(e2 + x.y * y.x, zero);
+    return TwoSum(p, e3 + x.y * y.y);
+}
+// two_prod(a, a): one split.
+fn two_square(a: f32, zero: u32) -> TwoSum {
+    let p = opaque(a * a, zero);
+    let x = split_f32(a, zero);
+    let e1 = opaque(x.x * x.x - p, zero);
+    let e2 = opaque(e1 + 2.0 * (x.x * x.y), zero);
+    return TwoSum(p, e2 + x.y * x.y);
+}
+
 // RMSNorm's pieces (rmsnorm.wgsl, add_rmsnorm.wgsl; issue #14), shared so the
 // two stay bit-identical. A sum of squares is carried as (hi, lo): every
-// square split exactly by fma (v² = sq + fma(v, v, -sq)) and every add by
-// two_sum, so the sum is exact to ~2u however long the row and however it is
-// split over lanes. fma is exact where the device fuses it; where it does
-// not, the low parts are 0 and this is the plain sum again.
+// square split exactly (two_square: v² = sq + e) and every add by two_sum,
+// so the sum is exact to ~2u however long the row and however it is split
+// over lanes.
 struct SumSq {
     hi: f32,
     lo: f32,
@@ -111,9 +145,9 @@ struct SumSq {
 // v^2 and dropped; 2 v l joins the low part (with l = 0 the value is the
 // plain element's, bit for bit).
 fn sumsq_add(acc: SumSq, v: f32, l: f32, zero: u32) -> SumSq {
-    let sq = opaque(v * v, zero);
-    let t = two_sum(acc.hi, sq, zero);
-    return SumSq(t.s, acc.lo + ((t.e + fma(v, v, -sq)) + 2.0 * v * l));
+    let sq = two_square(v, zero);
+    let t = two_sum(acc.hi, sq.s, zero);
+    return SumSq(t.s, acc.lo + ((t.e + sq.e) + 2.0 * v * l));
 }
 fn sumsq_merge(a: SumSq, b: SumSq, zero: u32) -> SumSq {
     let t = two_sum(a.hi, b.hi, zero);
@@ -122,28 +156,32 @@ fn sumsq_merge(a: SumSq, b: SumSq, zero: u32) -> SumSq {
 // 1 / sqrt(ss / width + eps) to ~1u (the built-in inverseSqrt alone is
 // allowed 2 ulp and sees the mean already rounded): m = ss / width + eps as
 // (t, tl), then one Newton step r' = r + r (1 - m r²) / 2 on
-// r = inverseSqrt(t), with 1 - m r² evaluated from fma-exact products.
+// r = inverseSqrt(t), with 1 - m r² evaluated from exact products
+// (two_prod). ss.hi - mh n is exact (Sterbenz: mh n is within an ulp of
+// ss.hi), less mh n's own rounding error.
 fn rms_inv(ss: SumSq, width: u32, eps: f32, zero: u32) -> f32 {
     let n = f32(width);
     let mh = ss.hi / n;
-    let ml = (fma(-mh, n, ss.hi) + ss.lo) / n;
+    let mn = two_prod(mh, n, zero);
+    let ml = (((ss.hi - mn.s) - mn.e) + ss.lo) / n;
     let te = two_sum(mh, eps, zero);
     let t = te.s;
     let tl = te.e + ml;
     let r = inverseSqrt(t);
-    let r2 = opaque(r * r, zero);
-    let r2e = fma(r, r, -r2);
-    let q = opaque(t * r2, zero);
-    let qe = fma(t, r2, -q);
-    let e = ((1.0 - q) - qe) - (t * r2e + tl * r2);
+    let r2 = two_square(r, zero);
+    let q = two_prod(t, r2.s, zero);
+    let e = ((1.0 - q.s) - q.e) - (t * r2.e + tl * r2.s);
     return r + r * (0.5 * e);
 }
-// w * (x + l) * inv with one rounding: w * x split exactly by fma, w * l
+// w * (x + l) * inv with one rounding: w * x split exactly (two_prod), w * l
 // (l the element's low half, 0 outside the residual stream) added to its
-// error part, then fused.
+// error part; then wx * inv split exactly too, and the error parts added to
+// its rounded product last: y = p + (pe + (wxe + w l) inv), the only
+// rounding of size u being the final add's.
 fn norm_scale(w: f32, x: f32, l: f32, inv: f32, zero: u32) -> f32 {
-    let wx = opaque(w * x, zero);
-    return fma(wx, inv, (fma(w, x, -wx) + w * l) * inv);
+    let wx = two_prod(w, x, zero);
+    let y = two_prod(wx.s, inv, zero);
+    return y.s + (y.e + (wx.e + w * l) * inv);
 }
 
 // The residual stream as (hi, lo) (issue #14): every element is the

@@ -89,10 +89,14 @@ def rmsnorm(x, w, eps):
     return w * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
 
 
-def rope(x, n_heads, inv):
+def rope(x, n_heads, inv, angles32=False):
     S = x.shape[0]
     hd = x.shape[1] // n_heads
-    ang = np.arange(S, dtype=np.float64)[:, None] * inv[None, :]
+    if angles32:
+        # transformers' (and wgllm's) angles: inv_freq and the product in f32
+        ang = (np.arange(S, dtype=np.float32)[:, None] * inv.astype(np.float32)[None, :]).astype(np.float64)
+    else:
+        ang = np.arange(S, dtype=np.float64)[:, None] * inv[None, :]
     cos = np.cos(np.concatenate([ang, ang], 1))[:, None, :]
     sin = np.sin(np.concatenate([ang, ang], 1))[:, None, :]
     xh = x.reshape(S, n_heads, hd)
@@ -135,7 +139,20 @@ def gelu_tanh(x):
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def forward(cfg, W, tokens):
+def _exact(_point, _layer, x):
+    return x
+
+
+def forward(cfg, W, tokens, rnd=_exact, angles32=False, with_logits=True):
+    """The float64 forward. `rnd(point, layer, x)` is applied to every
+    intermediate as it is produced (identity by default; tools/precision_ablation.py
+    rounds chosen ones to f32): points `embed`, `attn_norm`, `q`, `k`, `v`,
+    `q_norm`, `k_norm`, `q_rope`, `k_rope`, `scores`, `probs`, `attn`,
+    `attn_out`, `post_attn_norm`, `resid` (both residual adds), `mlp_norm`,
+    `gate`, `up`, `silu` (the activation before the product), `act` (its
+    product with up), `mlp_out`, `post_mlp_norm`, `norm`, `logits`; layer is
+    None outside the layers. `angles32`: RoPE angles computed in f32 as
+    transformers does. `with_logits=False` stops after the final norm."""
     fam = family(cfg)
     H, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or H // nh
@@ -154,11 +171,17 @@ def forward(cfg, W, tokens):
     def head_norm(x, name, n):
         return norm(x.reshape(S, n, hd), name).reshape(S, n * hd)
 
+    layer = [None]
+
+    def r(point, x):
+        return rnd(point, layer[0], x)
+
     x = W["model.embed_tokens.weight"][tokens].astype(np.float64)
     if gemma:
         # sqrt(hidden) as transformers computes it: a Python float put in an f32
         # tensor (cast to the weight dtype: f32 here; bf16 compute rounds it to bf16).
         x = x * float(np.float32(math.sqrt(H)))
+    x = rnd("embed", None, x)
     taps["embed"] = x
 
     def lin(name, v):
@@ -175,6 +198,7 @@ def forward(cfg, W, tokens):
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         t = f"layers.{i}."
+        layer[0] = i
         inv = inv_freq(cfg, hd, types[i])
         # Causal, plus the sliding window (transformers' sliding_window_overlay:
         # key j is visible from query q iff j <= q and q - j < window).
@@ -182,15 +206,15 @@ def forward(cfg, W, tokens):
         if windows[i] is not None:
             visible &= (pos[:, None] - pos[None, :]) < windows[i]
         mask = np.where(visible, 0.0, -np.inf)
-        h = norm(x, p + "input_layernorm")
+        h = r("attn_norm", norm(x, p + "input_layernorm"))
         taps[t + "attn_norm"] = h
-        q, k, v = (lin(p + f"self_attn.{n}_proj", h) for n in "qkv")
+        q, k, v = (r(n, lin(p + f"self_attn.{n}_proj", h)) for n in "qkv")
         taps[t + "q"], taps[t + "k"], taps[t + "v"] = q, k, v
         if fam["qk_norm"]:
-            q = head_norm(q, p + "self_attn.q_norm", nh)
-            k = head_norm(k, p + "self_attn.k_norm", nkv)
+            q = r("q_norm", head_norm(q, p + "self_attn.q_norm", nh))
+            k = r("k_norm", head_norm(k, p + "self_attn.k_norm", nkv))
             taps[t + "q_norm"], taps[t + "k_norm"] = q, k
-        q, k = rope(q, nh, inv), rope(k, nkv, inv)
+        q, k = r("q_rope", rope(q, nh, inv, angles32)), r("k_rope", rope(k, nkv, inv, angles32))
         taps[t + "q_rope"], taps[t + "k_rope"] = q, k
         qh = q.reshape(S, nh, hd)
         kh = k.reshape(S, nkv, hd)
@@ -198,37 +222,40 @@ def forward(cfg, W, tokens):
         att = np.empty((S, nh, hd))
         for head in range(nh):
             kvh = head // (nh // nkv)  # repeat_kv: consecutive q heads share a kv head
-            sc = qh[:, head] @ kh[:, kvh].T * scale + mask
+            sc = r("scores", qh[:, head] @ kh[:, kvh].T * scale) + mask
             sc = np.exp(sc - sc.max(-1, keepdims=True))
-            att[:, head] = (sc / sc.sum(-1, keepdims=True)) @ vh[:, kvh]
-        att = att.reshape(S, nh * hd)
+            att[:, head] = r("probs", sc / sc.sum(-1, keepdims=True)) @ vh[:, kvh]
+        att = r("attn", att.reshape(S, nh * hd))
         taps[t + "attn"] = att
-        o = lin(p + "self_attn.o_proj", att)
+        o = r("attn_out", lin(p + "self_attn.o_proj", att))
         taps[t + "attn_out"] = o
         if gemma:
-            o = norm(o, p + "post_attention_layernorm")
+            o = r("post_attn_norm", norm(o, p + "post_attention_layernorm"))
             taps[t + "post_attn_norm"] = o
-        x = x + o
+        x = r("resid", x + o)
         taps[t + "resid_attn"] = x
-        h = norm(x, p + ("pre_feedforward_layernorm" if gemma else "post_attention_layernorm"))
+        h = r("mlp_norm", norm(x, p + ("pre_feedforward_layernorm" if gemma else "post_attention_layernorm")))
         taps[t + "mlp_norm"] = h
-        g = lin(p + "mlp.gate_proj", h)
-        act = gelu_tanh(g) if gemma else g / (1 + np.exp(-g))
-        m = lin(p + "mlp.down_proj", act * lin(p + "mlp.up_proj", h))
+        g = r("gate", lin(p + "mlp.gate_proj", h))
+        act = r("silu", gelu_tanh(g) if gemma else g / (1 + np.exp(-g)))
+        m = r("mlp_out", lin(p + "mlp.down_proj", r("act", act * r("up", lin(p + "mlp.up_proj", h)))))
         taps[t + "mlp_out"] = m
         if gemma:
-            m = norm(m, p + "post_feedforward_layernorm")
+            m = r("post_mlp_norm", norm(m, p + "post_feedforward_layernorm"))
             taps[t + "post_mlp_norm"] = m
-        x = x + m
+        x = r("resid", x + m)
         taps[t + "out"] = x
-    x = norm(x, "model.norm")
+    layer[0] = None
+    x = r("norm", norm(x, "model.norm"))
     taps["norm"] = x
+    if not with_logits:
+        return taps
     head = W.get("lm_head.weight", W["model.embed_tokens.weight"])  # absent when tied
     logits = x @ head.T.astype(np.float64)
     cap = cfg.get("final_logit_softcapping")
     if cap is not None:
         logits = np.tanh(logits / cap) * cap
-    taps["logits"] = logits
+    taps["logits"] = r("logits", logits)
     return taps
 
 
