@@ -32,8 +32,9 @@ pub use crate::gpu::{LinearVariant, PrefillKernel};
 use crate::tensor::{DeviceTensor, WDType};
 
 /// The row-block prefill kernel's source for `rq` row quads x `tb` tokens:
-/// `matmul_rowblk.wgsl` with its per-(token, quad) statements written out.
-fn rowblk_source(rq: u32, tb: u32) -> String {
+/// `matmul_rowblk.wgsl` with its per-(token, quad) statements written out
+/// (public for `examples/texture_probe.rs`).
+pub fn rowblk_source(rq: u32, tb: u32) -> String {
     use std::fmt::Write;
     let (mut init, mut zero, mut body, mut fold, mut out) = (
         String::new(),
