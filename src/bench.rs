@@ -1496,6 +1496,12 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
     }
     let _ = writeln!(
         s,
+        "variant      weights: weights={} ({})",
+        crate::gpu::weights_name(crate::gpu::WeightLayout::for_adapter(&g.caps)),
+        g.decision_source(crate::gpu::DecisionKey::Weights)
+    );
+    let _ = writeln!(
+        s,
         "model        {} ({}, {} layers, hidden {}, vocab {}, file {}, device {})",
         r.model_path.display(),
         m.arch,

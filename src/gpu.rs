@@ -245,6 +245,60 @@ pub enum PrefillKernel {
     RowBlocks,
 }
 
+/// Where dense bf16 Linear weights (and a tied embedding) live on the
+/// device (issue #9): the same bytes in the same order either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightLayout {
+    /// Storage buffers (`array<vec4<u32>>`), split by rows at the max
+    /// storage binding. Every tensor, every profile.
+    Buffer,
+    /// `rgba32uint` textures of [`TEXTURE_WIDTH`] texels (texel g = bf16
+    /// elements 8g..8g+7 of the row-major chunk), split by rows at the max
+    /// binding and at `max_texture_dimension_2d` texel rows. Only for bf16
+    /// weights with k % 8 == 0 read by the CPU-profile kernels: llvmpipe
+    /// turns each non-uniform storage load into a per-lane loop, a texel
+    /// fetch into one gather (BENCHMARKS.md, "Weights through a texture").
+    Texture,
+}
+
+/// Texels per row of a weight texture ([`WeightLayout::Texture`]); a power
+/// of two so the kernels split a texel index with a mask and a shift.
+pub const TEXTURE_WIDTH: u32 = 4096;
+
+impl WeightLayout {
+    /// The `weights` shader decision when set, else the profile's: textures
+    /// in the CPU-device profile, buffers in the GPU profile (on a GPU a
+    /// storage load is one coalesced instruction and a decode GEMV is bound
+    /// by DRAM bandwidth; a texture reads no fewer bytes).
+    pub fn for_adapter(caps: &Caps) -> Self {
+        match caps.decisions.weights {
+            Some(l) => l,
+            None if caps.kernels == KernelProfile::CpuDevice => WeightLayout::Texture,
+            None => WeightLayout::Buffer,
+        }
+    }
+
+    /// The layout a dense tensor gets: [`WeightLayout::Texture`] only when
+    /// the device's layout is texture and the tensor is a 2D bf16 matrix
+    /// with k % 8 == 0 (whole texels per row); buffers otherwise.
+    pub fn for_tensor(caps: &Caps, bf16: bool, shape: &[usize]) -> Self {
+        match (Self::for_adapter(caps), shape) {
+            (WeightLayout::Texture, [_, k]) if bf16 && k % 8 == 0 && *k > 0 => {
+                WeightLayout::Texture
+            }
+            _ => WeightLayout::Buffer,
+        }
+    }
+}
+
+/// The name [`Decisions`] uses for a weight layout.
+pub fn weights_name(v: WeightLayout) -> &'static str {
+    match v {
+        WeightLayout::Buffer => "buffer",
+        WeightLayout::Texture => "texture",
+    }
+}
+
 /// Which decode-attention kernel (`ops::attention::Shape::rows`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AttentionKernel {
@@ -277,10 +331,12 @@ pub enum DecisionKey {
     AttnMinSplit,
     /// Argmax workgroup size: a power of two in 32..=1024.
     ArgmaxWg,
+    /// Dense bf16 weight layout: `buffer` or `texture` ([`WeightLayout`]).
+    Weights,
 }
 
 impl DecisionKey {
-    pub const ALL: [DecisionKey; 8] = [
+    pub const ALL: [DecisionKey; 9] = [
         DecisionKey::Gemv,
         DecisionKey::GemvRowsWg,
         DecisionKey::Prefill,
@@ -289,6 +345,7 @@ impl DecisionKey {
         DecisionKey::AttnSplits,
         DecisionKey::AttnMinSplit,
         DecisionKey::ArgmaxWg,
+        DecisionKey::Weights,
     ];
 
     /// Its name in `WGLLM_DECISIONS` and the tune cache.
@@ -302,6 +359,7 @@ impl DecisionKey {
             DecisionKey::AttnSplits => "attn_splits",
             DecisionKey::AttnMinSplit => "attn_min_split",
             DecisionKey::ArgmaxWg => "argmax_wg",
+            DecisionKey::Weights => "weights",
         }
     }
 
@@ -316,6 +374,7 @@ impl DecisionKey {
             DecisionKey::AttnSplits => "an integer in 1..=64",
             DecisionKey::AttnMinSplit => "an integer in 1..=4096",
             DecisionKey::ArgmaxWg => "a power of two in 32..=1024",
+            DecisionKey::Weights => "buffer or texture",
         }
     }
 }
@@ -353,6 +412,7 @@ pub struct Decisions {
     pub attn_splits: Option<u32>,
     pub attn_min_split: Option<u32>,
     pub argmax_wg: Option<u32>,
+    pub weights: Option<WeightLayout>,
 }
 
 impl Decisions {
@@ -368,6 +428,7 @@ impl Decisions {
             DecisionKey::AttnSplits => num(self.attn_splits),
             DecisionKey::AttnMinSplit => num(self.attn_min_split),
             DecisionKey::ArgmaxWg => num(self.argmax_wg),
+            DecisionKey::Weights => self.weights.map(|v| weights_name(v).to_string()),
         }
     }
 
@@ -419,6 +480,13 @@ impl Decisions {
             }
             DecisionKey::ArgmaxWg => {
                 self.argmax_wg = Some(int(&|n| n.is_power_of_two() && (32..=1024).contains(&n))?)
+            }
+            DecisionKey::Weights => {
+                self.weights = Some(match v.as_str() {
+                    "buffer" => WeightLayout::Buffer,
+                    "texture" => WeightLayout::Texture,
+                    _ => return Err(bad()),
+                })
             }
         }
         Ok(())
@@ -1195,6 +1263,146 @@ impl Gpu {
         Ok(buf)
     }
 
+    /// An `rgba32uint` texture of [`TEXTURE_WIDTH`] texels per row holding
+    /// `data` (a multiple of 16 bytes: texel g = bytes 16g..16g+16), the
+    /// last texel row padded with zeros. Written as
+    /// [`Gpu::storage_streamed`] writes a buffer: pieces of whole texel rows
+    /// (at most [`UPLOAD_PIECE`] bytes), `check` before and `done` after
+    /// each, waiting for the device past [`UPLOAD_IN_FLIGHT`] bytes queued.
+    pub fn texture_streamed(
+        &self,
+        label: &str,
+        data: &[u8],
+        check: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+        done: &mut dyn FnMut(&[u8]),
+    ) -> Result<(wgpu::Texture, wgpu::TextureView)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let row_bytes = TEXTURE_WIDTH as usize * 16;
+        if data.len() % 16 != 0 || data.is_empty() {
+            return Err(Error::invalid(format!(
+                "texture '{label}': {} bytes is not a whole number of 16-byte texels",
+                data.len()
+            )));
+        }
+        let height = data.len().div_ceil(row_bytes) as u32;
+        let lim = self.device.limits().max_texture_dimension_2d;
+        if height > lim || TEXTURE_WIDTH > lim {
+            return Err(Error::invalid(format!(
+                "texture '{label}': {TEXTURE_WIDTH} x {height} texels exceeds the device's                  max_texture_dimension_2d of {lim}"
+            )));
+        }
+        let size = wgpu::Extent3d {
+            width: TEXTURE_WIDTH,
+            height,
+            depth_or_array_layers: 1,
+        };
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let tex = self.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some(label),
+            size,
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: wgpu::TextureFormat::Rgba32Uint,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING
+                | wgpu::TextureUsages::COPY_DST
+                | wgpu::TextureUsages::COPY_SRC,
+            view_formats: &[],
+        });
+        let what = format!("allocating texture '{label}' of {TEXTURE_WIDTH} x {height} texels");
+        let v = self.settle(val.pop(), what.clone());
+        let o = self.settle(oom.pop(), what.clone());
+        if let Some(e) = o.or(v) {
+            return Err(Error::Gpu {
+                what,
+                msg: e.to_string(),
+            });
+        }
+        let rows_per_piece = (UPLOAD_PIECE / row_bytes).max(1);
+        let mut tail = Vec::new();
+        for (i, piece) in data.chunks(rows_per_piece * row_bytes).enumerate() {
+            let offset = i * rows_per_piece * row_bytes;
+            check(offset, piece)?;
+            let rows = piece.len().div_ceil(row_bytes) as u32;
+            // write_texture takes whole texel rows: the last partial row is
+            // padded with zeros in a copy of that row only.
+            let src: &[u8] = if piece.len() % row_bytes == 0 {
+                piece
+            } else {
+                tail.clear();
+                tail.extend_from_slice(piece);
+                tail.resize(rows as usize * row_bytes, 0);
+                &tail
+            };
+            self.queue.write_texture(
+                wgpu::TexelCopyTextureInfo {
+                    texture: &tex,
+                    mip_level: 0,
+                    origin: wgpu::Origin3d {
+                        x: 0,
+                        y: (i * rows_per_piece) as u32,
+                        z: 0,
+                    },
+                    aspect: wgpu::TextureAspect::All,
+                },
+                src,
+                wgpu::TexelCopyBufferLayout {
+                    offset: 0,
+                    bytes_per_row: Some(row_bytes as u32),
+                    rows_per_image: Some(rows),
+                },
+                wgpu::Extent3d {
+                    width: TEXTURE_WIDTH,
+                    height: rows,
+                    depth_or_array_layers: 1,
+                },
+            );
+            done(piece);
+            let queued =
+                self.upload_pending.fetch_add(src.len() as u64, Relaxed) + src.len() as u64;
+            if queued >= UPLOAD_IN_FLIGHT {
+                self.finish_uploads()?;
+            }
+        }
+        let view = tex.create_view(&Default::default());
+        Ok((tex, view))
+    }
+
+    /// Copy the first `len` bytes of a weight texture
+    /// ([`Gpu::texture_streamed`]) back to the host. Blocks.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn read_texture(&self, tex: &wgpu::Texture, len: u64) -> Result<Vec<u8>> {
+        let row_bytes = u64::from(TEXTURE_WIDTH) * 16;
+        let size = tex.size();
+        let total = row_bytes * u64::from(size.height);
+        let staging = self.staging("readback.texture", total);
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        enc.copy_texture_to_buffer(
+            wgpu::TexelCopyTextureInfo {
+                texture: tex,
+                mip_level: 0,
+                origin: wgpu::Origin3d::ZERO,
+                aspect: wgpu::TextureAspect::All,
+            },
+            wgpu::TexelCopyBufferInfo {
+                buffer: &staging,
+                layout: wgpu::TexelCopyBufferLayout {
+                    offset: 0,
+                    bytes_per_row: Some(row_bytes as u32),
+                    rows_per_image: Some(size.height),
+                },
+            },
+            size,
+        );
+        self.queue.submit([enc.finish()]);
+        let mut b = self.map_staging(&staging, total)?;
+        b.truncate(len.min(total) as usize);
+        Ok(b)
+    }
+
     /// Hand every queued upload to the device and wait for it, releasing
     /// wgpu's staging copies.
     pub fn finish_uploads(&self) -> Result<()> {
@@ -1472,6 +1680,28 @@ impl Gpu {
             .map(|(i, b)| wgpu::BindGroupEntry {
                 binding: *i,
                 resource: b.as_entire_binding(),
+            })
+            .collect();
+        Counters::bump(&self.counters.bind_groups);
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&kernel.label),
+            layout: &kernel.layout,
+            entries: &entries,
+        })
+    }
+
+    /// Bind `entries` (binding number, any resource: buffers and weight
+    /// texture views) of `kernel`'s group 0.
+    pub fn bind_resources(
+        &self,
+        kernel: &Kernel,
+        entries: &[(u32, wgpu::BindingResource<'_>)],
+    ) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry> = entries
+            .iter()
+            .map(|(i, r)| wgpu::BindGroupEntry {
+                binding: *i,
+                resource: r.clone(),
             })
             .collect();
         Counters::bump(&self.counters.bind_groups);

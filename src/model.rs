@@ -2349,7 +2349,7 @@ impl BindCtx<'_> {
                         )
                         .with_lo(b.lo(env, x), 0),
                     )?;
-                    let bg = kern.bind(g, &p, step, buf(x), &w.chunks[0].buffer, buf(y));
+                    let bg = kern.bind(g, &p, step, buf(x), w.chunks[0].buffer(&w.name)?, buf(y));
                     params.push(p);
                     info.weight_bytes = dense_bytes(w);
                     Bound::Norm {
@@ -2529,7 +2529,7 @@ impl BindCtx<'_> {
             &b.step,
             buf(*a),
             buf(*bb),
-            &wt.chunks[0].buffer,
+            wt.chunks[0].buffer(&wt.name)?,
             buf(*r),
             buf(*y),
         );
@@ -2877,7 +2877,7 @@ pub fn tensor_bytes(t: &WTensor) -> u64 {
 }
 
 fn dense_bytes(t: &DeviceTensor) -> u64 {
-    t.chunks.iter().map(|c| c.buffer.size()).sum()
+    t.chunks.iter().map(|c| c.device_bytes()).sum()
 }
 
 /// Weight-level faults: transform uploaded weights the way a buggy port
@@ -2895,7 +2895,12 @@ fn apply_weight_faults(gpu: &Gpu, w: &mut Weights, f: &Faults) -> Result<()> {
             }
         }
         // Same shape as before: the data is what a transposed store holds.
-        DeviceTensor::from_f32(gpu, &t.name, t.dtype, &t.shape, &out).map(WTensor::Dense)
+        let bytes = match t.dtype {
+            WDType::Bf16 => crate::tensor::f32_to_bf16_bytes(&out),
+            WDType::F32 => bytemuck::cast_slice(&out).to_vec(),
+        };
+        DeviceTensor::upload_as(gpu, &t.name, t.dtype, &t.shape, &bytes, t.layout())
+            .map(WTensor::Dense)
     };
     for l in &mut w.layers {
         if f.transpose_qo {

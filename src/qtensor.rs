@@ -23,7 +23,7 @@
 use crate::error::{Error, Result};
 use crate::gguf::GgmlType;
 use crate::gpu::Gpu;
-use crate::tensor::{split_rows, Chunk};
+use crate::tensor::{split_rows, Chunk, ChunkStorage};
 
 /// The ggml types the GPU kernels read natively (`ops::qmatmul`).
 pub const GPU_TYPES: &[GgmlType] = &[
@@ -145,7 +145,7 @@ impl QTensor {
     }
     /// Bytes the tensor occupies on the device.
     pub fn device_bytes(&self) -> u64 {
-        self.chunks.iter().map(|c| c.buffer.size()).sum()
+        self.chunks.iter().map(|c| c.device_bytes()).sum()
     }
 
     /// Upload ggml block bytes (`rows * cols` elements of `ty`, row-major as
@@ -181,7 +181,7 @@ impl QTensor {
             .map(|(row_start, n)| {
                 let data = &dev[row_start * row_bytes..(row_start + n) * row_bytes];
                 Ok(Chunk {
-                    buffer: gpu.storage_init(name, data)?,
+                    storage: ChunkStorage::Buffer(gpu.storage_init(name, data)?),
                     row_start,
                     rows: n,
                 })
@@ -204,7 +204,7 @@ impl QTensor {
         let mut dev = Vec::new();
         for c in &self.chunks {
             let len = (c.rows * self.blocks_per_row() * db) as u64;
-            dev.extend(gpu.read_bytes(&c.buffer, 0, len)?);
+            dev.extend(gpu.read_bytes(c.buffer(&self.name)?, 0, len)?);
         }
         from_device_layout(self.ty, &dev).map_err(Error::invalid)
     }

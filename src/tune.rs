@@ -446,6 +446,10 @@ pub fn effective(gpu: &Gpu) -> Vec<(DecisionKey, Option<String>)> {
                 DecisionKey::AttnSplits => Some(shape.splits.to_string()),
                 DecisionKey::AttnMinSplit => Some(shape.min_split.to_string()),
                 DecisionKey::ArgmaxWg => Some(crate::ops::argmax::workgroup(caps).to_string()),
+                DecisionKey::Weights => Some(
+                    crate::gpu::weights_name(crate::gpu::WeightLayout::for_adapter(caps))
+                        .to_string(),
+                ),
             };
             (k, v)
         })

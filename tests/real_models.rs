@@ -635,3 +635,62 @@ fn qwen25_uses_split_tables_and_wide_logits() {
         far.len()
     );
 }
+
+/// SmolLM2 with `weights=texture` (issue #9) against `weights=buffer`, CPU
+/// kernel profile on both: the tied 49152 x 576 embedding/lm_head comes
+/// back from its texture as the checkpoint's own bytes (the layout's
+/// round trip on a real tensor), and the prefill logits of the first golden
+/// prompt and three decode steps are the same bits (same bytes, same
+/// summation order: no tolerance).
+#[test]
+fn smollm2_texture_and_buffer_weights_agree_bit_for_bit() {
+    use wgllm::gpu::{KernelChoice, KernelProfile, WeightLayout};
+    use wgllm::{Gpu, GpuOptions};
+    let m = &SMOLLM2;
+    let s = setup(m, "smollm2_texture_and_buffer_weights_agree_bit_for_bit");
+    let g = golden(m);
+    let _heavy = heavy();
+    let p = &g.prompts[0];
+    let opts = ModelOptions {
+        max_context: Some(p.prompt_ids.len() + 4),
+        max_batch: p.prompt_ids.len(),
+        ..Default::default()
+    };
+    let load = |layout: &str| {
+        let gpu = Gpu::new(&GpuOptions {
+            kernels: Some(KernelChoice::Force(KernelProfile::CpuDevice)),
+            decisions: Some(format!("weights={layout}").parse().unwrap()),
+            ..Default::default()
+        })
+        .expect("GPU");
+        Model::load(std::sync::Arc::new(gpu), &s.dir, &opts)
+            .unwrap_or_else(|e| panic!("smollm2 weights={layout}: {e}"))
+    };
+    let mut mb = load("buffer");
+    let mut mt = load("texture");
+    let embed = mt.weights.embed.dense().expect("bf16 folder: dense");
+    assert_eq!(embed.layout(), WeightLayout::Texture);
+    let mut back = Vec::new();
+    for c in &embed.chunks {
+        back.extend(embed.read_chunk_bytes(&mt.gpu, c).unwrap());
+    }
+    let file = std::fs::read(s.dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+    let want = st.tensor(&embed.name).unwrap();
+    assert!(
+        back == want.data(),
+        "{}: texture bytes differ from the checkpoint's",
+        embed.name
+    );
+    let mut input = p.prompt_ids.clone();
+    for step in 0..4 {
+        let a = mb.forward_logits(&input).unwrap();
+        let b = mt.forward_logits(&input).unwrap();
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "smollm2 step {step} ({} tokens): logits differ",
+            input.len()
+        );
+        input = vec![argmax(&a) as u32];
+    }
+}

@@ -11,7 +11,7 @@ use super::Checkpoint;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::qtensor::QTensor;
-use crate::tensor::{f32_to_bf16_bytes, round_bf16, DeviceTensor, WDType};
+use crate::tensor::{f32_to_bf16_bytes, round_bf16, DeviceTensor, WDType, WeightLayout};
 
 /// One weight on the device: dense (bf16/f32) or quantized at a GGUF's own
 /// ggml type. The kernel that reads it is chosen by this, per tensor (the
@@ -56,7 +56,7 @@ impl WTensor {
     /// Bytes the tensor occupies on the device.
     pub fn device_bytes(&self) -> u64 {
         match self {
-            WTensor::Dense(t) => t.chunks.iter().map(|c| c.buffer.size()).sum(),
+            WTensor::Dense(t) => t.chunks.iter().map(|c| c.device_bytes()).sum(),
             WTensor::Quant(t) => t.device_bytes(),
         }
     }
@@ -292,9 +292,17 @@ fn stream_from_map(gpu: &Gpu, ckpt: &Checkpoint, t: &PlannedTensor) -> Result<De
         t.device_dtype,
         &t.spec.shape,
         bytes,
+        layout_of(gpu, t),
         &mut check,
         &mut done,
     )
+}
+
+/// The device layout of a dense tensor ([`WeightLayout::for_tensor`]: a
+/// texture for every 2D bf16 tensor with k % 8 == 0 under
+/// `weights=texture`, whatever it is; a buffer otherwise).
+fn layout_of(gpu: &Gpu, t: &PlannedTensor) -> WeightLayout {
+    WeightLayout::for_tensor(&gpu.caps, t.device_dtype == WDType::Bf16, &t.spec.shape)
 }
 
 fn check_plan(ckpt: &Checkpoint, plan: &MemoryPlan) -> Result<()> {
@@ -341,9 +349,17 @@ impl Weights {
                 stream_from_map(gpu, ckpt, t)?
             } else {
                 let bytes = device_bytes(ckpt, t)?;
-                DeviceTensor::upload(gpu, &t.spec.name, t.device_dtype, &t.spec.shape, &bytes)?
+                DeviceTensor::upload_as(
+                    gpu,
+                    &t.spec.name,
+                    t.device_dtype,
+                    &t.spec.shape,
+                    &bytes,
+                    layout_of(gpu, t),
+                )?
             };
-            debug_assert_eq!(d.chunks.len(), t.chunks);
+            // (a texture chunk may also be split at max_texture_dimension_2d)
+            debug_assert!(d.layout() == WeightLayout::Texture || d.chunks.len() == t.chunks);
             Ok(WTensor::Dense(d))
         })?;
         gpu.finish_uploads()?;

@@ -2,8 +2,10 @@
 //! multiplied by a scale (1 for most families; Gemma's `sqrt(hidden)`).
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Kernel};
-use crate::tensor::{DeviceTensor, WDType};
+use std::sync::OnceLock;
+
+use crate::gpu::{Gpu, Kernel, TEXTURE_WIDTH};
+use crate::tensor::{DeviceTensor, WDType, WeightLayout};
 
 pub const SRC: &str = include_str!("../../shaders/embedding.wgsl");
 const WG: u32 = 256;
@@ -22,10 +24,36 @@ pub struct Params {
 pub struct Embedding {
     pub kernel: Kernel,
     pub dtype: WDType,
+    /// The gather on a texture table ([`WeightLayout::Texture`]: a tied
+    /// embedding the lm_head reads as a texture), built on first use.
+    tex: OnceLock<Kernel>,
+}
+
+/// `embedding.wgsl` reading its bf16 table from an `rgba32uint` texture:
+/// word i of the chunk is component i % 4 of texel i / 4 (the texture
+/// layout of `tensor`), so every value gathered is the same bits.
+pub fn texture_source() -> String {
+    let decl = "@group(0) @binding(3) var<storage, read> table: array<u32>;";
+    debug_assert!(SRC.contains(decl) && SRC.contains("table[e >> 1u]"));
+    let shift = TEXTURE_WIDTH.trailing_zeros();
+    SRC.replace(
+        decl,
+        &format!(
+            "@group(0) @binding(3) var table: texture_2d<u32>;\n\
+             fn word(i: u32) -> u32 {{\n\
+             \x20   let g = i >> 2u;\n\
+             \x20   return textureLoad(table, vec2<u32>(g & {m}u, g >> {shift}u), 0)[i & 3u];\n}}",
+            m = TEXTURE_WIDTH - 1
+        ),
+    )
+    .replace("table[e >> 1u]", "word(e >> 1u)")
+    .replace("bitcast<f32>(table[e])", "bitcast<f32>(word(e))")
 }
 
 /// Bind groups (one per table chunk) and their params, built at load.
 pub struct EmbeddingBinding {
+    /// The kernel the groups were made for (buffer or texture table).
+    pub kernel: Kernel,
     pub groups: Vec<wgpu::BindGroup>,
     pub params: Vec<wgpu::Buffer>,
     pub hidden: usize,
@@ -39,7 +67,11 @@ impl Embedding {
             "main",
             &[("WG", WG as f64), ("W_BF16", dtype.is_bf16_const())],
         )?;
-        Ok(Embedding { kernel, dtype })
+        Ok(Embedding {
+            kernel,
+            dtype,
+            tex: OnceLock::new(),
+        })
     }
 
     /// Bindings for `ids` (u32 `[n_tokens]`) → `y` (f32 `[n_tokens, hidden]`),
@@ -60,6 +92,21 @@ impl Embedding {
             )));
         }
         let hidden = table.cols();
+        let kernel = if table.layout() == WeightLayout::Texture {
+            if let Some(k) = self.tex.get() {
+                k.clone()
+            } else {
+                let k = gpu.kernel(
+                    "embedding.tex",
+                    &texture_source(),
+                    "main",
+                    &[("WG", WG as f64), ("W_BF16", self.dtype.is_bf16_const())],
+                )?;
+                self.tex.get_or_init(|| k).clone()
+            }
+        } else {
+            self.kernel.clone()
+        };
         let mut groups = Vec::new();
         let mut params = Vec::new();
         for c in &table.chunks {
@@ -72,10 +119,20 @@ impl Embedding {
                     scale,
                 },
             )?;
-            groups.push(gpu.bind(&self.kernel, &[&p, step, ids, &c.buffer, y]));
+            groups.push(gpu.bind_resources(
+                &kernel,
+                &[
+                    (0, p.as_entire_binding()),
+                    (1, step.as_entire_binding()),
+                    (2, ids.as_entire_binding()),
+                    (3, c.resource()),
+                    (4, y.as_entire_binding()),
+                ],
+            ));
             params.push(p);
         }
         Ok(EmbeddingBinding {
+            kernel,
             groups,
             params,
             hidden,
@@ -93,7 +150,7 @@ impl Embedding {
     ) {
         let n = (n_tokens as usize * binding.hidden).div_ceil(WG as usize) as u32;
         for g in &binding.groups {
-            gpu.dispatch_in(pass, &self.kernel, g, n);
+            gpu.dispatch_in(pass, &binding.kernel, g, n);
         }
     }
 }

@@ -18,7 +18,9 @@
 //! plain-Rust model here.
 //!
 //! One token only (decode): prefill and slot passes record the unfused ops.
-//! Dense weights in one buffer each; anything else (quantized weights,
+//! Dense weights in one buffer or one texture each (all three alike,
+//! [`WeightLayout`]; textures through the texture form of the inner loop,
+//! `matmul::xw_vec_texture_source`); anything else (quantized weights,
 //! weights split into chunks, an adapter with too few storage bindings per
 //! stage) is reported as not fusable (`Ok(None)`) and the caller keeps the
 //! unfused ops.
@@ -27,10 +29,11 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel};
 use crate::ops::kv_copy::KvCache;
 use crate::ops::matmul::{
-    LinearVariant, SRC_COMMON, SRC_GEMV_WG_SHARED, SRC_GEMV_WG_SUBGROUP, SRC_XW, SRC_XW_VEC,
+    xw_vec_texture_source, LinearVariant, SRC_COMMON, SRC_GEMV_WG_SHARED, SRC_GEMV_WG_SUBGROUP,
+    SRC_XW, SRC_XW_VEC,
 };
 use crate::ops::rope::RopeTables;
-use crate::tensor::{DeviceTensor, WDType};
+use crate::tensor::{DeviceTensor, WDType, WeightLayout};
 
 /// Bindings, epilogues and params shared by the fused kernels.
 pub const SRC_FUSED_COMMON: &str = include_str!("../../shaders/gemv_fused_common.wgsl");
@@ -119,11 +122,16 @@ pub fn xw_copy(src: &str, suffix: &str, binding: u32) -> Result<String> {
         }
     }
     let x_decl = "var<storage, read> x:";
-    let w_decl = "@group(0) @binding(3) var<storage, read> w:";
+    // the weight as a storage buffer, or as a texture (WeightLayout::Texture)
+    let w_decls = [
+        "@group(0) @binding(3) var<storage, read> w:",
+        "@group(0) @binding(3) var w: texture_2d<u32>;",
+    ];
+    let is_w_decl = |l: &str| w_decls.iter().any(|d| l.trim_start().starts_with(d));
     if !src.lines().any(|l| l.contains(x_decl)) {
         return Err(bad("the x binding"));
     }
-    if !src.lines().any(|l| l.trim_start().starts_with(w_decl)) {
+    if !src.lines().any(is_w_decl) {
         return Err(bad("the weight binding `w` at binding 3"));
     }
     let mut out = String::with_capacity(src.len() + 256);
@@ -131,7 +139,7 @@ pub fn xw_copy(src: &str, suffix: &str, binding: u32) -> Result<String> {
         if line.contains(x_decl) {
             continue;
         }
-        let line = if line.trim_start().starts_with(w_decl) {
+        let line = if is_w_decl(line) {
             line.replacen("@binding(3)", &format!("@binding({binding})"), 1)
         } else {
             line.to_string()
@@ -179,10 +187,27 @@ enum Entry {
 /// Compile the fused kernel `entry` for `wdtype` weights with inner
 /// dimension layout `vec` (matmul_xw_vec.wgsl) or generic, in the shape of
 /// the adapter's GEMV variant.
-fn compile(gpu: &Gpu, wdtype: WDType, vec: bool, entry: Entry, gelu_tanh: bool) -> Result<Kernel> {
+/// `texture`: the weights are textures ([`WeightLayout::Texture`], `vec`
+/// only).
+fn compile(
+    gpu: &Gpu,
+    wdtype: WDType,
+    vec: bool,
+    texture: bool,
+    entry: Entry,
+    gelu_tanh: bool,
+) -> Result<Kernel> {
     let variant = LinearVariant::for_adapter(&gpu.caps);
     let wg = variant.workgroup(&gpu.caps);
-    let xw = if vec { SRC_XW_VEC } else { SRC_XW };
+    let tex_src;
+    let xw = if texture {
+        tex_src = xw_vec_texture_source();
+        tex_src.as_str()
+    } else if vec {
+        SRC_XW_VEC
+    } else {
+        SRC_XW
+    };
     let tail = match variant {
         LinearVariant::RowPerThread => SRC_FUSED_ROWS.to_string(),
         LinearVariant::WorkgroupSubgroup => format!("{SRC_GEMV_WG_SUBGROUP}\n{SRC_FUSED_WG}"),
@@ -199,7 +224,11 @@ fn compile(gpu: &Gpu, wdtype: WDType, vec: bool, entry: Entry, gelu_tanh: bool) 
     };
     let label = format!(
         "fused.{name}.{variant:?}.{}.{wdtype:?}",
-        if vec { "vec" } else { "any" }
+        match (texture, vec) {
+            (true, _) => "tex",
+            (false, true) => "vec",
+            (false, false) => "any",
+        }
     );
     gpu.kernel(
         &label,
@@ -219,10 +248,14 @@ fn check<'a>(
     ws: &[&'a DeviceTensor],
     biases: &[Option<&'a DeviceTensor>],
 ) -> Option<(WDType, usize, u32)> {
-    let (dt, k) = (ws[0].dtype, ws[0].cols());
-    let fits = ws
-        .iter()
-        .all(|w| w.shape.len() == 2 && w.dtype == dt && w.cols() == k && w.chunks.len() == 1);
+    let (dt, k, layout) = (ws[0].dtype, ws[0].cols(), ws[0].layout());
+    let fits = ws.iter().all(|w| {
+        w.shape.len() == 2
+            && w.dtype == dt
+            && w.cols() == k
+            && w.chunks.len() == 1
+            && w.layout() == layout
+    });
     if !fits || k == 0 {
         return None;
     }
@@ -253,6 +286,24 @@ fn vec_layout(k: usize, x: &wgpu::Buffer) -> bool {
     k % 8 == 0 && x.size() % 16 == 0
 }
 
+/// (vec4 inner loop, texture weights), or None when texture weights meet an
+/// x the vec4 loop cannot read (the unfused ops then report it).
+fn layouts(ws: &[&DeviceTensor], k: usize, x: &wgpu::Buffer) -> Option<(bool, bool)> {
+    let vec = vec_layout(k, x);
+    let tex = ws[0].layout() == WeightLayout::Texture;
+    (vec || !tex).then_some((vec, tex))
+}
+
+/// Storage bindings a fused kernel needs, less the weights when they are
+/// textures (sampled, not storage, bindings).
+fn storage_need(ws: &[&DeviceTensor], need: u32) -> u32 {
+    if ws[0].layout() == WeightLayout::Texture {
+        need - ws.len() as u32
+    } else {
+        need
+    }
+}
+
 fn storage_ok(gpu: &Gpu, need: u32) -> bool {
     gpu.device.limits().max_storage_buffers_per_shader_stage >= need
 }
@@ -277,7 +328,7 @@ pub fn qkv_rope(
     };
     let rows = w.map(|w| w.rows() as u32);
     let hd = head_dim as u32;
-    if !storage_ok(gpu, QKV_STORAGE_BINDINGS)
+    if !storage_ok(gpu, storage_need(&w, QKV_STORAGE_BINDINGS))
         || hd == 0
         || hd % 2 == 1
         || rows.iter().any(|r| r % hd != 0)
@@ -288,7 +339,10 @@ pub fn qkv_rope(
     {
         return Ok(None);
     }
-    let kernel = compile(gpu, dt, vec_layout(k, x), Entry::QkvRope, false)?;
+    let Some((vec, tex)) = layouts(&w, k, x) else {
+        return Ok(None);
+    };
+    let kernel = compile(gpu, dt, vec, tex, Entry::QkvRope, false)?;
     let variant = LinearVariant::for_adapter(&gpu.caps);
     let wg = variant.workgroup(&gpu.caps);
     let pairs = rows.map(|r| r / 2);
@@ -340,10 +394,13 @@ pub fn gate_up(
         return Ok(None);
     };
     let rows = w[0].rows() as u32;
-    if !storage_ok(gpu, GATE_UP_STORAGE_BINDINGS) || w[1].rows() as u32 != rows {
+    if !storage_ok(gpu, storage_need(&w, GATE_UP_STORAGE_BINDINGS)) || w[1].rows() as u32 != rows {
         return Ok(None);
     }
-    let kernel = compile(gpu, dt, vec_layout(k, x), Entry::GateUp, gelu_tanh)?;
+    let Some((vec, tex)) = layouts(&w, k, x) else {
+        return Ok(None);
+    };
+    let kernel = compile(gpu, dt, vec, tex, Entry::GateUp, gelu_tanh)?;
     let variant = LinearVariant::for_adapter(&gpu.caps);
     let groups = match variant {
         LinearVariant::RowPerThread => rows.div_ceil(4 * variant.workgroup(&gpu.caps)),
@@ -400,18 +457,27 @@ fn bind(
     let lin = lin_params(gpu, k, fp.rows_a, fp.bias_mode)?;
     let fpb = gpu.uniform(label, &fp)?;
     let bg = {
-        let mut e: Vec<(u32, &wgpu::Buffer)> = vec![(0, &lin), (1, io.step), (2, io.x), (6, &fpb)];
+        let mut e: Vec<(u32, wgpu::BindingResource<'_>)> = vec![
+            (0, lin.as_entire_binding()),
+            (1, io.step.as_entire_binding()),
+            (2, io.x.as_entire_binding()),
+            (6, fpb.as_entire_binding()),
+        ];
+        // buffer or texture, as the kernel was compiled for (check())
         e.extend(
             [3, 7, 8]
                 .into_iter()
-                .zip(io.w.iter().map(|w| &w.chunks[0].buffer)),
+                .zip(io.w.iter().map(|w| w.chunks[0].resource())),
         );
-        e.extend((0..3).map(|i| {
-            let b = io.bias.get(i).copied().flatten();
-            (9 + i as u32, b.map_or(&dummy, |b| &b.chunks[0].buffer))
-        }));
-        e.extend((12..).zip(io.outputs.iter().copied()));
-        gpu.bind_entries(&kernel, &e)
+        for i in 0..3 {
+            let b = match io.bias.get(i).copied().flatten() {
+                None => &dummy,
+                Some(b) => b.chunks[0].buffer(&b.name)?,
+            };
+            e.push((9 + i as u32, b.as_entire_binding()));
+        }
+        e.extend((12..).zip(io.outputs.iter().map(|b| b.as_entire_binding())));
+        gpu.bind_resources(&kernel, &e)
     };
     Ok(Fused {
         kernel,
@@ -462,6 +528,18 @@ mod tests {
             rename("a.w + w[1] + w8(w)", &["w".into(), "w8".into()], "_c"),
             "a.w + w_c[1] + w8_c(w_c)"
         );
+    }
+
+    #[test]
+    fn xw_copy_renames_the_weight_texture() {
+        let c = xw_copy(&xw_vec_texture_source(), "_b", 7).unwrap();
+        assert!(
+            c.contains("@group(0) @binding(7) var w_b: texture_2d<u32>;"),
+            "{c}"
+        );
+        assert!(c.contains("fn wtex_b(") && c.contains("textureLoad(w_b,"));
+        assert!(c.contains("wtex_b(gw)") && !c.contains(" w[") && !c.contains("(w["));
+        assert!(!c.contains("@binding(3)"));
     }
 
     #[test]

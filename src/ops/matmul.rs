@@ -25,15 +25,16 @@ use std::sync::OnceLock;
 use crate::error::{Error, Result};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::gpu::Step;
-use crate::gpu::{Caps, Gpu, Kernel, KernelProfile};
+use crate::gpu::{Caps, Gpu, Kernel, KernelProfile, WeightLayout, TEXTURE_WIDTH};
 /// The GEMV and prefill kernel choices are shader decisions
 /// ([`crate::gpu::Decisions`]), so their types live in `gpu`.
 pub use crate::gpu::{LinearVariant, PrefillKernel};
 use crate::tensor::{DeviceTensor, WDType};
 
 /// The row-block prefill kernel's source for `rq` row quads x `tb` tokens:
-/// `matmul_rowblk.wgsl` with its per-(token, quad) statements written out.
-fn rowblk_source(rq: u32, tb: u32) -> String {
+/// `matmul_rowblk.wgsl` with its per-(token, quad) statements written out
+/// (public for `examples/texture_probe.rs`).
+pub fn rowblk_source(rq: u32, tb: u32) -> String {
     use std::fmt::Write;
     let (mut init, mut zero, mut body, mut fold, mut out) = (
         String::new(),
@@ -94,6 +95,33 @@ fn rowblk_source(rq: u32, tb: u32) -> String {
         .replace("//@BODY\n", &body)
         .replace("//@FOLD\n", &fold)
         .replace("//@OUT\n", &out)
+}
+
+/// The weight declaration of [`SRC_XW_VEC`] (a storage buffer).
+pub const XW_VEC_BUFFER_DECL: &str =
+    "@group(0) @binding(3) var<storage, read> w: array<vec4<u32>>;";
+
+/// [`SRC_XW_VEC`] reading its weights from an `rgba32uint` texture named
+/// `w` ([`WeightLayout::Texture`]): one texel = the 16 bytes `w[gw]` reads
+/// from the buffer, at `(gw % TEXTURE_WIDTH, gw / TEXTURE_WIDTH)`. Only
+/// where `w8` gets its bytes changes, so every kernel built on it sums the
+/// same values in the same order as with buffers (bit-identical outputs).
+/// The texture is named `w` so that `ops::fused::xw_copy` renames it with
+/// the rest.
+pub fn xw_vec_texture_source() -> String {
+    let shift = TEXTURE_WIDTH.trailing_zeros();
+    let tex = format!(
+        "@group(0) @binding(3) var w: texture_2d<u32>;\n\
+         fn wtex(gw: u32) -> vec4<u32> {{\n\
+         \x20   return textureLoad(w, vec2<u32>(gw & {m}u, gw >> {shift}u), 0);\n}}",
+        m = TEXTURE_WIDTH - 1
+    );
+    debug_assert!(TEXTURE_WIDTH.is_power_of_two());
+    SRC_XW_VEC
+        .replace(XW_VEC_BUFFER_DECL, &tex)
+        .replace("w[gw]", "wtex(gw)")
+        .replace("w[2u * gw]", "wtex(2u * gw)")
+        .replace("w[2u * gw + 1u]", "wtex(2u * gw + 1u)")
 }
 
 /// Params, bias and output (shared by every linear kernel).
@@ -381,12 +409,10 @@ pub struct Linear {
     gemv_wg: u32,
     /// Largest token count that takes the GEMV path in `encode`.
     pub gemv_max_tokens: u32,
-    gemv_vec: OnceLock<Kernel>,
-    gemv_any: OnceLock<Kernel>,
-    batch_vec: OnceLock<Kernel>,
-    batch_any: OnceLock<Kernel>,
-    prefill_vec: OnceLock<Kernel>,
-    prefill_any: OnceLock<Kernel>,
+    /// Kernels by [`Xw`] (index `Xw as usize`).
+    gemv: [OnceLock<Kernel>; 3],
+    batch: [OnceLock<Kernel>; 3],
+    prefill_k: [OnceLock<Kernel>; 3],
     /// The tiled matmul per [`SlabLoads`] (by `SlabLoads::index`).
     tiled: [OnceLock<Kernel>; 3],
     /// Whether the tiled matmul may take [`SlabLoads::Vec4`] (tests turn it
@@ -425,6 +451,21 @@ pub struct LinearBinding {
     row_block: RowBlock,
     /// The prefill kernel is `matmul_rowblk.wgsl` (RowBlocks with k % 8 == 0).
     rowblk: bool,
+}
+
+/// Which x/W inner-loop source a kernel is built on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Xw {
+    /// matmul_xw.wgsl: any k, buffer weights.
+    Any = 0,
+    /// matmul_xw_vec.wgsl: k % 8 == 0, buffer weights.
+    Vec = 1,
+    /// [`xw_vec_texture_source`]: k % 8 == 0, texture weights.
+    Tex = 2,
+}
+
+fn cells() -> [OnceLock<Kernel>; 3] {
+    [OnceLock::new(), OnceLock::new(), OnceLock::new()]
 }
 
 fn get_or_compile(cell: &OnceLock<Kernel>, f: impl FnOnce() -> Result<Kernel>) -> Result<&Kernel> {
@@ -482,12 +523,9 @@ impl Linear {
             row_block: RowBlock::DEFAULT,
             gemv_wg,
             gemv_max_tokens,
-            gemv_vec: OnceLock::new(),
-            gemv_any: OnceLock::new(),
-            batch_vec: OnceLock::new(),
-            batch_any: OnceLock::new(),
-            prefill_vec: OnceLock::new(),
-            prefill_any: OnceLock::new(),
+            gemv: cells(),
+            batch: cells(),
+            prefill_k: cells(),
             tiled: Default::default(),
             vec4_slabs: true,
             dummy_bias,
@@ -498,8 +536,7 @@ impl Linear {
     pub fn with_prefill(mut self, kernel: PrefillKernel) -> Self {
         if kernel != self.prefill {
             self.prefill = kernel;
-            self.prefill_vec = OnceLock::new();
-            self.prefill_any = OnceLock::new();
+            self.prefill_k = cells();
         }
         self
     }
@@ -527,7 +564,7 @@ impl Linear {
         }
         if block != self.row_block {
             self.row_block = block;
-            self.prefill_vec = OnceLock::new();
+            self.prefill_k = cells();
         }
         Ok(self)
     }
@@ -551,19 +588,20 @@ impl Linear {
 
     /// Assemble and compile one kernel: constants, common part, the x/W
     /// bindings (vec4 or generic) and an entry point.
-    fn compile(
-        &self,
-        gpu: &Gpu,
-        label: &str,
-        consts: &str,
-        vec: bool,
-        entry: &str,
-    ) -> Result<Kernel> {
-        let xw = if vec { SRC_XW_VEC } else { SRC_XW };
-        let src = format!("{consts}{SRC_COMMON}\n{xw}\n{entry}");
+    fn compile(&self, gpu: &Gpu, label: &str, consts: &str, xw: Xw, entry: &str) -> Result<Kernel> {
+        let src = match xw {
+            Xw::Tex => xw_vec_texture_source(),
+            Xw::Vec => SRC_XW_VEC.to_string(),
+            Xw::Any => SRC_XW.to_string(),
+        };
+        let src = format!("{consts}{SRC_COMMON}\n{src}\n{entry}");
         let label = format!(
             "{label}.{}.{:?}",
-            if vec { "vec" } else { "any" },
+            match xw {
+                Xw::Tex => "tex",
+                Xw::Vec => "vec",
+                Xw::Any => "any",
+            },
             self.wdtype
         );
         gpu.kernel(
@@ -574,35 +612,23 @@ impl Linear {
         )
     }
 
-    fn gemv_kernel(&self, gpu: &Gpu, vec: bool) -> Result<&Kernel> {
-        let cell = if vec { &self.gemv_vec } else { &self.gemv_any };
-        get_or_compile(cell, || {
+    fn gemv_kernel(&self, gpu: &Gpu, xw: Xw) -> Result<&Kernel> {
+        get_or_compile(&self.gemv[xw as usize], || {
             let entry = match self.variant {
                 LinearVariant::RowPerThread => SRC_GEMV_ROWS,
                 LinearVariant::WorkgroupSubgroup => SRC_GEMV_WG_SUBGROUP,
                 LinearVariant::WorkgroupShared => SRC_GEMV_WG_SHARED,
             };
             let consts = format!("const WG: u32 = {}u;\nconst TB: u32 = 1u;\n", self.gemv_wg);
-            self.compile(
-                gpu,
-                &format!("gemv.{:?}", self.variant),
-                &consts,
-                vec,
-                entry,
-            )
+            self.compile(gpu, &format!("gemv.{:?}", self.variant), &consts, xw, entry)
         })
     }
 
     /// The batched decode GEMV: the GEMV variant's shape over
     /// [`BATCH_TOKENS`] tokens (gemv_rows.wgsl already keeps each token's
     /// sum apart; the workgroup variants have their own entry points).
-    fn batch_kernel(&self, gpu: &Gpu, vec: bool) -> Result<&Kernel> {
-        let cell = if vec {
-            &self.batch_vec
-        } else {
-            &self.batch_any
-        };
-        get_or_compile(cell, || {
+    fn batch_kernel(&self, gpu: &Gpu, xw: Xw) -> Result<&Kernel> {
+        get_or_compile(&self.batch[xw as usize], || {
             let entry = match self.variant {
                 LinearVariant::RowPerThread => SRC_GEMV_ROWS,
                 LinearVariant::WorkgroupSubgroup => SRC_GEMV_WG_SUBGROUP_BATCH,
@@ -616,31 +642,27 @@ impl Linear {
                 gpu,
                 &format!("gemv_batch.{:?}", self.variant),
                 &consts,
-                vec,
+                xw,
                 entry,
             )
         })
     }
 
-    /// The row-block prefill kernel: `vec`, the vec4 bindings (k % 8 == 0).
-    fn prefill_kernel(&self, gpu: &Gpu, vec: bool) -> Result<&Kernel> {
-        let cell = if vec {
-            &self.prefill_vec
-        } else {
-            &self.prefill_any
-        };
-        get_or_compile(cell, || {
-            if vec {
+    /// The row-block prefill kernel on the bindings `xw` (the vec4 or
+    /// texture ones, k % 8 == 0), or the row kernel on the generic ones.
+    fn prefill_kernel(&self, gpu: &Gpu, xw: Xw) -> Result<&Kernel> {
+        get_or_compile(&self.prefill_k[xw as usize], || {
+            if xw != Xw::Any {
                 let RowBlock { rq, tb, wg } = self.row_block;
                 let consts = format!(
                     "const WG: u32 = {wg}u;\nconst TB: u32 = {tb}u;\nconst RQ: u32 = {rq}u;\n"
                 );
-                self.compile(gpu, "prefill.rowblk", &consts, true, &rowblk_source(rq, tb))
+                self.compile(gpu, "prefill.rowblk", &consts, xw, &rowblk_source(rq, tb))
             } else {
                 let consts = format!(
                     "const WG: u32 = {ROWS_WG}u;\nconst TB: u32 = {ROWS_PREFILL_TOKENS}u;\n"
                 );
-                self.compile(gpu, "prefill.rows", &consts, false, SRC_GEMV_ROWS)
+                self.compile(gpu, "prefill.rows", &consts, Xw::Any, SRC_GEMV_ROWS)
             }
         })
     }
@@ -757,14 +779,36 @@ impl Linear {
         // vec4 bindings: whole 8-element groups per row, and x bindable as
         // array<vec4<f32>>.
         let vec = k % 8 == 0 && x.size() % 16 == 0;
-        let gemv_k = self.gemv_kernel(gpu, vec)?.clone();
-        let batch_k = self.batch_kernel(gpu, vec)?.clone();
+        let texture = weight.layout() == WeightLayout::Texture;
+        if texture && !vec {
+            return Err(Error::invalid(format!(
+                "linear weight `{name}` [{n}, {k}] is a texture, which only the k % 8 == 0 \
+                 kernels read, but x ({} bytes) is not bindable as vec4 rows",
+                x.size()
+            )));
+        }
+        let xw = match (texture, vec) {
+            (true, _) => Xw::Tex,
+            (false, true) => Xw::Vec,
+            (false, false) => Xw::Any,
+        };
+        let gemv_k = self.gemv_kernel(gpu, xw)?.clone();
+        let batch_k = self.batch_kernel(gpu, xw)?.clone();
         let prefill_k = match self.prefill {
-            PrefillKernel::RowBlocks => self.prefill_kernel(gpu, vec)?,
+            PrefillKernel::RowBlocks => self.prefill_kernel(gpu, xw)?,
+            PrefillKernel::Tiled if texture => {
+                return Err(Error::invalid(format!(
+                    "linear weight `{name}`: the tiled prefill kernel reads weights from \
+                     buffers, not textures (set WGLLM_DECISIONS=weights=buffer, or prefill=rows)"
+                )))
+            }
             PrefillKernel::Tiled => self.tiled_kernel(gpu, self.slab_loads(k, x.size()))?,
         }
         .clone();
-        let bias_buf = bias.map_or(&self.dummy_bias, |b| &b.chunks[0].buffer);
+        let bias_buf = match bias {
+            None => &self.dummy_bias,
+            Some(b) => b.chunks[0].buffer(&b.name)?,
+        };
         let chunks = weight
             .chunks
             .iter()
@@ -780,11 +824,23 @@ impl Linear {
                         _p: [0; 3],
                     },
                 )?;
-                let bufs = [&params, step, x, &c.buffer, bias_buf, y];
+                let res = |k: &Kernel| {
+                    gpu.bind_resources(
+                        k,
+                        &[
+                            (0, params.as_entire_binding()),
+                            (1, step.as_entire_binding()),
+                            (2, x.as_entire_binding()),
+                            (3, c.resource()),
+                            (4, bias_buf.as_entire_binding()),
+                            (5, y.as_entire_binding()),
+                        ],
+                    )
+                };
                 Ok(ChunkBinding {
-                    gemv: gpu.bind(&gemv_k, &bufs),
-                    prefill: gpu.bind(&prefill_k, &bufs),
-                    batch: gpu.bind(&batch_k, &bufs),
+                    gemv: res(&gemv_k),
+                    prefill: res(&prefill_k),
+                    batch: res(&batch_k),
                     rows: c.rows as u32,
                     params,
                 })
@@ -1059,7 +1115,9 @@ mod tests {
                 dtype: bd,
                 shape: vec![n],
                 chunks: vec![crate::tensor::Chunk {
-                    buffer: gpu.storage_init("b", &bytes).unwrap(),
+                    storage: crate::tensor::ChunkStorage::Buffer(
+                        gpu.storage_init("b", &bytes).unwrap(),
+                    ),
                     row_start: 0,
                     rows: 1,
                 }],
@@ -1645,10 +1703,10 @@ mod timing {
                                 "const WG: u32 = {ROWS_WG}u;\nconst TB: u32 = {ROWS_PREFILL_TOKENS}u;\n"
                             );
                             let kern = lin
-                                .compile(g, "prefill.rows.before", &consts, true, SRC_GEMV_ROWS)
+                                .compile(g, "prefill.rows.before", &consts, Xw::Vec, SRC_GEMV_ROWS)
                                 .unwrap();
                             for (c, wc) in b.chunks.iter_mut().zip(&w.chunks) {
-                                let bufs = [&c.params, &step, &xb, &wc.buffer, &lin.dummy_bias, &yb];
+                                let bufs = [&c.params, &step, &xb, wc.buffer("w").unwrap(), &lin.dummy_bias, &yb];
                                 let bg = g.bind(&kern, &bufs);
                                 c.prefill = bg;
                             }

@@ -307,7 +307,10 @@ impl QLinear {
                 "linear weight `{name}` [{n}, {k}]: x or y cannot hold one token"
             )));
         }
-        let bias_buf = bias.map_or(&self.dummy_bias, |b| &b.chunks[0].buffer);
+        let bias_buf = match bias {
+            None => &self.dummy_bias,
+            Some(b) => b.chunks[0].buffer(&b.name)?,
+        };
         let chunks = weight
             .chunks
             .iter()
@@ -323,7 +326,7 @@ impl QLinear {
                         _p: [0; 3],
                     },
                 )?;
-                let bufs = [&params, step, x, &c.buffer, bias_buf, y];
+                let bufs = [&params, step, x, c.buffer(name)?, bias_buf, y];
                 Ok(QChunkBinding {
                     bind: gpu.bind(&self.gemv, &bufs),
                     bind_prefill: gpu.bind(&self.prefill, &bufs),
@@ -494,7 +497,7 @@ impl QEmbedding {
                     scale,
                 },
             )?;
-            groups.push(gpu.bind(&self.kernel, &[&p, step, ids, &c.buffer, y]));
+            groups.push(gpu.bind(&self.kernel, &[&p, step, ids, c.buffer(&table.name)?, y]));
             params.push(p);
         }
         Ok(QEmbeddingBinding {

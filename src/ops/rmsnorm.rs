@@ -211,7 +211,14 @@ mod tests {
         let step = gpu.uniform("step", &Step::new(n as u32, 0)).unwrap();
         let xb = gpu.storage_init("x", bytemuck::cast_slice(&x)).unwrap();
         let yb = gpu.storage("y", (n * width * 4) as u64);
-        let bg = op.bind(gpu, &params, &step, &xb, &wt.chunks[0].buffer, &yb);
+        let bg = op.bind(
+            gpu,
+            &params,
+            &step,
+            &xb,
+            wt.chunks[0].buffer("w").unwrap(),
+            &yb,
+        );
         let mut enc = gpu.encoder();
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
@@ -248,7 +255,14 @@ mod tests {
         let xl: Vec<f32> = x.iter().chain(&lo).copied().collect();
         let xb = gpu.storage_init("x", bytemuck::cast_slice(&xl)).unwrap();
         let yb = gpu.storage("y", (len * 4) as u64);
-        let bg = op.bind(gpu, &params, &step, &xb, &wt.chunks[0].buffer, &yb);
+        let bg = op.bind(
+            gpu,
+            &params,
+            &step,
+            &xb,
+            wt.chunks[0].buffer("w").unwrap(),
+            &yb,
+        );
         let mut enc = gpu.encoder();
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
@@ -285,7 +299,14 @@ mod tests {
         let step = gpu.uniform("step", &Step::new(n as u32, 0)).unwrap();
         let xb = gpu.storage_init("x", bytemuck::cast_slice(&x)).unwrap();
         let yb = gpu.storage("y", (n * heads * d * 4) as u64);
-        let bg = op.bind(gpu, &params, &step, &xb, &wt.chunks[0].buffer, &yb);
+        let bg = op.bind(
+            gpu,
+            &params,
+            &step,
+            &xb,
+            wt.chunks[0].buffer("w").unwrap(),
+            &yb,
+        );
         let mut enc = gpu.encoder();
         {
             let mut pass = enc.begin_compute_pass(&Default::default());

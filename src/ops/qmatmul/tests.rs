@@ -139,7 +139,7 @@ fn bias_tensor(gpu: &Gpu, n: usize, dt: WDType, seed: u64) -> (Vec<f32>, DeviceT
         dtype: dt,
         shape: vec![n],
         chunks: vec![crate::tensor::Chunk {
-            buffer: gpu.storage_init("b", &bytes).unwrap(),
+            storage: crate::tensor::ChunkStorage::Buffer(gpu.storage_init("b", &bytes).unwrap()),
             row_start: 0,
             rows: 1,
         }],
