@@ -77,6 +77,9 @@ pub enum ChunkStorage {
     Texture {
         texture: wgpu::Texture,
         view: wgpu::TextureView,
+        /// The chunk's own bytes (the last texel row is padded to
+        /// [`TEXTURE_WIDTH`] texels: up to 64 KiB more on the device).
+        data_bytes: u64,
     },
 }
 
@@ -116,8 +119,18 @@ impl Chunk {
         }
     }
 
-    /// Device bytes the chunk holds (padding included).
+    /// Bytes of weight data the chunk holds: what a kernel reads of it and
+    /// what the checkpoint holds (a buffer's size; a texture's data without
+    /// the padding of its last texel row, see [`Self::allocated_bytes`]).
     pub fn device_bytes(&self) -> u64 {
+        match &self.storage {
+            ChunkStorage::Buffer(b) => b.size(),
+            ChunkStorage::Texture { data_bytes, .. } => *data_bytes,
+        }
+    }
+
+    /// Bytes the device allocated for the chunk, padding included.
+    pub fn allocated_bytes(&self) -> u64 {
         match &self.storage {
             ChunkStorage::Buffer(b) => b.size(),
             ChunkStorage::Texture { texture, .. } => {
@@ -251,7 +264,11 @@ impl DeviceTensor {
                 let mut check_at = |off: usize, piece: &[u8]| check(start + off, piece);
                 let storage = if texture {
                     let (texture, view) = gpu.texture_streamed(name, data, &mut check_at, done)?;
-                    ChunkStorage::Texture { texture, view }
+                    ChunkStorage::Texture {
+                        texture,
+                        view,
+                        data_bytes: data.len() as u64,
+                    }
                 } else {
                     ChunkStorage::Buffer(gpu.storage_streamed(name, data, &mut check_at, done)?)
                 };
