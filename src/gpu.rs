@@ -269,10 +269,13 @@ impl WeightLayout {
     /// The `weights` shader decision when set, else the profile's: textures
     /// in the CPU-device profile, buffers in the GPU profile (on a GPU a
     /// storage load is one coalesced instruction and a decode GEMV is bound
-    /// by DRAM bandwidth; a texture reads no fewer bytes).
+    /// by DRAM bandwidth; a texture reads no fewer bytes). A `prefill=tiled`
+    /// decision without a `weights` one gets buffers, the only weights the
+    /// tiled matmul reads.
     pub fn for_adapter(caps: &Caps) -> Self {
         match caps.decisions.weights {
             Some(l) => l,
+            None if caps.decisions.prefill == Some(PrefillKernel::Tiled) => WeightLayout::Buffer,
             None if caps.kernels == KernelProfile::CpuDevice => WeightLayout::Texture,
             None => WeightLayout::Buffer,
         }
