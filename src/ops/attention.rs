@@ -1270,11 +1270,13 @@ mod tests {
         }
     }
 
-    /// Long KV under both profiles: GQA ratios 1, 3 and 7 at head_dim 64,
-    /// 128 and 256; decode at KV 3000 (the GPU profile's 32 splits, the row
-    /// kernel's 16), a 128-token prefill chunk ending
-    /// there, and a 700-token
-    /// window over the same cache.
+    /// Long KV under both profiles: GQA ratios 1, 3 and 7 over head_dim
+    /// 64, 128 and 256 (each ratio at two head_dims, each head_dim at two
+    /// ratios; the full 3 x 3 grid took a minute of CI on lavapipe for no
+    /// kernel path the pairs miss: the shorter head_dims_and_gqa_ratios
+    /// covers the grid); decode at KV 3000 (the GPU profile's 32 splits,
+    /// the row kernel's 16), a 128-token prefill chunk ending there, and a
+    /// 700-token window over the same cache.
     #[test]
     fn long_kv_profiles_gqa_and_head_dims() {
         let g = gpu();
@@ -1282,11 +1284,9 @@ mod tests {
         for &(nh, nkv, d) in &[
             (4usize, 4usize, 64usize),
             (9, 3, 64),
-            (7, 1, 64),
             (6, 2, 128),
             (14, 2, 128),
             (2, 2, 256),
-            (6, 2, 256),
             (7, 1, 256),
         ] {
             for att in profiles(g, d) {

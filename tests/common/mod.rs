@@ -302,3 +302,41 @@ pub fn real_gguf(name: &str) -> std::path::PathBuf {
         )
     })
 }
+
+/// The golden prompts a real-model greedy test runs: all of them, or the
+/// comma-separated names in `WGLLM_TEST_PROMPTS` (.ci/run's GPU-profile
+/// reruns on lavapipe take two of the five, where that profile's workgroup
+/// kernels cost about 1 s per token; the default run covers all five). A
+/// name that is not a golden prompt fails the test, so a typo cannot turn
+/// the test into one that checks nothing.
+pub fn selected_prompts<'a, P>(prompts: &'a [P], name: impl Fn(&P) -> &str) -> Vec<&'a P> {
+    let Ok(want) = std::env::var("WGLLM_TEST_PROMPTS") else {
+        return prompts.iter().collect();
+    };
+    let names: Vec<&str> = want
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    assert!(
+        !names.is_empty(),
+        "WGLLM_TEST_PROMPTS is set but names no prompt"
+    );
+    let known: Vec<&str> = prompts.iter().map(&name).collect();
+    for n in &names {
+        assert!(
+            known.contains(n),
+            "WGLLM_TEST_PROMPTS names `{n}`, which is not a golden prompt (have: {})",
+            known.join(", ")
+        );
+    }
+    eprintln!(
+        "WGLLM_TEST_PROMPTS: running {} of {} golden prompts",
+        names.len(),
+        known.len()
+    );
+    prompts
+        .iter()
+        .filter(|p| names.contains(&name(p)))
+        .collect()
+}
