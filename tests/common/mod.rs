@@ -309,7 +309,7 @@ pub fn real_gguf(name: &str) -> std::path::PathBuf {
 /// kernels cost about 1 s per token; the default run covers all five). A
 /// name that is not a golden prompt fails the test, so a typo cannot turn
 /// the test into one that checks nothing.
-pub fn selected_prompts<'a, P>(prompts: &'a [P], name: impl Fn(&P) -> &str) -> Vec<&'a P> {
+pub fn selected_prompts<P>(prompts: &[P], name: impl Fn(&P) -> &str) -> Vec<&P> {
     let Ok(want) = std::env::var("WGLLM_TEST_PROMPTS") else {
         return prompts.iter().collect();
     };
