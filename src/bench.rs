@@ -1491,15 +1491,10 @@ pub fn table(g: &Gpu, r: &BenchResult) -> String {
     );
     let _ = writeln!(s, "driver       {} {}", i.driver, i.driver_info);
     let _ = writeln!(s, "kernels      {}", g.kernels_desc());
+    // One line per tuned kernel, `weights` (the weight layout) first.
     for v in crate::tune::describe(g) {
         let _ = writeln!(s, "variant      {v}");
     }
-    let _ = writeln!(
-        s,
-        "variant      weights: weights={} ({})",
-        crate::gpu::weights_name(crate::gpu::WeightLayout::for_adapter(&g.caps)),
-        g.decision_source(crate::gpu::DecisionKey::Weights)
-    );
     let _ = writeln!(
         s,
         "model        {} ({}, {} layers, hidden {}, vocab {}, file {}, device {})",

@@ -1180,16 +1180,21 @@ impl Gpu {
     /// already built ones keep their kernels.)
     pub fn set_decisions(&mut self, d: &Decisions, source: &str) {
         for (k, v) in d.entries() {
-            let forced = self.decision_sources.iter().any(|(key, by)| {
-                *key == k && (by == "WGLLM_DECISIONS" || by == "GpuOptions::decisions")
-            });
-            if forced {
+            if self.decision_forced(k) {
                 continue;
             }
             self.caps.decisions.set(k, &v).expect("a value get() wrote");
             self.decision_sources.retain(|(key, _)| *key != k);
             self.decision_sources.push((k, source.to_string()));
         }
+    }
+
+    /// Decision `k` was forced by options or `WGLLM_DECISIONS` (no cache,
+    /// tuning run or fallback changes it).
+    pub fn decision_forced(&self, k: DecisionKey) -> bool {
+        self.decision_sources.iter().any(|(key, by)| {
+            *key == k && (by == "WGLLM_DECISIONS" || by == "GpuOptions::decisions")
+        })
     }
 
     /// What set decision `k` ("profile" when nothing did).

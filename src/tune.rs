@@ -8,6 +8,12 @@
 //! cache entry, or `wgllm tune`, pays for a tuning run ([`prepare`]).
 //!
 //! Tuned kernels and their candidates ([`candidates`]):
+//! - `weights`: the dense bf16 weight layout (`weights=buffer|texture`,
+//!   [`WeightLayout`]), timed as the decode step's linears (GEMV, with the
+//!   lm_head) plus the prefill pass's linears per prompt token, each on
+//!   weights uploaded in the candidate's layout. First, because `gemv` and
+//!   `prefill` are then timed on the layout it chose (a fixture's weights
+//!   are always in the layout the candidate's decisions give the model).
 //! - `gemv`: the decode GEMV (`gemv`, `gemv_rows_wg`), timed over every
 //!   distinct Linear shape of a decoder layer and the lm_head, weighted by
 //!   how often a decode step runs it. The fused q/k/v and gate/up decode
@@ -32,8 +38,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::gpu::{
-    attention_name, gemv_name, prefill_name, AttentionKernel, DecisionKey, Decisions, Gpu,
-    GpuOptions, LinearVariant, PrefillKernel, Step, TuneMode,
+    attention_name, gemv_name, prefill_name, weights_name, AttentionKernel, DecisionKey, Decisions,
+    Gpu, GpuOptions, LinearVariant, PrefillKernel, Step, TuneMode, WeightLayout, TEXTURE_WIDTH,
 };
 use crate::ops::argmax::Argmax;
 use crate::ops::attention::{Attention, Params as AttnParams, Shape};
@@ -65,11 +71,12 @@ pub const CACHE_FILE: &str = "tune.json";
 const FORMAT: &str = "wgllm-tune-1";
 
 /// The tuned kernels, in the order they are tuned and printed.
-pub const KERNELS: [&str; 4] = ["gemv", "prefill", "attention", "argmax"];
+pub const KERNELS: [&str; 5] = ["weights", "gemv", "prefill", "attention", "argmax"];
 
 /// The decisions a tuned kernel sets.
 pub fn kernel_keys(kernel: &str) -> &'static [DecisionKey] {
     match kernel {
+        "weights" => &[DecisionKey::Weights],
         "gemv" => &[DecisionKey::Gemv, DecisionKey::GemvRowsWg],
         "prefill" => &[DecisionKey::Prefill, DecisionKey::PrefillTile],
         "attention" => &[
@@ -152,6 +159,7 @@ impl ModelShapes {
             format!("{dt} layers {} {}", self.layers, v.join(" "))
         };
         match kernel {
+            "weights" => format!("{} tokens {PREFILL_TOKENS}", lin()),
             "gemv" => lin(),
             "prefill" => format!("{} tokens {PREFILL_TOKENS}", lin_layers()),
             "attention" => format!(
@@ -317,6 +325,13 @@ pub fn candidates(gpu: &Gpu, kernel: &str) -> Vec<Decisions> {
         }
     };
     match kernel {
+        "weights" => {
+            push(current_decisions(gpu, kernel));
+            push(weights_only(WeightLayout::Buffer));
+            if texture_weights_readable(gpu) {
+                push(weights_only(WeightLayout::Texture));
+            }
+        }
         "gemv" => {
             push(current_decisions(gpu, kernel));
             for wg in [32, 64, 128, 256] {
@@ -385,6 +400,81 @@ pub fn candidates(gpu: &Gpu, kernel: &str) -> Vec<Decisions> {
         _ => {}
     }
     out
+}
+
+fn weights_only(l: WeightLayout) -> Decisions {
+    Decisions {
+        weights: Some(l),
+        ..Default::default()
+    }
+}
+
+/// The texture layout is a candidate where the adapter holds a texture row
+/// of [`TEXTURE_WIDTH`] texels (`max_texture_dimension_2d`; rgba32uint with
+/// TEXTURE_BINDING and `textureLoad` are core WebGPU) and every linear
+/// kernel the device runs now reads textures: every GEMV variant and the
+/// row-block prefill do (the texture form of `matmul_xw_vec.wgsl`), the
+/// tiled prefill (the GPU profile's default) reads buffers only, so there
+/// texture is offered only with `prefill=rows` decided.
+fn texture_weights_readable(gpu: &Gpu) -> bool {
+    gpu.device.limits().max_texture_dimension_2d >= TEXTURE_WIDTH
+        && PrefillKernel::for_adapter(&gpu.caps) == PrefillKernel::RowBlocks
+}
+
+/// Why `gpu`'s decisions cannot run together, when they cannot: a
+/// `weights=texture` decision with a `prefill=tiled` one (the tiled matmul
+/// reads weights from buffers only; without a weights decision a tiled
+/// prefill gets buffers, [`WeightLayout::for_adapter`]).
+pub fn conflict(gpu: &Gpu) -> Option<String> {
+    conflict_in(gpu, &Decisions::default())
+}
+
+/// [`conflict`] while `cand`, a tuning candidate laid over the device's
+/// decisions, is timed (its decisions are named as the candidate's).
+fn conflict_in(gpu: &Gpu, cand: &Decisions) -> Option<String> {
+    let caps = &gpu.caps;
+    let by = |k: DecisionKey| {
+        if cand.get(k).is_some() {
+            "candidate"
+        } else {
+            gpu.decision_source(k)
+        }
+    };
+    (WeightLayout::for_adapter(caps) == WeightLayout::Texture
+        && PrefillKernel::for_adapter(caps) == PrefillKernel::Tiled)
+        .then(|| {
+            format!(
+                "weights=texture ({}) and prefill=tiled ({}) cannot run together: the tiled \
+                 prefill matmul reads weights from buffers only",
+                by(DecisionKey::Weights),
+                by(DecisionKey::Prefill)
+            )
+        })
+}
+
+/// Settle a [`conflict`] left by the cache (an old cache, a hand edit, or
+/// a kernel tuned against another's cached choice): `weights=buffer` unless
+/// the weights decision is forced, else `prefill=rows` unless that one is
+/// forced. Returns the warning and the kernel changed; `None` when there
+/// is no conflict or both are forced (the user's own mix: the model load
+/// then names the tensor and the fix).
+fn settle_conflict(gpu: &mut Gpu) -> Option<(String, &'static str)> {
+    let why = conflict(gpu)?;
+    let (fix, kernel) = if !gpu.decision_forced(DecisionKey::Weights) {
+        (weights_only(WeightLayout::Buffer), "weights")
+    } else if !gpu.decision_forced(DecisionKey::Prefill) {
+        (
+            Decisions {
+                prefill: Some(PrefillKernel::RowBlocks),
+                ..Default::default()
+            },
+            "prefill",
+        )
+    } else {
+        return None;
+    };
+    gpu.set_decisions(&fix, "fallback");
+    Some((format!("{why}; falling back to {fix}"), kernel))
 }
 
 fn gemv_only(v: LinearVariant) -> Decisions {
@@ -570,11 +660,17 @@ fn noise(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
-/// The weights and activations the linear timings run on, built once per
-/// tuned kernel and shared by its candidates.
-struct LinearFixture {
+/// The weights and activations the linear timings run on, shared by the
+/// candidates of a tuned kernel that give the same weight layout. Its
+/// weights are uploaded in the layout the model's would get under the
+/// device's decisions when it is built ([`WeightLayout::for_tensor`]), so a
+/// candidate is timed on the weights it would run on.
+pub struct LinearFixture {
     step: wgpu::Buffer,
     tokens: u32,
+    /// The device's layout ([`WeightLayout::for_adapter`]) it was built
+    /// under.
+    layout: WeightLayout,
     /// Per shape: rows timed, the full row count, how often a step runs it,
     /// and copies of the weight (cycled through) with their x and y.
     shapes: Vec<LinearShape>,
@@ -593,7 +689,7 @@ impl LinearFixture {
     /// The decode GEMV (`tokens` 1) cycles through copies of each weight
     /// and includes the lm_head; the prefill matmul (compute-bound, and the
     /// head runs on one row there) uses one copy of each layer weight.
-    fn new(gpu: &Gpu, s: &ModelShapes, tokens: u32) -> Result<Self> {
+    pub fn new(gpu: &Gpu, s: &ModelShapes, tokens: u32) -> Result<Self> {
         let es = s.wdtype.bytes_per_elem();
         let decode = tokens == 1;
         let mut all: Vec<(usize, usize, f64)> = s
@@ -617,8 +713,9 @@ impl LinearFixture {
                 WDType::Bf16 => crate::tensor::f32_to_bf16_bytes(&wdata),
                 WDType::F32 => bytemuck::cast_slice(&wdata).to_vec(),
             };
+            let layout = WeightLayout::for_tensor(&gpu.caps, s.wdtype == WDType::Bf16, &[n, k]);
             let weights = (0..copies)
-                .map(|_| DeviceTensor::upload(gpu, "tune.w", s.wdtype, &[n, k], &bytes))
+                .map(|_| DeviceTensor::upload_as(gpu, "tune.w", s.wdtype, &[n, k], &bytes, layout))
                 .collect::<Result<Vec<_>>>()?;
             let x = gpu.storage_init(
                 "tune.x",
@@ -638,13 +735,33 @@ impl LinearFixture {
         Ok(LinearFixture {
             step: gpu.uniform("tune.step", &Step::new(tokens, 0))?,
             tokens,
+            layout: WeightLayout::for_adapter(&gpu.caps),
             shapes,
         })
     }
 
+    /// The device layout it was built under.
+    pub fn layout(&self) -> WeightLayout {
+        self.layout
+    }
+
+    /// Tokens of its timed runs (1: the decode GEMV).
+    pub fn tokens(&self) -> u32 {
+        self.tokens
+    }
+
+    /// The layout of every weight it uploaded, one per distinct shape (the
+    /// lm_head last in a decode fixture).
+    pub fn weight_layouts(&self) -> Vec<WeightLayout> {
+        self.shapes
+            .iter()
+            .flat_map(|sh| sh.weights.iter().map(DeviceTensor::layout))
+            .collect()
+    }
+
     /// Seconds of one decode step's (or one prefill pass's) linears with
     /// `gpu`'s current decisions.
-    fn time(&self, gpu: &Gpu, wdtype: WDType, path: LinearPath) -> Result<(f64, &'static str)> {
+    pub fn time(&self, gpu: &Gpu, wdtype: WDType, path: LinearPath) -> Result<(f64, &'static str)> {
         let lin = Linear::new(gpu, wdtype, false)?;
         let mut total = 0.0;
         let mut clock = "gpu timestamps";
@@ -713,16 +830,83 @@ fn time_argmax(gpu: &Gpu, s: &ModelShapes) -> Result<(f64, &'static str)> {
     .map(|(t, c)| (t / 8.0, c))
 }
 
-/// Seconds of `kernel` on `gpu` with its current decisions.
+/// Tokens of the linear fixtures `kernel`'s timing runs on.
+fn fixture_tokens(kernel: &str) -> &'static [u32] {
+    match kernel {
+        "weights" => &[1, PREFILL_TOKENS],
+        "gemv" => &[1],
+        "prefill" => &[PREFILL_TOKENS],
+        _ => &[],
+    }
+}
+
+/// The linear fixtures a candidate runs on: those of `kernel` in the
+/// layout `gpu`'s decisions give now, built when `have` holds another
+/// layout's (which are dropped first: one layout's weights at a time).
+fn fixtures_for<'a>(
+    gpu: &Gpu,
+    kernel: &str,
+    s: &ModelShapes,
+    have: &'a mut Vec<LinearFixture>,
+) -> Result<&'a [LinearFixture]> {
+    let layout = WeightLayout::for_adapter(&gpu.caps);
+    let want = fixture_tokens(kernel);
+    let fits = have.len() == want.len()
+        && have
+            .iter()
+            .zip(want)
+            .all(|(f, &t)| f.layout == layout && f.tokens == t);
+    if !fits {
+        have.clear();
+        for &t in want {
+            match LinearFixture::new(gpu, s, t) {
+                Ok(f) => have.push(f),
+                Err(e) => {
+                    have.clear();
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(have)
+}
+
+/// Seconds of `kernel` on `gpu` with its current decisions, the linear
+/// ones on `fixtures` ([`fixtures_for`]).
 fn time_kernel(
     gpu: &Gpu,
     kernel: &str,
     s: &ModelShapes,
-    fixture: Option<&LinearFixture>,
+    fixtures: &[LinearFixture],
 ) -> Result<(f64, &'static str)> {
-    match (kernel, fixture) {
-        ("gemv", Some(f)) => f.time(gpu, s.wdtype, LinearPath::Gemv),
-        ("prefill", Some(f)) => f.time(gpu, s.wdtype, LinearPath::Prefill),
+    match (kernel, fixtures) {
+        ("weights", [decode, prefill]) => {
+            if gpu.caps.decisions.weights == Some(WeightLayout::Texture)
+                && !decode
+                    .weight_layouts()
+                    .into_iter()
+                    .chain(prefill.weight_layouts())
+                    .any(|l| l == WeightLayout::Texture)
+            {
+                return Err(Error::invalid(
+                    "no linear weight of this model takes the texture layout (it holds 2D bf16 \
+                     weights with k % 8 == 0 only)",
+                ));
+            }
+            // Per token of both phases: a decode step's linears (the GEMV
+            // over every layer and the lm_head) plus a prefill pass's
+            // linears divided by its tokens, so a prompt token and a
+            // generated token weigh alike. Decode alone would ignore that
+            // the layout also changes the prefill kernel's reads (a chat
+            // turn's prompt is often as long as its answer); whole passes
+            // would let the 64-token prefill outweigh decode 64 to 1.
+            let (g, c1) = decode.time(gpu, s.wdtype, LinearPath::Gemv)?;
+            let (p, c2) = prefill.time(gpu, s.wdtype, LinearPath::Prefill)?;
+            let clock = if c1 == c2 { c1 } else { "wall clock" };
+            Ok((g + p / f64::from(PREFILL_TOKENS), clock))
+        }
+        ("gemv", [f]) => f.time(gpu, s.wdtype, LinearPath::Gemv),
+        ("prefill", [f]) => f.time(gpu, s.wdtype, LinearPath::Prefill),
         ("attention", _) => time_attention(gpu, s),
         ("argmax", _) => time_argmax(gpu, s),
         _ => Err(Error::invalid(format!("tune: no kernel '{kernel}'"))),
@@ -736,11 +920,16 @@ fn time_kernel(
 pub struct KernelReport {
     pub kernel: &'static str,
     pub shape: String,
-    /// `tuner`, `cache` or `profile`.
+    /// `tuner`, `cache`, `profile` or `fallback` (a cached choice another
+    /// kernel's contradicted, [`conflict`]).
     pub source: &'static str,
     pub choice: Decisions,
     /// The candidates' milliseconds, or why one failed (tuner only).
     pub candidates: Vec<(Decisions, std::result::Result<f64, String>)>,
+    /// For each candidate of a linear kernel (`weights`, `gemv`,
+    /// `prefill`) whose fixtures were built, the weight layout its
+    /// decisions gave them (tuner only).
+    pub layouts: Vec<(Decisions, WeightLayout)>,
     pub clock: &'static str,
 }
 
@@ -759,28 +948,22 @@ pub struct TuneReport {
 pub fn tune_kernel(gpu: &mut Gpu, kernel: &'static str, s: &ModelShapes) -> KernelReport {
     let saved = gpu.caps.decisions;
     let mut timed = Vec::new();
+    let mut layouts = Vec::new();
     let mut clock = "gpu timestamps";
-    let fixture = match kernel {
-        "gemv" => Some(LinearFixture::new(gpu, s, 1)),
-        "prefill" => Some(LinearFixture::new(gpu, s, PREFILL_TOKENS)),
-        _ => None,
-    };
-    let fixture = match fixture.transpose() {
-        Ok(f) => f,
-        Err(e) => {
-            return KernelReport {
-                kernel,
-                shape: s.key(kernel),
-                source: "profile",
-                choice: current_decisions(gpu, kernel),
-                candidates: vec![(current_decisions(gpu, kernel), Err(e.to_string()))],
-                clock,
-            }
-        }
-    };
+    let mut fixtures = Vec::new();
     for cand in candidates(gpu, kernel) {
         gpu.caps.decisions = saved.overlaid(&cand);
-        let r = time_kernel(gpu, kernel, s, fixture.as_ref());
+        // A candidate that contradicts a decision already made (prefill=
+        // tiled under weights=texture) is not run.
+        let r = match conflict_in(gpu, &cand) {
+            Some(why) => Err(Error::invalid(format!("not run: {why}"))),
+            None => fixtures_for(gpu, kernel, s, &mut fixtures).and_then(|f| {
+                if let Some(first) = f.first() {
+                    layouts.push((cand, first.layout()));
+                }
+                time_kernel(gpu, kernel, s, f)
+            }),
+        };
         // A failed candidate leaves nothing behind for the next one.
         let health = gpu.check_health();
         let r = match (r, health) {
@@ -807,6 +990,7 @@ pub fn tune_kernel(gpu: &mut Gpu, kernel: &'static str, s: &ModelShapes) -> Kern
         source: "tuner",
         choice,
         candidates: timed,
+        layouts,
         clock,
     }
 }
@@ -875,6 +1059,7 @@ pub fn prepare_with_progress(
                 source: "cache",
                 choice: d,
                 candidates: Vec::new(),
+                layouts: Vec::new(),
                 clock: "",
             });
             progress(report.kernels.last().expect("just pushed"));
@@ -887,6 +1072,7 @@ pub fn prepare_with_progress(
                 source: "profile",
                 choice: current_decisions(gpu, kernel),
                 candidates: Vec::new(),
+                layouts: Vec::new(),
                 clock: "",
             });
             progress(report.kernels.last().expect("just pushed"));
@@ -912,6 +1098,22 @@ pub fn prepare_with_progress(
         dirty = true;
         progress(&r);
         report.kernels.push(r);
+    }
+    // A profile choice reported before a later kernel's cached or tuned
+    // one changed it (weights under a cached prefill=tiled) reads as run.
+    for k in report.kernels.iter_mut().filter(|k| k.source == "profile") {
+        k.choice = current_decisions(gpu, k.kernel);
+    }
+    // Each kernel's entry is checked on its own above; together a weights
+    // and a prefill choice can still contradict each other.
+    if let Some((w, kernel)) = settle_conflict(gpu) {
+        report
+            .warnings
+            .push(format!("tune cache {}: {w}", path.display()));
+        if let Some(k) = report.kernels.iter_mut().find(|k| k.kernel == kernel) {
+            k.choice = current_decisions(gpu, kernel);
+            k.source = "fallback";
+        }
     }
     if dirty {
         cache.save(path)?;
@@ -996,9 +1198,15 @@ pub fn format_kernel(k: &KernelReport) -> String {
     let _ = writeln!(s, "{} [{}]", k.kernel, k.shape);
     for (d, t) in &k.candidates {
         let mark = if *d == k.choice { " <- chosen" } else { "" };
+        // The layout a linear candidate was timed on, when its decisions
+        // do not say it.
+        let on = match k.layouts.iter().find(|(c, _)| c == d) {
+            Some((_, l)) if d.weights.is_none() => format!(" (on {} weights)", weights_name(*l)),
+            _ => String::new(),
+        };
         match t {
             Ok(ms) => {
-                let _ = writeln!(s, "  {ms:>10.3} ms  {d}{mark}");
+                let _ = writeln!(s, "  {ms:>10.3} ms  {d}{on}{mark}");
             }
             Err(e) => {
                 let _ = writeln!(s, "      failed  {d}: {e}");

@@ -11,8 +11,8 @@ use std::process::Output;
 use common::{fixture, text};
 
 use wgllm::gpu::{
-    AttentionKernel, DecisionKey, Decisions, Gpu, GpuOptions, LinearVariant, PrefillKernel,
-    TuneMode,
+    AttentionKernel, DecisionKey, Decisions, Gpu, GpuOptions, KernelChoice, KernelProfile,
+    LinearVariant, PrefillKernel, TuneMode, WeightLayout,
 };
 use wgllm::tensor::WDType;
 use wgllm::tune::{self, AdapterKey, Cache, Entry, ModelShapes};
@@ -189,8 +189,10 @@ fn cached_choices_are_used_by_the_ops() {
     let path = dir.path().join("tune.json");
     let probe = gpu();
     let a = AdapterKey::of(&probe);
-    // Choices that differ from both profiles' defaults.
+    // Choices that differ from both profiles' defaults (but weights: a
+    // tiled prefill reads buffers only).
     let mut c = Cache::default();
+    c.put(entry(&a, "weights", &s.key("weights"), "weights=buffer"));
     c.put(entry(
         &a,
         "gemv",
@@ -232,6 +234,7 @@ fn cached_choices_are_used_by_the_ops() {
         "{desc}"
     );
     assert!(desc.contains("argmax: argmax_wg=128 (cache)"), "{desc}");
+    assert!(desc.contains("weights: weights=buffer (cache)"), "{desc}");
 
     // off: the cache is not read.
     let mut off = gpu();
@@ -274,7 +277,19 @@ fn tuning_run_writes_a_cache_the_next_load_reads() {
     assert_eq!(r.kernels.len(), tune::KERNELS.len());
     for k in &r.kernels {
         assert_eq!(k.source, "tuner");
-        assert!(k.candidates.len() >= 2, "{}: {:?}", k.kernel, k.candidates);
+        // (weights has one candidate, buffer, where the device's kernels
+        // cannot read textures: the GPU profile's tiled prefill.)
+        let least = if k.kernel == "weights" && g.caps.kernels == KernelProfile::Gpu {
+            1
+        } else {
+            2
+        };
+        assert!(
+            k.candidates.len() >= least,
+            "{}: {:?}",
+            k.kernel,
+            k.candidates
+        );
         // The profile's default is always a candidate, and it runs here.
         let first = &k.candidates[0];
         assert!(first.1.is_ok(), "{}: {:?}", k.kernel, first);
@@ -303,6 +318,302 @@ fn tuning_run_writes_a_cache_the_next_load_reads() {
         .iter()
         .all(|k| k.source == "cache" && k.candidates.is_empty()));
     assert_eq!(again.caps.decisions, g.caps.decisions);
+}
+
+/// A device with `profile` forced and `decisions` (options: they stay
+/// forced) or none.
+fn gpu_with(profile: KernelProfile, decisions: &str) -> Gpu {
+    Gpu::new(&GpuOptions {
+        kernels: Some(KernelChoice::Force(profile)),
+        decisions: Some(decisions.parse().unwrap()),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// A linear fixture's weights are in the layout the device's decisions
+/// give the model's (the CPU profile's textures, not always buffers), and
+/// each tuned candidate is timed on the layout its own decisions give: a
+/// tiled prefill without a weights decision on buffers, and not at all
+/// (a failed candidate saying why) under weights=texture.
+#[test]
+fn linear_fixtures_use_the_layout_the_decisions_give() {
+    let s = shapes();
+    for (decisions, want) in [
+        ("", WeightLayout::Texture),
+        ("weights=buffer", WeightLayout::Buffer),
+        ("prefill=tiled", WeightLayout::Buffer),
+        ("weights=texture,prefill=rows", WeightLayout::Texture),
+    ] {
+        let g = gpu_with(KernelProfile::CpuDevice, decisions);
+        for tokens in [1, tune::PREFILL_TOKENS] {
+            let f = tune::LinearFixture::new(&g, &s, tokens).unwrap();
+            assert_eq!(f.layout(), want, "{decisions:?}");
+            let l = f.weight_layouts();
+            // Every linear of the fixture has k % 8 == 0 (64, 160).
+            assert!(
+                !l.is_empty() && l.iter().all(|x| *x == want),
+                "{decisions:?}: {l:?}"
+            );
+        }
+    }
+    // The GPU profile keeps buffers.
+    let g = gpu_with(KernelProfile::Gpu, "");
+    let f = tune::LinearFixture::new(&g, &s, 1).unwrap();
+    assert!(f
+        .weight_layouts()
+        .iter()
+        .all(|x| *x == WeightLayout::Buffer));
+
+    let mut g = gpu_with(KernelProfile::CpuDevice, "");
+    let r = tune::tune_kernel(&mut g, "prefill", &s);
+    let mut tiled = 0;
+    for (d, t) in &r.candidates {
+        let (_, l) = r.layouts.iter().find(|(c, _)| c == d).expect("timed");
+        let want = if d.prefill == Some(PrefillKernel::Tiled) {
+            tiled += 1;
+            WeightLayout::Buffer
+        } else {
+            WeightLayout::Texture
+        };
+        assert_eq!(*l, want, "{d}");
+        assert!(t.is_ok(), "{d}: {t:?}");
+    }
+    assert!(tiled > 0, "{:?}", r.candidates);
+
+    // With weights=texture decided (a tuner's choice), the tiled candidates
+    // are not run and say why; the row-block ones run on textures.
+    g.set_decisions(&"weights=texture".parse().unwrap(), "tuner");
+    let r = tune::tune_kernel(&mut g, "prefill", &s);
+    for (d, t) in &r.candidates {
+        if d.prefill == Some(PrefillKernel::Tiled) {
+            let e = t.as_ref().unwrap_err();
+            assert!(
+                e.contains("not run")
+                    && e.contains("weights=texture (tuner)")
+                    && e.contains("prefill=tiled (candidate)")
+                    && e.contains("buffers only"),
+                "{d}: {e}"
+            );
+        } else {
+            assert!(t.is_ok(), "{d}: {t:?}");
+            assert!(r.layouts.contains(&(*d, WeightLayout::Texture)), "{d}");
+        }
+    }
+    assert_ne!(r.choice.prefill, Some(PrefillKernel::Tiled));
+}
+
+/// The `weights` kernel: buffer and texture where the profile's kernels
+/// read textures (the CPU profile; the GPU profile only with prefill=rows,
+/// its tiled prefill reads buffers only), the current choice first; each
+/// candidate timed on weights in its own layout; f32 weights never take
+/// textures, so that candidate fails saying so.
+#[test]
+fn weights_kernel_candidates_per_profile() {
+    let s = shapes();
+    let w = |l: &str| -> Decisions { format!("weights={l}").parse().unwrap() };
+    assert_eq!(tune::KERNELS[0], "weights");
+    assert_eq!(tune::kernel_keys("weights"), &[DecisionKey::Weights]);
+    for (profile, decisions, want) in [
+        (
+            KernelProfile::CpuDevice,
+            "",
+            vec![w("texture"), w("buffer")],
+        ),
+        (
+            KernelProfile::CpuDevice,
+            "weights=buffer",
+            vec![w("buffer"), w("texture")],
+        ),
+        (KernelProfile::CpuDevice, "prefill=tiled", vec![w("buffer")]),
+        (KernelProfile::Gpu, "", vec![w("buffer")]),
+        (
+            KernelProfile::Gpu,
+            "prefill=rows",
+            vec![w("buffer"), w("texture")],
+        ),
+    ] {
+        let mut g = gpu_with(profile, decisions);
+        assert_eq!(
+            tune::candidates(&g, "weights"),
+            want,
+            "{profile:?} {decisions:?}"
+        );
+        if want.len() < 2 {
+            continue;
+        }
+        let r = tune::tune_kernel(&mut g, "weights", &s);
+        print!("{}", tune::format_kernel(&r));
+        for (d, t) in &r.candidates {
+            assert!(t.is_ok(), "{profile:?} {decisions:?} {d}: {t:?}");
+            assert!(
+                r.layouts.contains(&(*d, d.weights.unwrap())),
+                "{profile:?} {d}: {:?}",
+                r.layouts
+            );
+        }
+        assert!(want.contains(&r.choice));
+    }
+    let f32_shapes = ModelShapes {
+        wdtype: WDType::F32,
+        ..shapes()
+    };
+    let mut g = gpu_with(KernelProfile::CpuDevice, "");
+    let r = tune::tune_kernel(&mut g, "weights", &f32_shapes);
+    let (_, t) = r
+        .candidates
+        .iter()
+        .find(|(d, _)| *d == w("texture"))
+        .unwrap();
+    assert!(t.as_ref().unwrap_err().contains("texture layout"), "{t:?}");
+    assert_eq!(r.choice, w("buffer"));
+}
+
+/// Model load options for a fixture as bf16 (the texture layout holds bf16
+/// only).
+fn bf16_opts() -> wgllm::model::ModelOptions {
+    wgllm::model::ModelOptions {
+        max_context: Some(32),
+        dtype: wgllm::loader::LoadDType::Bf16,
+        ..Default::default()
+    }
+}
+
+/// Every dense 2D weight of `m` (the embedding, each layer's linears).
+fn layouts_of(m: &wgllm::model::Model) -> Vec<WeightLayout> {
+    let w = &m.weights;
+    let mut v = vec![w.embed.dense().unwrap().layout()];
+    for l in &w.layers {
+        for t in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+            v.push(t.dense().unwrap().layout());
+        }
+    }
+    v
+}
+
+/// A cached weights choice is applied at load and the model's tensors
+/// follow it; `describe` (bench's `variant` lines) says so.
+#[test]
+fn cached_weights_choice_reaches_the_model() {
+    let s = shapes();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tune.json");
+    // The CPU profile's default is texture: buffer shows the cache won, and
+    // texture that a cached texture is honoured.
+    for layout in [WeightLayout::Buffer, WeightLayout::Texture] {
+        let name = wgllm::gpu::weights_name(layout);
+        let mut g = gpu_with(KernelProfile::CpuDevice, "");
+        let mut c = Cache::default();
+        c.put(entry(
+            &AdapterKey::of(&g),
+            "weights",
+            &s.key("weights"),
+            &format!("weights={name}"),
+        ));
+        c.save(&path).unwrap();
+        let r = tune::prepare_with(&mut g, &s, TuneMode::Cache, false, &path).unwrap();
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        assert_eq!(g.caps.decisions.weights, Some(layout));
+        let desc = tune::describe(&g);
+        assert_eq!(
+            desc[0],
+            format!("weights: weights={name} (cache)"),
+            "{desc:?}"
+        );
+        let m = wgllm::model::Model::load(
+            std::sync::Arc::new(g),
+            &fixture("qwen2_bias_tied"),
+            &bf16_opts(),
+        )
+        .unwrap();
+        let l = layouts_of(&m);
+        assert!(l.iter().all(|x| *x == layout), "{name}: {l:?}");
+    }
+}
+
+/// A cache holding weights=texture and prefill=tiled (an old cache or a
+/// hand edit; each entry valid alone) must not make the load fail: a
+/// warning naming both and the fallback, weights=buffer (or prefill=rows
+/// when weights=texture is forced), and the model loads and runs.
+#[test]
+fn inconsistent_cache_falls_back_with_a_warning() {
+    let s = shapes();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tune.json");
+    let probe = gpu_with(KernelProfile::CpuDevice, "");
+    let a = AdapterKey::of(&probe);
+    drop(probe);
+    let mut c = Cache::default();
+    c.put(entry(&a, "weights", &s.key("weights"), "weights=texture"));
+    c.put(entry(
+        &a,
+        "prefill",
+        &s.key("prefill"),
+        "prefill=tiled,prefill_tile=16",
+    ));
+    c.save(&path).unwrap();
+    for (forced, want_weights, want_prefill, fix) in [
+        (
+            "",
+            WeightLayout::Buffer,
+            PrefillKernel::Tiled,
+            "falling back to weights=buffer",
+        ),
+        (
+            "weights=texture",
+            WeightLayout::Texture,
+            PrefillKernel::RowBlocks,
+            "falling back to prefill=rows",
+        ),
+    ] {
+        let mut g = gpu_with(KernelProfile::CpuDevice, forced);
+        let r = tune::prepare_with(&mut g, &s, TuneMode::Cache, false, &path).unwrap();
+        let w = r.warnings.join(
+            "
+",
+        );
+        assert!(
+            w.contains("tune.json")
+                && w.contains("weights=texture")
+                && w.contains("prefill=tiled (cache)")
+                && w.contains(fix),
+            "{forced:?}: {w}"
+        );
+        assert_eq!(
+            WeightLayout::for_adapter(&g.caps),
+            want_weights,
+            "{forced:?}"
+        );
+        assert_eq!(
+            PrefillKernel::for_adapter(&g.caps),
+            want_prefill,
+            "{forced:?}"
+        );
+        let changed = if forced.is_empty() {
+            "weights"
+        } else {
+            "prefill"
+        };
+        let k = r.kernels.iter().find(|k| k.kernel == changed).unwrap();
+        assert_eq!(k.source, "fallback");
+        assert!(tune::describe(&g)
+            .iter()
+            .any(|d| d.starts_with(changed) && d.contains("(fallback)")));
+        assert!(tune::conflict(&g).is_none());
+        let mut m = wgllm::model::Model::load(
+            std::sync::Arc::new(g),
+            &fixture("qwen2_bias_tied"),
+            &bf16_opts(),
+        )
+        .unwrap();
+        assert!(
+            layouts_of(&m).iter().all(|x| *x == want_weights),
+            "{forced:?}"
+        );
+        // A prefill (several tokens) and a decode step run.
+        let t = m.forward_next(&[1, 2, 3, 4]).unwrap();
+        m.forward_next(&[t]).unwrap();
+    }
 }
 
 /// Mixes of decisions no profile makes (with both profiles under them).
