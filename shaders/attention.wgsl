@@ -54,10 +54,22 @@
 // reads about `window` K/V rows whatever the context length. (Only the
 // leading partial block is masked.)
 //
-// Precision: scores are f32 dot products of d terms (vec4 dot, then a
-// running f32 sum over d/4 terms), the running max keeps every exp argument
-// <= 0, so exp never overflows and each weight carries the relative error of
-// its score times |score - max|; the sums l and acc are f32 running sums over
+// Precision: a score is d/4 vec4 dots added with TwoSum (common.wgsl's
+// two_sum, whose opaque zero survives a reassociating compiler), so it is
+// (qk, qe) with qk + qe exact but for the vec4 dots' own roundings: error
+// ~3u·Σ|q_i k_i| (u = 2^-24), where the running f32 sum it replaces had
+// ~(d/4 + 2)u·Σ|q_i k_i|. The error term joins the exp argument,
+// exp((qk·scale - max) + qe·scale), so a weight is not limited by the
+// rounding of its score to f32 either: exp turns a score's absolute error
+// into the weight's relative error, and scores reach the hundreds (Qwen2.5,
+// one ulp there = 3e-5; issue #14, BENCHMARKS.md "Attention scores as (hi,
+// lo)"). scale is applied to both halves (exact for a power of two, as at
+// d = 64 and 256; else one more rounding of ~u·|score|). The max is taken
+// over qk alone: an exp argument can then exceed 0 by ~u·|qe|, harmless.
+// Cost: 6 flops and 2 xors per vec4 dot, one add per weight. The running
+// max keeps every exp argument <= 0 (to that ~u), so exp never overflows and
+// each weight carries the relative error of its score times |score - max|;
+// the sums l and acc are f32 running sums over
 // at most BLK / G positions per invocation, then G partials, then SPLITS
 // partials in the combine: a blocked (pairwise-like) order whose rounding
 // grows like the number of terms per level, not the total length.
@@ -163,6 +175,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     for (var b = sb0; b < sb1; b++) {
         let start = b * BLK;
         var s: array<f32, 64>; // MAX_PPI * MAXH
+        var se: array<f32, 64>; // the scores' error terms, as s
         var lm: array<f32, MAXH>;
         for (var r = 0u; r < HPW; r++) {
             lm[r] = NEG;
@@ -170,19 +183,26 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         for (var u = 0u; u < PPI; u++) {
             let j = start + u * WG + lid;
             var qk: array<f32, MAXH>;
+            var qe: array<f32, MAXH>;
             for (var r = 0u; r < HPW; r++) {
                 qk[r] = 0.0;
+                qe[r] = 0.0;
             }
             if (j >= lo && j < n) {
                 let kb = kvbase + j * D4;
                 for (var i = 0u; i < D4; i++) {
                     let kv = k_cache[kb + i];
                     for (var r = 0u; r < HPW; r++) {
-                        qk[r] += dot(q_sh[r * D4 + i], kv);
+                        // qk += dot, the rounding error kept in qe (TwoSum;
+                        // see Precision above)
+                        let ts = two_sum(qk[r], dot(q_sh[r * D4 + i], kv), step.zero);
+                        qk[r] = ts.s;
+                        qe[r] += ts.e;
                     }
                 }
                 for (var r = 0u; r < HPW; r++) {
                     qk[r] *= p.scale;
+                    qe[r] *= p.scale;
                     lm[r] = max(lm[r], qk[r]);
                 }
             } else {
@@ -192,6 +212,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             }
             for (var r = 0u; r < HPW; r++) {
                 s[u * MAXH + r] = qk[r];
+                se[u * MAXH + r] = qe[r];
             }
         }
         for (var r = 0u; r < HPW; r++) {
@@ -215,7 +236,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             let jr = u * WG + lid;
             let valid = start + jr >= lo && start + jr < n;
             for (var r = 0u; r < HPW; r++) {
-                p_sh[r * BLK + jr] = select(0.0, exp_f32(s[u * MAXH + r] - mn[r]), valid);
+                p_sh[r * BLK + jr] = select(0.0, exp_f32((s[u * MAXH + r] - mn[r]) + se[u * MAXH + r]), valid);
             }
         }
         workgroupBarrier();

@@ -36,9 +36,10 @@
 //   run takes its positions ph, ph + PH, ...; each lane writes its partial
 //   (acc, m, l) and attention_combine.wgsl merges the ns * PH partials.
 //
-// Precision: scores are the same running f32 sum of vec4 dots as
-// attention.wgsl's, scaled once; the running max keeps every exp argument
-// <= 0. The softmax sum and output sums are blocked: positions add into a
+// Precision: scores are attention.wgsl's (s, se): the vec4 dots added with
+// TwoSum, the error term joining the exp argument (see there; the same
+// bound, ~3u·Σ|q_i k_i| instead of the running sum's (d/4 + 2)u); the
+// running max keeps every exp argument <= 0 (to ~u·|se|). The softmax sum and output sums are blocked: positions add into a
 // block sum (lb, ab, kept relative to the current max) that is folded into
 // the total (l, a, relative to the max at the last fold) every BP positions,
 // so their rounding grows with BP + length / BP terms, not with the length.

@@ -325,15 +325,22 @@ fn rows_source(hpw: usize, tpl: usize, d4: usize) -> String {
     });
     let scores = lines(0..rows, |r| {
         let k = r / hpw;
-        format!("            var s{r} = dot(q{r}_0, k_0);\n")
+        // The score as (s, se): the vec4 dots added with TwoSum, the
+        // rounding errors summed in se and carried into the exp argument
+        // (attention_rows.wgsl, Precision).
+        format!("            var s{r} = dot(q{r}_0, k_0);\n            var se{r} = 0.0;\n")
             + &lines(1..d4, |i| {
-                format!("            s{r} += dot(q{r}_{i}, k_{i});")
+                format!(
+                    "            let ts{r}_{i} = two_sum(s{r}, dot(q{r}_{i}, k_{i}), step.zero);
+            s{r} = ts{r}_{i}.s;
+            se{r} += ts{r}_{i}.e;"
+                )
             })
             + &format!(
                 "            let x{r} = select(NEG, s{r} * p.scale, in{k});
             let mn{r} = max(m{r}, x{r});
             let c{r} = exp_f32(m{r} - mn{r});
-            let e{r} = select(0.0, exp_f32(x{r} - mn{r}), in{k});
+            let e{r} = select(0.0, exp_f32((x{r} - mn{r}) + se{r} * p.scale), in{k});
             m{r} = mn{r};
             lb{r} = lb{r} * c{r} + e{r};"
             )

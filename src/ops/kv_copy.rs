@@ -41,7 +41,7 @@ pub fn rows_prelude(max_rows: Option<u32>) -> String {
                  fn row_slot(t: u32) -> u32 { return 0u; }\n"
             .to_string(),
         Some(n) => format!(
-            "struct BatchStep {{ n_tokens: u32, pos_offset: u32, kv_len: u32, _pad: u32, \
+            "struct BatchStep {{ n_tokens: u32, pos_offset: u32, kv_len: u32, zero: u32, \
              rows: array<vec4<u32>, {n}>, }}\n\
              alias StepT = BatchStep;\n\
              fn row_pos(t: u32) -> u32 {{ return step.rows[t].y; }}\n\
