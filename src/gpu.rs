@@ -219,7 +219,8 @@ impl FromStr for ParamsChoice {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LinearVariant {
     /// Each invocation computes whole output rows (4 of them, sharing the x
-    /// loads), a workgroup of [`Decisions::gemv_rows_wg`] (default 64).
+    /// loads), a workgroup of [`Decisions::gemv_rows_wg`] (default 8 in the
+    /// CPU-device profile, 64 otherwise: `LinearVariant::workgroup`).
     /// Best on CPU-type adapters (lavapipe): lanes of a SIMD workgroup walk
     /// different rows and no barrier is needed.
     RowPerThread,
@@ -318,7 +319,7 @@ pub enum AttentionKernel {
 pub enum DecisionKey {
     /// GEMV kernel: `rows`, `wg_subgroup` or `wg_shared`.
     Gemv,
-    /// Workgroup size of the row-per-thread GEMV: 32, 64, 128 or 256.
+    /// Workgroup size of the row-per-thread GEMV: 8, 16, 32, 64, 128 or 256.
     GemvRowsWg,
     /// Prefill matmul kernel: `rows` or `tiled`.
     Prefill,
@@ -370,7 +371,7 @@ impl DecisionKey {
     pub fn allowed(self) -> &'static str {
         match self {
             DecisionKey::Gemv => "rows, wg_subgroup or wg_shared",
-            DecisionKey::GemvRowsWg => "32, 64, 128 or 256",
+            DecisionKey::GemvRowsWg => "8, 16, 32, 64, 128 or 256",
             DecisionKey::Prefill => "rows or tiled",
             DecisionKey::PrefillTile => "16, 32 or 64",
             DecisionKey::Attention => "rows or workgroup",
@@ -458,7 +459,7 @@ impl Decisions {
                 })
             }
             DecisionKey::GemvRowsWg => {
-                self.gemv_rows_wg = Some(int(&|n| matches!(n, 32 | 64 | 128 | 256))?)
+                self.gemv_rows_wg = Some(int(&|n| matches!(n, 8 | 16 | 32 | 64 | 128 | 256))?)
             }
             DecisionKey::Prefill => {
                 self.prefill = Some(match v.as_str() {

@@ -334,7 +334,7 @@ pub fn candidates(gpu: &Gpu, kernel: &str) -> Vec<Decisions> {
         }
         "gemv" => {
             push(current_decisions(gpu, kernel));
-            for wg in [32, 64, 128, 256] {
+            for wg in [8, 16, 32, 64, 128, 256] {
                 if wg <= caps.max_invocations {
                     push(Decisions {
                         gemv: Some(LinearVariant::RowPerThread),

@@ -68,7 +68,7 @@ fn decisions_parse_print_and_name_bad_values() {
 
     for (bad, want) in [
         ("gemv=fast", "rows, wg_subgroup or wg_shared"),
-        ("gemv_rows_wg=48", "32, 64, 128 or 256"),
+        ("gemv_rows_wg=48", "8, 16, 32, 64, 128 or 256"),
         ("argmax_wg=100", "power of two"),
         ("attn_splits=0", "1..=64"),
         ("prefill_tile=128", "16, 32 or 64"),

@@ -154,8 +154,18 @@ pub const SRC_GEMV_WG_SHARED_BATCH: &str = include_str!("../../shaders/gemv_wg_s
 pub const BATCH_TOKENS: u32 = 4;
 /// Output rows per invocation of gemv_rows.wgsl.
 const ROWS_PER_INVOCATION: u32 = 4;
-/// Workgroup size of gemv_rows.wgsl.
+/// Workgroup size of gemv_rows.wgsl for prefill, and for decode outside the
+/// CPU-device profile (a real GPU forced onto `gemv=rows`: two warps).
 const ROWS_WG: u32 = 64;
+/// Workgroup size of the decode GEMVs of gemv_rows.wgsl and
+/// gemv_fused_rows.wgsl in the CPU-device profile. A CPU-type adapter runs
+/// each workgroup on one thread as SIMD lanes (lavapipe: 8 lanes of 256
+/// bits), so a workgroup is the unit of load balance across cores: with 64
+/// lanes x 4 rows, o_proj and down_proj of SmolLM2 (576 rows) were 3
+/// workgroups for 2 cores, one core idle half the time; with 8 they are 18.
+/// One SIMD vector per workgroup costs nothing on such a device (no
+/// barriers, no shared memory). BENCHMARKS.md, "The row GEMV's workgroup".
+const ROWS_WG_CPU: u32 = 8;
 /// Tokens per invocation of gemv_rows.wgsl when used for prefill (k % 8 != 0).
 const ROWS_PREFILL_TOKENS: u32 = 4;
 
@@ -228,7 +238,15 @@ impl LinearVariant {
     /// `ops::fused` use the same).
     pub fn workgroup(self, caps: &Caps) -> u32 {
         match self {
-            LinearVariant::RowPerThread => caps.decisions.gemv_rows_wg.unwrap_or(ROWS_WG),
+            LinearVariant::RowPerThread => {
+                caps.decisions
+                    .gemv_rows_wg
+                    .unwrap_or(if caps.kernels == KernelProfile::CpuDevice {
+                        ROWS_WG_CPU
+                    } else {
+                        ROWS_WG
+                    })
+            }
             // A power of two covering whole subgroups of the largest size.
             _ => 64u32.max(caps.subgroup_max_size.next_power_of_two()),
         }
