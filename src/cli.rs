@@ -123,17 +123,27 @@ pub fn devices(gpu_opts: &GpuOptions, json: bool) -> anyhow::Result<ExitCode> {
                 .unwrap_or_else(|| "no adapters".into())
         );
     }
-    let chosen = Gpu::new(gpu_opts)
-        .ok()
-        .map(|g| (g.adapter.index, g.kernels_desc()));
+    // The adapter every other command would use. When there is none (an
+    // `--adapter` / WGLLM_ADAPTER matching nothing, or a device that fails
+    // to open), the list is still printed, so the user sees what exists,
+    // and the command then fails with Gpu::new's reason: exit 0 with no
+    // adapter selected would tell a script that its selection is fine.
+    let (chosen, select_err) = match Gpu::new(gpu_opts) {
+        Ok(g) => (Some((g.adapter.index, g.kernels_desc())), None),
+        Err(e) => (None, Some(e)),
+    };
     let chosen_index = chosen.as_ref().map(|c| c.0);
+    let done = |select_err: Option<crate::Error>| match select_err {
+        None => Ok(ExitCode::SUCCESS),
+        Some(e) => Err(anyhow::Error::from(e)),
+    };
     if json {
         let v: Vec<_> = all
             .iter()
             .map(|d| adapter_json(d, Some(d.index) == chosen_index, profile(d)))
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(ExitCode::SUCCESS);
+        return done(select_err);
     }
     for d in &all {
         let l = &d.limits;
@@ -176,7 +186,7 @@ pub fn devices(gpu_opts: &GpuOptions, json: bool) -> anyhow::Result<ExitCode> {
             _ => println!("    kernels: {}", profile(d)),
         }
     }
-    Ok(ExitCode::SUCCESS)
+    done(select_err)
 }
 
 // ------------------------------------------------------------------ verify

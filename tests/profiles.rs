@@ -111,6 +111,37 @@ fn backend_choice_restricts_the_adapters() {
     }
 }
 
+/// An adapter selection matching nothing is an error (exit 2, the reason
+/// and what exists), from the flag and from the variable, in text and JSON;
+/// the list is still printed so the user can pick. It used to exit 0 with
+/// no adapter marked selected, so a script took the selection as fine.
+#[test]
+fn devices_fails_when_the_adapter_selection_matches_nothing() {
+    for (env, args) in [
+        (&[][..], &["--adapter", "no-such", "devices"][..]),
+        (&[("WGLLM_ADAPTER", "no-such")][..], &["devices"][..]),
+        (&[][..], &["--adapter", "no-such", "devices", "--json"][..]),
+        (&[][..], &["--adapter", "99", "devices"][..]),
+    ] {
+        let out = wgllm(env, args);
+        let s = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{env:?} {args:?}: {s}");
+        assert!(
+            s.contains("no adapter name contains 'no-such'")
+                || s.contains("adapter index 99 out of range"),
+            "{env:?} {args:?}: {s}"
+        );
+        assert!(s.contains("available: "), "{env:?} {args:?}: {s}");
+        let listed = text(&out.stdout);
+        assert!(!listed.is_empty(), "{args:?}: nothing listed");
+        assert!(!listed.contains("(selected)"), "{args:?}: {listed}");
+        if args.contains(&"--json") {
+            let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
+            assert!(v.as_array().unwrap().iter().all(|d| d["default"] == false));
+        }
+    }
+}
+
 #[test]
 fn verify_says_which_backend_and_profile_ran_and_passes_on_each() {
     let dir = fixture("qwen2_bias_tied");
