@@ -531,10 +531,15 @@ pub fn tune(gpu_opts: &GpuOptions, a: TuneArgs) -> anyhow::Result<ExitCode> {
                     "choice": k.choice.to_string(),
                     "source": k.source,
                     "clock": k.clock,
+                    // `weights`: the layout a linear candidate's fixtures
+                    // were built with (what its time was taken on); null
+                    // for other kernels and for a candidate not run.
                     "candidates": k.candidates.iter().map(|(d, t)| serde_json::json!({
                         "decisions": d.to_string(),
                         "ms": t.as_ref().ok(),
                         "error": t.as_ref().err(),
+                        "weights": k.layouts.iter().find(|(c, _)| c == d)
+                            .map(|(_, l)| crate::gpu::weights_name(*l)),
                     })).collect::<Vec<_>>(),
                 })
             })

@@ -1032,14 +1032,19 @@ pub fn prepare_with_progress(
     report.warnings.extend(warn);
     let who = AdapterKey::of(gpu);
     let mut dirty = false;
-    for kernel in KERNELS {
-        let shape = shapes.key(kernel);
-        let cached = if force {
-            None
-        } else {
-            cache
-                .find(&who, kernel, &shape)
-                .and_then(|e| match validate(gpu, kernel, &e.choice) {
+    // Every usable cached choice is applied before anything is tuned, so a
+    // kernel tuned now is timed against the others' cached choices: a
+    // missing weights entry under a cached prefill=tiled is tuned with
+    // texture ruled out (`conflict_in`), not chosen as texture, overruled
+    // by the fallback below, and so warned about again at every load.
+    let cached: Vec<Option<Decisions>> = KERNELS
+        .iter()
+        .map(|&kernel| {
+            if force {
+                return None;
+            }
+            let d = cache.find(&who, kernel, &shapes.key(kernel)).and_then(|e| {
+                match validate(gpu, kernel, &e.choice) {
                     Ok(d) => Some(d),
                     Err(w) => {
                         report.warnings.push(format!(
@@ -1049,10 +1054,17 @@ pub fn prepare_with_progress(
                         ));
                         None
                     }
-                })
-        };
+                }
+            });
+            if let Some(d) = &d {
+                gpu.set_decisions(d, "cache");
+            }
+            d
+        })
+        .collect();
+    for (kernel, cached) in KERNELS.into_iter().zip(cached) {
+        let shape = shapes.key(kernel);
         if let Some(d) = cached {
-            gpu.set_decisions(&d, "cache");
             report.kernels.push(KernelReport {
                 kernel,
                 shape,

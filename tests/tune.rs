@@ -616,6 +616,62 @@ fn inconsistent_cache_falls_back_with_a_warning() {
     }
 }
 
+/// `--tune auto` with a cached prefill=tiled and no weights entry tunes
+/// weights against the cached prefill (texture is not timed), so it caches
+/// weights=buffer and nothing needs the fallback: no warning, now or at the
+/// next load. (The weights kernel used to be tuned before the cached
+/// prefill was applied: texture won, the fallback overruled it, and the
+/// cached texture brought the same warning back at every load.)
+#[test]
+fn tune_auto_tunes_a_missing_kernel_against_the_cached_ones() {
+    let s = shapes();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tune.json");
+    let probe = gpu_with(KernelProfile::CpuDevice, "");
+    let a = AdapterKey::of(&probe);
+    let mut c = Cache::default();
+    for k in ["gemv", "attention", "argmax"] {
+        let d = tune::current_decisions(&probe, k).to_string();
+        c.put(entry(&a, k, &s.key(k), &d));
+    }
+    drop(probe);
+    c.put(entry(
+        &a,
+        "prefill",
+        &s.key("prefill"),
+        "prefill=tiled,prefill_tile=16",
+    ));
+    c.save(&path).unwrap();
+
+    let mut g = gpu_with(KernelProfile::CpuDevice, "");
+    let r = tune::prepare_with(&mut g, &s, TuneMode::Auto, false, &path).unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    let w = r.kernels.iter().find(|k| k.kernel == "weights").unwrap();
+    assert_eq!(w.source, "tuner");
+    assert_eq!(WeightLayout::for_adapter(&g.caps), WeightLayout::Buffer);
+    // texture is either no candidate (texture_weights_readable) or not run
+    assert!(
+        !w.candidates
+            .iter()
+            .any(|(d, t)| d.weights == Some(WeightLayout::Texture) && t.is_ok()),
+        "{:?}",
+        w.candidates
+    );
+    let (saved, _) = Cache::load(&path);
+    let e = saved
+        .entries
+        .iter()
+        .find(|e| e.kernel == "weights")
+        .unwrap();
+    assert_eq!(e.choice, "weights=buffer");
+
+    let mut g = gpu_with(KernelProfile::CpuDevice, "");
+    let r = tune::prepare_with(&mut g, &s, TuneMode::Auto, false, &path).unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    assert!(r.kernels.iter().all(|k| k.source == "cache"), "{r:?}");
+    assert!(tune::conflict(&g).is_none());
+}
+
 /// Mixes of decisions no profile makes (with both profiles under them).
 const MIXES: [&str; 3] = [
     "gemv=wg_shared,prefill=tiled,prefill_tile=16,attention=rows,attn_splits=4,argmax_wg=1024",
@@ -791,6 +847,16 @@ fn tune_command_and_tune_auto() {
                 .any(|c| c["decisions"] == k["choice"] && c["ms"].is_number()),
             "{k}"
         );
+        // Every timed candidate of a linear kernel says which weight layout
+        // its time was taken on; other kernels have none to say.
+        let linear = ["weights", "gemv", "prefill"].contains(&k["kernel"].as_str().unwrap());
+        for c in cands.iter().filter(|c| c["ms"].is_number()) {
+            if linear {
+                assert!(c["weights"] == "buffer" || c["weights"] == "texture", "{k}");
+            } else {
+                assert!(c["weights"].is_null(), "{k}");
+            }
+        }
     }
     let cache_file = cache.path().join("tune.json");
     assert_eq!(v["cache"], cache_file.to_str().unwrap());
