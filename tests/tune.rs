@@ -531,6 +531,22 @@ fn cached_weights_choice_reaches_the_model() {
     }
 }
 
+/// A tune cache file (in a fresh temporary folder, kept alive by the
+/// returned guard) holding `entries` (kernel, choice) for this adapter
+/// under the CPU profile at [`shapes`]' shapes.
+fn cpu_cache_file(entries: &[(&str, String)]) -> (tempfile::TempDir, std::path::PathBuf) {
+    let s = shapes();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tune.json");
+    let a = AdapterKey::of(&gpu_with(KernelProfile::CpuDevice, ""));
+    let mut c = Cache::default();
+    for (kernel, choice) in entries {
+        c.put(entry(&a, kernel, &s.key(kernel), choice));
+    }
+    c.save(&path).unwrap();
+    (dir, path)
+}
+
 /// A cache holding weights=texture and prefill=tiled (an old cache or a
 /// hand edit; each entry valid alone) must not make the load fail: a
 /// warning naming both and the fallback, weights=buffer (or prefill=rows
@@ -538,20 +554,10 @@ fn cached_weights_choice_reaches_the_model() {
 #[test]
 fn inconsistent_cache_falls_back_with_a_warning() {
     let s = shapes();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tune.json");
-    let probe = gpu_with(KernelProfile::CpuDevice, "");
-    let a = AdapterKey::of(&probe);
-    drop(probe);
-    let mut c = Cache::default();
-    c.put(entry(&a, "weights", &s.key("weights"), "weights=texture"));
-    c.put(entry(
-        &a,
-        "prefill",
-        &s.key("prefill"),
-        "prefill=tiled,prefill_tile=16",
-    ));
-    c.save(&path).unwrap();
+    let (_dir, path) = cpu_cache_file(&[
+        ("weights", "weights=texture".into()),
+        ("prefill", "prefill=tiled,prefill_tile=16".into()),
+    ]);
     for (forced, want_weights, want_prefill, fix) in [
         (
             "",
@@ -625,23 +631,13 @@ fn inconsistent_cache_falls_back_with_a_warning() {
 #[test]
 fn tune_auto_tunes_a_missing_kernel_against_the_cached_ones() {
     let s = shapes();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tune.json");
     let probe = gpu_with(KernelProfile::CpuDevice, "");
-    let a = AdapterKey::of(&probe);
-    let mut c = Cache::default();
-    for k in ["gemv", "attention", "argmax"] {
-        let d = tune::current_decisions(&probe, k).to_string();
-        c.put(entry(&a, k, &s.key(k), &d));
-    }
+    let mut entries: Vec<(&str, String)> = ["gemv", "attention", "argmax"]
+        .map(|k| (k, tune::current_decisions(&probe, k).to_string()))
+        .into();
     drop(probe);
-    c.put(entry(
-        &a,
-        "prefill",
-        &s.key("prefill"),
-        "prefill=tiled,prefill_tile=16",
-    ));
-    c.save(&path).unwrap();
+    entries.push(("prefill", "prefill=tiled,prefill_tile=16".into()));
+    let (_dir, path) = cpu_cache_file(&entries);
 
     let mut g = gpu_with(KernelProfile::CpuDevice, "");
     let r = tune::prepare_with(&mut g, &s, TuneMode::Auto, false, &path).unwrap();
