@@ -567,26 +567,59 @@ pub fn tune(gpu_opts: &GpuOptions, a: TuneArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn load_session(gpu_opts: &GpuOptions, m: &ModelArgs) -> anyhow::Result<Session> {
+    load_session_with(gpu_opts, m, |_, _| Ok((Fit::default(), ()))).map(|(s, ())| s)
+}
+
+/// What a session's model needs to hold, when the caller knows it before
+/// the load (a one-shot `run`): `None` keeps the defaults.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Fit {
+    /// Positions used at most (prompt + max new tokens): caps the default
+    /// KV cache ([`crate::model::ModelOptions::context_hint`]).
+    pub context: Option<usize>,
+    /// Tokens in the longest prefill: caps the prefill batch (activation
+    /// and logits rows).
+    pub prefill: Option<usize>,
+}
+
+/// [`load_session`] with the model sized by `fit`, which sees the model
+/// folder and tokenizer before the weights load (so a prompt can be encoded
+/// first) and returns the [`Fit`] and a value handed back with the session.
+/// An explicit `--max-context` still wins over the fit.
+pub fn load_session_with<T>(
+    gpu_opts: &GpuOptions,
+    m: &ModelArgs,
+    fit: impl FnOnce(&std::path::Path, &crate::tokenizer::Tokenizer) -> anyhow::Result<(Fit, T)>,
+) -> anyhow::Result<(Session, T)> {
     let dtype: crate::loader::LoadDType = m
         .dtype
         .parse()
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let dir = crate::fetch::resolve_model_as(m.model.as_deref(), dtype, &Default::default())?;
-    let gpu = std::sync::Arc::new(gpu_for_model(gpu_opts, &dir, dtype)?);
     let tok = crate::tokenizer::Tokenizer::from_dir(&dir)?;
+    let (f, value) = fit(&dir, &tok)?;
+    let gpu = std::sync::Arc::new(gpu_for_model(gpu_opts, &dir, dtype)?);
+    let defaults = crate::model::ModelOptions::default();
     let opts = crate::model::ModelOptions {
         max_context: m.max_context,
+        context_hint: f.context,
+        max_batch: f
+            .prefill
+            .map_or(defaults.max_batch, |n| n.clamp(1, defaults.max_batch)),
         dtype,
-        ..Default::default()
+        ..defaults
     };
     let model = crate::model::Model::load(gpu, &dir, &opts)?;
     let stop_ids = crate::generate::eos_ids(&dir, &model.cfg.eos_token_ids)?;
-    Ok(Session {
-        dir,
-        model,
-        tok,
-        stop_ids,
-    })
+    Ok((
+        Session {
+            dir,
+            model,
+            tok,
+            stop_ids,
+        },
+        value,
+    ))
 }
 
 fn read_stdin() -> anyhow::Result<String> {
@@ -608,21 +641,31 @@ pub fn run(gpu_opts: &GpuOptions, a: RunArgs) -> anyhow::Result<ExitCode> {
         Some(p) => p.clone(),
         None => read_stdin()?,
     };
-    let mut s = load_session(gpu_opts, &a.model)?;
-    let ids = if a.chat {
-        let t = crate::chat::ChatTemplate::from_dir(&s.dir)?;
-        let mut msgs = Vec::new();
-        if let Some(sys) = &a.system {
-            msgs.push(crate::chat::ChatMessage::system(sys.clone()));
+    // The prompt is encoded before the weights load, so that the KV cache
+    // and the prefill buffers are sized for this one generation (prompt +
+    // --max-tokens) instead of the 4096-position default.
+    let max_tokens = a.sampling.max_tokens;
+    let (mut s, ids) = load_session_with(gpu_opts, &a.model, |dir, tok| {
+        let ids = if a.chat {
+            let t = crate::chat::ChatTemplate::from_dir(dir)?;
+            let mut msgs = Vec::new();
+            if let Some(sys) = &a.system {
+                msgs.push(crate::chat::ChatMessage::system(sys.clone()));
+            }
+            msgs.push(crate::chat::ChatMessage::user(prompt));
+            tok.encode(&t.render(&msgs, true)?)?
+        } else {
+            tok.encode_with_special(&prompt)?
+        };
+        if ids.is_empty() {
+            anyhow::bail!("the prompt encodes to no tokens: give a non-empty prompt");
         }
-        msgs.push(crate::chat::ChatMessage::user(prompt));
-        s.tok.encode(&t.render(&msgs, true)?)?
-    } else {
-        s.tok.encode_with_special(&prompt)?
-    };
-    if ids.is_empty() {
-        anyhow::bail!("the prompt encodes to no tokens: give a non-empty prompt");
-    }
+        let fit = Fit {
+            context: Some(ids.len().saturating_add(max_tokens)),
+            prefill: Some(ids.len()),
+        };
+        Ok((fit, ids))
+    })?;
     let opts = crate::generate::GenerateOptions {
         max_tokens: a.sampling.max_tokens,
         sampling: a.sampling.params(),

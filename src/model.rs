@@ -74,6 +74,11 @@ pub struct ModelOptions {
     /// KV cache length; default: the config's max_position_embeddings,
     /// capped at 4096 and by what one storage binding can hold.
     pub max_context: Option<usize>,
+    /// Positions the caller knows it will use at most (a one-shot prompt
+    /// plus its max new tokens). With `max_context` unset, the default
+    /// context is capped by it, so a short `run` does not allocate and
+    /// zero a 4096-position KV cache. Ignored when `max_context` is set.
+    pub context_hint: Option<usize>,
     /// Most tokens in one prefill pass (longer prompts go in chunks).
     pub max_batch: usize,
     pub dtype: LoadDType,
@@ -88,6 +93,7 @@ impl Default for ModelOptions {
     fn default() -> Self {
         ModelOptions {
             max_context: None,
+            context_hint: None,
             max_batch: 128,
             dtype: LoadDType::Auto,
             slots: 1,
@@ -803,7 +809,11 @@ impl Model {
         let ctx_cap = (g.caps.max_binding / per_pos) as usize;
         let max_context = match opts.max_context {
             Some(c) => c,
-            None => cfg.max_position_embeddings.clamp(1, 4096).min(ctx_cap),
+            None => cfg
+                .max_position_embeddings
+                .clamp(1, 4096)
+                .min(ctx_cap)
+                .min(opts.context_hint.unwrap_or(usize::MAX).max(1)),
         };
         if max_context == 0 {
             return Err(Error::invalid("max context must be at least 1"));

@@ -209,3 +209,38 @@ fn fused_and_op_by_op_paths_agree_bit_for_bit() {
         }
     }
 }
+
+/// `context_hint` (what `wgllm run` passes: prompt + max new tokens) caps
+/// only the default KV cache: an explicit `max_context` wins, a hint past
+/// the default changes nothing, and a model sized exactly to its hint
+/// decodes the same ids as one with the full default context.
+#[test]
+fn context_hint_caps_only_the_default_kv_cache() {
+    let name = "qwen2_bias_tied"; // max_position_embeddings 256
+    let (tokens, want) = fixture_reference(name);
+    let load = |max_context: Option<usize>, hint: Option<usize>, max_batch: usize| {
+        common::load_fixture(
+            name,
+            &ModelOptions {
+                max_context,
+                context_hint: hint,
+                max_batch,
+                ..Default::default()
+            },
+        )
+    };
+    let need = tokens.len() + want.len();
+    assert_eq!(load(None, None, 128).max_context, 256);
+    assert_eq!(load(None, Some(10_000), 128).max_context, 256);
+    assert_eq!(load(Some(64), Some(10), 128).max_context, 64);
+    let mut full = load(None, None, 128);
+    // Sized as `run` sizes it: the KV cache for exactly the generation and
+    // the prefill batch for exactly the prompt.
+    let mut fit = load(None, Some(need), tokens.len());
+    assert_eq!((fit.max_context, fit.max_batch), (need, tokens.len()));
+    let steps = want.len() - 1;
+    let a = pipelined(&mut full, &tokens, steps, 2);
+    let b = pipelined(&mut fit, &tokens, steps, 2);
+    assert_eq!(a, want, "{name}: the default context against transformers");
+    assert_eq!(b, a, "{name}: the fitted context against the default");
+}
