@@ -102,6 +102,22 @@ impl Default for ModelOptions {
     }
 }
 
+/// The KV cache length `opts` asks for: `max_context` as given, else the
+/// config's `max_position_embeddings` capped at 4096, by what one binding
+/// holds for `opts.slots` regions, and by `context_hint`. The memory plan
+/// checks the same figure the model then allocates.
+fn kv_context(cfg: &ModelConfig, caps: &crate::gpu::Caps, opts: &ModelOptions) -> usize {
+    let per_pos = (cfg.num_key_value_heads * cfg.head_dim * 4 * opts.slots.max(1)) as u64;
+    match opts.max_context {
+        Some(c) => c,
+        None => cfg
+            .max_position_embeddings
+            .clamp(1, 4096)
+            .min((caps.max_binding / per_pos.max(1)) as usize)
+            .min(opts.context_hint.unwrap_or(usize::MAX).max(1)),
+    }
+}
+
 /// What a generation step reads back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Readback {
@@ -767,7 +783,7 @@ impl Model {
         let plan = MemoryPlan::new(&cfg, ckpt, opts.dtype, &gpu.caps)?;
         plan.device_memory_slots(
             &cfg,
-            opts.max_context,
+            Some(kv_context(&cfg, &gpu.caps, opts)),
             opts.max_batch,
             opts.slots,
             &gpu.caps,
@@ -805,16 +821,7 @@ impl Model {
         let slots = opts.slots.max(1);
         // KV cache: one binding per layer for K and for V, [slots, n_kv, ctx,
         // hd] f32.
-        let per_pos = (nkv * hd * 4 * slots) as u64;
-        let ctx_cap = (g.caps.max_binding / per_pos) as usize;
-        let max_context = match opts.max_context {
-            Some(c) => c,
-            None => cfg
-                .max_position_embeddings
-                .clamp(1, 4096)
-                .min(ctx_cap)
-                .min(opts.context_hint.unwrap_or(usize::MAX).max(1)),
-        };
+        let max_context = kv_context(&cfg, &g.caps, opts);
         if max_context == 0 {
             return Err(Error::invalid("max context must be at least 1"));
         }
