@@ -96,6 +96,22 @@ fn two_sum4(a: vec4<f32>, b: vec4<f32>, zero: u32) -> TwoSum4 {
     return TwoSum4(s, (a - (s - z)) + (b - z));
 }
 
+// bf16 x f32 products split exactly (Dot2, issue #14): x = h + l with h the
+// top 16 significand bits of x (a mask, which no float rewrite can undo) and
+// l = x - h (exact, at most 8 significant bits). A bf16 weight has 8
+// significand bits, so w·h (<= 24 bits) and w·l (<= 16) are exact f32
+// products: w·x = w·h + w·l with no rounding, for 2 multiplies per product
+// and one mask per x element (shared by every weight row it meets). Valid
+// while the products are normal numbers.
+fn bf16_split4(x: vec4<f32>) -> TwoSum4 {
+    let h = bitcast<vec4<f32>>(bitcast<vec4<u32>>(x) & vec4<u32>(0xffffff00u));
+    return TwoSum4(h, x - h);
+}
+fn bf16_split(x: f32) -> TwoSum {
+    let h = bitcast<f32>(bitcast<u32>(x) & 0xffffff00u);
+    return TwoSum(h, x - h);
+}
+
 // TwoProduct (Dekker, with Veltkamp's split): a * b = p + e exactly, p the
 // rounded product, from multiplies and adds alone. fma(a, b, -p) gives e in
 // one instruction where the device fuses fma, but WGSL does not promise

@@ -28,6 +28,17 @@
 // a reassociating compiler (lavapipe's) from folding the error term to 0 (it
 // did, before: the compensation was silently lost).
 
+// With DOT2 (a host constant; issue #14, opt-in by tensor role, see
+// ARCHITECTURE.md "Dot2 for chosen projections"): Ogita-Rump-Oishi's Dot2
+// instead. Every product is split exactly (bf16_split: x = h + l, w·h and
+// w·l exact for a bf16 w; two_prod for f32 weights), the high parts added
+// to acc with TwoSum, the low parts and every TwoSum error into cmp, and
+// the bias added by TwoSum in store_dot2 before the one rounding:
+// |y - exact| <= u·|exact| + γ_k²·(Σ|x_i w_i| + |b|), i.e. within about one
+// rounding of the exact x·Wᵀ + b however much the sum cancels. Cost per
+// product: 2 multiplies, one TwoSum (6 flops, 2 xors), 2 adds; one mask and
+// one subtract per x element per kk, shared by TN rows.
+
 const NT: u32 = (BM / TM) * (BN / TN);
 // Products per partial sum.
 const SUB: u32 = min(BK, 8u);
@@ -79,6 +90,25 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                 for (var j = 0u; j < TN; j++) {
                     b[j] = ws[kk * BN + tx * TN + j];
                 }
+                if (DOT2) {
+                    // Dot2: every product exact (bf16_split / two_prod)
+                    // and TwoSum'd into acc, the errors into cmp.
+                    for (var i = 0u; i < TM; i++) {
+                        let xa = bf16_split(a[i]);
+                        for (var j = 0u; j < TN; j++) {
+                            var pr: TwoSum;
+                            if (W_BF16) {
+                                pr = TwoSum(xa.s * b[j], xa.e * b[j]);
+                            } else {
+                                pr = two_prod(a[i], b[j], zero);
+                            }
+                            let ts = two_sum(acc[i * TN + j], pr.s, zero);
+                            acc[i * TN + j] = ts.s;
+                            cmp[i * TN + j] += ts.e + pr.e;
+                        }
+                    }
+                    continue;
+                }
                 for (var i = 0u; i < TM; i++) {
                     for (var j = 0u; j < TN; j++) {
                         part[i * TN + j] += a[i] * b[j];
@@ -86,7 +116,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                 }
             }
             // acc += part with the rounding error kept in cmp (TwoSum).
-            for (var i = 0u; i < TM * TN; i++) {
+            for (var i = 0u; i < TM * TN && !DOT2; i++) {
                 let ts = two_sum(acc[i], part[i], zero);
                 cmp[i] += ts.e;
                 acc[i] = ts.s;
@@ -99,7 +129,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         for (var j = 0u; j < TN; j++) {
             let r = n0 + tx * TN + j;
             if (tok < ntok && r < p.rows) {
-                store(tok, r, acc[i * TN + j] + cmp[i * TN + j]);
+                if (DOT2) {
+                    store_dot2(tok, r, acc[i * TN + j], cmp[i * TN + j]);
+                } else {
+                    store(tok, r, acc[i * TN + j] + cmp[i * TN + j]);
+                }
             }
         }
     }

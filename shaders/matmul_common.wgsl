@@ -37,3 +37,18 @@ fn store(t: u32, r: u32, v: f32) {
     }
     y[t * p.n + col] = v + b;
 }
+
+// store for a Dot2 sum (issue #14): the output is s + e (s the TwoSum'd
+// running sum, e its accumulated errors), the bias added by TwoSum too, so
+// x·W + b is rounded once.
+fn store_dot2(t: u32, r: u32, s: f32, e: f32) {
+    let col = p.row_start + r;
+    var b = 0.0;
+    if (p.bias_mode == 1u) {
+        b = bitcast<f32>(bias[col]);
+    } else if (p.bias_mode == 2u) {
+        b = bf16_at(bias[col >> 1u], col);
+    }
+    let ts = two_sum(s, b, step.zero);
+    y[t * p.n + col] = ts.s + (ts.e + e);
+}

@@ -24,7 +24,11 @@
 // of 8 products as two 4-wide dots and their sum, 4 group sums into a fresh
 // partial, the partials added with two_sum4 and the compensation added at the
 // end), so an output has the error bound of the precision table's row GEMV and
-// the same bits as the decode GEMV gives that token alone.
+// the same bits as the decode GEMV gives that token alone. With Dot2
+// (ops::matmul::rowblk_source_with, opt-in by tensor role) each (token, row)
+// is instead a vec4 of TwoSum'd exact products (d2step) folded at the end
+// (d2fold, store_dot2): within about one rounding of the exact x·Wᵀ + b,
+// and no longer the decode GEMV's bits.
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>,

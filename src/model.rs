@@ -118,6 +118,32 @@ fn kv_context(cfg: &ModelConfig, caps: &crate::gpu::Caps, opts: &ModelOptions) -
     }
 }
 
+/// The projections `WGLLM_DOT2` names for the opt-in Dot2 prefill kernels
+/// (issue #14; ARCHITECTURE.md, "Dot2 for chosen projections"): a
+/// comma-separated list of Q, K, V, O, Gate, Up, Down and Head (the LM
+/// head); unset or empty is none, and any other name is an error naming the
+/// variable and the allowed names.
+fn dot2_roles() -> Result<Vec<String>> {
+    const NAMES: [&str; 8] = ["Q", "K", "V", "O", "Gate", "Up", "Down", "Head"];
+    let sel = std::env::var("WGLLM_DOT2").unwrap_or_default();
+    sel.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            NAMES
+                .iter()
+                .find(|a| a.eq_ignore_ascii_case(n))
+                .map(|a| a.to_string())
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "WGLLM_DOT2: '{n}' is not a projection; expected a comma-separated list of {}",
+                        NAMES.join(", ")
+                    ))
+                })
+        })
+        .collect()
+}
+
 /// What a generation step reads back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Readback {
@@ -168,7 +194,7 @@ struct Kernels {
     /// By (weight dtype, unit offset).
     norm: Cache<(WDType, bool), RmsNorm>,
     /// By (weight dtype, has bias).
-    linear: Cache<(WDType, bool), Linear>,
+    linear: Cache<(WDType, bool, bool), Linear>,
     /// Over quantized weights, by (ggml type, has bias).
     qlinear: Cache<(GgmlType, bool), QLinear>,
     embed: EmbedKernel,
@@ -215,7 +241,7 @@ enum Bound {
         rows_per_token: u32,
     },
     Linear {
-        key: (WDType, bool),
+        key: (WDType, bool, bool),
         b: LinearBinding,
     },
     /// A linear op whose weight is quantized.
@@ -2376,13 +2402,24 @@ impl BindCtx<'_> {
                     }
                 }
                 OpKind::Linear { x, w, bias, y } => {
+                    // Opt-in Dot2 prefill by tensor role (issue #14; off by
+                    // default: the decode GEMVs have no Dot2 form yet, and
+                    // its cost is not measured). `WGLLM_DOT2=Q,K` names
+                    // LayerRole variants, `Head` the LM head.
+                    let sel = dot2_roles()?;
+                    let dot2 = match w {
+                        Role::Layer(_, r) => sel.iter().any(|n| *n == format!("{r:?}")),
+                        _ => sel.iter().any(|n| n == "Head"),
+                    };
                     let w = self.weight_any(w)?;
                     let bias = bias.map(|r| self.weight(r)).transpose()?;
                     info.weight_bytes = w.device_bytes() + bias.map_or(0, dense_bytes);
                     match w {
                         WTensor::Dense(w) => {
-                            let key = (w.dtype, bias.is_some());
-                            let kern = k.linear.get_or(key, || Linear::new(g, key.0, key.1))?;
+                            let key = (w.dtype, bias.is_some(), dot2);
+                            let kern = k.linear.get_or(key, || {
+                                Ok(Linear::new(g, key.0, key.1)?.with_dot2(key.2))
+                            })?;
                             let lb = kern.bind(g, step, buf(x), w, bias, buf(y))?;
                             info.dispatches = lb.chunks.len();
                             Bound::Linear { key, b: lb }

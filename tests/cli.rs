@@ -995,6 +995,20 @@ fn run_input_errors_exit_2() {
     let r = wgllm(&["run", "--model", path(&dir), "--chat", "--prompt", "hi"])
         .expect_code(2, "run --chat without a template");
     assert!(r.stderr.contains("no chat template"), "{}", r.stderr);
+    // The experimental Dot2 selection names a projection, or is an error
+    // naming the variable and the allowed names.
+    let r = Run::from(
+        cmd(&["run", "--model", m, "--prompt", "hi", "--max-tokens", "1"])
+            .env("WGLLM_DOT2", "Q,Kk")
+            .output()
+            .unwrap(),
+    )
+    .expect_code(2, "WGLLM_DOT2=Q,Kk");
+    assert!(
+        r.stderr.contains("WGLLM_DOT2: 'Kk' is not a projection") && r.stderr.contains("Gate"),
+        "{}",
+        r.stderr
+    );
 }
 
 /// `serve` refuses a bad `--max-context` (and `--parallel`) while parsing,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a real run's final-norm error comes from, op by op (issue #14).
 
-    /work/venv/bin/python tools/precision_inject.py MODEL_DIR DUMP.safetensors [--f32-stream] [--tokens=FILE[:NAME]]
+    /work/venv/bin/python tools/precision_inject.py MODEL_DIR DUMP.safetensors [--f32-stream] [--tokens=FILE[:NAME]] [--ideal=OP,OP]
 
 DUMP is a run with every tap at every position: `wgllm verify --dump` of some
 tokens, or a transformers f32 dump (tools/dump_reference.py, a fixture's
@@ -16,6 +16,10 @@ position, and every position) says how much of the final-norm error that
 op's own rounding puts there; `all` adds every op's at once (the linearised
 total, to compare with the run's real distance, printed beside it), and
 `angles32` is the f32 RoPE angles both runs share.
+
+--ideal=q,k (a what-if): those ops' own error replaced by one f32 rounding of
+their exact value (what a correctly rounded kernel would leave), so `all`
+says what the run's distance would be with them made exact.
 
 Ops: q, k, v (each projection + bias), q_rope, k_rope, attn (scores,
 softmax, weighted sum), attn_out (o_proj), mlp (gate, up, activation, their
@@ -45,6 +49,7 @@ def main():
     if len(args) != 2:
         sys.exit(__doc__)
     f32_stream = "--f32-stream" in sys.argv
+    ideal = set(sum([a[len("--ideal="):].split(",") for a in sys.argv if a.startswith("--ideal=")], []))
     d, dump_path = args
     cfg = json.load(open(os.path.join(d, "config.json")))
     W = nf.load_bf16_safetensors(os.path.join(d, "model.safetensors"), dtype=np.float32)
@@ -136,6 +141,9 @@ def main():
         for k, want in ops.items():
             tap = {"resid": "resid_attn", "resid2": "out"}.get(k, k)
             delta[(k, i)] = r[t + tap] - want
+            if k in ideal:
+                # what-if: the op correctly rounded (one f32 rounding of its exact value)
+                delta[(k, i)] = want.astype(np.float32).astype(np.float64) - want
     last = r[f"layers.{L-1}.out"] if f32_stream else acc
     delta[("norm", None)] = r["norm"] - nf.rmsnorm(last, W["model.norm.weight"].astype(np.float64), eps)
 

@@ -35,6 +35,12 @@ use crate::tensor::{DeviceTensor, WDType};
 /// `matmul_rowblk.wgsl` with its per-(token, quad) statements written out
 /// (public for `examples/texture_probe.rs`).
 pub fn rowblk_source(rq: u32, tb: u32) -> String {
+    rowblk_source_with(rq, tb, false)
+}
+
+/// [`rowblk_source`], with `dot2`: every product split exactly and summed
+/// by Dot2 (Ogita-Rump-Oishi), the bias inside the single rounding.
+pub fn rowblk_source_with(rq: u32, tb: u32, dot2: bool) -> String {
     use std::fmt::Write;
     let (mut init, mut zero, mut body, mut fold, mut out) = (
         String::new(),
@@ -57,6 +63,36 @@ pub fn rowblk_source(rq: u32, tb: u32) -> String {
     for i in 0..tb {
         let _ = writeln!(init, "    let xb{i} = min(t0 + {i}u, lt) * ng;");
         let _ = writeln!(body, "            let xv{i} = x8(xb{i} + gg);");
+        if dot2 {
+            let _ = writeln!(
+                body,
+                "            let xs{i}0 = bf16_split4(xv{i}[0]);\n            let xs{i}1 = bf16_split4(xv{i}[1]);"
+            );
+            for q in 0..rq {
+                for r in ['a', 'b', 'c', 'd'] {
+                    let _ = writeln!(
+                        init,
+                        "    var d{i}_{q}{r} = TwoSum4(vec4<f32>(0.0), vec4<f32>(0.0));"
+                    );
+                    let _ = writeln!(
+                        body,
+                        "            d{i}_{q}{r} = d2step(d2step(d{i}_{q}{r}, w{q}{r}[0], xv{i}[0], xs{i}0, zero), w{q}{r}[1], xv{i}[1], xs{i}1, zero);"
+                    );
+                }
+            }
+            let _ = writeln!(out, "    if (t0 + {i}u < step.n_tokens) {{");
+            for q in 0..rq {
+                for (j, c) in ['x', 'y', 'z', 'w'].iter().enumerate() {
+                    let r = ['a', 'b', 'c', 'd'][j];
+                    let _ = writeln!(
+                        out,
+                        "        if (rq{q}.{c} < p.rows) {{ let f = d2fold(d{i}_{q}{r}, zero); store_dot2(t0 + {i}u, rq{q}.{c}, f.s, f.e); }}"
+                    );
+                }
+            }
+            let _ = writeln!(out, "    }}");
+            continue;
+        }
         for q in 0..rq {
             let _ = writeln!(
                 init,
@@ -89,13 +125,42 @@ pub fn rowblk_source(rq: u32, tb: u32) -> String {
         }
         let _ = writeln!(out, "    }}");
     }
-    SRC_MATMUL_ROWBLK
-        .replace("//@INIT\n", &init)
+    let src = if dot2 {
+        format!("{ROWBLK_DOT2}{SRC_MATMUL_ROWBLK}")
+    } else {
+        SRC_MATMUL_ROWBLK.to_string()
+    };
+    src.replace("//@INIT\n", &init)
         .replace("//@ZERO\n", &zero)
         .replace("//@BODY\n", &body)
         .replace("//@FOLD\n", &fold)
         .replace("//@OUT\n", &out)
 }
+
+/// The Dot2 steps of [`rowblk_source_with`]: `acc` is a (sum, error) pair
+/// per vec4 lane; a step adds the 4 exact products w·x (bf16_split4 for
+/// bf16 weights, two_prod for f32) with TwoSum, and the fold sums the lanes
+/// the same way.
+const ROWBLK_DOT2: &str = "
+fn d2step(acc: TwoSum4, w: vec4<f32>, x: vec4<f32>, xs: TwoSum4, zero: u32) -> TwoSum4 {
+    var pr = TwoSum4(w * xs.s, w * xs.e);
+    if (!W_BF16) {
+        for (var j = 0u; j < 4u; j++) {
+            let t = two_prod(w[j], x[j], zero);
+            pr.s[j] = t.s;
+            pr.e[j] = t.e;
+        }
+    }
+    let t = two_sum4(acc.s, pr.s, zero);
+    return TwoSum4(t.s, acc.e + (t.e + pr.e));
+}
+fn d2fold(a: TwoSum4, zero: u32) -> TwoSum {
+    let f1 = two_sum(a.s.x, a.s.y, zero);
+    let f2 = two_sum(f1.s, a.s.z, zero);
+    let f3 = two_sum(f2.s, a.s.w, zero);
+    return TwoSum(f3.s, (f1.e + f2.e + f3.e) + ((a.e.x + a.e.y) + (a.e.z + a.e.w)));
+}
+";
 
 /// The weight declaration of [`SRC_XW_VEC`] (a storage buffer).
 pub const XW_VEC_BUFFER_DECL: &str =
@@ -438,6 +503,8 @@ pub struct Linear {
     vec4_slabs: bool,
     /// Bound in place of the bias when there is none.
     dummy_bias: wgpu::Buffer,
+    /// Dot2 summation in the prefill kernels (issue #14 prototype).
+    dot2: bool,
 }
 
 /// The bindings of one weight chunk.
@@ -547,7 +614,14 @@ impl Linear {
             tiled: Default::default(),
             vec4_slabs: true,
             dummy_bias,
+            dot2: false,
         })
+    }
+
+    /// Dot2 summation in the prefill kernels.
+    pub fn with_dot2(mut self, on: bool) -> Self {
+        self.dot2 = on;
+        self
     }
 
     /// Use `kernel` for the prefill path (tests, benchmarks).
@@ -675,7 +749,17 @@ impl Linear {
                 let consts = format!(
                     "const WG: u32 = {wg}u;\nconst TB: u32 = {tb}u;\nconst RQ: u32 = {rq}u;\n"
                 );
-                self.compile(gpu, "prefill.rowblk", &consts, xw, &rowblk_source(rq, tb))
+                self.compile(
+                    gpu,
+                    if self.dot2 {
+                        "prefill.rowblk.dot2"
+                    } else {
+                        "prefill.rowblk"
+                    },
+                    &consts,
+                    xw,
+                    &rowblk_source_with(rq, tb, self.dot2),
+                )
             } else {
                 let consts = format!(
                     "const WG: u32 = {ROWS_WG}u;\nconst TB: u32 = {ROWS_PREFILL_TOKENS}u;\n"
@@ -690,7 +774,11 @@ impl Linear {
     /// matmul_tile_any.wgsl's word (`W_PAIRS`) or element loads.
     fn tiled_kernel(&self, gpu: &Gpu, loads: SlabLoads) -> Result<&Kernel> {
         get_or_compile(&self.tiled[loads.index()], || {
-            let consts = format!("{}const TB: u32 = 1u;\n", self.tile.prefix());
+            let consts = format!(
+                "{}const TB: u32 = 1u;\nconst DOT2: bool = {};\n",
+                self.tile.prefix(),
+                self.dot2
+            );
             let src = match loads {
                 SlabLoads::Vec4 => {
                     format!("{consts}{SRC_COMMON}\n{SRC_MATMUL_TILE_VEC}\n{SRC_MATMUL}")
@@ -702,7 +790,7 @@ impl Linear {
                 ),
             };
             gpu.kernel(
-                &format!("matmul.{loads:?}.{:?}", self.wdtype),
+                &format!("matmul.{loads:?}.{:?}.{}", self.wdtype, self.dot2),
                 &src,
                 "main",
                 &[("W_BF16", self.wdtype.is_bf16_const())],
@@ -1226,6 +1314,88 @@ mod tests {
                             _ => (&plain, None),
                         };
                         case(gpu, lin, m, k, n, bias, LinearPath::Gemv, seed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dot2 in both prefill kernels (issue #14): every output within one
+    /// rounding of the exact x·Wᵀ + b, |got - exact| <= u·|exact| +
+    /// 2·(k + 8)²·u²·(Σ|x_i w_i| + |b|) (Ogita-Rump-Oishi's bound for Dot2,
+    /// with room for the lanes' fold and the bias), u = 2^-24, against the
+    /// ~(k + 2)·u·Σ of a plain f32 sum. Half of each row's products cancel
+    /// the other half to within ~1e-3, so the plain kernels' error is far
+    /// above this bound (checked: a Dot2 that silently fell back fails).
+    #[test]
+    fn dot2_prefill_is_one_rounding_from_exact() {
+        let gpu = gpu();
+        let u = 2f64.powi(-24);
+        for prefill in [PrefillKernel::RowBlocks, PrefillKernel::Tiled] {
+            for dtype in [WDType::Bf16, WDType::F32] {
+                for (ci, &(m, k, n, with_bias)) in [
+                    (9, 16, 70, true),
+                    (5, 64, 33, false),
+                    (12, 576, 65, true),
+                    (3, 40, 9, false),
+                ]
+                .iter()
+                .enumerate()
+                {
+                    if prefill == PrefillKernel::RowBlocks && k % 8 != 0 {
+                        continue;
+                    }
+                    let seed = 500 + ci as u64;
+                    let mut x = rand_vec(m * k, 1.0, seed);
+                    let mut w = rand_vec(n * k, 1.0, seed + 1);
+                    // the second half of each row cancels the first
+                    for j in 0..n {
+                        for t in 0..k / 2 {
+                            w[j * k + k / 2 + t] = -w[j * k + t];
+                        }
+                    }
+                    for i in 0..m {
+                        for t in 0..k / 2 {
+                            x[i * k + k / 2 + t] = x[i * k + t] * (1.0 + 1e-3 * x[i * k + t]);
+                        }
+                    }
+                    if dtype == WDType::Bf16 {
+                        w = round_bf16(&w);
+                    }
+                    let wt = DeviceTensor::from_f32(gpu, "w", dtype, &[n, k], &w).unwrap();
+                    let b: Vec<f32> = rand_vec(n, 1e-3, seed + 2);
+                    let bt = with_bias
+                        .then(|| DeviceTensor::from_f32(gpu, "b", WDType::F32, &[n], &b).unwrap());
+                    let lin = Linear::new(gpu, dtype, with_bias)
+                        .unwrap()
+                        .with_prefill(prefill)
+                        .with_dot2(true);
+                    let got = lin
+                        .run_once(gpu, &x, m, &wt, bt.as_ref(), LinearPath::Prefill)
+                        .unwrap();
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (mut exact, mut scale) = (0f64, 0f64);
+                            for t in 0..k {
+                                let pr = x[i * k + t] as f64 * w[j * k + t] as f64;
+                                exact += pr;
+                                scale += pr.abs();
+                            }
+                            if with_bias {
+                                exact += b[j] as f64;
+                                scale += (b[j] as f64).abs();
+                            }
+                            let bound = u * exact.abs()
+                                + 2.0 * ((k + 8) as f64).powi(2) * u * u * scale
+                                + 1e-37;
+                            let err = (got[i * n + j] as f64 - exact).abs();
+                            assert!(
+                                err <= bound,
+                                "{prefill:?} {dtype:?} m={m} k={k} n={n} bias={with_bias}: \
+                                 output ({i}, {j}) is {err:.3e} from exact {exact:.6e}, bound \
+                                 {bound:.3e}"
+                            );
+                        }
                     }
                 }
             }
