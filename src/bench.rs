@@ -953,38 +953,61 @@ pub fn run(
                 samples.push(probe.run(&gpu)?);
             }
         }
-        restart(&mut model)?;
-        let t = Instant::now();
-        let mut next = model.forward_next(&prompt)?;
-        let prefill_s = t.elapsed().as_secs_f64();
-        let mut tokens = vec![next];
-        let mut step_s = Vec::with_capacity(o.gen_tokens);
-        for _ in 0..o.gen_tokens {
+        // Each decode runs after the same prefill. The blocking and the
+        // pipelined one (and the two sampled ones) swap order on odd
+        // repeats, so that neither always runs second, on a device whose
+        // speed drifts within a minute.
+        let swap = repeats.len() % 2 == 1;
+        let blocking = |m: &mut Model| -> Result<(f64, Vec<f64>, Vec<u32>)> {
+            restart(m)?;
             let t = Instant::now();
-            next = model.forward_next(&[next])?;
-            step_s.push(t.elapsed().as_secs_f64());
-            tokens.push(next);
-        }
-        tokens.pop();
-        // The same steps again, pipelined, after the same prefill.
-        restart(&mut model)?;
-        let first = model.forward_next(&prompt)?;
-        let mut pipelined_tokens = vec![first];
-        let t = Instant::now();
-        let run = model.decode_greedy(first, o.gen_tokens, DECODE_DEPTH, |id| {
-            pipelined_tokens.push(id);
-            Ok(true)
-        })?;
-        let pipelined_s = t.elapsed().as_secs_f64();
-        pipelined_tokens.pop();
-        // and sampled on the GPU, after the same fill
-        restart(&mut model)?;
-        let (sampled_s, sampled_readback_bytes, sampled_undecided, ids) =
-            sampled_decode(&mut model, &prompt, o.gen_tokens, false)?;
-        // and pipelined, back to back
-        restart(&mut model)?;
-        let (sampled_pipelined_s, _, _, pipelined_ids) =
-            sampled_decode(&mut model, &prompt, o.gen_tokens, true)?;
+            let mut next = m.forward_next(&prompt)?;
+            let prefill_s = t.elapsed().as_secs_f64();
+            let mut tokens = vec![next];
+            let mut step_s = Vec::with_capacity(o.gen_tokens);
+            for _ in 0..o.gen_tokens {
+                let t = Instant::now();
+                next = m.forward_next(&[next])?;
+                step_s.push(t.elapsed().as_secs_f64());
+                tokens.push(next);
+            }
+            tokens.pop();
+            Ok((prefill_s, step_s, tokens))
+        };
+        let pipelined = |m: &mut Model| -> Result<(f64, Vec<u32>, crate::model::DecodeRun)> {
+            restart(m)?;
+            let first = m.forward_next(&prompt)?;
+            let mut pipelined_tokens = vec![first];
+            let t = Instant::now();
+            let run = m.decode_greedy(first, o.gen_tokens, DECODE_DEPTH, |id| {
+                pipelined_tokens.push(id);
+                Ok(true)
+            })?;
+            let pipelined_s = t.elapsed().as_secs_f64();
+            pipelined_tokens.pop();
+            Ok((pipelined_s, pipelined_tokens, run))
+        };
+        let ((prefill_s, step_s, tokens), (pipelined_s, pipelined_tokens, run)) = if swap {
+            let p = pipelined(&mut model)?;
+            (blocking(&mut model)?, p)
+        } else {
+            let b = blocking(&mut model)?;
+            (b, pipelined(&mut model)?)
+        };
+        // and sampled on the GPU, blocking and pipelined, after the same fill
+        let sampled = |m: &mut Model, pipe: bool| {
+            restart(m)?;
+            sampled_decode(m, &prompt, o.gen_tokens, pipe)
+        };
+        let (blk, pip) = if swap {
+            let p = sampled(&mut model, true)?;
+            (sampled(&mut model, false)?, p)
+        } else {
+            let b = sampled(&mut model, false)?;
+            (b, sampled(&mut model, true)?)
+        };
+        let (sampled_s, sampled_readback_bytes, sampled_undecided, ids) = blk;
+        let (sampled_pipelined_s, _, _, pipelined_ids) = pip;
         if pipelined_ids != ids {
             return Err(Error::invalid(format!(
                 "bench: the pipelined sampled decode gave other ids than the blocking one \

@@ -1582,8 +1582,9 @@ fn bench_tiny() {
         "8",
         "--gen-tokens",
         "4",
+        // two repeats: the second runs the pipelined decodes first
         "--repeats",
-        "1",
+        "2",
         "--probe-repeats",
         "1",
     ];
@@ -1605,5 +1606,9 @@ fn bench_tiny() {
     assert!(v["decode"]["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["prefill"]["tokens_per_s"]["median"].as_f64().unwrap() > 0.0);
     assert!(v["probe"]["gb_s"]["median"].as_f64().unwrap() > 0.0);
+    // in either order, the pipelined greedy decode gives the blocking ids
+    // and every repeat the same ones
+    assert_eq!(v["decode"]["pipelined_identical_tokens"], true, "{v}");
+    assert_eq!(v["decode"]["deterministic_across_repeats"], true, "{v}");
     wgllm(&["bench", "--model", "/no/such/model"]).expect_code(2, "bench on a missing model");
 }
