@@ -26,16 +26,21 @@ override W_BF16: bool = true;
 @group(0) @binding(4) var<storage, read> bias: array<u32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 
-// Write output (token t, chunk row r), adding the bias in f32.
-fn store(t: u32, r: u32, v: f32) {
-    let col = p.row_start + r;
+// The bias of output column col (0 when there is none).
+fn bias_at(col: u32) -> f32 {
     var b = 0.0;
     if (p.bias_mode == 1u) {
         b = bitcast<f32>(bias[col]);
     } else if (p.bias_mode == 2u) {
         b = bf16_at(bias[col >> 1u], col);
     }
-    y[t * p.n + col] = v + b;
+    return b;
+}
+
+// Write output (token t, chunk row r), adding the bias in f32.
+fn store(t: u32, r: u32, v: f32) {
+    let col = p.row_start + r;
+    y[t * p.n + col] = v + bias_at(col);
 }
 
 // store for a Dot2 sum (issue #14): the output is s + e (s the TwoSum'd
@@ -43,12 +48,6 @@ fn store(t: u32, r: u32, v: f32) {
 // x·W + b is rounded once.
 fn store_dot2(t: u32, r: u32, s: f32, e: f32) {
     let col = p.row_start + r;
-    var b = 0.0;
-    if (p.bias_mode == 1u) {
-        b = bitcast<f32>(bias[col]);
-    } else if (p.bias_mode == 2u) {
-        b = bf16_at(bias[col >> 1u], col);
-    }
-    let ts = two_sum(s, b, step.zero);
+    let ts = two_sum(s, bias_at(col), step.zero);
     y[t * p.n + col] = ts.s + (ts.e + e);
 }
