@@ -73,9 +73,9 @@ enum Cmd {
 /// `MIMALLOC_ALLOW_THP` (mimalloc's own switch for the same thing). mimalloc
 /// reserves its arenas in large aligned regions; with THP on, the kernel
 /// backs them (and the driver's host-memory "device" buffers on CPU
-/// adapters) with 2 MiB pages on first touch, which on a model load cost
-/// about 119 MB of extra peak RSS and 2 to 4 s of system time zeroing pages
-/// that are never used (BENCHMARKS.md "Peak host memory at load").
+/// adapters) with 2 MiB pages on first touch, which on a Qwen2.5 load cost
+/// about 100 MB of extra peak RSS and 3 s of system time (BENCHMARKS.md
+/// "Peak host memory at load").
 #[cfg(all(feature = "mimalloc", target_os = "linux"))]
 fn disable_thp() {
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {

@@ -992,6 +992,7 @@ impl Model {
             weights: &weights,
             max_context,
             tables: &tables,
+            dot2: dot2_roles()?,
         };
         let nl = program.layers.len();
         let embed_env = Env {
@@ -2308,6 +2309,9 @@ struct BindCtx<'a> {
     weights: &'a Weights,
     max_context: usize,
     tables: &'a [(RopeTable, RopeTables)],
+    /// The projections given Dot2 prefill kernels ([`dot2_roles`]), read
+    /// once per load.
+    dot2: Vec<String>,
 }
 
 impl BindCtx<'_> {
@@ -2406,10 +2410,9 @@ impl BindCtx<'_> {
                     // default: the decode GEMVs have no Dot2 form yet, and
                     // its cost is not measured). `WGLLM_DOT2=Q,K` names
                     // LayerRole variants, `Head` the LM head.
-                    let sel = dot2_roles()?;
                     let dot2 = match w {
-                        Role::Layer(_, r) => sel.iter().any(|n| *n == format!("{r:?}")),
-                        _ => sel.iter().any(|n| n == "Head"),
+                        Role::Layer(_, r) => self.dot2.iter().any(|n| *n == format!("{r:?}")),
+                        _ => self.dot2.iter().any(|n| n == "Head"),
                     };
                     let w = self.weight_any(w)?;
                     let bias = bias.map(|r| self.weight(r)).transpose()?;
